@@ -1,0 +1,1 @@
+"""blocks package of Oyster Dispatch (see DESIGN.md section 2)."""

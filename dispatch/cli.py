@@ -1,0 +1,298 @@
+"""`dispatch`: the command line of Oyster Dispatch.
+
+Read-only commands (`status`, `report`, `validate`) never import Prefect: they read the state the
+project flow keeps under `DISPATCH_HOME`, and answer in milliseconds. Exit codes: 0 success,
+1 a spec failed (or the run was stopped), 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dispatch.dag import load_project, select
+from dispatch.errors import DispatchError, ProjectInvalid
+from dispatch.report import render_markdown, table_rows
+from dispatch.results import load_all_states, load_state, pid_alive, read_json
+from dispatch.settings import get_settings
+
+app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED, EXIT_INVALID = 1, 2
+_MARK = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "not_run": "[yellow]⊘[/]", "cancelled": "[yellow]■[/]",
+         "running": "[cyan]▶[/]", "retrying": "[magenta]↻[/]", "waiting": "·", "ready": "·"}
+
+
+def _invalid(exc: Exception) -> typer.Exit:
+    if isinstance(exc, ProjectInvalid):
+        err.print(f"[red]project {exc.project!r} is invalid[/] ({len(exc.errors)} error(s)); nothing was scheduled:")
+        for problem in exc.errors:
+            err.print(f"  [bold]{problem.path}[/]: {problem.field}: {problem.message}", soft_wrap=True)
+    else:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+    return typer.Exit(EXIT_INVALID)
+
+
+@app.command()
+def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+    """Check a project's specs (front matter, dependencies, cycles) without running anything."""
+    settings = get_settings()
+    try:
+        proj = load_project(project, settings.specs_root_for(project))
+    except ProjectInvalid as exc:
+        if as_json:
+            console.print_json(data={"project": project, "valid": False, "errors": [
+                {"file": e.path, "field": e.field, "message": e.message} for e in exc.errors]})
+            raise typer.Exit(EXIT_INVALID) from None
+        raise _invalid(exc) from None
+    if as_json:
+        console.print_json(data={"project": project, "valid": True, "specs": proj.order})
+        return
+    console.print(f"[green]{project}[/]: {len(proj.specs)} specs valid ({proj.specs_dir})")
+
+
+def _progress_listener(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    bar = progress.add_task("dispatching", total=total)
+
+    def listener(event: str, task_id: str, details: dict) -> None:
+        if event == "started":
+            return
+        result = details.get("result")
+        if event == "succeeded":
+            cached = " [dim](cached)[/]" if details.get("cached") else ""
+            progress.console.print(f"{_MARK[event]} {task_id}  {result.node}  {result.duration or 0:.1f}s{cached}")
+        elif event == "retry":
+            progress.console.print(f"{_MARK['retrying']} {task_id}  retry {details['attempt']}: {details['reason']}")
+            return
+        else:
+            reason = details.get("reason") or (result.reason if result else "")
+            progress.console.print(f"{_MARK.get(event, '?')} {task_id}  {event.replace('_', ' ')}: {reason}")
+        progress.advance(bar)
+
+    return progress, listener
+
+
+@app.command()
+def start(
+    project: str,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only these specs (and what they need).")] = None,
+    start_from: Annotated[list[str] | None, typer.Option("--from", help="Re-run these specs and their dependents.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Ignore cached results; re-run every selected spec.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs (spec output too).")] = False,
+):
+    """Run a project: every spec on a node with a free slot, in dependency order, until all are done."""
+    settings = get_settings()
+    try:
+        proj = load_project(project, settings.specs_root_for(project))
+        selected = select(proj, only, start_from)
+    except DispatchError as exc:
+        raise _invalid(exc) from None
+    os.environ.update(settings.prefect_environment(verbose=verbose))
+    from flows.dispatch_project import LISTENERS, dispatch_project
+
+    where = "embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else settings.prefect_api_url
+    console.print(f"dispatching [bold]{project}[/]: {len(selected)} specs on {where}")
+    progress, listener = _progress_listener(len(selected))
+    LISTENERS.append(listener)
+    started = time.monotonic()
+    try:
+        with progress:
+            dispatch_project(project, only=only, start_from=start_from, force=force, return_state=True)
+    except DispatchError as exc:
+        raise _invalid(exc) from None
+    finally:
+        LISTENERS.remove(listener)
+    state = load_state(settings.state_dir, project)
+    if state is None:
+        err.print(f"[red]the run of {project} ended without writing its state[/]; see the Prefect logs")
+        raise typer.Exit(EXIT_FAILED)
+    colour = {"completed": "green", "failed": "red"}.get(state.state, "yellow")
+    console.print(f"[{colour}]{project} {state.state}[/]: {state.message} in {time.monotonic() - started:.1f}s")
+    raise typer.Exit(0 if state.state == "completed" else EXIT_FAILED)
+
+
+def _node_load(settings) -> dict[str, dict[str, int]]:
+    """Slots used per node across every live run on this machine (and the machine's slot locks)."""
+    from dispatch.locks import SlotLocks
+
+    nodes: dict[str, dict[str, int]] = {"local": {"slots": settings.local_slots, "used": 0}}
+    for state in load_all_states(settings.state_dir):
+        if state.state != "running" or not pid_alive(state.pid):
+            continue
+        for name, load in state.nodes.items():
+            entry = nodes.setdefault(name, {"slots": load["slots"], "used": 0})
+            entry["used"] += load["used"]
+    local_dir = settings.locks_dir / "node-local"
+    if local_dir.is_dir():
+        nodes["local"]["used"] = max(nodes["local"]["used"], SlotLocks(local_dir, settings.local_slots).in_use())
+    return nodes
+
+
+def _live_state(state):
+    if state.state == "running" and not pid_alive(state.pid):
+        state.state = "interrupted"
+    return state
+
+
+@app.command()
+def status(
+    project: Annotated[str | None, typer.Argument(help="A project; all projects when omitted.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Show each spec's state, node, attempts and duration, and the nodes' slot load."""
+    settings = get_settings()
+    states = [load_state(settings.state_dir, project)] if project else load_all_states(settings.state_dir)
+    states = [_live_state(s) for s in states if s is not None]
+    if project and not states:
+        err.print(f"no run of {project!r} recorded under {settings.state_dir}; start one with `dispatch start {project}`")
+        raise typer.Exit(EXIT_INVALID)
+    nodes = _node_load(settings)
+    if as_json:
+        console.print_json(data={"projects": [s.model_dump(mode="json") for s in states], "nodes": nodes})
+        return
+    for state in states:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts().items()))
+        console.print(f"[bold]{state.project}[/] {state.state} (run {state.run_id}, {state.user}@{state.host}, "
+                      f"pid {state.pid}): {counts}")
+        if not project:
+            continue
+        table = Table("spec", "state", "node", "attempts", "duration", "reason")
+        for task_id, row in state.specs.items():
+            duration = f"{row.duration:.1f}s" if row.duration is not None else (
+                f"{time.time() - row.started_at:.0f}s…" if row.state == "running" and row.started_at else "-")
+            label = f"{_MARK.get(row.state, '')} {row.state}" + (" (cached)" if row.cached else "")
+            table.add_row(task_id, label, row.node or "-", str(row.attempts), duration, row.reason[:80])
+        console.print(table)
+    load = Table("node", "slots used", "slots")
+    for name, entry in nodes.items():
+        load.add_row(name, str(entry["used"]), str(entry["slots"]))
+    console.print(load)
+
+
+@app.command()
+def report(
+    project: str,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the markdown to this file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Rows as JSON instead of markdown.")] = False,
+):
+    """Summarise the latest run: totals, success rate, per-spec rows, failures with their log tails."""
+    settings = get_settings()
+    state = load_state(settings.state_dir, project)
+    if state is None:
+        err.print(f"no run of {project!r} recorded under {settings.state_dir}; start one with `dispatch start {project}`")
+        raise typer.Exit(EXIT_INVALID)
+    state = _live_state(state)
+    if as_json:
+        console.print_json(data={"project": project, "state": state.state, "counts": state.counts(),
+                                 "specs": table_rows(state)})
+        return
+    text = render_markdown(state, settings.runs_dir)
+    if output:
+        output.write_text(text, encoding="utf-8")
+        console.print(f"report written to {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def collect(project: str):
+    """Copy each spec's log, result and changed files into DISPATCH_HOME/results/<project>/."""
+    settings = get_settings()
+    state = load_state(settings.state_dir, project)
+    if state is None:
+        err.print(f"no run of {project!r} recorded; start one with `dispatch start {project}`")
+        raise typer.Exit(EXIT_INVALID)
+    target = settings.results_dir / project
+    code_dir = settings.code_dir_for(project)
+    copied = 0
+    for task_id, row in state.specs.items():
+        run_dir = Path(row.log_path).parent if row.log_path else None
+        if run_dir is None or not run_dir.is_dir():
+            continue
+        dest = target / task_id
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("task.log", "result.json"):
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, dest / name)
+        result = read_json(run_dir / "result.json") or {}
+        for rel in result.get("files_changed", []):
+            source = code_dir / rel
+            if source.is_file():
+                (dest / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest / "files" / rel)
+        copied += 1
+    (target / "report.md").parent.mkdir(parents=True, exist_ok=True)
+    (target / "report.md").write_text(render_markdown(state, settings.runs_dir), encoding="utf-8")
+    console.print(f"collected {copied} spec(s) of {project} into {target}")
+
+
+@app.command()
+def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait for the run to end.")] = 30.0):
+    """Stop a running project from another terminal: its running specs are killed, its locks released."""
+    from dispatch.transports.local import LocalTransport
+
+    settings = get_settings()
+    state = load_state(settings.state_dir, project)
+    stopped = False
+    if state is not None and state.state == "running" and pid_alive(state.pid):
+        os.kill(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while pid_alive(state.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped = True
+        if pid_alive(state.pid):
+            err.print(f"[red]the dispatcher (pid {state.pid}) did not stop within {wait:.0f}s[/]")
+            raise typer.Exit(EXIT_FAILED)
+    orphans = LocalTransport(settings.runs_dir).kill_project(project)
+    if stopped or orphans:
+        console.print(f"stopped {project}" + (f" ({orphans} orphaned runner(s) killed)" if orphans else ""))
+    else:
+        console.print(f"{project} is not running")
+
+
+@app.command()
+def cleanup(project: str, all_: Annotated[bool, typer.Option("--all", help="Also remove reports, results and the cache.")] = False):
+    """Remove a project's run directories (and with --all its reports, results and cached results)."""
+    settings = get_settings()
+    state = load_state(settings.state_dir, project)
+    if state is not None and state.state == "running" and pid_alive(state.pid):
+        err.print(f"{project} is running (pid {state.pid}); stop it first with `dispatch stop {project}`")
+        raise typer.Exit(EXIT_FAILED)
+    removed = []
+    targets = [settings.runs_dir / project]
+    if all_:
+        targets += [settings.results_dir / project, settings.state_dir / f"{project}.json"]
+        targets += list((settings.home / "cache").glob(f"{project}-*"))
+    for path in targets:
+        if path.is_dir():
+            shutil.rmtree(path)
+            removed.append(path)
+        elif path.exists():
+            path.unlink()
+            removed.append(path)
+    console.print(f"removed {len(removed)} path(s) of {project}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

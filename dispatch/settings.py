@@ -1,0 +1,132 @@
+"""Process-wide settings: the one place that reads the environment.
+
+Every value has a `DISPATCH_` environment variable (e.g. `DISPATCH_HOME`) and a documented default.
+The defaults follow the XDG base directories instead of the old system's `~/Downloads/...` paths:
+
+| setting             | env var                      | default                                      |
+|---------------------|------------------------------|----------------------------------------------|
+| `home`              | `DISPATCH_HOME`              | `$XDG_STATE_HOME/oyster-dispatch` (`~/.local/state/oyster-dispatch`) |
+| `specs`             | `DISPATCH_SPECS`             | `$XDG_DATA_HOME/oyster-dispatch/specs`, then the bundled `examples/` |
+| `projects`          | `DISPATCH_PROJECTS`          | `$XDG_DATA_HOME/oyster-dispatch/projects`    |
+| `local_slots`       | `DISPATCH_LOCAL_SLOTS`       | the CPU count                                |
+| `retries`           | `DISPATCH_RETRIES`           | 2 (attempts after the first)                 |
+| `retry_delay`       | `DISPATCH_RETRY_DELAY`       | 2 s, doubled per attempt                     |
+| `timeout`           | `DISPATCH_TIMEOUT`           | 45 min per spec                              |
+| `stall_timeout`     | `DISPATCH_STALL_TIMEOUT`     | 10 min without output                        |
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def _default_home() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "oyster-dispatch"
+
+
+def _default_specs() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "oyster-dispatch" / "specs"
+
+
+def _default_projects() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "oyster-dispatch" / "projects"
+
+
+class DispatchSettings(BaseSettings):
+    """Settings for the dispatcher and the CLI, read from `DISPATCH_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCH_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="State, results, nodes.json, Prefect DB.")
+    specs: Path = Field(default_factory=_default_specs, description="Root of spec projects: <specs>/<project>/.")
+    projects: Path = Field(
+        default_factory=_default_projects, description="Root of project code: <projects>/<project>/."
+    )
+    local_slots: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024,
+                             description="Slots of the local node.")
+    retries: int = Field(default=2, ge=0, le=20, description="Default retries of a failed spec.")
+    retry_delay: float = Field(default=2.0, ge=0, le=3600, description="First retry delay in seconds; doubles.")
+    timeout: float = Field(default=45 * 60, gt=0, description="Default hard timeout of a spec, seconds.")
+    stall_timeout: float = Field(default=10 * 60, gt=0, description="Kill a spec silent this long, seconds.")
+    heartbeat: float = Field(default=2.0, gt=0, le=60, description="Seconds between status.json heartbeats.")
+    prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL",
+                                        description="A Prefect server (team mode); unset: embedded SQLite.")
+    prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
+                                      description="Prefect's own home; embedded default: <home>/prefect.")
+
+    @field_validator("home", "specs", "projects", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def specs_root_for(self, project: str) -> Path:
+        """The spec directory of `project`: `<specs>/<project>`, else the bundled example of that name."""
+        candidate = self.specs / project
+        if candidate.is_dir() or "specs" in self.model_fields_set:
+            return candidate
+        bundled = _REPO_EXAMPLES / project / "specs"
+        return bundled if bundled.is_dir() else candidate
+
+    def code_dir_for(self, project: str) -> Path:
+        """The code directory of `project`: `<projects>/<project>`, else a scratch one under `home`."""
+        candidate = self.projects / project
+        if candidate.is_dir() or "projects" in self.model_fields_set:
+            return candidate
+        return self.home / "workspaces" / project
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home / "results"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.home / "locks"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Prefect server is configured: Prefect runs on SQLite under `home`."""
+        return not self.prefect_api_url
+
+    def prefect_environment(self, verbose: bool = False) -> dict[str, str]:
+        """Environment to set before Prefect is imported, for this process and the runs it starts.
+
+        Embedded mode keeps Prefect's database under `home`, turns off the server's telemetry (this
+        machine may have no network) and allows its first start (database migrations) to take a while.
+        Results (the cache) live under `home/cache` in both modes.
+        """
+        env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.home / "cache"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        if self.embedded:
+            env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+            if self.prefect_home is None:
+                env["PREFECT_HOME"] = str(self.home / "prefect")
+        if not verbose:
+            env["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+            env["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+        return env
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> DispatchSettings:
+    """The process's settings (read once)."""
+    return DispatchSettings()

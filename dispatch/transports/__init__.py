@@ -1,0 +1,55 @@
+"""How a spec reaches a node: `local` (subprocesses here), `ssh` (paramiko, push), `worker` (pull).
+
+Every transport runs the same node runner (dispatch/runner/node_runner.py) in a run directory
+`<root>/<project>/tasks/<task_id>/` and hands back its `result.json` as a `SpecResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+
+from dispatch.results import SpecResult
+
+LineSink = Callable[[str], None]
+
+
+class RunRequest(BaseModel):
+    """Everything a node needs to run one attempt of one spec."""
+
+    project: str
+    task_id: str
+    node: str
+    attempt: int = 1
+    cache_key: str
+    run_id: str
+    workdir: str
+    steps: list[dict]
+    timeout: float
+    stall_timeout: float
+    heartbeat: float = 2.0
+    acceptance: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    def task_json(self) -> dict:
+        """The node runner's `task.json` (no secrets: those travel on the runner's stdin)."""
+        return {
+            "project": self.project, "task_id": self.task_id, "workdir": self.workdir,
+            "timeout": self.timeout, "stall_timeout": self.stall_timeout, "heartbeat": self.heartbeat,
+            "env": {**self.env, "DISPATCH_PROJECT": self.project, "DISPATCH_TASK_ID": self.task_id,
+                    "DISPATCH_ATTEMPT": str(self.attempt), "DISPATCH_NODE": self.node},
+            "steps": self.steps, "acceptance": self.acceptance,
+            "cache_key": self.cache_key, "run_id": self.run_id, "attempt": self.attempt,
+        }
+
+
+class Transport(Protocol):
+    """Runs spec attempts on one node."""
+
+    def run(self, request: RunRequest, on_line: LineSink) -> SpecResult:
+        """Run (or re-attach to) one attempt; block until it ends; never raise for a spec failure."""
+
+    def cancel(self, project: str, task_id: str) -> None:
+        """Kill a running attempt (its whole process group); its `run` then returns `killed`."""

@@ -1,0 +1,183 @@
+"""The `local` transport: the node runner as a subprocess of this machine (the embedded default node).
+
+The runner starts in its own session with the slot's lock descriptor inherited, so it keeps its
+machine slot while it lives even if the dispatcher is killed; a restarted dispatcher re-attaches to
+it (same cache key) instead of starting the spec twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dispatch.results import SpecResult, pid_alive, read_json, write_json
+from dispatch.runner import RUNNER_PATH
+from dispatch.transports import LineSink, RunRequest
+
+logger = logging.getLogger(__name__)
+_POLL = 0.05
+
+
+def run_dir_for(root: Path, project: str, task_id: str) -> Path:
+    """`<root>/<project>/tasks/<task_id>`: one spec's run directory on a node."""
+    return root / project / "tasks" / task_id
+
+
+def live_runner(run_dir: Path, stale_after: float = 30.0) -> dict | None:
+    """The runner's status when a runner for this directory is still alive, else None."""
+    status = read_json(run_dir / "status.json")
+    if not status or status.get("state") != "running" or not pid_alive(int(status.get("runner_pid") or 0)):
+        return None
+    if time.time() - float(status.get("heartbeat_at") or 0) > stale_after:
+        return None
+    return status
+
+
+class LocalTransport:
+    """Run spec attempts on this machine.
+
+    Args:
+        root: where run directories live (`<DISPATCH_HOME>/runs`).
+        node: the node's name (`local`).
+    """
+
+    def __init__(self, root: Path, node: str = "local") -> None:
+        self.root = root
+        self.node = node
+        self._procs: dict[tuple[str, str], subprocess.Popen] = {}
+        self._cancelled: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def run(self, request: RunRequest, on_line: LineSink, slot_fd: int | None = None) -> SpecResult:
+        """Run one attempt (or follow the live runner of the same attempt) until it ends."""
+        run_dir = run_dir_for(self.root, request.project, request.task_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        key = (request.project, request.task_id)
+        status = live_runner(run_dir)
+        previous = read_json(run_dir / "task.json") or {}
+        proc: subprocess.Popen | None = None
+        if status and previous.get("cache_key") == request.cache_key:
+            on_line(f"re-attached to the running attempt (runner pid {status.get('runner_pid')})")
+            pid = int(status["runner_pid"])
+        else:
+            if status:  # a runner of an edited spec: it must not keep editing files
+                self._kill_pid(int(status["runner_pid"]))
+            self._rotate(run_dir)
+            write_json(run_dir / "task.json", request.task_json())
+            with open(run_dir / "runner.err", "wb") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, str(RUNNER_PATH), "run", str(run_dir)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    start_new_session=True, pass_fds=(slot_fd,) if slot_fd is not None else (),
+                )
+            pid = proc.pid
+        with self._lock:
+            if proc is not None:
+                self._procs[key] = proc
+            if key in self._cancelled:
+                self._kill_pid(pid)
+        try:
+            self._follow(run_dir, pid, proc, on_line)
+        finally:
+            with self._lock:
+                self._procs.pop(key, None)
+        return self._result(run_dir, request, proc)
+
+    def _follow(self, run_dir: Path, pid: int, proc: subprocess.Popen | None, on_line: LineSink) -> None:
+        log = run_dir / "task.log"
+        offset, pending = 0, b""
+        while True:
+            running = proc.poll() is None if proc is not None else pid_alive(pid)
+            if log.exists():
+                with open(log, "rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read()
+                offset += len(chunk)
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
+            if not running:
+                break
+            if proc is not None:
+                try:
+                    proc.wait(timeout=_POLL)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(_POLL * 4)
+        if pending:
+            on_line(pending.decode("utf-8", "replace"))
+
+    def _result(self, run_dir: Path, request: RunRequest, proc: subprocess.Popen | None) -> SpecResult:
+        data = read_json(run_dir / "result.json")
+        extra = {"node": self.node, "run_dir": str(run_dir), "log_path": str(run_dir / "task.log"),
+                 "cache_key": request.cache_key, "run_id": request.run_id, "attempt": request.attempt}
+        if not data:
+            err = (run_dir / "runner.err").read_text(errors="replace")[-2000:] if (run_dir / "runner.err").exists() else ""
+            code = proc.returncode if proc is not None else None
+            return SpecResult(project=request.project, task_id=request.task_id, status="lost", exit_code=code,
+                              reason=f"the node runner exited ({code}) without a result.json: {err.strip()}",
+                              **extra)
+        known = set(SpecResult.model_fields)
+        result = SpecResult.model_validate({k: v for k, v in data.items() if k in known} | extra)
+        if result.status != "succeeded" and not result.reason:
+            result.reason = _failure_reason(result)
+        return result
+
+    @staticmethod
+    def _rotate(run_dir: Path) -> None:
+        """Keep an earlier attempt's log as `task.log.<n>`; drop its status and result."""
+        log = run_dir / "task.log"
+        if log.exists():
+            n = 1
+            while (run_dir / f"task.log.{n}").exists():
+                n += 1
+            log.rename(run_dir / f"task.log.{n}")
+        for name in ("status.json", "result.json"):
+            (run_dir / name).unlink(missing_ok=True)
+
+    @staticmethod
+    def _kill_pid(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def cancel(self, project: str, task_id: str) -> None:
+        key = (project, task_id)
+        with self._lock:
+            self._cancelled.add(key)
+            proc = self._procs.get(key)
+        if proc is not None:
+            self._kill_pid(proc.pid)
+        else:
+            status = live_runner(run_dir_for(self.root, project, task_id))
+            if status:
+                self._kill_pid(int(status["runner_pid"]))
+
+    def kill_project(self, project: str) -> int:
+        """Kill every live runner of `project` on this machine (also orphans of a dead dispatcher)."""
+        killed = 0
+        for run_dir in sorted((self.root / project / "tasks").glob("*")):
+            status = live_runner(run_dir, stale_after=float("inf"))
+            if status:
+                self._kill_pid(int(status["runner_pid"]))
+                killed += 1
+        return killed
+
+
+def _failure_reason(result: SpecResult) -> str:
+    if result.attempts:
+        last = result.attempts[-1]
+        if last.reason:
+            return f"{result.status}: {last.reason}"
+    if result.exit_code is not None:
+        return f"{result.status} (exit code {result.exit_code})"
+    return result.status

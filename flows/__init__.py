@@ -1,0 +1,1 @@
+"""flows package of Oyster Dispatch (see DESIGN.md section 2)."""

@@ -1,0 +1,339 @@
+"""The project flow: one Prefect flow run per `dispatch start <project>`, one task run per spec.
+
+Run it with `dispatch start demo` (embedded: no server, no keys), or deploy it with
+`prefect deploy --all` and run `prefect deployment run 'dispatch-project/dispatch-project' --param project=demo`.
+
+The flow keeps its own ready queue, slot and lock accounting (dispatch/scheduler.py) and submits a
+spec's task run the moment its dependencies are done and a slot and its locks are free; Prefect's
+tag or global concurrency limits are not used for this (on SQLite they stall, and waiters poll).
+Each spec's task run is submitted with `wait_for=` its dependencies' task runs, so the UI's graph is
+the spec DAG.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect.futures import PrefectFuture
+from prefect.states import Cancelled, Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dispatch.agents import build_prompt, build_steps
+from dispatch.cluster import Node, local_node
+from dispatch.dag import Project, load_project, select
+from dispatch.errors import DispatchError
+from dispatch.locks import ProcessLock, SlotLocks
+from dispatch.report import render_markdown, table_rows
+from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
+from dispatch.scheduler import Assignment, NodeSlots, Scheduler
+from dispatch.settings import DispatchSettings, get_settings
+from dispatch.transports import RunRequest
+from dispatch.transports.local import LocalTransport, live_runner, run_dir_for
+from tasks.run_spec import TRANSPORTS, run_spec, skip_spec
+
+# Progress listeners of the CLI in this process: called with (event, task_id, details).
+LISTENERS: list[Callable[[str, str, dict], None]] = []
+_STATE_WRITE_INTERVAL = 0.25
+_BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
+
+
+def _git_revision(code_dir: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+class ProjectRun:
+    """One run of a project: the dispatch loop between the scheduler and Prefect task runs."""
+
+    def __init__(self, project: Project, settings: DispatchSettings, selected: set[str], *,
+                 force: set[str], nodes: list[Node]) -> None:
+        self.project = project
+        self.settings = settings
+        self.selected = selected
+        self.force = force
+        self.logger = get_run_logger()
+        self.run_id = uuid.uuid4().hex[:12]
+        self.code_dir = settings.code_dir_for(project.name)
+        self.code_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = project.cache_keys(_git_revision(self.code_dir))
+        self.nodes = {node.name: node for node in nodes}
+        self.scheduler = Scheduler(
+            project, selected,
+            [NodeSlots(n.name, n.slots, n.labels, n.priority, n.models) for n in nodes],
+            retries=settings.retries, retry_delay=settings.retry_delay)
+        self.local = LocalTransport(settings.runs_dir)
+        TRANSPORTS["local"] = self.local
+        self.slot_locks = SlotLocks(settings.locks_dir / "node-local", self.nodes["local"].slots) \
+            if "local" in self.nodes else None
+        self.events: queue.Queue = queue.Queue()
+        self.futures: dict[str, PrefectFuture] = {}
+        self.slot_fds: dict[str, int] = {}
+        self.stop_reason = ""
+        self._last_write = 0.0
+        flow_run = get_run_context().flow_run
+        self.state = ProjectState(
+            project=project.name, run_id=self.run_id, flow_run_id=str(flow_run.id) if flow_run else None,
+            pid=os.getpid(), user=getpass.getuser(), host=socket.gethostname(),
+            nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes},
+            specs={t: SpecRow(state="waiting") for t in project.order if t in selected})
+        context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
+        self.prompts = {t: build_prompt(project.specs[t], context) for t in selected
+                        if project.specs[t].kind == "agent"}
+
+    # -- events --------------------------------------------------------------------------------
+    def _emit(self, event: str, task_id: str, **details) -> None:
+        for listener in LISTENERS:
+            try:
+                listener(event, task_id, details)
+            except Exception:  # a broken progress display must not break the run
+                pass
+
+    def _write_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_write >= _STATE_WRITE_INTERVAL:
+            for name, node in self.scheduler.nodes.items():
+                self.state.nodes[name]["used"] = node.used
+            save_state(self.settings.state_dir, self.state)
+            self._last_write = now
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.events.put(("stop", None))
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def _request(self, assignment: Assignment) -> RunRequest:
+        spec = self.project.specs[assignment.task_id]
+        return RunRequest(
+            project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
+            cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=str(self.code_dir),
+            steps=build_steps(spec, self.prompts.get(spec.task_id, "")),
+            timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
+            heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
+            env={"DISPATCH_SPEC_FILE": str(spec.path), "DISPATCH_CODE_DIR": str(self.code_dir)})
+
+    def _submit(self, assignment: Assignment, slot_fd: int | None) -> None:
+        task_id = assignment.task_id
+        spec = self.project.specs[task_id]
+        name = task_id if assignment.attempt == 1 else f"{task_id} (attempt {assignment.attempt})"
+        deps = [self.futures[d] for d in spec.depends_on if d in self.futures]
+        future = run_spec.with_options(
+            name=task_id, task_run_name=name, refresh_cache=task_id in self.force,
+        ).submit(self._request(assignment), slot_fd, wait_for=deps)
+        if slot_fd is not None:
+            self.slot_fds[task_id] = slot_fd
+        self.futures[task_id] = future
+        future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
+        row = self.state.specs[task_id]
+        row.state, row.node, row.attempts, row.started_at = "running", assignment.node, assignment.attempt, time.time()
+        self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
+
+    def _dispatch(self) -> None:
+        for assignment in self.scheduler.pick():
+            slot_fd = None
+            if assignment.node == "local" and self.slot_locks is not None:
+                slot_fd = self.slot_locks.try_acquire()
+                if slot_fd is None:  # another dispatcher on this machine holds every slot
+                    self.scheduler.unpick(assignment, delay=_BUSY_RETRY)
+                    continue
+            self._submit(assignment, slot_fd)
+
+    def _reattach(self) -> None:
+        """Adopt runners a killed dispatcher left running, instead of starting their specs twice."""
+        for task_id in self.project.order:
+            if task_id not in self.selected or task_id in self.force:
+                continue
+            run_dir = run_dir_for(self.settings.runs_dir, self.project.name, task_id)
+            if not (run_dir / "status.json").exists() or not live_runner(run_dir):
+                continue
+            previous = (run_dir / "task.json").read_text() if (run_dir / "task.json").exists() else ""
+            if self.keys[task_id] not in previous:
+                continue
+            self.scheduler.adopt(task_id, "local", 1)
+            self.logger.info("local %s: still running from an earlier dispatcher; re-attaching", task_id)
+            self._submit(Assignment(task_id, "local", 1), None)
+
+    def _finish(self, task_id: str) -> None:
+        future = self.futures[task_id]
+        fd = self.slot_fds.pop(task_id, None)
+        if fd is not None:
+            SlotLocks.release(fd)
+        try:
+            result = future.result(raise_on_failure=False)
+        except Exception as exc:  # the task itself crashed
+            result = exc
+        row = self.state.specs[task_id]
+        if not isinstance(result, SpecResult):
+            result = SpecResult(project=self.project.name, task_id=task_id, status="lost", node=row.node,
+                                reason=f"the task crashed: {result!r}")
+        cached = result.run_id != self.run_id
+        row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
+        row.duration, row.cached = result.duration, cached
+        if cached:
+            row.started_at, row.ended_at, row.node = result.started_at, result.ended_at, result.node
+        else:
+            row.ended_at = time.time()
+        if self.stop_reason and not result.succeeded:
+            self.scheduler.cancel_running(task_id, self.stop_reason)
+            row.state, row.reason = "cancelled", self.stop_reason
+            self._emit("cancelled", task_id, reason=self.stop_reason)
+            return
+        if result.succeeded:
+            self.scheduler.succeed(task_id)
+            row.state, row.reason = "succeeded", ""
+            self._emit("succeeded", task_id, result=result, cached=cached)
+            return
+        acceptance = result.status == "acceptance_failed"
+        skipped = self.scheduler.fail(task_id, result.reason or result.status, retryable=result.retryable,
+                                      node_fault=result.node_fault, max_attempts=2 if acceptance else None)
+        row.state, row.reason = self.scheduler.state(task_id), result.reason or result.status
+        if row.state == "ready":
+            row.state = "retrying"
+            self._emit("retry", task_id, reason=row.reason, attempt=self.scheduler.attempts(task_id))
+            return
+        self._emit("failed", task_id, result=result)
+        self._skip(skipped)
+
+    def _skip(self, task_ids: list[str]) -> None:
+        for child in task_ids:
+            row = self.state.specs[child]
+            row.state, row.reason = self.scheduler.state(child), self.scheduler.reason(child)
+            deps = [self.futures[d] for d in self.project.specs[child].depends_on if d in self.futures]
+            self.futures[child] = skip_spec.with_options(name=child, task_run_name=child).submit(
+                child, row.reason, wait_for=deps) if row.state == "not_run" else None
+            self._emit(row.state, child, reason=row.reason)
+        self.futures = {k: v for k, v in self.futures.items() if v is not None}
+
+    def execute(self) -> State:
+        """Run the project to the end (or until stopped) and return the flow's final state."""
+        for task_id in self.scheduler.unplaceable():
+            spec = self.project.specs[task_id]
+            self.scheduler.entries[task_id].attempts = 1
+            self._skip(self.scheduler.fail(task_id, f"no node fits (node={spec.node}, labels={spec.labels})",
+                                           retryable=False))
+            self.state.specs[task_id].state = "failed"
+            self.state.specs[task_id].reason = self.scheduler.reason(task_id)
+        self._reattach()
+        self._dispatch()
+        self._write_state(force=True)
+        while not self.scheduler.done:
+            wakeup = self.scheduler.next_wakeup()
+            timeout = max(0.01, wakeup - self.scheduler.clock()) if wakeup is not None else 1.0
+            try:
+                kind, task_id = self.events.get(timeout=timeout)
+            except queue.Empty:
+                kind, task_id = "tick", None
+            if kind == "done":
+                self._finish(task_id)
+            elif kind == "stop":
+                self._stop()
+            if not self.stop_reason:
+                self._dispatch()
+            self._write_state()
+        return self._conclude()
+
+    def _stop(self) -> None:
+        self.logger.warning("stopping %s: %s", self.project.name, self.stop_reason)
+        for task_id in self.scheduler.cancel_all(self.stop_reason):
+            self.state.specs[task_id].state, self.state.specs[task_id].reason = "cancelled", self.stop_reason
+        for task_id in self.scheduler.running:
+            transport = TRANSPORTS.get(self.scheduler.entries[task_id].node or "")
+            if transport is not None:
+                transport.cancel(self.project.name, task_id)
+
+    def _conclude(self) -> State:
+        counts = self.state.counts()
+        total = len(self.state.specs)
+        failed = counts.get("failed", 0)
+        summary = (f"{counts.get('succeeded', 0)}/{total} succeeded, {failed} failed, "
+                   f"{counts.get('not_run', 0)} not run, {counts.get('cancelled', 0)} cancelled")
+        self.state.state = "cancelled" if self.stop_reason else "failed" if failed or counts.get("not_run") else "completed"
+        self.state.message, self.state.ended_at = summary, time.time()
+        self._write_state(force=True)
+        try:
+            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir),
+                                     key=f"report-{_artifact_key(self.project.name)}",
+                                     description=f"Oyster Dispatch report for {self.project.name}")
+            create_table_artifact(table=table_rows(self.state), key=f"specs-{_artifact_key(self.project.name)}",
+                                  description=f"Specs of {self.project.name}")
+        except Exception as exc:  # the run's results are on disk already; say so and carry on
+            self.logger.warning("could not attach the report artifact: %s", exc)
+        self.logger.info("%s: %s", self.project.name, summary)
+        if self.stop_reason:
+            return Cancelled(message=f"{summary}; {self.stop_reason}")
+        if self.state.state == "failed":
+            return Failed(message=summary)
+        return Completed(message=summary)
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def _install_signal_handlers(run: ProjectRun) -> Callable[[], None]:
+    """Turn SIGTERM (from `dispatch stop`) and Ctrl-C into an orderly stop, when on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):  # noqa: ARG001
+        run.request_stop("stopped by dispatch stop" if signum == signal.SIGTERM else "interrupted (Ctrl-C)")
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
+
+
+@flow(name="dispatch-project", flow_run_name="{project}", task_runner=ThreadPoolTaskRunner(max_workers=256),
+      log_prints=True)
+def dispatch_project(project: str, only: list[str] | None = None, start_from: list[str] | None = None,
+                     force: bool = False) -> State:
+    """Dispatch every spec of a project over the cluster, honouring dependencies, slots and locks.
+
+    Args:
+        project: the project's name (a directory under `DISPATCH_SPECS`, or a bundled example).
+        only: run only these specs (ids or unique prefixes) and what they depend on.
+        start_from: run these specs and everything that depends on them, re-running them even if cached.
+        force: re-run every selected spec, ignoring cached results.
+    """
+    settings = get_settings()
+    proj = load_project(project, settings.specs_root_for(project))
+    selected = select(proj, only, start_from)
+    forced = set(selected) if force else (proj.descendants(select(proj, None, start_from)) & selected
+                                           if start_from else set())
+    lock = ProcessLock(settings.locks_dir / f"project-{project}.lock")
+    if not lock.try_acquire():
+        raise DispatchError(f"project {project!r} is already being dispatched on this machine (pid "
+                            f"{lock.holder_pid()}); watch it with `dispatch status {project}` or stop it with "
+                            f"`dispatch stop {project}`")
+    try:
+        run = ProjectRun(proj, settings, selected, force=forced, nodes=[local_node(settings)])
+        restore = _install_signal_handlers(run)
+        try:
+            return run.execute()
+        finally:
+            restore()
+    finally:
+        lock.release()
+
+
+if __name__ == "__main__":
+    import sys
+
+    dispatch_project(sys.argv[1] if len(sys.argv) > 1 else "demo")

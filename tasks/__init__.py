@@ -1,0 +1,1 @@
+"""tasks package of Oyster Dispatch (see DESIGN.md section 2)."""

@@ -1,0 +1,71 @@
+"""The `run_spec` task: one attempt of one spec on one node, as a Prefect task run named by its id.
+
+Its cache key is the spec's key (content, dependencies' keys, project revision), and its result (a
+`SpecResult`) is persisted as JSON, so a later run of an unchanged spec is a cache hit that never
+touches a node. A failed attempt returns a `Failed` state that still carries its `SpecResult`, so
+the dispatcher sees the log tail, exit code and model attempts of failures too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.states import Failed, State
+
+from dispatch.results import SpecResult
+from dispatch.transports import RunRequest, Transport
+
+# The transports of the running dispatcher, by node name (set by the project flow; process-local).
+TRANSPORTS: dict[str, Transport] = {}
+
+
+def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return parameters["request"].cache_key
+
+
+def _missing_agent_clis(request: RunRequest) -> str | None:
+    """On the local node: why no step of the model chain can start, or None when one can."""
+    hints = []
+    for step in request.steps:
+        argv = step.get("argv")
+        if not argv or shutil.which(argv[0]):
+            return None
+        hints.append(f"no agent CLI '{argv[0]}' on PATH for model {step['name']}: {step.get('install_hint') or 'install it'}")
+    return "; ".join(hints) + ", or set the spec's model/executor to one that is installed" if hints else None
+
+
+@task(persist_result=True, result_serializer="json", cache_key_fn=_cache_key, log_prints=False)
+def run_spec(request: RunRequest, slot_fd: int | None = None) -> SpecResult | State:
+    """Run one attempt of a spec on its node and return the node runner's result.
+
+    Args:
+        request: what to run, where, with which limits.
+        slot_fd: the local node's machine-slot lock, inherited by the runner (local node only).
+    """
+    logger = get_run_logger()
+    transport = TRANSPORTS[request.node]
+    prefix = f"{request.node} {request.task_id}:"
+    if request.node == "local" and (missing := _missing_agent_clis(request)):
+        result = SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
+                            reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,
+                            attempt=request.attempt)
+        logger.error("%s %s", prefix, missing)
+        return Failed(message=missing, data=result)
+    logger.info("%s attempt %d started", prefix, request.attempt)
+    kwargs = {"slot_fd": slot_fd} if slot_fd is not None else {}
+    result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), **kwargs)
+    if result.succeeded:
+        logger.info("%s succeeded in %.1fs (model %s)", prefix, result.duration or 0.0, result.model or "-")
+        return result
+    logger.error("%s %s", prefix, result.reason or result.status)
+    return Failed(message=f"{request.task_id}: {result.reason or result.status}", data=result)
+
+
+@task(log_prints=False)
+def skip_spec(task_id: str, reason: str) -> State:
+    """A placeholder task run for a spec that will not run, so the UI's graph stays whole."""
+    from prefect.states import Cancelled
+
+    return Cancelled(name="NotRun", message=f"{task_id} not run: {reason}")
