@@ -1,0 +1,1269 @@
+#!/usr/bin/env python3
+"""Node-side runner of Oyster Dispatch: runs one spec's model chain inside one run directory.
+
+Shipped to every node next to ``ratelimits.py`` and run by the node's own ``python3`` (3.8 or newer,
+standard library only); the local node runs it in place. One run directory is one spec run:
+
+    task.json     written by the dispatcher: project, task_id, workdir, timeouts, env, steps, acceptance
+    task.log      merged stdout+stderr of every step and acceptance command, secrets masked
+    status.json   state and heartbeat, rewritten atomically at each change and every `heartbeat` seconds
+    result.json   the outcome, written atomically once, before the final status.json
+    .runner.lock  flock held by the live runner for the whole run; the OS drops it if the runner dies
+
+Commands:
+
+    python3 node_runner.py run <run_dir> [--detach] [--secrets-stdin]
+        exit 0 if the spec succeeded, 1 for any other final status, 2 for a bad task.json or
+        usage, 3 (with a JSON line naming the live runner's pid) if another runner holds run_dir
+        or the step of a runner that died hard still runs there (`kill` clears it).
+        --detach prints {"pid": ..., "run_dir": ...} and returns at once; the run goes on in its
+        own session. --secrets-stdin reads a JSON object of env vars for the steps only.
+    python3 node_runner.py status <run_dir>                 status.json + "alive", as one JSON line
+    python3 node_runner.py kill <run_dir>                   stop the run; exit 0 even if none runs
+    python3 node_runner.py tail <run_dir> [--from-byte N]   task.log from byte N (N < 0: from the end)
+    python3 node_runner.py version                          {"runner_version": sha256, "python": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import fcntl
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _import_ratelimits() -> tuple[Any, str]:
+    """The classifier, from beside this file (shipped) or from dispatch/ (in the repo).
+
+    Returns the module (None if no copy imports under this python) and why the copies failed.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    errors = []
+    sys.path.insert(0, here)
+    try:
+        import ratelimits  # type: ignore[import-not-found]
+
+        return ratelimits, ""
+    except Exception as exc:  # also TypeError & co. from a copy written for a newer python
+        errors.append(f"{exc.__class__.__name__}: {exc}")
+    finally:
+        if sys.path and sys.path[0] == here:
+            sys.path.pop(0)
+    candidate = os.path.join(os.path.dirname(here), "ratelimits.py")
+    if os.path.isfile(candidate):  # dispatch/ratelimits.py, loaded without importing dispatch/__init__
+        spec = importlib.util.spec_from_file_location("ratelimits", candidate)
+        if spec is not None and spec.loader is not None:
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["ratelimits"] = module
+            try:
+                spec.loader.exec_module(module)
+                return module, ""
+            except Exception as exc:
+                del sys.modules["ratelimits"]
+                errors.append(f"{exc.__class__.__name__}: {exc}")
+    try:
+        from dispatch import ratelimits  # type: ignore[no-redef]
+
+        return ratelimits, ""
+    except Exception as exc:
+        errors.append(f"{exc.__class__.__name__}: {exc}")
+    return None, "; ".join(errors)
+
+
+_LOADED: list[tuple[Any, str]] = []
+
+
+def _classifier() -> tuple[Any, str]:
+    """The ratelimits module (or None) and the import error, loaded once: only `run` needs them."""
+    if not _LOADED:
+        _LOADED.append(_import_ratelimits())
+    return _LOADED[0]
+
+
+_KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL to a process group
+_LEFTOVER_GRACE = 1.0  # after a step exits, how long its background children may hold the output pipe
+_POLL = 0.1
+_CHUNK = 65536
+_CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limit classifier
+_LOG_TAIL_LINES = 40
+_FILES_CAP = 1000
+_MIN_SECRET_LEN = 4  # shorter values are not masked: they would blank out ordinary words
+_FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed")
+_RATE_KINDS = ("quota", "transient", "auth")  # the chain moves on to the next model at once
+_RUNNER_NAME = os.path.basename(__file__).encode()
+
+
+class TaskError(ValueError):
+    """task.json (or the secrets on stdin) cannot be used; the message says which field and why."""
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str] | None
+    script: str | None
+    env: dict[str, str]
+
+
+@dataclass
+class Task:
+    """task.json. Only `workdir` and `steps` are required; a timeout of 0 or null means none.
+
+    Each step is {"name", "argv": [...]} (an agent CLI, output classified for rate limits) or
+    {"name", "script": "..."} (a shell spec, run as `bash -e -o pipefail <run_dir>/script.sh`, judged
+    by exit code alone), with an optional "env". A relative workdir is taken from run_dir.
+    """
+
+    project: str
+    task_id: str
+    workdir: str
+    steps: list[Step]
+    timeout: float | None = 3600.0
+    stall_timeout: float | None = 900.0
+    heartbeat: float = 2.0
+    env: dict[str, str] = field(default_factory=dict)
+    skip_models: list[str] = field(default_factory=list)
+    acceptance: list[str] = field(default_factory=list)
+    acceptance_timeout: float = 300.0
+
+
+@dataclass
+class Outcome:
+    """How one process (step or acceptance command) ended."""
+
+    returncode: int | None = None
+    reason: str | None = None  # None, "timeout", "stalled" or "killed" (the runner killed it)
+    output: str = ""
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    spawn_error: str | None = None
+    pgid: int = 0
+    survivors: bool = False  # some process of its group outlived SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------------------
+# task.json
+
+
+def _seconds(data: dict, key: str, default: float | None, *, allow_none: bool = True) -> float | None:
+    value = data.get(key, default)
+    if value is None or value == 0:
+        if allow_none:
+            return None
+        raise TaskError(f"task.json: {key!r} must be a positive number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise TaskError(f"task.json: {key!r} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _str_map(value: Any, where: str, *, secret: bool = False) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        shown = f"a JSON {type(value).__name__}" if secret else repr(value)  # never echo a secret
+        raise TaskError(f"{where} must be a JSON object of NAME: value strings, got {shown}")
+    return {k: "" if v is None else str(v) for k, v in value.items()}
+
+
+def _parse_step(raw: Any, index: int) -> Step:
+    where = f"task.json: steps[{index}]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
+        raise TaskError(f"{where} must be an object with a non-empty 'name', got {raw!r}")
+    argv, script = raw.get("argv"), raw.get("script")
+    if (argv is None) == (script is None):
+        raise TaskError(f"{where} ({raw['name']}) needs exactly one of 'argv' (a list) or 'script' (text)")
+    if argv is not None and (not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv)):
+        raise TaskError(f"{where} ({raw['name']}): 'argv' must be a non-empty list of strings, got {argv!r}")
+    if script is not None and not isinstance(script, str):
+        raise TaskError(f"{where} ({raw['name']}): 'script' must be a string")
+    return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"))
+
+
+def load_task(run_dir: str) -> Task:
+    """Read and check ``<run_dir>/task.json``.
+
+    Raises:
+        TaskError: the file is missing, is not JSON, or a field is wrong (the message names it).
+    """
+    path = os.path.join(run_dir, "task.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TaskError(f"{path} must hold a JSON object")
+    steps = data.get("steps", [])
+    if not isinstance(steps, list):
+        raise TaskError("task.json: 'steps' must be a list")
+    workdir = data.get("workdir")
+    if not isinstance(workdir, str) or not workdir:
+        raise TaskError("task.json: 'workdir' must be a directory path (it is created if missing)")
+    workdir = os.path.expanduser(workdir)
+    if not os.path.isabs(workdir):
+        workdir = os.path.join(run_dir, workdir)
+    lists = {}
+    for key in ("skip_models", "acceptance"):
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TaskError(f"task.json: {key!r} must be a list of strings, got {value!r}")
+        lists[key] = value
+    return Task(
+        project=str(data.get("project") or os.path.basename(os.path.dirname(os.path.dirname(run_dir)))),
+        task_id=str(data.get("task_id") or os.path.basename(run_dir)),
+        workdir=os.path.abspath(workdir),
+        steps=[_parse_step(raw, i) for i, raw in enumerate(steps)],
+        timeout=_seconds(data, "timeout", 3600.0),
+        stall_timeout=_seconds(data, "stall_timeout", 900.0),
+        heartbeat=_seconds(data, "heartbeat", 2.0, allow_none=False) or 2.0,
+        env=_str_map(data.get("env"), "task.json: env"),
+        skip_models=lists["skip_models"],
+        acceptance=lists["acceptance"],
+        acceptance_timeout=_seconds(data, "acceptance_timeout", 300.0, allow_none=False) or 300.0,
+    )
+
+
+def read_secrets(text: str) -> dict[str, str]:
+    """Parse the JSON object of secret env vars given on stdin (empty input means none)."""
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise TaskError(f"--secrets-stdin: stdin is not a JSON object ({exc.msg})") from None
+    return _str_map(data, "--secrets-stdin: stdin", secret=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files, processes
+
+
+def _write_json(path: str, data: dict, *, sync: bool = False) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def runner_version() -> str:
+    """sha256 of this file then ratelimits.py: equal to ``dispatch.runner.runner_checksum()``.
+
+    Hashes the ratelimits.py that is shipped with the runner even if this python cannot import it.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    with open(os.path.join(here, os.path.basename(__file__)), "rb") as handle:
+        digest.update(handle.read())
+    for candidate in (os.path.join(here, "ratelimits.py"), os.path.join(os.path.dirname(here), "ratelimits.py")):
+        if os.path.isfile(candidate):
+            with open(candidate, "rb") as handle:
+                digest.update(handle.read())
+            break
+    return digest.hexdigest()
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgrp, session) of a live pid from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return fields[0], int(fields[2]), int(fields[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def _session_members(pgid: int) -> list[tuple[int, str]] | None:
+    """(pid, state) of every process in process group or session ``pgid``; None without /proc."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    if "self" not in names:
+        return None
+    members = []
+    for name in names:
+        if name.isdigit():
+            stat = _proc_stat(int(name))
+            if stat is not None and pgid in (stat[1], stat[2]):
+                members.append((int(name), stat[0]))
+    return members
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal a step's process group, plus any process that moved to another group of its session."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid, _state in _session_members(pgid) or []:
+        stat = _proc_stat(pid)
+        if stat is not None and stat[1] != pgid:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _group_alive(pgid: int, proc: subprocess.Popen | None = None) -> bool:
+    """Whether any non-zombie process of the group (or its session) remains; reaps zombies we own."""
+    if proc is not None:
+        proc.poll()
+    members = _session_members(pgid)
+    if members is None:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    alive = False
+    for pid, state in members:
+        if state == "Z":
+            if proc is None or pid != proc.pid:  # an orphan re-parented to us (subreaper)
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        else:
+            alive = True
+    return alive
+
+
+def _terminate_group(pgid: int, proc: subprocess.Popen | None = None) -> bool:
+    """SIGTERM the group, SIGKILL it after the grace; True if nothing of it survives."""
+    for sig, wait in ((signal.SIGTERM, _KILL_GRACE), (signal.SIGKILL, 2.0)):
+        if not _group_alive(pgid, proc):
+            return True
+        _signal_group(pgid, sig)
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if not _group_alive(pgid, proc):
+                return True
+            time.sleep(_POLL)
+    return not _group_alive(pgid, proc)
+
+
+def _pid_alive(pid: Any) -> bool:
+    """Whether ``pid`` is a live (not zombie) process of ours running this runner script."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None and stat[0] in ("Z", "X"):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return _RUNNER_NAME in handle.read()
+    except OSError:
+        return stat is None  # no /proc (not Linux): trust kill(pid, 0)
+
+
+def _become_subreaper() -> None:
+    """Linux: adopt orphaned descendants, so that killed background children are reaped by us."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
+def _find_executable(exe: str, path: str, cwd: str) -> str | None:
+    if os.sep in exe:
+        full = exe if os.path.isabs(exe) else os.path.join(cwd, exe)
+        return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    return shutil.which(exe, path=path)
+
+
+def _lock_holder(run_dir: str) -> int | None:
+    try:
+        with open(os.path.join(run_dir, ".runner.lock"), encoding="ascii") as handle:
+            return int(handle.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the log
+
+
+class _Log:
+    """task.log, written and flushed line by line, with every secret value replaced by ``***``."""
+
+    def __init__(self, path: str, secrets: dict[str, str], echo: bool) -> None:
+        self.path = path
+        values = {v for v in secrets.values() if len(v) >= _MIN_SECRET_LEN}
+        self._secrets = sorted(values, key=len, reverse=True)
+        self._echo = echo
+        self._handle = open(path, "ab")  # open for the whole run
+
+    def mask(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def mask_all(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, list):
+            return [self.mask_all(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.mask_all(v) for k, v in value.items()}
+        return value
+
+    def line(self, text: str) -> str:
+        masked = self.mask(text)
+        data = (masked + "\n").encode("utf-8", "replace")
+        self._handle.write(data)
+        self._handle.flush()
+        if self._echo:
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # the SSH session went away: keep running, stop echoing
+                self._echo = False
+        return masked
+
+    def tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 65536))
+                data = handle.read()
+        except OSError:
+            return ""
+        return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class _Tail:
+    """The last ``limit`` characters of a process's output, kept as lines."""
+
+    def __init__(self, limit: int) -> None:
+        self._lines: collections.deque[str] = collections.deque()
+        self._size = 0
+        self._limit = limit
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line) + 1
+        while self._size > self._limit and len(self._lines) > 1:
+            self._size -= len(self._lines.popleft()) + 1
+
+    def text(self) -> str:
+        return "\n".join(self._lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
+
+class Runner:
+    """Runs one task: the model chain, acceptance, then result.json."""
+
+    def __init__(self, run_dir: str, task: Task, secrets: dict[str, str], *, echo: bool = False) -> None:
+        self.run_dir = run_dir
+        self.task = task
+        self.secrets = secrets
+        self.echo = echo
+        self.stop_requested = False
+        self.attempts: list[dict] = []
+        self.skipped: list[str] = []
+        self.started_at = time.time()
+        self._deadline = None if task.timeout is None else time.monotonic() + task.timeout
+        self._status: dict[str, Any] = {}
+        self._status_lock = threading.Lock()
+        self._beat_stop = threading.Event()
+        self.log: _Log | None = None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def start(self) -> None:
+        """Keep the previous run's log and result as *.prev, open task.log, write the first status."""
+        for name, prev in (("task.log", "task.prev.log"), ("result.json", "result.prev.json")):
+            if os.path.exists(self._path(name)):
+                os.replace(self._path(name), self._path(prev))
+        self.log = _Log(self._path("task.log"), self.secrets, self.echo)
+        self._write_status(
+            state="running",
+            runner_pid=os.getpid(),
+            step=None,
+            step_pid=None,
+            started_at=self.started_at,
+            heartbeat=self.task.heartbeat,
+            project=self.task.project,
+            task_id=self.task.task_id,
+        )
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        self.stop_requested = True
+
+    # -- status ------------------------------------------------------------------------------------------
+
+    def _write_status(self, **changes: Any) -> None:
+        with self._status_lock:
+            self._status.update(changes)
+            self._status["heartbeat_at"] = time.time()
+            try:
+                self._status["log_bytes"] = os.path.getsize(self._path("task.log"))
+            except OSError:
+                self._status["log_bytes"] = 0
+            _write_json(self._path("status.json"), self._status)
+
+    def _heartbeat(self) -> None:
+        while not self._beat_stop.wait(self.task.heartbeat):
+            try:
+                self._write_status()
+            except OSError:
+                pass
+
+    # -- main --------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run the task to the end; returns the process exit code (0 only if it succeeded)."""
+        assert self.log is not None, "call start() first"
+        _become_subreaper()
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, lambda *_: None)  # a dropped SSH session never stops a run
+        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        beat.start()
+        classifier, error = _classifier()
+        if classifier is None:
+            self.log.line(
+                f"=== runner: WARNING: no rate-limit classifier ({error}); "
+                "agent steps are judged by exit code alone ==="
+            )
+        model, exit_code, files, acceptance = None, None, [], []
+        try:
+            os.makedirs(self.task.workdir, exist_ok=True)
+            status, reason, model, exit_code = self._run_chain()
+            self._write_status(step=None, step_pid=None)
+            files = self._files_changed()
+            if status == "succeeded" and self.task.acceptance:
+                status, reason, acceptance = self._run_acceptance()
+        except Exception as exc:  # a bug or an unusable workdir: still leave a result behind
+            status, reason = "failed", f"runner error: {exc.__class__.__name__}: {exc}"
+            for line in traceback.format_exc().splitlines():
+                self.log.line(line)
+        self._beat_stop.set()
+        beat.join(timeout=5)
+        ended = time.time()
+        self.log.line(f"=== runner: {status}: {reason} ===")
+        result = {
+            "project": self.task.project,
+            "task_id": self.task.task_id,
+            "status": status,
+            "reason": reason,
+            "model": model,
+            "attempts": self.attempts,
+            "skipped_models": self.skipped,
+            "exit_code": exit_code,
+            "started_at": self.started_at,
+            "ended_at": ended,
+            "duration": round(ended - self.started_at, 3),
+            "workdir": self.task.workdir,
+            "files_changed": files,
+            "acceptance": acceptance,
+            "log_tail": self.log.tail(),
+            "runner_version": runner_version(),
+            "runner_pid": os.getpid(),
+            "hostname": socket.gethostname(),
+        }
+        _write_json(self._path("result.json"), self.log.mask_all(result), sync=True)
+        self._write_status(state=status, step=None, step_pid=None, ended_at=ended)
+        self.log.close()
+        if self.echo:
+            print(f"runner: {status} ({reason}); result in {self._path('result.json')}", file=sys.stderr)
+        return 0 if status == "succeeded" else 1
+
+    def _run_chain(self) -> tuple[str, str, str | None, int | None]:
+        """Run the steps in order; returns (status, reason, model, exit_code)."""
+        if not self.task.steps:
+            return "failed", "task.json has no steps: nothing to run", None, None
+        model, exit_code, passed_over = None, None, []
+        for step in self.task.steps:
+            if step.name in self.task.skip_models:
+                self.skipped.append(step.name)
+                self.log.line(f"=== step {step.name} skipped (on cool-down) ===")
+                continue
+            if self.stop_requested:
+                return "killed", "killed before the chain finished", model, exit_code
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                return "timeout", f"hard timeout of {self.task.timeout:g}s reached", model, exit_code
+            attempt, fall_through = self._run_step(step, len(self.attempts) + 1)
+            self.attempts.append(attempt)
+            model, exit_code = step.name, attempt["exit_code"]
+            verdict, reason = attempt["verdict"], attempt["reason"]
+            if verdict == "ok":
+                return "succeeded", f"{step.name}: {reason}", model, exit_code
+            if verdict in ("timeout", "stalled", "killed"):
+                return verdict, f"{step.name}: {reason}", model, exit_code
+            if not fall_through:
+                return "failed", f"{step.name}: {reason}", model, exit_code
+            passed_over.append(f"{step.name}: {verdict}: {reason}")
+        if not self.attempts:
+            return "failed", "every model is skipped (on cool-down): " + ", ".join(self.skipped), None, None
+        return "failed", "no model left to try; " + "; ".join(passed_over), model, exit_code
+
+    def _child_env(self, step: Step | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.task.env)
+        env["DISPATCH_RUN_DIR"] = self.run_dir
+        env["DISPATCH_PROJECT"], env["DISPATCH_TASK_ID"] = self.task.project, self.task.task_id
+        if step is not None:
+            env.update(step.env)
+            env["DISPATCH_MODEL"] = step.name
+            env.update(self.secrets)
+        return env
+
+    def _run_step(self, step: Step, number: int) -> tuple[dict, bool]:
+        """Run one step; returns its attempt record and whether the chain may go on to the next."""
+        self.log.line(f"=== step {step.name} (attempt {number}) ===")
+        attempt: dict[str, Any] = {
+            "model": step.name,
+            "verdict": "failure",
+            "reason": "",
+            "reset_at": None,
+            "retry_after": None,
+            "exit_code": None,
+            "started_at": time.time(),
+            "ended_at": None,
+            "matched": "",
+        }
+        env = self._child_env(step)
+        if step.script is not None:
+            script = self._path("script.sh" if number == 1 else f"script-{number}.sh")
+            with open(script, "w", encoding="utf-8") as handle:
+                handle.write(step.script)
+            argv = ["bash", "--noprofile", "--norc", "-e", "-o", "pipefail", script]
+        else:
+            argv = list(step.argv or [])
+        if _find_executable(argv[0], env.get("PATH", os.defpath), self.task.workdir) is None:
+            what = "bash" if step.script is not None else "agent CLI"
+            attempt["reason"] = (
+                f"no {what} {argv[0]!r} on PATH for model {step.name}: install it on {socket.gethostname()} "
+                f"or fix the model's command (PATH={env.get('PATH', '')})"
+            )
+            attempt["ended_at"] = time.time()
+            self.log.line(f"=== runner: {attempt['reason']} ===")
+            return attempt, True
+        self._write_status(step=step.name, step_pid=None, attempt=number)
+        outcome = self._run_process(
+            argv,
+            env,
+            deadline=self._deadline,
+            stall_timeout=self.task.stall_timeout,
+            on_start=lambda pid: self._write_status(step_pid=pid),
+        )
+        attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
+        attempt["exit_code"] = outcome.returncode
+        attempt, fall_through = self._judge(step, attempt, outcome, argv[0])
+        if outcome.survivors:
+            attempt["reason"] += f"; WARNING: processes of group {outcome.pgid} survived SIGKILL"
+        return attempt, fall_through
+
+    def _judge(self, step: Step, attempt: dict, outcome: Outcome, exe: str) -> tuple[dict, bool]:
+        """Fill in the attempt's verdict from how the process ended and what it printed."""
+        if outcome.spawn_error is not None:
+            attempt["reason"] = f"cannot start {exe!r} for model {step.name}: {outcome.spawn_error}"
+            return attempt, True
+        if outcome.reason == "timeout":
+            attempt["verdict"] = "timeout"
+            attempt["reason"] = f"hard timeout of {self.task.timeout:g}s reached; process group killed"
+            return attempt, False
+        if outcome.reason == "killed":
+            attempt["verdict"], attempt["reason"] = "killed", "killed on request; process group killed"
+            return attempt, False
+        if step.script is not None:  # a shell spec's output is the user's: never a rate limit
+            ok = outcome.returncode == 0 and outcome.reason is None
+            attempt["verdict"] = "ok" if ok else ("stalled" if outcome.reason else "failure")
+            attempt["reason"] = self._stall_reason() if outcome.reason else f"exit code {outcome.returncode}"
+            return attempt, False
+        verdict = _classify(outcome.output, None if outcome.reason else outcome.returncode)
+        for key in ("reset_at", "retry_after", "matched"):
+            attempt[key] = getattr(verdict, key, attempt[key])
+        attempt["verdict"], attempt["reason"] = verdict.kind, self.log.mask(str(verdict.reason))
+        if outcome.reason == "stalled":
+            if verdict.kind in _RATE_KINDS:  # it hung on a limit: that model is done, try the next
+                attempt["reason"] += f" ({self._stall_reason()})"
+                return attempt, True
+            attempt["verdict"], attempt["reason"] = "stalled", self._stall_reason()
+            return attempt, False
+        return attempt, verdict.kind in _RATE_KINDS
+
+    def _stall_reason(self) -> str:
+        return f"stalled: no output for {self.task.stall_timeout:g}s; process group killed"
+
+    def _run_process(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        deadline: float | None,
+        stall_timeout: float | None,
+        on_start: Any = None,
+    ) -> Outcome:
+        """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all."""
+        outcome = Outcome(started_at=time.time())
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.task.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            outcome.spawn_error, outcome.ended_at = str(exc), time.time()
+            self.log.line(f"=== runner: cannot start {argv[0]!r}: {exc} ===")
+            return outcome
+        pgid = outcome.pgid = proc.pid
+        if on_start is not None:
+            on_start(proc.pid)
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        tail = _Tail(_CLASSIFY_TAIL)
+        pending = b""
+        last_output = time.monotonic()
+        exited_at = term_at = gone_at = None
+        eof = sent_kill = False
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if term_at is None:
+                why = None
+                if exited_at is None:
+                    if self.stop_requested:
+                        outcome.reason, why = "killed", "kill requested"
+                    elif deadline is not None and now >= deadline:
+                        outcome.reason, why = "timeout", "hard timeout reached"
+                    elif stall_timeout is not None and now - last_output >= stall_timeout:
+                        outcome.reason, why = "stalled", f"no output for {stall_timeout:g}s"
+                elif not eof and now - exited_at >= _LEFTOVER_GRACE:
+                    why = "step exited but its background processes hold its output"
+                if why is not None:
+                    self.log.line(f"=== runner: {why}; killing process group {pgid} ===")
+                    _signal_group(pgid, signal.SIGTERM)
+                    term_at = now
+            if term_at is not None and not sent_kill and now - term_at >= _KILL_GRACE:
+                if _group_alive(pgid, proc):
+                    _signal_group(pgid, signal.SIGKILL)
+                sent_kill = True
+            if eof and exited_at is not None:
+                break
+            if exited_at is not None and term_at is not None and not eof:
+                # the pipe is held by a process that left the session: do not wait for it forever
+                if _group_alive(pgid, proc):
+                    gone_at = None
+                elif gone_at is None:
+                    gone_at = now
+                elif now - gone_at >= 2.0:
+                    break
+            ready, _, _ = select.select([fd], [], [], _POLL)
+            if not ready:
+                continue
+            data = os.read(fd, _CHUNK)
+            if not data:
+                eof = True
+                continue
+            last_output = time.monotonic()
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if len(pending) >= _CHUNK:
+                lines.append(pending)
+                pending = b""
+            for raw in lines:
+                tail.add(self.log.line(raw.decode("utf-8", "replace")))
+        if pending:
+            tail.add(self.log.line(pending.decode("utf-8", "replace")))
+        proc.stdout.close()
+        outcome.returncode = proc.wait()
+        if _group_alive(pgid, proc):
+            if outcome.reason is None:
+                self.log.line(f"=== runner: step left background processes in group {pgid}; killing them ===")
+            if not _terminate_group(pgid, proc):
+                outcome.survivors = True
+                self.log.line(f"=== runner: WARNING: processes of group {pgid} survived SIGKILL ===")
+        outcome.output, outcome.ended_at = tail.text(), time.time()
+        return outcome
+
+    # -- after the chain ---------------------------------------------------------------------------------
+
+    def _run_acceptance(self) -> tuple[str, str, list[dict]]:
+        """Run each acceptance command in workdir; returns (status, reason, records)."""
+        records, failed = [], []
+        shell = "bash" if shutil.which("bash") else "/bin/sh"
+        env = self._child_env(None)
+        for number, command in enumerate(self.task.acceptance, 1):
+            if self.stop_requested:
+                return "killed", "killed during acceptance", records
+            self.log.line(f"=== acceptance {number}/{len(self.task.acceptance)}: {command} ===")
+            self._write_status(step=f"acceptance {number}", step_pid=None)
+            outcome = self._run_process(
+                [shell, "-c", command],
+                env,
+                deadline=time.monotonic() + self.task.acceptance_timeout,
+                stall_timeout=None,
+                on_start=lambda pid: self._write_status(step_pid=pid),
+            )
+            if outcome.reason == "killed":
+                return "killed", "killed during acceptance", records
+            passed = outcome.returncode == 0 and outcome.reason is None and outcome.spawn_error is None
+            record = {
+                "command": command,
+                "passed": passed,
+                "exit_code": None if outcome.reason else outcome.returncode,
+                "output_tail": "\n".join(outcome.output.splitlines()[-30:])[-4000:] or (outcome.spawn_error or ""),
+                "duration": round(outcome.ended_at - outcome.started_at, 3),
+            }
+            if outcome.reason == "timeout":
+                record["output_tail"] += f"\n[timed out after {self.task.acceptance_timeout:g}s]"
+            records.append(record)
+            if not passed:
+                failed.append(command)
+        if failed:
+            return "acceptance_failed", f"{len(failed)} acceptance command(s) failed: {failed[0]}", records
+        return "succeeded", f"{len(records)} acceptance command(s) passed", records
+
+    def _files_changed(self) -> list[str]:
+        """Paths changed in workdir: `git status` for a git checkout, else files modified since start."""
+        workdir = self.task.workdir
+        git = shutil.which("git")
+        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+        if git is not None:
+            try:
+                top = subprocess.run(
+                    [git, "rev-parse", "--show-toplevel"],
+                    cwd=workdir,
+                    env=env,
+                    capture_output=True,
+                    timeout=30,
+                )
+                if top.returncode == 0:
+                    listing = subprocess.run(
+                        [git, "status", "--porcelain", "-z", "--untracked-files=all"],
+                        cwd=workdir,
+                        env=env,
+                        capture_output=True,
+                        timeout=120,
+                    )
+                    if listing.returncode == 0:
+                        root = top.stdout.decode("utf-8", "replace").strip()
+                        return self._git_paths(listing.stdout.decode("utf-8", "replace"), root)
+            except (OSError, subprocess.SubprocessError):
+                pass
+        since = math.floor(self.started_at)
+        found: list[str] = []
+        for root, dirs, files in os.walk(workdir):
+            dirs[:] = sorted(d for d in dirs if d != ".git" and os.path.join(root, d) != self.run_dir)
+            for name in sorted(files):
+                full = os.path.join(root, name)
+                try:
+                    if os.lstat(full).st_mtime >= since:
+                        found.append(os.path.relpath(full, workdir))
+                except OSError:
+                    continue
+                if len(found) >= _FILES_CAP:
+                    return found
+        return found
+
+    def _git_paths(self, porcelain: str, root: str) -> list[str]:
+        entries = porcelain.split("\0")
+        paths: list[str] = []
+        run_dir_rel = os.path.relpath(self.run_dir, root) + os.sep
+        index = 0
+        while index < len(entries) and len(paths) < _FILES_CAP:
+            entry = entries[index]
+            index += 1
+            if len(entry) < 4:
+                continue
+            if entry[0] in "RC":
+                index += 1  # the rename's source path follows
+            path = entry[3:]
+            if not (path + os.sep).startswith(run_dir_rel):
+                paths.append(path)
+        return paths
+
+
+@dataclass(frozen=True)
+class _ExitVerdict:
+    """Stands in for ratelimits.Verdict when the classifier is missing or raised."""
+
+    kind: str
+    reason: str
+    reset_at: float | None = None
+    retry_after: float | None = None
+    matched: str = ""
+
+
+def _classify(output: str, exit_code: int | None) -> Any:
+    """ratelimits.classify, or an exit-code verdict when the classifier is missing or broken."""
+    classifier, error = _classifier()
+    if classifier is not None:
+        try:
+            return classifier.classify(output, exit_code)
+        except Exception as exc:
+            note = f"classifier error {exc.__class__.__name__}: {exc}"
+    else:
+        note = f"rate-limit classifier unavailable under python {sys.version.split()[0]}: {error}"
+    if exit_code == 0:
+        return _ExitVerdict("ok", f"exit code 0 ({note})")
+    return _ExitVerdict("failure", f"exit code {exit_code} ({note})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _print_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _fail_before_start(run_dir: str, message: str) -> int:
+    """task.json or stdin is unusable: say so on stderr and in result.json, exit 2."""
+    print(f"node_runner: {message}", file=sys.stderr)
+    now = time.time()
+    result = {
+        "project": None,
+        "task_id": os.path.basename(run_dir),
+        "status": "failed",
+        "reason": message,
+        "model": None,
+        "attempts": [],
+        "skipped_models": [],
+        "exit_code": None,
+        "started_at": now,
+        "ended_at": now,
+        "duration": 0.0,
+        "files_changed": [],
+        "acceptance": [],
+        "log_tail": "",
+        "runner_version": runner_version(),
+        "runner_pid": os.getpid(),
+        "hostname": socket.gethostname(),
+    }
+    try:
+        _write_json(os.path.join(run_dir, "result.json"), result, sync=True)
+        _write_json(
+            os.path.join(run_dir, "status.json"),
+            {
+                "state": "failed",
+                "runner_pid": os.getpid(),
+                "step": None,
+                "step_pid": None,
+                "started_at": now,
+                "heartbeat_at": now,
+                "ended_at": now,
+                "log_bytes": 0,
+                "heartbeat": 2.0,
+            },
+        )
+    except OSError:
+        pass
+    return 2
+
+
+def cmd_run(run_dir: str, *, detach: bool, secrets_stdin: bool) -> int:
+    if not os.path.isdir(run_dir):
+        print(
+            f"node_runner: run dir {run_dir} does not exist: the dispatcher creates it with task.json", file=sys.stderr
+        )
+        return 2
+    lock_fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        holder = _lock_holder(run_dir)
+        _print_json({"pid": holder, "run_dir": run_dir, "already_running": True})
+        print(
+            f"node_runner: another runner (pid {holder}) is running {run_dir}; re-attach with "
+            f"`status`/`tail`, or stop it with `kill`",
+            file=sys.stderr,
+        )
+        return 3
+    orphan = _orphan_step(run_dir)
+    if orphan is not None:  # a runner died hard (SIGKILL, OOM) and left its step running
+        _print_json({"pid": None, "run_dir": run_dir, "already_running": True, "orphan_step_pid": orphan})
+        print(
+            f"node_runner: the step of a previous runner (process group {orphan}) still runs in {run_dir}; "
+            f"stop it with `kill` before starting again",
+            file=sys.stderr,
+        )
+        return 3
+    try:
+        task = load_task(run_dir)
+        secrets = read_secrets(sys.stdin.read()) if secrets_stdin else {}
+    except TaskError as exc:
+        return _fail_before_start(run_dir, str(exc))
+    if detach:
+        return _detach(run_dir, lock_fd, task, secrets)
+    _record_lock_holder(lock_fd)
+    runner = Runner(run_dir, task, secrets, echo=True)
+    runner.start()
+    return runner.run()
+
+
+def _record_lock_holder(lock_fd: int) -> None:
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _detach(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> int:
+    """Double-fork into a new session; the parent prints the runner's pid once it has started."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child > 0:
+        os.close(write_end)
+        chunks = []
+        while True:
+            data = os.read(read_end, 4096)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(read_end)
+        os.waitpid(child, 0)
+        os.close(lock_fd)  # the runner holds its own copy of the lock
+        try:
+            pid = json.loads(b"".join(chunks).decode())["pid"]
+        except (ValueError, KeyError):
+            print(f"node_runner: the detached runner did not start; see {run_dir}/runner.err", file=sys.stderr)
+            return 1
+        _print_json({"pid": pid, "run_dir": run_dir})
+        return 0
+    code = 1
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork() > 0:
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        err = os.open(os.path.join(run_dir, "runner.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(err, 2)
+        os.close(null)
+        os.close(err)
+        os.chdir("/")
+        _record_lock_holder(lock_fd)
+        runner = Runner(run_dir, task, secrets)
+        runner.start()
+        os.write(write_end, json.dumps({"pid": os.getpid()}).encode())
+        os.close(write_end)
+        code = runner.run()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    return code  # not reached
+
+
+def cmd_status(run_dir: str) -> int:
+    status = _read_json(os.path.join(run_dir, "status.json")) or {"state": "absent"}
+    pid = _lock_holder(run_dir) or status.get("runner_pid")
+    pid_alive = _pid_alive(pid)
+    beat = status.get("heartbeat_at")
+    interval = status.get("heartbeat") or 2.0
+    age = time.time() - beat if isinstance(beat, (int, float)) else None
+    alive = pid_alive and age is not None and age <= 3 * interval
+    out = dict(status)
+    out.update(
+        run_dir=run_dir,
+        alive=alive,
+        pid_alive=pid_alive,
+        heartbeat_age=age,
+        stale=status.get("state") == "running" and not alive,
+    )
+    if status.get("state") in _FINAL_STATES or not alive:
+        result = _read_json(os.path.join(run_dir, "result.json"))
+        if result is not None:
+            out["result"] = result
+    _print_json(out)
+    return 0
+
+
+def _belongs_to_run(pgid: int, run_dir: str) -> bool:
+    """Whether the group's processes carry this run's DISPATCH_RUN_DIR (guards against pid reuse)."""
+    marker = f"DISPATCH_RUN_DIR={run_dir}\0".encode()
+    members = _session_members(pgid)
+    if members is None:
+        return True
+    for pid, _state in members:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if marker in handle.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _orphan_step(run_dir: str) -> int | None:
+    """The process group of this run's step if it outlived its runner, else None."""
+    step_pid = (_read_json(os.path.join(run_dir, "status.json")) or {}).get("step_pid")
+    if isinstance(step_pid, int) and step_pid > 0 and _group_alive(step_pid) and _belongs_to_run(step_pid, run_dir):
+        return step_pid
+    return None
+
+
+def cmd_kill(run_dir: str) -> int:
+    status_path = os.path.join(run_dir, "status.json")
+    status = _read_json(status_path) or {}
+    pid = _lock_holder(run_dir) or status.get("runner_pid")
+    report: dict[str, Any] = {"run_dir": run_dir, "runner_pid": pid, "was_running": False}
+    if _pid_alive(pid):
+        report["was_running"] = True
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + _KILL_GRACE + 12
+        while _pid_alive(pid) and time.monotonic() < end:
+            time.sleep(_POLL)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+    orphan = _orphan_step(run_dir)
+    if orphan is not None:
+        report["was_running"] = True
+        report["orphans_left"] = not _terminate_group(orphan)
+    status = _read_json(status_path) or {}
+    if status.get("state") == "running":  # the runner died without finishing: close the books
+        now = time.time()
+        status.update(state="killed", step_pid=None, ended_at=now)
+        _write_json(status_path, status)
+        if not os.path.exists(os.path.join(run_dir, "result.json")):
+            _write_json(
+                os.path.join(run_dir, "result.json"),
+                {
+                    "project": status.get("project"),
+                    "task_id": status.get("task_id"),
+                    "status": "killed",
+                    "reason": "killed; the runner had died, so this result was written by `kill`",
+                    "model": status.get("step"),
+                    "attempts": [],
+                    "skipped_models": [],
+                    "exit_code": None,
+                    "started_at": status.get("started_at"),
+                    "ended_at": now,
+                    "duration": None,
+                    "files_changed": [],
+                    "acceptance": [],
+                    "log_tail": "",
+                    "runner_version": runner_version(),
+                },
+                sync=True,
+            )
+    report["state"] = status.get("state", "absent")
+    _print_json(report)
+    return 0
+
+
+def cmd_tail(run_dir: str, from_byte: int) -> int:
+    try:
+        handle = open(os.path.join(run_dir, "task.log"), "rb")
+    except OSError:
+        return 0
+    with handle:
+        if from_byte < 0:
+            handle.seek(0, os.SEEK_END)
+            from_byte = max(0, handle.tell() + from_byte)
+        handle.seek(from_byte)
+        while True:
+            data = handle.read(_CHUNK)
+            if not data:
+                break
+            sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="node_runner.py", description="Oyster Dispatch node-side runner")
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("run", help="run <run_dir>/task.json")
+    run.add_argument("run_dir")
+    run.add_argument("--detach", action="store_true", help="keep running after this process and SSH exit")
+    run.add_argument("--secrets-stdin", action="store_true", help="read a JSON object of secret env vars")
+    for name, text in (("status", "print status.json with liveness"), ("kill", "stop the run")):
+        commands.add_parser(name, help=text).add_argument("run_dir")
+    tail = commands.add_parser("tail", help="print task.log from a byte offset")
+    tail.add_argument("run_dir")
+    tail.add_argument("--from-byte", type=int, default=0)
+    commands.add_parser("version", help="print the runner's checksum")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "version":
+        _print_json(
+            {
+                "runner_version": runner_version(),
+                "python": sys.version.split()[0],
+                "ratelimits": getattr(_classifier()[0], "__file__", None),
+            }
+        )
+        return 0
+    run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
+    if args.command == "run":
+        _classifier()  # before any fork
+        return cmd_run(run_dir, detach=args.detach, secrets_stdin=args.secrets_stdin)
+    if args.command == "status":
+        return cmd_status(run_dir)
+    if args.command == "kill":
+        return cmd_kill(run_dir)
+    return cmd_tail(run_dir, args.from_byte)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""The rate-limit classifier against the providers' real messages (PROVIDER_MESSAGES.md), variants, and traps."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from dispatch.ratelimits import Verdict, classify, cooldown_until
+
+NOW = datetime(2026, 5, 15, 12, 0, tzinfo=UTC).timestamp()  # a Friday, 12:00 UTC
+FIVE_HOURS = 5 * 3600
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def local(*parts: int) -> float:
+    return datetime(*parts).timestamp()  # naive: the machine's local time, as Codex means it
+
+
+ANTHROPIC_429 = (
+    '429 {"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed your '
+    "account's rate limit. Please try again later.\"}}"
+)
+MINIMAX = (
+    'API Error: 429 {"type":"error","error":{"type":"rate_limit_error","message":"usage limit exceeded, '
+    '5-hour usage limit reached for Token Plan Starter (0/0 used), resets at 2026-05-15T15:00:00Z (2056)"}}'
+)
+GLM_1308 = (
+    'API Error: 429 {"error":{"code":"1308","message":"已达到 5 小时的使用上限。'
+    '您的限额将在 2026-08-25 07:41:44 重置。"},"request_id":"20260824fake"}'
+)
+CODEX_RELATIVE = (
+    "■ You've hit your usage limit. Upgrade to Pro (https://openai.com/chatgpt/pricing) or try again in "
+    "5 days 22 hours 11 minutes."
+)
+OPENAI_TPM = (
+    "Rate limit reached for o4-mini in organization org-abc123 on tokens per min (TPM): Limit 200000, "
+    "Used 199410, Requested 3786. Please try again in 1.574s."
+)
+
+# (id, output, exit code, kind, reset_at, retry_after); reset_at None means "not checked here".
+QUOTA_CASES = [
+    ("claude_epoch", "Claude AI usage limit reached|1767225600", 1, utc("2026-01-01T00:00:00")),
+    ("claude_epoch_in_milliseconds", "Claude AI usage limit reached|1767225600000", 1, utc("2026-01-01T00:00:00")),
+    (
+        "claude_reset_at_3pm_bogota",
+        "Claude usage limit reached. Your limit will reset at 3pm (America/Bogota).",
+        1,
+        utc("2026-05-15T20:00:00"),
+    ),
+    (
+        "claude_reset_wrapped_onto_next_line",
+        "Claude usage limit reached. Your limit will reset at 10am \n     (America/Lima).",
+        1,
+        utc("2026-05-15T15:00:00"),
+    ),
+    ("claude_hit_limit_dhaka", "You've hit your limit · resets 1:30am (Asia/Dhaka)", 1, utc("2026-05-15T19:30:00")),
+    (
+        "claude_session_limit_new_york_exit_1",
+        "You've hit your session limit · resets 8pm (America/New_York)",
+        1,
+        utc("2026-05-16T00:00:00"),
+    ),
+    (
+        "claude_out_of_extra_usage_colombo",
+        "You're out of extra usage · resets 11:30am (Asia/Colombo)",
+        1,
+        utc("2026-05-16T06:00:00"),
+    ),
+    ("claude_curly_apostrophe", "You’ve hit your limit · resets 12am (Europe/London)", 1, utc("2026-05-15T23:00:00")),
+    ("claude_noon_tokyo", "You've hit your limit · resets 12pm (Asia/Tokyo)", 1, utc("2026-05-16T03:00:00")),
+    (
+        "claude_weekly_with_date",
+        "You've hit your weekly limit · resets Jul 31, 2am (UTC)",
+        1,
+        utc("2026-07-31T02:00:00"),
+    ),
+    (
+        "claude_with_date_and_at",
+        "You've hit your limit · resets May 20 at 9am (Europe/Berlin)",
+        1,
+        utc("2026-05-20T07:00:00"),
+    ),
+    (
+        "claude_weekly_limit_reached_tree_glyph",
+        "  ⎿  Weekly limit reached · resets 10am (Asia/Seoul) · /upgrade to Max or turn on /extra-usage",
+        1,
+        utc("2026-05-16T01:00:00"),
+    ),
+    (
+        "claude_5_hour_limit_reached",
+        "5-hour limit reached · resets 2pm (Pacific/Auckland) · /upgrade to Max 20x or turn on /extra-usage",
+        1,
+        utc("2026-05-16T02:00:00"),
+    ),
+    (
+        "claude_reset_right_now_means_tomorrow",
+        "You've hit your limit · resets 12pm (UTC)",
+        1,
+        utc("2026-05-16T12:00:00"),
+    ),
+    (
+        "claude_result_json_exit_0",
+        '{"type":"result","subtype":"success","is_error":true,"result":"You\'ve hit your limit · resets 4pm (UTC)"}',
+        0,
+        utc("2026-05-15T16:00:00"),
+    ),
+    (
+        "stream_json_rate_limit_event_rejected",
+        '{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1778565600,'
+        '"rateLimitType":"five_hour","overageStatus":"rejected"}}',
+        1,
+        1778565600.0,
+    ),
+    (
+        "stream_json_rate_limit_event_spliced_mid_line",
+        'partial assistant text{"type":"rate_limit_event","rate_limit_info":{"status":"rejected",'
+        '"resetsAt":1778565600,"rateLimitType":"seven_day"}}',
+        1,
+        1778565600.0,
+    ),
+    ("codex_relative_days_hours_minutes", CODEX_RELATIVE, 1, utc("2026-05-21T10:11:00")),
+    (
+        "codex_relative_wrapped",
+        CODEX_RELATIVE.replace(" 11 minutes.", " 11\nminutes."),
+        1,
+        utc("2026-05-21T10:11:00"),
+    ),
+    (
+        "codex_relative_hours_only",
+        "ERROR: You've hit your usage limit. Try again in 3 hours 5 minutes.",
+        1,
+        utc("2026-05-15T15:05:00"),
+    ),
+    (
+        "codex_absolute_local_time",
+        "You've hit your usage limit. Upgrade to Plus, or try again at Jul 5th, 2026 8:19 PM.",
+        1,
+        local(2026, 7, 5, 20, 19),
+    ),
+    (
+        "codex_absolute_other_date",
+        "[2026-05-15T12:00:00] ERROR: You've hit your usage limit. Visit the settings, or try again at "
+        "Jan 2nd, 2027 9:05 AM.",
+        1,
+        local(2027, 1, 2, 9, 5),
+    ),
+    (
+        "codex_remote_compact_task",
+        "Error running remote compact task: You've hit your usage limit. Try again in 2 hours 0 minutes.",
+        1,
+        utc("2026-05-15T14:00:00"),
+    ),
+    (
+        "codex_usage_limit_reached_json_resets_at",
+        'ERROR: unexpected status 429 Too Many Requests: {"error":{"type":"usage_limit_reached",'
+        '"message":"The usage limit has been reached","resets_at":1767225600,"resets_in_seconds":3600}}',
+        1,
+        1767225600.0,
+    ),
+    (
+        "codex_usage_limit_reached_json_resets_in_seconds",
+        '{"type":"error","error":{"type":"usage_limit_reached","resets_in_seconds":3600}}',
+        1,
+        NOW + 3600,
+    ),
+    ("glm_1308_chinese_china_time", GLM_1308, 1, utc("2026-08-24T23:41:44")),
+    (
+        "glm_1308_english",
+        '{"error":{"code":"1308","message":"Usage limit reached for 5 hour. Your limit will reset at '
+        '2026-09-09 05:38:28"}}',
+        1,
+        utc("2026-09-08T21:38:28"),
+    ),
+    (
+        "glm_1308_wrapped_by_terminal",
+        'HttpError: Invalid status code 429 Too Many Requests with message: {"error":{"code":"1308",'
+        '"message":"已达到 5\n小时的使用上限。您的限额将在 2026-08-25 07:41:44 重置。"}}',
+        1,
+        utc("2026-08-24T23:41:44"),
+    ),
+    (
+        "glm_1310_weekly_utc",
+        'API Error: 429 {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted. Your limit will '
+        'reset at 2026-05-18T00:00:00Z"}}',
+        1,
+        utc("2026-05-18T00:00:00"),
+    ),
+    ("minimax_5_hour_utc", MINIMAX, 1, utc("2026-05-15T15:00:00")),
+    (
+        "minimax_other_plan_and_offset",
+        MINIMAX.replace("Token Plan Starter", "Token Plan Max").replace(
+            "2026-05-15T15:00:00Z", "2026-05-16T08:00:00+08:00"
+        ),
+        1,
+        utc("2026-05-16T00:00:00"),
+    ),
+    (
+        "minimax_plain_error_line",
+        "📝 Error: HTTP 429: usage limit exceeded, weekly usage limit reached for Token Plan Plus (10/10 used), "
+        "resets at 2026-05-18T00:00:00Z (2056)",
+        1,
+        utc("2026-05-18T00:00:00"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("output", "exit_code", "reset_at"), [c[1:] for c in QUOTA_CASES], ids=[c[0] for c in QUOTA_CASES]
+)
+def test_quota_messages_give_quota_with_the_parsed_reset_time(output: str, exit_code: int, reset_at: float) -> None:
+    verdict = classify(output, exit_code, now=NOW)
+    assert verdict.kind == "quota", verdict
+    assert verdict.reset_at == pytest.approx(reset_at)
+    assert verdict.matched
+
+
+TRANSIENT_CASES = [
+    ("claude_api_rate_limit_exit_0", "API Error: Rate limit reached", 0, None),
+    ("claude_api_rate_limit_tree_glyph", "❯ logout\n  ⎿  API Error: Rate limit reached", 1, None),
+    (
+        "claude_api_rate_limit_json_success_is_error",
+        '{"type":"result","subtype":"success","is_error":true,"result":"API Error: Rate limit reached"}',
+        0,
+        None,
+    ),
+    (
+        "claude_request_rejected_429",
+        "API Error: Request rejected (429) · Rate limited. Please try again later.",
+        1,
+        None,
+    ),
+    ("anthropic_429_body", ANTHROPIC_429, 1, None),
+    ("anthropic_429_body_after_api_error", "API Error: " + ANTHROPIC_429, 1, None),
+    (
+        "anthropic_429_escaped_inside_stream_json_result",
+        '{"type":"result","is_error":true,"result":"API Error: 429 {\\"type\\":\\"error\\",\\"error\\":'
+        '{\\"type\\":\\"rate_limit_error\\",\\"message\\":\\"Please try again later.\\"}}"}',
+        1,
+        None,
+    ),
+    ("openai_tpm_seconds", "ERROR: " + OPENAI_TPM, 1, 1.574),
+    ("openai_rpm_milliseconds", OPENAI_TPM.replace("(TPM)", "(RPM)").replace("1.574s", "20ms"), 1, 0.02),
+    ("openai_minutes_and_seconds", OPENAI_TPM.replace("1.574s", "6m0s"), 1, 360.0),
+    ("codex_retry_limit_exceeded", "stream error: exceeded retry limit, last status: 429 Too Many Requests", 1, None),
+    (
+        "glm_1302_english",
+        'API Error: 429 {"error":{"code":"1302","message":"Rate limit reached for requests"},"request_id":"x"}',
+        1,
+        None,
+    ),
+    (
+        "glm_1302_chinese",
+        'API Error: 429 {"error":{"code":"1302","message":"您的账户已达到速率限制，请您控制请求频率"}}',
+        1,
+        None,
+    ),
+    (
+        "glm_1302_concurrency",
+        '{"error":{"code":"1302","message":"High concurrency usage of this API, please reduce concurrency or '
+        'contact customer service to increase limits"}}',
+        1,
+        None,
+    ),
+    (
+        "glm_1305_overloaded",
+        'API Error: 429 {"error":{"code":"1305","message":"该模型当前访问量过大，请您稍后再试"},"request_id":"x"}',
+        1,
+        None,
+    ),
+    (
+        "overloaded_529_body",
+        'API Error: 529 {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+        1,
+        None,
+    ),
+    ("overloaded_repeated_529", "API Error: Repeated 529 Overloaded errors", 1, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("output", "exit_code", "retry_after"), [c[1:] for c in TRANSIENT_CASES], ids=[c[0] for c in TRANSIENT_CASES]
+)
+def test_transient_limits_are_transient_whatever_the_exit_code(
+    output: str, exit_code: int, retry_after: float | None
+) -> None:
+    verdict = classify(output, exit_code, now=NOW)
+    assert verdict.kind == "transient", verdict
+    assert verdict.reset_at is None
+    assert verdict.retry_after == (pytest.approx(retry_after) if retry_after is not None else None)
+
+
+def test_glm_1302_is_never_a_five_hour_cooldown() -> None:
+    verdict = classify('API Error: 429 {"error":{"code":"1302","message":"Rate limit reached for requests"}}', 1)
+    assert verdict.kind == "transient"
+    assert "1302" in verdict.reason
+    assert cooldown_until(verdict, NOW) is None
+
+
+def test_glm_1308_reason_names_the_five_hour_cap() -> None:
+    assert classify(GLM_1308, 1, now=NOW).reason == "GLM 1308: 5-hour cap"
+
+
+AUTH_CASES = [
+    (
+        "anthropic_authentication_error",
+        'API Error: 401 {"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}',
+    ),
+    ("claude_invalid_api_key", "Invalid API key · Please run /login"),
+    (
+        "claude_invalid_bearer_token",
+        'API Error: 401 {"type":"error","error":{"type":"authentication_error","message":"Invalid bearer token"}}',
+    ),
+    ("claude_oauth_expired", "API Error: 401 OAuth token has expired. Please obtain a new token or refresh it."),
+    ("codex_unexpected_status_401", "ERROR: unexpected status 401 Unauthorized: Missing bearer authentication"),
+    (
+        "openai_invalid_api_key_code",
+        '{"error":{"message":"Incorrect API key provided: sk-abc***xyz","code":"invalid_api_key"}}',
+    ),
+    ("glm_401", 'API Error: 401 {"error":{"code":"1000","message":"身份验证失败。"}}'),
+]
+
+
+@pytest.mark.parametrize("output", [c[1] for c in AUTH_CASES], ids=[c[0] for c in AUTH_CASES])
+def test_authentication_failures_are_auth_not_limits(output: str) -> None:
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "auth", verdict
+    assert verdict.reset_at is None and verdict.retry_after is None
+    assert cooldown_until(verdict, NOW) is None
+
+
+TRAPS = [
+    ("pytest_assertion", "tests/test_api.py::test_rate_limit PASSED\n    assert resp.status == 429\n1 passed"),
+    ("code_defining_check_quota", "def check_quota():\n    raise QuotaExceeded('quota exceeded')"),
+    ("users_app_log_429_retrying", "2026-05-15 12:00:00 INFO HTTP 429 handled, retrying"),
+    ("users_app_log_401", "GET /api/me 401 Unauthorized (3 ms)"),
+    ("prose_about_rate_limits", "I added a rate limit of 100 requests per minute and a quota check."),
+    ("prose_naming_a_message", "Summary: You've hit your limit · resets 3pm (UTC) is now shown to users."),
+    ("python_tuple_quoting_message", '    ("You\'ve hit your limit · resets 1:30am (Asia/Dhaka)", "quota"),'),
+    ("python_call_quoting_message", '        assert classify("API Error: Rate limit reached", 0).kind == "transient"'),
+    ("python_string_with_error_body", 'body = \'{"type":"error","error":{"type":"rate_limit_error"}}\''),
+    ("markdown_table_row", "| `Claude AI usage limit reached\\|1767225600` | quota | older `-p` output |"),
+    (
+        "diff_line_quoting_message",
+        '+    "usage limit exceeded, 5-hour usage limit reached, resets at 2026-05-15T15:00:00Z",',
+    ),
+    ("users_json_with_code_1308", '{"code": 1308, "name": "widget", "quota": 429}'),
+    (
+        "escaped_test_code_inside_stream_json_tool_result",
+        '{"type":"user","message":{"content":[{"type":"tool_result","content":"E   assert '
+        '{\\"type\\":\\"rate_limit_error\\"} == body\\nYou\'ve hit your limit · resets 3pm (UTC)"}]}}',
+    ),
+    (
+        "rate_limit_event_allowed_is_information",
+        '{"type":"rate_limit_event","rate_limit_info":{"status":"allowed","resetsAt":1778565600,"rateLimitType":"five_hour"}}',
+    ),
+    (
+        "rate_limit_event_allowed_warning_is_information",
+        '{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1778565600}}',
+    ),
+    (
+        "cli_retrying_by_itself",
+        "API Error (429 " + ANTHROPIC_429[4:] + ") · Retrying in 5 seconds… (attempt 1/10)\nDone.",
+    ),
+    ("codex_reconnecting", "⚠ stream error: exceeded retry limit, last status: 429; retrying 1/5 in 206ms…\nDone."),
+]
+
+
+@pytest.mark.parametrize("output", [c[1] for c in TRAPS], ids=[c[0] for c in TRAPS])
+def test_ordinary_output_mentioning_limits_is_not_a_limit(output: str) -> None:
+    assert classify(output, 0, now=NOW).kind == "ok"
+    assert classify(output, 1, now=NOW).kind == "failure"
+
+
+def test_exit_code_decides_when_there_is_no_limit_message() -> None:
+    assert classify("all tests passed", 0) == Verdict("ok", "exit code 0, no limit message")
+    assert classify("Traceback (most recent call last):", 2).kind == "failure"
+    assert "exit code 2" in classify("boom", 2).reason
+    assert classify("", None).kind == "failure"
+
+
+def test_ansi_colour_codes_do_not_hide_a_message() -> None:
+    output = "\x1b[2K\x1b[1G\x1b[31m\x1b[1mYou've hit your limit\x1b[22m · resets 3pm (America/Bogota)\x1b[0m\r\n"
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == utc("2026-05-15T20:00:00")
+    assert "\x1b" not in verdict.matched
+
+
+def test_message_at_the_end_of_megabytes_of_output_is_found_quickly() -> None:
+    noise = "src/module.py:12: checking rate limit and quota for 429 handling\n" * 80_000
+    output = noise + CODEX_RELATIVE + "\n"
+    started = time.perf_counter()
+    verdict = classify(output, 1, now=NOW)
+    elapsed = time.perf_counter() - started
+    assert len(output) > 5_000_000
+    assert verdict.kind == "quota"
+    assert elapsed < 2.0  # generous for loaded CI; reading all 5 MB line by line would take far longer
+
+
+def test_message_in_the_first_kilobytes_of_long_output_is_found() -> None:
+    output = "API Error: Rate limit reached\n" + "x = 1\n" * 200_000
+    assert classify(output, 1, now=NOW).kind == "transient"
+
+
+def test_message_in_the_unread_middle_of_long_output_is_ignored() -> None:
+    output = "x = 1\n" * 10_000 + "API Error: Rate limit reached\n" + "x = 1\n" * 20_000
+    assert classify(output, 0, now=NOW).kind == "ok"
+
+
+def test_later_transient_wins_over_earlier_quota() -> None:
+    output = "You've hit your limit · resets 3pm (UTC)\nworking...\nAPI Error: Rate limit reached\n"
+    assert classify(output, 1, now=NOW).kind == "transient"
+
+
+def test_later_quota_wins_over_earlier_transient() -> None:
+    output = ANTHROPIC_429 + "\nretrying the turn\n" + "You've hit your session limit · resets 8pm (America/New_York)\n"
+    assert classify(output, 1, now=NOW).kind == "quota"
+
+
+def test_provider_quota_inside_a_generic_rate_limit_body_is_quota() -> None:
+    verdict = classify(MINIMAX, 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reason.startswith("MiniMax")
+
+
+def test_allowed_rate_limit_event_after_a_quota_does_not_hide_it() -> None:
+    output = (
+        "Claude AI usage limit reached|1767225600\n"
+        '{"type":"rate_limit_event","rate_limit_info":{"status":"allowed","resetsAt":1778565600}}\n'
+    )
+    assert classify(output, 1, now=NOW).reset_at == 1767225600.0
+
+
+def test_stream_json_assistant_text_carries_the_message() -> None:
+    output = (
+        '{"type":"system","subtype":"init","session_id":"abc"}\n'
+        '{"type":"assistant","message":{"content":[{"type":"text","text":"You\'ve hit your limit · '
+        'resets 2pm (Asia/Shanghai)"}]}}\n'
+    )
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == utc("2026-05-16T06:00:00")
+
+
+def test_final_quota_without_reset_takes_the_reset_an_earlier_message_gave() -> None:
+    output = (
+        '{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1778565600}}\n'
+        '{"type":"result","subtype":"success","is_error":true,"result":"You\'ve hit your limit"}\n'
+    )
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == 1778565600.0
+    assert "result" in verdict.matched
+
+
+def test_api_rate_limit_with_a_reset_time_is_quota() -> None:
+    verdict = classify("API Error: Rate limit reached · resets 9pm (UTC)", 0, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == utc("2026-05-15T21:00:00")
+
+
+def test_unknown_time_zone_falls_back_to_five_hours_and_says_so() -> None:
+    verdict = classify("You've hit your limit · resets 3pm (Mars/Olympus_Mons)", 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == NOW + FIVE_HOURS
+    assert "Mars/Olympus_Mons" in verdict.reason and "5 h" in verdict.reason
+
+
+def test_quota_without_a_reset_time_assumes_five_hours() -> None:
+    verdict = classify("You've hit your usage limit. Upgrade to Pro to continue.", 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == NOW + FIVE_HOURS
+    assert "5 h" in verdict.reason
+
+
+def test_localised_codex_date_falls_back_to_five_hours() -> None:
+    output = "You've hit your usage limit. Upgrade your plan to continue, or try again at 10 de jul. de 2026, 11:52."
+    assert classify(output, 1, now=NOW).reset_at == NOW + FIVE_HOURS
+
+
+def test_utc_offset_zone_is_understood() -> None:
+    verdict = classify("You've hit your limit · resets 9pm (UTC+8)", 1, now=NOW)
+    assert verdict.reset_at == utc("2026-05-15T13:00:00")  # 21:00 at UTC+8 is 13:00 UTC
+
+
+def test_reset_date_already_past_rolls_to_next_year() -> None:
+    verdict = classify("You've hit your limit · resets Apr 23 at 3pm (America/New_York)", 1, now=NOW)
+    assert verdict.reset_at == utc("2027-04-23T19:00:00")
+
+
+def test_now_defaults_to_the_current_time() -> None:
+    verdict = classify("You've hit your usage limit. Try again in 2 hours 0 minutes.", 1)
+    assert verdict.reset_at == pytest.approx(time.time() + 7200, abs=5)
+
+
+def test_matched_line_is_truncated_and_secrets_are_redacted() -> None:
+    key = "sk-proj-" + "A1b2C3d4" * 6
+    output = f"ERROR: unexpected status 401 Unauthorized: Incorrect API key provided: {key}" + " pad" * 100
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "auth"
+    assert len(verdict.matched) <= 200
+    assert key not in verdict.matched and "sk-proj-A1b2" not in verdict.matched
+    assert key not in verdict.reason
+
+
+def test_cooldown_lasts_until_the_quota_resets() -> None:
+    verdict = classify("You've hit your limit · resets 3pm (America/Bogota)", 1, now=NOW)
+    assert cooldown_until(verdict, NOW) == utc("2026-05-15T20:00:00")
+
+
+def test_cooldown_is_at_least_a_minute_when_the_reset_has_passed() -> None:
+    verdict = classify("Claude AI usage limit reached|1767225600", 1, now=NOW)
+    assert cooldown_until(verdict, NOW) == NOW + 60
+
+
+def test_transient_and_failures_have_no_cooldown() -> None:
+    assert cooldown_until(classify(OPENAI_TPM, 1, now=NOW), NOW) is None
+    assert cooldown_until(classify("boom", 1, now=NOW), NOW) is None
