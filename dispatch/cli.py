@@ -7,7 +7,6 @@ project flow keeps under `DISPATCH_HOME`, and answer in milliseconds. Exit codes
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -92,8 +91,10 @@ def _progress_listener(total: int):
 @app.command()
 def start(
     project: str,
-    only: Annotated[list[str] | None, typer.Option("--only", help="Run only these specs (and what they need).")] = None,
-    start_from: Annotated[list[str] | None, typer.Option("--from", help="Re-run these specs and their dependents.")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only these specs (and what they need).")]
+    = None,
+    start_from: Annotated[list[str] | None, typer.Option("--from", help="Re-run these specs and their dependents.")]
+    = None,
     force: Annotated[bool, typer.Option("--force", help="Ignore cached results; re-run every selected spec.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs (spec output too).")] = False,
 ):
@@ -161,7 +162,8 @@ def status(
     states = [load_state(settings.state_dir, project)] if project else load_all_states(settings.state_dir)
     states = [_live_state(s) for s in states if s is not None]
     if project and not states:
-        err.print(f"no run of {project!r} recorded under {settings.state_dir}; start one with `dispatch start {project}`")
+        err.print(f"no run of {project!r} recorded under {settings.state_dir}; "
+                  f"start one with `dispatch start {project}`")
         raise typer.Exit(EXIT_INVALID)
     nodes = _node_load(settings)
     if as_json:
@@ -196,7 +198,8 @@ def report(
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is None:
-        err.print(f"no run of {project!r} recorded under {settings.state_dir}; start one with `dispatch start {project}`")
+        err.print(f"no run of {project!r} recorded under {settings.state_dir}; "
+                  f"start one with `dispatch start {project}`")
         raise typer.Exit(EXIT_INVALID)
     state = _live_state(state)
     if as_json:
@@ -268,7 +271,8 @@ def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait
 
 
 @app.command()
-def cleanup(project: str, all_: Annotated[bool, typer.Option("--all", help="Also remove reports, results and the cache.")] = False):
+def cleanup(project: str,
+            all_: Annotated[bool, typer.Option("--all", help="Also remove reports, results and the cache.")] = False):
     """Remove a project's run directories (and with --all its reports, results and cached results)."""
     settings = get_settings()
     state = load_state(settings.state_dir, project)
@@ -279,7 +283,7 @@ def cleanup(project: str, all_: Annotated[bool, typer.Option("--all", help="Also
     targets = [settings.runs_dir / project]
     if all_:
         targets += [settings.results_dir / project, settings.state_dir / f"{project}.json"]
-        targets += list((settings.home / "cache").glob(f"{project}-*"))
+        targets += list((settings.home / "cache").glob(f"{project}--*"))
     for path in targets:
         if path.is_dir():
             shutil.rmtree(path)

@@ -68,7 +68,7 @@ class Project:
             for part in (self.name, task_id, spec.content_hash, revision, *(keys[d] for d in spec.depends_on)):
                 digest.update(part.encode())
                 digest.update(b"\0")
-            keys[task_id] = f"{self.name}-{task_id}-{digest.hexdigest()[:32]}"
+            keys[task_id] = f"{self.name}--{task_id}--{digest.hexdigest()[:32]}"
         return keys
 
     def descendants(self, roots: set[str]) -> set[str]:

@@ -16,7 +16,7 @@ import fcntl
 import os
 import posixpath
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 _STAR, _ANY = "*", "?"
@@ -90,7 +90,7 @@ def segments_meet(a: str, b: str) -> bool:
     """Whether two segment patterns (no `/`) can match one common name."""
     ta, tb = _tokens(a), _tokens(b)
 
-    @lru_cache(maxsize=None)
+    @cache
     def meet(i: int, j: int) -> bool:
         if i == len(ta) and j == len(tb):
             return True
@@ -121,7 +121,7 @@ def overlaps(a: str, b: str) -> bool:
     sa = [s for s in normalize(a).split("/") if s]
     sb = [s for s in normalize(b).split("/") if s]
 
-    @lru_cache(maxsize=None)
+    @cache
     def meet(i: int, j: int) -> bool:
         if i == len(sa) or j == len(sb):
             return True  # one is a directory (or the same path) that covers the rest of the other

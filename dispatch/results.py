@@ -155,6 +155,7 @@ def load_all_states(state_dir: Path) -> list[ProjectState]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie awaiting its parent counts as exited)."""
     if pid <= 0:
         return False
     try:
@@ -163,4 +164,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"

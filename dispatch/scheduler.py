@@ -146,11 +146,14 @@ class Scheduler:
 
     def _place(self, task_id: str) -> NodeSlots | None:
         entry = self.entries[task_id]
-        fitting = [n for n in self.nodes.values() if n.free > 0 and self._fits(task_id, n)]
-        preferred = [n for n in fitting if n.name not in entry.avoid] or fitting
-        if not preferred:
+        fitting = [n for n in self.nodes.values() if self._fits(task_id, n)]
+        # A retry after a node fault waits for a healthy node rather than go back to the faulty one,
+        # unless no other node can run it at all.
+        healthy = [n for n in fitting if n.name not in entry.avoid] or fitting
+        free = [n for n in healthy if n.free > 0]
+        if not free:
             return None
-        return max(preferred, key=lambda n: (n.free, -n.priority, n.name))
+        return max(free, key=lambda n: (n.free, -n.priority, n.name))
 
     def placeable(self, task_id: str) -> bool:
         """Whether any node could ever run this spec (its `node`/`labels`/models fit)."""

@@ -5,8 +5,8 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 
 | setting             | env var                      | default                                      |
 |---------------------|------------------------------|----------------------------------------------|
-| `home`              | `DISPATCH_HOME`              | `$XDG_STATE_HOME/oyster-dispatch` (`~/.local/state/oyster-dispatch`) |
-| `specs`             | `DISPATCH_SPECS`             | `$XDG_DATA_HOME/oyster-dispatch/specs`, then the bundled `examples/` |
+| `home`              | `DISPATCH_HOME`              | `$XDG_STATE_HOME/oyster-dispatch` (~/.local/state/...) |
+| `specs`             | `DISPATCH_SPECS`             | `$XDG_DATA_HOME/oyster-dispatch/specs`, then `examples/` |
 | `projects`          | `DISPATCH_PROJECTS`          | `$XDG_DATA_HOME/oyster-dispatch/projects`    |
 | `local_slots`       | `DISPATCH_LOCAL_SLOTS`       | the CPU count                                |
 | `retries`           | `DISPATCH_RETRIES`           | 2 (attempts after the first)                 |

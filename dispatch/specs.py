@@ -102,7 +102,7 @@ def parse_duration(value: Any) -> float:
             raise ValueError(value)
         hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
         seconds = hours * 3600 + minutes * 60 + secs
-    if seconds <= 0:
+    if not 0 < seconds < float("inf"):  # also rejects NaN
         raise ValueError(value)
     return seconds
 
@@ -119,14 +119,32 @@ def _string_list(value: Any) -> list[str] | None:
 
 
 def _acceptance_commands(body: str) -> list[str]:
-    """Checkbox commands under an acceptance heading (English or Chinese)."""
-    headings = list(_HEADING.finditer(body))
+    """Checkbox commands under an acceptance heading (English or Chinese), sub-headings included.
+
+    Lines inside fenced code blocks are neither headings nor checkboxes.
+    """
     commands: list[str] = []
-    for index, heading in enumerate(headings):
-        if not _ACCEPTANCE_HEADING.search(heading.group(1)):
+    fence: str | None = None
+    level: int | None = None  # the acceptance heading's level while inside its section
+    for line in body.splitlines():
+        stripped = line.lstrip()
+        if fence is not None:
+            if stripped.startswith(fence):
+                fence = None
             continue
-        end = headings[index + 1].start() if index + 1 < len(headings) else len(body)
-        commands += [c.strip() for c in _CHECKBOX_COMMAND.findall(body, heading.end(), end)]
+        if stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+            continue
+        heading = _HEADING.match(line)
+        if heading:
+            depth = len(line) - len(line.lstrip("#"))
+            if level is not None and depth <= level:
+                level = None
+            if level is None and _ACCEPTANCE_HEADING.search(heading.group(1)):
+                level = depth
+            continue
+        if level is not None and (checkbox := _CHECKBOX_COMMAND.match(line)):
+            commands.append(checkbox.group(1).strip())
     return commands
 
 
@@ -154,7 +172,7 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
     except UnicodeDecodeError as exc:
         error("file", f"is not UTF-8 (byte {exc.start}); save it as UTF-8")
         return None, errors
-    text = text.removeprefix("\ufeff")
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
 
     meta: dict[str, Any] = {}
     body = text
@@ -166,7 +184,8 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 2}" if mark is not None else ""
-            error("front matter", f"bad YAML{where}: {getattr(exc, 'problem', exc)}; fix the YAML between the --- lines")
+            problem = getattr(exc, "problem", exc)
+            error("front matter", f"bad YAML{where}: {problem}; fix the YAML between the --- lines")
             return None, errors
         if loaded is None:
             loaded = {}
@@ -217,7 +236,7 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
 
     models = _string_list(meta.get("model"))
     if models is None:
-        error("model", f"must be a model name or a list of them (e.g. [glm, minimax, claude]), got {meta.get('model')!r}")
+        error("model", f"must be a model name or a list (e.g. [glm, minimax, claude]), got {meta.get('model')!r}")
     else:
         spec.models = models
 

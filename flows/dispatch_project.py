@@ -72,7 +72,8 @@ class ProjectRun:
         self.run_id = uuid.uuid4().hex[:12]
         self.code_dir = settings.code_dir_for(project.name)
         self.code_dir.mkdir(parents=True, exist_ok=True)
-        self.keys = project.cache_keys(_git_revision(self.code_dir))
+        # The same spec against another code directory or revision is other work: its own cache key.
+        self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
         self.nodes = {node.name: node for node in nodes}
         self.scheduler = Scheduler(
             project, selected,
@@ -144,7 +145,21 @@ class ProjectRun:
         row.state, row.node, row.attempts, row.started_at = "running", assignment.node, assignment.attempt, time.time()
         self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
 
+    def _fail_unplaceable(self) -> None:
+        """Fail ready specs that no node can ever run (`node:`/`labels:` match none), so nothing hangs."""
+        for task_id in self.scheduler.unplaceable():
+            spec = self.project.specs[task_id]
+            known = ", ".join(sorted(self.nodes))
+            reason = (f"no node fits: node={spec.node!r}, labels={spec.labels} (nodes: {known}); "
+                      f"fix the spec's node/labels in {spec.path.name}")
+            skipped = self.scheduler.fail(task_id, reason, retryable=False)
+            row = self.state.specs[task_id]
+            row.state, row.reason = "failed", reason
+            self._emit("failed", task_id, reason=reason)
+            self._skip(skipped)
+
     def _dispatch(self) -> None:
+        self._fail_unplaceable()
         for assignment in self.scheduler.pick():
             slot_fd = None
             if assignment.node == "local" and self.slot_locks is not None:
@@ -222,13 +237,6 @@ class ProjectRun:
 
     def execute(self) -> State:
         """Run the project to the end (or until stopped) and return the flow's final state."""
-        for task_id in self.scheduler.unplaceable():
-            spec = self.project.specs[task_id]
-            self.scheduler.entries[task_id].attempts = 1
-            self._skip(self.scheduler.fail(task_id, f"no node fits (node={spec.node}, labels={spec.labels})",
-                                           retryable=False))
-            self.state.specs[task_id].state = "failed"
-            self.state.specs[task_id].reason = self.scheduler.reason(task_id)
         self._reattach()
         self._dispatch()
         self._write_state(force=True)
@@ -263,7 +271,10 @@ class ProjectRun:
         failed = counts.get("failed", 0)
         summary = (f"{counts.get('succeeded', 0)}/{total} succeeded, {failed} failed, "
                    f"{counts.get('not_run', 0)} not run, {counts.get('cancelled', 0)} cancelled")
-        self.state.state = "cancelled" if self.stop_reason else "failed" if failed or counts.get("not_run") else "completed"
+        if self.stop_reason:
+            self.state.state = "cancelled"
+        else:
+            self.state.state = "failed" if failed or counts.get("not_run") else "completed"
         self.state.message, self.state.ended_at = summary, time.time()
         self._write_state(force=True)
         try:

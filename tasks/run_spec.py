@@ -32,7 +32,8 @@ def _missing_agent_clis(request: RunRequest) -> str | None:
         argv = step.get("argv")
         if not argv or shutil.which(argv[0]):
             return None
-        hints.append(f"no agent CLI '{argv[0]}' on PATH for model {step['name']}: {step.get('install_hint') or 'install it'}")
+        hint = step.get("install_hint") or "install it"
+        hints.append(f"no agent CLI '{argv[0]}' on PATH for model {step['name']}: {hint}")
     return "; ".join(hints) + ", or set the spec's model/executor to one that is installed" if hints else None
 
 

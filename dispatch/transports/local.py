@@ -120,7 +120,8 @@ class LocalTransport:
         extra = {"node": self.node, "run_dir": str(run_dir), "log_path": str(run_dir / "task.log"),
                  "cache_key": request.cache_key, "run_id": request.run_id, "attempt": request.attempt}
         if not data:
-            err = (run_dir / "runner.err").read_text(errors="replace")[-2000:] if (run_dir / "runner.err").exists() else ""
+            err_file = run_dir / "runner.err"
+            err = err_file.read_text(errors="replace")[-2000:] if err_file.exists() else ""
             code = proc.returncode if proc is not None else None
             return SpecResult(project=request.project, task_id=request.task_id, status="lost", exit_code=code,
                               reason=f"the node runner exited ({code}) without a result.json: {err.strip()}",
