@@ -1,0 +1,99 @@
+"""Shared test set-up: a real Prefect server for the session, and an isolated home for every test.
+
+The Prefect server (SQLite, loopback, its own PREFECT_HOME) starts in the background when pytest
+starts, so unit tests never wait for it; tests that need it take the `prefect_api` fixture, which
+waits until it answers. Every test gets its own DISPATCH_HOME, DISPATCH_SPECS, DISPATCH_PROJECTS and
+HOME, so nothing reads or writes the user's real state or ~/.ssh/config.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.fixtures.sshd"]  # the loopback sshd cluster fixtures
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="dispatch-tests-"))
+_SERVER: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point Prefect at a session server before anything imports Prefect, and start that server."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        "PREFECT_API_URL": url,
+        "PREFECT_HOME": str(_SESSION_DIR / "prefect-client"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(_SESSION_DIR / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    server_env = {**os.environ, "PREFECT_HOME": str(_SESSION_DIR / "prefect-server"), "PREFECT_UI_ENABLED": "false"}
+    server_env.pop("PREFECT_API_URL")
+    log = open(_SESSION_DIR / "prefect-server.log", "wb")  # noqa: SIM115 - lives for the session
+    _SERVER.update(url=url, log=log, proc=subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    proc = _SERVER.get("proc")
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _SERVER["log"].close()
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """The session's Prefect API URL, once the server answers its health check."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if _SERVER["proc"].poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"{_SERVER['url']}/health", timeout=2) as response:
+                if response.status == 200:
+                    return _SERVER["url"]
+        except OSError:
+            time.sleep(0.5)
+    log = (_SESSION_DIR / "prefect-server.log").read_text(errors="replace")[-3000:]
+    pytest.fail(f"the test Prefect server did not start; its log:\n{log}")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh DISPATCH_HOME/SPECS/PROJECTS and HOME per test; settings re-read."""
+    from dispatch.settings import get_settings
+
+    for name in ("home", "specs", "projects", "user-home"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("DISPATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DISPATCH_SPECS", str(tmp_path / "specs"))
+    monkeypatch.setenv("DISPATCH_PROJECTS", str(tmp_path / "projects"))
+    monkeypatch.setenv("DISPATCH_RETRY_DELAY", "0.2")
+    monkeypatch.setenv("HOME", str(tmp_path / "user-home"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()

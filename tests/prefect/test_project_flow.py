@@ -1,0 +1,159 @@
+"""The project flow on Prefect's real API: schedule, locks, retries, failures and caching.
+
+Every claim is judged from the timestamps the specs record themselves (tests/fixtures/projects.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispatch.results import load_state
+from dispatch.settings import get_settings
+from tests.fixtures.projects import max_concurrency, overlap, read_timeline, shell_spec, write_spec
+
+pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture
+def run_project(prefect_api, monkeypatch):
+    """Run a project's flow in this process; returns (final Prefect state, our ProjectState)."""
+    from flows.dispatch_project import dispatch_project
+
+    def run(project: str, slots: int = 2, **options):
+        monkeypatch.setenv("DISPATCH_LOCAL_SLOTS", str(slots))
+        get_settings.cache_clear()
+        state = dispatch_project(project, return_state=True, **options)
+        return state, load_state(get_settings().state_dir, project)
+
+    return run
+
+
+def _intervals(runs):
+    return [(s, e) for task_runs in runs.values() for s, e in task_runs]
+
+
+def test_slots_are_never_exceeded_and_are_used(run_project, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "wide", isolated_home / "timeline"
+    for i in range(6):
+        shell_spec(specs, f"S{i:02d}", timeline, seconds=0.6)
+    state, summary = run_project("wide", slots=2)
+    assert state.is_completed(), state.message
+    runs = read_timeline(timeline)
+    assert sorted(runs) == [f"S{i:02d}" for i in range(6)]
+    assert max_concurrency(_intervals(runs)) == 2
+    assert summary.counts() == {"succeeded": 6}
+
+
+def test_overlapping_modifies_never_run_together_while_others_do(run_project, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "locks", isolated_home / "timeline"
+    shell_spec(specs, "S01-a", timeline, seconds=0.8, modifies=["src/app.py"])
+    shell_spec(specs, "S02-b", timeline, seconds=0.8, modifies=["src/"])
+    shell_spec(specs, "S03-c", timeline, seconds=0.8, modifies=["src/*.py"])
+    shell_spec(specs, "S04-d", timeline, seconds=0.8, modifies=["docs/guide.md"])
+    shell_spec(specs, "S05-e", timeline, seconds=0.8, modifies=["tests/**/*.py"])
+    state, _ = run_project("locks", slots=4)
+    assert state.is_completed(), state.message
+    runs = {k: v[0] for k, v in read_timeline(timeline).items()}
+    for a, b in [("S01-a", "S02-b"), ("S01-a", "S03-c"), ("S02-b", "S03-c")]:
+        assert not overlap(runs[a], runs[b]), f"{a} and {b} lock the same files but ran together"
+    assert overlap(runs["S04-d"], runs["S05-e"]), "specs with disjoint modifies should run in parallel"
+    assert any(overlap(runs["S04-d"], runs[x]) for x in ("S01-a", "S02-b", "S03-c"))
+
+
+def test_dependents_start_only_after_their_dependencies_finish(run_project, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "dag", isolated_home / "timeline"
+    shell_spec(specs, "S01-root", timeline, seconds=0.5)
+    shell_spec(specs, "S02-left", timeline, seconds=0.5, depends_on=["S01"])
+    shell_spec(specs, "S03-right", timeline, seconds=0.3, depends_on="S01-root")
+    shell_spec(specs, "S04-join", timeline, seconds=0.2, depends_on=["S02", "S03"])
+    state, _ = run_project("dag", slots=3)
+    assert state.is_completed(), state.message
+    runs = {k: v[0] for k, v in read_timeline(timeline).items()}
+    assert runs["S02-left"][0] >= runs["S01-root"][1]
+    assert runs["S03-right"][0] >= runs["S01-root"][1]
+    assert runs["S04-join"][0] >= max(runs["S02-left"][1], runs["S03-right"][1])
+    assert overlap(runs["S02-left"], runs["S03-right"])
+
+
+def test_failed_spec_is_retried_until_it_succeeds(run_project, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "flaky", isolated_home / "timeline"
+    counter = isolated_home / "attempts"
+    flaky = f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; [ "$n" -ge 2 ] || exit 3'
+    shell_spec(specs, "S01-flaky", timeline, seconds=0.1, extra=flaky, retries=3)
+    state, summary = run_project("flaky")
+    assert state.is_completed(), state.message
+    assert counter.read_text().strip() == "3"
+    assert summary.specs["S01-flaky"].attempts == 3
+    assert len(read_timeline(timeline)["S01-flaky"]) == 3
+
+
+def test_failure_stops_only_its_dependents(run_project, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "broken", isolated_home / "timeline"
+    shell_spec(specs, "S01-bad", timeline, seconds=0.1, extra="exit 7", retries=1)
+    shell_spec(specs, "S02-child", timeline, depends_on=["S01"])
+    shell_spec(specs, "S03-grandchild", timeline, depends_on=["S02"])
+    shell_spec(specs, "S04-independent", timeline, seconds=0.2)
+    state, summary = run_project("broken")
+    assert state.is_failed()
+    rows = summary.specs
+    assert rows["S01-bad"].state == "failed" and rows["S01-bad"].attempts == 2
+    assert rows["S01-bad"].exit_code == 7
+    assert rows["S02-child"].state == "not_run" and "S01-bad" in rows["S02-child"].reason
+    assert rows["S03-grandchild"].state == "not_run"
+    assert rows["S04-independent"].state == "succeeded"
+    ran = read_timeline(timeline)
+    assert "S02-child" not in ran and "S03-grandchild" not in ran
+
+
+def test_second_run_is_all_cache_hits_and_an_edit_reruns_only_it_and_its_dependents(run_project, isolated_home):
+    specs, timeline = isolated_home / "specs" / "cached", isolated_home / "timeline"
+    shell_spec(specs, "S01-base", timeline, seconds=0.1)
+    shell_spec(specs, "S02-mid", timeline, seconds=0.1, depends_on=["S01"])
+    shell_spec(specs, "S03-leaf", timeline, seconds=0.1, depends_on=["S02"])
+    shell_spec(specs, "S04-other", timeline, seconds=0.1, depends_on=["S01"])
+    state, _ = run_project("cached")
+    assert state.is_completed()
+    assert {k: len(v) for k, v in read_timeline(timeline).items()} == dict.fromkeys(
+        ["S01-base", "S02-mid", "S03-leaf", "S04-other"], 1)
+
+    state, summary = run_project("cached")
+    assert state.is_completed()
+    assert all(row.cached for row in summary.specs.values())
+    assert {k: len(v) for k, v in read_timeline(timeline).items()} == dict.fromkeys(
+        ["S01-base", "S02-mid", "S03-leaf", "S04-other"], 1)
+
+    path = specs / "S02-mid.md"
+    path.write_text(path.read_text().replace("Test spec S02-mid.", "Test spec S02-mid, edited."))
+    state, summary = run_project("cached")
+    assert state.is_completed()
+    counts = {k: len(v) for k, v in read_timeline(timeline).items()}
+    assert counts == {"S01-base": 1, "S02-mid": 2, "S03-leaf": 2, "S04-other": 1}
+    assert [t for t, row in summary.specs.items() if not row.cached] == ["S02-mid", "S03-leaf"]
+
+
+def test_agent_spec_without_any_agent_cli_fails_clearly(run_project, isolated_home: Path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    write_spec(isolated_home / "specs" / "agents", "S01-agent.md", {"task_id": "S01-agent", "executor": "glm"},
+               "## Goal\nDo something clever.\n")
+    state, summary = run_project("agents")
+    assert state.is_failed()
+    row = summary.specs["S01-agent"]
+    assert row.state == "failed"
+    assert "no agent CLI 'claude' on PATH for model glm" in row.reason
+    assert row.attempts == 1, "a missing CLI is not fixed by retrying"
+
+
+def test_exclusive_spec_runs_alone(run_project, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "excl", isolated_home / "timeline"
+    for i in range(1, 4):
+        shell_spec(specs, f"S0{i}-work", timeline, seconds=0.4)
+    shell_spec(specs, "S04-migrate", timeline, seconds=0.4, exclusive=True)
+    shell_spec(specs, "S05-more", timeline, seconds=0.4)
+    state, _ = run_project("excl", slots=4)
+    assert state.is_completed(), state.message
+    runs = {k: v[0] for k, v in read_timeline(timeline).items()}
+    for other, interval in runs.items():
+        if other != "S04-migrate":
+            assert not overlap(interval, runs["S04-migrate"]), f"{other} ran during the exclusive spec"
