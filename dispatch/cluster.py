@@ -1,13 +1,35 @@
-"""The cluster as the dispatcher sees it: nodes, their slots and transports.
+"""The cluster as the dispatcher sees it: nodes (`nodes.json`) and projects (`projects.json`).
 
-The embedded default is one `local` node (this machine) with `DISPATCH_LOCAL_SLOTS` slots.
+Both files keep the old system's format and live in `DISPATCH_HOME`:
+
+    nodes.json    {"nodes": [{"name", "ssh_host", "slots", "api_mode", "executor", "priority", ...}]}
+    projects.json {"<project>": {"sync_mode": "git"|"scp", "repo_url", "repo_local", "specs_dir", "main_branch"}}
+
+Our optional node fields: `transport` (`ssh` default, `local`, `worker`), `host`, `port`, `user`,
+`key_path`, `known_hosts`, `trust_on_first_use`, `ssh_config`, `remote_root` (default `dispatch`, i.e.
+`~/dispatch`), `labels`, `models` (whose CLI the node has), `python`. Unknown fields are kept in
+`options` and warned about once. Without `nodes.json` the cluster is the embedded `local` node.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from dispatch.errors import ConfigError
 from dispatch.settings import DispatchSettings
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("local", "ssh", "worker")
+_NODE_FIELDS = {
+    "name", "ssh_host", "slots", "api_mode", "executor", "priority", "transport", "host", "port", "user",
+    "key_path", "known_hosts", "trust_on_first_use", "ssh_config", "remote_root", "labels", "models", "python",
+}
+_PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch"}
 
 
 @dataclass
@@ -17,21 +39,164 @@ class Node:
     Attributes:
         name: unique node name; its work pool is `node-<name>`.
         slots: how many specs it runs at once.
-        transport: `local`, `ssh` or `worker`.
+        transport: `local` (this machine), `ssh` (pushed over paramiko) or `worker` (a Prefect worker).
         labels: placement labels a spec can ask for.
-        priority: tie-break when nodes have as many free slots (lower first, as in the old system).
-        models: models whose CLI the node has; None when unknown (any).
+        priority: tie-break between nodes with as many free slots (lower first).
+        models: models whose CLI the node has; None when not said (any).
+        ssh_host: the old field: a host name or a `Host` alias of the ssh config.
+        host, port, user, key_path, known_hosts, trust_on_first_use, ssh_config: SSH details (explicit wins).
+        remote_root: the node's run root; relative paths are under the login's home.
+        python: the node's Python 3 for the node runner.
+        options: fields we do not know, kept as they were.
     """
 
     name: str
     slots: int
-    transport: str = "local"
+    transport: str = "ssh"
     labels: frozenset[str] = frozenset()
     priority: int = 0
     models: frozenset[str] | None = None
-    options: dict = field(default_factory=dict)
+    ssh_host: str | None = None
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    key_path: str | None = None
+    known_hosts: str | None = None
+    trust_on_first_use: bool = False
+    ssh_config: str | None = None
+    remote_root: str = "dispatch"
+    python: str = "python3"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pool(self) -> str:
+        """The node's Prefect work pool (and global concurrency limit) name."""
+        return f"node-{self.name}"
+
+
+@dataclass
+class ProjectConfig:
+    """How a project's code reaches the nodes (`projects.json`)."""
+
+    sync_mode: str = "scp"
+    repo_url: str | None = None
+    repo_local: str | None = None
+    specs_dir: str | None = None
+    main_branch: str = "main"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def local_node(settings: DispatchSettings) -> Node:
     """The embedded default node: this machine."""
     return Node(name="local", slots=settings.local_slots, transport="local")
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{path}: {where}: must be {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: {where}: must be {what}, got {value!r}")
+    return value
+
+
+def parse_node(path: Path, index: int, raw: Any, settings: DispatchSettings) -> Node:
+    """One `nodes.json` entry as a `Node`.
+
+    Raises:
+        ConfigError: naming the file, the entry and the field.
+    """
+    where = f"nodes[{index}]"
+    _expect(path, where, raw, dict, "an object with name, ssh_host and slots")
+    name = _expect(path, f"{where}.name", raw.get("name"), str, "the node's name")
+    where = f"nodes[{index}] ({name})"
+    slots = _expect(path, f"{where}.slots", raw.get("slots"), int, "a whole number of slots >= 1")
+    if slots < 1:
+        raise ConfigError(f"{path}: {where}.slots: must be >= 1, got {slots}")
+    transport = raw.get("transport", "local" if name == "local" else "ssh")
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"{path}: {where}.transport: must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    if transport == "ssh" and not (raw.get("ssh_host") or raw.get("host")):
+        raise ConfigError(f"{path}: {where}.ssh_host: an ssh node needs ssh_host (a host or ~/.ssh/config alias)")
+    if transport == "local" and name == "local" and "slots" not in raw:
+        slots = settings.local_slots
+    labels = raw.get("labels", [])
+    _expect(path, f"{where}.labels", labels, list, "a list of strings")
+    models = raw.get("models")
+    if models is not None:
+        _expect(path, f"{where}.models", models, list, "a list of model names")
+    priority = _expect(path, f"{where}.priority", raw.get("priority", 0), int, "a whole number")
+    port = raw.get("port")
+    if port is not None:
+        _expect(path, f"{where}.port", port, int, "a TCP port number")
+    unknown = {k: v for k, v in raw.items() if k not in _NODE_FIELDS}
+    if unknown:
+        logger.warning("%s: %s: unknown fields kept as options: %s", path, where, ", ".join(sorted(unknown)))
+    options = {k: raw[k] for k in ("api_mode", "executor") if k in raw} | unknown
+    return Node(
+        name=name, slots=slots, transport=transport, labels=frozenset(map(str, labels)), priority=priority,
+        models=frozenset(map(str, models)) if models is not None else None, ssh_host=raw.get("ssh_host"),
+        host=raw.get("host"), port=port, user=raw.get("user"), key_path=raw.get("key_path"),
+        known_hosts=raw.get("known_hosts"), trust_on_first_use=bool(raw.get("trust_on_first_use", False)),
+        ssh_config=raw.get("ssh_config"), remote_root=str(raw.get("remote_root", "dispatch")),
+        python=str(raw.get("python", "python3")), options=options,
+    )
+
+
+def load_nodes(settings: DispatchSettings) -> list[Node]:
+    """The cluster's nodes from `DISPATCH_HOME/nodes.json`, or the embedded `local` node without one.
+
+    Raises:
+        ConfigError: for an unreadable file, a bad field, or two nodes with one name.
+    """
+    path = settings.home / "nodes.json"
+    if not path.exists():
+        return [local_node(settings)]
+    data = _read(path)
+    _expect(path, "top level", data, dict, 'an object {"nodes": [...]}')
+    entries = _expect(path, "nodes", data.get("nodes"), list, "a list of node objects")
+    if not entries:
+        raise ConfigError(f"{path}: nodes: is empty; list at least one node, or delete the file for the local node")
+    nodes = [parse_node(path, i, raw, settings) for i, raw in enumerate(entries)]
+    seen: set[str] = set()
+    for node in nodes:
+        if node.name in seen:
+            raise ConfigError(f"{path}: two nodes are named {node.name!r}; node names must be unique")
+        seen.add(node.name)
+    return nodes
+
+
+def load_project_config(settings: DispatchSettings, project: str) -> ProjectConfig:
+    """The project's entry of `DISPATCH_HOME/projects.json` (scp mode, no repository, when absent).
+
+    Raises:
+        ConfigError: for an unreadable file or a bad field.
+    """
+    path = settings.home / "projects.json"
+    if not path.exists():
+        return ProjectConfig()
+    data = _read(path)
+    _expect(path, "top level", data, dict, 'an object {"<project>": {...}}')
+    raw = data.get(project)
+    if raw is None:
+        return ProjectConfig()
+    _expect(path, project, raw, dict, "an object with sync_mode, repo_url, ...")
+    mode = raw.get("sync_mode", "scp")
+    if mode not in ("git", "scp"):
+        raise ConfigError(f"{path}: {project}.sync_mode: must be git or scp, got {mode!r}")
+    if mode == "git" and not raw.get("repo_url"):
+        raise ConfigError(f"{path}: {project}.repo_url: git mode needs the repository URL the nodes clone")
+    for name in ("repo_url", "repo_local", "specs_dir", "main_branch"):
+        if name in raw and not isinstance(raw[name], str):
+            raise ConfigError(f"{path}: {project}.{name}: must be a string, got {raw[name]!r}")
+    return ProjectConfig(sync_mode=mode, repo_url=raw.get("repo_url"), repo_local=raw.get("repo_local"),
+                         specs_dir=raw.get("specs_dir"), main_branch=raw.get("main_branch", "main"),
+                         options={k: v for k, v in raw.items() if k not in _PROJECT_FIELDS})

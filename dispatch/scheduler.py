@@ -35,10 +35,11 @@ class NodeSlots:
     priority: int = 0
     models: frozenset[str] | None = None  # models whose CLI is installed; None: any
     used: int = 0
+    down: bool = False  # unreachable: nothing new is placed here until it answers again
 
     @property
     def free(self) -> int:
-        return self.slots - self.used
+        return 0 if self.down else self.slots - self.used
 
 
 @dataclass

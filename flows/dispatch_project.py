@@ -32,17 +32,19 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.agents import build_prompt, build_steps
-from dispatch.cluster import Node, local_node
+from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
+from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, load_project, select
 from dispatch.errors import DispatchError
-from dispatch.locks import ProcessLock, SlotLocks
+from dispatch.locks import ProcessLock
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
+from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.transports import RunRequest
-from dispatch.transports.local import LocalTransport, live_runner, run_dir_for
-from tasks.run_spec import TRANSPORTS, run_spec, skip_spec
+from dispatch.transports.local import live_runner, run_dir_for
+from tasks.run_spec import RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
 LISTENERS: list[Callable[[str, str, dict], None]] = []
@@ -63,35 +65,36 @@ class ProjectRun:
     """One run of a project: the dispatch loop between the scheduler and Prefect task runs."""
 
     def __init__(self, project: Project, settings: DispatchSettings, selected: set[str], *,
-                 force: set[str], nodes: list[Node]) -> None:
+                 force: set[str], nodes: list[Node], config: ProjectConfig | None = None) -> None:
         self.project = project
         self.settings = settings
         self.selected = selected
         self.force = force
+        self.config = config or ProjectConfig()
         self.logger = get_run_logger()
         self.run_id = uuid.uuid4().hex[:12]
-        self.code_dir = settings.code_dir_for(project.name)
+        self.code_dir = Path(self.config.repo_local) if self.config.repo_local else settings.code_dir_for(project.name)
         self.code_dir.mkdir(parents=True, exist_ok=True)
         # The same spec against another code directory or revision is other work: its own cache key.
         self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
         self.nodes = {node.name: node for node in nodes}
+        self.runtime = ClusterRuntime(settings, nodes)
+        TRANSPORTS.update(self.runtime.transports)
         self.scheduler = Scheduler(
             project, selected,
             [NodeSlots(n.name, n.slots, n.labels, n.priority, n.models) for n in nodes],
             retries=settings.retries, retry_delay=settings.retry_delay)
-        self.local = LocalTransport(settings.runs_dir)
-        TRANSPORTS["local"] = self.local
-        self.slot_locks = SlotLocks(settings.locks_dir / "node-local", self.nodes["local"].slots) \
-            if "local" in self.nodes else None
+        self.cooldowns = Cooldowns()
         self.events: queue.Queue = queue.Queue()
         self.futures: dict[str, PrefectFuture] = {}
-        self.slot_fds: dict[str, int] = {}
+        self.held_slots: dict[str, tuple[str, object]] = {}
         self.stop_reason = ""
         self._last_write = 0.0
+        self.who = f"{getpass.getuser()}@{socket.gethostname()}"
         flow_run = get_run_context().flow_run
         self.state = ProjectState(
             project=project.name, run_id=self.run_id, flow_run_id=str(flow_run.id) if flow_run else None,
-            pid=os.getpid(), user=getpass.getuser(), host=socket.gethostname(),
+            api_url=settings.prefect_api_url, pid=os.getpid(), user=getpass.getuser(), host=socket.gethostname(),
             nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes},
             specs={t: SpecRow(state="waiting") for t in project.order if t in selected})
         context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
@@ -119,31 +122,56 @@ class ProjectRun:
         self.events.put(("stop", None))
 
     # -- dispatch ------------------------------------------------------------------------------
-    def _request(self, assignment: Assignment) -> RunRequest:
+    def _request(self, assignment: Assignment, chain: list[str]) -> RunRequest:
         spec = self.project.specs[assignment.task_id]
+        transport = self.runtime.transports[assignment.node]
+        workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
+        steps = build_steps(spec, self.prompts.get(spec.task_id, ""), skip=set(spec.model_chain) - set(chain))
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
-            cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=str(self.code_dir),
-            steps=build_steps(spec, self.prompts.get(spec.task_id, "")),
+            cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, steps=steps,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
-            env={"DISPATCH_SPEC_FILE": str(spec.path), "DISPATCH_CODE_DIR": str(self.code_dir)})
+            env={"DISPATCH_SPEC_FILE": spec.path.name})
 
-    def _submit(self, assignment: Assignment, slot_fd: int | None) -> None:
+    def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
+        """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""
+        options: dict = {}
+        if self.runtime.is_local(assignment.node):
+            if held is not None and held[0] == "machine":
+                options["slot_fd"] = held[1]
+        elif self.config.sync_mode == "scp":
+            options["sync_from"] = self.code_dir
+            options["sync_back"] = self.code_dir
+        return options
+
+    def _submit(self, assignment: Assignment, held: tuple[str, object] | None, chain: list[str]) -> None:
         task_id = assignment.task_id
         spec = self.project.specs[task_id]
         name = task_id if assignment.attempt == 1 else f"{task_id} (attempt {assignment.attempt})"
         deps = [self.futures[d] for d in spec.depends_on if d in self.futures]
+        RUN_OPTIONS[(self.project.name, task_id, assignment.attempt)] = self._options(assignment, held)
+        if held is not None:
+            self.held_slots[task_id] = held
         future = run_spec.with_options(
             name=task_id, task_run_name=name, refresh_cache=task_id in self.force,
-        ).submit(self._request(assignment), slot_fd, wait_for=deps)
-        if slot_fd is not None:
-            self.slot_fds[task_id] = slot_fd
+        ).submit(self._request(assignment, chain), wait_for=deps)
         self.futures[task_id] = future
         future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
         row = self.state.specs[task_id]
         row.state, row.node, row.attempts, row.started_at = "running", assignment.node, assignment.attempt, time.time()
         self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
+
+    def _usable_chain(self, task_id: str) -> tuple[list[str], float | None]:
+        """The spec's models not on cool-down, and when the first cooling one frees when none is left."""
+        spec = self.project.specs[task_id]
+        if spec.kind != "agent":
+            return spec.model_chain, None
+        cooling = self.cooldowns.active()
+        chain = [m for m in spec.model_chain if m not in cooling]
+        if chain:
+            return chain, None
+        return [], min(float(cooling[m]["until"]) for m in spec.model_chain)
 
     def _fail_unplaceable(self) -> None:
         """Fail ready specs that no node can ever run (`node:`/`labels:` match none), so nothing hangs."""
@@ -161,18 +189,23 @@ class ProjectRun:
     def _dispatch(self) -> None:
         self._fail_unplaceable()
         for assignment in self.scheduler.pick():
-            slot_fd = None
-            if assignment.node == "local" and self.slot_locks is not None:
-                slot_fd = self.slot_locks.try_acquire()
-                if slot_fd is None:  # another dispatcher on this machine holds every slot
-                    self.scheduler.unpick(assignment, delay=_BUSY_RETRY)
-                    continue
-            self._submit(assignment, slot_fd)
+            chain, free_at = self._usable_chain(assignment.task_id)
+            if not chain:  # every model of the spec is out of quota: wait for the first reset
+                delay = min(max(1.0, free_at - time.time()), 300.0)
+                self.scheduler.unpick(assignment, delay=delay)
+                row = self.state.specs[assignment.task_id]
+                row.reason = f"every model is on cool-down until {time.strftime('%H:%M:%S', time.localtime(free_at))}"
+                continue
+            held = self.runtime.brokers.try_acquire(assignment.node)
+            if held is None:  # another dispatcher holds this node's slots right now
+                self.scheduler.unpick(assignment, delay=_BUSY_RETRY)
+                continue
+            self._submit(assignment, held, chain)
 
     def _reattach(self) -> None:
         """Adopt runners a killed dispatcher left running, instead of starting their specs twice."""
         for task_id in self.project.order:
-            if task_id not in self.selected or task_id in self.force:
+            if task_id not in self.selected or task_id in self.force or "local" not in self.runtime.transports:
                 continue
             run_dir = run_dir_for(self.settings.runs_dir, self.project.name, task_id)
             if not (run_dir / "status.json").exists() or not live_runner(run_dir):
@@ -182,13 +215,13 @@ class ProjectRun:
                 continue
             self.scheduler.adopt(task_id, "local", 1)
             self.logger.info("local %s: still running from an earlier dispatcher; re-attaching", task_id)
-            self._submit(Assignment(task_id, "local", 1), None)
+            self._submit(Assignment(task_id, "local", 1), None, self.project.specs[task_id].model_chain)
 
     def _finish(self, task_id: str) -> None:
         future = self.futures[task_id]
-        fd = self.slot_fds.pop(task_id, None)
-        if fd is not None:
-            SlotLocks.release(fd)
+        held = self.held_slots.pop(task_id, None)
+        if held is not None:
+            self.runtime.brokers.release(held)
         try:
             result = future.result(raise_on_failure=False)
         except Exception as exc:  # the task itself crashed
@@ -197,7 +230,9 @@ class ProjectRun:
         if not isinstance(result, SpecResult):
             result = SpecResult(project=self.project.name, task_id=task_id, status="lost", node=row.node,
                                 reason=f"the task crashed: {result!r}")
+        RUN_OPTIONS.pop((self.project.name, task_id, self.scheduler.attempts(task_id)), None)
         cached = result.run_id != self.run_id
+        self._record_limits(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
         row.duration, row.cached = result.duration, cached
         if cached:
@@ -214,6 +249,8 @@ class ProjectRun:
             row.state, row.reason = "succeeded", ""
             self._emit("succeeded", task_id, result=result, cached=cached)
             return
+        if result.node_fault and result.node in self.runtime.nodes and not self.runtime.is_local(result.node):
+            self._node_down(result.node, result.reason)
         acceptance = result.status == "acceptance_failed"
         skipped = self.scheduler.fail(task_id, result.reason or result.status, retryable=result.retryable,
                                       node_fault=result.node_fault, max_attempts=2 if acceptance else None)
@@ -224,6 +261,25 @@ class ProjectRun:
             return
         self._emit("failed", task_id, result=result)
         self._skip(skipped)
+
+    def _record_limits(self, result: SpecResult) -> None:
+        """Put models that hit their quota on cool-down (shared through Prefect) until their reset."""
+        for attempt in result.attempts:
+            if attempt.verdict == "quota" and attempt.model:
+                until = attempt.reset_at or time.time() + 5 * 3600
+                try:
+                    self.cooldowns.set(attempt.model, until, attempt.reason or "quota", self.who)
+                except Exception as exc:  # the spec's own fallback already happened; report and go on
+                    self.logger.warning("could not record the cool-down of %s: %s", attempt.model, exc)
+
+    def _node_down(self, node: str, reason: str) -> None:
+        """Take a failed node out of placement until a background probe reaches it again."""
+        slots = self.scheduler.nodes[node]
+        if slots.down:
+            return
+        slots.down = True
+        self.logger.warning("node %s is down (%s); its specs move to other nodes", node, reason)
+        self.runtime.probe_until_up(node, lambda name: self.events.put(("node_up", name)))
 
     def _skip(self, task_ids: list[str]) -> None:
         for child in task_ids:
@@ -249,6 +305,9 @@ class ProjectRun:
                 kind, task_id = "tick", None
             if kind == "done":
                 self._finish(task_id)
+            elif kind == "node_up":
+                self.scheduler.nodes[task_id].down = False
+                self.logger.info("node %s is back", task_id)
             elif kind == "stop":
                 self._stop()
             if not self.stop_reason:
@@ -261,7 +320,7 @@ class ProjectRun:
         for task_id in self.scheduler.cancel_all(self.stop_reason):
             self.state.specs[task_id].state, self.state.specs[task_id].reason = "cancelled", self.stop_reason
         for task_id in self.scheduler.running:
-            transport = TRANSPORTS.get(self.scheduler.entries[task_id].node or "")
+            transport = self.runtime.transports.get(self.scheduler.entries[task_id].node or "")
             if transport is not None:
                 transport.cancel(self.project.name, task_id)
 
@@ -334,12 +393,14 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
                             f"{lock.holder_pid()}); watch it with `dispatch status {project}` or stop it with "
                             f"`dispatch stop {project}`")
     try:
-        run = ProjectRun(proj, settings, selected, force=forced, nodes=[local_node(settings)])
+        run = ProjectRun(proj, settings, selected, force=forced, nodes=load_nodes(settings),
+                         config=load_project_config(settings, project))
         restore = _install_signal_handlers(run)
         try:
             return run.execute()
         finally:
             restore()
+            run.runtime.close()
     finally:
         lock.release()
 

@@ -19,6 +19,9 @@ from dispatch.transports import RunRequest, Transport
 
 # The transports of the running dispatcher, by node name (set by the project flow; process-local).
 TRANSPORTS: dict[str, Transport] = {}
+# Per-attempt options that must not be task parameters (secrets, lock descriptors, local paths),
+# keyed by (project, task_id, attempt); set by the flow before it submits the attempt.
+RUN_OPTIONS: dict[tuple[str, str, int], dict[str, Any]] = {}
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -38,25 +41,27 @@ def _missing_agent_clis(request: RunRequest) -> str | None:
 
 
 @task(persist_result=True, result_serializer="json", cache_key_fn=_cache_key, log_prints=False)
-def run_spec(request: RunRequest, slot_fd: int | None = None) -> SpecResult | State:
+def run_spec(request: RunRequest) -> SpecResult | State:
     """Run one attempt of a spec on its node and return the node runner's result.
 
     Args:
-        request: what to run, where, with which limits.
-        slot_fd: the local node's machine-slot lock, inherited by the runner (local node only).
+        request: what to run, where, with which limits. Secrets and other process-local options
+            travel beside it in `RUN_OPTIONS`, never as task parameters.
     """
     logger = get_run_logger()
     transport = TRANSPORTS[request.node]
     prefix = f"{request.node} {request.task_id}:"
-    if request.node == "local" and (missing := _missing_agent_clis(request)):
+    from dispatch.transports.local import LocalTransport
+
+    if isinstance(transport, LocalTransport) and (missing := _missing_agent_clis(request)):
         result = SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
                             reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,
                             attempt=request.attempt)
         logger.error("%s %s", prefix, missing)
         return Failed(message=missing, data=result)
     logger.info("%s attempt %d started", prefix, request.attempt)
-    kwargs = {"slot_fd": slot_fd} if slot_fd is not None else {}
-    result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), **kwargs)
+    options = RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {})
+    result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), **options)
     if result.succeeded:
         logger.info("%s succeeded in %.1fs (model %s)", prefix, result.duration or 0.0, result.model or "-")
         return result

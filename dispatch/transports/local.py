@@ -7,6 +7,7 @@ it (same cache key) instead of starting the spec twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -54,8 +55,20 @@ class LocalTransport:
         self._cancelled: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def run(self, request: RunRequest, on_line: LineSink, slot_fd: int | None = None) -> SpecResult:
-        """Run one attempt (or follow the live runner of the same attempt) until it ends."""
+    def workdir(self, project: str, task_id: str) -> str | None:
+        """None: local specs work in the project's code directory itself."""
+        return None
+
+    def run(self, request: RunRequest, on_line: LineSink, slot_fd: int | None = None,
+            secrets: dict[str, str] | None = None, **_: object) -> SpecResult:
+        """Run one attempt (or follow the live runner of the same attempt) until it ends.
+
+        Args:
+            request: the attempt.
+            on_line: receives each line of the spec's log.
+            slot_fd: the machine-slot lock, inherited by the runner so it keeps the slot while it lives.
+            secrets: environment for the agent (API keys), given to the runner on its stdin only.
+        """
         run_dir = run_dir_for(self.root, request.project, request.task_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         key = (request.project, request.task_id)
@@ -70,12 +83,15 @@ class LocalTransport:
                 self._kill_pid(int(status["runner_pid"]))
             self._rotate(run_dir)
             write_json(run_dir / "task.json", request.task_json())
+            argv = [sys.executable, str(RUNNER_PATH), "run", str(run_dir)] + (["--secrets-stdin"] if secrets else [])
             with open(run_dir / "runner.err", "wb") as err:
                 proc = subprocess.Popen(
-                    [sys.executable, str(RUNNER_PATH), "run", str(run_dir)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    start_new_session=True, pass_fds=(slot_fd,) if slot_fd is not None else (),
+                    argv, stdin=subprocess.PIPE if secrets else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=err, start_new_session=True, pass_fds=(slot_fd,) if slot_fd is not None else (),
                 )
+            if secrets:
+                proc.stdin.write(json.dumps(secrets).encode())
+                proc.stdin.close()
             pid = proc.pid
         with self._lock:
             if proc is not None:

@@ -1,0 +1,148 @@
+"""Node slots shared between dispatchers: the count that no node may exceed, whoever dispatches.
+
+The project flow counts its own slots in the scheduler; a broker makes that count hold across every
+dispatcher at once. It is asked, without blocking, just before a spec is dispatched; a refusal means
+another dispatcher holds the slot, and the spec waits (or goes to another node).
+
+- `MachineSlots`: `flock`ed slot files under `DISPATCH_HOME/locks/node-<name>/`: every dispatcher of
+  this machine (the embedded default). The kernel frees a dead holder's slots.
+- `ServerSlots`: the Prefect server's global concurrency limit `node-<name>` (limit = slots, made by
+  `dispatch nodes sync`), taken with a lease that a background thread renews; a crashed holder's
+  slots come back when its lease expires. This is what makes two users on two machines share one count.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from dispatch.locks import SlotLocks
+
+logger = logging.getLogger(__name__)
+
+
+class SlotBroker(Protocol):
+    def try_acquire(self, node: str) -> object | None:
+        """A token for one slot of `node`, or None when the node is full for now."""
+
+    def release(self, token: object) -> None:
+        """Give a slot back."""
+
+
+class MachineSlots:
+    """One `SlotLocks` per node under `directory` (shared by every dispatcher on this machine)."""
+
+    def __init__(self, directory: Path, slots: dict[str, int]) -> None:
+        self._locks = {name: SlotLocks(directory / f"node-{name}", count) for name, count in slots.items()}
+
+    def try_acquire(self, node: str) -> int | None:
+        return self._locks[node].try_acquire()
+
+    def release(self, token: object) -> None:
+        SlotLocks.release(int(token))  # type: ignore[arg-type]
+
+
+class ServerSlots:
+    """Slots as leases on the Prefect server's global concurrency limits `node-<name>`.
+
+    Args:
+        limits: node name -> limit name, for nodes whose limit exists on the server.
+        lease_seconds: how long a lease lives without renewal (a dead dispatcher's slots return after it).
+    """
+
+    def __init__(self, limits: dict[str, str], lease_seconds: float = 60.0) -> None:
+        from prefect.client.orchestration import get_client
+
+        self._client = get_client(sync_client=True)
+        self._client.__enter__()
+        self._limits = limits
+        self._lease_seconds = lease_seconds
+        self._leases: set = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
+        self._renewer.start()
+
+    def try_acquire(self, node: str) -> object | None:
+        import httpx
+
+        try:
+            response = self._client.increment_concurrency_slots_with_lease(
+                names=[self._limits[node]], slots=1, mode="concurrency", lease_duration=self._lease_seconds)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:  # the limit is full: another dispatcher holds the slots
+                return None
+            raise
+        lease_id = response.json()["lease_id"]
+        with self._lock:
+            self._leases.add(lease_id)
+        return lease_id
+
+    def release(self, token: object) -> None:
+        with self._lock:
+            self._leases.discard(token)
+        try:
+            self._client.release_concurrency_slots_with_lease(lease_id=token)
+        except Exception as exc:  # the lease expires by itself; say so and carry on
+            logger.warning("could not release slot lease %s: %s", token, exc)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._lease_seconds / 3):
+            with self._lock:
+                leases = list(self._leases)
+            for lease_id in leases:
+                try:
+                    self._client.renew_concurrency_lease(lease_id=lease_id, lease_duration=self._lease_seconds)
+                except Exception as exc:
+                    logger.warning("could not renew slot lease %s: %s", lease_id, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            leases = list(self._leases)
+        for lease_id in leases:
+            self.release(lease_id)
+        self._client.__exit__(None, None, None)
+
+
+class Brokers:
+    """Routes each node to its broker: the server's limit where one exists, else this machine's locks."""
+
+    def __init__(self, machine: MachineSlots, server: ServerSlots | None, server_nodes: set[str]) -> None:
+        self.machine = machine
+        self.server = server
+        self.server_nodes = server_nodes
+
+    def try_acquire(self, node: str) -> tuple[str, object] | None:
+        if self.server is not None and node in self.server_nodes:
+            token = self.server.try_acquire(node)
+            return ("server", token) if token is not None else None
+        token = self.machine.try_acquire(node)
+        return ("machine", token) if token is not None else None
+
+    def release(self, held: tuple[str, object]) -> None:
+        kind, token = held
+        (self.server if kind == "server" else self.machine).release(token)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def server_limits(node_names: list[str]) -> dict[str, str]:
+    """Node name -> limit name for the nodes whose `node-<name>` limit exists on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        for name in node_names:
+            try:
+                limit = client.read_global_concurrency_limit_by_name(f"node-{name}")
+            except ObjectNotFound:
+                continue
+            if limit.active:
+                found[name] = limit.name
+    return found

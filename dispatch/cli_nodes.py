@@ -1,0 +1,282 @@
+"""`dispatch nodes`: list the cluster's nodes, put them into Prefect, and probe them.
+
+    dispatch nodes [--json]       nodes.json with transport, host, slots in use / total, labels
+    dispatch nodes import         nodes.json -> ClusterNode blocks (+ AgentModel blocks for built-in models)
+    dispatch nodes sync           a work pool and a global concurrency limit `node-<name>` per node
+    dispatch nodes check [NAME]   connect to each node; report Python and the agent CLIs it has
+
+Listing and checking never import Prefect (listing asks the Prefect server for its slot counts only when
+one is configured, `PREFECT_API_URL`); `import` and `sync` need a Prefect API (embedded: a temporary one
+under DISPATCH_HOME). Exit codes: 0 success, 1 a node is unreachable (check) or Prefect failed, 2 a bad
+nodes.json.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from dispatch.agents import BUILTIN_MODELS
+from dispatch.cluster import Node, load_nodes
+from dispatch.errors import ConfigError, DispatchError
+from dispatch.results import load_all_states, pid_alive
+from dispatch.settings import DispatchSettings, get_settings
+
+nodes_app = typer.Typer(help="The cluster's nodes: list them, import them into Prefect, sync pools, check them.")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_FAILED, EXIT_INVALID = 1, 2
+AGENT_CLIS = ("claude", "codex", "opencode", "git")
+"""The commands `check` looks for on each node."""
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _nodes(settings: DispatchSettings) -> list[Node]:
+    """The nodes of nodes.json; a bad file ends the command with exit code 2, naming the field."""
+    try:
+        return load_nodes(settings)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def _where(settings: DispatchSettings) -> str:
+    return "embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else str(settings.prefect_api_url)
+
+
+def _use_prefect(settings: DispatchSettings) -> None:
+    """Point Prefect at the configured server (or the embedded database) before it is imported."""
+    os.environ.update(settings.prefect_environment())
+
+
+def _prefect_failed(settings: DispatchSettings, exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/] the Prefect API at {escape(_where(settings))} failed: {escape(str(exc))} "
+              "(is the server up, and PREFECT_API_URL right?)", soft_wrap=True)
+    return typer.Exit(EXIT_FAILED)
+
+
+# --- listing -------------------------------------------------------------------------------------------------
+def _local_load(settings: DispatchSettings) -> dict[str, int]:
+    """Slots in use per node by the live runs of this machine (their state files), and its slot locks."""
+    used: dict[str, int] = {}
+    for state in load_all_states(settings.state_dir):
+        if state.state != "running" or not pid_alive(state.pid):
+            continue
+        for name, load in state.nodes.items():
+            used[name] = used.get(name, 0) + int(load.get("used", 0))
+    local_dir = settings.locks_dir / "node-local"
+    if local_dir.is_dir():
+        from dispatch.locks import SlotLocks
+
+        used["local"] = max(used.get("local", 0), SlotLocks(local_dir, settings.local_slots).in_use())
+    return used
+
+
+def _server_load(settings: DispatchSettings, nodes: list[Node]) -> dict[str, dict[str, int]] | None:
+    """Slots in use per node from the server's concurrency limits; None in embedded mode or on failure."""
+    if settings.embedded:
+        return None
+    _use_prefect(settings)
+    from dispatch.nodes_admin import node_load
+
+    try:
+        return node_load(nodes)
+    except Exception as exc:  # a read-only listing still answers from the local state
+        err.print(f"[yellow]warning:[/] cannot read slot usage from {escape(_where(settings))}: "
+                  f"{escape(str(exc))}; showing this machine's runs only", soft_wrap=True)
+        return None
+
+
+def _host(node: Node) -> str:
+    if node.transport == "local":
+        return "localhost"
+    host = node.host or node.ssh_host or "-"
+    user = f"{node.user}@" if node.user and node.host else ""
+    return f"{user}{host}" + (f":{node.port}" if node.port and node.host else "")
+
+
+@nodes_app.callback(invoke_without_command=True)
+def list_nodes(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List the nodes (nodes.json): transport, host, slots in use / total, labels. Subcommands manage them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = get_settings()
+    nodes = _nodes(settings)
+    local = _local_load(settings)
+    server = _server_load(settings, nodes)
+    rows = []
+    for node in nodes:
+        remote = server.get(node.name) if server is not None else None
+        used_server = remote["used"] if remote else None
+        rows.append({
+            "name": node.name, "transport": node.transport, "host": _host(node), "slots": node.slots,
+            "used": max(local.get(node.name, 0), used_server or 0), "used_local": local.get(node.name, 0),
+            "used_server": used_server, "labels": sorted(node.labels), "priority": node.priority,
+            "models": sorted(node.models) if node.models is not None else None, "pool": node.pool,
+            "synced": None if server is None else remote is not None,
+        })
+    if as_json:
+        console.print_json(data={"nodes": rows, "prefect_api_url": settings.prefect_api_url})
+        return
+    table = Table("node", "transport", "host", "slots in use", "labels", "models", "priority")
+    for row in rows:
+        note = " [dim](no limit: run `dispatch nodes sync`)[/]" if row["synced"] is False else ""
+        table.add_row(escape(row["name"]), row["transport"], escape(row["host"]),
+                      f"{row['used']}/{row['slots']}{note}", escape(", ".join(row["labels"]) or "-"),
+                      escape(", ".join(row["models"])) if row["models"] is not None else "any", str(row["priority"]))
+    console.print(table)
+
+
+# --- Prefect ---------------------------------------------------------------------------------------------
+@nodes_app.command("import")
+def import_nodes(
+    embed_keys: Annotated[bool, typer.Option(
+        "--embed-keys", help="Store each node's key_path file in its block as a secret.")] = False,
+) -> None:
+    """Save each node of nodes.json as a ClusterNode block, and the built-in models as AgentModel blocks."""
+    import httpx
+
+    settings = get_settings()
+    _nodes(settings)  # a bad nodes.json fails fast, before Prefect starts
+    _use_prefect(settings)
+    from dispatch.nodes_admin import import_nodes as save_blocks
+
+    console.print(f"importing nodes into {_where(settings)}")
+    try:
+        lines = save_blocks(settings, embed_keys=embed_keys)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except httpx.HTTPError as exc:
+        raise _prefect_failed(settings, exc) from None
+    for line in lines:
+        console.print(escape(line), soft_wrap=True)
+
+
+@nodes_app.command()
+def sync() -> None:
+    """Create or update each node's work pool and global concurrency limit `node-<name>` (limit = slots)."""
+    import httpx
+
+    settings = get_settings()
+    nodes = _nodes(settings)
+    _use_prefect(settings)
+    from dispatch.nodes_admin import sync_pools
+
+    try:
+        changes = sync_pools(nodes)
+    except httpx.HTTPError as exc:
+        raise _prefect_failed(settings, exc) from None
+    for line in changes:
+        console.print(escape(line), soft_wrap=True)
+    if not changes:
+        console.print(f"{len(nodes)} node(s): work pools and concurrency limits already match on {_where(settings)}")
+    if settings.embedded:
+        console.print("[dim]embedded mode counts slots in the flow; the pools and limits are used in team mode "
+                      "(PREFECT_API_URL set)[/]")
+
+
+# --- probing -------------------------------------------------------------------------------------------
+def _probe_script(python: str) -> str:
+    clis = " ".join(AGENT_CLIS)
+    return (f"v=$({shlex.quote(python)} -V 2>&1) && printf 'python=%s\\n' \"$v\"; "
+            f"for c in {clis}; do command -v \"$c\" >/dev/null 2>&1 && printf 'cli=%s\\n' \"$c\"; done; true")
+
+
+def _parse_probe(output: str) -> tuple[str | None, list[str]]:
+    python, clis = None, []
+    for line in output.splitlines():
+        key, _, value = line.partition("=")
+        if key == "python" and value.strip():
+            python = value.strip()
+        elif key == "cli" and value.strip():
+            clis.append(value.strip())
+    return python, clis
+
+
+def _probe_local(node: Node) -> dict[str, Any]:
+    try:
+        done = subprocess.run([node.python, "-V"], capture_output=True, text=True, timeout=30)
+        python = (done.stdout or done.stderr).strip() if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        python = None
+    return {"reachable": True, "python": python, "clis": [c for c in AGENT_CLIS if shutil.which(c)]}
+
+
+def _probe(pool: Any, node: Node, timeout: float) -> dict[str, Any]:
+    """Reachability, Python version and agent CLIs of one node (never raises)."""
+    from dispatch.nodes_admin import node_target
+
+    result: dict[str, Any] = {"name": node.name, "transport": node.transport, "host": _host(node),
+                              "reachable": None, "python": None, "clis": [], "missing": [], "error": ""}
+    try:
+        if node.transport == "local":
+            result.update(_probe_local(node))
+        elif node.transport == "worker" and not (node.ssh_host or node.host):
+            result["error"] = "worker node without ssh_host: not probed (see its worker in the Prefect UI)"
+        else:
+            run = pool.run(node_target(node, connect_timeout=timeout), _probe_script(node.python),
+                           timeout=timeout + 20, check=False)
+            python, clis = _parse_probe(run.stdout)
+            result.update(reachable=True, python=python, clis=clis)
+    except DispatchError as exc:
+        result.update(reachable=False, error=str(exc))
+    if result["reachable"]:
+        needed = {BUILTIN_MODELS[m].cli: m for m in sorted(node.models or ()) if m in BUILTIN_MODELS}
+        result["missing"] = [f"{cli} (for {model})" for cli, model in needed.items() if cli not in result["clis"]]
+        if result["python"] is None:
+            result["error"] = f"no working {node.python} on the node: the node runner needs Python 3"
+    return result
+
+
+@nodes_app.command()
+def check(
+    name: Annotated[str | None, typer.Argument(help="One node; every node when omitted.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to connect to each node.")] = 10.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Connect to each node and report whether it is reachable, its Python and the agent CLIs it has."""
+    from dispatch.ssh import SSHPool
+
+    settings = get_settings()
+    nodes = _nodes(settings)
+    if name is not None:
+        nodes = [n for n in nodes if n.name == name]
+        if not nodes:
+            known = ", ".join(n.name for n in _nodes(settings))
+            err.print(f"[red]error:[/] no node {escape(name)!r} in {settings.home / 'nodes.json'} (known: "
+                      f"{escape(known)})", soft_wrap=True)
+            raise typer.Exit(EXIT_INVALID)
+    with SSHPool() as pool, ThreadPoolExecutor(max_workers=min(16, len(nodes))) as executor:
+        results = list(executor.map(lambda node: _probe(pool, node, timeout), nodes))
+    unreachable = [r["name"] for r in results if r["reachable"] is False]
+    if as_json:
+        console.print_json(data={"nodes": results, "unreachable": unreachable})
+    else:
+        table = Table("node", "transport", "host", "reachable", "python", "CLIs found", "notes")
+        marks = {True: "[green]✓[/]", False: "[red]✗[/]", None: "[yellow]skipped[/]"}
+        for row in results:
+            notes = [f"missing {m}" for m in row["missing"]] + ([row["error"]] if row["error"] else [])
+            table.add_row(escape(row["name"]), row["transport"], escape(row["host"]), marks[row["reachable"]],
+                          escape(row["python"] or "-"), escape(", ".join(row["clis"]) or "-"),
+                          escape("; ".join(notes)))
+        console.print(table)
+    if unreachable:
+        if not as_json:
+            err.print(f"[red]{len(unreachable)} node(s) unreachable:[/] {escape(', '.join(unreachable))}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m dispatch.cli_nodes` before it is mounted
+    nodes_app()

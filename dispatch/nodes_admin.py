@@ -1,0 +1,211 @@
+"""Putting the cluster into Prefect: node and model blocks, a work pool and a concurrency limit per node.
+
+- `import_nodes`: `nodes.json` -> one `ClusterNode` block per node (plus an `AgentModel` block per built-in
+  model that has none yet), so the UI shows and edits them.
+- `sync_pools`: per node, a `process` work pool `node-<name>` and a global concurrency limit `node-<name>`,
+  both limited to the node's slots; created when missing, their limits updated when they differ, and
+  nothing else touched (a limit's active slots are never reset, so runs holding slots keep them).
+- `node_load`: the slots each node has in use, from those concurrency limits (team mode).
+
+Prefect is imported inside the functions: importing this module is cheap, and only the commands that
+call these functions pay for Prefect (in embedded mode, also for its temporary API server). Set the
+environment from `DispatchSettings.prefect_environment()` before calling them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from dispatch.cluster import Node, load_nodes
+from dispatch.errors import ConfigError
+from dispatch.settings import DispatchSettings
+from dispatch.ssh_target import SSHTarget, resolve_target
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
+logger = logging.getLogger(__name__)
+
+POOL_TYPE = "process"
+"""The type of every node's work pool (a `prefect worker start --type process` on the node serves it)."""
+
+
+def node_target(node: Node, *, key_secret: str | None = None, connect_timeout: float = 10.0) -> SSHTarget:
+    """How to reach `node` over SSH: its explicit fields, then its `ssh_host` through the ssh config.
+
+    Args:
+        node: the node (from `nodes.json` or a `ClusterNode` block).
+        key_secret: the private key's text, when it comes from a secret rather than `key_path`.
+        connect_timeout: seconds for connect, banner, authentication and channel opening.
+
+    Raises:
+        ConfigError: the node has neither `ssh_host` nor `host`, or its `ssh_config` file does not exist.
+    """
+    alias = node.ssh_host or node.host
+    if not alias:
+        raise ConfigError(f"node {node.name}: no ssh_host or host to connect to; set one in nodes.json")
+    return resolve_target(node.name, alias, host=node.host, port=node.port, user=node.user,
+                          key_path=node.key_path, key_secret=key_secret, known_hosts=node.known_hosts,
+                          trust_on_first_use=node.trust_on_first_use, connect_timeout=connect_timeout,
+                          ssh_config_path=node.ssh_config)
+
+
+def _client() -> SyncPrefectClient:
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _read_block(client: SyncPrefectClient, block_class: type, name: str) -> Any | None:
+    """The saved block `name` of `block_class`, or None when there is none."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        client.read_block_document_by_name(name, block_class.get_block_type_slug(), include_secrets=False)
+    except ObjectNotFound:
+        return None
+    return block_class.load(name)
+
+
+def import_nodes(settings: DispatchSettings, *, embed_keys: bool = False) -> list[str]:
+    """Save each node of `nodes.json` as a `ClusterNode` block (overwriting), and the built-in models as
+    `AgentModel` blocks where none exists yet (without keys: add them in the UI or with `block.save`).
+
+    A private key already saved in a node's block is kept when `nodes.json` does not bring one (so a key
+    pasted in the UI survives a re-import).
+
+    Args:
+        settings: where `nodes.json` is (`settings.home`).
+        embed_keys: read each node's `key_path` file into its block's `private_key` secret, so other
+            machines (workers, teammates) can connect without the file.
+
+    Returns:
+        One human line per block saved.
+
+    Raises:
+        ConfigError: a bad `nodes.json`, two node names that slugify alike, or an unreadable key file.
+    """
+    from blocks.agent_model import AgentModel
+    from blocks.cluster_node import ClusterNode, block_name
+    from dispatch.agents import BUILTIN_MODELS
+
+    nodes = load_nodes(settings)
+    by_slug: dict[str, str] = {}
+    for node in nodes:
+        other = by_slug.setdefault(block_name(node.name), node.name)
+        if other != node.name:
+            raise ConfigError(f"nodes {other!r} and {node.name!r} would share the block name "
+                              f"{block_name(node.name)!r}; rename one of them in nodes.json")
+    lines = []
+    with _client() as client:
+        for node in nodes:
+            key = _read_key(node) if embed_keys and node.key_path else None
+            block = ClusterNode.from_node(node, private_key=key)
+            if block.private_key is None and (saved := _read_block(client, ClusterNode, block.document_name)):
+                block.private_key = saved.private_key
+            block.save(block.document_name, overwrite=True)
+            secret = " (private key stored as a secret)" if block.private_key is not None else ""
+            lines.append(f"node {node.name}: saved block {ClusterNode.get_block_type_slug()}/"
+                         f"{block.document_name}{secret}")
+            logger.info("saved ClusterNode block %s", block.document_name)
+        for name in sorted(BUILTIN_MODELS):
+            if _read_block(client, AgentModel, block_name(name)) is None:
+                AgentModel.builtin(name).save(block_name(name))
+                lines.append(f"model {name}: saved block {AgentModel.get_block_type_slug()}/{block_name(name)} "
+                             "(no API key: add one in the UI)")
+    return lines
+
+
+def _read_key(node: Node) -> str:
+    from pathlib import Path
+
+    path = Path(str(node.key_path)).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"node {node.name}: cannot read key_path {path} to store it as a secret: {exc}") from exc
+
+
+def sync_pools(nodes: list[Node]) -> list[str]:
+    """Make each node's work pool and global concurrency limit `node-<name>` match its slots.
+
+    Missing ones are created (pools of type `process`, with the process worker's default job template);
+    existing ones get their limit updated when it differs, and are otherwise left alone: a concurrency
+    limit's active slots are never reset.
+
+    Args:
+        nodes: the cluster's nodes.
+
+    Returns:
+        One human line per change; empty when everything already matched.
+    """
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+        WorkPoolCreate,
+        WorkPoolUpdate,
+    )
+    from prefect.exceptions import ObjectNotFound
+
+    changes: list[str] = []
+    with _client() as client:
+        for node in nodes:
+            name = node.pool
+            try:
+                pool = client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(
+                    name=name, type=POOL_TYPE, concurrency_limit=node.slots,
+                    base_job_template=_process_job_template(),
+                    description=f"Oyster Dispatch node {node.name} ({node.transport}): {node.slots} slots"))
+                changes.append(f"work pool {name}: created, concurrency limit {node.slots}")
+            else:
+                if pool.concurrency_limit != node.slots:
+                    client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=node.slots))
+                    changes.append(f"work pool {name}: concurrency limit {pool.concurrency_limit} -> {node.slots}")
+                if pool.type != POOL_TYPE:
+                    logger.warning("work pool %s is of type %s, not %s; left as it is", name, pool.type, POOL_TYPE)
+            try:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=node.slots))
+                changes.append(f"concurrency limit {name}: created, limit {node.slots}")
+            else:
+                if limit.limit != node.slots:
+                    # only `limit` is sent (the client drops unset fields): active slots stay as they are
+                    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=node.slots))
+                    busy = f" ({limit.active_slots} in use)" if limit.active_slots else ""
+                    changes.append(f"concurrency limit {name}: limit {limit.limit} -> {node.slots}{busy}")
+                if not limit.active:
+                    logger.warning("concurrency limit %s is inactive (not enforced); left as it is", name)
+    return changes
+
+
+def _process_job_template() -> dict[str, Any]:
+    from prefect.workers.process import ProcessWorker
+
+    return ProcessWorker.get_default_base_job_template()
+
+
+def node_load(nodes: list[Node]) -> dict[str, dict[str, int]]:
+    """The slots in use on each node, from its global concurrency limit on the Prefect server.
+
+    Args:
+        nodes: the cluster's nodes.
+
+    Returns:
+        `{node name: {"slots": limit, "used": active slots}}` for every node that has a limit; nodes
+        without one (not synced yet) are left out.
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    load: dict[str, dict[str, int]] = {}
+    with _client() as client:
+        for node in nodes:
+            try:
+                limit = client.read_global_concurrency_limit_by_name(node.pool)
+            except ObjectNotFound:
+                continue
+            load[node.name] = {"slots": limit.limit, "used": limit.active_slots}
+    return load

@@ -1,0 +1,93 @@
+"""The cluster at run time: one transport per node, the shared SSH pool, slot brokers, node probes.
+
+Built once per project run from the configured nodes. Nodes that fail are marked down by the flow
+and probed in the background until they answer again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from dispatch.brokers import Brokers, MachineSlots, ServerSlots, server_limits
+from dispatch.cluster import Node
+from dispatch.errors import ConfigError, DispatchError
+from dispatch.settings import DispatchSettings
+from dispatch.ssh import SSHPool
+from dispatch.transports.local import LocalTransport
+from dispatch.transports.ssh import SSHTransport
+
+logger = logging.getLogger(__name__)
+_PROBE_INTERVAL = 5.0
+
+
+class ClusterRuntime:
+    """Transports, brokers and health of the nodes a project run uses.
+
+    Args:
+        settings: the process settings.
+        nodes: the configured nodes.
+        key_secrets: private key text per node name (from `ClusterNode` blocks), when not in files.
+    """
+
+    def __init__(self, settings: DispatchSettings, nodes: list[Node],
+                 key_secrets: dict[str, str] | None = None) -> None:
+        self.nodes = {node.name: node for node in nodes}
+        self.pool = SSHPool()
+        self.transports: dict[str, LocalTransport | SSHTransport] = {}
+        for node in nodes:
+            if node.transport == "local":
+                self.transports[node.name] = LocalTransport(settings.runs_dir, node.name)
+            elif node.transport == "ssh":
+                self.transports[node.name] = SSHTransport(node, self.pool, (key_secrets or {}).get(node.name))
+            else:
+                raise ConfigError(f"node {node.name}: transport {node.transport!r} needs team mode (a Prefect "
+                                  "server and a worker on the node); use transport ssh or local here")
+        limits: dict[str, str] = {}
+        if settings.prefect_api_url:
+            try:
+                limits = server_limits(list(self.nodes))
+            except Exception as exc:
+                raise DispatchError(f"cannot read the node limits from the Prefect server at "
+                                    f"{settings.prefect_api_url}: {exc}") from exc
+        self.brokers = Brokers(MachineSlots(settings.locks_dir, {n.name: n.slots for n in nodes}),
+                               ServerSlots(limits) if limits else None, set(limits))
+        self._probing: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def is_local(self, node: str) -> bool:
+        return isinstance(self.transports[node], LocalTransport)
+
+    def probe_until_up(self, node: str, on_up: Callable[[str], None]) -> None:
+        """Probe a down node in the background; call `on_up(node)` once it answers again."""
+        transport = self.transports[node]
+        if not isinstance(transport, SSHTransport):
+            on_up(node)
+            return
+        with self._lock:
+            if node in self._probing:
+                return
+            self._probing.add(node)
+
+        def probe() -> None:
+            while not self._closed.wait(_PROBE_INTERVAL):
+                try:
+                    self.pool.connect(transport.target)
+                except DispatchError as exc:
+                    logger.debug("node %s still down: %s", node, exc)
+                    continue
+                logger.info("node %s answers again", node)
+                break
+            with self._lock:
+                self._probing.discard(node)
+            if not self._closed.is_set():
+                on_up(node)
+
+        threading.Thread(target=probe, name=f"probe-{node}", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.brokers.close()
+        self.pool.close()

@@ -1,0 +1,172 @@
+"""The `ssh` transport: run a spec on a remote node over one reused paramiko connection.
+
+Per attempt: ship the node runner if the node lacks this version (checksum in its path), copy the
+project's files into the run directory (scp mode), upload `task.json`, start the runner detached
+(secrets on its stdin only), then follow `task.log` with `tail --pid` until the runner exits and
+read `result.json`. The run survives a dropped connection; a restarted dispatcher re-attaches to a
+runner still going with the same cache key instead of starting the spec twice. A node that cannot
+be reached gives a `lost` result marked `node_fault`, so the spec retries on another node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import threading
+from pathlib import Path
+
+from dispatch.cluster import Node
+from dispatch.errors import DispatchError, NodeError
+from dispatch.results import SpecResult
+from dispatch.runner import SHIPPED_FILES, runner_checksum
+from dispatch.ssh import SSHPool, resolve_target
+from dispatch.transports import LineSink, RunRequest
+
+logger = logging.getLogger(__name__)
+_COMMAND_TIMEOUT = 60.0
+_FOLLOW_GRACE = 300.0
+
+
+class SSHTransport:
+    """Run spec attempts on one remote node.
+
+    Args:
+        node: the node (its `ssh_host` or `host`, `remote_root`, `python`, ...).
+        pool: the dispatcher's shared SSH connection pool.
+        key_secret: private key text from a `ClusterNode` block, when the key is not a file.
+    """
+
+    def __init__(self, node: Node, pool: SSHPool, key_secret: str | None = None) -> None:
+        self.node = node
+        self.pool = pool
+        self.target = resolve_target(
+            node.name, node.ssh_host or node.host or node.name, host=node.host, port=node.port, user=node.user,
+            key_path=node.key_path, key_secret=key_secret, known_hosts=node.known_hosts,
+            trust_on_first_use=node.trust_on_first_use, ssh_config_path=node.ssh_config)
+        self.root = node.remote_root.removeprefix("~/").rstrip("/") or "."
+        self._runner: str | None = None
+        self._ship_lock = threading.Lock()
+
+    # -- paths ---------------------------------------------------------------------------------
+    def run_dir(self, project: str, task_id: str) -> str:
+        return f"{self.root}/{project}/tasks/{task_id}"
+
+    def workdir(self, project: str, task_id: str) -> str:
+        """Where a spec works on this node in scp mode: a copy of the project in its run directory."""
+        return f"{self.run_dir(project, task_id)}/work"
+
+    def _command(self, command: str, timeout: float = _COMMAND_TIMEOUT, **kwargs) -> str:
+        return self.pool.run(self.target, command, timeout=timeout, **kwargs).stdout
+
+    def runner(self) -> str:
+        """The command that starts the node runner, shipping it first if this node lacks this version."""
+        with self._ship_lock:
+            if self._runner is None:
+                directory = f"{self.root}/.runner/{runner_checksum()[:16]}"
+                quoted = shlex.quote(directory)
+                present = self.pool.run(
+                    self.target, " && ".join(f"test -f {quoted}/{p.name}" for p in SHIPPED_FILES),
+                    timeout=_COMMAND_TIMEOUT, check=False).exit_code == 0
+                if not present:
+                    logger.info("node %s: shipping the node runner to %s", self.node.name, directory)
+                    for path in SHIPPED_FILES:
+                        self.pool.put_file(self.target, path, f"{directory}/{path.name}", mode=0o755)
+                self._runner = f"{shlex.quote(self.node.python)} {quoted}/node_runner.py"
+            return self._runner
+
+    # -- one attempt ---------------------------------------------------------------------------
+    def run(self, request: RunRequest, on_line: LineSink, slot_fd: int | None = None, *,
+            secrets: dict[str, str] | None = None, sync_from: Path | None = None,
+            sync_back: Path | None = None) -> SpecResult:
+        """Run (or re-attach to) one attempt on the node and return its result.
+
+        Args:
+            request: the attempt; `workdir` is a path on the node.
+            on_line: receives each line of the spec's log as it is written.
+            slot_fd: unused here (the local node's machine slot).
+            secrets: environment for the agent (API keys), sent on the runner's stdin only.
+            sync_from: scp mode: copy this local directory into the workdir first.
+            sync_back: scp mode: copy the files the spec changed back into this local directory.
+        """
+        run_dir = self.run_dir(request.project, request.task_id)
+        quoted = shlex.quote(run_dir)
+        try:
+            runner = self.runner()
+            pid = self._attach(runner, run_dir, request)
+            if pid is None:
+                if sync_from is not None and sync_from.is_dir():
+                    self.pool.put_dir(self.target, sync_from, request.workdir)
+                self.pool.put_file(self.target, json.dumps(request.task_json()).encode(), f"{run_dir}/task.json",
+                                   mode=0o600)
+                out = self._command(f"{runner} run {quoted} --detach --secrets-stdin",
+                                    stdin_data=json.dumps(secrets or {}))
+                pid = int(json.loads(out.strip().splitlines()[-1])["pid"])
+            else:
+                on_line(f"re-attached to the running attempt (runner pid {pid})")
+            self.pool.run(self.target, f"tail --pid={pid} -s 0.1 -n +1 -F {quoted}/task.log 2>/dev/null; true",
+                          timeout=request.timeout + _FOLLOW_GRACE, check=False,
+                          on_line=lambda stream, line: on_line(line) if stream == "stdout" else None)
+            data = json.loads(self.pool.read_file(self.target, f"{run_dir}/result.json"))
+        except NodeError as exc:
+            return self._lost(request, run_dir, f"node {self.node.name} failed: {exc}", node_fault=True)
+        except (DispatchError, OSError, ValueError, KeyError) as exc:
+            return self._lost(request, run_dir, f"on node {self.node.name}: {exc}", node_fault=True)
+        known = set(SpecResult.model_fields)
+        result = SpecResult.model_validate({k: v for k, v in data.items() if k in known} | {
+            "node": self.node.name, "run_dir": run_dir, "log_path": f"{self.node.name}:{run_dir}/task.log",
+            "cache_key": request.cache_key, "run_id": request.run_id, "attempt": request.attempt})
+        if result.succeeded and sync_back is not None:
+            try:
+                self._copy_back(request.workdir, result.files_changed, sync_back)
+            except (NodeError, OSError) as exc:
+                return self._lost(request, run_dir, f"could not copy the results back: {exc}", node_fault=True)
+        if not result.succeeded and not result.reason:
+            result.reason = result.status
+        return result
+
+    def _attach(self, runner: str, run_dir: str, request: RunRequest) -> int | None:
+        """The pid of a live runner of this very attempt (same cache key), after killing a stale one."""
+        status = json.loads(self._command(f"{runner} status {shlex.quote(run_dir)}") or "{}")
+        if not status.get("alive"):
+            return None
+        previous = self.pool.run(self.target, f"cat {shlex.quote(run_dir)}/task.json", timeout=_COMMAND_TIMEOUT,
+                                 check=False).stdout
+        if request.cache_key in previous:
+            return int(status["runner_pid"])
+        self._command(f"{runner} kill {shlex.quote(run_dir)}")  # an edited spec's runner must stop
+        return None
+
+    def _copy_back(self, workdir: str, files: list[str], target: Path) -> None:
+        for rel in files:
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                continue
+            destination = target / rel
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            self.pool.get_file(self.target, f"{workdir}/{rel}", destination)
+
+    def _lost(self, request: RunRequest, run_dir: str, reason: str, node_fault: bool) -> SpecResult:
+        logger.warning("%s %s: %s", self.node.name, request.task_id, reason)
+        return SpecResult(project=request.project, task_id=request.task_id, status="lost", node=self.node.name,
+                          reason=reason, node_fault=node_fault, retryable=True, run_dir=run_dir,
+                          cache_key=request.cache_key, run_id=request.run_id, attempt=request.attempt)
+
+    # -- control -------------------------------------------------------------------------------
+    def cancel(self, project: str, task_id: str) -> None:
+        try:
+            self._command(f"{self.runner()} kill {shlex.quote(self.run_dir(project, task_id))}")
+        except DispatchError as exc:
+            logger.warning("node %s: could not kill %s: %s", self.node.name, task_id, exc)
+
+    def kill_project(self, project: str) -> int:
+        """Kill every runner of `project` on this node; returns how many were running."""
+        tasks = shlex.quote(f"{self.root}/{project}/tasks")
+        out = self._command(
+            f'n=0; for d in {tasks}/*/; do [ -d "$d" ] || continue; '
+            f'{self.runner()} kill "$d" | grep -q \'"was_running": true\' && n=$((n+1)); done; echo $n',
+            timeout=120)
+        return int(out.strip().splitlines()[-1] or 0)
+
+    def cleanup(self, project: str) -> None:
+        """Remove this project's run directories on the node (and nothing else)."""
+        self._command(f"rm -rf {shlex.quote(f'{self.root}/{project}')}", timeout=300)
