@@ -7,7 +7,8 @@ Both files keep the old system's format and live in `DISPATCH_HOME`:
 
 Our optional node fields: `transport` (`ssh` default, `local`, `worker`), `host`, `port`, `user`,
 `key_path`, `known_hosts`, `trust_on_first_use`, `ssh_config`, `remote_root` (default `dispatch`, i.e.
-`~/dispatch`), `labels`, `models` (whose CLI the node has), `python`. Unknown fields are kept in
+`~/dispatch`), `labels`, `models` (whose CLI the node has), `python`, `env` (variables for every spec on
+the node, e.g. a `PATH` that holds the agent CLIs: SSH commands get no login shell's PATH). Unknown fields are kept in
 `options` and warned about once. Without `nodes.json` the cluster is the embedded `local` node.
 """
 
@@ -28,6 +29,7 @@ TRANSPORTS = ("local", "ssh", "worker")
 _NODE_FIELDS = {
     "name", "ssh_host", "slots", "api_mode", "executor", "priority", "transport", "host", "port", "user",
     "key_path", "known_hosts", "trust_on_first_use", "ssh_config", "remote_root", "labels", "models", "python",
+    "env",
 }
 _PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch"}
 
@@ -47,6 +49,7 @@ class Node:
         host, port, user, key_path, known_hosts, trust_on_first_use, ssh_config: SSH details (explicit wins).
         remote_root: the node's run root; relative paths are under the login's home.
         python: the node's Python 3 for the node runner.
+        env: environment for every spec on the node (not secrets: those belong in blocks).
         options: fields we do not know, kept as they were.
     """
 
@@ -66,6 +69,7 @@ class Node:
     ssh_config: str | None = None
     remote_root: str = "dispatch"
     python: str = "python3"
+    env: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -134,6 +138,8 @@ def parse_node(path: Path, index: int, raw: Any, settings: DispatchSettings) -> 
     if models is not None:
         _expect(path, f"{where}.models", models, list, "a list of model names")
     priority = _expect(path, f"{where}.priority", raw.get("priority", 0), int, "a whole number")
+    env = raw.get("env", {})
+    _expect(path, f"{where}.env", env, dict, "an object of environment variables")
     port = raw.get("port")
     if port is not None:
         _expect(path, f"{where}.port", port, int, "a TCP port number")
@@ -147,7 +153,7 @@ def parse_node(path: Path, index: int, raw: Any, settings: DispatchSettings) -> 
         host=raw.get("host"), port=port, user=raw.get("user"), key_path=raw.get("key_path"),
         known_hosts=raw.get("known_hosts"), trust_on_first_use=bool(raw.get("trust_on_first_use", False)),
         ssh_config=raw.get("ssh_config"), remote_root=str(raw.get("remote_root", "dispatch")),
-        python=str(raw.get("python", "python3")), options=options,
+        python=str(raw.get("python", "python3")), env={str(k): str(v) for k, v in env.items()}, options=options,
     )
 
 

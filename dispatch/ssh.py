@@ -493,7 +493,11 @@ def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
         try:
             sftp.stat(str(current))
         except FileNotFoundError:
-            sftp.mkdir(str(current))
+            try:
+                sftp.mkdir(str(current))
+            except OSError:  # another spec made it in between (SFTP says only "Failure"): fine if it is there
+                if not stat.S_ISDIR(sftp.stat(str(current)).st_mode or 0):
+                    raise
 
 
 def _get_tree(sftp: paramiko.SFTPClient, remote: str, local: Path, exclude: tuple[str, ...]) -> int:

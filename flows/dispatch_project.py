@@ -132,7 +132,7 @@ class ProjectRun:
             cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, steps=steps,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
-            env={"DISPATCH_SPEC_FILE": spec.path.name})
+            env={**self.nodes[assignment.node].env, "DISPATCH_SPEC_FILE": spec.path.name})
 
     def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""

@@ -97,3 +97,19 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def run_project(prefect_api, monkeypatch):
+    """Run a project's flow in this process; returns (final Prefect state, our ProjectState)."""
+    from dispatch.results import load_state
+    from dispatch.settings import get_settings
+    from flows.dispatch_project import dispatch_project
+
+    def run(project: str, slots: int = 2, **options):
+        monkeypatch.setenv("DISPATCH_LOCAL_SLOTS", str(slots))
+        get_settings.cache_clear()
+        state = dispatch_project(project, return_state=True, **options)
+        return state, load_state(get_settings().state_dir, project)
+
+    return run

@@ -111,7 +111,8 @@ class SSHTransport:
         except NodeError as exc:
             return self._lost(request, run_dir, f"node {self.node.name} failed: {exc}", node_fault=True)
         except (DispatchError, OSError, ValueError, KeyError) as exc:
-            return self._lost(request, run_dir, f"on node {self.node.name}: {exc}", node_fault=True)
+            return self._lost(request, run_dir, f"on node {self.node.name}: {type(exc).__name__}: {exc}",
+                              node_fault=True)
         known = set(SpecResult.model_fields)
         result = SpecResult.model_validate({k: v for k, v in data.items() if k in known} | {
             "node": self.node.name, "run_dir": run_dir, "log_path": f"{self.node.name}:{run_dir}/task.log",

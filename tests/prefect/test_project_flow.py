@@ -9,25 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.results import load_state
-from dispatch.settings import get_settings
 from tests.fixtures.projects import max_concurrency, overlap, read_timeline, shell_spec, write_spec
 
 pytestmark = pytest.mark.prefect
-
-
-@pytest.fixture
-def run_project(prefect_api, monkeypatch):
-    """Run a project's flow in this process; returns (final Prefect state, our ProjectState)."""
-    from flows.dispatch_project import dispatch_project
-
-    def run(project: str, slots: int = 2, **options):
-        monkeypatch.setenv("DISPATCH_LOCAL_SLOTS", str(slots))
-        get_settings.cache_clear()
-        state = dispatch_project(project, return_state=True, **options)
-        return state, load_state(get_settings().state_dir, project)
-
-    return run
 
 
 def _intervals(runs):

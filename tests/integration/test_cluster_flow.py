@@ -1,0 +1,173 @@
+"""Projects on a cluster of real sshd nodes (127.0.0.2-4, slots 2, 3, 4) with a fake agent CLI.
+
+Judged from what the specs and the fake agent record themselves, and from the process table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.projects import max_concurrency, overlap, read_timeline, runs_by_node, shell_spec, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
+DISPATCH = str(Path(sys.executable).with_name("dispatch"))
+
+
+@pytest.fixture
+def cluster(loopback_cluster, isolated_home: Path):
+    """DISPATCH_HOME/nodes.json for the loopback cluster, with the fake agent on every node's PATH."""
+    fakebin = isolated_home / "fakebin"
+    fakebin.mkdir()
+    for name in ("claude", "codex", "opencode"):
+        (fakebin / name).symlink_to(FAKE_AGENT)
+    agent_log = isolated_home / "agent.jsonl"
+    nodes = []
+    for node in loopback_cluster.nodes:
+        nodes.append({**node, "env": {"PATH": f"{fakebin}:/usr/local/bin:/usr/bin:/bin",
+                                      "FAKE_AGENT_LOG": str(agent_log)}})
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": nodes}))
+    loopback_cluster.agent_log = agent_log
+    return loopback_cluster
+
+
+def _agent_calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_specs_spread_over_the_nodes_without_exceeding_any_node(run_project, cluster, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "spread", isolated_home / "timeline"
+    for i in range(18):
+        shell_spec(specs, f"S{i:02d}", timeline, seconds=1.0)
+    state, summary = run_project("spread")
+    assert state.is_completed(), state.message
+    by_node = runs_by_node(timeline)
+    slots = {n["name"]: n["slots"] for n in cluster.nodes}
+    assert sum(len(v) for v in by_node.values()) == 18
+    for node, runs in by_node.items():
+        assert max_concurrency(runs) <= slots[node], f"{node} ran more than its {slots[node]} slots"
+    assert set(by_node) == set(slots), "every node should get work"
+    everything = [r for runs in by_node.values() for r in runs]
+    assert max_concurrency(everything) >= 7, "the cluster's 9 slots should mostly be in use"
+    assert {row.node for row in summary.specs.values()} == set(slots)
+
+
+def test_overlapping_modifies_never_run_together_across_nodes(run_project, cluster, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "xlocks", isolated_home / "timeline"
+    for i in range(4):
+        shell_spec(specs, f"S0{i}-shared", timeline, seconds=0.8, modifies=["app/config.yaml"])
+    for i in range(4, 8):
+        shell_spec(specs, f"S0{i}-free", timeline, seconds=0.8, modifies=[f"free/{i}.txt"])
+    state, _ = run_project("xlocks")
+    assert state.is_completed(), state.message
+    runs = {k: v[0] for k, v in read_timeline(timeline).items()}
+    shared = [runs[f"S0{i}-shared"] for i in range(4)]
+    assert max_concurrency(shared) == 1
+    free = [runs[f"S0{i}-free"] for i in range(4, 8)]
+    assert max_concurrency(free) >= 3
+
+
+def test_quota_message_falls_back_to_the_next_model_and_cools_the_model_for_later_specs(
+        run_project, cluster, isolated_home: Path):
+    from prefect.variables import Variable
+
+    Variable.unset("dispatch_cooldown_glm")
+    specs = isolated_home / "specs" / "limits"
+    write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["glm", "minimax", "claude"]},
+               "## Goal\nWrite a file.\n\nFAKE: model=glm mode=glm-1308\nFAKE: write out/first.txt done\n")
+    write_spec(specs, "S02-second.md", {"task_id": "S02-second", "depends_on": ["S01"], "model": ["glm", "claude"]},
+               "## Goal\nWrite another file.\n\nFAKE: write out/second.txt done\n")
+    try:
+        state, summary = run_project("limits")
+        assert state.is_completed(), state.message
+        assert summary.specs["S01-first"].model == "minimax"
+        assert summary.specs["S02-second"].model == "claude"
+        calls = [(c["model"], c["mode"]) for c in _agent_calls(cluster.agent_log)]
+        assert calls[:2] == [("glm", "glm-1308"), ("minimax", "ok")]
+        assert calls[2:] == [("claude", "ok")], "glm is on cool-down: the second spec must not try it"
+        cooldown = Variable.get("dispatch_cooldown_glm")
+        assert cooldown["until"] > time.time() + 60
+        code_dir = isolated_home / "projects" / "limits"
+        assert (code_dir / "out" / "first.txt").read_text().strip() == "done", "scp mode copies results back"
+    finally:
+        Variable.unset("dispatch_cooldown_glm")
+
+
+def test_timeout_and_stall_kill_leave_no_process_behind(run_project, cluster, isolated_home: Path, monkeypatch):
+    monkeypatch.setenv("DISPATCH_STALL_TIMEOUT", "2")
+    monkeypatch.setenv("DISPATCH_RETRIES", "0")
+    marker = f"m{os.getpid()}{int(time.time() * 1000) % 100000}"
+    specs = isolated_home / "specs" / "hung"
+    write_spec(specs, "S01-hangs.md", {"task_id": "S01-hangs", "executor": "claude", "timeout": "1s"},
+               f"## Goal\nHang. {marker}\n\nFAKE: mode=hang\n")
+    write_spec(specs, "S02-stalls.md", {"task_id": "S02-stalls", "executor": "claude", "timeout": "60s"},
+               f"## Goal\nStall. {marker}\n\nFAKE: mode=stall-after:0.5\n")
+    state, summary = run_project("hung")
+    assert state.is_failed()
+    assert summary.specs["S01-hangs"].state == "failed" and "timeout" in summary.specs["S01-hangs"].reason
+    assert summary.specs["S02-stalls"].state == "failed" and "stall" in summary.specs["S02-stalls"].reason
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.returncode == 1, f"processes left behind: {left.stdout}"
+
+
+def test_a_node_killed_mid_run_costs_only_a_retry_on_another_node(run_project, cluster, isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "dying", isolated_home / "timeline"
+    for i in range(9):
+        shell_spec(specs, f"S{i:02d}", timeline, seconds=4.0, retries=2)
+    victim = "loop3"
+    import threading
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if victim in runs_by_node(timeline) or any(
+                    line.split()[3:4] == [victim] for line in (timeline.read_text().splitlines()
+                                                              if timeline.exists() else [])):
+                cluster.kill(victim)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    try:
+        state, summary = run_project("dying")
+    finally:
+        killer.join(timeout=5)
+        cluster.restart(victim)
+    assert state.is_completed(), state.message
+    rows = summary.specs
+    moved = [t for t, row in rows.items() if row.attempts == 2]
+    assert moved, "the specs running on the killed node should have been retried"
+    assert all(rows[t].node != victim for t in moved), "a retry after a node fault goes to another node"
+    assert all(row.attempts <= 2 for row in rows.values()), "a dead node costs its specs one retry, no more"
+    finished = {t for t, runs in read_timeline(timeline).items() if any(end for _, end in runs)}
+    assert finished == set(rows), "every spec finished somewhere"
+
+
+def test_stop_kills_the_projects_agents_on_every_node(prefect_api, cluster, isolated_home: Path):
+    marker = f"3{os.getpid()}{int(time.time() * 1000) % 100000}"  # a unique sleep length to find them by
+    specs, timeline = isolated_home / "specs" / "remote-stop", isolated_home / "timeline"
+    for i in range(5):
+        shell_spec(specs, f"S0{i}", timeline, seconds=marker)
+    log = isolated_home / "run.log"
+    with open(log, "wb") as out:
+        run = subprocess.Popen([DISPATCH, "start", "remote-stop"], stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(read_timeline(timeline)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(read_timeline(timeline)) == 5, log.read_text()
+    stopped = subprocess.run([DISPATCH, "stop", "remote-stop"], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert run.wait(timeout=60) == 1
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.returncode == 1, f"agents left running on the nodes: {left.stdout}"
