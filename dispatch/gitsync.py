@@ -170,8 +170,10 @@ else
   waited=0
   until mkdir "$LOCKDIR" 2>/dev/null; do
     holder=$(cat "$LOCKDIR/pid" 2>/dev/null || true)
-    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then
-      rm -rf "$LOCKDIR"  # its holder died without unlocking
+    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null && mkdir "$LOCKDIR.break" 2>/dev/null; then
+      # its holder died without unlocking: take it over, one breaker at a time, if nobody did already
+      [ "$(cat "$LOCKDIR/pid" 2>/dev/null || true)" != "$holder" ] || rm -rf "$LOCKDIR"
+      rmdir "$LOCKDIR.break"
       continue
     fi
     waited=$((waited + 1))
