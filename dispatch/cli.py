@@ -22,7 +22,7 @@ from rich.table import Table
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.report import render_markdown, table_rows
-from dispatch.results import load_all_states, load_state, pid_alive, read_json
+from dispatch.results import load_all_states, load_state, pid_alive
 from dispatch.settings import get_settings
 
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
@@ -216,40 +216,43 @@ def report(
 
 @app.command()
 def collect(project: str):
-    """Copy each spec's log, result and changed files into DISPATCH_HOME/results/<project>/."""
+    """Bring the work back: logs, results and changed files; in git mode merge every spec's branch."""
+    from dispatch.cluster import load_project_config
+    from dispatch.collect import collect_outputs
+
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is None:
         err.print(f"no run of {project!r} recorded; start one with `dispatch start {project}`")
         raise typer.Exit(EXIT_INVALID)
+    try:
+        config = load_project_config(settings, project)
+        code_dir = Path(config.repo_local) if config.repo_local else settings.code_dir_for(project)
+        summary = collect_outputs(settings, state, config, code_dir)
+    except DispatchError as exc:
+        raise _invalid(exc) from None
     target = settings.results_dir / project
-    code_dir = settings.code_dir_for(project)
-    copied = 0
-    for task_id, row in state.specs.items():
-        run_dir = Path(row.log_path).parent if row.log_path else None
-        if run_dir is None or not run_dir.is_dir():
-            continue
-        dest = target / task_id
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ("task.log", "result.json"):
-            if (run_dir / name).exists():
-                shutil.copy2(run_dir / name, dest / name)
-        result = read_json(run_dir / "result.json") or {}
-        for rel in result.get("files_changed", []):
-            source = code_dir / rel
-            if source.is_file():
-                (dest / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, dest / "files" / rel)
-        copied += 1
-    (target / "report.md").parent.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     (target / "report.md").write_text(render_markdown(state, settings.runs_dir), encoding="utf-8")
-    console.print(f"collected {copied} spec(s) of {project} into {target}")
+    console.print(f"collected {len(summary.copied)} spec(s) of {project} into {target}")
+    for task_id, why in summary.unreachable.items():
+        err.print(f"[yellow]{task_id}: could not fetch its outputs: {why}[/]")
+    if summary.merge is not None:
+        table = Table("spec", "merge", "files", title=f"merged into {summary.merge.integration_branch}")
+        for outcome in summary.merge.outcomes:
+            table.add_row(outcome.task_id, outcome.status, ", ".join(outcome.files) or outcome.message[:60])
+        console.print(table)
+        conflicts = summary.merge.conflicts()
+        if conflicts:
+            err.print(f"[red]{len(conflicts)} spec(s) conflict:[/] " + ", ".join(
+                f"{c.task_id} ({', '.join(c.files)})" for c in conflicts))
+            raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
 def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait for the run to end.")] = 30.0):
     """Stop a running project from another terminal: its running specs are killed, its locks released."""
-    from dispatch.transports.local import LocalTransport
+    from dispatch.collect import kill_everywhere
 
     settings = get_settings()
     state = load_state(settings.state_dir, project)
@@ -263,7 +266,7 @@ def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait
         if pid_alive(state.pid):
             err.print(f"[red]the dispatcher (pid {state.pid}) did not stop within {wait:.0f}s[/]")
             raise typer.Exit(EXIT_FAILED)
-    orphans = LocalTransport(settings.runs_dir).kill_project(project)
+    orphans = kill_everywhere(settings, project)
     if stopped or orphans:
         console.print(f"stopped {project}" + (f" ({orphans} orphaned runner(s) killed)" if orphans else ""))
     else:
@@ -291,7 +294,12 @@ def cleanup(project: str,
         elif path.exists():
             path.unlink()
             removed.append(path)
-    console.print(f"removed {len(removed)} path(s) of {project}")
+    from dispatch.collect import cleanup_everywhere
+
+    failed = cleanup_everywhere(settings, project)
+    console.print(f"removed {len(removed)} local path(s) of {project} and its run directories on the nodes")
+    for node, why in failed.items():
+        err.print(f"[yellow]node {node}: not cleaned: {why}[/]")
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -31,7 +31,8 @@ from dispatch.errors import ConfigError, DispatchError
 from dispatch.results import load_all_states, pid_alive
 from dispatch.settings import DispatchSettings, get_settings
 
-nodes_app = typer.Typer(help="The cluster's nodes: list them, import them into Prefect, sync pools, check them.")
+nodes_app = typer.Typer(help="List the cluster's nodes (no subcommand), or import them into Prefect, sync their "
+                              "work pools and concurrency limits, and check them.")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -176,6 +177,9 @@ def sync() -> None:
 
     try:
         changes = sync_pools(nodes)
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
     except httpx.HTTPError as exc:
         raise _prefect_failed(settings, exc) from None
     for line in changes:
@@ -264,14 +268,16 @@ def check(
     if as_json:
         console.print_json(data={"nodes": results, "unreachable": unreachable})
     else:
-        table = Table("node", "transport", "host", "reachable", "python", "CLIs found", "notes")
+        table = Table("node", "transport", "host", "reachable", "python", "CLIs found", "missing")
         marks = {True: "[green]✓[/]", False: "[red]✗[/]", None: "[yellow]skipped[/]"}
         for row in results:
-            notes = [f"missing {m}" for m in row["missing"]] + ([row["error"]] if row["error"] else [])
             table.add_row(escape(row["name"]), row["transport"], escape(row["host"]), marks[row["reachable"]],
                           escape(row["python"] or "-"), escape(", ".join(row["clis"]) or "-"),
-                          escape("; ".join(notes)))
+                          escape(", ".join(row["missing"]) or "-"))
         console.print(table)
+        for row in results:  # whole messages below the table: they say what to do, do not wrap them in a cell
+            if row["error"]:
+                (err if row["reachable"] is False else console).print(escape(row["error"]), soft_wrap=True)
     if unreachable:
         if not as_json:
             err.print(f"[red]{len(unreachable)} node(s) unreachable:[/] {escape(', '.join(unreachable))}")

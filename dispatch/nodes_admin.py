@@ -15,6 +15,7 @@ environment from `DispatchSettings.prefect_environment()` before calling them.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispatch.cluster import Node, load_nodes
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 logger = logging.getLogger(__name__)
+
+_BANNED_IN_NAMES = "/%&<>"  # prefect.types.names.BANNED_CHARACTERS
 
 POOL_TYPE = "process"
 """The type of every node's work pool (a `prefect worker start --type process` on the node serves it)."""
@@ -57,15 +60,16 @@ def _client() -> SyncPrefectClient:
     return get_client(sync_client=True)
 
 
-def _read_block(client: SyncPrefectClient, block_class: type, name: str) -> Any | None:
-    """The saved block `name` of `block_class`, or None when there is none."""
+def _saved_data(client: SyncPrefectClient, block_class: type, name: str, *,
+                secrets: bool = False) -> dict[str, Any] | None:
+    """The fields of the saved block `name` of `block_class`, or None when there is none."""
     from prefect.exceptions import ObjectNotFound
 
+    slug = block_class.get_block_type_slug()
     try:
-        client.read_block_document_by_name(name, block_class.get_block_type_slug(), include_secrets=False)
+        return client.read_block_document_by_name(name, slug, include_secrets=secrets).data
     except ObjectNotFound:
         return None
-    return block_class.load(name)
 
 
 def import_nodes(settings: DispatchSettings, *, embed_keys: bool = False) -> list[str]:
@@ -102,15 +106,16 @@ def import_nodes(settings: DispatchSettings, *, embed_keys: bool = False) -> lis
         for node in nodes:
             key = _read_key(node) if embed_keys and node.key_path else None
             block = ClusterNode.from_node(node, private_key=key)
-            if block.private_key is None and (saved := _read_block(client, ClusterNode, block.document_name)):
-                block.private_key = saved.private_key
+            saved = _saved_data(client, ClusterNode, block.document_name, secrets=True) if key is None else None
+            if block.private_key is None and saved:
+                block.private_key = saved.get("private_key")  # validated into a SecretStr again
             block.save(block.document_name, overwrite=True)
             secret = " (private key stored as a secret)" if block.private_key is not None else ""
             lines.append(f"node {node.name}: saved block {ClusterNode.get_block_type_slug()}/"
                          f"{block.document_name}{secret}")
             logger.info("saved ClusterNode block %s", block.document_name)
         for name in sorted(BUILTIN_MODELS):
-            if _read_block(client, AgentModel, block_name(name)) is None:
+            if _saved_data(client, AgentModel, block_name(name)) is None:
                 AgentModel.builtin(name).save(block_name(name))
                 lines.append(f"model {name}: saved block {AgentModel.get_block_type_slug()}/{block_name(name)} "
                              "(no API key: add one in the UI)")
@@ -118,8 +123,6 @@ def import_nodes(settings: DispatchSettings, *, embed_keys: bool = False) -> lis
 
 
 def _read_key(node: Node) -> str:
-    from pathlib import Path
-
     path = Path(str(node.key_path)).expanduser()
     try:
         return path.read_text(encoding="utf-8")
@@ -139,6 +142,9 @@ def sync_pools(nodes: list[Node]) -> list[str]:
 
     Returns:
         One human line per change; empty when everything already matched.
+
+    Raises:
+        ConfigError: a node's name has a character Prefect does not allow in pool or limit names.
     """
     from prefect.client.schemas.actions import (
         GlobalConcurrencyLimitCreate,
@@ -148,6 +154,10 @@ def sync_pools(nodes: list[Node]) -> list[str]:
     )
     from prefect.exceptions import ObjectNotFound
 
+    for node in nodes:
+        if banned := sorted(set(node.name) & set(_BANNED_IN_NAMES)):
+            raise ConfigError(f"node {node.name!r}: Prefect does not allow {' '.join(banned)} in work pool and "
+                              "concurrency limit names; rename the node in nodes.json")
     changes: list[str] = []
     with _client() as client:
         for node in nodes:

@@ -65,6 +65,8 @@ class SpecResult(BaseModel):
     reason: str = ""
     retryable: bool = True
     node_fault: bool = False
+    branch: str = Field(default="", description="git mode: the spec's branch")
+    commit: str = Field(default="", description="git mode: the commit pushed to it")
 
     @property
     def succeeded(self) -> bool:

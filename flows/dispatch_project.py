@@ -36,6 +36,7 @@ from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_confi
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, load_project, select
 from dispatch.errors import DispatchError
+from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
@@ -125,14 +126,20 @@ class ProjectRun:
     def _request(self, assignment: Assignment, chain: list[str]) -> RunRequest:
         spec = self.project.specs[assignment.task_id]
         transport = self.runtime.transports[assignment.node]
-        workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
+        git = None
+        if self.config.sync_mode == "git":
+            git = {"repo_url": self.config.repo_url, "main_branch": self.config.main_branch,
+                   "dependencies": list(spec.depends_on)}
+            workdir = worktree_path(transport.root_path, self.project.name, spec.task_id)
+        else:
+            workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
         steps = build_steps(spec, self.prompts.get(spec.task_id, ""), skip=set(spec.model_chain) - set(chain))
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
             cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, steps=steps,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
-            env={**self.nodes[assignment.node].env, "DISPATCH_SPEC_FILE": spec.path.name})
+            env={**self.nodes[assignment.node].env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
 
     def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""

@@ -60,13 +60,66 @@ def run_spec(request: RunRequest) -> SpecResult | State:
         logger.error("%s %s", prefix, missing)
         return Failed(message=missing, data=result)
     logger.info("%s attempt %d started", prefix, request.attempt)
+    if request.git and (failure := _prepare_branch(request, transport, logger, prefix)):
+        return Failed(message=f"{request.task_id}: {failure.reason}", data=failure)
     options = RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {})
     result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), **options)
+    if result.succeeded and request.git:
+        _push_branch(request, transport, result, logger, prefix)
     if result.succeeded:
         logger.info("%s succeeded in %.1fs (model %s)", prefix, result.duration or 0.0, result.model or "-")
         return result
     logger.error("%s %s", prefix, result.reason or result.status)
     return Failed(message=f"{request.task_id}: {result.reason or result.status}", data=result)
+
+
+def _git_failure(request: RunRequest, reason: str, retryable: bool, node_fault: bool = False) -> SpecResult:
+    return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
+                      reason=reason, retryable=retryable, node_fault=node_fault, cache_key=request.cache_key,
+                      run_id=request.run_id, attempt=request.attempt)
+
+
+def _prepare_branch(request: RunRequest, transport: Transport, logger, prefix: str) -> SpecResult | None:
+    """git mode: the spec's worktree on branch dispatch/<project>/<task_id>, with its dependencies merged."""
+    from dispatch import gitsync
+    from dispatch.errors import NodeError
+
+    script = gitsync.prepare_script(project=request.project, task_id=request.task_id,
+                                    repo_url=request.git["repo_url"], main_branch=request.git["main_branch"],
+                                    root=transport.root_path, dependencies=request.git["dependencies"])
+    try:
+        code, out, err = transport.exec(script, timeout=900)
+    except NodeError as exc:
+        return _git_failure(request, f"node {request.node} failed preparing the branch: {exc}", True, True)
+    if code == 0:
+        logger.info("%s worktree %s on %s", prefix, out.strip().splitlines()[-1],
+                    gitsync.branch_name(request.project, request.task_id))
+        return None
+    tail = " | ".join(err.strip().splitlines()[-8:])
+    if code == gitsync.CONFLICT_EXIT_CODE:  # the dependencies' branches conflict: a retry cannot fix it
+        return _git_failure(request, f"its dependencies' branches conflict: {tail}", retryable=False)
+    return _git_failure(request, f"preparing the git worktree failed ({code}): {tail}", retryable=True)
+
+
+def _push_branch(request: RunRequest, transport: Transport, result: SpecResult, logger, prefix: str) -> None:
+    """git mode: commit the spec's changes and push its branch; a failure fails the attempt (retryable)."""
+    from dispatch import gitsync
+    from dispatch.errors import NodeError
+
+    script = gitsync.finish_script(project=request.project, task_id=request.task_id, root=transport.root_path,
+                                   message=f"{request.task_id}: {result.model or 'dispatch'} (oyster dispatch)")
+    try:
+        code, out, err = transport.exec(script, timeout=900)
+    except NodeError as exc:
+        code, out, err = -1, "", str(exc)
+        result.node_fault = True
+    if code != 0:
+        result.status, result.retryable = "failed", True
+        result.reason = f"pushing the branch failed ({code}): {err.strip()[-500:]}"
+        return
+    result.branch = gitsync.branch_name(request.project, request.task_id)
+    result.commit = out.strip().splitlines()[-1] if out.strip() else ""
+    logger.info("%s pushed %s at %s", prefix, result.branch, result.commit[:12])
 
 
 @task(log_prints=False)

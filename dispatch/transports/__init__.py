@@ -32,6 +32,7 @@ class RunRequest(BaseModel):
     heartbeat: float = 2.0
     acceptance: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    git: dict | None = Field(default=None, description="git mode: repo_url, main_branch, dependencies")
 
     def task_json(self) -> dict:
         """The node runner's `task.json` (no secrets: those travel on the runner's stdin)."""
@@ -53,3 +54,10 @@ class Transport(Protocol):
 
     def cancel(self, project: str, task_id: str) -> None:
         """Kill a running attempt (its whole process group); its `run` then returns `killed`."""
+
+    def exec(self, script: str, timeout: float) -> tuple[int, str, str]:
+        """Run a POSIX sh script on the node: (exit code, stdout, stderr)."""
+
+    @property
+    def root_path(self) -> str:
+        """The node's run root (where `<project>/tasks/` and `<project>/worktrees/` live)."""

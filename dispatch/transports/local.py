@@ -55,6 +55,19 @@ class LocalTransport:
         self._cancelled: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
+    @property
+    def root_path(self) -> str:
+        return str(self.root)
+
+    def exec(self, script: str, timeout: float) -> tuple[int, str, str]:
+        """Run a POSIX sh script here: (exit code, stdout, stderr)."""
+        try:
+            done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            return -1, "", f"timed out after {timeout:.0f}s: {exc}"
+        return done.returncode, done.stdout, done.stderr
+
     def workdir(self, project: str, task_id: str) -> str | None:
         """None: local specs work in the project's code directory itself."""
         return None

@@ -56,6 +56,15 @@ class SSHTransport:
         """Where a spec works on this node in scp mode: a copy of the project in its run directory."""
         return f"{self.run_dir(project, task_id)}/work"
 
+    @property
+    def root_path(self) -> str:
+        return self.root
+
+    def exec(self, script: str, timeout: float) -> tuple[int, str, str]:
+        """Run a POSIX sh script on the node: (exit code, stdout, stderr); unreachable raises NodeError."""
+        result = self.pool.run(self.target, script, timeout=timeout, check=False)
+        return result.exit_code, result.stdout, result.stderr
+
     def _command(self, command: str, timeout: float = _COMMAND_TIMEOUT, **kwargs) -> str:
         return self.pool.run(self.target, command, timeout=timeout, **kwargs).stdout
 

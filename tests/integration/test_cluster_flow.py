@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.projects import max_concurrency, overlap, read_timeline, runs_by_node, shell_spec, write_spec
+from tests.fixtures.projects import max_concurrency, read_timeline, runs_by_node, shell_spec, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
@@ -171,3 +171,43 @@ def test_stop_kills_the_projects_agents_on_every_node(prefect_api, cluster, isol
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
     assert left.returncode == 1, f"agents left running on the nodes: {left.stdout}"
+
+
+def _git(*args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_git_mode_makes_a_branch_per_spec_and_collect_reports_a_planted_conflict(run_project, cluster,
+                                                                                   isolated_home: Path):
+    remote, seed, local = isolated_home / "remote.git", isolated_home / "seed", isolated_home / "clone"
+    _git("init", "-q", "--bare", "-b", "main", str(remote))
+    _git("clone", "-q", str(remote), str(seed))
+    (seed / "README.md").write_text("the project\n")
+    _git("add", "README.md", cwd=seed)
+    _git("commit", "-q", "-m", "start", cwd=seed)
+    _git("push", "-q", "origin", "HEAD:main", cwd=seed)
+    _git("clone", "-q", str(remote), str(local))
+    (isolated_home / "home" / "projects.json").write_text(json.dumps({"gitproj": {
+        "sync_mode": "git", "repo_url": str(remote), "repo_local": str(local), "main_branch": "main"}}))
+    specs = isolated_home / "specs" / "gitproj"
+    agent = {"model": ["claude"]}
+    write_spec(specs, "S01-base.md", {"task_id": "S01-base", **agent}, "## Goal\nbase\n\nFAKE: write base.txt base\n")
+    write_spec(specs, "S02-uses.md", {"task_id": "S02-uses", "depends_on": ["S01"], **agent},
+               "## Goal\nuse base\n\nFAKE: write uses.txt uses\n\n## Acceptance criteria\n- [ ] `test -f base.txt`\n")
+    write_spec(specs, "S03-left.md", {"task_id": "S03-left", **agent}, "## Goal\nl\n\nFAKE: write shared.txt left\n")
+    write_spec(specs, "S04-right.md", {"task_id": "S04-right", **agent}, "## Goal\nr\n\nFAKE: write shared.txt right\n")
+    state, summary = run_project("gitproj")
+    assert state.is_completed(), state.message
+    heads = _git("ls-remote", "--heads", str(remote))
+    for task_id in ("S01-base", "S02-uses", "S03-left", "S04-right"):
+        assert f"refs/heads/dispatch/gitproj/{task_id}" in heads
+    assert "base.txt" in _git("ls-tree", "--name-only", "-r", "dispatch/gitproj/S02-uses", cwd=remote), \
+        "a dependent's branch starts from its dependency's work"
+    collected = subprocess.run([DISPATCH, "collect", "gitproj"], capture_output=True, text=True, timeout=120)
+    assert collected.returncode == 1, collected.stdout + collected.stderr
+    assert "S04-right (shared.txt)" in collected.stderr
+    merged = _git("ls-tree", "--name-only", "-r", "dispatch/gitproj/integration", cwd=local)
+    assert {"base.txt", "uses.txt", "shared.txt"} <= set(merged.split())
+    assert _git("rev-parse", "--abbrev-ref", "HEAD", cwd=local).strip() == "main", "the user's checkout is untouched"
