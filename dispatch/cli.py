@@ -17,8 +17,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from dispatch.cli_nodes import nodes_app
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.report import render_markdown, table_rows
@@ -27,6 +29,7 @@ from dispatch.settings import get_settings
 
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(nodes_app, name="nodes")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -39,9 +42,10 @@ def _invalid(exc: Exception) -> typer.Exit:
     if isinstance(exc, ProjectInvalid):
         err.print(f"[red]project {exc.project!r} is invalid[/] ({len(exc.errors)} error(s)); nothing was scheduled:")
         for problem in exc.errors:
-            err.print(f"  [bold]{problem.path}[/]: {problem.field}: {problem.message}", soft_wrap=True)
+            err.print(f"  [bold]{escape(problem.path)}[/]: {escape(problem.field)}: {escape(problem.message)}",
+                      soft_wrap=True)
     else:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(EXIT_INVALID)
 
 

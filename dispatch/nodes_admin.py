@@ -6,6 +6,7 @@
   both limited to the node's slots; created when missing, their limits updated when they differ, and
   nothing else touched (a limit's active slots are never reset, so runs holding slots keep them).
 - `node_load`: the slots each node has in use, from those concurrency limits (team mode).
+- `node_keys`: the private keys kept in the nodes' blocks (as `SecretStr`), for the SSH transport.
 
 Prefect is imported inside the functions: importing this module is cheap, and only the commands that
 call these functions pay for Prefect (in embedded mode, also for its temporary API server). Set the
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
 
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError
@@ -120,6 +123,23 @@ def import_nodes(settings: DispatchSettings, *, embed_keys: bool = False) -> lis
                 lines.append(f"model {name}: saved block {AgentModel.get_block_type_slug()}/{block_name(name)} "
                              "(no API key: add one in the UI)")
     return lines
+
+
+def node_keys(nodes: list[Node]) -> dict[str, SecretStr]:
+    """The private keys saved in the nodes' `ClusterNode` blocks, still wrapped, by node name.
+
+    For the SSH transport of nodes whose key is not a file on this machine: unwrap each one only where it
+    is handed to paramiko (`SSHTarget.key_secret`). Nodes without a block or without a key are left out.
+    """
+    from blocks.cluster_node import ClusterNode, block_name
+
+    keys: dict[str, SecretStr] = {}
+    with _client() as client:
+        for node in nodes:
+            saved = _saved_data(client, ClusterNode, block_name(node.name), secrets=True)
+            if saved and saved.get("private_key"):
+                keys[node.name] = SecretStr(saved["private_key"])
+    return keys
 
 
 def _read_key(node: Node) -> str:

@@ -108,6 +108,8 @@ class SpecRow(BaseModel):
     cached: bool = False
     exit_code: int | None = None
     log_path: str = ""
+    ready_at: float | None = Field(default=None, description="when its dependencies were all done")
+    dispatched_at: float | None = Field(default=None, description="when the dispatcher submitted it")
 
 
 class ProjectState(BaseModel):
@@ -127,6 +129,7 @@ class ProjectState(BaseModel):
     nodes: dict[str, dict[str, int]] = Field(default_factory=dict)
     specs: dict[str, SpecRow] = Field(default_factory=dict)
     message: str = ""
+    ssh_connections: int = Field(default=0, description="SSH connections this run opened")
 
     def counts(self) -> dict[str, int]:
         result: dict[str, int] = {}

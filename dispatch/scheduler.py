@@ -57,6 +57,7 @@ class _Entry:
     not_before: float = 0.0
     reason: str = ""
     avoid: set[str] = field(default_factory=set)
+    ready_at: float | None = None  # wall-clock time it last became ready (for latency figures)
 
 
 class Scheduler:
@@ -132,7 +133,7 @@ class Scheduler:
     def _maybe_ready(self, task_id: str) -> None:
         entry = self.entries[task_id]
         if entry.state == WAITING and self._deps_done(task_id):
-            entry.state = READY
+            entry.state, entry.ready_at = READY, time.time()
             heapq.heappush(self._heap, (self._key[task_id], task_id))
 
     def _fits(self, task_id: str, node: NodeSlots) -> bool:

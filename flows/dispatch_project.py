@@ -115,6 +115,7 @@ class ProjectRun:
         if force or now - self._last_write >= _STATE_WRITE_INTERVAL:
             for name, node in self.scheduler.nodes.items():
                 self.state.nodes[name]["used"] = node.used
+            self.state.ssh_connections = self.runtime.pool.connections_opened
             save_state(self.settings.state_dir, self.state)
             self._last_write = now
 
@@ -166,7 +167,9 @@ class ProjectRun:
         self.futures[task_id] = future
         future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
         row = self.state.specs[task_id]
-        row.state, row.node, row.attempts, row.started_at = "running", assignment.node, assignment.attempt, time.time()
+        row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt
+        row.started_at = row.dispatched_at = time.time()
+        row.ready_at = self.scheduler.entries[task_id].ready_at
         self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
 
     def _usable_chain(self, task_id: str) -> tuple[list[str], float | None]:

@@ -1228,6 +1228,48 @@ def cmd_tail(run_dir: str, from_byte: int) -> int:
     return 0
 
 
+def _runner_gone(run_dir: str) -> bool:
+    """Whether no runner holds the run directory's lock (the kernel frees it at exit, zombie or not)."""
+    try:
+        fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def cmd_follow(run_dir: str, from_byte: int, poll: float = 0.05) -> int:
+    """Stream task.log from `from_byte` as it grows, until the runner has exited; then print the rest.
+
+    The dispatcher follows a detached run with this: its end is the runner's lock being released, which
+    does not depend on anyone reaping the runner (a container's PID 1 may leave it a zombie for a while).
+    """
+    path = os.path.join(run_dir, "task.log")
+    offset = max(0, from_byte)
+    while True:
+        gone = _runner_gone(run_dir)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                while True:
+                    data = handle.read(_CHUNK)
+                    if not data:
+                        break
+                    offset += len(data)
+                    sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        except OSError:
+            pass
+        if gone:
+            return 0
+        time.sleep(poll)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="node_runner.py", description="Oyster Dispatch node-side runner")
     commands = parser.add_subparsers(dest="command")
@@ -1240,6 +1282,9 @@ def main(argv: list[str] | None = None) -> int:
     tail = commands.add_parser("tail", help="print task.log from a byte offset")
     tail.add_argument("run_dir")
     tail.add_argument("--from-byte", type=int, default=0)
+    follow = commands.add_parser("follow", help="stream task.log until the runner exits")
+    follow.add_argument("run_dir")
+    follow.add_argument("--from-byte", type=int, default=0)
     commands.add_parser("version", help="print the runner's checksum")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -1262,6 +1307,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(run_dir)
     if args.command == "kill":
         return cmd_kill(run_dir)
+    if args.command == "follow":
+        return cmd_follow(run_dir, args.from_byte)
     return cmd_tail(run_dir, args.from_byte)
 
 

@@ -10,6 +10,7 @@ be reached gives a `lost` result marked `node_fault`, so the spec retries on ano
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shlex
@@ -26,6 +27,7 @@ from dispatch.transports import LineSink, RunRequest
 logger = logging.getLogger(__name__)
 _COMMAND_TIMEOUT = 60.0
 _FOLLOW_GRACE = 300.0
+_INLINE_TASK_BYTES = 64 * 1024  # a larger task.json (long prompts) goes over SFTP instead of the command line
 
 
 class SSHTransport:
@@ -104,19 +106,37 @@ class SSHTransport:
             runner = self.runner()
             pid = self._attach(runner, run_dir, request)
             if pid is None:
-                if sync_from is not None and sync_from.is_dir():
+                if sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir()):
                     self.pool.put_dir(self.target, sync_from, request.workdir)
-                self.pool.put_file(self.target, json.dumps(request.task_json()).encode(), f"{run_dir}/task.json",
-                                   mode=0o600)
-                out = self._command(f"{runner} run {quoted} --detach --secrets-stdin",
-                                    stdin_data=json.dumps(secrets or {}))
+                task = json.dumps(request.task_json()).encode()
+                start = f"{runner} run {quoted} --detach --secrets-stdin"
+                if len(task) <= _INLINE_TASK_BYTES:  # one round trip: write task.json and start the runner
+                    start = (f"mkdir -p {quoted} && (umask 077; printf %s {base64.b64encode(task).decode()} | "
+                             f"base64 -d > {quoted}/task.json) && {start}")
+                else:
+                    self.pool.put_file(self.target, task, f"{run_dir}/task.json", mode=0o600)
+                out = self._command(start, stdin_data=json.dumps(secrets or {}))
                 pid = int(json.loads(out.strip().splitlines()[-1])["pid"])
             else:
                 on_line(f"re-attached to the running attempt (runner pid {pid})")
-            self.pool.run(self.target, f"tail --pid={pid} -s 0.1 -n +1 -F {quoted}/task.log 2>/dev/null; true",
-                          timeout=request.timeout + _FOLLOW_GRACE, check=False,
-                          on_line=lambda stream, line: on_line(line) if stream == "stdout" else None)
-            data = json.loads(self.pool.read_file(self.target, f"{run_dir}/result.json"))
+            # Follow the log until the runner exits, then print result.json after a marker line, so one
+            # command streams the whole attempt and brings its result.
+            marker = f"@@dispatch-result-{request.run_id}@@"
+            result_lines: list[str] = []
+
+            def route(stream: str, line: str) -> None:
+                if stream != "stdout":
+                    return
+                if result_lines or line == marker:
+                    result_lines.append(line)
+                else:
+                    on_line(line)
+
+            self.pool.run(self.target, f"{runner} follow {quoted}; echo; echo {marker}; cat {quoted}/result.json",
+                          timeout=request.timeout + _FOLLOW_GRACE, check=False, on_line=route)
+            data = json.loads("\n".join(result_lines[1:]) or "null")
+            if not isinstance(data, dict):
+                raise ValueError(f"no result.json in {run_dir} after the runner ended")
         except NodeError as exc:
             return self._lost(request, run_dir, f"node {self.node.name} failed: {exc}", node_fault=True)
         except (DispatchError, OSError, ValueError, KeyError) as exc:
@@ -137,7 +157,9 @@ class SSHTransport:
 
     def _attach(self, runner: str, run_dir: str, request: RunRequest) -> int | None:
         """The pid of a live runner of this very attempt (same cache key), after killing a stale one."""
-        status = json.loads(self._command(f"{runner} status {shlex.quote(run_dir)}") or "{}")
+        quoted = shlex.quote(run_dir)
+        status = json.loads(self._command(f"[ -e {quoted}/status.json ] && {runner} status {quoted} || echo '{{}}'")
+                            or "{}")
         if not status.get("alive"):
             return None
         previous = self.pool.run(self.target, f"cat {shlex.quote(run_dir)}/task.json", timeout=_COMMAND_TIMEOUT,
