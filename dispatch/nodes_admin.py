@@ -27,6 +27,9 @@ from dispatch.settings import DispatchSettings
 from dispatch.ssh_target import SSHTarget, resolve_target
 
 if TYPE_CHECKING:
+    from dispatch.agents import ModelSpec
+
+if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 logger = logging.getLogger(__name__)
@@ -239,3 +242,35 @@ def node_load(nodes: list[Node]) -> dict[str, dict[str, int]]:
                 continue
             load[node.name] = {"slots": limit.limit, "used": limit.active_slots}
     return load
+
+
+def agent_models(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
+    """The `AgentModel` blocks of these models: their specs (overriding the built-ins) and secret env.
+
+    Models without a block keep their built-in spec and get no secret (on the local node the caller's
+    own environment, e.g. ANTHROPIC_API_KEY, still reaches the agent). The keys are unwrapped here,
+    only to be handed to the node runner's stdin.
+
+    Returns:
+        (model name -> ModelSpec for models with a block, model name -> {env var: key}).
+    """
+    from pydantic import ValidationError
+
+    from blocks.agent_model import AgentModel
+    from blocks.cluster_node import block_name
+
+    catalog: dict[str, ModelSpec] = {}
+    secrets: dict[str, dict[str, str]] = {}
+    with _client() as client:
+        for name in names:
+            data = _saved_data(client, AgentModel, block_name(name), secrets=True)
+            if not data:
+                continue
+            try:
+                model = AgentModel(**data)
+            except ValidationError as exc:
+                raise ConfigError(f"AgentModel block {block_name(name)!r} is invalid: {exc}") from exc
+            catalog[name] = model.to_model_spec()
+            if env := model.secret_env():
+                secrets[name] = env
+    return catalog, secrets

@@ -31,7 +31,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import build_prompt, build_steps
+from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, load_project, select
@@ -79,7 +79,7 @@ class ProjectRun:
         # The same spec against another code directory or revision is other work: its own cache key.
         self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
         self.nodes = {node.name: node for node in nodes}
-        self.runtime = ClusterRuntime(settings, nodes)
+        self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes))
         TRANSPORTS.update(self.runtime.transports)
         self.scheduler = Scheduler(
             project, selected,
@@ -101,6 +101,35 @@ class ProjectRun:
         context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
         self.prompts = {t: build_prompt(project.specs[t], context) for t in selected
                         if project.specs[t].kind == "agent"}
+        self.catalog, self.model_secrets = self._agent_models()
+
+    def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
+        """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
+        if not any(n.transport == "ssh" and not n.key_path for n in nodes):
+            return {}
+        from dispatch.nodes_admin import node_keys
+
+        try:
+            return {name: key.get_secret_value() for name, key in node_keys(nodes).items()}
+        except Exception as exc:
+            self.logger.warning("could not read the nodes' keys from their blocks (%s); using key files", exc)
+            return {}
+
+    def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
+        """Models (built-in, overridden by `AgentModel` blocks) and their keys, for the agent specs."""
+        names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain})
+        if not names:
+            return dict(BUILTIN_MODELS), {}
+        from dispatch.nodes_admin import agent_models
+
+        try:
+            blocks, secrets = agent_models(names)
+        except DispatchError:
+            raise
+        except Exception as exc:  # no blocks readable: the built-ins and the caller's environment
+            self.logger.warning("could not read AgentModel blocks (%s); using the built-in models", exc)
+            blocks, secrets = {}, {}
+        return {**BUILTIN_MODELS, **blocks}, secrets
 
     # -- events --------------------------------------------------------------------------------
     def _emit(self, event: str, task_id: str, **details) -> None:
@@ -134,7 +163,8 @@ class ProjectRun:
             workdir = worktree_path(transport.root_path, self.project.name, spec.task_id)
         else:
             workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
-        steps = build_steps(spec, self.prompts.get(spec.task_id, ""), skip=set(spec.model_chain) - set(chain))
+        steps = build_steps(spec, self.prompts.get(spec.task_id, ""), skip=set(spec.model_chain) - set(chain),
+                            catalog=self.catalog)
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
             cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, steps=steps,
@@ -145,6 +175,11 @@ class ProjectRun:
     def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""
         options: dict = {}
+        spec = self.project.specs[assignment.task_id]
+        secrets = {f"{model}:{name}": value for model in spec.model_chain if spec.kind == "agent"
+                   for name, value in self.model_secrets.get(model, {}).items()}
+        if secrets:
+            options["secrets"] = secrets
         if self.runtime.is_local(assignment.node):
             if held is not None and held[0] == "machine":
                 options["slot_fd"] = held[1]

@@ -654,7 +654,12 @@ class Runner:
         if step is not None:
             env.update(step.env)
             env["DISPATCH_MODEL"] = step.name
-            env.update(self.secrets)
+            # "NAME" goes to every step; "<model>:NAME" only to that model's step (glm and minimax both
+            # take ANTHROPIC_AUTH_TOKEN, each its own).
+            for key, value in self.secrets.items():
+                model, _, name = key.rpartition(":")
+                if not model or model == step.name:
+                    env[name] = value
         return env
 
     def _run_step(self, step: Step, number: int) -> tuple[dict, bool]:

@@ -141,3 +141,30 @@ def test_exclusive_spec_runs_alone(run_project, isolated_home: Path):
     for other, interval in runs.items():
         if other != "S04-migrate":
             assert not overlap(interval, runs["S04-migrate"]), f"{other} ran during the exclusive spec"
+
+
+def test_agent_keys_from_blocks_reach_only_their_model_and_never_the_logs(run_project, isolated_home: Path,
+                                                                         monkeypatch):
+    from blocks.agent_model import AgentModel
+
+    fakebin = isolated_home / "fakebin"
+    fakebin.mkdir()
+    (fakebin / "claude").symlink_to(Path(__file__).parent.parent / "fixtures" / "fake_agent.py")
+    monkeypatch.setenv("PATH", f"{fakebin}:/usr/bin:/bin")
+    secret = "sk-test-do-not-print-7f3a9c"
+    block = AgentModel.builtin("minimax")
+    block.api_key = secret
+    block.save("minimax", overwrite=True)
+    try:
+        specs = isolated_home / "specs" / "keys"
+        write_spec(specs, "S01-agent.md", {"task_id": "S01-agent", "model": ["minimax"]},
+                   "## Goal\nEcho the key. FAKE: write out.txt ok\n")
+        state, summary = run_project("keys")
+        assert state.is_completed(), state.message
+        log = Path(summary.specs["S01-agent"].log_path).read_text()
+        assert "ANTHROPIC_AUTH_TOKEN" in log, "the model's key env var must reach the agent"
+        for path in (isolated_home / "home").rglob("*"):
+            if path.is_file() and "prefect" not in path.parts:
+                assert secret not in path.read_text(errors="replace"), f"the key leaked into {path}"
+    finally:
+        AgentModel.delete("minimax")
