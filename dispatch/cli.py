@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatch.cli_nodes import nodes_app
+from dispatch.cli_server import server_app
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.report import render_markdown, table_rows
@@ -30,6 +31,7 @@ from dispatch.settings import get_settings
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(nodes_app, name="nodes")
+app.add_typer(server_app, name="server")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 

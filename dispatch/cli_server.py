@@ -20,6 +20,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -40,15 +41,9 @@ _TIMEOUT = 5.0
 
 
 def _auth_string(settings: DispatchSettings) -> str | None:
-    """The client's basic-auth string (`user:password`), or None.
-
-    Read from `DispatchSettings.prefect_api_auth_string` once settings has it (a `SecretStr` aliased to
-    `PREFECT_API_AUTH_STRING`); until then from that variable directly.
-    """
-    value = getattr(settings, "prefect_api_auth_string", None)
-    if value is not None:
-        return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
-    return os.environ.get("PREFECT_API_AUTH_STRING") or None
+    """The client's basic-auth string (`user:password`), or None; unwrapped only here, to send it."""
+    value = settings.prefect_api_auth_string
+    return value.get_secret_value() if value is not None else None
 
 
 def server_environment(settings: DispatchSettings, postgres_url: str | None) -> dict[str, str]:
@@ -76,13 +71,14 @@ def start(
     settings = get_settings()
     if postgres_url and not postgres_url.startswith("postgresql+asyncpg://"):
         err.print(f"[red]error:[/] --postgres-url must start with postgresql+asyncpg:// (Prefect's async driver), "
-                  f"got {escape(postgres_url.split('://')[0])}://...")
+                  f"got {escape(postgres_url.split('://')[0])}://...", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID)
     env = server_environment(settings, postgres_url)
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     database = "PostgreSQL" if postgres_url else f"SQLite under {env['PREFECT_HOME']}"
     console.print(f"Prefect server on {host}:{port} ({database}); members and workers set:\n"
-                  f"  export PREFECT_API_URL=http://{shown}:{port}/api")
+                  f"  export PREFECT_API_URL=http://{shown}:{port}/api", soft_wrap=True)
     if env.get("PREFECT_SERVER_API_AUTH_STRING"):
         console.print("  export PREFECT_API_AUTH_STRING=<the server's user:password>")
     elif host not in ("127.0.0.1", "localhost", "::1"):
@@ -111,7 +107,7 @@ def check(url: Annotated[str | None, typer.Option(help="API URL to check; defaul
     api = (url or settings.prefect_api_url or "").rstrip("/")
     if not api:
         err.print("[red]error:[/] no Prefect server configured: set PREFECT_API_URL (e.g. "
-                  "http://gateway:4200/api) or pass --url; without it dispatch runs embedded on SQLite")
+                  "http://gateway:4200/api) or pass --url; without it dispatch runs embedded on SQLite", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID)
     try:
         status, _ = _get(f"{api}/health", None)

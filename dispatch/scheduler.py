@@ -215,7 +215,7 @@ class Scheduler:
     def adopt(self, task_id: str, node: str, attempt: int) -> None:
         """Count a spec already running (re-attached after a restart) as running on `node`."""
         entry = self.entries[task_id]
-        if entry.state == READY:
+        if entry.state in (WAITING, READY):  # its dependencies finished in the earlier run
             entry.state, entry.node, entry.attempts = RUNNING, node, attempt
             self.nodes[node].used += 1
             self.locks.try_acquire(task_id, self.project.specs[task_id].modifies)

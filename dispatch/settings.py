@@ -21,7 +21,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -63,6 +63,9 @@ class DispatchSettings(BaseSettings):
     heartbeat: float = Field(default=2.0, gt=0, le=60, description="Seconds between status.json heartbeats.")
     prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL",
                                         description="A Prefect server (team mode); unset: embedded SQLite.")
+    prefect_api_auth_string: SecretStr | None = Field(
+        default=None, validation_alias="PREFECT_API_AUTH_STRING",
+        description="Basic auth user:password for the team's Prefect server (a secret).")
     prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
                                       description="Prefect's own home; embedded default: <home>/prefect.")
 

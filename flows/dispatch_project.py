@@ -44,7 +44,6 @@ from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.transports import RunRequest
-from dispatch.transports.local import live_runner, run_dir_for
 from tasks.run_spec import RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
@@ -248,19 +247,25 @@ class ProjectRun:
             self._submit(assignment, held, chain)
 
     def _reattach(self) -> None:
-        """Adopt runners a killed dispatcher left running, instead of starting their specs twice."""
-        for task_id in self.project.order:
-            if task_id not in self.selected or task_id in self.force or "local" not in self.runtime.transports:
+        """Adopt runners a killed dispatcher left running, on any node, instead of starting them twice."""
+        for node, transport in self.runtime.transports.items():
+            try:
+                live = transport.live_runs(self.project.name)
+            except DispatchError as exc:
+                self.logger.warning("node %s: cannot list live runs (%s); it is treated as down", node, exc)
+                self._node_down(node, str(exc))
                 continue
-            run_dir = run_dir_for(self.settings.runs_dir, self.project.name, task_id)
-            if not (run_dir / "status.json").exists() or not live_runner(run_dir):
-                continue
-            previous = (run_dir / "task.json").read_text() if (run_dir / "task.json").exists() else ""
-            if self.keys[task_id] not in previous:
-                continue
-            self.scheduler.adopt(task_id, "local", 1)
-            self.logger.info("local %s: still running from an earlier dispatcher; re-attaching", task_id)
-            self._submit(Assignment(task_id, "local", 1), None, self.project.specs[task_id].model_chain)
+            if live:
+                self.logger.info("node %s: %d live run(s) of %s from an earlier dispatcher", node, len(live),
+                                 self.project.name)
+            for task_id, key in live.items():
+                if task_id not in self.selected or task_id in self.force or key != self.keys.get(task_id):
+                    continue  # an edited spec's stale runner is killed when the spec is dispatched again
+                if self.scheduler.state(task_id) not in ("waiting", "ready"):
+                    continue
+                self.scheduler.adopt(task_id, node, 1)
+                self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
+                self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
 
     def _finish(self, task_id: str) -> None:
         future = self.futures[task_id]

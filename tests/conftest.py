@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.sshd"]  # the loopback sshd cluster fixtures
+pytest_plugins = ["tests.fixtures.sshd", "tests.fixtures.postgres"]  # sshd cluster, PostgreSQL + team server
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="dispatch-tests-"))
 _SERVER: dict = {}

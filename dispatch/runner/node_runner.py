@@ -1248,6 +1248,24 @@ def _runner_gone(run_dir: str) -> bool:
     return True
 
 
+def cmd_live(tasks_dir: str) -> int:
+    """Print [[task_id, cache_key], ...] of the run directories under `tasks_dir` whose runner is alive."""
+    live = []
+    names = sorted(os.listdir(tasks_dir)) if os.path.isdir(tasks_dir) else []
+    for name in names:
+        run_dir = os.path.join(tasks_dir, name)
+        if not os.path.exists(os.path.join(run_dir, ".runner.lock")) or _runner_gone(run_dir):
+            continue
+        try:
+            with open(os.path.join(run_dir, "task.json"), encoding="utf-8") as handle:
+                key = json.load(handle).get("cache_key")
+        except (OSError, ValueError):
+            key = None
+        live.append([name, key])
+    print(json.dumps(live))
+    return 0
+
+
 def cmd_follow(run_dir: str, from_byte: int, poll: float = 0.05) -> int:
     """Stream task.log from `from_byte` as it grows, until the runner has exited; then print the rest.
 
@@ -1287,6 +1305,7 @@ def main(argv: list[str] | None = None) -> int:
     tail = commands.add_parser("tail", help="print task.log from a byte offset")
     tail.add_argument("run_dir")
     tail.add_argument("--from-byte", type=int, default=0)
+    commands.add_parser("live", help="list the live runs under a <project>/tasks directory").add_argument("run_dir")
     follow = commands.add_parser("follow", help="stream task.log until the runner exits")
     follow.add_argument("run_dir")
     follow.add_argument("--from-byte", type=int, default=0)
@@ -1314,6 +1333,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_kill(run_dir)
     if args.command == "follow":
         return cmd_follow(run_dir, args.from_byte)
+    if args.command == "live":
+        return cmd_live(run_dir)
     return cmd_tail(run_dir, args.from_byte)
 
 

@@ -88,9 +88,13 @@ class LocalTransport:
         status = live_runner(run_dir)
         previous = read_json(run_dir / "task.json") or {}
         proc: subprocess.Popen | None = None
+        finished = read_json(run_dir / "result.json") if not status else None
         if status and previous.get("cache_key") == request.cache_key:
             on_line(f"re-attached to the running attempt (runner pid {status.get('runner_pid')})")
             pid = int(status["runner_pid"])
+        elif finished and finished.get("status") == "succeeded" and previous.get("cache_key") == request.cache_key:
+            on_line("recovered the result of this attempt, which finished while no dispatcher watched")
+            return self._result(run_dir, request, None)
         else:
             if status:  # a runner of an edited spec: it must not keep editing files
                 self._kill_pid(int(status["runner_pid"]))
@@ -191,6 +195,14 @@ class LocalTransport:
             status = live_runner(run_dir_for(self.root, project, task_id))
             if status:
                 self._kill_pid(int(status["runner_pid"]))
+
+    def live_runs(self, project: str) -> dict[str, str | None]:
+        """Specs of `project` whose runner is still alive here: task id -> its cache key."""
+        live: dict[str, str | None] = {}
+        for run_dir in sorted((self.root / project / "tasks").glob("*")):
+            if live_runner(run_dir, stale_after=float("inf")):
+                live[run_dir.name] = (read_json(run_dir / "task.json") or {}).get("cache_key")
+        return live
 
     def kill_project(self, project: str) -> int:
         """Kill every live runner of `project` on this machine (also orphans of a dead dispatcher)."""

@@ -104,7 +104,11 @@ class SSHTransport:
         quoted = shlex.quote(run_dir)
         try:
             runner = self.runner()
-            pid = self._attach(runner, run_dir, request)
+            found = self._attach(runner, run_dir, request)
+            if isinstance(found, dict):
+                on_line("recovered the result of this attempt, which finished while no dispatcher watched")
+                return self._result(found, request, run_dir, sync_back)
+            pid = found
             if pid is None:
                 if sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir()):
                     self.pool.put_dir(self.target, sync_from, request.workdir)
@@ -142,6 +146,9 @@ class SSHTransport:
         except (DispatchError, OSError, ValueError, KeyError) as exc:
             return self._lost(request, run_dir, f"on node {self.node.name}: {type(exc).__name__}: {exc}",
                               node_fault=True)
+        return self._result(data, request, run_dir, sync_back)
+
+    def _result(self, data: dict, request: RunRequest, run_dir: str, sync_back: Path | None) -> SpecResult:
         known = set(SpecResult.model_fields)
         result = SpecResult.model_validate({k: v for k, v in data.items() if k in known} | {
             "node": self.node.name, "run_dir": run_dir, "log_path": f"{self.node.name}:{run_dir}/task.log",
@@ -155,19 +162,34 @@ class SSHTransport:
             result.reason = result.status
         return result
 
-    def _attach(self, runner: str, run_dir: str, request: RunRequest) -> int | None:
-        """The pid of a live runner of this very attempt (same cache key), after killing a stale one."""
+    def _attach(self, runner: str, run_dir: str, request: RunRequest) -> int | dict | None:
+        """What is on the node already for this very attempt (same cache key):
+
+        the pid of its live runner (re-attach), its result when it finished while no dispatcher watched
+        (recover it, do not run it again), or None (start it). A stale runner of an edited spec is killed.
+        """
         quoted = shlex.quote(run_dir)
         status = json.loads(self._command(f"[ -e {quoted}/status.json ] && {runner} status {quoted} || echo '{{}}'")
                             or "{}")
-        if not status.get("alive"):
+        if not status:
             return None
-        previous = self.pool.run(self.target, f"cat {shlex.quote(run_dir)}/task.json", timeout=_COMMAND_TIMEOUT,
+        previous = self.pool.run(self.target, f"cat {quoted}/task.json", timeout=_COMMAND_TIMEOUT,
                                  check=False).stdout
-        if request.cache_key in previous:
-            return int(status["runner_pid"])
-        self._command(f"{runner} kill {shlex.quote(run_dir)}")  # an edited spec's runner must stop
+        same = request.cache_key in previous
+        if status.get("alive") or status.get("pid_alive"):  # a late heartbeat under load is still alive
+            if same:
+                return int(status["runner_pid"])
+            self._command(f"{runner} kill {quoted}")  # an edited spec's runner must stop
+            return None
+        result = status.get("result")
+        if same and isinstance(result, dict) and result.get("status") == "succeeded":
+            return result
         return None
+
+    def live_runs(self, project: str) -> dict[str, str | None]:
+        """Specs of `project` whose runner is still alive on this node: task id -> its cache key."""
+        out = self._command(f"{self.runner()} live {shlex.quote(f'{self.root}/{project}/tasks')}")
+        return {task_id: key for task_id, key in json.loads(out.strip().splitlines()[-1] or "[]")}
 
     def _copy_back(self, workdir: str, files: list[str], target: Path) -> None:
         for rel in files:

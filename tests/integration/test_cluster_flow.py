@@ -211,3 +211,30 @@ def test_git_mode_makes_a_branch_per_spec_and_collect_reports_a_planted_conflict
     merged = _git("ls-tree", "--name-only", "-r", "dispatch/gitproj/integration", cwd=local)
     assert {"base.txt", "uses.txt", "shared.txt"} <= set(merged.split())
     assert _git("rev-parse", "--abbrev-ref", "HEAD", cwd=local).strip() == "main", "the user's checkout is untouched"
+
+
+def test_restarted_dispatcher_reattaches_to_specs_still_running_on_the_nodes(prefect_api, cluster,
+                                                                             isolated_home: Path):
+    specs, timeline = isolated_home / "specs" / "reattach", isolated_home / "timeline"
+    shell_spec(specs, "S01-first", timeline, seconds=0.2)
+    for i in range(2, 6):
+        shell_spec(specs, f"S0{i}-long", timeline, seconds=10, depends_on=["S01"])
+    shell_spec(specs, "S06-last", timeline, seconds=0.2, depends_on=["S02", "S03", "S04", "S05"])
+    log = isolated_home / "first.log"
+    with open(log, "wb") as out:
+        first = subprocess.Popen([DISPATCH, "start", "reattach"], stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(read_timeline(timeline)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(read_timeline(timeline)) == 5, log.read_text()
+    os.kill(first.pid, 9)  # the dispatcher dies; the runners on the nodes do not
+    first.wait()
+    second = subprocess.run([DISPATCH, "start", "reattach", "-v"], capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"})
+    assert second.returncode == 0, second.stdout + second.stderr
+    runs = read_timeline(timeline)
+    assert {k: len(v) for k, v in runs.items()} == {
+        "S01-first": 1, "S02-long": 1, "S03-long": 1, "S04-long": 1, "S05-long": 1, "S06-last": 1}, \
+        "no spec may run twice: finished ones are cached, running ones re-attached\n" + second.stderr[-8000:]
+    assert runs["S06-last"][0][0] >= max(runs[f"S0{i}-long"][0][1] for i in range(2, 6))

@@ -1,0 +1,163 @@
+"""Team mode on real processes: a Prefect server on PostgreSQL with API auth, `prefect deploy` from the repo
+root, a real `prefect worker` serving a pool, the demo run as a deployment; wrong auth and an unreachable
+server refused with clear messages; the server restarted mid-run loses no finished spec.
+
+The session's SQLite test server (tests/conftest.py) sets PREFECT_API_URL for the whole session, so every
+subprocess here gets its PREFECT_API_URL, PREFECT_HOME and auth from `TeamServer.env()` explicitly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from dispatch.results import load_state
+
+if TYPE_CHECKING:
+    from tests.fixtures.postgres import TeamServer
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "dispatch-gateway"  # prefect.yaml's gateway pool
+_PREFECT = [sys.executable, "-m", "prefect", "--no-prompt"]
+
+
+def _run(argv: list[str], env: dict[str, str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _dispatch_server(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`dispatch server <args>` (the sub-app directly, so this works before and after the lead mounts it)."""
+    code = "from dispatch.cli_server import server_app; server_app(prog_name='dispatch server')"
+    return _run([sys.executable, "-c", code, *args], {**env, "COLUMNS": "250"}, timeout=30)
+
+
+def _worker_env(server: TeamServer, home: Path) -> dict[str, str]:
+    env = server.env(DISPATCH_HOME=str(home), DISPATCH_LOCAL_SLOTS="3", PREFECT_WORKER_QUERY_SECONDS="1",
+                     PREFECT_WORKER_HEARTBEAT_SECONDS="5", PREFECT_LOGGING_LEVEL="INFO")
+    env.pop("DISPATCH_SPECS", None)  # the bundled demo project
+    return env
+
+
+def test_deploy_and_run_demo_on_a_worker(team_server: TeamServer, tmp_path: Path) -> None:
+    env = team_server.env()
+    created = _run([*_PREFECT, "work-pool", "create", POOL, "--type", "process"], env)
+    assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
+    deployed = _run([*_PREFECT, "deploy", "--all"], env, cwd=REPO, timeout=180)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    home = tmp_path / "worker-home"
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([*_PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+                                  env=_worker_env(team_server, home), cwd=tmp_path, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        submitted = time.time()
+        ran = _run([*_PREFECT, "deployment", "run", "dispatch-project/dispatch-project", "--param", "project=demo",
+                    "--watch", "--watch-timeout", "240"], env, timeout=260)
+        output = ran.stdout + ran.stderr
+        worker_log = log_path.read_text(errors="replace")[-4000:]
+        assert ran.returncode == 0, f"{output}\n--- worker log:\n{worker_log}"
+        assert "Completed" in output, output
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+    state = load_state(home / "state", "demo")
+    assert state is not None and state.state == "completed", state
+    assert state.api_url == team_server.url
+    assert all(row.state == "succeeded" for row in state.specs.values()), state.specs
+    first = min(row.started_at for row in state.specs.values() if row.started_at)
+    print(f"\n[team-mode] deployment run -> first spec running on the worker: {first - submitted:.1f} s")
+
+
+def test_wrong_auth_is_refused(team_server: TeamServer) -> None:
+    request = urllib.request.Request(f"{team_server.url}/admin/version", headers={
+        "Authorization": "Basic " + b64encode(b"team:wrong").decode()})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+
+    wrong = _dispatch_server(["check"], team_server.env(PREFECT_API_AUTH_STRING="team:wrong"))
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert "refused" in wrong.stderr and "401" in wrong.stderr and team_server.url in wrong.stderr
+    assert "team:wrong" not in wrong.stdout + wrong.stderr  # never print a secret
+
+    missing = team_server.env()
+    missing.pop("PREFECT_API_AUTH_STRING")
+    none = _dispatch_server(["check"], missing)
+    assert none.returncode == 2 and "PREFECT_API_AUTH_STRING" in none.stderr, none.stderr
+
+    ok = _dispatch_server(["check"], team_server.env())
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok" in ok.stdout and "3.9" in ok.stdout
+
+
+def test_unreachable_server_names_the_url(team_server: TeamServer) -> None:
+    from tests.fixtures.postgres import free_port  # after pytest registered the module as a plugin
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    result = _dispatch_server(["check"], team_server.env(PREFECT_API_URL=url))
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr and url in result.stderr, result.stderr
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+
+
+_SLOW_SPECS = {
+    "S01-first.md": ("[]", "echo one > one.txt"),
+    "S02-slow.md": ("[S01]", "sleep 12; echo two > two.txt"),
+    "S03-last.md": ("[S02]", "echo three > three.txt"),
+}
+
+
+def test_server_restart_mid_run_reruns_no_finished_spec(team_server: TeamServer, tmp_path: Path) -> None:
+    specs = tmp_path / "specs" / "slow"
+    specs.mkdir(parents=True, exist_ok=True)
+    for name, (deps, script) in _SLOW_SPECS.items():
+        (specs / name).write_text(f"---\nkind: shell\ndepends_on: {deps}\nretries: 1\n---\n## Goal\n{name}\n\n"
+                                  f"```bash\n{script}\n```\n", encoding="utf-8")
+    home = tmp_path / "team-home"
+    env = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / "specs"),
+                          DISPATCH_LOCAL_SLOTS="2")
+    dispatch = [sys.executable, "-m", "dispatch.cli", "start", "slow"]
+    first = subprocess.Popen(dispatch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = load_state(home / "state", "slow")
+            if state and state.specs["S02-slow"].state == "running":
+                break
+            assert first.poll() is None, first.stdout.read()
+            time.sleep(0.3)
+        else:
+            pytest.fail("S02 never started")
+        restarted = time.monotonic()
+        team_server.restart()
+        print(f"\n[team-mode] server restart took {time.monotonic() - restarted:.1f} s")
+        output, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    before = load_state(home / "state", "slow")
+    finished = {t for t, row in before.specs.items() if row.state == "succeeded"}
+    assert "S01-first" in finished, output
+
+    again = _run(dispatch, env, timeout=180)
+    after = load_state(home / "state", "slow")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert all(row.state == "succeeded" for row in after.specs.values()), after.specs
+    rerun = {t for t in finished if not after.specs[t].cached}
+    assert not rerun, f"finished before the restart but re-run: {rerun}\nfirst run:\n{output}"
