@@ -161,3 +161,34 @@ def test_server_restart_mid_run_reruns_no_finished_spec(team_server: TeamServer,
     assert all(row.state == "succeeded" for row in after.specs.values()), after.specs
     rerun = {t for t in finished if not after.specs[t].cached}
     assert not rerun, f"finished before the restart but re-run: {rerun}\nfirst run:\n{output}"
+
+
+def test_two_users_share_the_nodes_slots_through_the_server(team_server: TeamServer, loopback_cluster,
+                                                            tmp_path: Path) -> None:
+    """Two dispatchers with their own DISPATCH_HOMEs (two users) never put more than a node's slots on it."""
+    from tests.fixtures.projects import max_concurrency, runs_by_node, shell_spec
+
+    timeline = tmp_path / "timeline"
+    homes = {}
+    for user in ("alice", "bob"):
+        home = tmp_path / user / "home"
+        home.mkdir(parents=True)
+        (home / "nodes.json").write_text(loopback_cluster.nodes_json.read_text())
+        for i in range(12):
+            shell_spec(tmp_path / user / "specs" / f"{user}-proj", f"S{i:02d}-{user}", timeline, seconds=1.5)
+        homes[user] = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / user / "specs"),
+                                      DISPATCH_PROJECTS=str(tmp_path / user / "projects"))
+    synced = _run([sys.executable, "-m", "dispatch.cli", "nodes", "sync"], homes["alice"], timeout=180)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    runs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", f"{user}-proj"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for user, env in homes.items()]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(outputs)
+    slots = {n["name"]: n["slots"] for n in loopback_cluster.nodes}
+    by_node = runs_by_node(timeline)
+    assert sum(len(v) for v in by_node.values()) == 24
+    for node, intervals in by_node.items():
+        assert max_concurrency(intervals) <= slots[node], f"{node}: more than {slots[node]} specs at once"
+    everything = [r for intervals in by_node.values() for r in intervals]
+    assert max_concurrency(everything) >= 6, "the two projects should fill most of the 9 slots"

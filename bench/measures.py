@@ -1,0 +1,124 @@
+"""Measures shared by the benchmarks, computed from what the specs recorded themselves (the timeline)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else None
+
+
+def summary(values: list[float]) -> dict:
+    if not values:
+        return {"median": None, "p95": None, "max": None, "n": 0}
+    return {"median": round(statistics.median(values), 3), "p95": round(percentile(values, 0.95), 3),
+            "max": round(max(values), 3), "n": len(values)}
+
+
+def read_runs(timeline: Path) -> dict[str, list[tuple[float, float | None, str]]]:
+    """Runs per spec id: (start, end or None, node)."""
+    runs: dict[str, list[list]] = defaultdict(list)
+    if not timeline.exists():
+        return {}
+    for line in timeline.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        task_id, what, stamp = parts[:3]
+        node = parts[3] if len(parts) > 3 else ""
+        if what == "start":
+            runs[task_id].append([float(stamp), None, node])
+        elif runs[task_id]:
+            runs[task_id][-1][1] = float(stamp)
+    return {k: [tuple(r) for r in v] for k, v in runs.items()}
+
+
+def max_concurrency(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    best = current = 0
+    for _, delta in events:
+        current += delta
+        best = max(best, current)
+    return best
+
+
+def schedule_measures(workload, timeline: Path, slots: dict[str, int], *, step: float = 0.05) -> dict:
+    """Makespan, LB*, ratio, utilisation, ready->running latency, lock overlaps and slot overruns.
+
+    ready = when the spec's last dependency ended (its last run's end); roots are ready at the first start
+    of any spec (the flow's start-up is reported apart). Utilisation = running slot-seconds / the
+    slot-seconds that could have been used, min(total slots, specs ready or running), over the makespan.
+    """
+    runs = read_runs(timeline)
+    specs = workload.by_id
+    done = {t: r for t, r in runs.items() if any(e is not None for _, e, _ in r)}
+    finished = [(s, e, n, t) for t, r in runs.items() for s, e, n in r if e is not None]
+    if not finished:
+        return {"finished": 0, "specs": len(specs)}
+    t0 = min(s for s, _, _, _ in finished)
+    t1 = max(e for _, e, _, _ in finished)
+    end_of = {t: max(e for _, e, _ in r if e is not None) for t, r in done.items()}
+    first_start = {t: min(s for s, _, _ in r) for t, r in runs.items()}
+    ready_at: dict[str, float] = {}
+    latency = []
+    for task_id, spec in specs.items():
+        if spec.depends_on:
+            if all(d in end_of for d in spec.depends_on):
+                ready_at[task_id] = max(end_of[d] for d in spec.depends_on)
+                if task_id in first_start:
+                    latency.append(first_start[task_id] - ready_at[task_id])
+        else:
+            ready_at[task_id] = t0
+    # latency of specs that no file lock held back: no spec sharing a file ran between ready and start
+    sharing: dict[str, set[str]] = defaultdict(set)
+    for task_id, spec in specs.items():
+        for other_id, other in specs.items():
+            if other_id != task_id and set(spec.modifies) & set(other.modifies):
+                sharing[task_id].add(other_id)
+    unblocked = []
+    for task_id, spec in specs.items():
+        if not spec.depends_on or task_id not in first_start or task_id not in ready_at:
+            continue
+        ready, start = ready_at[task_id], first_start[task_id]
+        if not any(s < start and (e is None or e > ready) for other in sharing[task_id]
+                   for s, e, _ in runs.get(other, [])):
+            unblocked.append(start - ready)
+    total_slots = sum(slots.values())
+    used = possible = 0.0
+    t = t0
+    while t < t1:
+        running = sum(1 for s, e, _, _ in finished if s <= t < e)
+        runnable = sum(1 for task_id, r in ready_at.items() if r <= t < end_of.get(task_id, t1 + 1))
+        used += running
+        possible += min(total_slots, runnable)
+        t += step
+    overruns = {}
+    for node, limit in slots.items():
+        intervals = [(s, e) for s, e, n, _ in finished if n == node]
+        peak = max_concurrency(intervals) if intervals else 0
+        if peak > limit:
+            overruns[node] = peak
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for task_id, spec in specs.items():
+        for path in spec.modifies:
+            by_file[path].append(task_id)
+    lock_overlaps = 0
+    for holders in by_file.values():
+        intervals = sorted((s, e) for t in holders for s, e, _ in runs.get(t, []) if e is not None)
+        for (_, e1), (s2, _) in zip(intervals, intervals[1:], strict=False):
+            if s2 < e1:
+                lock_overlaps += 1
+    lb = workload.lower_bound(total_slots)
+    makespan = t1 - t0
+    return {
+        "specs": len(specs), "finished": len(done), "runs": len(finished),
+        "makespan_s": round(makespan, 2), **lb, "makespan_over_lb": round(makespan / lb["lb_s"], 3),
+        "utilisation": round(used / possible, 3) if possible else None,
+        "ready_to_running_s": summary(latency), "ready_to_running_no_lock_wait_s": summary(unblocked),
+        "lock_overlaps": lock_overlaps, "slot_overruns": len(overruns), "overrun_nodes": overruns,
+        "first_start": t0, "last_end": t1,
+    }

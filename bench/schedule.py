@@ -1,0 +1,214 @@
+"""The main benchmark: schedule quality and latency of ours vs a plain-Prefect baseline, per seed.
+
+    PREFECT_API_URL=http://127.0.0.1:<port>/api .venv/bin/python bench/schedule.py \
+        --specs 300 --seeds 1,2,3 [--scale 1.0] [--slots 8,8,8,8,20,40,48] [--only ours|baseline]
+
+Starts the loopback cluster (bench/cluster.py), and for each seed draws a project (bench/workload.py),
+runs it with ours (`dispatch start`, a subprocess, with DISPATCH_HOME/SPECS/PROJECTS in a temp dir and
+the cluster's nodes.json) and with the baseline (bench/baseline_flow.py), each under bench/rusage.py
+(peak RSS and CPU seconds of the dispatcher process and what it waited for), and judges both from the
+timelines the specs wrote. Prints a table and writes bench/out/schedule.json.
+With no PREFECT_API_URL, ours runs on its embedded default and the baseline is skipped (it needs a
+server for global concurrency limits); `--server` starts a throwaway `prefect server` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
+from measures import schedule_measures, summary  # noqa: E402
+from workload import generate, write_project  # noqa: E402
+
+PY = sys.executable
+DISPATCH = str(Path(sys.executable).with_name("dispatch"))
+
+
+def start_server(base: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-server"), "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(base / "prefect-server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("prefect server did not start")
+
+
+def phases(state_file: Path, timeline_runs: dict) -> dict:
+    """Where ours spends a spec's latency, from the flow's state file and the timeline."""
+    state = json.loads(state_file.read_text())
+    rows = state["specs"]
+    to_dispatch, to_start, to_notice = [], [], []
+    for task_id, row in rows.items():
+        runs = timeline_runs.get(task_id)
+        if not runs:
+            continue
+        start, end = runs[-1][0], runs[-1][1]
+        if row.get("ready_at") and row.get("dispatched_at"):
+            to_dispatch.append(row["dispatched_at"] - row["ready_at"])
+        if row.get("dispatched_at"):
+            to_start.append(start - row["dispatched_at"])
+        if row.get("ended_at") and end:
+            to_notice.append(row["ended_at"] - end)
+    return {"ready_to_dispatched_s": summary(to_dispatch), "dispatched_to_started_s": summary(to_start),
+            "ended_to_noticed_s": summary(to_notice), "ssh_connections": state.get("ssh_connections"),
+            "flow_s": round((state.get("ended_at") or state["updated_at"]) - state["started_at"], 2)}
+
+
+def run_measured(command: list[str], env: dict, out: Path, log: Path, timeout: float) -> dict:
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen([PY, str(ROOT / "bench" / "rusage.py"), str(out), "--", *command], env=env,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return {"exit_code": "timeout", "wall_s": timeout}
+    return json.loads(out.read_text())
+
+
+def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
+    from measures import read_runs
+
+    workload = generate(args.specs, seed, scale=args.scale, min_s=args.min_s, max_s=args.max_s)
+    slots = {n["name"]: n["slots"] for n in cluster.nodes}
+    result = {"seed": seed, "lower_bound": workload.lower_bound(sum(slots.values()))}
+    project = f"bench-s{seed}"
+    if args.only in (None, "ours"):
+        work = base / f"ours-{seed}"
+        home, specs = work / "home", work / "specs"
+        home.mkdir(parents=True)
+        (home / "nodes.json").write_text(cluster.nodes_json.read_text())
+        timeline = work / "timeline"
+        write_project(workload, specs / project, timeline)
+        env = {**os.environ, "DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
+               "DISPATCH_PROJECTS": str(work / "projects"), "DISPATCH_RETRY_DELAY": "0.5"}
+        if api_url:
+            env["PREFECT_API_URL"] = api_url
+        else:
+            env.pop("PREFECT_API_URL", None)
+        usage = run_measured([DISPATCH, "start", project], env, work / "rusage.json", work / "run.log", args.timeout)
+        measures = schedule_measures(workload, timeline, slots)
+        state_file = home / "state" / f"{project}.json"
+        if state_file.exists():
+            measures["phases"] = phases(state_file, read_runs(timeline))
+        measures["startup_s"] = round(measures.get("first_start", usage.get("started_at", 0)) -
+                                      usage.get("started_at", 0), 2) if "started_at" in usage else None
+        result["ours"] = {**usage, **measures}
+    if args.only in (None, "baseline") and api_url:
+        work = base / f"baseline-{seed}"
+        specs_dir = work / "specs" / project
+        timeline = work / "timeline"
+        write_project(workload, specs_dir, timeline)
+        env = {**os.environ, "PREFECT_API_URL": api_url}
+        usage = run_measured([PY, str(ROOT / "bench" / "baseline_flow.py"), "--specs-dir", str(specs_dir),
+                              "--nodes", str(cluster.nodes_json)], env, work / "rusage.json", work / "run.log",
+                             args.timeout)
+        measures = schedule_measures(workload, timeline, slots)
+        measures["startup_s"] = round(measures["first_start"] - usage["started_at"], 2) \
+            if "first_start" in measures and "started_at" in usage else None
+        result["baseline"] = {**usage, **measures}
+    return result
+
+
+ROWS = [("makespan (s)", ("makespan_s",)), ("wall incl. start-up (s)", ("wall_s",)), ("LB* (s)", ("lb_s",)),
+        ("makespan / LB*", ("makespan_over_lb",)), ("utilisation", ("utilisation",)),
+        ("ready->run median (s)", ("ready_to_running_s", "median")),
+        ("ready->run p95 (s)", ("ready_to_running_s", "p95")),
+        ("ready->run max (s)", ("ready_to_running_s", "max")), ("peak RSS (MiB)", ("peak_rss_mib",)),
+        ("CPU (s)", ("cpu_s",)), ("specs finished", ("finished",)), ("lock overlaps", ("lock_overlaps",)),
+        ("slot overruns", ("slot_overruns",))]
+
+
+def _get(data: dict | None, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'measure':<24}" + "".join(f"| seed {r['seed']}: ours / baseline / ratio ".ljust(44) for r in results)]
+    for label, path in ROWS:
+        cells = []
+        for r in results:
+            ours, base = _get(r.get("ours"), path), _get(r.get("baseline"), path)
+            ratio = (f"{ours / base:.2f}" if isinstance(ours, (int, float)) and isinstance(base, (int, float))
+                     and base else "-")
+            fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+            cells.append(f"| {fmt(ours)} / {fmt(base)} / {ratio}".ljust(44))
+        lines.append(f"{label:<24}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--specs", type=int, default=300)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--min-s", type=float, default=1.0)
+    parser.add_argument("--max-s", type=float, default=4.0)
+    parser.add_argument("--slots", default=DEFAULT_SLOTS)
+    parser.add_argument("--only", choices=["ours", "baseline"], default=None)
+    parser.add_argument("--server", action="store_true", help="start a throwaway prefect server on 127.0.0.1")
+    parser.add_argument("--timeout", type=float, default=400.0, help="per run, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temp directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "schedule.json")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="dispatch-schedule-"))
+    server = None
+    api_url = os.environ.get("PREFECT_API_URL")
+    results = []
+    try:
+        if args.server and not api_url:
+            server, api_url = start_server(base)
+        with start_cluster(parse_slots(args.slots), base / "cluster") as cluster:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                result = run_seed(seed, args, cluster, base, api_url)
+                results.append(result)
+                print(json.dumps(result, default=str)[:4000], file=sys.stderr, flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"api": api_url or "embedded", "specs": args.specs,
+                                                "scale": args.scale, "slots": args.slots,
+                                                "results": results}, indent=2, default=str) + "\n")
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+        if not args.keep:
+            import shutil
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"kept {base}", file=sys.stderr)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
