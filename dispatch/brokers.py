@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -62,6 +63,7 @@ class ServerSlots:
         self._leases: set = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-lease-release")
         self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
         self._renewer.start()
 
@@ -81,8 +83,12 @@ class ServerSlots:
         return lease_id
 
     def release(self, token: object) -> None:
+        """Give the slot back in the background: the dispatch loop must not wait on the server."""
         with self._lock:
             self._leases.discard(token)
+        self._releaser.submit(self._release_now, token)
+
+    def _release_now(self, token: object) -> None:
         try:
             self._client.release_concurrency_slots_with_lease(lease_id=token)
         except Exception as exc:  # the lease expires by itself; say so and carry on
@@ -104,6 +110,7 @@ class ServerSlots:
             leases = list(self._leases)
         for lease_id in leases:
             self.release(lease_id)
+        self._releaser.shutdown(wait=True)
         self._client.__exit__(None, None, None)
 
 

@@ -93,6 +93,8 @@ class Scheduler:
         self._heap: list[tuple[tuple[int, float, int], str]] = []
         self._exclusive_running = False
         self._dependents = project.dependents()
+        self._open = len(self.entries)  # specs not yet in a final state
+        self._new_ready: list[str] = []  # became ready since the last unplaceable() check
         for task_id in self.entries:
             self._maybe_ready(task_id)
 
@@ -108,7 +110,7 @@ class Scheduler:
 
     @property
     def done(self) -> bool:
-        return all(entry.state in FINAL for entry in self.entries.values())
+        return self._open == 0
 
     @property
     def running(self) -> list[str]:
@@ -116,7 +118,9 @@ class Scheduler:
 
     def next_wakeup(self) -> float | None:
         """Clock time of the earliest delayed retry, if any spec is waiting out a retry delay."""
-        times = [e.not_before for e in self.entries.values() if e.state == READY and e.not_before > self.clock()]
+        now = self.clock()
+        times = [self.entries[t].not_before for _, t in self._heap
+                 if self.entries[t].state == READY and self.entries[t].not_before > now]
         return min(times, default=None)
 
     def reason(self, task_id: str) -> str:
@@ -135,6 +139,7 @@ class Scheduler:
         if entry.state == WAITING and self._deps_done(task_id):
             entry.state, entry.ready_at = READY, time.time()
             heapq.heappush(self._heap, (self._key[task_id], task_id))
+            self._new_ready.append(task_id)
 
     def _fits(self, task_id: str, node: NodeSlots) -> bool:
         spec = self.project.specs[task_id]
@@ -227,7 +232,7 @@ class Scheduler:
         entry = self.entries[task_id]
         if entry.state == RUNNING:
             self._release(task_id)
-        entry.state, entry.reason = SUCCEEDED, ""
+        self._finalize(entry, SUCCEEDED)
         for child in self._children(task_id):
             self._maybe_ready(child)
 
@@ -262,7 +267,7 @@ class Scheduler:
             entry.not_before = self.clock() + self.retry_delay * 2 ** (entry.attempts - 1)
             heapq.heappush(self._heap, (self._key[task_id], task_id))
             return []
-        entry.state = FAILED
+        self._finalize(entry, FAILED, reason)
         return self._skip_dependents(task_id, f"dependency {task_id} failed")
 
     def _skip_dependents(self, task_id: str, reason: str) -> list[str]:
@@ -272,7 +277,7 @@ class Scheduler:
             child = stack.pop()
             entry = self.entries[child]
             if entry.state in (WAITING, READY):
-                entry.state, entry.reason = NOT_RUN, reason
+                self._finalize(entry, NOT_RUN, reason)
                 skipped.append(child)
                 stack.extend(self._children(child))
         return skipped
@@ -282,7 +287,7 @@ class Scheduler:
         cancelled = []
         for task_id, entry in self.entries.items():
             if entry.state in (WAITING, READY):
-                entry.state, entry.reason = CANCELLED, reason
+                self._finalize(entry, CANCELLED, reason)
                 cancelled.append(task_id)
         return cancelled
 
@@ -290,9 +295,14 @@ class Scheduler:
         entry = self.entries[task_id]
         if entry.state == RUNNING:
             self._release(task_id)
-        entry.state, entry.reason = CANCELLED, reason
+        self._finalize(entry, CANCELLED, reason)
 
     def unplaceable(self) -> list[str]:
-        """Ready specs no node can ever run; fail them so the run cannot hang."""
-        stuck = [t for t, e in self.entries.items() if e.state == READY and not self.placeable(t)]
-        return stuck
+        """Specs that became ready since the last call and that no node can ever run (fail them: no hang)."""
+        fresh, self._new_ready = self._new_ready, []
+        return [t for t in dict.fromkeys(fresh) if self.entries[t].state == READY and not self.placeable(t)]
+
+    def _finalize(self, entry: _Entry, state: str, reason: str = "") -> None:
+        if entry.state not in FINAL:
+            self._open -= 1
+        entry.state, entry.reason = state, reason

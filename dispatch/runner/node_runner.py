@@ -1233,7 +1233,7 @@ def cmd_tail(run_dir: str, from_byte: int) -> int:
     return 0
 
 
-def _runner_gone(run_dir: str) -> bool:
+def _runner_gone(run_dir: str) -> bool:  # used by `live`
     """Whether no runner holds the run directory's lock (the kernel frees it at exit, zombie or not)."""
     try:
         fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDONLY)
@@ -1266,16 +1266,36 @@ def cmd_live(tasks_dir: str) -> int:
     return 0
 
 
-def cmd_follow(run_dir: str, from_byte: int, poll: float = 0.05) -> int:
+def cmd_follow(run_dir: str, from_byte: int) -> int:
     """Stream task.log from `from_byte` as it grows, until the runner has exited; then print the rest.
 
-    The dispatcher follows a detached run with this: its end is the runner's lock being released, which
-    does not depend on anyone reaping the runner (a container's PID 1 may leave it a zombie for a while).
+    The dispatcher follows a detached run with this. The runner's end is its lock being released (a
+    blocking flock in a thread: no polling, and no waiting for anyone to reap the runner, which a
+    container's PID 1 may leave a zombie for a while). The log is read every 0.05 s while it grows,
+    backing off to 1 s while it is quiet, so a long silent agent costs next to no CPU.
     """
+    import threading
+
+    gone = threading.Event()
+
+    def wait_for_exit() -> None:
+        try:
+            fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDONLY)
+        except OSError:
+            gone.set()
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+            gone.set()
+
+    threading.Thread(target=wait_for_exit, daemon=True).start()
     path = os.path.join(run_dir, "task.log")
-    offset = max(0, from_byte)
+    offset, delay = max(0, from_byte), 0.05
     while True:
-        gone = _runner_gone(run_dir)
+        ended = gone.is_set()
+        grew = False
         try:
             with open(path, "rb") as handle:
                 handle.seek(offset)
@@ -1284,13 +1304,15 @@ def cmd_follow(run_dir: str, from_byte: int, poll: float = 0.05) -> int:
                     if not data:
                         break
                     offset += len(data)
+                    grew = True
                     sys.stdout.buffer.write(data)
             sys.stdout.flush()
         except OSError:
             pass
-        if gone:
+        if ended:
             return 0
-        time.sleep(poll)
+        delay = 0.05 if grew else min(1.0, delay * 2)
+        gone.wait(delay)
 
 
 def main(argv: list[str] | None = None) -> int:

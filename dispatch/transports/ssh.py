@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import shlex
 import threading
 from pathlib import Path
@@ -79,10 +80,14 @@ class SSHTransport:
                 present = self.pool.run(
                     self.target, " && ".join(f"test -f {quoted}/{p.name}" for p in SHIPPED_FILES),
                     timeout=_COMMAND_TIMEOUT, check=False).exit_code == 0
-                if not present:
+                if not present:  # written under temporary names, then renamed: another dispatcher shipping the
+                    # same version at the same moment never runs a half-written file
                     logger.info("node %s: shipping the node runner to %s", self.node.name, directory)
+                    suffix = f".tmp{os.getpid()}-{threading.get_ident()}"
                     for path in SHIPPED_FILES:
-                        self.pool.put_file(self.target, path, f"{directory}/{path.name}", mode=0o755)
+                        self.pool.put_file(self.target, path, f"{directory}/{path.name}{suffix}", mode=0o755)
+                    self._command(" && ".join(f"mv -f {quoted}/{p.name}{suffix} {quoted}/{p.name}"
+                                              for p in SHIPPED_FILES))
                 self._runner = f"{shlex.quote(self.node.python)} {quoted}/node_runner.py"
             return self._runner
 

@@ -462,15 +462,16 @@ def test_a_node_fault_retry_falls_back_to_the_only_node_that_fits() -> None:
     assert scheduler.pick()[0].node == "n1"
 
 
-def test_unplaceable_lists_ready_specs_no_node_can_ever_run() -> None:
+def test_unplaceable_reports_each_spec_no_node_can_run_once_when_it_becomes_ready() -> None:
     project = _project(_spec("A", node="ghost"), _spec("B", labels=["gpu"]), _spec("C"), _spec("D", "C", node="ghost"))
     scheduler = _scheduler(project, [NodeSlots("n1", 4)])
 
     assert scheduler.unplaceable() == ["A", "B"]
     assert _ids(scheduler.pick()) == ["C"]
     assert scheduler.state("A") == READY and scheduler.state("B") == READY
+    assert scheduler.unplaceable() == [], "already reported: the caller fails them"
     scheduler.succeed("C")
-    assert scheduler.unplaceable() == ["A", "B", "D"]
+    assert scheduler.unplaceable() == ["D"]
 
 
 def test_no_nodes_is_an_error() -> None:
