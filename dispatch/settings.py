@@ -111,12 +111,15 @@ class DispatchSettings(BaseSettings):
         return not self.prefect_api_url
 
     def prefect_environment(self, verbose: bool = False) -> dict[str, str]:
-        """Environment to set before Prefect is imported, for this process and the runs it starts.
+        """Environment to set before Prefect is imported, for this process and the runs it starts
+        (and the directories it names, created).
 
         Embedded mode keeps Prefect's database under `home`, turns off the server's telemetry (this
         machine may have no network) and allows its first start (database migrations) to take a while.
         Results (the cache) live under `home/cache` in both modes.
         """
+        # Prefect creates its home without parents: on a fresh machine DISPATCH_HOME does not exist yet.
+        (self.home / "prefect").mkdir(parents=True, exist_ok=True)
         env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.home / "cache"),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         if self.embedded:

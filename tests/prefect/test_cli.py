@@ -151,13 +151,15 @@ def test_stop_from_another_terminal_kills_running_specs(prefect_api, isolated_ho
 @pytest.mark.integration
 def test_demo_runs_on_the_embedded_default_with_zero_setup(isolated_home: Path, monkeypatch):
     """The README's first command: no server, no keys, no configuration; then a cached second run."""
+    home = isolated_home / "fresh" / "dispatch-home"  # not there yet, as on a fresh machine
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PREFECT_") and k not in ("DISPATCH_SPECS", "DISPATCH_PROJECTS")}
+    env["DISPATCH_HOME"] = str(home)
     first = dispatch("start", "demo", env=env, timeout=400)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "demo completed: 7/7 succeeded" in first.stdout
-    assert (isolated_home / "home" / "prefect").is_dir(), "embedded Prefect keeps its database under DISPATCH_HOME"
-    workspace = isolated_home / "home" / "workspaces" / "demo"
+    assert (home / "prefect").is_dir(), "embedded Prefect keeps its database under DISPATCH_HOME"
+    workspace = home / "workspaces" / "demo"
     assert (workspace / "build" / "demo.tar.gz").stat().st_size > 0
     second = dispatch("start", "demo", env=env, timeout=400)
     assert second.returncode == 0, second.stdout + second.stderr
