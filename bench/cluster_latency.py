@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import write_result  # noqa: E402
 
 from dispatch.loopback_cluster import LoopbackCluster  # noqa: E402
 
@@ -110,9 +113,7 @@ def main() -> int:
         result = {"wall_s": round(wall, 2), "slots": slots, "seconds_per_spec": args.seconds, "layers": args.layers,
                   "lower_bound_s": round(max(args.layers * args.seconds, args.specs * args.seconds / sum(slots)), 2),
                   **measure(home, timeline, "bench", {n["name"]: n["slots"] for n in cluster.nodes})}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

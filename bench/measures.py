@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from dispatch.intervals import max_concurrency
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -35,15 +38,6 @@ def read_runs(timeline: Path) -> dict[str, list[tuple[float, float | None, str]]
         elif runs[task_id]:
             runs[task_id][-1][1] = float(stamp)
     return {k: [tuple(r) for r in v] for k, v in runs.items()}
-
-
-def max_concurrency(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
-    best = current = 0
-    for _, delta in events:
-        current += delta
-        best = max(best, current)
-    return best
 
 
 def schedule_measures(workload, timeline: Path, slots: dict[str, int], *, step: float = 0.05) -> dict:
@@ -122,3 +116,10 @@ def schedule_measures(workload, timeline: Path, slots: dict[str, int], *, step: 
         "lock_overlaps": lock_overlaps, "slot_overruns": len(overruns), "overrun_nodes": overruns,
         "first_start": t0, "last_end": t1,
     }
+
+
+def write_result(out: Path, result: dict) -> None:
+    """Write a benchmark's result as JSON (and print it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import resource
 import sys
 import tempfile
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
+from measures import write_result  # noqa: E402
 from workload import generate, write_project  # noqa: E402
 
 from dispatch.dag import load_project  # noqa: E402
@@ -101,9 +101,7 @@ def main() -> int:
         "tracemalloc_peak_mib": round(peak / 2 ** 20, 1), "ru_maxrss_mib": round(rss, 1),
         "ru_maxrss_before_mib": round(rss_before, 1), "max_chain": round(max(chain.values()), 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

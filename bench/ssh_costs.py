@@ -11,7 +11,6 @@ one-SSHClient-per-task pays). Writes bench/out/ssh_costs.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cluster import start_cluster  # noqa: E402
-from measures import summary  # noqa: E402
+from measures import summary, write_result  # noqa: E402
 
 from dispatch.ssh import SSHPool  # noqa: E402
 
@@ -62,9 +61,7 @@ def main() -> int:
             times.append(time.perf_counter() - t)
         result["new_connection_plus_true"] = summary(times)
         pool.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

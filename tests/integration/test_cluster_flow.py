@@ -8,17 +8,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.projects import max_concurrency, read_timeline, runs_by_node, shell_spec, write_spec
+from tests.fixtures.projects import (
+    DISPATCH,
+    max_concurrency,
+    read_timeline,
+    runs_by_node,
+    shell_spec,
+    start_in_background,
+    wait_for_starts,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
-DISPATCH = str(Path(sys.executable).with_name("dispatch"))
 
 
 @pytest.fixture
@@ -158,13 +165,8 @@ def test_stop_kills_the_projects_agents_on_every_node(prefect_api, cluster, isol
     for i in range(5):
         shell_spec(specs, f"S0{i}", timeline, seconds=marker)
     log = isolated_home / "run.log"
-    with open(log, "wb") as out:
-        run = subprocess.Popen([DISPATCH, "start", "remote-stop"], stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(read_timeline(timeline)) < 5 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(read_timeline(timeline)) == 5, log.read_text()
+    run = start_in_background("remote-stop", log)
+    wait_for_starts(timeline, 5, log)
     stopped = subprocess.run([DISPATCH, "stop", "remote-stop"], capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert run.wait(timeout=60) == 1
@@ -221,13 +223,8 @@ def test_restarted_dispatcher_reattaches_to_specs_still_running_on_the_nodes(pre
         shell_spec(specs, f"S0{i}-long", timeline, seconds=10, depends_on=["S01"])
     shell_spec(specs, "S06-last", timeline, seconds=0.2, depends_on=["S02", "S03", "S04", "S05"])
     log = isolated_home / "first.log"
-    with open(log, "wb") as out:
-        first = subprocess.Popen([DISPATCH, "start", "reattach"], stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(read_timeline(timeline)) < 5 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(read_timeline(timeline)) == 5, log.read_text()
+    first = start_in_background("reattach", log)
+    wait_for_starts(timeline, 5, log)
     os.kill(first.pid, 9)  # the dispatcher dies; the runners on the nodes do not
     first.wait()
     second = subprocess.run([DISPATCH, "start", "reattach", "-v"], capture_output=True, text=True, timeout=240,

@@ -6,16 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.projects import read_timeline, shell_spec, write_spec
+from tests.fixtures.projects import DISPATCH, read_timeline, shell_spec, start_in_background, write_spec
 
 pytestmark = pytest.mark.prefect
-DISPATCH = str(Path(sys.executable).with_name("dispatch"))
 
 
 def dispatch(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -102,12 +100,6 @@ def test_start_status_report_collect_cleanup(prefect_api, isolated_home: Path):
     assert (isolated_home / "home" / "state" / "cli.json").exists(), "cleanup keeps reports unless --all"
 
 
-def _start_background(project: str, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:  # a file, not a pipe nobody reads (a full pipe would block the run)
-        return subprocess.Popen([DISPATCH, "start", project], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
 def test_killed_dispatcher_restarts_without_rerunning_finished_specs(prefect_api, isolated_home: Path,
                                                                      monkeypatch):
     monkeypatch.setenv("DISPATCH_LOCAL_SLOTS", "2")
@@ -116,7 +108,7 @@ def test_killed_dispatcher_restarts_without_rerunning_finished_specs(prefect_api
     shell_spec(specs, "S02-quick", timeline, seconds=0.2)
     shell_spec(specs, "S03-long", timeline, seconds=6, depends_on=["S01", "S02"])
     shell_spec(specs, "S04-last", timeline, seconds=0.2, depends_on=["S03"])
-    first = _start_background("crash", isolated_home / "first.log")
+    first = start_in_background("crash", isolated_home / "first.log")
     wait_for(lambda: "S03-long" in read_timeline(timeline), 120, "S03-long to start")
     os.kill(first.pid, signal.SIGKILL)  # the dispatcher dies; the runner of S03 lives on
     first.wait()
@@ -134,7 +126,7 @@ def test_stop_from_another_terminal_kills_running_specs(prefect_api, isolated_ho
     marker = f"{time.time():.6f}".split(".")[1]
     shell_spec(specs, "S01-sleepy", timeline, seconds=f"4{marker}")
     shell_spec(specs, "S02-after", timeline, depends_on=["S01"])
-    run = _start_background("stoppable", isolated_home / "run.log")
+    run = start_in_background("stoppable", isolated_home / "run.log")
     wait_for(lambda: "S01-sleepy" in read_timeline(timeline), 120, "S01 to start")
     stopped = dispatch("stop", "stoppable")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
