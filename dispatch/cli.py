@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dispatch.cli_nodes import nodes_app
+from dispatch.cli_nodes import local_slot_use, nodes_app
 from dispatch.cli_server import server_app
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid
@@ -136,20 +136,11 @@ def start(
 
 
 def _node_load(settings) -> dict[str, dict[str, int]]:
-    """Slots used per node across every live run on this machine (and the machine's slot locks)."""
-    from dispatch.locks import SlotLocks
+    """Slots used / total per configured node, from this machine's live runs (as `dispatch nodes` counts)."""
+    from dispatch.cluster import load_nodes
 
-    nodes: dict[str, dict[str, int]] = {"local": {"slots": settings.local_slots, "used": 0}}
-    for state in load_all_states(settings.state_dir):
-        if state.state != "running" or not pid_alive(state.pid):
-            continue
-        for name, load in state.nodes.items():
-            entry = nodes.setdefault(name, {"slots": load["slots"], "used": 0})
-            entry["used"] += load["used"]
-    local_dir = settings.locks_dir / "node-local"
-    if local_dir.is_dir():
-        nodes["local"]["used"] = max(nodes["local"]["used"], SlotLocks(local_dir, settings.local_slots).in_use())
-    return nodes
+    used = local_slot_use(settings)
+    return {n.name: {"slots": n.slots, "used": used.get(n.name, 0)} for n in load_nodes(settings)}
 
 
 def _live_state(state):

@@ -68,7 +68,7 @@ def _prefect_failed(settings: DispatchSettings, exc: Exception) -> typer.Exit:
 
 
 # --- listing -------------------------------------------------------------------------------------------------
-def _local_load(settings: DispatchSettings) -> dict[str, int]:
+def local_slot_use(settings: DispatchSettings) -> dict[str, int]:
     """Slots in use per node by the live runs of this machine (their state files), and its slot locks."""
     used: dict[str, int] = {}
     for state in load_all_states(settings.state_dir):
@@ -114,7 +114,7 @@ def list_nodes(ctx: typer.Context, as_json: JsonOption = False) -> None:
         return
     settings = get_settings()
     nodes = _nodes(settings)
-    local = _local_load(settings)
+    local = local_slot_use(settings)
     server = _server_load(settings, nodes)
     rows = []
     for node in nodes:

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError
 from dispatch.settings import DispatchSettings
-from dispatch.ssh_target import SSHTarget, resolve_target
+from dispatch.ssh_target import node_target  # noqa: F401 - callers take it from here too
 
 if TYPE_CHECKING:
     from dispatch.agents import ModelSpec
@@ -38,26 +38,6 @@ _BANNED_IN_NAMES = "/%&<>"  # prefect.types.names.BANNED_CHARACTERS
 
 POOL_TYPE = "process"
 """The type of every node's work pool (a `prefect worker start --type process` on the node serves it)."""
-
-
-def node_target(node: Node, *, key_secret: str | None = None, connect_timeout: float = 10.0) -> SSHTarget:
-    """How to reach `node` over SSH: its explicit fields, then its `ssh_host` through the ssh config.
-
-    Args:
-        node: the node (from `nodes.json` or a `ClusterNode` block).
-        key_secret: the private key's text, when it comes from a secret rather than `key_path`.
-        connect_timeout: seconds for connect, banner, authentication and channel opening.
-
-    Raises:
-        ConfigError: the node has neither `ssh_host` nor `host`, or its `ssh_config` file does not exist.
-    """
-    alias = node.ssh_host or node.host
-    if not alias:
-        raise ConfigError(f"node {node.name}: no ssh_host or host to connect to; set one in nodes.json")
-    return resolve_target(node.name, alias, host=node.host, port=node.port, user=node.user,
-                          key_path=node.key_path, key_secret=key_secret, known_hosts=node.known_hosts,
-                          trust_on_first_use=node.trust_on_first_use, connect_timeout=connect_timeout,
-                          ssh_config_path=node.ssh_config)
 
 
 def _client() -> SyncPrefectClient:

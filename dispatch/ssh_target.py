@@ -15,11 +15,14 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
 from dispatch.errors import ConfigError, NodeError
+
+if TYPE_CHECKING:
+    from dispatch.cluster import Node
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +211,23 @@ def connect_client(target: SSHTarget, *, keepalive: int = 15) -> paramiko.SSHCli
         transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _TCP_USER_TIMEOUT_MS)
     logger.debug("node %s: connected to %s", target.name, where)
     return client
+
+
+def node_target(node: Node, *, key_secret: str | None = None, connect_timeout: float = 10.0) -> SSHTarget:
+    """How to reach `node` over SSH: its explicit fields, then its `ssh_host` through the ssh config.
+
+    Args:
+        node: the node (from `nodes.json` or a `ClusterNode` block).
+        key_secret: the private key's text, when it comes from a secret rather than `key_path`.
+        connect_timeout: seconds for connect, banner, authentication and channel opening.
+
+    Raises:
+        ConfigError: the node has neither `ssh_host` nor `host`, or its `ssh_config` file does not exist.
+    """
+    alias = node.ssh_host or node.host
+    if not alias:
+        raise ConfigError(f"node {node.name}: no ssh_host or host to connect to; set one in nodes.json")
+    return resolve_target(node.name, alias, host=node.host, port=node.port, user=node.user,
+                          key_path=node.key_path, key_secret=key_secret, known_hosts=node.known_hosts,
+                          trust_on_first_use=node.trust_on_first_use, connect_timeout=connect_timeout,
+                          ssh_config_path=node.ssh_config)

@@ -22,7 +22,8 @@ from dispatch.cluster import Node
 from dispatch.errors import DispatchError, NodeError
 from dispatch.results import SpecResult
 from dispatch.runner import SHIPPED_FILES, runner_checksum
-from dispatch.ssh import SSHPool, resolve_target
+from dispatch.ssh import SSHPool
+from dispatch.ssh_target import node_target
 from dispatch.transports import LineSink, RunRequest
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,7 @@ class SSHTransport:
     def __init__(self, node: Node, pool: SSHPool, key_secret: str | None = None) -> None:
         self.node = node
         self.pool = pool
-        self.target = resolve_target(
-            node.name, node.ssh_host or node.host or node.name, host=node.host, port=node.port, user=node.user,
-            key_path=node.key_path, key_secret=key_secret, known_hosts=node.known_hosts,
-            trust_on_first_use=node.trust_on_first_use, ssh_config_path=node.ssh_config)
+        self.target = node_target(node, key_secret=key_secret)
         self.root = node.remote_root.removeprefix("~/").rstrip("/") or "."
         self._runner: str | None = None
         self._ship_lock = threading.Lock()
