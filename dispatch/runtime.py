@@ -17,6 +17,7 @@ from dispatch.settings import DispatchSettings
 from dispatch.ssh import SSHPool
 from dispatch.transports.local import LocalTransport
 from dispatch.transports.ssh import SSHTransport
+from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
 
 logger = logging.getLogger(__name__)
 _PROBE_INTERVAL = 5.0
@@ -35,15 +36,21 @@ class ClusterRuntime:
                  key_secrets: dict[str, str] | None = None) -> None:
         self.nodes = {node.name: node for node in nodes}
         self.pool = SSHPool()
-        self.transports: dict[str, LocalTransport | SSHTransport] = {}
+        self.watcher: FlowRunWatcher | None = None
+        self.transports: dict[str, LocalTransport | SSHTransport | WorkerTransport] = {}
         for node in nodes:
             if node.transport == "local":
                 self.transports[node.name] = LocalTransport(settings.runs_dir, node.name)
             elif node.transport == "ssh":
                 self.transports[node.name] = SSHTransport(node, self.pool, (key_secrets or {}).get(node.name))
+            elif not settings.prefect_api_url:
+                raise ConfigError(f"node {node.name}: transport 'worker' needs team mode (PREFECT_API_URL set to "
+                                  "the team's Prefect server, a worker on the node's pool); use transport ssh or "
+                                  "local without a server")
             else:
-                raise ConfigError(f"node {node.name}: transport {node.transport!r} needs team mode (a Prefect "
-                                  "server and a worker on the node); use transport ssh or local here")
+                if self.watcher is None:
+                    self.watcher = FlowRunWatcher()
+                self.transports[node.name] = WorkerTransport(node, self.watcher)
         limits: dict[str, str] = {}
         if settings.prefect_api_url:
             try:
@@ -63,7 +70,7 @@ class ClusterRuntime:
     def probe_until_up(self, node: str, on_up: Callable[[str], None]) -> None:
         """Probe a down node in the background; call `on_up(node)` once it answers again."""
         transport = self.transports[node]
-        if not isinstance(transport, SSHTransport):
+        if isinstance(transport, LocalTransport):
             on_up(node)
             return
         with self._lock:
@@ -74,7 +81,7 @@ class ClusterRuntime:
         def probe() -> None:
             while not self._closed.wait(_PROBE_INTERVAL):
                 try:
-                    self.pool.connect(transport.target)
+                    transport.probe()
                 except DispatchError as exc:
                     logger.debug("node %s still down: %s", node, exc)
                     continue
@@ -91,3 +98,5 @@ class ClusterRuntime:
         self._closed.set()
         self.brokers.close()
         self.pool.close()
+        if self.watcher is not None:
+            self.watcher.close()

@@ -28,7 +28,7 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["request"].cache_key
 
 
-def _missing_agent_clis(request: RunRequest) -> str | None:
+def missing_agent_clis(request: RunRequest) -> str | None:
     """On the local node: why no step of the model chain can start, or None when one can."""
     hints = []
     for step in request.steps:
@@ -53,19 +53,21 @@ def run_spec(request: RunRequest) -> SpecResult | State:
     prefix = f"{request.node} {request.task_id}:"
     from dispatch.transports.local import LocalTransport
 
-    if isinstance(transport, LocalTransport) and (missing := _missing_agent_clis(request)):
+    if isinstance(transport, LocalTransport) and (missing := missing_agent_clis(request)):
         result = SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
                             reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,
                             attempt=request.attempt)
         logger.error("%s %s", prefix, missing)
         return Failed(message=missing, data=result)
     logger.info("%s attempt %d started", prefix, request.attempt)
-    if request.git and (failure := _prepare_branch(request, transport, logger, prefix)):
+    # a worker node's spec-run flow prepares and pushes the branch on the node itself
+    git_here = bool(request.git) and not getattr(transport, "runs_git_on_node", False)
+    if git_here and (failure := prepare_branch(request, transport, logger, prefix)):
         return Failed(message=f"{request.task_id}: {failure.reason}", data=failure)
     options = RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {})
     result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), **options)
-    if result.succeeded and request.git:
-        _push_branch(request, transport, result, logger, prefix)
+    if result.succeeded and git_here:
+        push_branch(request, transport, result, logger, prefix)
     if result.succeeded:
         logger.info("%s succeeded in %.1fs (model %s)", prefix, result.duration or 0.0, result.model or "-")
         return result
@@ -79,7 +81,7 @@ def _git_failure(request: RunRequest, reason: str, retryable: bool, node_fault: 
                       run_id=request.run_id, attempt=request.attempt)
 
 
-def _prepare_branch(request: RunRequest, transport: Transport, logger, prefix: str) -> SpecResult | None:
+def prepare_branch(request: RunRequest, transport: Transport, logger, prefix: str) -> SpecResult | None:
     """git mode: the spec's worktree on branch dispatch/<project>/<task_id>, with its dependencies merged."""
     from dispatch import gitsync
     from dispatch.errors import NodeError
@@ -101,7 +103,7 @@ def _prepare_branch(request: RunRequest, transport: Transport, logger, prefix: s
     return _git_failure(request, f"preparing the git worktree failed ({code}): {tail}", retryable=True)
 
 
-def _push_branch(request: RunRequest, transport: Transport, result: SpecResult, logger, prefix: str) -> None:
+def push_branch(request: RunRequest, transport: Transport, result: SpecResult, logger, prefix: str) -> None:
     """git mode: commit the spec's changes and push its branch; a failure fails the attempt (retryable)."""
     from dispatch import gitsync
     from dispatch.errors import NodeError

@@ -26,6 +26,7 @@ class RunRequest(BaseModel):
     cache_key: str
     run_id: str
     workdir: str
+    root: str = Field(default="", description="the node's run root (worker nodes resolve relative paths)")
     steps: list[dict]
     timeout: float
     stall_timeout: float

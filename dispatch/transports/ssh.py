@@ -61,6 +61,10 @@ class SSHTransport:
     def root_path(self) -> str:
         return self.root
 
+    def probe(self) -> None:
+        """Raise NodeError unless the node answers over SSH."""
+        self.pool.connect(self.target)
+
     def exec(self, script: str, timeout: float) -> tuple[int, str, str]:
         """Run a POSIX sh script on the node: (exit code, stdout, stderr); unreachable raises NodeError."""
         result = self.pool.run(self.target, script, timeout=timeout, check=False)

@@ -1,0 +1,126 @@
+"""The `spec-run` flow: one attempt of one spec on a `worker` node, picked up by the node's Prefect worker.
+
+The project flow (the dispatcher) creates a run of the deployment `spec-run/node-<name>` (made by
+`dispatch nodes sync`) as a child of the spec's task run, in the node's work pool, whose concurrency
+limit is the node's slots. The node's worker runs this flow there; the flow runs the node runner as a
+local subprocess, exactly as the `local` transport does, and:
+
+- takes the agent keys from the `AgentModel` blocks itself (they never travel as parameters);
+- prepares and pushes the spec's git branch on the node in git mode;
+- stamps the label `dispatch.heartbeat` on its flow run every few seconds, so the dispatcher can tell a
+  run whose worker died (the label stops moving) from a long one and retry it;
+- attaches the `SpecResult` as a table artifact of its flow run, which the dispatcher reads back:
+  results live in the server, not on a file system the gateway cannot see.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.context import get_run_context
+from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed, Failed, State
+
+from dispatch.results import SpecResult
+from dispatch.settings import get_settings
+from dispatch.transports import RunRequest
+from dispatch.transports.local import LocalTransport
+from tasks.run_spec import missing_agent_clis, prepare_branch, push_branch
+
+HEARTBEAT_LABEL = "dispatch.heartbeat"
+RESULT_ARTIFACT_DESCRIPTION = "Oyster Dispatch spec result"
+
+
+def heartbeat_interval(request: RunRequest) -> float:
+    """Seconds between two `dispatch.heartbeat` stamps of a spec-run flow run."""
+    return max(1.0, 2 * request.heartbeat)
+
+
+def _run_name() -> str:
+    request = current_flow_run.parameters.get("request") or {}
+    if isinstance(request, RunRequest):
+        request = request.model_dump()
+    return f"{request.get('project', '?')}/{request.get('task_id', '?')} #{request.get('attempt', 1)}"
+
+
+def _beat(flow_run_id, interval: float, stop: threading.Event) -> None:
+    from prefect.client.orchestration import get_client
+
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.update_flow_run_labels(flow_run_id, {HEARTBEAT_LABEL: f"{time.time():.3f}"})
+            except Exception as exc:  # the dispatcher retries the spec if beats stop for long; say why
+                logger.warning("could not stamp the heartbeat: %s", exc)
+            if stop.wait(interval):
+                return
+
+
+def _on_node(path: str) -> Path:
+    """A path the dispatcher named for this node: `~` expanded, relative ones under the worker user's home."""
+    resolved = Path(path).expanduser()
+    return resolved if resolved.is_absolute() else Path.home() / resolved
+
+
+def _secrets(request: RunRequest) -> dict[str, str]:
+    """`model:ENV` -> key for the agent steps of this attempt, from the node's view of the `AgentModel` blocks."""
+    names = sorted({step["name"] for step in request.steps if step.get("argv")})
+    if not names:
+        return {}
+    from dispatch.nodes_admin import agent_models
+
+    _, secrets = agent_models(names)
+    return {f"{model}:{env}": value for model, values in secrets.items() for env, value in values.items()}
+
+
+@flow(name="spec-run", flow_run_name=_run_name, log_prints=False, retries=0)
+def spec_run(request: RunRequest) -> State:
+    """Run one attempt of a spec on this node and attach its `SpecResult` to the flow run.
+
+    Args:
+        request: the attempt, as the dispatcher built it (no secrets in it).
+    """
+    logger = get_run_logger()
+    root = _on_node(request.root) if request.root else get_settings().runs_dir
+    request = request.model_copy(update={"root": str(root), "workdir": str(_on_node(request.workdir))})
+    transport = LocalTransport(root, request.node)
+    prefix = f"{request.node} {request.task_id}:"
+    flow_run = get_run_context().flow_run
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(flow_run.id, heartbeat_interval(request), stop),
+                            name="spec-run-heartbeat", daemon=True)
+    beat.start()
+    try:
+        result = _attempt(request, transport, logger, prefix)
+    finally:
+        stop.set()
+        beat.join(timeout=5)
+    create_table_artifact(table=[result.model_dump(mode="json")], description=RESULT_ARTIFACT_DESCRIPTION)
+    if result.succeeded:
+        logger.info("%s succeeded in %.1fs (model %s)", prefix, result.duration or 0.0, result.model or "-")
+        return Completed(message=f"{request.task_id} succeeded")
+    logger.error("%s %s", prefix, result.reason or result.status)
+    return Failed(message=f"{request.task_id}: {result.reason or result.status}")
+
+
+def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str) -> SpecResult:
+    if missing := missing_agent_clis(request):
+        return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
+                          reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,
+                          attempt=request.attempt)
+    if request.git and (failure := prepare_branch(request, transport, logger, prefix)):
+        return failure
+    try:
+        secrets = _secrets(request)
+    except Exception as exc:  # no keys: the agent fails with an auth error the runner classifies; say why here
+        logger.warning("%s could not read the AgentModel blocks' keys: %s", prefix, exc)
+        secrets = {}
+    result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), secrets=secrets or None)
+    if result.succeeded and request.git:
+        push_branch(request, transport, result, logger, prefix)
+    return result

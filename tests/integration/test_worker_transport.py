@@ -1,0 +1,164 @@
+"""The `worker` transport on real processes: a Prefect server on PostgreSQL, `dispatch nodes sync` making the
+node's pool and its `spec-run/node-<name>` deployment, a real `prefect worker` serving the pool, and the
+dispatcher sending specs there as child flow runs; a worker killed mid-run leads to a retry, and its
+flow run is not left Running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from dispatch.results import load_state, read_json
+from tests.fixtures.projects import max_concurrency, read_timeline, runs_by_node, shell_spec
+
+if TYPE_CHECKING:
+    from tests.fixtures.postgres import TeamServer
+
+pytestmark = pytest.mark.integration
+_PREFECT = [sys.executable, "-m", "prefect", "--no-prompt"]
+_DISPATCH = [sys.executable, "-m", "dispatch.cli"]
+
+
+class Worker:
+    """A `prefect worker start` on a node pool, with its own DISPATCH_HOME (the node's)."""
+
+    def __init__(self, server: TeamServer, pool: str, home: Path, log: Path) -> None:
+        self.server, self.pool, self.home, self.log = server, pool, home, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = self.server.env(DISPATCH_HOME=str(self.home), PREFECT_WORKER_QUERY_SECONDS="1",
+                              PREFECT_WORKER_HEARTBEAT_SECONDS="2", PREFECT_LOGGING_LEVEL="INFO")
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*_PREFECT, "worker", "start", "--pool", self.pool, "--type", "process",
+                                          "--name", f"test-{self.pool}"], env=env, cwd=self.home, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _cluster(server: TeamServer, tmp_path: Path, project: str, slots: int,
+             specs: dict[str, float]) -> tuple[dict, Path, Path]:
+    """A dispatcher home with one worker node `w1` and a project of sleeping shell specs, synced."""
+    home = tmp_path / "gateway"
+    home.mkdir()
+    root = tmp_path / "w1-root"
+    (home / "nodes.json").write_text(json.dumps({"nodes": [
+        {"name": "w1", "transport": "worker", "slots": slots, "remote_root": str(root)}]}))
+    timeline = tmp_path / "timeline"
+    for task_id, seconds in specs.items():
+        shell_spec(tmp_path / "specs" / project, task_id, timeline, seconds=seconds, retries=2)
+    env = server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / "specs"), DISPATCH_HEARTBEAT="0.5",
+                     DISPATCH_RETRY_DELAY="1", COLUMNS="200")
+    synced = subprocess.run([*_DISPATCH, "nodes", "sync"], env=env, capture_output=True, text=True, timeout=180)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert "spec-run/node-w1" in synced.stdout, synced.stdout
+    return env, timeline, root
+
+
+def _kill_node_processes(home: Path) -> int:
+    """SIGKILL every process of the node whose DISPATCH_HOME is `home`: worker, flow runs, runners, agents."""
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"DISPATCH_HOME={home}".encode() in environ:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def _spec_runs(server: TeamServer) -> list:
+    """Every flow run of the `spec-run` flow on the server, oldest first."""
+    code = ("import json\nfrom prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import FlowFilter, FlowFilterName\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    runs = c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=['spec-run'])))\n"
+            "    print(json.dumps([{'id': str(r.id), 'name': r.name, 'state': r.state_name, 'message': "
+            "r.state.message if r.state else '', 'parent': str(r.parent_task_run_id or ''), 'tags': r.tags, "
+            "'created': r.created.timestamp()} for r in runs]))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=server.env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return sorted(json.loads(out.stdout), key=lambda r: r["created"])
+
+
+def test_specs_run_as_child_flow_runs_within_the_pools_limit(team_server: TeamServer, tmp_path: Path) -> None:
+    specs = {f"S{i:02d}": 4.0 for i in range(4)}
+    env, timeline, root = _cluster(team_server, tmp_path, "wp", slots=2, specs=specs)
+    worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
+    worker.start()
+    try:
+        done = subprocess.run([*_DISPATCH, "start", "wp"], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        worker.stop()
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{output}\n--- worker log:\n{(tmp_path / 'worker.log').read_text()[-4000:]}"
+    state = load_state(tmp_path / "gateway" / "state", "wp")
+    assert state.state == "completed" and all(row.node == "w1" for row in state.specs.values()), state.specs
+
+    by_node = runs_by_node(timeline)
+    assert set(by_node) == {"w1"} and len(by_node["w1"]) == len(specs)
+    assert max_concurrency(by_node["w1"]) <= 2, "more specs at once than the node's 2 slots"
+    assert max_concurrency(by_node["w1"]) == 2, "the two slots were never used together"
+    # each spec ran on the node, under its run root, as a spec-run flow run that is a child of a task run
+    for task_id in specs:
+        assert read_json(root / "wp" / "tasks" / task_id / "result.json")["status"] == "succeeded"
+    children = [r for r in _spec_runs(team_server) if "project:wp" in r["tags"]]
+    assert len(children) == len(specs) and {r["state"] for r in children} == {"Completed"}, children
+    assert all(r["parent"] for r in children), "spec-run flow runs must be children of the specs' task runs"
+
+
+def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: TeamServer, tmp_path: Path) -> None:
+    env, timeline, root = _cluster(team_server, tmp_path, "wcrash", slots=1, specs={"S01-long": 6.0})
+    worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
+    worker.start()
+    dispatcher = subprocess.Popen([*_DISPATCH, "start", "wcrash"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_timeline(timeline).get("S01-long"):
+            assert time.monotonic() < deadline and dispatcher.poll() is None, "S01-long never started on the worker"
+            time.sleep(0.2)
+        # the node crashes: the worker, its flow-run process and the spec's runner all die at once
+        assert _kill_node_processes(worker.home) >= 3, "expected the worker, its flow run and the runner"
+        worker.proc.wait()
+        killed_at = time.time()
+        worker.start()  # systemd brings the worker back (Restart=always)
+        output, _ = dispatcher.communicate(timeout=240)
+    finally:
+        if dispatcher.poll() is None:
+            dispatcher.kill()
+        worker.stop()
+    assert dispatcher.returncode == 0, f"{output}\n--- worker log:\n{(tmp_path / 'worker.log').read_text()[-4000:]}"
+    runs = read_timeline(timeline)["S01-long"]
+    assert len(runs) == 2 and runs[0][1] is None and runs[1][1] is not None, runs  # killed once, then ran whole
+    children = [r for r in _spec_runs(team_server) if "project:wcrash" in r["tags"]]
+    assert [r["state"] for r in children] == ["Crashed", "Completed"], children
+    assert "no heartbeat" in children[0]["message"], children[0]
+    state = load_state(tmp_path / "gateway" / "state", "wcrash")
+    assert state.specs["S01-long"].attempts == 2 and state.specs["S01-long"].state == "succeeded", state.specs
+    print(f"\n[worker] crash -> retry running again: {runs[1][0] - killed_at:.1f} s")
