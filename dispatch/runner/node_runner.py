@@ -568,12 +568,13 @@ class Runner:
         signal.signal(signal.SIGHUP, lambda *_: None)  # a dropped SSH session never stops a run
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
-        classifier, error = _classifier()
-        if classifier is None:
-            self.log.line(
-                f"=== runner: WARNING: no rate-limit classifier ({error}); "
-                "agent steps are judged by exit code alone ==="
-            )
+        if any(step.script is None for step in self.task.steps):  # shell specs are never classified
+            classifier, error = _classifier()
+            if classifier is None:
+                self.log.line(
+                    f"=== runner: WARNING: no rate-limit classifier ({error}); "
+                    "agent steps are judged by exit code alone ==="
+                )
         model, exit_code, files, acceptance = None, None, [], []
         try:
             os.makedirs(self.task.workdir, exist_ok=True)
@@ -1347,7 +1348,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
     if args.command == "run":
-        _classifier()  # before any fork
         return cmd_run(run_dir, detach=args.detach, secrets_stdin=args.secrets_stdin)
     if args.command == "status":
         return cmd_status(run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,7 +23,39 @@ from dispatch.runner import RUNNER_PATH
 from dispatch.transports import LineSink, RunRequest
 
 logger = logging.getLogger(__name__)
-_POLL = 0.05
+_POLL = 0.25  # seconds between two reads of a running spec's log (its end is noticed at once)
+
+
+class _exit_waiter:
+    """Wait for a process to exit without polling: a pidfd (Linux 5.3+), else short sleeps.
+
+    Calling it with a timeout returns True once the process has exited (a child is reaped too).
+    """
+
+    def __init__(self, pid: int, proc: subprocess.Popen | None) -> None:
+        self.pid, self.proc = pid, proc
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here, or the process is gone already
+            self.fd = None
+
+    def _gone(self) -> bool:
+        return self.proc.poll() is not None if self.proc is not None else not pid_alive(self.pid)
+
+    def __call__(self, timeout: float) -> bool:
+        if self.fd is not None:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            return bool(ready) and (self.proc is None or self.proc.wait() is not None)
+        if self._gone():
+            return True
+        if timeout:
+            time.sleep(min(timeout, 0.05))
+        return self._gone()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def run_dir_for(root: Path, project: str, task_id: str) -> Path:
@@ -125,26 +158,24 @@ class LocalTransport:
     def _follow(self, run_dir: Path, pid: int, proc: subprocess.Popen | None, on_line: LineSink) -> None:
         log = run_dir / "task.log"
         offset, pending = 0, b""
-        while True:
-            running = proc.poll() is None if proc is not None else pid_alive(pid)
-            if log.exists():
-                with open(log, "rb") as handle:
-                    handle.seek(offset)
-                    chunk = handle.read()
-                offset += len(chunk)
-                lines = (pending + chunk).split(b"\n")
-                pending = lines.pop()
-                for line in lines:
-                    on_line(line.decode("utf-8", "replace"))
-            if not running:
-                break
-            if proc is not None:
-                try:
-                    proc.wait(timeout=_POLL)
-                except subprocess.TimeoutExpired:
-                    pass
-            else:
-                time.sleep(_POLL * 4)
+        exited = _exit_waiter(pid, proc)
+        try:
+            while True:
+                running = not exited(0)
+                if log.exists():
+                    with open(log, "rb") as handle:
+                        handle.seek(offset)
+                        chunk = handle.read()
+                    offset += len(chunk)
+                    lines = (pending + chunk).split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        on_line(line.decode("utf-8", "replace"))
+                if not running:
+                    break
+                exited(_POLL)  # returns at once when the runner exits, else after one log poll
+        finally:
+            exited.close()
         if pending:
             on_line(pending.decode("utf-8", "replace"))
 
