@@ -1,6 +1,7 @@
 """Pure dispatcher overhead: N zero-length shell specs (`sleep 0`), no dependencies, no file locks.
 
     .venv/bin/python bench/overhead.py [--specs 100] [--where local,cluster] [--slots 8,8,8,8,20,40,48]
+        [--server sqlite|postgres]
 
 `local`: the embedded local node only (no nodes.json; DISPATCH_LOCAL_SLOTS=--local-slots).
 `cluster`: the loopback cluster's nodes.json. Uses PREFECT_API_URL when set (else the embedded API).
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
 from measures import read_runs, summary  # noqa: E402
 from schedule import DISPATCH, run_measured  # noqa: E402
+from servers import KINDS, throwaway_server  # noqa: E402
 from workload import GenSpec, Workload, write_project  # noqa: E402
 
 
@@ -80,10 +82,13 @@ def main() -> int:
     parser.add_argument("--where", default="local,cluster")
     parser.add_argument("--slots", default=DEFAULT_SLOTS)
     parser.add_argument("--local-slots", type=int, default=8)
+    parser.add_argument("--server", choices=KINDS, default=None,
+                        help="run against a throwaway prefect server on SQLite or PostgreSQL (default: ambient)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "overhead.json")
     args = parser.parse_args()
     results = []
-    with tempfile.TemporaryDirectory(prefix="dispatch-overhead-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dispatch-overhead-") as tmp, \
+            throwaway_server(args.server, Path(tmp)) as api_url:
         base = Path(tmp)
         for where in args.where.split(","):
             if where == "cluster":
@@ -93,7 +98,7 @@ def main() -> int:
                 results.append(run(where, args.specs, base, None, args.local_slots))
             print(json.dumps(results[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"api": os.environ.get("PREFECT_API_URL", "embedded"), "results": results},
+    args.out.write_text(json.dumps({"api": args.server or api_url or "embedded", "results": results},
                                    indent=2) + "\n")
     return 0
 

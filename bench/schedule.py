@@ -1,7 +1,8 @@
 """The main benchmark: schedule quality and latency of ours vs a plain-Prefect baseline, per seed.
 
     PREFECT_API_URL=http://127.0.0.1:<port>/api .venv/bin/python bench/schedule.py \
-        --specs 300 --seeds 1,2,3 [--scale 1.0] [--slots 8,8,8,8,20,40,48] [--only ours|baseline]
+        --specs 300 --seeds 1,2,3 [--scale 1.0] [--slots 8,8,8,8,20,40,48] [--only ours|baseline] \
+        [--server sqlite|postgres]
 
 Starts the loopback cluster (bench/cluster.py), and for each seed draws a project (bench/workload.py),
 runs it with ours (`dispatch start`, a subprocess, with DISPATCH_HOME/SPECS/PROJECTS in a temp dir and
@@ -9,7 +10,7 @@ the cluster's nodes.json) and with the baseline (bench/baseline_flow.py), each u
 (peak RSS and CPU seconds of the dispatcher process and what it waited for), and judges both from the
 timelines the specs wrote. Prints a table and writes bench/out/schedule.json.
 With no PREFECT_API_URL, ours runs on its embedded default and the baseline is skipped (it needs a
-server for global concurrency limits); `--server` starts a throwaway `prefect server` on 127.0.0.1.
+server for global concurrency limits); `--server sqlite|postgres` starts a throwaway `prefect server` on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,31 +29,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
 from measures import schedule_measures, summary  # noqa: E402
+from servers import KINDS, throwaway_server  # noqa: E402
 from workload import generate, write_project  # noqa: E402
 
 PY = sys.executable
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
-
-
-def start_server(base: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-server"), "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(base / "prefect-server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([PY, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("prefect server did not start")
 
 
 def phases(state_file: Path, timeline_runs: dict) -> dict:
@@ -176,19 +154,17 @@ def main() -> int:
     parser.add_argument("--max-s", type=float, default=4.0)
     parser.add_argument("--slots", default=DEFAULT_SLOTS)
     parser.add_argument("--only", choices=["ours", "baseline"], default=None)
-    parser.add_argument("--server", action="store_true", help="start a throwaway prefect server on 127.0.0.1")
+    parser.add_argument("--server", choices=KINDS, default=None,
+                        help="start a throwaway prefect server on 127.0.0.1 (on SQLite or a throwaway PostgreSQL)")
     parser.add_argument("--timeout", type=float, default=400.0, help="per run, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "schedule.json")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="dispatch-schedule-"))
-    server = None
-    api_url = os.environ.get("PREFECT_API_URL")
     results = []
     try:
-        if args.server and not api_url:
-            server, api_url = start_server(base)
-        with start_cluster(parse_slots(args.slots), base / "cluster") as cluster:
+        with throwaway_server(args.server, base) as api_url, \
+                start_cluster(parse_slots(args.slots), base / "cluster") as cluster:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 result = run_seed(seed, args, cluster, base, api_url)
                 results.append(result)
@@ -198,9 +174,6 @@ def main() -> int:
                                                 "scale": args.scale, "slots": args.slots,
                                                 "results": results}, indent=2, default=str) + "\n")
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
         if not args.keep:
             import shutil
             shutil.rmtree(base, ignore_errors=True)
