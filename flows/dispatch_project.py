@@ -65,7 +65,8 @@ class ProjectRun:
     """One run of a project: the dispatch loop between the scheduler and Prefect task runs."""
 
     def __init__(self, project: Project, settings: DispatchSettings, selected: set[str], *,
-                 force: set[str], nodes: list[Node], config: ProjectConfig | None = None) -> None:
+                 force: set[str], nodes: list[Node], config: ProjectConfig | None = None,
+                 started_by: str | None = None) -> None:
         self.project = project
         self.settings = settings
         self.selected = selected
@@ -90,11 +91,21 @@ class ProjectRun:
         self.held_slots: dict[str, tuple[str, object]] = {}
         self.stop_reason = ""
         self._last_write = 0.0
-        self.who = f"{getpass.getuser()}@{socket.gethostname()}"
+        user, _, host = (started_by or "").partition("@")  # "alice@laptop": who asked, not who runs it
+        user, host = user or getpass.getuser(), host or socket.gethostname()
+        self.who = f"{user}@{host}"
+        # Team mode: `modifies` locks also go through the server's table, shared with other users' runs.
+        self.server_locks = None
+        if settings.prefect_api_url and any(project.specs[t].modifies for t in selected):
+            from dispatch.server_locks import ServerLocks, lock_scope
+
+            self.server_locks = ServerLocks(lock_scope(project.name, self.config.repo_url), project=project.name,
+                                            run_id=self.run_id, holder=self.who)
+        self.held_locks: dict[str, str] = {}
         flow_run = get_run_context().flow_run
         self.state = ProjectState(
             project=project.name, run_id=self.run_id, flow_run_id=str(flow_run.id) if flow_run else None,
-            api_url=settings.prefect_api_url, pid=os.getpid(), user=getpass.getuser(), host=socket.gethostname(),
+            api_url=settings.prefect_api_url, pid=os.getpid(), user=user, host=host,
             nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes},
             specs={t: SpecRow(state="waiting") for t in project.order if t in selected})
         context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
@@ -166,7 +177,8 @@ class ProjectRun:
                             catalog=self.catalog)
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
-            cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, steps=steps,
+            cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, root=transport.root_path,
+            steps=steps,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
             env={**self.nodes[assignment.node].env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
@@ -244,6 +256,16 @@ class ProjectRun:
             if held is None:  # another dispatcher holds this node's slots right now
                 self.scheduler.unpick(assignment, delay=_BUSY_RETRY)
                 continue
+            modifies = self.project.specs[assignment.task_id].modifies
+            if self.server_locks is not None and modifies:  # after the slot; refused: give the slot back
+                grant = self.server_locks.try_acquire(assignment.task_id, modifies)
+                row = self.state.specs[assignment.task_id]
+                if not grant:  # another user's overlapping spec runs (no hold-and-wait: drop the slot)
+                    self.runtime.brokers.release(held)
+                    self.scheduler.unpick(assignment, delay=grant.retry_after)
+                    row.reason = grant.reason
+                    continue
+                self.held_locks[assignment.task_id], row.reason = grant.token, ""
             self._submit(assignment, held, chain)
 
     def _reattach(self) -> None:
@@ -265,6 +287,13 @@ class ProjectRun:
                     continue
                 self.scheduler.adopt(task_id, node, 1)
                 self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
+                modifies = self.project.specs[task_id].modifies
+                if self.server_locks is not None and modifies:  # its locks died with the old dispatcher's lease
+                    grant = self.server_locks.try_acquire(task_id, modifies)
+                    if grant:
+                        self.held_locks[task_id] = grant.token
+                    else:
+                        self.logger.warning("%s: re-attached without its file locks (%s)", task_id, grant.reason)
                 self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
 
     def _finish(self, task_id: str) -> None:
@@ -272,6 +301,8 @@ class ProjectRun:
         held = self.held_slots.pop(task_id, None)
         if held is not None:
             self.runtime.brokers.release(held)
+        if task_id in self.held_locks:
+            self.server_locks.release(self.held_locks.pop(task_id))
         try:
             result = future.result(raise_on_failure=False)
         except Exception as exc:  # the task itself crashed
@@ -423,7 +454,7 @@ def _install_signal_handlers(run: ProjectRun) -> Callable[[], None]:
 @flow(name="dispatch-project", flow_run_name="{project}", task_runner=ThreadPoolTaskRunner(max_workers=256),
       log_prints=True)
 def dispatch_project(project: str, only: list[str] | None = None, start_from: list[str] | None = None,
-                     force: bool = False) -> State:
+                     force: bool = False, started_by: str | None = None) -> State:
     """Dispatch every spec of a project over the cluster, honouring dependencies, slots and locks.
 
     Args:
@@ -431,6 +462,8 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
         only: run only these specs (ids or unique prefixes) and what they depend on.
         start_from: run these specs and everything that depends on them, re-running them even if cached.
         force: re-run every selected spec, ignoring cached results.
+        started_by: who started the run, as "user@host" (`dispatch start` sets it); default this process's
+            user and host. Runs submitted through the deployment keep their user this way.
     """
     settings = get_settings()
     proj = load_project(project, settings.specs_root_for(project))
@@ -444,7 +477,7 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
                             f"`dispatch stop {project}`")
     try:
         run = ProjectRun(proj, settings, selected, force=forced, nodes=load_nodes(settings),
-                         config=load_project_config(settings, project))
+                         config=load_project_config(settings, project), started_by=started_by)
         restore = _install_signal_handlers(run)
         try:
             return run.execute()
