@@ -1,8 +1,9 @@
 """`dispatch`: the command line of Oyster Dispatch.
 
 Read-only commands (`status`, `report`, `validate`) never import Prefect: they read the state the
-project flow keeps under `DISPATCH_HOME`, and answer in milliseconds. Exit codes: 0 success,
-1 a spec failed (or the run was stopped), 2 invalid input.
+project flow keeps under `DISPATCH_HOME`, and answer in milliseconds. The one exception is `status` without
+a project in team mode, which also asks the server for every user's running projects (dispatch/team.py).
+Exit codes: 0 success, 1 a spec failed (or the run was stopped), 2 invalid input.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,6 +105,9 @@ def start(
     = None,
     force: Annotated[bool, typer.Option("--force", help="Ignore cached results; re-run every selected spec.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs (spec output too).")] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", "-d", help="Return at once: team mode submits the run to the deployment's worker, embedded "
+                               "mode runs it in the background with its output in DISPATCH_HOME/logs.")] = False,
 ):
     """Run a project: every spec on a node with a free slot, in dependency order, until all are done."""
     settings = get_settings()
@@ -111,7 +116,16 @@ def start(
         selected = select(proj, only, start_from)
     except DispatchError as exc:
         raise _invalid(exc) from None
+    if detach:
+        if settings.embedded:
+            _start_in_background(settings, project, only, start_from, force, verbose)
+        else:
+            _submit_to_deployment(settings, project, only, start_from, force)
+        return
     os.environ.update(settings.prefect_environment(verbose=verbose))
+    from prefect import tags
+
+    from dispatch.team import user_tags, whoami
     from flows.dispatch_project import LISTENERS, dispatch_project
 
     where = "embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else settings.prefect_api_url
@@ -119,9 +133,11 @@ def start(
     progress, listener = _progress_listener(len(selected))
     LISTENERS.append(listener)
     started = time.monotonic()
+    user, host = whoami()
     try:
-        with progress:
-            dispatch_project(project, only=only, start_from=start_from, force=force, return_state=True)
+        with progress, tags(*user_tags(user, host)):  # the server's record of who started the run
+            dispatch_project(project, only=only, start_from=start_from, force=force, started_by=f"{user}@{host}",
+                             return_state=True)
     except DispatchError as exc:
         raise _invalid(exc) from None
     finally:
@@ -135,12 +151,80 @@ def start(
     raise typer.Exit(0 if state.state == "completed" else EXIT_FAILED)
 
 
+def _start_in_background(settings, project: str, only: list[str] | None, start_from: list[str] | None,
+                         force: bool, verbose: bool) -> None:
+    """Embedded `--detach`: `dispatch start` (same options) in its own session, output to DISPATCH_HOME/logs."""
+    argv = [sys.executable, "-m", "dispatch.cli", "start", project]
+    argv += [arg for spec in only or [] for arg in ("--only", spec)]
+    argv += [arg for spec in start_from or [] for arg in ("--from", spec)]
+    argv += ["--force"] * force + ["--verbose"] * verbose
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{project}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # outlives this terminal; `dispatch stop` ends it
+    console.print(f"started [bold]{project}[/] in the background (pid {proc.pid}), "
+                  f"output in {escape(str(log_path))}\n"
+                  f"watch it with `dispatch status {project}`, stop it with `dispatch stop {project}`", soft_wrap=True)
+
+
+def _submit_to_deployment(settings, project: str, only: list[str] | None, start_from: list[str] | None,
+                          force: bool) -> None:
+    """Team `--detach`: a run of the project flow's deployment, for a worker on its pool to pick up."""
+    os.environ.update(settings.prefect_environment())
+    from dispatch.team import TeamServerError, submit_run
+
+    try:
+        run = submit_run(settings.prefect_api_url, settings.deployment, project=project, only=only,
+                         start_from=start_from, force=force)
+    except TeamServerError as exc:
+        raise _invalid(exc) from None
+    if run.started_by_dropped:
+        err.print(f"[yellow]warning:[/] {run.deployment} has no started_by parameter yet (deployed before it "
+                  f"existed); its user tag still names you. Run `prefect deploy --all` again to update it.",
+                  soft_wrap=True)
+    console.print(f"submitted [bold]{project}[/] to {run.deployment} on {settings.prefect_api_url}\n"
+                  f"  flow run {run.flow_run_name} ({run.flow_run_id})\n"
+                  f"  watch it with `dispatch status`, `prefect flow-run logs {run.flow_run_id}`"
+                  + (f" or in the UI: {run.url}" if run.url else ""),
+                  soft_wrap=True)
+
+
 def _node_load(settings) -> dict[str, dict[str, int]]:
     """Slots used / total per configured node, from this machine's live runs (as `dispatch nodes` counts)."""
     from dispatch.cluster import load_nodes
 
     used = local_slot_use(settings)
     return {n.name: {"slots": n.slots, "used": used.get(n.name, 0)} for n in load_nodes(settings)}
+
+
+def _team_runs(settings) -> list | None:
+    """Every user's unfinished project runs on the server; None (after a one-line warning) if it cannot say."""
+    from dispatch.team import TeamServerError, list_team_runs
+
+    try:
+        auth = settings.prefect_api_auth_string
+        return list_team_runs(settings.prefect_api_url, auth_string=auth.get_secret_value() if auth else None)
+    except TeamServerError as exc:
+        err.print(f"[yellow]warning:[/] {escape(str(exc))}; showing this machine's runs only", soft_wrap=True)
+        return None
+
+
+def _print_team_runs(settings, runs: list) -> None:
+    """One line per run (as for this machine's projects above), then where to open it."""
+    if not runs:
+        console.print(f"no project is running on {settings.prefect_api_url}")
+        return
+    console.print(f"running on {settings.prefect_api_url} (every user):")
+    for run in runs:
+        state = run.state.lower() if run.state_name.upper() == run.state else f"{run.state.lower()} ({run.state_name})"
+        since = time.strftime("%H:%M:%S", time.localtime(run.started_at)) if run.started_at else "-"
+        elapsed = f", {run.elapsed:.0f}s" if run.elapsed is not None else ""
+        console.print(f"  [bold]{escape(run.project)}[/] {state} (by {escape(run.user)}@{escape(run.host)}, "
+                      f"since {since}{elapsed}): task runs {run.progress()}", soft_wrap=True)
+        where = f" (deployment {run.deployment})" if run.deployment else ""
+        console.print(f"    [dim]{run.url or 'flow run ' + run.flow_run_id}{where}[/]", soft_wrap=True)
 
 
 def _live_state(state):
@@ -154,7 +238,10 @@ def status(
     project: Annotated[str | None, typer.Argument(help="A project; all projects when omitted.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ):
-    """Show each spec's state, node, attempts and duration, and the nodes' slot load."""
+    """Show each spec's state, node, attempts and duration, and the nodes' slot load.
+
+    Without a project and with a Prefect server configured, also every user's running projects on it.
+    """
     settings = get_settings()
     states = [load_state(settings.state_dir, project)] if project else load_all_states(settings.state_dir)
     states = [_live_state(s) for s in states if s is not None]
@@ -163,8 +250,12 @@ def status(
                   f"start one with `dispatch start {project}`")
         raise typer.Exit(EXIT_INVALID)
     nodes = _node_load(settings)
+    team = _team_runs(settings) if not project and not settings.embedded else None
     if as_json:
-        console.print_json(data={"projects": [s.model_dump(mode="json") for s in states], "nodes": nodes})
+        data = {"projects": [s.model_dump(mode="json") for s in states], "nodes": nodes}
+        if not project and not settings.embedded:  # null: the server could not be asked (see stderr)
+            data["team_runs"] = [run.model_dump(mode="json") for run in team] if team is not None else None
+        console.print_json(data=data)
         return
     for state in states:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts().items()))
@@ -179,6 +270,8 @@ def status(
             label = f"{_MARK.get(row.state, '')} {row.state}" + (" (cached)" if row.cached else "")
             table.add_row(task_id, label, row.node or "-", str(row.attempts), duration, row.reason[:80])
         console.print(table)
+    if team is not None:
+        _print_team_runs(settings, team)
     load = Table("node", "slots used", "slots")
     for name, entry in nodes.items():
         load.add_row(name, str(entry["used"]), str(entry["slots"]))

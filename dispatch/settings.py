@@ -13,6 +13,7 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `retry_delay`       | `DISPATCH_RETRY_DELAY`       | 2 s, doubled per attempt                     |
 | `timeout`           | `DISPATCH_TIMEOUT`           | 45 min per spec                              |
 | `stall_timeout`     | `DISPATCH_STALL_TIMEOUT`     | 10 min without output                        |
+| `deployment`        | `DISPATCH_DEPLOYMENT`        | `dispatch-project/dispatch-project` (`start --detach`) |
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class DispatchSettings(BaseSettings):
     timeout: float = Field(default=45 * 60, gt=0, description="Default hard timeout of a spec, seconds.")
     stall_timeout: float = Field(default=10 * 60, gt=0, description="Kill a spec silent this long, seconds.")
     heartbeat: float = Field(default=2.0, gt=0, le=60, description="Seconds between status.json heartbeats.")
+    deployment: str = Field(default="dispatch-project/dispatch-project", pattern=r"^[^/]+/[^/]+$",
+                            description="The deployment (flow/deployment) `dispatch start --detach` runs in team mode.")
     prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL",
                                         description="A Prefect server (team mode); unset: embedded SQLite.")
     prefect_api_auth_string: SecretStr | None = Field(
