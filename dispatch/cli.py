@@ -123,9 +123,7 @@ def start(
             _submit_to_deployment(settings, project, only, start_from, force)
         return
     os.environ.update(settings.prefect_environment(verbose=verbose))
-    from prefect import tags
-
-    from dispatch.team import user_tags, whoami
+    from dispatch.team import whoami
     from flows.dispatch_project import LISTENERS, dispatch_project
 
     where = "embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else settings.prefect_api_url
@@ -135,7 +133,7 @@ def start(
     started = time.monotonic()
     user, host = whoami()
     try:
-        with progress, tags(*user_tags(user, host)):  # the server's record of who started the run
+        with progress:  # the flow tags its own run with the user (a tags() context would tag every task run)
             dispatch_project(project, only=only, start_from=start_from, force=force, started_by=f"{user}@{host}",
                              return_state=True)
     except DispatchError as exc:

@@ -103,6 +103,8 @@ class ProjectRun:
                                             run_id=self.run_id, holder=self.who)
         self.held_locks: dict[str, str] = {}
         flow_run = get_run_context().flow_run
+        if flow_run is not None and started_by:
+            self._tag_flow_run(flow_run, user, host)
         self.state = ProjectState(
             project=project.name, run_id=self.run_id, flow_run_id=str(flow_run.id) if flow_run else None,
             api_url=settings.prefect_api_url, pid=os.getpid(), user=user, host=host,
@@ -112,6 +114,21 @@ class ProjectRun:
         self.prompts = {t: build_prompt(project.specs[t], context) for t in selected
                         if project.specs[t].kind == "agent"}
         self.catalog, self.model_secrets = self._agent_models()
+
+    def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
+        """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
+        from prefect.client.orchestration import get_client
+
+        from dispatch.team import user_tags
+
+        wanted = set(user_tags(user, host))
+        if wanted <= set(flow_run.tags or []):
+            return
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags or []) | wanted))
+        except Exception as exc:  # `dispatch status` then shows the started_by parameter instead
+            self.logger.warning("could not tag the flow run with its user: %s", exc)
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
         """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
