@@ -32,6 +32,7 @@ SPEC_RUN_FLOW = "spec-run"
 _TAG = "oyster-dispatch"
 _POLL = 0.5
 _WORKER_CHECK = 5.0
+_PARENT_WAIT = 15.0  # seconds to wait for the spec's task run to be recorded before its child is created
 
 
 def deployment_name(node: Node) -> str:
@@ -221,7 +222,6 @@ class WorkerTransport:
     def run(self, request: RunRequest, on_line: LineSink, **_: object) -> SpecResult:
         """Create (or re-attach to) the attempt's spec-run flow run and wait for its result."""
         from prefect.context import TaskRunContext
-        from prefect.states import Scheduled
 
         key = (request.project, request.task_id)
         try:
@@ -229,12 +229,7 @@ class WorkerTransport:
             if run is not None:
                 on_line(f"re-attached to spec-run flow run {run.name} ({run.id}), {run.state_name}")
             else:
-                task_run = TaskRunContext.get()
-                run = self.client.create_flow_run_from_deployment(
-                    self._deployment(), parameters={"request": request.model_dump(mode="json")},
-                    state=Scheduled(), tags=[_TAG, f"project:{request.project}", f"spec:{request.task_id}"],
-                    parent_task_run_id=task_run.task_run.id if task_run else None,
-                    idempotency_key=f"{request.run_id}:{request.task_id}:{request.attempt}")
+                run = self._create_child(request, TaskRunContext.get())
                 on_line(f"spec-run flow run {run.name} ({run.id}) queued on pool {self.node.pool}")
         except NodeError as exc:
             return self._lost(request, str(exc), node_fault=True)
@@ -249,6 +244,29 @@ class WorkerTransport:
             self.watcher.unwatch(run.id)
             with self._lock:
                 self._children.pop(key, None)
+
+    def _create_child(self, request: RunRequest, task_run):
+        """The attempt's flow run, child of the spec's task run.
+
+        Prefect 3 records task runs from their events, so the parent's row can reach the database a moment
+        after the task started: until then the server refuses the child (HTTP 409, a foreign key). Retry for
+        up to `_PARENT_WAIT` seconds; the idempotency key makes a retry of a request that did land harmless.
+        """
+        import httpx
+        from prefect.states import Scheduled
+
+        deadline = time.monotonic() + _PARENT_WAIT
+        while True:
+            try:
+                return self.client.create_flow_run_from_deployment(
+                    self._deployment(), parameters={"request": request.model_dump(mode="json")},
+                    state=Scheduled(), tags=[_TAG, f"project:{request.project}", f"spec:{request.task_id}"],
+                    parent_task_run_id=task_run.task_run.id if task_run else None,
+                    idempotency_key=f"{request.run_id}:{request.task_id}:{request.attempt}")
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 409 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _stale_after(self, request: RunRequest) -> float:
         from flows.spec_run import heartbeat_interval

@@ -130,6 +130,10 @@ def test_specs_run_as_child_flow_runs_within_the_pools_limit(team_server: TeamSe
     children = [r for r in _spec_runs(team_server) if "project:wp" in r["tags"]]
     assert len(children) == len(specs) and {r["state"] for r in children} == {"Completed"}, children
     assert all(r["parent"] for r in children), "spec-run flow runs must be children of the specs' task runs"
+    starts = read_timeline(timeline)
+    waits = sorted(starts[t][0][0] - row.dispatched_at for t, row in state.specs.items())
+    print(f"\n[worker] dispatched -> spec running on the worker: median {waits[len(waits) // 2]:.1f} s, "
+          f"max {waits[-1]:.1f} s")
 
 
 def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: TeamServer, tmp_path: Path) -> None:
@@ -160,5 +164,5 @@ def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: T
     assert [r["state"] for r in children] == ["Crashed", "Completed"], children
     assert "no heartbeat" in children[0]["message"], children[0]
     state = load_state(tmp_path / "gateway" / "state", "wcrash")
-    assert state.specs["S01-long"].attempts == 2 and state.specs["S01-long"].state == "succeeded", state.specs
+    assert state.specs["S01-long"].attempts == 2 and state.specs["S01-long"].state == "succeeded", output
     print(f"\n[worker] crash -> retry running again: {runs[1][0] - killed_at:.1f} s")
