@@ -88,7 +88,8 @@ def collect_outputs(settings: DispatchSettings, state: ProjectState, config: Pro
 
 
 def kill_everywhere(settings: DispatchSettings, project: str) -> int:
-    """Kill the project's runners on this machine and on every ssh node; returns how many ran."""
+    """Kill the project's runners here and on every ssh node, and cancel its spec-run flow runs on worker
+    nodes (team mode); returns how many ran."""
     killed = LocalTransport(settings.runs_dir).kill_project(project)
     with remote_transports(settings) as remote:
         for name, transport in remote.items():
@@ -96,6 +97,19 @@ def kill_everywhere(settings: DispatchSettings, project: str) -> int:
                 killed += transport.kill_project(project)
             except DispatchError as exc:
                 logger.warning("node %s: could not kill %s's runners: %s", name, project, exc)
+    workers = [n for n in load_nodes(settings) if n.transport == "worker"] if settings.prefect_api_url else []
+    if workers:
+        from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
+
+        watcher = FlowRunWatcher()
+        try:
+            for node in workers:
+                try:
+                    killed += WorkerTransport(node, watcher).kill_project(project)
+                except Exception as exc:
+                    logger.warning("node %s: could not cancel %s's flow runs: %s", node.name, project, exc)
+        finally:
+            watcher.close()
     return killed
 
 

@@ -120,7 +120,11 @@ def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str
     except Exception as exc:  # no keys: the agent fails with an auth error the runner classifies; say why here
         logger.warning("%s could not read the AgentModel blocks' keys: %s", prefix, exc)
         secrets = {}
-    result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), secrets=secrets or None)
+    try:
+        result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), secrets=secrets or None)
+    except BaseException:  # cancelled (the worker's SIGTERM) or crashed: the spec must not run on alone
+        transport.cancel(request.project, request.task_id)
+        raise
     if result.succeeded and request.git:
         push_branch(request, transport, result, logger, prefix)
     return result

@@ -166,3 +166,50 @@ def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: T
     state = load_state(tmp_path / "gateway" / "state", "wcrash")
     assert state.specs["S01-long"].attempts == 2 and state.specs["S01-long"].state == "succeeded", output
     print(f"\n[worker] crash -> retry running again: {runs[1][0] - killed_at:.1f} s")
+
+
+def test_dispatch_stop_cancels_a_worker_nodes_spec_and_kills_its_processes(team_server: TeamServer,
+                                                                           tmp_path: Path) -> None:
+    env, timeline, root = _cluster(team_server, tmp_path, "wstop", slots=1, specs={"S01-endless": 120.0})
+    worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
+    worker.start()
+    dispatcher = subprocess.Popen([*_DISPATCH, "start", "wstop"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_timeline(timeline).get("S01-endless"):
+            assert time.monotonic() < deadline and dispatcher.poll() is None, "S01-endless never started"
+            time.sleep(0.2)
+        stopped = subprocess.run([*_DISPATCH, "stop", "wstop"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        output, _ = dispatcher.communicate(timeout=60)
+        deadline = time.monotonic() + 30  # the worker cancels the flow run; its flow kills the runner
+        while _node_processes(worker.home, "wstop"):
+            assert time.monotonic() < deadline, f"spec processes left running: {_node_processes(worker.home, 'wstop')}"
+            time.sleep(0.5)
+    finally:
+        if dispatcher.poll() is None:
+            dispatcher.kill()
+        worker.stop()
+    assert dispatcher.returncode == 1, output
+    assert read_timeline(timeline)["S01-endless"][0][1] is None, "the spec must have been killed, not finish"
+    state = load_state(tmp_path / "gateway" / "state", "wstop")
+    assert state.state == "cancelled" and state.specs["S01-endless"].state == "cancelled", state.specs
+    children = [r for r in _spec_runs(team_server) if "project:wstop" in r["tags"]]
+    assert [r["state"] for r in children] == ["Cancelled"], children
+
+
+def _node_processes(home: Path, project: str) -> list[int]:
+    """Pids of the node's (DISPATCH_HOME=home) processes working for `project` (runner, shell, sleep)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"DISPATCH_HOME={home}".encode() in environ and f"DISPATCH_PROJECT={project}".encode() in environ:
+            found.append(int(proc.name))
+    return found
