@@ -156,7 +156,7 @@ def _race(locks: ServerLocks, task_id: str, patterns: list[str], start: threadin
 
 
 def test_racing_dispatchers_never_both_hold_overlapping_locks(team_api) -> None:
-    rounds, both, first_try, waits = 50, 0, 0, []
+    rounds, both, first_try, waits = 25, 0, 0, []  # a read-then-write table loses ~49 of 50
     for _ in range(rounds):
         scope = _scope()
         racers = [_locks(scope, "alice@laptop"), _locks(scope, "bob@desk")]

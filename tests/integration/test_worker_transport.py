@@ -107,7 +107,7 @@ def _spec_runs(server: TeamServer) -> list:
 
 
 def test_specs_run_as_child_flow_runs_within_the_pools_limit(team_server: TeamServer, tmp_path: Path) -> None:
-    specs = {f"S{i:02d}": 4.0 for i in range(4)}
+    specs = {f"S{i:02d}": 4.0 for i in range(3)}
     env, timeline, root = _cluster(team_server, tmp_path, "wp", slots=2, specs=specs)
     worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
     worker.start()
