@@ -109,8 +109,17 @@ class SSHTransport:
         """
         run_dir = self.run_dir(request.project, request.task_id)
         quoted = shlex.quote(run_dir)
+        marker = f"@@dispatch-result-{request.run_id}@@"
         try:
             runner = self.runner()
+            task = json.dumps(request.task_json()).encode()
+            fresh = sync_from is None or not sync_from.is_dir() or not any(sync_from.iterdir())
+            if fresh and len(task) <= _INLINE_TASK_BYTES:
+                # The usual case, one command: no earlier run here -> write task.json, start the runner
+                # detached, follow it and print its result; an earlier run -> say so and take the long way.
+                data = self._start_and_follow(runner, run_dir, request, task, secrets, marker, on_line)
+                if data is not None:
+                    return self._result(data, request, run_dir, sync_back)
             found = self._attach(runner, run_dir, request)
             if isinstance(found, dict):
                 on_line("recovered the result of this attempt, which finished while no dispatcher watched")
@@ -119,7 +128,6 @@ class SSHTransport:
             if pid is None:
                 if sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir()):
                     self.pool.put_dir(self.target, sync_from, request.workdir)
-                task = json.dumps(request.task_json()).encode()
                 start = f"{runner} run {quoted} --detach --secrets-stdin"
                 if len(task) <= _INLINE_TASK_BYTES:  # one round trip: write task.json and start the runner
                     start = (f"mkdir -p {quoted} && (umask 077; printf %s {base64.b64encode(task).decode()} | "
@@ -132,28 +140,56 @@ class SSHTransport:
                 on_line(f"re-attached to the running attempt (runner pid {pid})")
             # Follow the log until the runner exits, then print result.json after a marker line, so one
             # command streams the whole attempt and brings its result.
-            marker = f"@@dispatch-result-{request.run_id}@@"
-            result_lines: list[str] = []
-
-            def route(stream: str, line: str) -> None:
-                if stream != "stdout":
-                    return
-                if result_lines or line == marker:
-                    result_lines.append(line)
-                else:
-                    on_line(line)
-
-            self.pool.run(self.target, f"{runner} follow {quoted}; echo; echo {marker}; cat {quoted}/result.json",
-                          timeout=request.timeout + _FOLLOW_GRACE, check=False, on_line=route)
-            data = json.loads("\n".join(result_lines[1:]) or "null")
-            if not isinstance(data, dict):
-                raise ValueError(f"no result.json in {run_dir} after the runner ended")
+            data = self._follow(f"{runner} follow {quoted}", run_dir, request, marker, on_line)
         except NodeError as exc:
             return self._lost(request, run_dir, f"node {self.node.name} failed: {exc}", node_fault=True)
         except (DispatchError, OSError, ValueError, KeyError) as exc:
             return self._lost(request, run_dir, f"on node {self.node.name}: {type(exc).__name__}: {exc}",
                               node_fault=True)
         return self._result(data, request, run_dir, sync_back)
+
+    def _start_and_follow(self, runner: str, run_dir: str, request: RunRequest, task: bytes,
+                          secrets: dict[str, str] | None, marker: str, on_line: LineSink) -> dict | None:
+        """Start a fresh attempt and follow it in one command; None when the node has an earlier run of it.
+
+        Saves two of the three round trips (status probe, start, follow) of the long way on every fresh
+        attempt; an earlier run's directory (re-attach, recover, stale runner) still takes the long way.
+        """
+        quoted = shlex.quote(run_dir)
+        earlier = f"@@dispatch-earlier-run-{request.run_id}@@"
+        command = (f"if [ -e {quoted}/status.json ]; then echo {earlier}; exit 0; fi; mkdir -p {quoted} && "
+                   f"(umask 077; printf %s {base64.b64encode(task).decode()} | base64 -d > {quoted}/task.json) && "
+                   f"{runner} run {quoted} --detach --secrets-stdin >/dev/null && {runner} follow {quoted}")
+        return self._follow(command, run_dir, request, marker, on_line, stdin_data=json.dumps(secrets or {}),
+                            earlier=earlier)
+
+    def _follow(self, command: str, run_dir: str, request: RunRequest, marker: str, on_line: LineSink,
+                stdin_data: str = "", earlier: str | None = None) -> dict | None:
+        """Run `command` (it streams the spec's log), then print result.json after `marker`; return that JSON.
+
+        Returns None when `command` printed `earlier` first (and exited before the result).
+        """
+        result_lines: list[str] = []
+        said_earlier: list[bool] = []
+
+        def route(stream: str, line: str) -> None:
+            if stream != "stdout":
+                return
+            if earlier is not None and line == earlier and not result_lines:
+                said_earlier.append(True)
+            elif result_lines or line == marker:
+                result_lines.append(line)
+            else:
+                on_line(line)
+
+        self.pool.run(self.target, f"{command}; echo; echo {marker}; cat {shlex.quote(run_dir)}/result.json",
+                      timeout=request.timeout + _FOLLOW_GRACE, check=False, on_line=route, stdin_data=stdin_data)
+        if said_earlier:
+            return None
+        data = json.loads("\n".join(result_lines[1:]) or "null")
+        if not isinstance(data, dict):
+            raise ValueError(f"no result.json in {run_dir} after the runner ended")
+        return data
 
     def _result(self, data: dict, request: RunRequest, run_dir: str, sync_back: Path | None) -> SpecResult:
         known = set(SpecResult.model_fields)
