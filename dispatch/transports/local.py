@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _POLL = 0.25  # seconds between two reads of a running spec's log (its end is noticed at once)
 
 
-class _exit_waiter:
+class _ExitWaiter:
     """Wait for a process to exit without polling: a pidfd (Linux 5.3+), else short sleeps.
 
     Calling it with a timeout returns True once the process has exited (a child is reaped too).
@@ -158,7 +158,7 @@ class LocalTransport:
     def _follow(self, run_dir: Path, pid: int, proc: subprocess.Popen | None, on_line: LineSink) -> None:
         log = run_dir / "task.log"
         offset, pending = 0, b""
-        exited = _exit_waiter(pid, proc)
+        exited = _ExitWaiter(pid, proc)
         try:
             while True:
                 running = not exited(0)

@@ -113,8 +113,8 @@ class SSHTransport:
         try:
             runner = self.runner()
             task = json.dumps(request.task_json()).encode()
-            fresh = sync_from is None or not sync_from.is_dir() or not any(sync_from.iterdir())
-            if fresh and len(task) <= _INLINE_TASK_BYTES:
+            needs_sync = sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir())
+            if not needs_sync and len(task) <= _INLINE_TASK_BYTES:
                 # The usual case, one command: no earlier run here -> write task.json, start the runner
                 # detached, follow it and print its result; an earlier run -> say so and take the long way.
                 data = self._start_and_follow(runner, run_dir, request, task, secrets, marker, on_line)
@@ -126,12 +126,11 @@ class SSHTransport:
                 return self._result(found, request, run_dir, sync_back)
             pid = found
             if pid is None:
-                if sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir()):
+                if needs_sync:
                     self.pool.put_dir(self.target, sync_from, request.workdir)
                 start = f"{runner} run {quoted} --detach --secrets-stdin"
                 if len(task) <= _INLINE_TASK_BYTES:  # one round trip: write task.json and start the runner
-                    start = (f"mkdir -p {quoted} && (umask 077; printf %s {base64.b64encode(task).decode()} | "
-                             f"base64 -d > {quoted}/task.json) && {start}")
+                    start = f"{_write_task(quoted, task)} && {start}"
                 else:
                     self.pool.put_file(self.target, task, f"{run_dir}/task.json", mode=0o600)
                 out = self._command(start, stdin_data=json.dumps(secrets or {}))
@@ -157,8 +156,7 @@ class SSHTransport:
         """
         quoted = shlex.quote(run_dir)
         earlier = f"@@dispatch-earlier-run-{request.run_id}@@"
-        command = (f"if [ -e {quoted}/status.json ]; then echo {earlier}; exit 0; fi; mkdir -p {quoted} && "
-                   f"(umask 077; printf %s {base64.b64encode(task).decode()} | base64 -d > {quoted}/task.json) && "
+        command = (f"if [ -e {quoted}/status.json ]; then echo {earlier}; exit 0; fi; {_write_task(quoted, task)} && "
                    f"{runner} run {quoted} --detach --secrets-stdin >/dev/null && {runner} follow {quoted}")
         return self._follow(command, run_dir, request, marker, on_line, stdin_data=json.dumps(secrets or {}),
                             earlier=earlier)
@@ -267,3 +265,9 @@ class SSHTransport:
     def cleanup(self, project: str) -> None:
         """Remove this project's run directories on the node (and nothing else)."""
         self._command(f"rm -rf {shlex.quote(f'{self.root}/{project}')}", timeout=300)
+
+
+def _write_task(quoted_run_dir: str, task: bytes) -> str:
+    """A shell command writing `task` as the run directory's task.json (0600), inline in the command line."""
+    return (f"mkdir -p {quoted_run_dir} && (umask 077; printf %s {base64.b64encode(task).decode()} | "
+            f"base64 -d > {quoted_run_dir}/task.json)")
