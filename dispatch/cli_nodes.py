@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
@@ -65,6 +66,22 @@ def _prefect_failed(settings: DispatchSettings, exc: Exception) -> typer.Exit:
     err.print(f"[red]error:[/] the Prefect API at {escape(_where(settings))} failed: {escape(str(exc))} "
               "(is the server up, and PREFECT_API_URL right?)", soft_wrap=True)
     return typer.Exit(EXIT_FAILED)
+
+
+def _print_changes(settings: DispatchSettings, change: Callable[[], list[str]]) -> list[str]:
+    """Run a change on the Prefect API and print its lines; bad config exits 2, a failing API 1."""
+    import httpx
+
+    try:
+        lines = change()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except httpx.HTTPError as exc:
+        raise _prefect_failed(settings, exc) from None
+    for line in lines:
+        console.print(escape(line), soft_wrap=True)
+    return lines
 
 
 # --- listing -------------------------------------------------------------------------------------------------
@@ -146,44 +163,24 @@ def import_nodes(
         "--embed-keys", help="Store each node's key_path file in its block as a secret.")] = False,
 ) -> None:
     """Save each node of nodes.json as a ClusterNode block, and the built-in models as AgentModel blocks."""
-    import httpx
-
     settings = get_settings()
     _nodes(settings)  # a bad nodes.json fails fast, before Prefect starts
     _use_prefect(settings)
     from dispatch.nodes_admin import import_nodes as save_blocks
 
     console.print(f"importing nodes into {_where(settings)}")
-    try:
-        lines = save_blocks(settings, embed_keys=embed_keys)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
-    except httpx.HTTPError as exc:
-        raise _prefect_failed(settings, exc) from None
-    for line in lines:
-        console.print(escape(line), soft_wrap=True)
+    _print_changes(settings, lambda: save_blocks(settings, embed_keys=embed_keys))
 
 
 @nodes_app.command()
 def sync() -> None:
     """Create or update each node's work pool and global concurrency limit `node-<name>` (limit = slots)."""
-    import httpx
-
     settings = get_settings()
     nodes = _nodes(settings)
     _use_prefect(settings)
     from dispatch.nodes_admin import sync_pools
 
-    try:
-        changes = sync_pools(nodes)
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
-    except httpx.HTTPError as exc:
-        raise _prefect_failed(settings, exc) from None
-    for line in changes:
-        console.print(escape(line), soft_wrap=True)
+    changes = _print_changes(settings, lambda: sync_pools(nodes))
     if not changes:
         console.print(f"{len(nodes)} node(s): work pools and concurrency limits already match on {_where(settings)}")
     if settings.embedded:
