@@ -131,6 +131,7 @@ class WorkerTransport:
         self.stale_after = stale_after
         self.pickup_timeout = pickup_timeout
         self._children: dict[tuple[str, str], UUID] = {}
+        self._adoptable: dict[tuple[str, str], object] = {}  # live children of an earlier dispatcher
         self._deployment_id: UUID | None = None
         self._lock = threading.Lock()
         self._workers_checked = (0.0, True)
@@ -184,12 +185,12 @@ class WorkerTransport:
         return self._deployment_id
 
     def _existing(self, request: RunRequest):
-        """A child of the same attempt (same cache key) left running by an earlier dispatcher."""
-        for run in self._live_children(request.project):
-            params = run.parameters.get("request") or {}
-            if params.get("task_id") == request.task_id and params.get("cache_key") == request.cache_key:
-                return run
-        return None
+        """A child of the same attempt (same cache key) that an earlier dispatcher left live, as `live_runs`
+        found it when this run started (no API call per attempt)."""
+        with self._lock:
+            run = self._adoptable.pop((request.project, request.task_id), None)
+        params = (run.parameters.get("request") or {}) if run is not None else {}
+        return run if params.get("cache_key") == request.cache_key else None
 
     def _live_children(self, project: str) -> list:
         from prefect.client.schemas.filters import (
@@ -216,8 +217,13 @@ class WorkerTransport:
             raise
         except Exception as exc:
             raise NodeError(f"node {self.node.name}: cannot list its spec-run flow runs: {exc}") from exc
-        return {(r.parameters.get("request") or {}).get("task_id"): (r.parameters.get("request") or {}).get(
-            "cache_key") for r in runs}
+        live: dict[str, str | None] = {}
+        for run in runs:
+            params = run.parameters.get("request") or {}
+            live[params.get("task_id")] = params.get("cache_key")
+            with self._lock:
+                self._adoptable[(project, params.get("task_id"))] = run
+        return live
 
     def run(self, request: RunRequest, on_line: LineSink, **_: object) -> SpecResult:
         """Create (or re-attach to) the attempt's spec-run flow run and wait for its result."""

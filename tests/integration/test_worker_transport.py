@@ -67,28 +67,43 @@ def _cluster(server: TeamServer, tmp_path: Path, project: str, slots: int,
         shell_spec(tmp_path / "specs" / project, task_id, timeline, seconds=seconds, retries=2)
     env = server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / "specs"), DISPATCH_HEARTBEAT="0.5",
                      DISPATCH_RETRY_DELAY="1", COLUMNS="200")
+    synced = _sync(env)  # the first sync of the session creates spec-run/node-w1; every one after matches
+    assert "spec-run/node-w1: created" in synced or "already match" in synced, synced
+    return env, timeline, root
+
+
+def _sync(env: dict) -> str:
     synced = subprocess.run([*_DISPATCH, "nodes", "sync"], env=env, capture_output=True, text=True, timeout=180)
     assert synced.returncode == 0, synced.stdout + synced.stderr
-    assert "spec-run/node-w1" in synced.stdout, synced.stdout
-    return env, timeline, root
+    return synced.stdout
+
+
+def _one_spec_running(server: TeamServer, tmp_path: Path, project: str, task_id: str, seconds: float):
+    """A 1-slot worker node with its worker, and `dispatch start` of a one-spec project in the background."""
+    env, timeline, root = _cluster(server, tmp_path, project, slots=1, specs={task_id: seconds})
+    worker = Worker(server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
+    worker.start()
+    dispatcher = subprocess.Popen([*_DISPATCH, "start", project], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    return env, timeline, root, worker, dispatcher
+
+
+def _wait_started(timeline: Path, task_id: str, dispatcher: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not read_timeline(timeline).get(task_id):
+        assert time.monotonic() < deadline and dispatcher.poll() is None, f"{task_id} never started on the worker"
+        time.sleep(0.2)
 
 
 def _kill_node_processes(home: Path) -> int:
     """SIGKILL every process of the node whose DISPATCH_HOME is `home`: worker, flow runs, runners, agents."""
     killed = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in _node_processes(home):
         try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"DISPATCH_HOME={home}".encode() in environ:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
     return killed
 
 
@@ -109,6 +124,7 @@ def _spec_runs(server: TeamServer) -> list:
 def test_specs_run_as_child_flow_runs_within_the_pools_limit(team_server: TeamServer, tmp_path: Path) -> None:
     specs = {f"S{i:02d}": 4.0 for i in range(3)}
     env, timeline, root = _cluster(team_server, tmp_path, "wp", slots=2, specs=specs)
+    assert "already match" in _sync(env), "a second sync must change nothing"
     worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
     worker.start()
     try:
@@ -137,16 +153,9 @@ def test_specs_run_as_child_flow_runs_within_the_pools_limit(team_server: TeamSe
 
 
 def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: TeamServer, tmp_path: Path) -> None:
-    env, timeline, root = _cluster(team_server, tmp_path, "wcrash", slots=1, specs={"S01-long": 6.0})
-    worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
-    worker.start()
-    dispatcher = subprocess.Popen([*_DISPATCH, "start", "wcrash"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+    env, timeline, root, worker, dispatcher = _one_spec_running(team_server, tmp_path, "wcrash", "S01-long", 6.0)
     try:
-        deadline = time.monotonic() + 120
-        while not read_timeline(timeline).get("S01-long"):
-            assert time.monotonic() < deadline and dispatcher.poll() is None, "S01-long never started on the worker"
-            time.sleep(0.2)
+        _wait_started(timeline, "S01-long", dispatcher)
         # the node crashes: the worker, its flow-run process and the spec's runner all die at once
         assert _kill_node_processes(worker.home) >= 3, "expected the worker, its flow run and the runner"
         worker.proc.wait()
@@ -170,16 +179,10 @@ def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: T
 
 def test_dispatch_stop_cancels_a_worker_nodes_spec_and_kills_its_processes(team_server: TeamServer,
                                                                            tmp_path: Path) -> None:
-    env, timeline, root = _cluster(team_server, tmp_path, "wstop", slots=1, specs={"S01-endless": 120.0})
-    worker = Worker(team_server, "node-w1", tmp_path / "w1-home", tmp_path / "worker.log")
-    worker.start()
-    dispatcher = subprocess.Popen([*_DISPATCH, "start", "wstop"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+    env, timeline, root, worker, dispatcher = _one_spec_running(team_server, tmp_path, "wstop", "S01-endless",
+                                                                120.0)
     try:
-        deadline = time.monotonic() + 120
-        while not read_timeline(timeline).get("S01-endless"):
-            assert time.monotonic() < deadline and dispatcher.poll() is None, "S01-endless never started"
-            time.sleep(0.2)
+        _wait_started(timeline, "S01-endless", dispatcher)
         stopped = subprocess.run([*_DISPATCH, "stop", "wstop"], env=env, capture_output=True, text=True,
                                  timeout=120)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
@@ -200,8 +203,8 @@ def test_dispatch_stop_cancels_a_worker_nodes_spec_and_kills_its_processes(team_
     assert [r["state"] for r in children] == ["Cancelled"], children
 
 
-def _node_processes(home: Path, project: str) -> list[int]:
-    """Pids of the node's (DISPATCH_HOME=home) processes working for `project` (runner, shell, sleep)."""
+def _node_processes(home: Path, project: str | None = None) -> list[int]:
+    """Pids of the node's (DISPATCH_HOME=home) processes, only those working for `project` when given."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -210,6 +213,7 @@ def _node_processes(home: Path, project: str) -> list[int]:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"DISPATCH_HOME={home}".encode() in environ and f"DISPATCH_PROJECT={project}".encode() in environ:
+        if f"DISPATCH_HOME={home}".encode() in environ and (
+                project is None or f"DISPATCH_PROJECT={project}".encode() in environ):
             found.append(int(proc.name))
     return found
