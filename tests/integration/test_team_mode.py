@@ -48,12 +48,17 @@ def _worker_env(server: TeamServer, home: Path) -> dict[str, str]:
     return env
 
 
-def test_deploy_and_run_demo_on_a_worker(team_server: TeamServer, tmp_path: Path) -> None:
-    env = team_server.env()
+def deploy_from_repo(env: dict[str, str]) -> None:
+    """`prefect work-pool create dispatch-gateway` (if missing) and `prefect deploy --all` from the repo root."""
     created = _run([*_PREFECT, "work-pool", "create", POOL, "--type", "process"], env)
     assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
     deployed = _run([*_PREFECT, "deploy", "--all"], env, cwd=REPO, timeout=180)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+
+def test_deploy_and_run_demo_on_a_worker(team_server: TeamServer, tmp_path: Path) -> None:
+    env = team_server.env()
+    deploy_from_repo(env)
 
     home = tmp_path / "worker-home"
     log_path = tmp_path / "worker.log"

@@ -21,7 +21,7 @@ import pytest
 
 from dispatch.results import load_state
 from tests.fixtures.projects import read_timeline, shell_spec
-from tests.integration.test_team_mode import _PREFECT, POOL, REPO, _run, _worker_env
+from tests.integration.test_team_mode import _PREFECT, POOL, _run, _worker_env, deploy_from_repo
 
 if TYPE_CHECKING:
     from tests.fixtures.postgres import TeamServer
@@ -123,10 +123,7 @@ def test_status_with_wrong_credentials_warns_once_and_shows_this_machine(team_se
 
 def test_detach_submits_the_run_to_a_worker(team_server: TeamServer, tmp_path: Path) -> None:
     env = team_server.env()
-    created = _run([*_PREFECT, "work-pool", "create", POOL, "--type", "process"], env)
-    assert created.returncode == 0 or "already exists" in created.stdout + created.stderr, created.stderr
-    deployed = _run([*_PREFECT, "deploy", "--all"], env, cwd=REPO, timeout=180)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    deploy_from_repo(env)
 
     timeline = tmp_path / "timeline"
     shell_spec(tmp_path / "specs" / "remote", "S01-first", timeline, seconds=0.2)
