@@ -6,7 +6,8 @@ runs `flows/spec_run.py` there. One `FlowRunWatcher` thread per dispatcher reads
 watched child in one API call per poll, instead of one poller per spec.
 
 A child whose worker died is not left Running: the spec-run flow stamps the label `dispatch.heartbeat`
-every few seconds; when it stops moving for `stale_after` seconds the child is set Crashed and the
+every few seconds; when it stops changing for `stale_after` seconds (this machine's clock, counting only
+reads that reached the server) the child is set Crashed and the
 attempt comes back `lost` with `node_fault`, so the scheduler retries it (Prefect's own flow-run
 heartbeats come at most every 30 s, and need an automation to act on them). A child still waiting for
 a worker while none of the pool's workers has sent a heartbeat for `pickup_timeout` seconds is
@@ -60,6 +61,7 @@ class FlowRunWatcher:
         self._poll = poll
         self._runs: dict[UUID, object | None] = {}
         self._errors = 0
+        self.fresh_at = time.monotonic()  # when the server last answered a read
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="spec-run-watcher", daemon=True)
@@ -97,6 +99,7 @@ class FlowRunWatcher:
                 continue
             self._errors = 0
             with self._cond:
+                self.fresh_at = time.monotonic()
                 for run in runs:
                     if run.id in self._runs:
                         self._runs[run.id] = run
@@ -285,6 +288,10 @@ class WorkerTransport:
         stale_after = self._stale_after(request)
         waiting_since = time.monotonic()
         seen_state = None
+        # Silence is judged by this machine's clock, over reads that reached the server: the node's clock
+        # may be off, and a server restart must not look like a dead worker.
+        last_beat: object = object()
+        beat_seen_at = 0.0
         while True:
             current = self.watcher.next(run.id) or run
             state = current.state
@@ -294,9 +301,10 @@ class WorkerTransport:
             if state is not None and state.is_final():
                 return self._final(current, request)
             if state is not None and state.is_running():
-                beat = float(current.labels.get(HEARTBEAT_LABEL) or 0) or (
-                    state.timestamp.timestamp() if state.timestamp else time.time())
-                silent = time.time() - beat
+                beat = current.labels.get(HEARTBEAT_LABEL)
+                if beat != last_beat:
+                    last_beat, beat_seen_at = beat, self.watcher.fresh_at
+                silent = self.watcher.fresh_at - beat_seen_at
                 if silent > stale_after:
                     reason = (f"its worker on {self.node.name} stopped: no heartbeat from spec-run flow run "
                               f"{current.name} for {silent:.0f}s")
