@@ -96,6 +96,9 @@ class ClusterRuntime:
 
     def close(self) -> None:
         self._closed.set()
+        for transport in self.transports.values():
+            if isinstance(transport, SSHTransport):
+                transport.close()
         self.brokers.close()
         self.pool.close()
         if self.watcher is not None:

@@ -37,7 +37,7 @@ import paramiko
 from dispatch.errors import NodeError, RemoteCommandFailed
 from dispatch.ssh_target import SSHTarget, connect_client, resolve_target
 
-__all__ = ["CommandResult", "CommandTimeout", "SSHPool", "SSHTarget", "resolve_target"]
+__all__ = ["CommandResult", "CommandTimeout", "SSHPool", "SSHStream", "SSHTarget", "resolve_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,26 @@ class SSHPool:
             raise RemoteCommandFailed(target.name, command, exit_code, err.tail())
         return result
 
+    def open_stream(self, target: SSHTarget, command: str) -> SSHStream:
+        """Start a long-lived `command` on the node and keep its channel: write its stdin, read its output.
+
+        The command's stderr is merged into its stdout. It holds one channel of the node's connection until
+        `SSHStream.close()`.
+
+        Raises:
+            NodeError: the node is unreachable or the command could not start.
+        """
+        connection, channel = self._open_channel(target)
+        try:
+            channel.set_combine_stderr(True)
+            channel.exec_command(_wrap(command, None)[0])
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            channel.close()
+            self._release(target, connection, broken=not connection.transport.is_active())
+            raise NodeError(target.name, f"unreachable: cannot start `{command}`: {exc}") from exc
+        logger.debug("node %s: stream %s", target.name, command)
+        return SSHStream(self, target, connection, channel)
+
     @staticmethod
     def _pump(channel: paramiko.Channel, out: _LineStream, err: _LineStream, deadline: float) -> int:
         poller = select.poll()  # not select(): dispatchers hold many descriptors, some above 1023
@@ -466,6 +486,54 @@ class SSHPool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class SSHStream:
+    """A long-lived command on a node (`SSHPool.open_stream`): send to its stdin, iterate its output lines."""
+
+    def __init__(self, pool: SSHPool, target: SSHTarget, connection: _Connection, channel: paramiko.Channel) -> None:
+        self._pool, self._target, self._connection, self._channel = pool, target, connection, channel
+        self._send_lock = threading.Lock()
+        self._closed = False
+
+    def send(self, data: bytes) -> None:
+        """Write to the command's stdin. Raises NodeError when the channel or connection is gone."""
+        try:
+            with self._send_lock:
+                self._channel.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise NodeError(self._target.name, f"connection lost writing to a stream: {exc}") from exc
+
+    def lines(self) -> Iterator[bytes]:
+        """The command's output, line by line (without the newline, the wrapper's pid line dropped), to its end."""
+        partial, first = b"", True
+        while True:
+            try:
+                data = self._channel.recv(65536)
+            except (OSError, EOFError, paramiko.SSHException):
+                data = b""
+            if not data:
+                break
+            *complete, partial = (partial + data).split(b"\n")
+            for line in complete:
+                if first and line.startswith(_PID_MARKER):
+                    first = False
+                    continue
+                first = False
+                yield line
+        if partial:
+            yield partial
+
+    def close(self) -> None:
+        """Close the channel (the command sees its stdin end) and give the connection's slot back."""
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._channel.close()
+        finally:
+            self._pool._release(self._target, self._connection)
 
 
 def _feed(channel: paramiko.Channel, data: bytes) -> None:

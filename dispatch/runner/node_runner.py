@@ -99,6 +99,8 @@ def _classifier() -> tuple[Any, str]:
 _KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL to a process group
 _LEFTOVER_GRACE = 1.0  # after a step exits, how long its background children may hold the output pipe
 _POLL = 0.1
+_SERVE_MIN_DELAY = 0.05  # `serve` reads a growing log this often, backing off to the max while it is quiet
+_SERVE_MAX_DELAY = 1.0
 _CHUNK = 65536
 _CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limit classifier
 _LOG_TAIL_LINES = 40
@@ -1015,42 +1017,62 @@ def _fail_before_start(run_dir: str, message: str) -> int:
     return 2
 
 
+def _claim(run_dir: str) -> tuple[int | None, dict | None]:
+    """Take the run directory's lock: (lock fd, None), or (None, why not) when a runner or its orphan holds it."""
+    lock_fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        holder = _lock_holder(run_dir)
+        return None, {
+            "pid": holder,
+            "run_dir": run_dir,
+            "already_running": True,
+            "message": f"another runner (pid {holder}) is running {run_dir}; re-attach with `status`/`tail`, "
+            "or stop it with `kill`",
+        }
+    orphan = _orphan_step(run_dir)
+    if orphan is not None:  # a runner died hard (SIGKILL, OOM) and left its step running
+        os.close(lock_fd)
+        return None, {
+            "pid": None,
+            "run_dir": run_dir,
+            "already_running": True,
+            "orphan_step_pid": orphan,
+            "message": f"the step of a previous runner (process group {orphan}) still runs in {run_dir}; "
+            "stop it with `kill` before starting again",
+        }
+    return lock_fd, None
+
+
 def cmd_run(run_dir: str, *, detach: bool, secrets_stdin: bool) -> int:
     if not os.path.isdir(run_dir):
         print(
             f"node_runner: run dir {run_dir} does not exist: the dispatcher creates it with task.json", file=sys.stderr
         )
         return 2
-    lock_fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        holder = _lock_holder(run_dir)
-        _print_json({"pid": holder, "run_dir": run_dir, "already_running": True})
-        print(
-            f"node_runner: another runner (pid {holder}) is running {run_dir}; re-attach with "
-            f"`status`/`tail`, or stop it with `kill`",
-            file=sys.stderr,
-        )
-        return 3
-    orphan = _orphan_step(run_dir)
-    if orphan is not None:  # a runner died hard (SIGKILL, OOM) and left its step running
-        _print_json({"pid": None, "run_dir": run_dir, "already_running": True, "orphan_step_pid": orphan})
-        print(
-            f"node_runner: the step of a previous runner (process group {orphan}) still runs in {run_dir}; "
-            f"stop it with `kill` before starting again",
-            file=sys.stderr,
-        )
+    lock_fd, refused = _claim(run_dir)
+    if lock_fd is None:
+        message = refused.pop("message")
+        _print_json(refused)
+        print(f"node_runner: {message}", file=sys.stderr)
         return 3
     try:
         task = load_task(run_dir)
         secrets = read_secrets(sys.stdin.read()) if secrets_stdin else {}
     except TaskError as exc:
+        os.close(lock_fd)
         return _fail_before_start(run_dir, str(exc))
     if detach:
-        return _detach(run_dir, lock_fd, task, secrets)
+        pid = _spawn_detached(run_dir, lock_fd, task, secrets)
+        if pid is None:
+            print(f"node_runner: the detached runner did not start; see {run_dir}/runner.err", file=sys.stderr)
+            return 1
+        _print_json({"pid": pid, "run_dir": run_dir})
+        return 0
     _record_lock_holder(lock_fd)
     runner = Runner(run_dir, task, secrets, echo=True)
     runner.start()
@@ -1062,8 +1084,25 @@ def _record_lock_holder(lock_fd: int) -> None:
     os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
 
 
-def _detach(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> int:
-    """Double-fork into a new session; the parent prints the runner's pid once it has started."""
+def _close_inherited(keep: tuple[int, ...]) -> None:
+    """Close every descriptor above stderr but `keep` (a runner forked by `serve` must not hold its channel)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _spawn_detached(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> int | None:
+    """Double-fork a runner into its own session; its pid once it has started, None if it did not start.
+
+    The caller's copy of the lock descriptor is closed: the runner holds its own.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
@@ -1080,12 +1119,9 @@ def _detach(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> 
         os.waitpid(child, 0)
         os.close(lock_fd)  # the runner holds its own copy of the lock
         try:
-            pid = json.loads(b"".join(chunks).decode())["pid"]
-        except (ValueError, KeyError):
-            print(f"node_runner: the detached runner did not start; see {run_dir}/runner.err", file=sys.stderr)
-            return 1
-        _print_json({"pid": pid, "run_dir": run_dir})
-        return 0
+            return int(json.loads(b"".join(chunks).decode())["pid"])
+        except (ValueError, KeyError, TypeError):
+            return None
     code = 1
     try:
         os.close(read_end)
@@ -1097,9 +1133,10 @@ def _detach(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> 
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.dup2(err, 2)
-        os.close(null)
-        os.close(err)
+        _close_inherited((lock_fd, write_end))
         os.chdir("/")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
         _record_lock_holder(lock_fd)
         runner = Runner(run_dir, task, secrets)
         runner.start()
@@ -1114,7 +1151,7 @@ def _detach(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> 
             sys.stderr.flush()
         finally:
             os._exit(code)
-    return code  # not reached
+    return None  # not reached
 
 
 def cmd_status(run_dir: str) -> int:
@@ -1316,6 +1353,195 @@ def cmd_follow(run_dir: str, from_byte: int) -> int:
         gone.wait(delay)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# serve: one long-lived agent per node and dispatcher
+
+
+class _Watched:
+    """One run `serve` watches: its runner's exit (a pidfd, else its lock) and the new lines of its log."""
+
+    def __init__(self, rid: Any, run_dir: str, pid: int | None) -> None:
+        self.rid, self.run_dir, self.pid = rid, run_dir, pid
+        self.offset, self.pending = 0, b""
+        self.delay, self.next_read = _SERVE_MIN_DELAY, 0.0
+        self.pidfd: int | None = None
+        if pid and hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:  # it has ended already: the next read finishes it
+                self.pidfd = None
+            except OSError:  # no pidfd on this kernel: poll the run's lock instead
+                self.pidfd = None
+
+    def ended(self) -> bool:
+        return _runner_gone(self.run_dir)
+
+    def read_lines(self, final: bool = False) -> list[str]:
+        """The log lines written since the last read (and, at the end, a last unterminated one)."""
+        try:
+            with open(os.path.join(self.run_dir, "task.log"), "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            data = b""
+        self.offset += len(data)
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        if final and self.pending:
+            lines.append(self.pending)
+            self.pending = b""
+        return [line.decode("utf-8", "replace") for line in lines]
+
+
+class _Agent:
+    """`serve`: start and watch runs asked for as JSON lines on stdin; report them as JSON lines on stdout.
+
+    Requests: {"op": "run", "id": ..., "run_dir": ..., "task": {task.json}, "secrets": {...}} and
+    {"op": "ping", "id": ...}. Events, each with the request's id: "started" (pid), "attached" (pid: the
+    same attempt was already running), "log" (lines), "result" (result.json once the runner has ended),
+    "recovered" (result: the same attempt had succeeded while nobody watched), "earlier" (another runner or
+    its orphan holds the run directory: the dispatcher takes the long way), "error" (message), "pong".
+    Runners are detached: they outlive the agent, whose end (stdin closed) stops nothing but the watching.
+    """
+
+    def __init__(self) -> None:
+        import selectors
+
+        self.selector = selectors.DefaultSelector()
+        self.watched: dict[Any, _Watched] = {}
+        self.stdin = sys.stdin.fileno()
+        self.buffer = b""
+
+    def emit(self, rid: Any, event: str, **fields: Any) -> None:
+        fields.update(id=rid, event=event)
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    def serve(self) -> int:
+        import selectors
+
+        self.selector.register(self.stdin, selectors.EVENT_READ, None)
+        while True:
+            now = time.monotonic()
+            timeout = None
+            if self.watched:
+                timeout = max(0.0, min(w.next_read for w in self.watched.values()) - now)
+            for key, _ in self.selector.select(timeout):
+                if key.data is not None:
+                    self.finish(key.data)
+                    continue
+                data = os.read(self.stdin, _CHUNK)
+                if not data:
+                    return 0  # the dispatcher is gone; the runners go on, and a new agent finds them
+                *requests, self.buffer = (self.buffer + data).split(b"\n")
+                for raw in requests:
+                    if raw.strip():
+                        self.handle(raw)
+            now = time.monotonic()
+            for watched in list(self.watched.values()):
+                if watched.next_read <= now and watched.rid in self.watched:
+                    self.poll(watched, now)
+
+    def handle(self, raw: bytes) -> None:
+        try:
+            request = json.loads(raw)
+            rid, op = request.get("id"), request.get("op")
+        except (ValueError, AttributeError) as exc:
+            self.emit(None, "error", message=f"not a JSON request: {exc}")
+            return
+        if op == "ping":
+            self.emit(rid, "pong", runner_version=runner_version())
+        elif op == "run":
+            try:
+                self.run(rid, request)
+            except (OSError, TaskError, KeyError, TypeError, ValueError) as exc:
+                self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
+        else:
+            self.emit(rid, "error", message=f"unknown op {op!r}")
+
+    def run(self, rid: Any, request: dict) -> None:
+        run_dir = os.path.abspath(os.path.expanduser(request["run_dir"]))
+        task = request["task"]
+        if os.path.exists(os.path.join(run_dir, "status.json")):  # a run was here: this attempt's, or older
+            same = (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key") == task.get("cache_key")
+            if not _runner_gone(run_dir):
+                if not same:  # an edited spec's runner: the dispatcher's long way kills it first
+                    self.emit(rid, "earlier")
+                    return
+                pid = _lock_holder(run_dir)
+                self.emit(rid, "attached", pid=pid)
+                self.watch(rid, run_dir, pid)
+                return
+            result = _read_json(os.path.join(run_dir, "result.json"))
+            if same and result is not None and result.get("status") == "succeeded":
+                self.emit(rid, "recovered", result=result)
+                return
+        os.makedirs(run_dir, exist_ok=True)
+        old_umask = os.umask(0o077)
+        try:
+            _write_json(os.path.join(run_dir, "task.json"), task)
+        finally:
+            os.umask(old_umask)
+        lock_fd, refused = _claim(run_dir)
+        if lock_fd is None:
+            self.emit(rid, "earlier", reason=refused["message"])
+            return
+        try:
+            loaded = load_task(run_dir)
+            secrets = _str_map(request.get("secrets") or {}, "secrets", secret=True)
+        except TaskError as exc:
+            os.close(lock_fd)
+            _fail_before_start(run_dir, str(exc))
+            self.emit(rid, "result", result=_read_json(os.path.join(run_dir, "result.json")))
+            return
+        pid = _spawn_detached(run_dir, lock_fd, loaded, secrets)
+        if pid is None:
+            self.emit(rid, "error", message=f"the detached runner did not start; see {run_dir}/runner.err")
+            return
+        self.emit(rid, "started", pid=pid)
+        self.watch(rid, run_dir, pid)
+
+    def watch(self, rid: Any, run_dir: str, pid: int | None) -> None:
+        import selectors
+
+        watched = _Watched(rid, run_dir, pid)
+        self.watched[rid] = watched
+        if watched.pidfd is not None:
+            self.selector.register(watched.pidfd, selectors.EVENT_READ, watched)
+        else:  # no pidfd: notice the end by polling the run's lock, often
+            watched.delay = _SERVE_MIN_DELAY
+
+    def poll(self, watched: _Watched, now: float) -> None:
+        if watched.pidfd is None and watched.ended():
+            self.finish(watched)
+            return
+        lines = watched.read_lines()
+        if lines:
+            self.emit(watched.rid, "log", lines=lines)
+            watched.delay = _SERVE_MIN_DELAY
+        elif watched.pidfd is not None:  # quiet: read less often; the pidfd still says the end at once
+            watched.delay = min(_SERVE_MAX_DELAY, watched.delay * 2)
+        watched.next_read = now + watched.delay
+
+    def finish(self, watched: _Watched) -> None:
+        """The runner has ended: the rest of its log, then its result."""
+        if watched.pidfd is not None:
+            self.selector.unregister(watched.pidfd)
+            os.close(watched.pidfd)
+            watched.pidfd = None
+        self.watched.pop(watched.rid, None)
+        lines = watched.read_lines(final=True)
+        if lines:
+            self.emit(watched.rid, "log", lines=lines)
+        self.emit(watched.rid, "result", result=_read_json(os.path.join(watched.run_dir, "result.json")))
+
+
+def cmd_serve() -> int:
+    try:
+        return _Agent().serve()
+    except BrokenPipeError:  # the channel closed while we wrote: same as stdin closing
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="node_runner.py", description="Oyster Dispatch node-side runner")
     commands = parser.add_subparsers(dest="command")
@@ -1333,6 +1559,7 @@ def main(argv: list[str] | None = None) -> int:
     follow.add_argument("run_dir")
     follow.add_argument("--from-byte", type=int, default=0)
     commands.add_parser("version", help="print the runner's checksum")
+    commands.add_parser("serve", help="start and watch runs asked for as JSON lines on stdin (one agent per node)")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -1346,6 +1573,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         return 0
+    if args.command == "serve":
+        return cmd_serve()
     run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
     if args.command == "run":
         return cmd_run(run_dir, detach=args.detach, secrets_stdin=args.secrets_stdin)

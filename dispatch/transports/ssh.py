@@ -1,11 +1,14 @@
 """The `ssh` transport: run a spec on a remote node over one reused paramiko connection.
 
-Per attempt: ship the node runner if the node lacks this version (checksum in its path), copy the
-project's files into the run directory (scp mode), upload `task.json`, start the runner detached
-(secrets on its stdin only), then follow `task.log` with `tail --pid` until the runner exits and
-read `result.json`. The run survives a dropped connection; a restarted dispatcher re-attaches to a
-runner still going with the same cache key instead of starting the spec twice. A node that cannot
-be reached gives a `lost` result marked `node_fault`, so the spec retries on another node.
+The node runner is shipped once per version (checksum in its path). Each attempt is then one JSON line
+to the node's agent (`node_runner.py serve`, one per node on one channel, dispatch/transports/agent.py),
+which writes `task.json`, forks the runner detached (secrets in the request only, never on disk),
+streams `task.log` back and answers with `result.json` when the runner exits. The long way, one
+command per step, remains for what the agent leaves to it: scp mode (copy the project into the run
+directory first), an earlier runner holding the directory, and a lost agent (re-attach and follow).
+The run survives a dropped connection; a restarted dispatcher re-attaches to a runner still going
+with the same cache key instead of starting the spec twice. A node that cannot be reached gives a
+`lost` result marked `node_fault`, so the spec retries on another node.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dispatch.runner import SHIPPED_FILES, runner_checksum
 from dispatch.ssh import SSHPool
 from dispatch.ssh_target import node_target
 from dispatch.transports import LineSink, RunRequest
+from dispatch.transports.agent import AgentLost, NodeAgent
 
 logger = logging.getLogger(__name__)
 _COMMAND_TIMEOUT = 60.0
@@ -48,6 +52,7 @@ class SSHTransport:
         self.root = node.remote_root.removeprefix("~/").rstrip("/") or "."
         self._runner: str | None = None
         self._ship_lock = threading.Lock()
+        self.agent = NodeAgent(node.name, lambda: self.pool.open_stream(self.target, f"exec {self.runner()} serve"))
 
     # -- paths ---------------------------------------------------------------------------------
     def run_dir(self, project: str, task_id: str) -> str:
@@ -112,14 +117,20 @@ class SSHTransport:
         marker = f"@@dispatch-result-{request.run_id}@@"
         try:
             runner = self.runner()
-            task = json.dumps(request.task_json()).encode()
             needs_sync = sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir())
-            if not needs_sync and len(task) <= _INLINE_TASK_BYTES:
-                # The usual case, one command: no earlier run here -> write task.json, start the runner
-                # detached, follow it and print its result; an earlier run -> say so and take the long way.
-                data = self._start_and_follow(runner, run_dir, request, task, secrets, marker, on_line)
-                if data is not None:
-                    return self._result(data, request, run_dir, sync_back)
+            if not needs_sync:  # the usual case: one line to the node's agent, which starts and watches it
+                try:
+                    outcome = self.agent.run(run_dir, request.task_json(), secrets, on_line,
+                                             timeout=request.timeout + _FOLLOW_GRACE)
+                except AgentLost as exc:  # the runner carries on without the agent: re-attach the long way
+                    logger.info("%s %s: %s; re-attaching", self.node.name, request.task_id, exc)
+                    outcome = None
+                if outcome is not None and outcome.how != "earlier":
+                    if outcome.result is None:
+                        raise ValueError(f"no result.json in {run_dir} after the runner ended")
+                    return self._result(outcome.result, request, run_dir, sync_back)
+            # The long way: an earlier runner holds the directory, scp mode must copy the project first
+            # (only when starting), or the agent was lost while the attempt ran.
             found = self._attach(runner, run_dir, request)
             if isinstance(found, dict):
                 on_line("recovered the result of this attempt, which finished while no dispatcher watched")
@@ -128,6 +139,7 @@ class SSHTransport:
             if pid is None:
                 if needs_sync:
                     self.pool.put_dir(self.target, sync_from, request.workdir)
+                task = json.dumps(request.task_json()).encode()
                 start = f"{runner} run {quoted} --detach --secrets-stdin"
                 if len(task) <= _INLINE_TASK_BYTES:  # one round trip: write task.json and start the runner
                     start = f"{_write_task(quoted, task)} && {start}"
@@ -147,43 +159,20 @@ class SSHTransport:
                               node_fault=True)
         return self._result(data, request, run_dir, sync_back)
 
-    def _start_and_follow(self, runner: str, run_dir: str, request: RunRequest, task: bytes,
-                          secrets: dict[str, str] | None, marker: str, on_line: LineSink) -> dict | None:
-        """Start a fresh attempt and follow it in one command; None when the node has an earlier run of it.
-
-        Saves two of the three round trips (status probe, start, follow) of the long way on every fresh
-        attempt; an earlier run's directory (re-attach, recover, stale runner) still takes the long way.
-        """
-        quoted = shlex.quote(run_dir)
-        earlier = f"@@dispatch-earlier-run-{request.run_id}@@"
-        command = (f"if [ -e {quoted}/status.json ]; then echo {earlier}; exit 0; fi; {_write_task(quoted, task)} && "
-                   f"{runner} run {quoted} --detach --secrets-stdin >/dev/null && {runner} follow {quoted}")
-        return self._follow(command, run_dir, request, marker, on_line, stdin_data=json.dumps(secrets or {}),
-                            earlier=earlier)
-
-    def _follow(self, command: str, run_dir: str, request: RunRequest, marker: str, on_line: LineSink,
-                stdin_data: str = "", earlier: str | None = None) -> dict | None:
-        """Run `command` (it streams the spec's log), then print result.json after `marker`; return that JSON.
-
-        Returns None when `command` printed `earlier` first (and exited before the result).
-        """
+    def _follow(self, command: str, run_dir: str, request: RunRequest, marker: str, on_line: LineSink) -> dict:
+        """Run `command` (it streams the spec's log), then print result.json after `marker`; return that JSON."""
         result_lines: list[str] = []
-        said_earlier: list[bool] = []
 
         def route(stream: str, line: str) -> None:
             if stream != "stdout":
                 return
-            if earlier is not None and line == earlier and not result_lines:
-                said_earlier.append(True)
-            elif result_lines or line == marker:
+            if result_lines or line == marker:
                 result_lines.append(line)
             else:
                 on_line(line)
 
         self.pool.run(self.target, f"{command}; echo; echo {marker}; cat {shlex.quote(run_dir)}/result.json",
-                      timeout=request.timeout + _FOLLOW_GRACE, check=False, on_line=route, stdin_data=stdin_data)
-        if said_earlier:
-            return None
+                      timeout=request.timeout + _FOLLOW_GRACE, check=False, on_line=route)
         data = json.loads("\n".join(result_lines[1:]) or "null")
         if not isinstance(data, dict):
             raise ValueError(f"no result.json in {run_dir} after the runner ended")
@@ -261,6 +250,10 @@ class SSHTransport:
             f'{self.runner()} kill "$d" | grep -q \'"was_running": true\' && n=$((n+1)); done; echo $n',
             timeout=120)
         return int(out.strip().splitlines()[-1] or 0)
+
+    def close(self) -> None:
+        """Stop watching through the node's agent (its runners go on)."""
+        self.agent.close()
 
     def cleanup(self, project: str) -> None:
         """Remove this project's run directories on the node (and nothing else)."""
