@@ -68,6 +68,14 @@ class SpecResult(BaseModel):
     branch: str = Field(default="", description="git mode: the spec's branch")
     commit: str = Field(default="", description="git mode: the commit pushed to it")
 
+    @classmethod
+    def from_runner(cls, data: dict, *, project: str, task_id: str, **overrides) -> SpecResult:
+        """A node runner's `result.json` as a SpecResult: unknown keys and nulls dropped (defaults apply),
+        `project`/`task_id` filled in when the runner could not know them (a task.json it refused), then
+        `overrides` (what the dispatcher knows better: node, run directory, cache key, ...)."""
+        known = {k: v for k, v in data.items() if k in cls.model_fields and v is not None}
+        return cls.model_validate({"project": project, "task_id": task_id} | known | overrides)
+
     @property
     def succeeded(self) -> bool:
         return self.status == SUCCEEDED

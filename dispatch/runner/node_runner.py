@@ -109,6 +109,7 @@ _MIN_SECRET_LEN = 4  # shorter values are not masked: they would blank out ordin
 _FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed")
 _RATE_KINDS = ("quota", "transient", "auth")  # the chain moves on to the next model at once
 _RUNNER_NAME = os.path.basename(__file__).encode()
+RUNNER_PROCESS_NAME = b"dispatch-runner"  # a detached runner's process name (`ps -e`, /proc/<pid>/comm)
 
 
 class TaskError(ValueError):
@@ -404,6 +405,16 @@ def _become_subreaper() -> None:
 
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError, ImportError):
+        pass
+
+
+def _set_process_name(name: bytes) -> None:
+    """Linux: the name `ps -e` and `top` show (a runner forked by `serve` would otherwise look like it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
         pass
 
 
@@ -1134,6 +1145,7 @@ def _spawn_detached(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, s
         os.dup2(null, 1)
         os.dup2(err, 2)
         _close_inherited((lock_fd, write_end))
+        _set_process_name(RUNNER_PROCESS_NAME)
         os.chdir("/")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)

@@ -190,8 +190,7 @@ class LocalTransport:
             return SpecResult(project=request.project, task_id=request.task_id, status="lost", exit_code=code,
                               reason=f"the node runner exited ({code}) without a result.json: {err.strip()}",
                               **extra)
-        known = set(SpecResult.model_fields)
-        result = SpecResult.model_validate({k: v for k, v in data.items() if k in known} | extra)
+        result = SpecResult.from_runner(data, project=request.project, task_id=request.task_id, **extra)
         if result.status != "succeeded" and not result.reason:
             result.reason = _failure_reason(result)
         return result

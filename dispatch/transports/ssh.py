@@ -179,10 +179,10 @@ class SSHTransport:
         return data
 
     def _result(self, data: dict, request: RunRequest, run_dir: str, sync_back: Path | None) -> SpecResult:
-        known = set(SpecResult.model_fields)
-        result = SpecResult.model_validate({k: v for k, v in data.items() if k in known} | {
-            "node": self.node.name, "run_dir": run_dir, "log_path": f"{self.node.name}:{run_dir}/task.log",
-            "cache_key": request.cache_key, "run_id": request.run_id, "attempt": request.attempt})
+        result = SpecResult.from_runner(
+            data, project=request.project, task_id=request.task_id, node=self.node.name, run_dir=run_dir,
+            log_path=f"{self.node.name}:{run_dir}/task.log", cache_key=request.cache_key, run_id=request.run_id,
+            attempt=request.attempt)
         if result.succeeded and sync_back is not None:
             try:
                 self._copy_back(request.workdir, result.files_changed, sync_back)

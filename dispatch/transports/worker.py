@@ -336,10 +336,7 @@ class WorkerTransport:
             status = "killed" if state.is_cancelled() else "lost"
             return self._lost(request, f"spec-run flow run {run.name} ended {state.name} without a result: "
                               f"{state.message or ''}".strip(), node_fault=state.is_crashed(), status=status)
-        known = set(SpecResult.model_fields)
-        result = SpecResult.model_validate({k: v for k, v in data.items() if k in known})
-        result.node = self.node.name
-        return result
+        return SpecResult.from_runner(data, project=request.project, task_id=request.task_id, node=self.node.name)
 
     def _result_artifact(self, flow_run_id: UUID) -> dict | None:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId

@@ -1,0 +1,139 @@
+"""The node agent (`node_runner.py serve`) behind the SSH transport, on a real sshd node.
+
+Judged from what the specs record themselves and from the node's process table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dispatch.cluster import parse_node
+from dispatch.runner.node_runner import RUNNER_PROCESS_NAME
+from dispatch.settings import get_settings
+from dispatch.ssh import SSHPool
+from dispatch.transports import RunRequest
+from dispatch.transports.ssh import SSHTransport
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def transport(loopback_cluster, ssh_pool: SSHPool):
+    node = parse_node(loopback_cluster.nodes_json, 0, loopback_cluster.node("loop1"), get_settings())
+    made = SSHTransport(node, ssh_pool)
+    yield made
+    made.close()
+
+
+def _request(transport: SSHTransport, task_id: str, script: str, key: str = "k1", project: str = "agent") -> RunRequest:
+    run_dir = transport.run_dir(project, task_id)
+    return RunRequest(project=project, task_id=task_id, node=transport.node.name, cache_key=key, run_id="r1",
+                      workdir=f"{run_dir}/work", steps=[{"name": "shell", "script": script}], timeout=60,
+                      stall_timeout=30)
+
+
+def _processes(marker: str) -> list[tuple[int, str]]:
+    """(pid, command line) of this machine's processes whose command line contains `marker`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmd:
+                found.append((int(entry.name), cmd))
+    return found
+
+
+def _serving(transport: SSHTransport) -> list[int]:
+    """The node's agents (the runners they fork share their command line, not their process name)."""
+    return [pid for pid, cmd in _processes("node_runner.py serve") if transport.node.remote_root in cmd
+            and Path(f"/proc/{pid}/comm").read_text().strip() != RUNNER_PROCESS_NAME.decode()]
+
+
+def test_concurrent_attempts_share_one_agent_and_get_their_own_logs(transport: SSHTransport, tmp_path: Path):
+    marks = tmp_path / "marks"
+    secret = "s3cr3t-agent-key"
+    results, lines = {}, {f"A{i}": [] for i in range(6)}
+    followers = []
+
+    def attempt(task_id: str) -> None:
+        script = f'echo "start {task_id}"; echo "key $API_KEY"; sleep 1; echo {task_id} >> {marks}; echo "end {task_id}"'
+        results[task_id] = transport.run(_request(transport, task_id, script), lines[task_id].append,
+                                         secrets={"API_KEY": secret})
+
+    threads = [threading.Thread(target=attempt, args=(t,)) for t in lines]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.6)
+    serving = _serving(transport)
+    followers = [cmd for _, cmd in _processes("node_runner.py follow") if transport.node.remote_root in cmd]
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(result.succeeded for result in results.values()), {t: r.reason for t, r in results.items()}
+    assert len(serving) == 1, f"expected one agent on the node, found {serving}"
+    assert followers == [], "attempts went the long way (one follow process each) instead of through the agent"
+    assert sorted(marks.read_text().split()) == sorted(lines)
+    for task_id, got in lines.items():
+        assert f"start {task_id}" in got and f"end {task_id}" in got, got
+        assert not any(other in line for line in got for other in lines if other != task_id), got
+        assert "key ***" in got and not any(secret in line for line in got)
+        run_dir = Path(transport.node.remote_root) / "agent" / "tasks" / task_id
+        assert secret not in (run_dir / "task.json").read_text()
+
+
+def test_a_killed_agent_loses_no_attempt_and_the_next_one_starts_a_new_agent(transport: SSHTransport,
+                                                                           tmp_path: Path):
+    marks = tmp_path / "marks"
+    result, lines = {}, []
+    script = f"echo begin; sleep 2; echo once >> {marks}; echo done"
+    worker = threading.Thread(target=lambda: result.setdefault(
+        "r", transport.run(_request(transport, "K1", script), lines.append)))
+    worker.start()
+    deadline = time.monotonic() + 20
+    while "begin" not in lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    agents = _serving(transport)
+    assert len(agents) == 1, agents
+    os.kill(agents[0], signal.SIGKILL)
+    worker.join(timeout=60)
+    assert result["r"].succeeded, result["r"].reason
+    assert marks.read_text().split() == ["once"], "the spec ran again after its agent died"
+    assert any("re-attached to the running attempt" in line for line in lines), lines
+    assert "done" in lines
+    again = transport.run(_request(transport, "K2", "echo second"), lambda line: None)
+    assert again.succeeded, again.reason
+    assert len(_serving(transport)) == 1 and _serving(transport) != agents
+
+
+def test_a_finished_attempt_is_recovered_not_rerun_and_an_edited_one_runs_again(transport: SSHTransport,
+                                                                              tmp_path: Path):
+    counter = tmp_path / "count"
+    script = f"echo x >> {counter}"
+    first = transport.run(_request(transport, "R1", script, key="same"), lambda line: None)
+    assert first.succeeded, first.reason
+    lines: list[str] = []
+    second = transport.run(_request(transport, "R1", script, key="same"), lines.append)
+    assert second.succeeded and len(counter.read_text().split()) == 1
+    assert any("recovered the result" in line for line in lines), lines
+    edited = transport.run(_request(transport, "R1", script, key="edited"), lambda line: None)
+    assert edited.succeeded and len(counter.read_text().split()) == 2
+
+
+def test_a_bad_task_fails_that_attempt_only(transport: SSHTransport):
+    bad = _request(transport, "B1", "true")
+    bad.steps = [{"name": "shell"}]  # neither argv nor script
+    failed = transport.run(bad, lambda line: None)
+    assert not failed.succeeded and "steps[0]" in failed.reason, failed.reason
+    good = transport.run(_request(transport, "B2", "echo fine"), lambda line: None)
+    assert good.succeeded, good.reason
+    status = json.loads((Path(transport.node.remote_root) / "agent" / "tasks" / "B2" / "status.json").read_text())
+    assert status["state"] == "succeeded"
