@@ -40,7 +40,8 @@ def missing_agent_clis(request: RunRequest) -> str | None:
     return "; ".join(hints) + ", or set the spec's model/executor to one that is installed" if hints else None
 
 
-@task(persist_result=True, result_serializer="json", cache_key_fn=_cache_key, log_prints=False)
+@task(persist_result=True, result_serializer="json", cache_key_fn=_cache_key, log_prints=False,
+      task_run_name="{request.run_name}")
 def run_spec(request: RunRequest) -> SpecResult | State:
     """Run one attempt of a spec on its node and return the node runner's result.
 

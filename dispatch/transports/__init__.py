@@ -35,6 +35,11 @@ class RunRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     git: dict | None = Field(default=None, description="git mode: repo_url, main_branch, dependencies")
 
+    @property
+    def run_name(self) -> str:
+        """The attempt's task run name: the spec's id, with the attempt number after the first."""
+        return self.task_id if self.attempt == 1 else f"{self.task_id} (attempt {self.attempt})"
+
     def task_json(self) -> dict:
         """The node runner's `task.json` (no secrets: those travel on the runner's stdin)."""
         return {

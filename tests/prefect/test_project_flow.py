@@ -71,6 +71,27 @@ def test_failed_spec_is_retried_until_it_succeeds(run_project, isolated_home: Pa
     assert counter.read_text().strip() == "3"
     assert summary.specs["S01-flaky"].attempts == 3
     assert len(read_timeline(timeline)["S01-flaky"]) == 3
+    # each attempt is a task run named after the spec, as the UI shows it
+    assert _task_run_names(state.state_details.flow_run_id) == [
+        "S01-flaky", "S01-flaky (attempt 2)", "S01-flaky (attempt 3)"]
+
+
+def _task_run_names(flow_run_id) -> list[str]:
+    """The names of a flow run's task runs, once the server has recorded them (from events)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    names: list[str] = []
+    with get_client(sync_client=True) as client:
+        for _ in range(50):
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            names = sorted(run.name for run in runs)
+            if len(names) >= 3:
+                break
+            time.sleep(0.2)
+    return names
 
 
 def test_failure_stops_only_its_dependents(run_project, isolated_home: Path):
