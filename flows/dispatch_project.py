@@ -308,10 +308,11 @@ class ProjectRun:
         self._submit(assignment, held, chain)
 
     def _reattach(self) -> None:
-        """Adopt runners a killed dispatcher left running, on any node, instead of starting them twice."""
+        """Adopt what a killed dispatcher left on the nodes instead of running it twice: runners still
+        running, and attempts that succeeded while no dispatcher watched (their result is recovered)."""
         for node, transport in self.runtime.transports.items():
             try:
-                live = transport.live_runs(self.project.name)
+                live, finished = transport.adoptable_runs(self.project.name)
             except DispatchError as exc:
                 self.logger.warning("node %s: cannot list live runs (%s); it is treated as down", node, exc)
                 self._node_down(node, str(exc))
@@ -319,12 +320,17 @@ class ProjectRun:
             if live:
                 self.logger.info("node %s: %d live run(s) of %s from an earlier dispatcher", node, len(live),
                                  self.project.name)
-            for task_id, key in live.items():
+            recovered: list[str] = []
+            for task_id, key in [*live.items(), *finished.items()]:
                 if task_id not in self.selected or task_id in self.force or key != self.keys.get(task_id):
                     continue  # an edited spec's stale runner is killed when the spec is dispatched again
                 if self.scheduler.state(task_id) not in ("waiting", "ready"):
                     continue
                 self.scheduler.adopt(task_id, node, 1)
+                if task_id in finished:  # the transport hands its result back without running it
+                    recovered.append(task_id)
+                    self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
+                    continue
                 self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
                 modifies = self.project.specs[task_id].modifies
                 if self.server_locks is not None and modifies:  # its locks died with the old dispatcher's lease
@@ -334,6 +340,10 @@ class ProjectRun:
                     else:
                         self.logger.warning("%s: re-attached without its file locks (%s)", task_id, grant.reason)
                 self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
+            if recovered:
+                names = ", ".join(recovered[:5]) + (", ..." if len(recovered) > 5 else "")
+                self.logger.info("node %s: %d unchanged spec(s) of %s already succeeded there (%s); their "
+                                 "results are taken, not run again", node, len(recovered), self.project.name, names)
 
     def _finish(self, task_id: str) -> None:
         future = self.futures[task_id]

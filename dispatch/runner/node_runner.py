@@ -1298,21 +1298,23 @@ def _runner_gone(run_dir: str) -> bool:  # used by `live`
     return True
 
 
-def cmd_live(tasks_dir: str) -> int:
-    """Print [[task_id, cache_key], ...] of the run directories under `tasks_dir` whose runner is alive."""
-    live = []
+def cmd_live(tasks_dir: str, finished: bool = False) -> int:
+    """Print [[task_id, cache_key, "running"], ...] for the run directories under `tasks_dir` whose runner is
+    alive; with `finished`, also [task_id, cache_key, "succeeded"] for those whose runner ended in success."""
+    found = []
     names = sorted(os.listdir(tasks_dir)) if os.path.isdir(tasks_dir) else []
     for name in names:
         run_dir = os.path.join(tasks_dir, name)
-        if not os.path.exists(os.path.join(run_dir, ".runner.lock")) or _runner_gone(run_dir):
+        if not os.path.exists(os.path.join(run_dir, ".runner.lock")):
             continue
-        try:
-            with open(os.path.join(run_dir, "task.json"), encoding="utf-8") as handle:
-                key = json.load(handle).get("cache_key")
-        except (OSError, ValueError):
-            key = None
-        live.append([name, key])
-    print(json.dumps(live))
+        if not _runner_gone(run_dir):
+            state = "running"
+        elif finished and (_read_json(os.path.join(run_dir, "result.json")) or {}).get("status") == "succeeded":
+            state = "succeeded"
+        else:
+            continue
+        found.append([name, (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key"), state])
+    print(json.dumps(found))
     return 0
 
 
@@ -1566,7 +1568,9 @@ def main(argv: list[str] | None = None) -> int:
     tail = commands.add_parser("tail", help="print task.log from a byte offset")
     tail.add_argument("run_dir")
     tail.add_argument("--from-byte", type=int, default=0)
-    commands.add_parser("live", help="list the live runs under a <project>/tasks directory").add_argument("run_dir")
+    live = commands.add_parser("live", help="list the live runs under a <project>/tasks directory")
+    live.add_argument("run_dir")
+    live.add_argument("--finished", action="store_true", help="also the runs that ended in success")
     follow = commands.add_parser("follow", help="stream task.log until the runner exits")
     follow.add_argument("run_dir")
     follow.add_argument("--from-byte", type=int, default=0)
@@ -1597,7 +1601,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "follow":
         return cmd_follow(run_dir, args.from_byte)
     if args.command == "live":
-        return cmd_live(run_dir)
+        return cmd_live(run_dir, args.finished)
     return cmd_tail(run_dir, args.from_byte)
 
 

@@ -226,13 +226,18 @@ class LocalTransport:
             if status:
                 self._kill_pid(int(status["runner_pid"]))
 
-    def live_runs(self, project: str) -> dict[str, str | None]:
-        """Specs of `project` whose runner is still alive here: task id -> its cache key."""
+    def adoptable_runs(self, project: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """Runs of `project` here a restarted dispatcher can adopt, as task id -> cache key: those whose
+        runner is still alive, and those that ended in success while no dispatcher watched."""
         live: dict[str, str | None] = {}
+        finished: dict[str, str | None] = {}
         for run_dir in sorted((self.root / project / "tasks").glob("*")):
+            key = (read_json(run_dir / "task.json") or {}).get("cache_key")
             if live_runner(run_dir, stale_after=float("inf")):
-                live[run_dir.name] = (read_json(run_dir / "task.json") or {}).get("cache_key")
-        return live
+                live[run_dir.name] = key
+            elif (read_json(run_dir / "result.json") or {}).get("status") == "succeeded":
+                finished[run_dir.name] = key
+        return live, finished
 
     def kill_project(self, project: str) -> int:
         """Kill every live runner of `project` on this machine (also orphans of a dead dispatcher)."""

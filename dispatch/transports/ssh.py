@@ -216,10 +216,13 @@ class SSHTransport:
             return result
         return None
 
-    def live_runs(self, project: str) -> dict[str, str | None]:
-        """Specs of `project` whose runner is still alive on this node: task id -> its cache key."""
-        out = self._command(f"{self.runner()} live {shlex.quote(f'{self.root}/{project}/tasks')}")
-        return {task_id: key for task_id, key in json.loads(out.strip().splitlines()[-1] or "[]")}
+    def adoptable_runs(self, project: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """Runs of `project` on this node a restarted dispatcher can adopt, as task id -> cache key: those
+        whose runner is still alive, and those that ended in success while no dispatcher watched."""
+        out = self._command(f"{self.runner()} live --finished {shlex.quote(f'{self.root}/{project}/tasks')}")
+        found = json.loads(out.strip().splitlines()[-1] or "[]")
+        return ({task_id: key for task_id, key, state in found if state == "running"},
+                {task_id: key for task_id, key, state in found if state == "succeeded"})
 
     def _copy_back(self, workdir: str, files: list[str], target: Path) -> None:
         for rel in files:

@@ -188,7 +188,7 @@ class WorkerTransport:
         return self._deployment_id
 
     def _existing(self, request: RunRequest):
-        """A child of the same attempt (same cache key) that an earlier dispatcher left live, as `live_runs`
+        """A child of the same attempt (same cache key) that an earlier dispatcher left live, as `adoptable_runs`
         found it when this run started (no API call per attempt)."""
         with self._lock:
             run = self._adoptable.pop((request.project, request.task_id), None)
@@ -212,8 +212,9 @@ class WorkerTransport:
                                           tags=FlowRunFilterTags(all_=[_TAG, f"project:{project}"])),
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[self._deployment()])))
 
-    def live_runs(self, project: str) -> dict[str, str | None]:
-        """Specs of `project` with a spec-run flow run still live on this node: task id -> cache key."""
+    def adoptable_runs(self, project: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """Specs of `project` with a spec-run flow run still live on this node, as task id -> cache key; finished
+        children are not adopted (not done here: a child that ended while no dispatcher watched runs again)."""
         try:
             runs = self._live_children(project)
         except DispatchError:
@@ -226,7 +227,7 @@ class WorkerTransport:
             live[params.get("task_id")] = params.get("cache_key")
             with self._lock:
                 self._adoptable[(project, params.get("task_id"))] = run
-        return live
+        return live, {}
 
     def run(self, request: RunRequest, on_line: LineSink, **_: object) -> SpecResult:
         """Create (or re-attach to) the attempt's spec-run flow run and wait for its result."""

@@ -222,16 +222,24 @@ def test_restarted_dispatcher_reattaches_to_specs_still_running_on_the_nodes(pre
     for i in range(2, 6):
         shell_spec(specs, f"S0{i}-long", timeline, seconds=10, depends_on=["S01"])
     shell_spec(specs, "S06-last", timeline, seconds=0.2, depends_on=["S02", "S03", "S04", "S05"])
+    shell_spec(specs, "S07-quick", timeline, seconds=1.5, depends_on=["S01"])
     log = isolated_home / "first.log"
     first = start_in_background("reattach", log)
-    wait_for_starts(timeline, 5, log)
+    wait_for_starts(timeline, 6, log)
     os.kill(first.pid, 9)  # the dispatcher dies; the runners on the nodes do not
     first.wait()
+    deadline = time.monotonic() + 30  # S07 ends while no dispatcher watches: its result must be taken
+    while read_timeline(timeline)["S07-quick"][0][1] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     second = subprocess.run([DISPATCH, "start", "reattach", "-v"], capture_output=True, text=True, timeout=240,
                             env={**os.environ, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"})
     assert second.returncode == 0, second.stdout + second.stderr
     runs = read_timeline(timeline)
     assert {k: len(v) for k, v in runs.items()} == {
-        "S01-first": 1, "S02-long": 1, "S03-long": 1, "S04-long": 1, "S05-long": 1, "S06-last": 1}, \
-        "no spec may run twice: finished ones are cached, running ones re-attached\n" + second.stderr[-8000:]
+        "S01-first": 1, "S02-long": 1, "S03-long": 1, "S04-long": 1, "S05-long": 1, "S06-last": 1,
+        "S07-quick": 1}, \
+        "no spec may run twice: finished ones are cached or recovered, running ones re-attached\n" + \
+        second.stderr[-8000:]
+    taken = [line for line in (second.stdout + second.stderr).splitlines() if "already succeeded there" in line]
+    assert any("S07-quick" in line for line in taken), second.stderr[-8000:]
     assert runs["S06-last"][0][0] >= max(runs[f"S0{i}-long"][0][1] for i in range(2, 6))
