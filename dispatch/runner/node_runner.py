@@ -101,6 +101,7 @@ _LEFTOVER_GRACE = 1.0  # after a step exits, how long its background children ma
 _POLL = 0.1
 _SERVE_MIN_DELAY = 0.05  # `serve` reads a growing log this often, backing off to the max while it is quiet
 _SERVE_MAX_DELAY = 1.0
+_SERVE_READ = 1 << 20  # bytes of a log sent in one event at most (a chatty spec does not stall the others)
 _CHUNK = 65536
 _CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limit classifier
 _LOG_TAIL_LINES = 40
@@ -1390,20 +1391,22 @@ class _Watched:
     def ended(self) -> bool:
         return _runner_gone(self.run_dir)
 
-    def read_lines(self, final: bool = False) -> list[str]:
-        """The log lines written since the last read (and, at the end, a last unterminated one)."""
+    def read_lines(self, final: bool = False) -> tuple[list[str], bool]:
+        """The log lines written since the last read, at most `_SERVE_READ` bytes of them (at the end, also a
+        last unterminated line); and whether more is waiting."""
         try:
             with open(os.path.join(self.run_dir, "task.log"), "rb") as handle:
                 handle.seek(self.offset)
-                data = handle.read()
+                data = handle.read(_SERVE_READ)
         except OSError:
             data = b""
         self.offset += len(data)
+        more = len(data) == _SERVE_READ
         *lines, self.pending = (self.pending + data).split(b"\n")
-        if final and self.pending:
-            lines.append(self.pending)
+        if len(self.pending) >= _SERVE_READ or (final and not more and self.pending):
+            lines.append(self.pending)  # a line longer than a read goes in pieces
             self.pending = b""
-        return [line.decode("utf-8", "replace") for line in lines]
+        return [line.decode("utf-8", "replace") for line in lines], more
 
 
 class _Agent:
@@ -1528,12 +1531,15 @@ class _Agent:
         if watched.pidfd is None and watched.ended():
             self.finish(watched)
             return
-        lines = watched.read_lines()
+        lines, more = watched.read_lines()
         if lines:
             self.emit(watched.rid, "log", lines=lines)
+        if more:  # the rest right after the other runs' turn
+            watched.delay = 0.0
+        elif lines or watched.pidfd is None:  # growing, or no pidfd: the lock is polled for the end
             watched.delay = _SERVE_MIN_DELAY
-        elif watched.pidfd is not None:  # quiet: read less often; the pidfd still says the end at once
-            watched.delay = min(_SERVE_MAX_DELAY, watched.delay * 2)
+        else:  # quiet: read less often; the pidfd still says the end at once
+            watched.delay = min(_SERVE_MAX_DELAY, max(_SERVE_MIN_DELAY, watched.delay * 2))
         watched.next_read = now + watched.delay
 
     def finish(self, watched: _Watched) -> None:
@@ -1543,9 +1549,11 @@ class _Agent:
             os.close(watched.pidfd)
             watched.pidfd = None
         self.watched.pop(watched.rid, None)
-        lines = watched.read_lines(final=True)
-        if lines:
-            self.emit(watched.rid, "log", lines=lines)
+        more = True
+        while more:
+            lines, more = watched.read_lines(final=True)
+            if lines:
+                self.emit(watched.rid, "log", lines=lines)
         self.emit(watched.rid, "result", result=_read_json(os.path.join(watched.run_dir, "result.json")))
 
 

@@ -137,3 +137,14 @@ def test_a_bad_task_fails_that_attempt_only(transport: SSHTransport):
     assert good.succeeded, good.reason
     status = json.loads((Path(transport.node.remote_root) / "agent" / "tasks" / "B2" / "status.json").read_text())
     assert status["state"] == "succeeded"
+
+
+def test_a_chatty_spec_streams_every_line_in_order(transport: SSHTransport):
+    """More log than one agent read (1 MiB) arrives whole and in order, long lines included."""
+    script = "for i in $(seq 1 30000); do echo \"line $i $(printf '%060d' $i)\"; done; head -c 1500000 /dev/zero | tr '\\0' x; echo"
+    lines: list[str] = []
+    result = transport.run(_request(transport, "C1", script), lines.append)
+    assert result.succeeded, result.reason
+    numbered = [line for line in lines if line.startswith("line ")]
+    assert numbered == [f"line {i} {i:060d}" for i in range(1, 30001)]
+    assert sum(len(line) for line in lines if set(line) == {"x"}) == 1_500_000
