@@ -123,6 +123,12 @@ def start(
             _submit_to_deployment(settings, project, only, start_from, force)
         return
     os.environ.update(settings.prefect_environment(verbose=verbose))
+    if settings.embedded and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
+        from dispatch.embedded import reap_orphaned_servers
+
+        if stopped := reap_orphaned_servers(os.environ["PREFECT_HOME"]):
+            console.print(f"[dim]stopped {len(stopped)} temporary Prefect server(s) that killed dispatchers had "
+                          f"left running (pids {', '.join(map(str, stopped))})[/]")
     from dispatch.team import whoami
     from flows.dispatch_project import LISTENERS, dispatch_project
 
