@@ -334,7 +334,7 @@ class SSHPool:
         connection, channel = self._open_channel(target)
         try:
             channel.set_combine_stderr(True)
-            channel.exec_command(_wrap(command, None)[0])
+            channel.exec_command(command)  # no `_wrap`: its process-group line serves timeouts, which this has none of
         except (paramiko.SSHException, EOFError, OSError) as exc:
             channel.close()
             self._release(target, connection, broken=not connection.transport.is_active())
@@ -505,8 +505,8 @@ class SSHStream:
             raise NodeError(self._target.name, f"connection lost writing to a stream: {exc}") from exc
 
     def lines(self) -> Iterator[bytes]:
-        """The command's output, line by line (without the newline, the wrapper's pid line dropped), to its end."""
-        partial, first = b"", True
+        """The command's output, line by line (without the newline), to its end."""
+        partial = b""
         while True:
             try:
                 data = self._channel.recv(65536)
@@ -515,12 +515,7 @@ class SSHStream:
             if not data:
                 break
             *complete, partial = (partial + data).split(b"\n")
-            for line in complete:
-                if first and line.startswith(_PID_MARKER):
-                    first = False
-                    continue
-                first = False
-                yield line
+            yield from complete
         if partial:
             yield partial
 

@@ -1376,16 +1376,14 @@ class _Watched:
     """One run `serve` watches: its runner's exit (a pidfd, else its lock) and the new lines of its log."""
 
     def __init__(self, rid: Any, run_dir: str, pid: int | None) -> None:
-        self.rid, self.run_dir, self.pid = rid, run_dir, pid
+        self.rid, self.run_dir = rid, run_dir
         self.offset, self.pending = 0, b""
         self.delay, self.next_read = _SERVE_MIN_DELAY, 0.0
         self.pidfd: int | None = None
         if pid and hasattr(os, "pidfd_open"):
             try:
                 self.pidfd = os.pidfd_open(pid)
-            except ProcessLookupError:  # it has ended already: the next read finishes it
-                self.pidfd = None
-            except OSError:  # no pidfd on this kernel: poll the run's lock instead
+            except OSError:  # ended already, or no pidfd on this kernel: the run's lock is polled instead
                 self.pidfd = None
 
     def ended(self) -> bool:
@@ -1412,11 +1410,11 @@ class _Watched:
 class _Agent:
     """`serve`: start and watch runs asked for as JSON lines on stdin; report them as JSON lines on stdout.
 
-    Requests: {"op": "run", "id": ..., "run_dir": ..., "task": {task.json}, "secrets": {...}} and
-    {"op": "ping", "id": ...}. Events, each with the request's id: "started" (pid), "attached" (pid: the
-    same attempt was already running), "log" (lines), "result" (result.json once the runner has ended),
-    "recovered" (result: the same attempt had succeeded while nobody watched), "earlier" (another runner or
-    its orphan holds the run directory: the dispatcher takes the long way), "error" (message), "pong".
+    Requests: {"op": "run", "id": ..., "run_dir": ..., "task": {task.json}, "secrets": {...}}. Events, each
+    with the request's id: "started" (pid), "attached" (pid: the same attempt was already running), "log"
+    (lines), "result" (result.json once the runner has ended), "recovered" (result: the same attempt had
+    succeeded while nobody watched), "earlier" (another runner or its orphan holds the run directory: the
+    dispatcher takes the long way), "error" (message).
     Runners are detached: they outlive the agent, whose end (stdin closed) stops nothing but the watching.
     """
 
@@ -1465,15 +1463,13 @@ class _Agent:
         except (ValueError, AttributeError) as exc:
             self.emit(None, "error", message=f"not a JSON request: {exc}")
             return
-        if op == "ping":
-            self.emit(rid, "pong", runner_version=runner_version())
-        elif op == "run":
-            try:
-                self.run(rid, request)
-            except (OSError, TaskError, KeyError, TypeError, ValueError) as exc:
-                self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
-        else:
+        if op != "run":
             self.emit(rid, "error", message=f"unknown op {op!r}")
+            return
+        try:
+            self.run(rid, request)
+        except (OSError, TaskError, KeyError, TypeError, ValueError) as exc:
+            self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
 
     def run(self, rid: Any, request: dict) -> None:
         run_dir = os.path.abspath(os.path.expanduser(request["run_dir"]))
@@ -1522,10 +1518,8 @@ class _Agent:
 
         watched = _Watched(rid, run_dir, pid)
         self.watched[rid] = watched
-        if watched.pidfd is not None:
+        if watched.pidfd is not None:  # else `poll` notices the end from the run's lock
             self.selector.register(watched.pidfd, selectors.EVENT_READ, watched)
-        else:  # no pidfd: notice the end by polling the run's lock, often
-            watched.delay = _SERVE_MIN_DELAY
 
     def poll(self, watched: _Watched, now: float) -> None:
         if watched.pidfd is None and watched.ended():

@@ -42,14 +42,6 @@ class Stream(Protocol):
     def close(self) -> None: ...
 
 
-class AgentOutcome:
-    """What the agent said about one attempt: how it began (`started`, `attached`, `recovered`, `earlier`)
-    and, unless `earlier`, its `result.json` (None when the runner ended without one)."""
-
-    def __init__(self, how: str, result: dict | None = None, pid: int | None = None, reason: str = "") -> None:
-        self.how, self.result, self.pid, self.reason = how, result, pid, reason
-
-
 class NodeAgent:
     """The dispatcher's end of one node's agent: many attempts at once over one stream.
 
@@ -101,16 +93,17 @@ class NodeAgent:
         stream.close()
 
     def run(self, run_dir: str, task: dict, secrets: dict[str, str] | None, on_line: LineSink,
-            timeout: float) -> AgentOutcome:
-        """Start (or re-attach to) the attempt in `run_dir` and block until it ends.
+            timeout: float) -> dict | None:
+        """Start (or re-attach to) the attempt in `run_dir`, block until it ends and return its `result.json`;
+        None when an earlier runner holds the directory (the transport takes the long way).
 
         Raises:
             AgentLost: the stream ended first (the runner may still run: re-attach the long way).
-            NodeError: the agent could not be started, or gave no result within `timeout` seconds.
+            NodeError: the agent could not be started or could not run it, or gave no result in `timeout` s.
+            ValueError: the runner ended without a result.json.
         """
         events: queue.Queue = queue.Queue()
         stream, rid = self._register(events)
-        how, pid = "", None
         try:
             try:
                 stream.send(json.dumps({"op": "run", "id": rid, "run_dir": run_dir, "task": task,
@@ -131,17 +124,16 @@ class NodeAgent:
                 if kind == "log":
                     for line in event.get("lines") or []:
                         on_line(line)
-                elif kind in ("started", "attached"):
-                    how, pid = kind, event.get("pid")
-                    if kind == "attached":
-                        on_line(f"re-attached to the running attempt (runner pid {pid})")
+                elif kind == "attached":
+                    on_line(f"re-attached to the running attempt (runner pid {event.get('pid')})")
                 elif kind == "earlier":
-                    return AgentOutcome("earlier", reason=event.get("reason") or "")
-                elif kind == "recovered":
-                    on_line("recovered the result of this attempt, which finished while no dispatcher watched")
-                    return AgentOutcome("recovered", event.get("result"))
-                elif kind == "result":
-                    return AgentOutcome(how or "started", event.get("result"), pid)
+                    return None
+                elif kind in ("result", "recovered"):
+                    if kind == "recovered":
+                        on_line("recovered the result of this attempt, which finished while no dispatcher watched")
+                    if not isinstance(event.get("result"), dict):
+                        raise ValueError(f"no result.json in {run_dir} after the runner ended")
+                    return event["result"]
                 elif kind == "error":
                     raise NodeError(self.node, f"its agent could not run {run_dir}: {event.get('message')}")
         finally:

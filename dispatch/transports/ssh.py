@@ -120,15 +120,13 @@ class SSHTransport:
             needs_sync = sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir())
             if not needs_sync:  # the usual case: one line to the node's agent, which starts and watches it
                 try:
-                    outcome = self.agent.run(run_dir, request.task_json(), secrets, on_line,
-                                             timeout=request.timeout + _FOLLOW_GRACE)
+                    data = self.agent.run(run_dir, request.task_json(), secrets, on_line,
+                                          timeout=request.timeout + _FOLLOW_GRACE)
                 except AgentLost as exc:  # the runner carries on without the agent: re-attach the long way
                     logger.info("%s %s: %s; re-attaching", self.node.name, request.task_id, exc)
-                    outcome = None
-                if outcome is not None and outcome.how != "earlier":
-                    if outcome.result is None:
-                        raise ValueError(f"no result.json in {run_dir} after the runner ended")
-                    return self._result(outcome.result, request, run_dir, sync_back)
+                    data = None
+                if data is not None:
+                    return self._result(data, request, run_dir, sync_back)
             # The long way: an earlier runner holds the directory, scp mode must copy the project first
             # (only when starting), or the agent was lost while the attempt ran.
             found = self._attach(runner, run_dir, request)
