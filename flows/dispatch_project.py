@@ -286,8 +286,15 @@ class ProjectRun:
             self._submit(assignment, held, chain)
 
     def _ask_locks(self, task_id: str, modifies: list[str]) -> None:
-        """In a helper thread: ask the server's lock table; the dispatch loop gets the answer as an event."""
-        self.events.put(("locks", (task_id, self.server_locks.try_acquire(task_id, modifies))))
+        """In a helper thread: ask the server's lock table; the dispatch loop gets the answer as an event
+        (always: a lost answer would leave the spec holding its slot for ever)."""
+        from dispatch.server_locks import Grant
+
+        try:
+            grant = self.server_locks.try_acquire(task_id, modifies)
+        except Exception as exc:  # try_acquire answers errors itself; anything else: the spec waits and retries
+            grant = Grant(None, error=f"{type(exc).__name__}: {exc}"[:300])
+        self.events.put(("locks", (task_id, grant)))
 
     def _locks_answered(self, task_id: str, grant) -> None:
         """Start the spec with its locks; refused: give its slot back, it waits (no hold-and-wait)."""
@@ -329,16 +336,16 @@ class ProjectRun:
                 self.scheduler.adopt(task_id, node, 1)
                 if task_id in finished:  # the transport hands its result back without running it
                     recovered.append(task_id)
-                    self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
-                    continue
-                self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
-                modifies = self.project.specs[task_id].modifies
-                if self.server_locks is not None and modifies:  # its locks died with the old dispatcher's lease
-                    grant = self.server_locks.try_acquire(task_id, modifies)
-                    if grant:
-                        self.held_locks[task_id] = grant.token
-                    else:
-                        self.logger.warning("%s: re-attached without its file locks (%s)", task_id, grant.reason)
+                else:
+                    self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
+                    modifies = self.project.specs[task_id].modifies
+                    if self.server_locks is not None and modifies:  # they died with the old dispatcher's lease
+                        grant = self.server_locks.try_acquire(task_id, modifies)
+                        if grant:
+                            self.held_locks[task_id] = grant.token
+                        else:
+                            self.logger.warning("%s: re-attached without its file locks (%s)", task_id,
+                                                grant.reason)
                 self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
             if recovered:
                 names = ", ".join(recovered[:5]) + (", ..." if len(recovered) > 5 else "")
@@ -430,22 +437,27 @@ class ProjectRun:
             wakeup = self.scheduler.next_wakeup()
             timeout = max(0.01, wakeup - self.scheduler.clock()) if wakeup is not None else 1.0
             try:
-                kind, task_id = self.events.get(timeout=timeout)
+                kind, data = self.events.get(timeout=timeout)
             except queue.Empty:
-                kind, task_id = "tick", None
-            if kind == "done":
-                self._finish(task_id)
-            elif kind == "locks":
-                self._locks_answered(*task_id)
-            elif kind == "node_up":
-                self.scheduler.nodes[task_id].down = False
-                self.logger.info("node %s is back", task_id)
+                kind, data = "tick", None
+            if kind == "done":  # data: the task id
+                self._finish(data)
+            elif kind == "locks":  # data: (task id, grant)
+                self._locks_answered(*data)
+            elif kind == "node_up":  # data: the node's name
+                self.scheduler.nodes[data].down = False
+                self.logger.info("node %s is back", data)
             elif kind == "stop":
                 self._stop()
             if not self.stop_reason:
                 self._dispatch()
             self._write_state()
         return self._conclude()
+
+    def close(self) -> None:
+        """Wait for lock requests still out (their answers go unread), then close the nodes' connections."""
+        self._lock_requests.shutdown(wait=True)
+        self.runtime.close()
 
     def _stop(self) -> None:
         self.logger.warning("stopping %s: %s", self.project.name, self.stop_reason)
@@ -534,8 +546,7 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
             return run.execute()
         finally:
             restore()
-            run._lock_requests.shutdown(wait=True)
-            run.runtime.close()
+            run.close()
     finally:
         lock.release()
 
