@@ -46,8 +46,9 @@ def schedule_measures(workload, timeline: Path, slots: dict[str, int], *, step: 
     ready = when the spec's last dependency ended (its last run's end); roots are ready at the first start
     of any spec (the flow's start-up is reported apart). Two more latency views: `no_lock_wait` keeps only
     specs that no file lock held back; `lock_aware` keeps every spec but counts it ready once its
-    dependencies are done and the last spec sharing one of its files that ran before it has ended. Utilisation = running slot-seconds / the
-    slot-seconds that could have been used, min(total slots, specs ready or running), over the makespan.
+    dependencies are done and the last spec sharing one of its files that ran before it has ended.
+    Utilisation = running slot-seconds / the slot-seconds that could have been used, min(total slots, specs
+    ready or running), over the makespan.
     """
     runs = read_runs(timeline)
     specs = workload.by_id

@@ -63,10 +63,10 @@ def test_concurrent_attempts_share_one_agent_and_get_their_own_logs(transport: S
     marks = tmp_path / "marks"
     secret = "s3cr3t-agent-key"
     results, lines = {}, {f"A{i}": [] for i in range(6)}
-    followers = []
 
     def attempt(task_id: str) -> None:
-        script = f'echo "start {task_id}"; echo "key $API_KEY"; sleep 1; echo {task_id} >> {marks}; echo "end {task_id}"'
+        script = (f'echo "start {task_id}"; echo "key $API_KEY"; sleep 1; echo {task_id} >> {marks}; '
+                  f'echo "end {task_id}"')
         results[task_id] = transport.run(_request(transport, task_id, script), lines[task_id].append,
                                          secrets={"API_KEY": secret})
 
@@ -141,7 +141,8 @@ def test_a_bad_task_fails_that_attempt_only(transport: SSHTransport):
 
 def test_a_chatty_spec_streams_every_line_in_order(transport: SSHTransport):
     """More log than one agent read (1 MiB) arrives whole and in order, long lines included."""
-    script = "for i in $(seq 1 30000); do echo \"line $i $(printf '%060d' $i)\"; done; head -c 1500000 /dev/zero | tr '\\0' x; echo"
+    script = ("for i in $(seq 1 30000); do echo \"line $i $(printf '%060d' $i)\"; done; "
+              "head -c 1500000 /dev/zero | tr '\\0' x; echo")
     lines: list[str] = []
     result = transport.run(_request(transport, "C1", script), lines.append)
     assert result.succeeded, result.reason

@@ -14,6 +14,8 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,17 +58,29 @@ def deploy_from_repo(env: dict[str, str]) -> None:
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
 
+@contextmanager
+def gateway_worker(env: dict[str, str], log_path: Path, cwd: Path) -> Iterator[subprocess.Popen]:
+    """A process worker on the gateway pool for the `with` block, its output in `log_path`."""
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([*_PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], env=env,
+                                  cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield worker
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
 def test_deploy_and_run_demo_on_a_worker(team_server: TeamServer, tmp_path: Path) -> None:
     env = team_server.env()
     deploy_from_repo(env)
 
     home = tmp_path / "worker-home"
     log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([*_PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
-                                  env=_worker_env(team_server, home), cwd=tmp_path, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with gateway_worker(_worker_env(team_server, home), log_path, tmp_path):
         submitted = time.time()
         ran = _run([*_PREFECT, "deployment", "run", "dispatch-project/dispatch-project", "--param", "project=demo",
                     "--watch", "--watch-timeout", "240"], env, timeout=260)
@@ -74,12 +88,6 @@ def test_deploy_and_run_demo_on_a_worker(team_server: TeamServer, tmp_path: Path
         worker_log = log_path.read_text(errors="replace")[-4000:]
         assert ran.returncode == 0, f"{output}\n--- worker log:\n{worker_log}"
         assert "Completed" in output, output
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
 
     state = load_state(home / "state", "demo")
     assert state is not None and state.state == "completed", state

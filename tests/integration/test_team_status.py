@@ -21,7 +21,7 @@ import pytest
 
 from dispatch.results import load_state
 from tests.fixtures.projects import read_timeline, shell_spec
-from tests.integration.test_team_mode import _PREFECT, POOL, _run, _worker_env, deploy_from_repo
+from tests.integration.test_team_mode import _run, _worker_env, deploy_from_repo, gateway_worker
 
 if TYPE_CHECKING:
     from tests.fixtures.postgres import TeamServer
@@ -132,11 +132,7 @@ def test_detach_submits_the_run_to_a_worker(team_server: TeamServer, tmp_path: P
     worker_env = _worker_env(team_server, worker_home)
     worker_env.update(DISPATCH_SPECS=str(tmp_path / "specs"), DISPATCH_PROJECTS=str(tmp_path / "worker-projects"))
     log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen([*_PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
-                                  env=worker_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    try:
+    with gateway_worker(worker_env, log_path, tmp_path):
         alice = _user_env(team_server, tmp_path, "alice")
         began = time.monotonic()
         submitted = _run([*_DISPATCH, "start", "remote", "--detach"], alice, timeout=60)
@@ -166,12 +162,6 @@ def test_detach_submits_the_run_to_a_worker(team_server: TeamServer, tmp_path: P
         while "remote" in (listed := _team_runs(alice)[0]):
             assert time.monotonic() < deadline, listed
             time.sleep(0.5)
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
     assert state.state == "completed", (state, log_path.read_text(errors="replace")[-4000:])
     assert state.user == "alice", "the started_by parameter names the submitter on the worker"
     assert set(read_timeline(timeline)) == {"S01-first", "S02-slow"}
