@@ -7,6 +7,7 @@ The `AgentModel` block (blocks/agent_model.py) overrides these per team, with AP
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dispatch.errors import ConfigError
@@ -17,13 +18,24 @@ PROMPT = "{prompt}"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to run one model: its CLI command (with `{prompt}`), extra env, and its secret's env name."""
+    """How to run one model.
+
+    Attributes:
+        name: the model's name in specs (`model:`, `executor:`).
+        argv: its CLI command, with `{prompt}`.
+        env: extra environment of its step (not secret), e.g. ANTHROPIC_BASE_URL.
+        key_env: the variable its CLI reads its key from.
+        source_env: the variable of the dispatcher's (or worker's) own environment that may hold this
+            model's key when no `AgentModel` block does; it reaches this model only, as `key_env`.
+        install_hint: how to install the CLI.
+    """
 
     name: str
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     key_env: str | None = None
     install_hint: str = ""
+    source_env: str | None = None
 
     @property
     def cli(self) -> str:
@@ -35,12 +47,13 @@ _CLAUDE_HINT = "install Claude Code (npm install -g @anthropic-ai/claude-code)"
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
     "glm": ModelSpec("glm", _CLAUDE, {"ANTHROPIC_BASE_URL": "https://api.z.ai/api/anthropic"},
-                     key_env="ANTHROPIC_AUTH_TOKEN", install_hint=_CLAUDE_HINT),
+                     key_env="ANTHROPIC_AUTH_TOKEN", install_hint=_CLAUDE_HINT, source_env="ZAI_API_KEY"),
     "minimax": ModelSpec("minimax", _CLAUDE, {"ANTHROPIC_BASE_URL": "https://api.minimax.io/anthropic"},
-                         key_env="ANTHROPIC_AUTH_TOKEN", install_hint=_CLAUDE_HINT),
-    "claude": ModelSpec("claude", _CLAUDE, key_env="ANTHROPIC_API_KEY", install_hint=_CLAUDE_HINT),
+                         key_env="ANTHROPIC_AUTH_TOKEN", install_hint=_CLAUDE_HINT, source_env="MINIMAX_API_KEY"),
+    "claude": ModelSpec("claude", _CLAUDE, key_env="ANTHROPIC_API_KEY", install_hint=_CLAUDE_HINT,
+                        source_env="ANTHROPIC_API_KEY"),
     "codex": ModelSpec("codex", ("codex", "exec", "--full-auto", PROMPT), key_env="OPENAI_API_KEY",
-                       install_hint="install Codex CLI (npm install -g @openai/codex)"),
+                       install_hint="install Codex CLI (npm install -g @openai/codex)", source_env="OPENAI_API_KEY"),
     "opencode": ModelSpec("opencode", ("opencode", "run", PROMPT),
                           install_hint="install opencode (npm install -g opencode-ai)"),
 }
@@ -59,6 +72,27 @@ def model_spec(name: str, catalog: dict[str, ModelSpec] | None = None) -> ModelS
         raise ConfigError(
             f"unknown model {name!r}; known models: {', '.join(sorted(catalog))} "
             "(add one with an AgentModel block)") from None
+
+
+def environment_keys(names: list[str], catalog: dict[str, ModelSpec], secrets: dict[str, dict[str, str]],
+                     lookup: Callable[[str], str | None]) -> dict[str, dict[str, str]]:
+    """`secrets` (model -> {env var: key}, from blocks), completed from the caller's environment: a model
+    with no key yet gets the value of its own `source_env` variable, as its `key_env`, and nothing else.
+
+    Args:
+        names: the models in use.
+        catalog: models by name.
+        secrets: the keys found in blocks (kept as they are).
+        lookup: reads one variable of the caller's environment (`DispatchSettings.environment_key`).
+    """
+    found = dict(secrets)
+    for name in names:
+        model = catalog.get(name)
+        if name in found or model is None or not model.source_env or not model.key_env:
+            continue
+        if value := lookup(model.source_env):
+            found[name] = {model.key_env: value}
+    return found
 
 
 def build_prompt(spec: Spec, context: list[tuple[str, str]]) -> str:

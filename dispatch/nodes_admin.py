@@ -259,9 +259,9 @@ def node_load(nodes: list[Node]) -> dict[str, dict[str, int]]:
 def agent_models(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
     """The `AgentModel` blocks of these models: their specs (overriding the built-ins) and secret env.
 
-    Models without a block keep their built-in spec and get no secret (on the local node the caller's
-    own environment, e.g. ANTHROPIC_API_KEY, still reaches the agent). The keys are unwrapped here,
-    only to be handed to the node runner's stdin.
+    Models without a block keep their built-in spec and get no secret here (`dispatch.agents.environment_keys`
+    then looks for the model's own variable, e.g. ZAI_API_KEY for glm, in the caller's environment). The
+    keys are unwrapped here, only to be handed to the node runner's stdin.
 
     Returns:
         (model name -> ModelSpec for models with a block, model name -> {env var: key}).

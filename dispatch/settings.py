@@ -113,6 +113,22 @@ class DispatchSettings(BaseSettings):
         """True when no Prefect server is configured: Prefect runs on SQLite under `home`."""
         return not self.prefect_api_url
 
+    def secret_values(self) -> list[str]:
+        """Every secret this process knows from its environment, to be masked wherever we write: the
+        credentials of its environment (by name, `dispatch.secrets.credential_values`) and the Prefect
+        API's auth string. None of them is given to a step."""
+        from dispatch.secrets import credential_values
+
+        values = credential_values(dict(os.environ))
+        if self.prefect_api_auth_string is not None:
+            values.append(self.prefect_api_auth_string.get_secret_value())
+        return values
+
+    def environment_key(self, name: str) -> str | None:
+        """The value of this process's environment variable `name` (a model's key, e.g. ZAI_API_KEY), or
+        None when unset or empty."""
+        return os.environ.get(name) or None
+
     def prefect_environment(self, verbose: bool = False) -> dict[str, str]:
         """Environment to set before Prefect is imported, for this process and the runs it starts
         (and the directories it names, created).

@@ -32,7 +32,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps
+from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, environment_keys
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, load_project, select
@@ -45,7 +45,7 @@ from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.transports import RunRequest
-from tasks.run_spec import RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
+from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
 LISTENERS: list[Callable[[str, str, dict], None]] = []
@@ -119,6 +119,10 @@ class ProjectRun:
         self.prompts = {t: build_prompt(project.specs[t], context) for t in selected
                         if project.specs[t].kind == "agent"}
         self.catalog, self.model_secrets = self._agent_models()
+        # values to mask that no step is given: this process's credentials (the local node's steps could read
+        # them from /proc; remote nodes never see them)
+        self.mask_only = settings.secret_values()
+        MASKER.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
 
     def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
         """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
@@ -158,10 +162,11 @@ class ProjectRun:
             blocks, secrets = agent_models(names)
         except DispatchError:
             raise
-        except Exception as exc:  # no blocks readable: the built-ins and the caller's environment
+        except Exception as exc:  # no blocks readable: the built-ins and the keys of the caller's environment
             self.logger.warning("could not read AgentModel blocks (%s); using the built-in models", exc)
             blocks, secrets = {}, {}
-        return {**BUILTIN_MODELS, **blocks}, secrets
+        catalog = {**BUILTIN_MODELS, **blocks}
+        return catalog, environment_keys(names, catalog, secrets, self.settings.environment_key)
 
     # -- events --------------------------------------------------------------------------------
     def _emit(self, event: str, task_id: str, **details) -> None:
@@ -211,6 +216,8 @@ class ProjectRun:
         spec = self.project.specs[assignment.task_id]
         secrets = {f"{model}:{name}": value for model in spec.model_chain if spec.kind == "agent"
                    for name, value in self.model_secrets.get(model, {}).items()}
+        if self.runtime.is_local(assignment.node):
+            secrets.update({f"mask:{number}": value for number, value in enumerate(self.mask_only)})
         if secrets:
             options["secrets"] = secrets
         if self.runtime.is_local(assignment.node):

@@ -29,7 +29,7 @@ from dispatch.results import SpecResult
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest
 from dispatch.transports.local import LocalTransport
-from tasks.run_spec import missing_agent_clis, prepare_branch, push_branch
+from tasks.run_spec import MASKER, missing_agent_clis, prepare_branch, push_branch
 
 HEARTBEAT_LABEL = "dispatch.heartbeat"
 RESULT_ARTIFACT_DESCRIPTION = "Oyster Dispatch spec result"
@@ -68,14 +68,20 @@ def _on_node(path: str) -> Path:
 
 
 def _secrets(request: RunRequest) -> dict[str, str]:
-    """`model:ENV` -> key for the agent steps of this attempt, from the node's view of the `AgentModel` blocks."""
+    """`model:ENV` -> key for the agent steps of this attempt, from the node's view of the `AgentModel` blocks
+    (else the model's own variable in the worker's environment); every value is also masked in what this
+    flow writes to Prefect."""
     names = sorted({step["name"] for step in request.steps if step.get("argv")})
     if not names:
         return {}
+    from dispatch.agents import BUILTIN_MODELS, environment_keys
     from dispatch.nodes_admin import agent_models
 
-    _, secrets = agent_models(names)
-    return {f"{model}:{env}": value for model, values in secrets.items() for env, value in values.items()}
+    blocks, secrets = agent_models(names)
+    secrets = environment_keys(names, {**BUILTIN_MODELS, **blocks}, secrets, get_settings().environment_key)
+    flat = {f"{model}:{env}": value for model, values in secrets.items() for env, value in values.items()}
+    MASKER.add(flat.values())
+    return flat
 
 
 @flow(name="spec-run", flow_run_name=_run_name, log_prints=False, retries=0)
@@ -120,11 +126,15 @@ def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str
     except Exception as exc:  # no keys: the agent fails with an auth error the runner classifies; say why here
         logger.warning("%s could not read the AgentModel blocks' keys: %s", prefix, exc)
         secrets = {}
+    own = get_settings().secret_values()  # the worker's credentials: no step gets them, the runner masks them
+    MASKER.add(own)
+    secrets.update({f"mask:{number}": value for number, value in enumerate(own)})
     try:
-        result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), secrets=secrets or None)
+        result = transport.run(request, lambda line: logger.info("%s %s", prefix, MASKER.mask(line)),
+                               secrets=secrets or None)
     except BaseException:  # cancelled (the worker's SIGTERM) or crashed: the spec must not run on alone
         transport.cancel(request.project, request.task_id)
         raise
     if result.succeeded and request.git:
         push_branch(request, transport, result, logger, prefix)
-    return result
+    return SpecResult.model_validate(MASKER.mask_data(result.model_dump())) if MASKER else result

@@ -15,6 +15,7 @@ from prefect import get_run_logger, task
 from prefect.states import Failed, State
 
 from dispatch.results import SpecResult
+from dispatch.secrets import Masker
 from dispatch.transports import RunRequest, Transport
 
 # The transports of the running dispatcher, by node name (set by the project flow; process-local).
@@ -22,6 +23,9 @@ TRANSPORTS: dict[str, Transport] = {}
 # Per-attempt options that must not be task parameters (secrets, lock descriptors, local paths),
 # keyed by (project, task_id, attempt); set by the flow before it submits the attempt.
 RUN_OPTIONS: dict[tuple[str, str, int], dict[str, Any]] = {}
+# Every secret the dispatcher knows (agent keys, credentials of its environment), masked in every line and
+# result this task writes to Prefect (logs, the cached result, state messages); the flow adds to it.
+MASKER = Masker()
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -66,7 +70,9 @@ def run_spec(request: RunRequest) -> SpecResult | State:
     if git_here and (failure := prepare_branch(request, transport, logger, prefix)):
         return Failed(message=f"{request.task_id}: {failure.reason}", data=failure)
     options = RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {})
-    result = transport.run(request, lambda line: logger.info("%s %s", prefix, line), **options)
+    result = transport.run(request, lambda line: logger.info("%s %s", prefix, MASKER.mask(line)), **options)
+    if MASKER:
+        result = SpecResult.model_validate(MASKER.mask_data(result.model_dump()))
     if result.succeeded and git_here:
         push_branch(request, transport, result, logger, prefix)
     if result.succeeded:

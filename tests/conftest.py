@@ -82,6 +82,12 @@ def prefect_api() -> str:
     pytest.fail(f"the test Prefect server did not start; its log:\n{log}")
 
 
+@pytest.fixture(scope="session")
+def prefect_database(prefect_api: str) -> list[Path]:
+    """The session server's SQLite database files (the database and its WAL), to search for leaks."""
+    return sorted((_SESSION_DIR / "prefect-server").glob("*.db*"))
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh DISPATCH_HOME/SPECS/PROJECTS and HOME per test; settings re-read."""

@@ -17,7 +17,10 @@ Commands:
         usage, 3 (with a JSON line naming the live runner's pid) if another runner holds run_dir
         or the step of a runner that died hard still runs there (`kill` clears it).
         --detach prints {"pid": ..., "run_dir": ...} and returns at once; the run goes on in its
-        own session. --secrets-stdin reads a JSON object of env vars for the steps only.
+        own session. --secrets-stdin reads a JSON object of secrets: "<model>:NAME" is env var NAME of
+        that model's agent step only, a plain "NAME" goes to every agent step, "mask:<n>" to no step;
+        every value is masked wherever the runner writes. A step's own environment is an allow-list
+        (STEP_ENV_ALLOW, LC_*) of the runner's, plus task.json's env and its step's env.
     python3 node_runner.py status <run_dir>                 status.json + "alive", as one JSON line
     python3 node_runner.py kill <run_dir>                   stop the run; exit 0 even if none runs
     python3 node_runner.py tail <run_dir> [--from-byte N]   task.log from byte N (N < 0: from the end)
@@ -107,6 +110,14 @@ _CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limi
 _LOG_TAIL_LINES = 40
 _FILES_CAP = 1000
 _MIN_SECRET_LEN = 4  # shorter values are not masked: they would blank out ordinary words
+# The only variables of the runner's own environment a step inherits (plus LC_*); everything else a step
+# gets is named: the node's and the task's `env`, the DISPATCH_* variables and its own model's key.
+STEP_ENV_ALLOW = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+)  # fmt: skip
+MASK_ONLY = "mask"  # secrets named "mask:<n>" are values to mask that no step is given
 _FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed")
 _RATE_KINDS = ("quota", "transient", "auth")  # the chain moves on to the next model at once
 _RUNNER_NAME = os.path.basename(__file__).encode()
@@ -445,6 +456,9 @@ class _Log:
         self.path = path
         values = {v for v in secrets.values() if len(v) >= _MIN_SECRET_LEN}
         self._secrets = sorted(values, key=len, reverse=True)
+        self._encoded = [value.encode("utf-8", "replace") for value in self._secrets]
+        # a piece of a long line is cut this many bytes early, so a secret across the cut stays whole
+        self.overlap = max((len(value) for value in self._encoded), default=1) - 1
         self._echo = echo
         self._handle = open(path, "ab")  # open for the whole run
 
@@ -452,6 +466,11 @@ class _Log:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+    def mask_bytes(self, data: bytes) -> bytes:
+        for secret in self._encoded:
+            data = data.replace(secret, b"***")
+        return data
 
     def mask_all(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -487,6 +506,20 @@ class _Log:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def base_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The variables of `environ` a step may inherit: `STEP_ENV_ALLOW` and the locale's LC_*."""
+    return {k: v for k, v in environ.items() if k in STEP_ENV_ALLOW or k.startswith("LC_")}
+
+
+def _cut(data: bytes, keep: int) -> tuple[bytes, bytes]:
+    """Split masked `data` into a piece to write and the last `keep` bytes (or more, to end on a whole
+    UTF-8 character), which may hold the start of a secret that the next read completes."""
+    cut = max(0, len(data) - keep)
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # never inside a multi-byte character
+        cut -= 1
+    return data[:cut], data[cut:]
 
 
 class _Tail:
@@ -662,19 +695,24 @@ class Runner:
         return "failed", "no model left to try; " + "; ".join(passed_over), model, exit_code
 
     def _child_env(self, step: Step | None) -> dict[str, str]:
-        env = dict(os.environ)
+        """A step's environment: the allow-list of ours, the task's env, then its model's own env and key.
+
+        Shell steps and acceptance commands get no secret at all; an agent step gets `<model>:NAME` of its
+        own model only (glm and minimax both take ANTHROPIC_AUTH_TOKEN, each its own), and a plain `NAME`
+        (given by hand to `run --secrets-stdin`; the dispatcher always names the model).
+        """
+        env = base_environment(os.environ)
         env.update(self.task.env)
         env["DISPATCH_RUN_DIR"] = self.run_dir
         env["DISPATCH_PROJECT"], env["DISPATCH_TASK_ID"] = self.task.project, self.task.task_id
         if step is not None:
             env.update(step.env)
             env["DISPATCH_MODEL"] = step.name
-            # "NAME" goes to every step; "<model>:NAME" only to that model's step (glm and minimax both
-            # take ANTHROPIC_AUTH_TOKEN, each its own).
-            for key, value in self.secrets.items():
-                model, _, name = key.rpartition(":")
-                if not model or model == step.name:
-                    env[name] = value
+            if step.argv is not None:
+                for key, value in self.secrets.items():
+                    model, _, name = key.rpartition(":")
+                    if (model == step.name or not model) and model != MASK_ONLY:
+                        env[name] = value
         return env
 
     def _run_step(self, step: Step, number: int) -> tuple[dict, bool]:
@@ -834,9 +872,9 @@ class Runner:
             last_output = time.monotonic()
             pending += data
             *lines, pending = pending.split(b"\n")
-            if len(pending) >= _CHUNK:
-                lines.append(pending)
-                pending = b""
+            if len(pending) >= _CHUNK:  # a long line goes in pieces; a secret across a cut is kept whole
+                piece, pending = _cut(self.log.mask_bytes(pending), self.log.overlap)
+                lines.append(piece)
             for raw in lines:
                 tail.add(self.log.line(raw.decode("utf-8", "replace")))
         if pending:

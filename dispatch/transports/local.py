@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dispatch.results import SpecResult, pid_alive, read_json, write_json
 from dispatch.runner import RUNNER_PATH
+from dispatch.runner.node_runner import base_environment
 from dispatch.transports import LineSink, RunRequest
 
 logger = logging.getLogger(__name__)
@@ -134,10 +135,11 @@ class LocalTransport:
             self._rotate(run_dir)
             write_json(run_dir / "task.json", request.task_json())
             argv = [sys.executable, str(RUNNER_PATH), "run", str(run_dir)] + (["--secrets-stdin"] if secrets else [])
-            with open(run_dir / "runner.err", "wb") as err:
-                proc = subprocess.Popen(
+            with open(run_dir / "runner.err", "wb") as err:  # the runner gets the allow-list, as its steps do:
+                proc = subprocess.Popen(  # keys of ours in its environ would be readable in /proc by a step
                     argv, stdin=subprocess.PIPE if secrets else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=err, start_new_session=True, pass_fds=(slot_fd,) if slot_fd is not None else (),
+                    env=base_environment(dict(os.environ)),
                 )
             if secrets:
                 proc.stdin.write(json.dumps(secrets).encode())
