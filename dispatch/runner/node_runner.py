@@ -108,7 +108,7 @@ _LOG_TAIL_LINES = 40
 _FILES_CAP = 1000
 _MIN_SECRET_LEN = 4  # shorter values are not masked: they would blank out ordinary words
 _FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed")
-_RATE_KINDS = ("quota", "transient", "auth")  # the chain moves on to the next model at once
+_RATE_KINDS = ("quota", "billing", "transient", "auth")  # the chain moves on to the next model at once
 _RUNNER_NAME = os.path.basename(__file__).encode()
 RUNNER_PROCESS_NAME = b"dispatch-runner"  # a detached runner's process name (`ps -e`, /proc/<pid>/comm)
 

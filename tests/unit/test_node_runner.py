@@ -30,6 +30,10 @@ GLM_1308 = (
     '您的限额将在 2026-08-25 07:41:44 重置。"}}'
 )
 CLAUDE_RATE_LIMIT = "API Error: Rate limit reached"
+# The same, as `claude -p --output-format stream-json --verbose` ends it (exit code 0, anthropics/claude-code#79500).
+CLAUDE_RATE_LIMIT_RESULT = (
+    '{"type":"result","subtype":"success","is_error":true,"result":"API Error: Rate limit reached","session_id":"s"}'
+)
 AUTH_401 = 'API Error: 401 {"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}'
 
 
@@ -331,16 +335,41 @@ def test_quota_hit_moves_on_to_the_next_model(tmp_path: Path) -> None:
     assert "=== step minimax (attempt 2) ===" in (run_dir / "task.log").read_text()
 
 
-def test_rate_limit_printed_with_exit_0_and_auth_errors_move_on(tmp_path: Path) -> None:
+def test_rate_limit_result_with_exit_0_and_auth_errors_move_on(tmp_path: Path) -> None:
     run_dir = tmp_path / "S14"
     _write_task(
         run_dir,
-        [_agent("claude", _says(CLAUDE_RATE_LIMIT, 0)), _agent("glm", _says(AUTH_401, 1)), _agent("codex", "echo ok")],
+        [
+            _agent("claude", _says(CLAUDE_RATE_LIMIT_RESULT, 0)),
+            _agent("glm", _says(AUTH_401, 1)),
+            _agent("codex", "echo ok"),
+        ],
     )
     assert _runner("run", str(run_dir)).returncode == 0
     result = _json(run_dir / "result.json")
     assert [a["verdict"] for a in result["attempts"]] == ["transient", "auth", "ok"]
     assert result["model"] == "codex"
+
+
+def test_billing_error_moves_on_to_the_next_model_at_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S13b"
+    arrears = 'API Error: 429 {"error":{"code":"1113","message":"Your account is in arrears, please recharge"}}'
+    _write_task(run_dir, [_agent("glm", _says(arrears, 1)), _agent("minimax", "echo did the work")])
+    assert _runner("run", str(run_dir)).returncode == 0
+    result = _json(run_dir / "result.json")
+    assert [(a["model"], a["verdict"]) for a in result["attempts"]] == [("glm", "billing"), ("minimax", "ok")]
+    assert "1113" in result["attempts"][0]["reason"]
+
+
+def test_successful_run_whose_summary_quotes_a_limit_is_kept(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S14b"
+    summary = "Done. The banner now reads:\n- You've hit your limit · resets 1:30am (Asia/Dhaka)"
+    workdir = _write_task(run_dir, [_agent("claude", _says(summary, 0)), _agent("glm", "touch second-ran")])
+    assert _runner("run", str(run_dir)).returncode == 0
+    result = _json(run_dir / "result.json")
+    assert (result["status"], result["model"]) == ("succeeded", "claude")
+    assert [a["verdict"] for a in result["attempts"]] == ["ok"]
+    assert not (workdir / "second-ran").exists()
 
 
 def test_plain_failure_does_not_fall_through_to_the_next_model(tmp_path: Path) -> None:
