@@ -123,6 +123,7 @@ class Step:
     argv: list[str] | None
     script: str | None
     env: dict[str, str]
+    stdin: str | None = None  # the agent's prompt: written to <run_dir>/prompt.txt, opened as its stdin
 
 
 @dataclass
@@ -196,7 +197,11 @@ def _parse_step(raw: Any, index: int) -> Step:
         raise TaskError(f"{where} ({raw['name']}): 'argv' must be a non-empty list of strings, got {argv!r}")
     if script is not None and not isinstance(script, str):
         raise TaskError(f"{where} ({raw['name']}): 'script' must be a string")
-    return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"))
+    stdin = raw.get("stdin")
+    if stdin is not None and not isinstance(stdin, str):
+        raise TaskError(f"{where} ({raw['name']}): 'stdin' must be a string (the prompt), got a JSON "
+                        f"{type(stdin).__name__}")
+    return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"), stdin)
 
 
 def load_task(run_dir: str) -> Task:
@@ -709,12 +714,20 @@ class Runner:
             self.log.line(f"=== runner: {attempt['reason']} ===")
             return attempt, True
         self._write_status(step=step.name, step_pid=None, attempt=number)
+        stdin_path = None
+        if step.stdin is not None:  # a prompt in argv is capped at 128 KiB; a file is not
+            stdin_path = self._path("prompt.txt")
+            descriptor = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as handle:
+                os.fchmod(descriptor, 0o600)
+                handle.write(step.stdin)
         outcome = self._run_process(
             argv,
             env,
             deadline=self._deadline,
             stall_timeout=self.task.stall_timeout,
             on_start=lambda pid: self._write_status(step_pid=pid),
+            stdin_path=stdin_path,
         )
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
         attempt["exit_code"] = outcome.returncode
@@ -763,20 +776,22 @@ class Runner:
         deadline: float | None,
         stall_timeout: float | None,
         on_start: Any = None,
+        stdin_path: str | None = None,
     ) -> Outcome:
         """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all."""
         outcome = Outcome(started_at=time.time())
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=self.task.workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+            with open(stdin_path or os.devnull, "rb") as stdin:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=self.task.workdir,
+                    env=env,
+                    stdin=stdin,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
         except OSError as exc:
             outcome.spawn_error, outcome.ended_at = str(exc), time.time()
             self.log.line(f"=== runner: cannot start {argv[0]!r}: {exc} ===")

@@ -19,8 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dispatch.agents import build_steps
 from dispatch.runner import RATELIMITS_PATH, RUNNER_PATH, runner_checksum
+from dispatch.specs import Spec
 
+FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"
 # The interpreter that runs the runner: set DISPATCH_TEST_NODE_PYTHON=python3.8 to check the oldest one.
 NODE_PYTHON = os.environ.get("DISPATCH_TEST_NODE_PYTHON", sys.executable)
 
@@ -370,6 +373,33 @@ def test_successful_run_whose_summary_quotes_a_limit_is_kept(tmp_path: Path) -> 
     assert (result["status"], result["model"]) == ("succeeded", "claude")
     assert [a["verdict"] for a in result["attempts"]] == ["ok"]
     assert not (workdir / "second-ran").exists()
+
+
+def test_a_300_kib_prompt_reaches_the_agent_whole_on_stdin(tmp_path: Path) -> None:
+    """Over the kernel's 128 KiB limit for one argv element: in argv it failed with "Argument list too long"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").symlink_to(FAKE_AGENT)
+    prompt = "# Task S30\n\nFAKE: mode=ok\n" + "".join(f"line {n:06d} " + "x" * 1012 + "\n" for n in range(300))
+    assert len(prompt.encode()) > 300 * 1024
+    steps = build_steps(Spec(task_id="S30", path=tmp_path / "S30.md", body="", models=["claude"]), prompt)
+    assert all(prompt not in part for part in steps[0]["argv"])
+    run_dir, log = tmp_path / "S30", tmp_path / "fake.jsonl"
+    _write_task(run_dir, steps, env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_AGENT_LOG": str(log)})
+    done = _runner("run", str(run_dir))
+    assert done.returncode == 0, (run_dir / "task.log").read_text()[-2000:]
+    received = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    assert received["prompt_chars"] == len(prompt)
+    assert received["prompt_sha256"] == hashlib.sha256(prompt.encode()).hexdigest()
+    assert (run_dir / "prompt.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_step_stdin_must_be_text(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S31"
+    _write_task(run_dir, [{"name": "claude", "argv": ["claude", "-p"], "stdin": ["not", "text"]}])
+    done = _runner("run", str(run_dir))
+    assert done.returncode == 2
+    assert "steps[0] (claude): 'stdin' must be a string" in done.stderr
 
 
 def test_plain_failure_does_not_fall_through_to_the_next_model(tmp_path: Path) -> None:
