@@ -105,7 +105,8 @@ _CODE_WORDS = re.compile(r"(?i)\b(?:assert|def|return|print|echo|raise|expect|co
 _ERROR_LABEL = re.compile(r"(?i)error|status|http|fail|exception|too many requests|\b[45]\d\d\b")
 _LABEL_END = re.compile(r"(?::|\b[45]\d\d)\s*$")
 _TIMESTAMP = re.compile(r"[\dTZ:.,+/ -]*")
-_JSON_KEY_BEFORE = re.compile(r'(?P<q>\\*)"[A-Za-z_][\w.-]{0,40}(?P=q)"\s*:\s*(?P=q)"$')  # ..."result":"
+# ..."message":" (the keys that hold an error's text in the providers' bodies and Claude Code's result)
+_JSON_KEY_BEFORE = re.compile(r'(?P<q>\\*)"(?:message|error|result|status_msg|msg|detail)(?P=q)"\s*:\s*(?P=q)"$', re.I)
 
 _UNIT = r"(?:milliseconds?|ms|minutes?|mins?|m|days?|d|hours?|hrs?|h|seconds?|secs?|s)(?![a-z])"
 _DURATION = rf"(?:\d+(?:\.\d+)?\s*{_UNIT}[\s,]*(?:and\s+)?)+"
@@ -347,7 +348,17 @@ def _starts_message(line: str, start: int) -> bool:
     quote = prefix.rfind('"')  # or at the start of a JSON string value, after the same kind of decoration
     if quote < 0 or not _plain(prefix[quote + 1 :]):
         return False
-    return _JSON_KEY_BEFORE.search(prefix, max(0, quote - 100), quote + 1) is not None
+    key = _JSON_KEY_BEFORE.search(prefix, max(0, quote - 100), quote + 1)
+    if key is None:
+        return False
+    # ... of an error body that itself starts where a CLI prints one (not a fixture, a diff, code or a JSON
+    # string quoting one: the body's keys are quoted as this one is, not escaped inside another string)
+    opening = "{" + key.group("q") + '"'
+    for brace in [m.start() for m in _BRACE.finditer(prefix, max(0, quote - 2000), quote)][:8]:
+        if (prefix.startswith(opening, brace) and "error" in prefix[brace:quote].lower() and brace <= 400
+                and _plain(prefix[:brace])):
+            return True
+    return False
 
 
 def _in_error_body(line: str, match: re.Match[str]) -> bool:
@@ -552,6 +563,11 @@ def _codex_usage_body(match: re.Match[str], text: str, now: float) -> Verdict:
 
 
 def _rate_limit_event(match: re.Match[str], text: str, now: float) -> Verdict | None:
+    line = match.string
+    start = line.rfind("{", 0, match.start())
+    before = line[:start].rstrip()
+    if start < 0 or (before and before[-1] in "\"'`=([,:") or not line.rstrip().endswith("}"):
+        return None  # an event printed by the CLI ends its line; code quoting one does not, or is quoted
     info = match.group("info")
     status = re.search(r'"status"\s*:\s*"(\w+)"', info)
     if status is None or status.group(1) != "rejected":
@@ -641,7 +657,7 @@ _GLM_CODE_BODY = re.compile(  # {"error":{"code":"1308","message":...}}, the cod
 _MINIMAX_BASE_RESP = re.compile(_Q + r'base_resp(?P=q)"\s*:\s*\{[^{}]*?(?P=q)"status_code(?P=q)"\s*:\s*(?P<code>\d+)')
 _BILLING = re.compile(
     r"quota exceeded\.?\s*check your plan and billing|you exceeded your current quota"
-    r"|(?:your )?credit balance is too low|insufficient (?:account )?balance|余额不足|您的账户已欠费"
+    r"|(?:your )?credit balance is too low|您的账户已欠费"
     r"|your account (?:is in arrears|has been locked|is currently inactive)",
     re.I,
 )
@@ -690,7 +706,7 @@ _RULES: list[tuple[tuple[str, ...], re.Pattern[str], str, _Handler]] = [
     (('"1',), _GLM_CODE_BODY, _BODY, _glm_code),
     (("base_resp",), _MINIMAX_BASE_RESP, _BODY, _minimax_base_resp),
     (
-        ("quota exceeded", "current quota", "credit balance", "insufficient", "your account", "余额不足", "欠费"),
+        ("quota exceeded", "current quota", "credit balance", "your account", "欠费"),
         _BILLING,
         _TEXT,
         _billing_text,

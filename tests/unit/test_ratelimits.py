@@ -366,6 +366,17 @@ TRAPS = [
         "cli_retrying_by_itself",
         "API Error (429 " + ANTHROPIC_429[4:] + ") · Retrying in 5 seconds… (attempt 1/10)\nDone.",
     ),
+    (
+        "jsonl_fixture_quoting_an_error_body",
+        '{"id": "glm_1113", "text": "API Error: 429 {\\"error\\":{\\"code\\":\\"1113\\",'
+        '\\"message\\":\\"余额不足\\"}}"}',
+    ),
+    ("json_fixture_message_value", '{"id": "case-8", "message": "usage limit exceeded, 5-hour usage limit reached"}'),
+    (
+        "python_dict_quoting_a_rate_limit_event",
+        '        {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1778565600}},',
+    ),
+    ("app_log_insufficient_balance", "2026-05-15 12:00:06 ERROR payment webhook: insufficient balance on card 4242"),
     ("codex_reconnecting", "⚠ stream error: exceeded retry limit, last status: 429; retrying 1/5 in 206ms…\nDone."),
 ]
 
