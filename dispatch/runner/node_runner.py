@@ -780,22 +780,25 @@ class Runner:
     ) -> Outcome:
         """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all."""
         outcome = Outcome(started_at=time.time())
+        stdin = os.open(stdin_path, os.O_RDONLY) if stdin_path else subprocess.DEVNULL  # the prompt, if any
         try:
-            with open(stdin_path or os.devnull, "rb") as stdin:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=self.task.workdir,
-                    env=env,
-                    stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.task.workdir,
+                env=env,
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
         except OSError as exc:
             outcome.spawn_error, outcome.ended_at = str(exc), time.time()
             self.log.line(f"=== runner: cannot start {argv[0]!r}: {exc} ===")
             return outcome
+        finally:
+            if stdin_path:
+                os.close(stdin)
         pgid = outcome.pgid = proc.pid
         if on_start is not None:
             on_start(proc.pid)

@@ -193,12 +193,23 @@ def test_agent_keys_from_blocks_reach_only_their_model_and_never_the_logs(run_pr
         AgentModel.delete("minimax")
 
 
-def _fake_agents_on_path(isolated_home: Path, monkeypatch) -> None:
+@pytest.fixture
+def fake_agents(prefect_api, isolated_home: Path, monkeypatch):
+    """The fake agent CLI as `claude` and `codex` on PATH, and no model cool-down before or after (they are
+    shared through the session's Prefect server)."""
+    from prefect.variables import Variable
+
     fakebin = isolated_home / "fakebin"
     fakebin.mkdir(exist_ok=True)
     for name in ("claude", "codex"):
         (fakebin / name).symlink_to(Path(__file__).parent.parent / "fixtures" / "fake_agent.py")
     monkeypatch.setenv("PATH", f"{fakebin}:/usr/bin:/bin")
+    models = ("glm", "minimax", "claude", "codex")
+    for model in models:
+        Variable.unset(f"dispatch_cooldown_{model}")
+    yield
+    for model in models:
+        Variable.unset(f"dispatch_cooldown_{model}")
 
 
 def _flow_run_logs(state) -> list[tuple[int, str]]:
@@ -214,46 +225,36 @@ def _flow_run_logs(state) -> list[tuple[int, str]]:
     return [(log.level, log.message) for log in logs]
 
 
-def test_billing_error_moves_on_blocks_the_model_and_says_so_loudly(run_project, isolated_home: Path, monkeypatch):
+def test_billing_error_moves_on_blocks_the_model_and_says_so_loudly(run_project, fake_agents, isolated_home: Path):
     from prefect.variables import Variable
 
-    _fake_agents_on_path(isolated_home, monkeypatch)
-    Variable.unset("dispatch_cooldown_glm")
     specs = isolated_home / "specs" / "billing"
     write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["glm", "claude"]},
                "## Goal\nWrite.\n\nFAKE: model=glm mode=glm-1113\nFAKE: write out/first.txt done\n")
     write_spec(specs, "S02-only-glm.md", {"task_id": "S02-only-glm", "depends_on": ["S01"], "model": ["glm"]},
                "## Goal\nWrite again.\n")
-    try:
-        state, summary = run_project("billing")
-        assert summary.specs["S01-first"].state == "succeeded" and summary.specs["S01-first"].model == "claude"
-        blocked = Variable.get("dispatch_cooldown_glm")
-        assert blocked["kind"] == "billing" and "1113" in blocked["reason"]
-        assert blocked["until"] > time.time() + 300 * 86400, "a billing block lasts until a person clears it"
-        second = summary.specs["S02-only-glm"]
-        assert second.state == "failed" and "dispatch models reset glm" in second.reason
-        errors = [message for level, message in _flow_run_logs(state) if level >= logging.ERROR]
-        assert any("glm" in m and "billing" in m and "dispatch models reset glm" in m for m in errors), errors
-    finally:
-        Variable.unset("dispatch_cooldown_glm")
+    state, summary = run_project("billing")
+    assert summary.specs["S01-first"].state == "succeeded" and summary.specs["S01-first"].model == "claude"
+    blocked = Variable.get("dispatch_cooldown_glm")
+    assert blocked["kind"] == "billing" and "1113" in blocked["reason"]
+    assert blocked["until"] > time.time() + 300 * 86400, "a billing block lasts until a person clears it"
+    second = summary.specs["S02-only-glm"]
+    assert second.state == "failed" and "dispatch models reset glm" in second.reason
+    errors = [message for level, message in _flow_run_logs(state) if level >= logging.ERROR]
+    assert any("glm" in m and "billing" in m and "dispatch models reset glm" in m for m in errors), errors
 
 
-def test_quota_whose_reset_has_passed_still_cools_the_model_down(run_project, isolated_home: Path, monkeypatch):
+def test_quota_whose_reset_has_passed_still_cools_the_model_down(run_project, fake_agents, isolated_home: Path):
     from prefect.variables import Variable
 
     from dispatch.ratelimits import MIN_COOLDOWN_SECONDS
 
-    _fake_agents_on_path(isolated_home, monkeypatch)
-    Variable.unset("dispatch_cooldown_claude")
     specs = isolated_home / "specs" / "pastreset"
     write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["claude", "codex"]},
                "## Goal\nWrite.\n\nFAKE: model=claude mode=claude-usage-epoch reset=-3600\n")
-    try:
-        began = time.time()
-        state, summary = run_project("pastreset")
-        assert state.is_completed(), state.message
-        assert summary.specs["S01-first"].model == "codex"
-        cooling = Variable.get("dispatch_cooldown_claude")
-        assert cooling is not None and cooling["until"] >= began + MIN_COOLDOWN_SECONDS
-    finally:
-        Variable.unset("dispatch_cooldown_claude")
+    began = time.time()
+    state, summary = run_project("pastreset")
+    assert state.is_completed(), state.message
+    assert summary.specs["S01-first"].model == "codex"
+    cooling = Variable.get("dispatch_cooldown_claude")
+    assert cooling is not None and cooling["until"] >= began + MIN_COOLDOWN_SECONDS
