@@ -34,7 +34,8 @@ class AgentModel(Block):
 
     name: str = Field(description="The model's name as specs use it (`model:` / `executor:`), e.g. glm.")
     command: list[str] = Field(
-        description='The CLI command as argv; the element "{prompt}" is replaced by the spec\'s prompt.')
+        description='The CLI command as argv; the element "{prompt}" marks the prompt, which the agent reads on '
+                    "stdin (the element is dropped from argv).")
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra non-secret environment, e.g. ANTHROPIC_BASE_URL.")
     api_key: SecretStr | None = Field(default=None, description="The model's API key or token.")

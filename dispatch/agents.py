@@ -3,6 +3,13 @@
 Built-in models: `glm` and `minimax` (Claude Code pointed at their Anthropic-compatible endpoints
 with `ANTHROPIC_BASE_URL` and the model's token), `claude`, `codex` (`codex exec`) and `opencode`.
 The `AgentModel` block (blocks/agent_model.py) overrides these per team, with API keys as secrets.
+
+The prompt never goes in argv (one argument is capped at 128 KiB: longer prompts failed every model with
+"Argument list too long"): a step carries it as `stdin`, which the node runner writes to
+`<run_dir>/prompt.txt` (mode 0600) and opens as the agent's standard input. The `{prompt}` element of a
+command only marks where the prompt used to go; it is dropped (or replaced by `-`, for `codex exec -`).
+Claude Code runs with `--output-format stream-json --verbose` and Codex with `--json`: their structured
+output tells a failed run from one that only talks about limits (dispatch/ratelimits.py).
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ class ModelSpec:
 
     Attributes:
         name: the model's name in specs (`model:`, `executor:`).
-        argv: its CLI command, with `{prompt}`.
+        argv: its CLI command; a `{prompt}` element becomes `prompt_arg` (or nothing): the prompt itself
+            goes on the agent's stdin.
         env: extra environment of its step (not secret), e.g. ANTHROPIC_BASE_URL.
         key_env: the variable its CLI reads its key from.
+        install_hint: how to install the CLI.
+        prompt_arg: what `{prompt}` becomes in argv (None: nothing), e.g. `-` for `codex exec`.
         source_env: the variable of the dispatcher's (or worker's) own environment that may hold this
             model's key when no `AgentModel` block does; it reaches this model only, as `key_env`.
-        install_hint: how to install the CLI.
     """
 
     name: str
@@ -35,6 +44,7 @@ class ModelSpec:
     env: dict[str, str] = field(default_factory=dict)
     key_env: str | None = None
     install_hint: str = ""
+    prompt_arg: str | None = None
     source_env: str | None = None
 
     @property
@@ -42,7 +52,7 @@ class ModelSpec:
         return self.argv[0]
 
 
-_CLAUDE = ("claude", "-p", "--dangerously-skip-permissions", PROMPT)
+_CLAUDE = ("claude", "-p", "--output-format", "stream-json", "--verbose", "--dangerously-skip-permissions", PROMPT)
 _CLAUDE_HINT = "install Claude Code (npm install -g @anthropic-ai/claude-code)"
 
 BUILTIN_MODELS: dict[str, ModelSpec] = {
@@ -52,8 +62,9 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
                          key_env="ANTHROPIC_AUTH_TOKEN", install_hint=_CLAUDE_HINT, source_env="MINIMAX_API_KEY"),
     "claude": ModelSpec("claude", _CLAUDE, key_env="ANTHROPIC_API_KEY", install_hint=_CLAUDE_HINT,
                         source_env="ANTHROPIC_API_KEY"),
-    "codex": ModelSpec("codex", ("codex", "exec", "--full-auto", PROMPT), key_env="OPENAI_API_KEY",
-                       install_hint="install Codex CLI (npm install -g @openai/codex)", source_env="OPENAI_API_KEY"),
+    "codex": ModelSpec("codex", ("codex", "exec", "--json", "--full-auto", PROMPT), key_env="OPENAI_API_KEY",
+                       install_hint="install Codex CLI (npm install -g @openai/codex)", prompt_arg="-",
+                       source_env="OPENAI_API_KEY"),
     "opencode": ModelSpec("opencode", ("opencode", "run", PROMPT),
                           install_hint="install opencode (npm install -g opencode-ai)"),
 }
@@ -108,7 +119,7 @@ def build_steps(spec: Spec, prompt: str, *, skip: set[str] | None = None,
 
     Args:
         spec: the spec.
-        prompt: the agent prompt (ignored for shell specs).
+        prompt: the agent prompt (ignored for shell specs), handed to each agent on its stdin.
         skip: models to leave out (on cool-down); at least the last model always stays.
         catalog: models by name (built-ins by default).
     """
@@ -118,7 +129,7 @@ def build_steps(spec: Spec, prompt: str, *, skip: set[str] | None = None,
     steps = []
     for name in chain:
         model = model_spec(name, catalog)
-        argv = [prompt if part == PROMPT else part for part in model.argv]
-        steps.append({"name": name, "argv": argv, "env": {**model.env, "DISPATCH_MODEL": name},
-                      "install_hint": model.install_hint})
+        argv = [model.prompt_arg if part == PROMPT else part for part in model.argv]
+        steps.append({"name": name, "argv": [part for part in argv if part is not None], "stdin": prompt,
+                      "env": {**model.env, "DISPATCH_MODEL": name}, "install_hint": model.install_hint})
     return steps

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dispatch.cli_models import models_app
 from dispatch.cli_nodes import local_slot_use, nodes_app
 from dispatch.cli_server import server_app
 from dispatch.dag import load_project, select
@@ -34,6 +35,7 @@ app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect."
                   add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(server_app, name="server")
+app.add_typer(models_app, name="models")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 

@@ -1,10 +1,12 @@
-"""Model cool-downs, kept in Prefect Variables so every user's runs skip a model out of quota.
+"""Model cool-downs and billing blocks, kept in Prefect Variables so every user's runs skip a limited model.
 
-A quota verdict (dispatch/ratelimits.py) puts its model on cool-down until the provider's reset time:
-Variable `dispatch_cooldown_<model>` = {"until": <unix time>, "reason": ..., "by": <user@host>}. Every
-dispatcher against the same Prefect API (the team's server, or this machine's embedded database)
-reads them, at most every `refresh` seconds, and leaves cooling models out of a spec's chain.
-Transient limits (seconds) and auth errors put no model on cool-down.
+A quota verdict (dispatch/ratelimits.py) puts its model on cool-down until the provider's reset time (at
+least `MIN_COOLDOWN_SECONDS`, even when the reset has passed); a billing verdict blocks it for a year, in
+practice until a person fixes the account and runs `dispatch models reset <model>`. One Variable per
+model, `dispatch_cooldown_<model>` = {"model", "kind": "quota"|"billing", "until": <unix time>, "since",
+"reason", "by": <user@host>}. Every dispatcher against the same Prefect API (the team's server, or this
+machine's embedded database) reads them, at most every `refresh` seconds, and leaves cooling models out
+of a spec's chain. Transient limits (seconds) and auth errors put no model on cool-down.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
+
+import httpx
+
+from dispatch.ratelimits import Verdict, cooldown_until
 
 logger = logging.getLogger(__name__)
 _PREFIX = "dispatch_cooldown_"
+# What a failed Prefect API call raises: no server, a refused or failed request, a bad Variable name.
+API_ERRORS = (httpx.HTTPError, OSError, RuntimeError, ValueError)
 
 
-def _variable_name(model: str) -> str:
+def variable_name(model: str) -> str:
+    """The Prefect Variable that holds `model`'s cool-down."""
     return _PREFIX + re.sub(r"[^a-z0-9_]", "_", model.lower())
 
 
@@ -30,52 +40,89 @@ class Cooldowns:
         clock: wall clock (Unix time), injectable for tests.
     """
 
-    def __init__(self, refresh: float = 2.0, clock=time.time) -> None:
+    def __init__(self, refresh: float = 2.0, clock: Callable[[], float] = time.time) -> None:
         self._refresh = refresh
         self._clock = clock
         self._cache: dict[str, dict] = {}
         self._read_at = float("-inf")
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, dict]:
+    def load(self) -> dict[str, dict]:
+        """Every cool-down the API holds, current or expired: model -> value (``kind`` defaults to quota).
+
+        Raises:
+            httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+        """
         from prefect.client.orchestration import get_client
 
         found: dict[str, dict] = {}
         with get_client(sync_client=True) as client:
-            for variable in client.read_variables(limit=200):
-                if variable.name.startswith(_PREFIX) and isinstance(variable.value, dict):
-                    found[variable.value.get("model") or variable.name[len(_PREFIX):]] = variable.value
+            # only ours, by name (`like_` is a substring match, `_` a wildcard: checked exactly below); reading
+            # every variable would page past them once the team's lock table grows
+            response = client.request("POST", "/variables/filter", json={
+                "variables": {"name": {"like_": _PREFIX}}, "limit": 200})
+            response.raise_for_status()
+            for variable in response.json():
+                value, name = variable.get("value"), str(variable.get("name", ""))
+                if name.startswith(_PREFIX) and isinstance(value, dict):
+                    value = {"kind": "quota", **value}
+                    found[str(value.get("model") or name[len(_PREFIX):])] = value
         return found
 
     def active(self) -> dict[str, dict]:
-        """Models on cool-down now: model -> {"until", "reason", "by"}."""
+        """Models on cool-down or blocked now: model -> {"until", "kind", "reason", "by", ...}."""
         with self._lock:
             if time.monotonic() - self._read_at >= self._refresh:
                 try:
-                    self._cache = self._load()
-                except Exception as exc:  # no API: keep what we knew, never block dispatching
+                    self._cache = self.load()
+                except API_ERRORS as exc:  # no API: keep what we knew, never block dispatching
                     logger.warning("could not read model cool-downs: %s", exc)
                 self._read_at = time.monotonic()
             now = self._clock()
             return {m: v for m, v in self._cache.items() if float(v.get("until", 0)) > now}
 
-    def set(self, model: str, until: float, reason: str, by: str) -> None:
-        """Put `model` on cool-down until `until` (keeps a later cool-down already set)."""
+    def record(self, model: str, kind: str, reset_at: float | None, reason: str, by: str) -> float | None:
+        """Cool `model` down after a "quota" verdict, or block it after a "billing" one.
+
+        Args:
+            model: the model's name.
+            kind: the verdict's kind; others than "quota" and "billing" change nothing.
+            reset_at: the quota's reset time, if the provider gave one (past ones still cool down).
+            reason: the verdict's reason, kept (cut to 200 characters) for `dispatch models`.
+            by: who saw it, "user@host".
+
+        Returns:
+            Until when the model now waits, or None when the verdict sets no cool-down.
+
+        Raises:
+            httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+        """
+        until = cooldown_until(Verdict(kind, reason, reset_at), self._clock())
+        if until is not None:
+            self.set(model, until, reason, by, kind=kind)
+        return until
+
+    def set(self, model: str, until: float, reason: str, by: str, *, kind: str = "quota") -> None:
+        """Put `model` on cool-down until `until` (keeps a later cool-down, or a billing block, already set)."""
         from prefect.variables import Variable
 
         current = self.active().get(model)
         if current and float(current["until"]) >= until:
             return
-        value = {"model": model, "until": until, "reason": reason[:200], "by": by}
-        Variable.set(_variable_name(model), value, overwrite=True)
+        value = {"model": model, "kind": kind, "until": until, "since": self._clock(), "reason": reason[:200],
+                 "by": by}
+        Variable.set(variable_name(model), value, overwrite=True)
         with self._lock:
             self._cache[model] = value
-        logger.warning("model %s on cool-down until %s: %s", model, time.strftime("%Y-%m-%d %H:%M:%S",
-                       time.localtime(until)), reason)
+        logger.warning("model %s %s until %s: %s", model, "blocked for billing" if kind == "billing" else
+                       "on cool-down", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), reason)
 
-    def clear(self, model: str) -> None:
+    def clear(self, model: str) -> bool:
+        """End `model`'s cool-down or billing block; returns whether it had one (even an expired one)."""
         from prefect.variables import Variable
 
-        Variable.unset(_variable_name(model))
+        existed = Variable.get(variable_name(model)) is not None
+        Variable.unset(variable_name(model))
         with self._lock:
             self._cache.pop(model, None)
+        return existed

@@ -1,48 +1,70 @@
-"""Classify an agent run's output: finished, rate-limited, out of quota, misconfigured or failed.
+"""Classify an agent run's output: finished, rate-limited, out of quota, blocked for billing, misconfigured or failed.
 
 Standard library only: this file is also copied to the nodes, which have nothing but ``python3``.
 
-The classifier matches the providers' real message *shapes* (see ``PROVIDER_MESSAGES.md``), never a bare
-"429", "quota" or "rate limit": agents print code and test output full of those words. A message counts
-only where a CLI would put it: at the start of a line (after bullets, timestamps or an error label), at the
-start of a JSON string value (``"result":"..."`` in ``--output-format json``), or as a JSON error body
-that starts there. Lines where the CLI says it is retrying by itself are skipped. The last limit message in
-the output wins.
+The rule, in this order (only the last 256 KiB of the output are read):
+
+1. **Claude Code's structured output** (``--output-format stream-json --verbose``, or ``json``): its last
+   ``{"type":"result"}`` event decides. ``"is_error": false`` is a finished run: "ok" with exit code 0
+   (else "failure"), whatever the agent wrote. ``"is_error": true`` is an error: its ``result`` text (and
+   ``errors``) is matched against the providers' messages, a rejected ``rate_limit_event`` of the run giving
+   the reset time when the message has none; no known message is a "failure", even with exit code 0. That
+   is how Claude Code's "API Error: Rate limit reached" with exit code 0 is caught.
+2. **Codex's JSON events** (``codex exec --json``): a ``turn.failed`` after the last ``turn.completed`` (or,
+   in a run that did not exit 0, the last ``error`` event) holds the message to match; a run that exits 0
+   without a failed turn is "ok".
+3. **Free text** (any other CLI, or a structured run that ended without its final event: a crash, a kill,
+   a stall): exit code 0 is "ok", always. Otherwise only the **final error region** is read: the last 12
+   non-blank lines that are not JSON events (what the CLI printed as it stopped). A rejected
+   ``rate_limit_event`` of such a run is a quota.
+
+Within a message, a provider's message counts only where a CLI prints one (``PROVIDER_MESSAGES.md``): at
+the start of a line (after bullets, timestamps or an error label), at the start of a JSON string value, or
+as a JSON error body that starts there; never a bare "429", "quota" or "rate limit". Lines where the CLI
+says it is retrying by itself are skipped; the last message wins. So code, diffs, logs, test output and an
+agent's summary quoting a limit never decide: they are neither an error result nor the final error region.
+
+Kinds: "transient" (retry in seconds, next model now), "quota" (cool down until the reset: at least
+`MIN_COOLDOWN_SECONDS`, 5 h when none is given), "billing" (balance, plan or account: blocked until a
+person clears it), "auth" (report, next model), "failure", "ok".
 
 Examples:
-    >>> classify("API Error: Rate limit reached", 0).kind
+    >>> classify("API Error: Rate limit reached", 1).kind
     'transient'
-    >>> classify("assert resp.status == 429", 0).kind
+    >>> classify("- You've hit your limit · resets 1:30am (Asia/Dhaka)", 0).kind
     'ok'
+    >>> classify("assert resp.status == 429", 1).kind
+    'failure'
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone, tzinfo
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
 try:  # Python 3.9+; on an older node python3, named zones are unknown and fall back (see _zone)
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 except ImportError:  # pragma: no cover - exercised on nodes with python3.8
     ZoneInfo = None  # type: ignore[assignment,misc]
     ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
 
-__all__ = ["Verdict", "classify", "cooldown_until"]
+__all__ = ["BILLING_BLOCK_SECONDS", "MIN_COOLDOWN_SECONDS", "Verdict", "classify", "cooldown_until"]
 
-_HEAD_CHARS = 8 * 1024
-_TAIL_CHARS = 64 * 1024
+MIN_COOLDOWN_SECONDS = 300.0  # a quota whose reset has passed (or is a second away) still cools this long
+BILLING_BLOCK_SECONDS = 365 * 86400.0  # "until a person clears it" (`dispatch models reset <model>`)
+_TAIL_CHARS = 256 * 1024
+_FINAL_LINES = 12
 _MATCHED_MAX = 200
 _MAX_MATCHES_PER_LINE = 20
 _DEFAULT_QUOTA_SECONDS = 5 * 3600
-_MIN_QUOTA_COOLDOWN = 60.0
 _CHINA = timezone(timedelta(hours=8))
 _UTC = timezone.utc  # noqa: UP017 - nodes may run a Python older than 3.11 (3.9 at least, for zoneinfo)
-_RANK = {"quota": 3, "auth": 2, "transient": 1}
+_RANK = {"billing": 4, "quota": 3, "auth": 2, "transient": 1}
+_CODEX_EVENTS = ("thread.started", "turn.started", "turn.completed", "turn.failed", "item.started",
+                 "item.updated", "item.completed", "error")
 
 
 @dataclass(frozen=True)
@@ -51,7 +73,8 @@ class Verdict:
 
     Attributes:
         kind: "ok", "transient" (retry in seconds), "quota" (cool the model down until ``reset_at``),
-            "auth" (the model is misconfigured: report it, do not retry) or "failure".
+            "billing" (balance, plan or account: block the model until a person clears it), "auth" (the
+            model is misconfigured: report it, do not retry) or "failure".
         reason: short human text, e.g. "GLM 1308: 5-hour cap"; never contains secrets.
         reset_at: Unix time the quota resets (quota only; now + 5 h when the message gives none).
         retry_after: seconds to wait before retrying a transient limit, when the message says.
@@ -82,7 +105,8 @@ _CODE_WORDS = re.compile(r"(?i)\b(?:assert|def|return|print|echo|raise|expect|co
 _ERROR_LABEL = re.compile(r"(?i)error|status|http|fail|exception|too many requests|\b[45]\d\d\b")
 _LABEL_END = re.compile(r"(?::|\b[45]\d\d)\s*$")
 _TIMESTAMP = re.compile(r"[\dTZ:.,+/ -]*")
-_JSON_KEY_BEFORE = re.compile(r'(?P<q>\\*)"[A-Za-z_][\w.-]{0,40}(?P=q)"\s*:\s*(?P=q)"$')  # ..."result":"
+# ..."message":" (the keys that hold an error's text in the providers' bodies and Claude Code's result)
+_JSON_KEY_BEFORE = re.compile(r'(?P<q>\\*)"(?:message|error|result|status_msg|msg|detail)(?P=q)"\s*:\s*(?P=q)"$', re.I)
 
 _UNIT = r"(?:milliseconds?|ms|minutes?|mins?|m|days?|d|hours?|hrs?|h|seconds?|secs?|s)(?![a-z])"
 _DURATION = rf"(?:\d+(?:\.\d+)?\s*{_UNIT}[\s,]*(?:and\s+)?)+"
@@ -109,14 +133,10 @@ _OFFSET_ZONE = re.compile(r"(?i)^(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?$")
 
 
 def classify(output: str, exit_code: int | None, *, now: float | None = None) -> Verdict:
-    """Decide how an agent run ended from its combined stdout and stderr.
-
-    Only the first 8 KiB and the last 64 KiB are read. Provider limit messages win over the exit code
-    (Claude Code prints "API Error: Rate limit reached" and exits 0); with none, exit code 0 is "ok" and
-    anything else, or no exit code at all, is "failure".
+    """Decide how an agent run ended from its combined stdout and stderr (the rule is in the module doc).
 
     Args:
-        output: the agent's combined stdout and stderr, any size.
+        output: the agent's combined stdout and stderr, any size (only the last 256 KiB are read).
         exit_code: its exit status, or None when it was killed or lost.
         now: the Unix time to resolve relative and wall-clock reset times against (default: now).
 
@@ -128,34 +148,23 @@ def classify(output: str, exit_code: int | None, *, now: float | None = None) ->
         1767225600.0
     """
     now = time.time() if now is None else now
-    if len(output) > _HEAD_CHARS + _TAIL_CHARS:
-        output = output[:_HEAD_CHARS] + "\n" + output[-_TAIL_CHARS:]
-    if any(word in output.lower() for word in _TRIGGER_WORDS):
-        lines = _ANSI.sub("", output).replace("\r", "\n").split("\n")
-        undated: Verdict | None = None  # the last message, a quota that gave no reset time
-        for index in range(len(lines) - 1, -1, -1):
-            line = lines[index]
-            lowered = line.lower()
-            if not any(word in lowered for word in _TRIGGER_WORDS):
-                continue
-            if any(word in lowered for word in _RETRYING_WORDS) and _RETRYING.search(line):
-                continue
-            following = lines[index + 1] if index + 1 < len(lines) else ""
-            verdict = _classify_line(line, lowered, following, now)
-            if verdict is None:
-                continue
-            if undated is None:
-                verdict = replace(verdict, matched=_SECRET.sub("[redacted]", line.strip())[:_MATCHED_MAX])
-                if verdict.kind != "quota" or verdict.reset_at is not None:
-                    return verdict
-                undated = verdict  # keep looking: an earlier message of this run may say when (stream-json does)
-            elif verdict.kind == "quota" and verdict.reset_at is not None:
-                return replace(undated, reason=verdict.reason, reset_at=verdict.reset_at)
-        if undated is not None:
-            reason = f"{undated.reason}; assuming it resets in 5 h"
-            return replace(undated, reason=reason, reset_at=now + _DEFAULT_QUOTA_SECONDS)
+    lines = _ANSI.sub("", output[-_TAIL_CHARS:]).replace("\r", "\n").split("\n")
+    plain, events = _split(lines)
+    verdict = None
+    result = _last(events, "result")
+    if result is not None:
+        return _claude_result(result, events, exit_code, now)
+    if any(event.get("type") in _CODEX_EVENTS for event in events):
+        verdict = _codex(events, exit_code, now)
+        if verdict is not None:
+            return verdict
     if exit_code == 0:
-        return Verdict("ok", "exit code 0, no limit message")
+        return Verdict("ok", "exit code 0")
+    verdict = _scan(plain[-_FINAL_LINES:], now, _rejected_reset(events))
+    if verdict is None:
+        verdict = _rejected_event(events, now)
+    if verdict is not None:
+        return verdict
     if exit_code is None:
         return Verdict("failure", "no exit code (killed, timed out or lost)")
     return Verdict("failure", f"exit code {exit_code}")
@@ -165,18 +174,156 @@ def cooldown_until(verdict: Verdict, now: float) -> float | None:
     """When a model that produced this verdict may be used again.
 
     Args:
-        verdict: the result of `classify`.
+        verdict: the result of `classify` (only ``kind`` and ``reset_at`` are read).
         now: the current Unix time.
 
     Returns:
-        For "quota", its reset time, but at least a minute from ``now`` (a reset already passed still
-        means the provider refused this run); None for every other kind: transient limits are retried
-        after ``retry_after`` and auth errors are reported, neither cools the model down.
+        For "quota", its reset time, but at least `MIN_COOLDOWN_SECONDS` from ``now`` (a reset already
+        passed still means the provider refused this run; no reset at all means 5 h); for "billing",
+        `BILLING_BLOCK_SECONDS` from now (a person clears it); None for every other kind: transient limits
+        are retried after ``retry_after`` and auth errors are reported, neither cools the model down.
     """
+    if verdict.kind == "billing":
+        return now + BILLING_BLOCK_SECONDS
     if verdict.kind != "quota":
         return None
     reset_at = verdict.reset_at if verdict.reset_at is not None else now + _DEFAULT_QUOTA_SECONDS
-    return max(reset_at, now + _MIN_QUOTA_COOLDOWN)
+    return max(reset_at, now + MIN_COOLDOWN_SECONDS)
+
+
+# --- structured output ---------------------------------------------------------------------------------
+
+
+def _split(lines: list[str]) -> tuple[list[str], list[dict]]:
+    """The non-blank lines that are not JSON events, and the JSON events (objects with a string "type")."""
+    plain: list[str] = []
+    events: list[dict] = []
+    for line in lines:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped[0] == "{" and stripped[-1] == "}" and '"type"' in stripped:
+            try:
+                event = json.loads(stripped)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and isinstance(event.get("msg"), dict):  # codex before 0.44: {"id","msg"}
+                event = event["msg"]
+            # an API error body ({"type":"error","error":{...}}) printed as text is not a codex error event
+            if isinstance(event, dict) and isinstance(event.get("type"), str) and (
+                event["type"] != "error" or isinstance(event.get("message"), str)
+            ):
+                events.append(event)
+                continue
+        plain.append(line)
+    return plain, events
+
+
+def _last(events: list[dict], kind: str) -> dict | None:
+    for event in reversed(events):
+        if event.get("type") == kind:
+            return event
+    return None
+
+
+def _rejected_info(events: list[dict]) -> dict | None:
+    for event in reversed(events):
+        info = event.get("rate_limit_info") if event.get("type") == "rate_limit_event" else None
+        if isinstance(info, dict):
+            return info if info.get("status") == "rejected" else None
+    return None
+
+
+def _rejected_reset(events: list[dict]) -> float | None:
+    info = _rejected_info(events) or {}
+    value = info.get("resetsAt")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value / 1000 if value > 1e11 else float(value)
+
+
+def _rejected_event(events: list[dict], now: float) -> Verdict | None:
+    """A quota from the run's last rate_limit_event, when Claude Code said it was rejected."""
+    info = _rejected_info(events)
+    if info is None:
+        return None
+    reason = f"Claude rate_limit_event rejected ({info.get('rateLimitType') or 'unknown window'})"
+    line = _SECRET.sub("[redacted]", json.dumps(info, ensure_ascii=False))[:_MATCHED_MAX]
+    return _dated(Verdict("quota", reason, _rejected_reset(events), matched=line), now)
+
+
+def _claude_result(result: dict, events: list[dict], exit_code: int | None, now: float) -> Verdict:
+    subtype = str(result.get("subtype") or "result")[:40]
+    if result.get("is_error") is not True:
+        if exit_code == 0:
+            return Verdict("ok", f"Claude Code result {subtype}, exit code 0")
+        return Verdict("failure", f"Claude Code result {subtype}, exit code {exit_code}")
+    texts = [result.get("result")] + list(result.get("errors") or [])
+    message = "\n".join(t for t in texts if isinstance(t, str))
+    verdict = _scan(message.split("\n"), now, _rejected_reset(events))
+    if verdict is None:
+        verdict = _rejected_event(events, now)
+    if verdict is not None:
+        return verdict
+    said = _SECRET.sub("[redacted]", message.strip().split("\n")[0])[:120]
+    return Verdict("failure", f"Claude Code ended with an error ({subtype}){': ' + said if said else ''}")
+
+
+def _codex(events: list[dict], exit_code: int | None, now: float) -> Verdict | None:
+    """Codex's verdict from its JSON events; None when they hold no final word (then free text decides)."""
+    message = None
+    for event in reversed(events):
+        kind = event.get("type")
+        if kind == "turn.completed":
+            break
+        if kind == "turn.failed" and isinstance(event.get("error"), dict):
+            message = event["error"].get("message")
+            break
+        if kind == "error" and message is None and exit_code != 0:
+            message = event.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return Verdict("ok", "Codex turn completed, exit code 0") if exit_code == 0 else None
+    verdict = _scan(message.split("\n"), now, None)
+    if verdict is not None:
+        return verdict
+    said = _SECRET.sub("[redacted]", message.strip().split("\n")[0])[:120]
+    return Verdict("failure", f"Codex turn failed: {said}")
+
+
+def _scan(lines: list[str], now: float, earlier_reset: float | None) -> Verdict | None:
+    """The last provider message in ``lines`` (a quota without a reset borrows an earlier one), if any."""
+    if not any(word in line.lower() for line in lines for word in _TRIGGER_WORDS):
+        return None
+    undated: Verdict | None = None  # the last message, a quota that gave no reset time
+    for index in range(len(lines) - 1, -1, -1):
+        line = lines[index]
+        lowered = line.lower()
+        if not any(word in lowered for word in _TRIGGER_WORDS):
+            continue
+        if any(word in lowered for word in _RETRYING_WORDS) and _RETRYING.search(line):
+            continue
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        verdict = _classify_line(line, lowered, following, now)
+        if verdict is None:
+            continue
+        if undated is None:
+            verdict = replace(verdict, matched=_SECRET.sub("[redacted]", line.strip())[:_MATCHED_MAX])
+            if verdict.kind != "quota" or verdict.reset_at is not None:
+                return verdict
+            undated = verdict  # keep looking: an earlier message of this run may say when (stream-json does)
+        elif verdict.kind == "quota" and verdict.reset_at is not None:
+            return replace(undated, reason=verdict.reason, reset_at=verdict.reset_at)
+    if undated is not None and earlier_reset is not None:
+        return replace(undated, reset_at=earlier_reset)
+    return _dated(undated, now) if undated is not None else None
+
+
+def _dated(verdict: Verdict, now: float) -> Verdict:
+    """A quota verdict with a reset time: 5 h from now when the provider gave none."""
+    if verdict.kind != "quota" or verdict.reset_at is not None:
+        return verdict
+    reason = f"{verdict.reason}; assuming it resets in 5 h"
+    return replace(verdict, reason=reason, reset_at=now + _DEFAULT_QUOTA_SECONDS)
 
 
 # --- where a message may start -------------------------------------------------------------------------
@@ -201,7 +348,17 @@ def _starts_message(line: str, start: int) -> bool:
     quote = prefix.rfind('"')  # or at the start of a JSON string value, after the same kind of decoration
     if quote < 0 or not _plain(prefix[quote + 1 :]):
         return False
-    return _JSON_KEY_BEFORE.search(prefix, max(0, quote - 100), quote + 1) is not None
+    key = _JSON_KEY_BEFORE.search(prefix, max(0, quote - 100), quote + 1)
+    if key is None:
+        return False
+    # ... of an error body that itself starts where a CLI prints one (not a fixture, a diff, code or a JSON
+    # string quoting one: the body's keys are quoted as this one is, not escaped inside another string)
+    opening = "{" + key.group("q") + '"'
+    for brace in [m.start() for m in _BRACE.finditer(prefix, max(0, quote - 2000), quote)][:8]:
+        if (prefix.startswith(opening, brace) and "error" in prefix[brace:quote].lower() and brace <= 400
+                and _plain(prefix[:brace])):
+            return True
+    return False
 
 
 def _in_error_body(line: str, match: re.Match[str]) -> bool:
@@ -357,16 +514,31 @@ def _glm_quota_text(match: re.Match[str], text: str, now: float) -> Verdict:
 
 
 def _glm_code(match: re.Match[str], text: str, now: float) -> Verdict | None:
-    code = int(match.group("code"))
-    if code == 1302:
-        return _transient("GLM 1302: request rate limit", text)
+    """Z.ai's business codes (docs.z.ai/api-reference/api-code): 1000-1004 authentication, 1110-1121
+    account (inactive, missing, locked, in arrears), 13xx rate limits and caps."""
+    code = int(match.group("code") or match.group("num"))
+    if 1000 <= code <= 1004:
+        return Verdict("auth", f"GLM {code}: authentication failed: check the model's token")
+    if code in _GLM_ACCOUNT:
+        return Verdict("billing", f"GLM {code}: {_GLM_ACCOUNT[code]}")
+    if code in (1302, 1303):
+        return _transient(f"GLM {code}: request rate limit", text)
     if code == 1305:
         return _transient("GLM 1305: model overloaded", text)
     if code == 1308:
         return _quota("GLM 1308: 5-hour cap", text, now, naive_zone=_CHINA)
-    if code == 1310 or 1316 <= code <= 1321:
+    if code in (1304, 1310) or 1316 <= code <= 1321:
         return _quota(f"GLM {code}: usage cap", text, now, naive_zone=_CHINA)
     return None
+
+
+_GLM_ACCOUNT = {
+    1110: "account inactive",
+    1111: "account does not exist",
+    1112: "account locked",
+    1113: "account in arrears: recharge it",
+    1121: "account locked for irregular activity",
+}
 
 
 def _glm_transient_text(match: re.Match[str], text: str, now: float) -> Verdict:
@@ -391,6 +563,11 @@ def _codex_usage_body(match: re.Match[str], text: str, now: float) -> Verdict:
 
 
 def _rate_limit_event(match: re.Match[str], text: str, now: float) -> Verdict | None:
+    line = match.string
+    start = line.rfind("{", 0, match.start())
+    before = line[:start].rstrip()
+    if start < 0 or (before and before[-1] in "\"'`=([,:") or not line.rstrip().endswith("}"):
+        return None  # an event printed by the CLI ends its line; code quoting one does not, or is quoted
     info = match.group("info")
     status = re.search(r'"status"\s*:\s*"(\w+)"', info)
     if status is None or status.group(1) != "rejected":
@@ -414,6 +591,8 @@ def _anthropic_body(match: re.Match[str], text: str, now: float) -> Verdict:
 
 
 def _openai_code(match: re.Match[str], text: str, now: float) -> Verdict:
+    if match.group("code") == "insufficient_quota":
+        return Verdict("billing", "OpenAI insufficient_quota: check the plan and billing details")
     if match.group("code") == "invalid_api_key":
         return Verdict("auth", "invalid_api_key: check the model's API key")
     return _transient("OpenAI rate_limit_exceeded", text)
@@ -422,6 +601,25 @@ def _openai_code(match: re.Match[str], text: str, now: float) -> Verdict:
 def _openai_rate_limit(match: re.Match[str], text: str, now: float) -> Verdict:
     unit = re.search(r"\((TPM|RPM|TPD|RPD|IPM)\)", text)
     return _transient(f"OpenAI rate limit ({unit.group(1) if unit else 'requests'})", text)
+
+
+def _minimax_base_resp(match: re.Match[str], text: str, now: float) -> Verdict | None:
+    """MiniMax's ``base_resp.status_code`` (platform.minimax.io/docs/api-reference/errorcode)."""
+    code = int(match.group("code"))
+    if code == 1002:
+        return _transient("MiniMax 1002: rate limit", text)
+    if code in (1004, 2049):
+        return Verdict("auth", f"MiniMax {code}: not authorized: check the model's API key")
+    if code == 1008:
+        return Verdict("billing", "MiniMax 1008: insufficient balance")
+    if code == 2056:
+        return _quota("MiniMax 2056: usage limit", text, now, naive_zone=_UTC)
+    return None
+
+
+def _billing_text(match: re.Match[str], text: str, now: float) -> Verdict:
+    said = match.group(0).strip().rstrip(".")[:60]
+    return Verdict("billing", f"billing: {said}")
 
 
 def _auth_text(match: re.Match[str], text: str, now: float) -> Verdict:
@@ -452,14 +650,24 @@ _GLM_QUOTA = re.compile(
 )
 _MINIMAX_QUOTA = re.compile(r"usage limit exceeded\b", re.I)
 _CODEX_USAGE_BODY = re.compile(_Q + r'type(?P=q)"\s*:\s*(?P=q)"usage_limit_reached(?P=q)"')
-_GLM_CODE_BODY = re.compile(  # {"error":{"code":"1308","message":...}}, the code a string
-    _Q + r'error(?P=q)"\s*:\s*\{[^{}]*?(?P=q)"(?:code|type)(?P=q)"\s*:\s*(?P=q)"(?P<code>13\d\d)(?P=q)"'
+_GLM_CODE_BODY = re.compile(  # {"error":{"code":"1308","message":...}}, the code a string (or a number)
+    _Q + r'error(?P=q)"\s*:\s*\{[^{}]*?(?P=q)"(?:code|type)(?P=q)"\s*:\s*'
+    r'(?:(?P=q)"(?P<code>1\d{3})(?P=q)"|(?P<num>1\d{3})\b)'
+)
+_MINIMAX_BASE_RESP = re.compile(_Q + r'base_resp(?P=q)"\s*:\s*\{[^{}]*?(?P=q)"status_code(?P=q)"\s*:\s*(?P<code>\d+)')
+_BILLING = re.compile(
+    r"quota exceeded\.?\s*check your plan and billing|you exceeded your current quota"
+    r"|(?:your )?credit balance is too low|您的账户已欠费"
+    r"|your account (?:is in arrears|has been locked|is currently inactive)",
+    re.I,
 )
 _RATE_LIMIT_EVENT = re.compile(r'(?<!\\)"rate_limit_info"\s*:\s*\{(?P<info>[^{}]{0,2000})\}')
 _ANTHROPIC_BODY = re.compile(
     _Q + r'type(?P=q)"\s*:\s*(?P=q)"(?P<etype>rate_limit_error|overloaded_error|authentication_error)(?P=q)"'
 )
-_OPENAI_CODE_BODY = re.compile(_Q + r'code(?P=q)"\s*:\s*(?P=q)"(?P<code>rate_limit_exceeded|invalid_api_key)(?P=q)"')
+_OPENAI_CODE_BODY = re.compile(
+    _Q + r'(?:code|type)(?P=q)"\s*:\s*(?P=q)"(?P<code>rate_limit_exceeded|invalid_api_key|insufficient_quota)(?P=q)"'
+)
 _AUTH = re.compile(
     r"invalid api key|incorrect api key provided|invalid bearer token|invalid x-api-key"
     r"|oauth token (?:has )?(?:expired|been revoked)|failed to authenticate|api error\s*:?\s*401\b"
@@ -495,10 +703,17 @@ _RULES: list[tuple[tuple[str, ...], re.Pattern[str], str, _Handler]] = [
     (("使用上限", "usage limit reached for", "limit exhausted"), _GLM_QUOTA, _TEXT, _glm_quota_text),
     (("usage limit exceeded",), _MINIMAX_QUOTA, _TEXT, _minimax),
     (("usage_limit_reached",), _CODEX_USAGE_BODY, _BODY, _codex_usage_body),
-    (('"13',), _GLM_CODE_BODY, _BODY, _glm_code),
+    (('"1',), _GLM_CODE_BODY, _BODY, _glm_code),
+    (("base_resp",), _MINIMAX_BASE_RESP, _BODY, _minimax_base_resp),
+    (
+        ("quota exceeded", "current quota", "credit balance", "your account", "欠费"),
+        _BILLING,
+        _TEXT,
+        _billing_text,
+    ),
     (('"rate_limit_info"',), _RATE_LIMIT_EVENT, _ANYWHERE, _rate_limit_event),
     (("rate_limit_error", "overloaded_error", "authentication_error"), _ANTHROPIC_BODY, _BODY, _anthropic_body),
-    (("rate_limit_exceeded", "invalid_api_key"), _OPENAI_CODE_BODY, _BODY, _openai_code),
+    (("rate_limit_exceeded", "invalid_api_key", "insufficient_quota"), _OPENAI_CODE_BODY, _BODY, _openai_code),
     (
         ("api key", "bearer token", "x-api-key", "oauth token", "authenticate", "401", "/login"),
         _AUTH,
@@ -519,7 +734,7 @@ _TRIGGER_WORDS = tuple(sorted({word for words, *_ in _RULES for word in words}))
 
 
 def _classify_line(line: str, lowered: str, following: str, now: float) -> Verdict | None:
-    """The strongest provider message on one line (quota, then auth, then transient), if any."""
+    """The strongest provider message on one line (billing, quota, auth, then transient), if any."""
     best: Verdict | None = None
     for words, pattern, anchor, handler in _RULES:
         if not any(word in lowered for word in words):

@@ -34,7 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, environment_keys
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
-from dispatch.cooldowns import Cooldowns
+from dispatch.cooldowns import API_ERRORS, Cooldowns
 from dispatch.dag import Project, load_project, select
 from dispatch.errors import DispatchError
 from dispatch.gitsync import worktree_path
@@ -248,7 +248,8 @@ class ProjectRun:
         self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
 
     def _usable_chain(self, task_id: str) -> tuple[list[str], float | None]:
-        """The spec's models not on cool-down, and when the first cooling one frees when none is left."""
+        """The spec's models not on cool-down; when none is left, when the first quota one frees (None when
+        every model is blocked for billing: waiting will not help)."""
         spec = self.project.specs[task_id]
         if spec.kind != "agent":
             return spec.model_chain, None
@@ -256,7 +257,21 @@ class ProjectRun:
         chain = [m for m in spec.model_chain if m not in cooling]
         if chain:
             return chain, None
-        return [], min(float(cooling[m]["until"]) for m in spec.model_chain)
+        resets = [float(cooling[m]["until"]) for m in spec.model_chain if cooling[m].get("kind") != "billing"]
+        return [], min(resets) if resets else None
+
+    def _fail_blocked(self, assignment: Assignment) -> None:
+        """Fail a spec whose every model is blocked for billing, naming the command that clears each."""
+        spec = self.project.specs[assignment.task_id]
+        reason = ("every model is blocked for billing: " + "; ".join(
+            f"{m} ({self.cooldowns.active().get(m, {}).get('reason', 'billing')}): fix the account, then run "
+            f"`dispatch models reset {m}`" for m in dict.fromkeys(spec.model_chain)))
+        self.logger.error("%s: %s", assignment.task_id, reason)
+        skipped = self.scheduler.fail(assignment.task_id, reason, retryable=False)
+        row = self.state.specs[assignment.task_id]
+        row.state, row.reason = "failed", reason
+        self._emit("failed", assignment.task_id, reason=reason)
+        self._skip(skipped)
 
     def _fail_unplaceable(self) -> None:
         """Fail ready specs that no node can ever run (`node:`/`labels:` match none), so nothing hangs."""
@@ -275,6 +290,9 @@ class ProjectRun:
         self._fail_unplaceable()
         for assignment in self.scheduler.pick():
             chain, free_at = self._usable_chain(assignment.task_id)
+            if not chain and free_at is None:
+                self._fail_blocked(assignment)
+                continue
             if not chain:  # every model of the spec is out of quota: wait for the first reset
                 delay = min(max(1.0, free_at - time.time()), 300.0)
                 self.scheduler.unpick(assignment, delay=delay)
@@ -407,14 +425,22 @@ class ProjectRun:
         self._skip(skipped)
 
     def _record_limits(self, result: SpecResult) -> None:
-        """Put models that hit their quota on cool-down (shared through Prefect) until their reset."""
+        """Cool models that hit their quota down until their reset (at least a few minutes, even when it
+        has passed), and block models with a billing error until a person clears them; shared through
+        Prefect, so every run against the same API skips them."""
         for attempt in result.attempts:
-            if attempt.verdict == "quota" and attempt.model:
-                until = attempt.reset_at or time.time() + 5 * 3600
-                try:
-                    self.cooldowns.set(attempt.model, until, attempt.reason or "quota", self.who)
-                except Exception as exc:  # the spec's own fallback already happened; report and go on
-                    self.logger.warning("could not record the cool-down of %s: %s", attempt.model, exc)
+            if attempt.verdict not in ("quota", "billing") or not attempt.model:
+                continue
+            reason = attempt.reason or attempt.verdict
+            try:
+                self.cooldowns.record(attempt.model, attempt.verdict, attempt.reset_at, reason, self.who)
+            except API_ERRORS as exc:  # the spec's own fallback already happened; report and go on
+                self.logger.warning("could not record the cool-down of %s: %s", attempt.model, exc)
+            if attempt.verdict == "billing":
+                self.logger.error(
+                    "model %s is blocked for billing (%s, seen by spec %s): no spec of any user of this Prefect "
+                    "API will use it until a person fixes the account and runs `dispatch models reset %s`",
+                    attempt.model, reason, result.task_id, attempt.model)
 
     def _node_down(self, node: str, reason: str) -> None:
         """Take a failed node out of placement until a background probe reaches it again."""

@@ -119,7 +119,7 @@ STEP_ENV_ALLOW = (
 )  # fmt: skip
 MASK_ONLY = "mask"  # secrets named "mask:<n>" are values to mask that no step is given
 _FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed")
-_RATE_KINDS = ("quota", "transient", "auth")  # the chain moves on to the next model at once
+_RATE_KINDS = ("quota", "billing", "transient", "auth")  # the chain moves on to the next model at once
 _RUNNER_NAME = os.path.basename(__file__).encode()
 RUNNER_PROCESS_NAME = b"dispatch-runner"  # a detached runner's process name (`ps -e`, /proc/<pid>/comm)
 
@@ -134,6 +134,7 @@ class Step:
     argv: list[str] | None
     script: str | None
     env: dict[str, str]
+    stdin: str | None = None  # the agent's prompt: written to <run_dir>/prompt.txt, opened as its stdin
 
 
 @dataclass
@@ -207,7 +208,11 @@ def _parse_step(raw: Any, index: int) -> Step:
         raise TaskError(f"{where} ({raw['name']}): 'argv' must be a non-empty list of strings, got {argv!r}")
     if script is not None and not isinstance(script, str):
         raise TaskError(f"{where} ({raw['name']}): 'script' must be a string")
-    return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"))
+    stdin = raw.get("stdin")
+    if stdin is not None and not isinstance(stdin, str):
+        raise TaskError(f"{where} ({raw['name']}): 'stdin' must be a string (the prompt), got a JSON "
+                        f"{type(stdin).__name__}")
+    return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"), stdin)
 
 
 def load_task(run_dir: str) -> Task:
@@ -747,12 +752,20 @@ class Runner:
             self.log.line(f"=== runner: {attempt['reason']} ===")
             return attempt, True
         self._write_status(step=step.name, step_pid=None, attempt=number)
+        stdin_path = None
+        if step.stdin is not None:  # a prompt in argv is capped at 128 KiB; a file is not
+            stdin_path = self._path("prompt.txt")
+            descriptor = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as handle:
+                os.fchmod(descriptor, 0o600)
+                handle.write(step.stdin)
         outcome = self._run_process(
             argv,
             env,
             deadline=self._deadline,
             stall_timeout=self.task.stall_timeout,
             on_start=lambda pid: self._write_status(step_pid=pid),
+            stdin_path=stdin_path,
         )
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
         attempt["exit_code"] = outcome.returncode
@@ -801,15 +814,17 @@ class Runner:
         deadline: float | None,
         stall_timeout: float | None,
         on_start: Any = None,
+        stdin_path: str | None = None,
     ) -> Outcome:
         """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all."""
         outcome = Outcome(started_at=time.time())
+        stdin = os.open(stdin_path, os.O_RDONLY) if stdin_path else subprocess.DEVNULL  # the prompt, if any
         try:
             proc = subprocess.Popen(
                 argv,
                 cwd=self.task.workdir,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -819,6 +834,9 @@ class Runner:
             outcome.spawn_error, outcome.ended_at = str(exc), time.time()
             self.log.line(f"=== runner: cannot start {argv[0]!r}: {exc} ===")
             return outcome
+        finally:
+            if stdin_path:
+                os.close(stdin)
         pgid = outcome.pgid = proc.pid
         if on_start is not None:
             on_start(proc.pid)

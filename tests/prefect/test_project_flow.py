@@ -5,6 +5,8 @@ Every claim is judged from the timestamps the specs record themselves (tests/fix
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,70 @@ def test_agent_keys_from_blocks_reach_only_their_model_and_never_the_logs(run_pr
                 assert secret not in path.read_text(errors="replace"), f"the key leaked into {path}"
     finally:
         AgentModel.delete("minimax")
+
+
+@pytest.fixture
+def fake_agents(prefect_api, isolated_home: Path, monkeypatch):
+    """The fake agent CLI as `claude` and `codex` on PATH, and no model cool-down before or after (they are
+    shared through the session's Prefect server)."""
+    from prefect.variables import Variable
+
+    fakebin = isolated_home / "fakebin"
+    fakebin.mkdir(exist_ok=True)
+    for name in ("claude", "codex"):
+        (fakebin / name).symlink_to(Path(__file__).parent.parent / "fixtures" / "fake_agent.py")
+    monkeypatch.setenv("PATH", f"{fakebin}:/usr/bin:/bin")
+    models = ("glm", "minimax", "claude", "codex")
+    for model in models:
+        Variable.unset(f"dispatch_cooldown_{model}")
+    yield
+    for model in models:
+        Variable.unset(f"dispatch_cooldown_{model}")
+
+
+def _flow_run_logs(state) -> list[tuple[int, str]]:
+    """(level, message) of every log line of the flow run that ended in `state`, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # sends every log line still queued, then returns
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [(log.level, log.message) for log in logs]
+
+
+def test_billing_error_moves_on_blocks_the_model_and_says_so_loudly(run_project, fake_agents, isolated_home: Path):
+    from prefect.variables import Variable
+
+    specs = isolated_home / "specs" / "billing"
+    write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["glm", "claude"]},
+               "## Goal\nWrite.\n\nFAKE: model=glm mode=glm-1113\nFAKE: write out/first.txt done\n")
+    write_spec(specs, "S02-only-glm.md", {"task_id": "S02-only-glm", "depends_on": ["S01"], "model": ["glm"]},
+               "## Goal\nWrite again.\n")
+    state, summary = run_project("billing")
+    assert summary.specs["S01-first"].state == "succeeded" and summary.specs["S01-first"].model == "claude"
+    blocked = Variable.get("dispatch_cooldown_glm")
+    assert blocked["kind"] == "billing" and "1113" in blocked["reason"]
+    assert blocked["until"] > time.time() + 300 * 86400, "a billing block lasts until a person clears it"
+    second = summary.specs["S02-only-glm"]
+    assert second.state == "failed" and "dispatch models reset glm" in second.reason
+    errors = [message for level, message in _flow_run_logs(state) if level >= logging.ERROR]
+    assert any("glm" in m and "billing" in m and "dispatch models reset glm" in m for m in errors), errors
+
+
+def test_quota_whose_reset_has_passed_still_cools_the_model_down(run_project, fake_agents, isolated_home: Path):
+    from prefect.variables import Variable
+
+    from dispatch.ratelimits import MIN_COOLDOWN_SECONDS
+
+    specs = isolated_home / "specs" / "pastreset"
+    write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["claude", "codex"]},
+               "## Goal\nWrite.\n\nFAKE: model=claude mode=claude-usage-epoch reset=-3600\n")
+    began = time.time()
+    state, summary = run_project("pastreset")
+    assert state.is_completed(), state.message
+    assert summary.specs["S01-first"].model == "codex"
+    cooling = Variable.get("dispatch_cooldown_claude")
+    assert cooling is not None and cooling["until"] >= began + MIN_COOLDOWN_SECONDS

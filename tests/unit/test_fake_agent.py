@@ -30,7 +30,7 @@ EXPECTED = {  # mode: (exit code, kind)
     "claude-hit-limit": (1, "quota"),
     "claude-session-limit": (1, "quota"),
     "claude-extra-usage": (1, "quota"),
-    "claude-api-rate-limit-exit0": (0, "transient"),
+    "claude-api-rate-limit-exit0": (0, "transient"),  # caught by is_error in the structured forms only
     "claude-api-rate-limit-json": (0, "transient"),
     "anthropic-429": (1, "transient"),
     "claude-rate-limit-event": (1, "quota"),
@@ -47,6 +47,23 @@ EXPECTED = {  # mode: (exit code, kind)
     "auth-401": (1, "auth"),
     "auth-invalid-key": (1, "auth"),
     "trap-429": (0, "ok"),
+    "summary-quotes-limit": (0, "ok"),
+    "codex-quota-exceeded": (1, "billing"),
+    "openai-insufficient-quota": (1, "billing"),
+    "glm-1113": (1, "billing"),
+    "glm-1003": (1, "auth"),
+    "minimax-1008": (1, "billing"),
+    "minimax-1004": (1, "auth"),
+    "minimax-1002": (1, "transient"),
+    "anthropic-credit-low": (1, "billing"),
+}
+# Plain text cannot tell Claude's exit-0 "API Error: Rate limit reached" from an agent quoting it: only the
+# structured forms (the built-in models' commands) catch it.
+TEXT_KIND = {"claude-api-rate-limit-exit0": "ok"}
+FORMATS = {  # how the built-in models run the CLIs (dispatch/agents.py), and plain text
+    "text": ("-p", "do the task"),
+    "stream-json": ("-p", "--output-format", "stream-json", "--verbose", "--dangerously-skip-permissions"),
+    "codex-json": ("exec", "--json", "--full-auto", "-"),
 }
 
 
@@ -93,26 +110,36 @@ def test_every_provider_mode_has_an_expectation() -> None:
 
 
 @pytest.fixture(scope="module")
-def mode_runs() -> dict[str, tuple[float, int, str]]:
-    """Every mode run once, all at the same time: mode -> (start time, exit code, stdout + stderr)."""
+def mode_runs() -> dict[tuple[str, str], tuple[float, int, str]]:
+    """Every mode in every format, run at once: (mode, format) -> (start time, exit code, stdout + stderr)."""
     started = time.time()
-    procs = {
-        mode: subprocess.Popen(
-            [*PYTHON, str(FAKE_AGENT), "-p", "do the task"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_clean_env(FAKE_AGENT_MODE=mode),
-        )
-        for mode in EXPECTED
-    }
-    return {mode: (started, proc.wait(timeout=20), proc.communicate()[0]) for mode, proc in procs.items()}
+    procs = {}
+    for form, args in FORMATS.items():
+        for mode in EXPECTED:
+            procs[mode, form] = subprocess.Popen(
+                [*PYTHON, str(FAKE_AGENT), *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_clean_env(FAKE_AGENT_MODE=mode),
+            )
+    runs = {}
+    for key, proc in procs.items():
+        output = proc.communicate("do the task", timeout=30)[0]
+        runs[key] = (started, proc.returncode, output)
+    return runs
 
 
+@pytest.mark.parametrize("form", sorted(FORMATS))
 @pytest.mark.parametrize("mode", sorted(EXPECTED))
-def test_each_mode_prints_what_the_classifier_expects(mode: str, mode_runs: dict[str, tuple[float, int, str]]) -> None:
+def test_each_mode_prints_what_the_classifier_expects(
+    mode: str, form: str, mode_runs: dict[tuple[str, str], tuple[float, int, str]]
+) -> None:
     exit_code, kind = EXPECTED[mode]
-    started, returncode, output = mode_runs[mode]
+    if form == "text":
+        kind = TEXT_KIND.get(mode, kind)
+    started, returncode, output = mode_runs[mode, form]
     verdict = classify(output, returncode)
     assert returncode == exit_code, output
     assert verdict.kind == kind, (verdict, output)

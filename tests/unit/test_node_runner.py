@@ -19,8 +19,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dispatch.agents import build_steps
 from dispatch.runner import RATELIMITS_PATH, RUNNER_PATH, runner_checksum
+from dispatch.specs import Spec
 
+FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"
 # The interpreter that runs the runner: set DISPATCH_TEST_NODE_PYTHON=python3.8 to check the oldest one.
 NODE_PYTHON = os.environ.get("DISPATCH_TEST_NODE_PYTHON", sys.executable)
 
@@ -30,6 +33,10 @@ GLM_1308 = (
     '您的限额将在 2026-08-25 07:41:44 重置。"}}'
 )
 CLAUDE_RATE_LIMIT = "API Error: Rate limit reached"
+# The same, as `claude -p --output-format stream-json --verbose` ends it (exit code 0, anthropics/claude-code#79500).
+CLAUDE_RATE_LIMIT_RESULT = (
+    '{"type":"result","subtype":"success","is_error":true,"result":"API Error: Rate limit reached","session_id":"s"}'
+)
 AUTH_401 = 'API Error: 401 {"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}'
 
 
@@ -331,16 +338,68 @@ def test_quota_hit_moves_on_to_the_next_model(tmp_path: Path) -> None:
     assert "=== step minimax (attempt 2) ===" in (run_dir / "task.log").read_text()
 
 
-def test_rate_limit_printed_with_exit_0_and_auth_errors_move_on(tmp_path: Path) -> None:
+def test_rate_limit_result_with_exit_0_and_auth_errors_move_on(tmp_path: Path) -> None:
     run_dir = tmp_path / "S14"
     _write_task(
         run_dir,
-        [_agent("claude", _says(CLAUDE_RATE_LIMIT, 0)), _agent("glm", _says(AUTH_401, 1)), _agent("codex", "echo ok")],
+        [
+            _agent("claude", _says(CLAUDE_RATE_LIMIT_RESULT, 0)),
+            _agent("glm", _says(AUTH_401, 1)),
+            _agent("codex", "echo ok"),
+        ],
     )
     assert _runner("run", str(run_dir)).returncode == 0
     result = _json(run_dir / "result.json")
     assert [a["verdict"] for a in result["attempts"]] == ["transient", "auth", "ok"]
     assert result["model"] == "codex"
+
+
+def test_billing_error_moves_on_to_the_next_model_at_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S13b"
+    arrears = 'API Error: 429 {"error":{"code":"1113","message":"Your account is in arrears, please recharge"}}'
+    _write_task(run_dir, [_agent("glm", _says(arrears, 1)), _agent("minimax", "echo did the work")])
+    assert _runner("run", str(run_dir)).returncode == 0
+    result = _json(run_dir / "result.json")
+    assert [(a["model"], a["verdict"]) for a in result["attempts"]] == [("glm", "billing"), ("minimax", "ok")]
+    assert "1113" in result["attempts"][0]["reason"]
+
+
+def test_successful_run_whose_summary_quotes_a_limit_is_kept(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S14b"
+    summary = "Done. The banner now reads:\n- You've hit your limit · resets 1:30am (Asia/Dhaka)"
+    workdir = _write_task(run_dir, [_agent("claude", _says(summary, 0)), _agent("glm", "touch second-ran")])
+    assert _runner("run", str(run_dir)).returncode == 0
+    result = _json(run_dir / "result.json")
+    assert (result["status"], result["model"]) == ("succeeded", "claude")
+    assert [a["verdict"] for a in result["attempts"]] == ["ok"]
+    assert not (workdir / "second-ran").exists()
+
+
+def test_a_300_kib_prompt_reaches_the_agent_whole_on_stdin(tmp_path: Path) -> None:
+    """Over the kernel's 128 KiB limit for one argv element: in argv it failed with "Argument list too long"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").symlink_to(FAKE_AGENT)
+    prompt = "# Task S30\n\nFAKE: mode=ok\n" + "".join(f"line {n:06d} " + "x" * 1012 + "\n" for n in range(300))
+    assert len(prompt.encode()) > 300 * 1024
+    steps = build_steps(Spec(task_id="S30", path=tmp_path / "S30.md", body="", models=["claude"]), prompt)
+    assert all(prompt not in part for part in steps[0]["argv"])
+    run_dir, log = tmp_path / "S30", tmp_path / "fake.jsonl"
+    _write_task(run_dir, steps, env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_AGENT_LOG": str(log)})
+    done = _runner("run", str(run_dir))
+    assert done.returncode == 0, (run_dir / "task.log").read_text()[-2000:]
+    received = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
+    assert received["prompt_chars"] == len(prompt)
+    assert received["prompt_sha256"] == hashlib.sha256(prompt.encode()).hexdigest()
+    assert (run_dir / "prompt.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_step_stdin_must_be_text(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S31"
+    _write_task(run_dir, [{"name": "claude", "argv": ["claude", "-p"], "stdin": ["not", "text"]}])
+    done = _runner("run", str(run_dir))
+    assert done.returncode == 2
+    assert "steps[0] (claude): 'stdin' must be a string" in done.stderr
 
 
 def test_plain_failure_does_not_fall_through_to_the_next_model(tmp_path: Path) -> None:

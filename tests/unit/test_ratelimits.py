@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dispatch.ratelimits import Verdict, classify, cooldown_until
+from dispatch.ratelimits import BILLING_BLOCK_SECONDS, MIN_COOLDOWN_SECONDS, Verdict, classify, cooldown_until
 
 NOW = datetime(2026, 5, 15, 12, 0, tzinfo=UTC).timestamp()  # a Friday, 12:00 UTC
 FIVE_HOURS = 5 * 3600
@@ -220,7 +220,7 @@ def test_quota_messages_give_quota_with_the_parsed_reset_time(output: str, exit_
 
 
 TRANSIENT_CASES = [
-    ("claude_api_rate_limit_exit_0", "API Error: Rate limit reached", 0, None),
+    ("claude_api_rate_limit_exit_1", "API Error: Rate limit reached", 1, None),
     ("claude_api_rate_limit_tree_glyph", "❯ logout\n  ⎿  API Error: Rate limit reached", 1, None),
     (
         "claude_api_rate_limit_json_success_is_error",
@@ -366,6 +366,17 @@ TRAPS = [
         "cli_retrying_by_itself",
         "API Error (429 " + ANTHROPIC_429[4:] + ") · Retrying in 5 seconds… (attempt 1/10)\nDone.",
     ),
+    (
+        "jsonl_fixture_quoting_an_error_body",
+        '{"id": "glm_1113", "text": "API Error: 429 {\\"error\\":{\\"code\\":\\"1113\\",'
+        '\\"message\\":\\"余额不足\\"}}"}',
+    ),
+    ("json_fixture_message_value", '{"id": "case-8", "message": "usage limit exceeded, 5-hour usage limit reached"}'),
+    (
+        "python_dict_quoting_a_rate_limit_event",
+        '        {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1778565600}},',
+    ),
+    ("app_log_insufficient_balance", "2026-05-15 12:00:06 ERROR payment webhook: insufficient balance on card 4242"),
     ("codex_reconnecting", "⚠ stream error: exceeded retry limit, last status: 429; retrying 1/5 in 206ms…\nDone."),
 ]
 
@@ -377,7 +388,7 @@ def test_ordinary_output_mentioning_limits_is_not_a_limit(output: str) -> None:
 
 
 def test_exit_code_decides_when_there_is_no_limit_message() -> None:
-    assert classify("all tests passed", 0) == Verdict("ok", "exit code 0, no limit message")
+    assert classify("all tests passed", 0) == Verdict("ok", "exit code 0")
     assert classify("Traceback (most recent call last):", 2).kind == "failure"
     assert "exit code 2" in classify("boom", 2).reason
     assert classify("", None).kind == "failure"
@@ -402,9 +413,9 @@ def test_message_at_the_end_of_megabytes_of_output_is_found_quickly() -> None:
     assert elapsed < 2.0  # generous for loaded CI; reading all 5 MB line by line would take far longer
 
 
-def test_message_in_the_first_kilobytes_of_long_output_is_found() -> None:
+def test_message_in_the_first_kilobytes_of_long_output_is_ignored() -> None:
     output = "API Error: Rate limit reached\n" + "x = 1\n" * 200_000
-    assert classify(output, 1, now=NOW).kind == "transient"
+    assert classify(output, 1, now=NOW).kind == "failure"
 
 
 def test_message_in_the_unread_middle_of_long_output_is_ignored() -> None:
@@ -436,11 +447,13 @@ def test_allowed_rate_limit_event_after_a_quota_does_not_hide_it() -> None:
     assert classify(output, 1, now=NOW).reset_at == 1767225600.0
 
 
-def test_stream_json_assistant_text_carries_the_message() -> None:
+def test_stream_json_error_result_carries_the_message() -> None:
     output = (
         '{"type":"system","subtype":"init","session_id":"abc"}\n'
         '{"type":"assistant","message":{"content":[{"type":"text","text":"You\'ve hit your limit · '
         'resets 2pm (Asia/Shanghai)"}]}}\n'
+        '{"type":"result","subtype":"success","is_error":true,"result":"You\'ve hit your limit · '
+        'resets 2pm (Asia/Shanghai)"}\n'
     )
     verdict = classify(output, 1, now=NOW)
     assert verdict.kind == "quota"
@@ -455,11 +468,11 @@ def test_final_quota_without_reset_takes_the_reset_an_earlier_message_gave() -> 
     verdict = classify(output, 1, now=NOW)
     assert verdict.kind == "quota"
     assert verdict.reset_at == 1778565600.0
-    assert "result" in verdict.matched
+    assert verdict.matched == "You've hit your limit"
 
 
 def test_api_rate_limit_with_a_reset_time_is_quota() -> None:
-    verdict = classify("API Error: Rate limit reached · resets 9pm (UTC)", 0, now=NOW)
+    verdict = classify("API Error: Rate limit reached · resets 9pm (UTC)", 1, now=NOW)
     assert verdict.kind == "quota"
     assert verdict.reset_at == utc("2026-05-15T21:00:00")
 
@@ -513,11 +526,184 @@ def test_cooldown_lasts_until_the_quota_resets() -> None:
     assert cooldown_until(verdict, NOW) == utc("2026-05-15T20:00:00")
 
 
-def test_cooldown_is_at_least_a_minute_when_the_reset_has_passed() -> None:
+def test_cooldown_is_at_least_the_minimum_when_the_reset_has_passed() -> None:
     verdict = classify("Claude AI usage limit reached|1767225600", 1, now=NOW)
-    assert cooldown_until(verdict, NOW) == NOW + 60
+    assert verdict.reset_at is not None and verdict.reset_at < NOW  # the message's reset lies in the past
+    assert cooldown_until(verdict, NOW) == NOW + MIN_COOLDOWN_SECONDS
 
 
 def test_transient_and_failures_have_no_cooldown() -> None:
     assert cooldown_until(classify(OPENAI_TPM, 1, now=NOW), NOW) is None
     assert cooldown_until(classify("boom", 1, now=NOW), NOW) is None
+
+
+def test_missing_reset_still_gives_at_least_the_minimum_cooldown() -> None:
+    assert cooldown_until(Verdict("quota", "no reset given"), NOW) >= NOW + MIN_COOLDOWN_SECONDS
+    assert cooldown_until(Verdict("quota", "reset long past", reset_at=NOW - 86400), NOW) == NOW + MIN_COOLDOWN_SECONDS
+
+
+# -- a successful run is never reclassified; only the final error region of free text is read --------------
+
+
+def stream(*events: dict) -> str:
+    import json
+
+    return "\n".join(json.dumps(e, ensure_ascii=False) for e in events) + "\n"
+
+
+def result(text: str, *, is_error: bool, subtype: str = "success") -> dict:
+    return {"type": "result", "subtype": subtype, "is_error": is_error, "result": text, "session_id": "s"}
+
+
+def assistant(text: str) -> dict:
+    return {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
+
+
+def test_successful_free_text_run_whose_summary_quotes_a_limit_is_ok() -> None:
+    summary = "Done. Changes:\n- parse the reset of\n- You've hit your limit · resets 1:30am (Asia/Dhaka)\n"
+    assert classify(summary, 0, now=NOW).kind == "ok"
+
+
+def test_free_text_api_rate_limit_with_exit_0_is_ok() -> None:
+    """Free text cannot tell Claude's exit-0 "API Error: Rate limit reached" from a summary that quotes it: the
+    built-in models read stream-json instead, where `is_error` tells."""
+    assert classify("API Error: Rate limit reached", 0, now=NOW).kind == "ok"
+
+
+def test_stream_json_success_is_ok_whatever_the_agent_wrote() -> None:
+    quote = "You've hit your limit · resets 1:30am (Asia/Dhaka)"
+    output = stream(
+        {"type": "system", "subtype": "init", "session_id": "s"},
+        assistant(quote),
+        {"type": "user", "message": {"content": [{"type": "tool_result", "content": "API Error: Rate limit reached"}]}},
+        result(f"Done.\n- {quote}\nAPI Error: Rate limit reached", is_error=False),
+    )
+    assert classify(output, 0, now=NOW).kind == "ok"
+
+
+def test_stream_json_is_error_with_exit_0_is_caught() -> None:
+    output = stream(assistant("working"), result("API Error: Rate limit reached", is_error=True))
+    verdict = classify(output, 0, now=NOW)
+    assert verdict.kind == "transient"
+    assert "API Error: Rate limit reached" in verdict.matched
+
+
+def test_stream_json_is_error_without_a_provider_message_is_a_failure_even_with_exit_0() -> None:
+    output = stream(result("", is_error=True, subtype="error_max_turns"))
+    verdict = classify(output, 0, now=NOW)
+    assert verdict.kind == "failure"
+    assert "error_max_turns" in verdict.reason
+
+
+def test_stream_json_assistant_text_quoting_a_limit_does_not_decide_a_failed_run() -> None:
+    output = stream(assistant("You've hit your limit · resets 2pm (Asia/Shanghai)"), result("boom", is_error=True))
+    assert classify(output, 1, now=NOW).kind == "failure"
+
+
+def test_stream_json_killed_after_a_rejected_rate_limit_event_is_quota() -> None:
+    output = stream(
+        {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected", "resetsAt": 1778565600}},
+        assistant("waiting"),
+    )
+    assert classify(output, None, now=NOW).reset_at == 1778565600.0
+
+
+def test_message_before_the_final_region_is_ignored() -> None:
+    steps = "".join(f"step {n}: ok\n" for n in range(30))
+    output = "API Error: Rate limit reached\n" + steps + "error: 3 tests failed\n"
+    assert classify(output, 1, now=NOW).kind == "failure"
+
+
+def test_message_in_the_final_region_after_the_agent_stopped_is_found() -> None:
+    output = "".join(f"step {n}: ok\n" for n in range(300)) + "API Error: Rate limit reached\n"
+    assert classify(output, 1, now=NOW).kind == "transient"
+
+
+def codex(*events: dict) -> str:
+    return stream({"type": "thread.started", "thread_id": "t"}, {"type": "turn.started"}, *events)
+
+
+def test_codex_json_turn_failed_with_usage_limit_is_quota() -> None:
+    output = codex(
+        {"type": "error", "message": CODEX_RELATIVE}, {"type": "turn.failed", "error": {"message": CODEX_RELATIVE}}
+    )
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "quota"
+    assert verdict.reset_at == utc("2026-05-21T10:11:00")
+
+
+def test_codex_json_completed_turn_is_ok_whatever_the_items_say() -> None:
+    output = codex(
+        {"type": "item.completed", "item": {"id": "i0", "type": "agent_message", "text": CODEX_RELATIVE}},
+        {"type": "item.completed", "item": {"id": "i1", "type": "command_execution", "command": "pytest",
+                                             "aggregated_output": OPENAI_TPM, "exit_code": 1, "status": "failed"}},
+        {"type": "turn.completed", "usage": {"input_tokens": 1, "cached_input_tokens": 0, "output_tokens": 1}},
+    )
+    assert classify(output, 0, now=NOW).kind == "ok"
+
+
+def test_codex_json_failed_command_output_is_not_a_limit() -> None:
+    output = codex(
+        {"type": "item.completed", "item": {"id": "i1", "type": "command_execution", "command": "pytest",
+                                             "aggregated_output": CODEX_RELATIVE, "exit_code": 1, "status": "failed"}},
+        {"type": "turn.failed", "error": {"message": "stream disconnected before completion"}},
+    )
+    assert classify(output, 1, now=NOW).kind == "failure"
+
+
+# -- billing: next model now, a block a person clears -------------------------------------------------------
+
+BILLING_CASES = [
+    ("codex_quota_exceeded", "ERROR: Quota exceeded. Check your plan and billing details."),
+    (
+        "codex_json_quota_exceeded",
+        codex({"type": "turn.failed", "error": {"message": "Quota exceeded. Check your plan and billing details."}}),
+    ),
+    (
+        "openai_insufficient_quota",
+        'ERROR: unexpected status 429 Too Many Requests: {"error":{"message":"You exceeded your current quota, please '
+        'check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}',
+    ),
+    (
+        "glm_1113_arrears",
+        'API Error: 429 {"error":{"code":"1113","message":"Your account is in arrears, please recharge and try '
+        'again"}}',
+    ),
+    ("glm_1113_chinese", 'API Error: 429 {"error":{"code":"1113","message":"您的账户已欠费，请充值后重试"}}'),
+    ("glm_1112_locked", 'API Error: 429 {"error":{"code":"1112","message":"Your account has been locked"}}'),
+    (
+        "glm_1113_in_stream_json_result",
+        stream(result('API Error: 429 {"error":{"code":"1113","message":"余额不足或无可用资源包,请充值。"}}',
+                      is_error=True)),
+    ),
+    (
+        "minimax_base_resp_1008",
+        'API Error: 400 {"base_resp":{"status_code":1008,"status_msg":"insufficient balance"}}',
+    ),
+    (
+        "anthropic_credit_balance",
+        'API Error: 400 {"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too '
+        'low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}',
+    ),
+]
+
+
+@pytest.mark.parametrize("output", [c[1] for c in BILLING_CASES], ids=[c[0] for c in BILLING_CASES])
+def test_billing_and_balance_errors_are_billing(output: str) -> None:
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "billing", verdict
+    assert cooldown_until(verdict, NOW) == NOW + BILLING_BLOCK_SECONDS
+
+
+@pytest.mark.parametrize("code", ["1000", "1001", "1002", "1003", "1004"])
+def test_glm_authentication_codes_are_auth_not_billing(code: str) -> None:
+    output = f'API Error: 401 {{"error":{{"code":"{code}","message":"Authentication Token expired"}}}}'
+    assert classify(output, 1, now=NOW).kind == "auth"
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"), [("1002", "transient"), ("1004", "auth"), ("1008", "billing"), ("2049", "auth")]
+)
+def test_minimax_base_resp_codes(code: str, kind: str) -> None:
+    output = f'API Error: 400 {{"id":"x","base_resp":{{"status_code":{code},"status_msg":"msg"}}}}'
+    assert classify(output, 1, now=NOW).kind == kind
