@@ -59,6 +59,18 @@ class Check(BaseModel):
     duration: float | None = None
 
 
+class PageCapture(BaseModel):
+    """What L4b saw of one page, handed to L4c's review: its HTML and a screenshot per viewport."""
+
+    path: str = Field(description="the page's path, e.g. /cart")
+    url: str
+    html_file: str | None = Field(default=None, description="the page's HTML as loaded, saved with the run")
+    screenshots: dict[str, str] = Field(default_factory=dict, description="viewport ('1920x1080') -> PNG path")
+    overflow: bool = Field(default=False, description="horizontal overflow on the mobile viewport")
+    load_time_s: float | None = None
+    console_errors: list[str] = Field(default_factory=list)
+
+
 class LayerResult(BaseModel):
     """The result of one layer (or one L4 sub-layer) of one pipeline run."""
 
