@@ -26,7 +26,10 @@ def cut(value: object, limit: int = _CUT) -> str:
         >>> cut("x" * 1000)[-3:]
         'xx…'
     """
-    text = repr(value[:limit + 1]) if isinstance(value, str) else _REPR.repr(value)
+    try:
+        text = repr(value[:limit + 1]) if isinstance(value, str) else _REPR.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<a {type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -28,7 +28,8 @@ NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}"
 MAX_NAME = 100
 _NAME = re.compile(NAME_PATTERN)
 _NAME_CHARS = re.compile(r"[A-Za-z0-9._-]*")
-_NAME_HINT = "use letters, digits, '.', '_' and '-' only, not starting with '.' or '-', at most 100 characters"
+NAME_RULE = "use letters, digits, '.', '_' and '-' only, not starting with '.' or '-', at most 100 characters"
+"""The rule of `NAME_PATTERN` as a user reads it in an error message."""
 _MAX_COMPONENT_BYTES = 255  # NAME_MAX of Linux file systems
 
 
@@ -60,7 +61,7 @@ def check_name(value: str, what: str) -> str:
     """
     problem = name_problem(value)
     if problem:
-        raise UnsafePath(what, value, f"{problem}; {_NAME_HINT}")
+        raise UnsafePath(what, value, f"{problem}; {NAME_RULE}")
     return value
 
 
