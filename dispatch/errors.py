@@ -80,7 +80,7 @@ class ProjectInvalid(DispatchError):
         self.project = project
         self.errors = errors
         lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"project {project!r} is invalid ({len(errors)} error(s)); nothing was scheduled:\n{lines}")
+        super().__init__(f"project {cut(project)} is invalid ({len(errors)} error(s)); nothing was scheduled:\n{lines}")
 
 
 class NodeError(DispatchError):

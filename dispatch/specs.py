@@ -380,3 +380,17 @@ def spec_files(directory: Path) -> list[Path]:
 def context_files(directory: Path) -> list[Path]:
     """Markdown in the project directory that is context for agents, not a spec."""
     return sorted(p for p in directory.glob("*.md") if p.is_file() and not is_spec_file(p))
+
+
+def context_problem(path: Path) -> SpecError | None:
+    """Why a context file cannot be handed to agents (a link out of its directory, over 1 MiB), or None."""
+    try:
+        size = len(read_bounded(path.parent, path, MAX_SPEC_BYTES))
+    except UnsafePath as exc:
+        return SpecError(str(path), "file", exc.problem)
+    except OSError as exc:
+        return SpecError(str(path), "file", f"cannot read it: {exc.strerror or exc}; check its permissions")
+    if size > MAX_SPEC_BYTES:
+        return SpecError(str(path), "file", f"is larger than {MAX_SPEC_BYTES >> 20} MiB; agents get it whole "
+                                            "as context: shorten it")
+    return None
