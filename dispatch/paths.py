@@ -14,6 +14,7 @@ characters. They become directory names here and on nodes, branch names, and Pre
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -169,11 +170,19 @@ def read_bounded(root: Path, path: Path, limit: int) -> bytes:
         UnsafePath: a link out of `root`, or not a regular file (a FIFO would block forever).
         OSError: the file cannot be opened or read.
     """
-    base, target = _resolve(root, "file"), _resolve(path, "file")
-    if not target.is_relative_to(base):
-        raise UnsafePath("file", path.name, f"is a symbolic link leading out of {root} (to {target}); "
-                                            "copy the file into the directory instead of linking it")
-    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    if path.parent != root:
+        local_path(root, *path.relative_to(root).parts[:-1], what="file")
+    try:
+        fd = os.open(path, flags)  # the usual case, a plain file in `root`: no resolving at all
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        base, target = _resolve(root, "file"), _resolve(path, "file")  # a link: follow it only inside `root`
+        if not target.is_relative_to(base):
+            raise UnsafePath("file", path.name, f"is a symbolic link leading out of {root} (to {target}); "
+                                                "copy the file into the directory instead of linking it") from None
+        fd = os.open(target, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UnsafePath("file", path.name, "is not a regular file; replace it with one")

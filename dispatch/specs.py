@@ -148,6 +148,8 @@ def _load_yaml(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
+        if "*" not in text:  # no alias without its indicator: skip the walk (most front matter)
+            return loader.construct_document(node)
         seen: set[int] = set()
         stack = [node]
         while stack:
