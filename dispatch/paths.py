@@ -8,6 +8,7 @@ characters. They become directory names here and on nodes, branch names, and Pre
   result, symlinks resolved, inside `root` (else `UnsafePath`).
 - `remote_path(root, *parts)` / `remote_arg(...)`: the same on a node, where we cannot resolve: each part
   one plain component (no `/`, not `.` or `..`), the root free of `..`; `remote_arg` is one shell word.
+- `contained(root, path)`: the same proof for a path someone else built (a request from the dispatcher).
 - `read_bounded(root, path, limit)`: at most `limit + 1` bytes of a regular file that resolves inside
   `root`: a spec or context file that is a symbolic link out of its spec directory is refused.
 """
@@ -129,6 +130,20 @@ def local_path(root: Path, *parts: str, allow_link: bool = False, what: str = "p
         raise UnsafePath(what, str(path), f"leads outside {root} (to {resolved}) through a symbolic link; "
                                           "remove the link or point it inside")
     return path
+
+
+def contained(root: Path, path: Path, what: str = "path") -> Path:
+    """`path` (absolute, or relative to the working directory) when it lies inside `root`, proven as by
+    `local_path`: written under `root` without `..`, and inside it with symlinks resolved.
+
+    Raises:
+        UnsafePath: `path` is not under `root`, climbs with `..`, or leads out through a symbolic link.
+    """
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise UnsafePath(what, str(path), f"is not under {root}") from None
+    return local_path(root, *parts, what=what)
 
 
 def _check_remote_root(root: str) -> None:

@@ -210,3 +210,142 @@ def test_cut_bounds_long_and_huge_nested_values_without_expanding_them() -> None
     for value in ("y" * 100_000, leaf, {"k" * 500: "v"}, 7 ** 5000):
         text = cut(value)
         assert len(text) <= 81 and text.endswith("…")
+
+
+# -- every builder goes through the checks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("project", ["../other/specs", "..", ".", "-rf", "/etc", "a/b"])
+def test_settings_refuse_a_project_name_that_is_no_name(project: str) -> None:
+    from dispatch.settings import get_settings
+
+    settings = get_settings()
+    for build in (settings.specs_root_for, settings.code_dir_for, lambda p: settings.project_dir("runs", p)):
+        with pytest.raises(UnsafePath, match="project name"):
+            build(project)
+
+
+def test_settings_allow_a_spec_directory_linked_into_the_specs_root(isolated_home: Path) -> None:
+    from dispatch.settings import get_settings
+
+    (isolated_home / "repo-specs").mkdir()
+    (isolated_home / "specs" / "shop").symlink_to(isolated_home / "repo-specs")
+
+    assert get_settings().specs_root_for("shop") == isolated_home / "specs" / "shop"
+
+
+def test_a_runs_directory_linked_out_of_the_home_is_refused(isolated_home: Path) -> None:
+    from dispatch.settings import get_settings
+
+    (isolated_home / "elsewhere").mkdir()
+    (isolated_home / "home" / "runs").symlink_to(isolated_home / "elsewhere")
+
+    with pytest.raises(UnsafePath, match="outside"):
+        get_settings().project_dir("runs", "shop")
+
+
+def test_state_files_are_named_by_checked_project_names(isolated_home: Path) -> None:
+    from dispatch.results import ProjectState, load_all_states, save_state, state_path
+
+    state_dir = isolated_home / "home" / "state"
+    with pytest.raises(UnsafePath):
+        state_path(state_dir, "../../x")
+    save_state(state_dir, ProjectState(project="shop"))
+    (state_dir / "not a project.json").write_text("{}")  # a stray file is no project: skipped, no crash
+
+    assert [s.project for s in load_all_states(state_dir)] == ["shop"]
+
+
+@pytest.mark.parametrize(("project", "task_id"), [("shop", "../../../../x"), ("shop", "/tmp/x"), ("..", "S01"),
+                                                  ("shop", "."), ("shop", "x" * 300)])
+def test_local_run_directories_refuse_names_that_are_no_names(tmp_path: Path, project: str, task_id: str) -> None:
+    from dispatch.transports.local import LocalTransport, run_dir_for
+
+    with pytest.raises(UnsafePath):
+        run_dir_for(tmp_path, project, task_id)
+    if task_id == "S01":
+        with pytest.raises(UnsafePath):
+            LocalTransport(tmp_path).kill_project(project)
+        with pytest.raises(UnsafePath):
+            LocalTransport(tmp_path).adoptable_runs(project)
+
+
+def test_remote_run_directories_are_checked_before_any_command(tmp_path: Path) -> None:
+    from dispatch.cluster import Node
+    from dispatch.ssh import SSHPool
+    from dispatch.transports.ssh import SSHTransport
+
+    # nothing listens on this address: any command would fail with NodeError, not UnsafePath
+    node = Node(name="n1", slots=1, host="127.0.0.77", port=9, known_hosts=str(tmp_path / "known_hosts"))
+    with SSHPool() as pool:
+        transport = SSHTransport(node, pool)
+        assert transport.run_dir("shop", "S01") == "dispatch/shop/tasks/S01"
+        assert transport.workdir("shop", "S01") == "dispatch/shop/tasks/S01/work"
+        for call in (lambda: transport.run_dir("shop", "../../x"), lambda: transport.workdir("..", "S01"),
+                     lambda: transport.cleanup("../.."), lambda: transport.cleanup("."),
+                     lambda: transport.kill_project("../x"), lambda: transport.adoptable_runs("/etc")):
+            with pytest.raises(UnsafePath):
+                call()
+        assert pool.connections_opened == 0
+
+
+def test_worktree_paths_are_built_from_checked_parts() -> None:
+    from dispatch.gitsync import worktree_path
+
+    assert worktree_path("~/dispatch", "shop", "S01") == "~/dispatch/shop/worktrees/S01"
+    with pytest.raises(UnsafePath):
+        worktree_path("dispatch/../..", "shop", "S01")
+
+
+def test_collect_copies_changed_files_only_inside_code_and_results_directories(tmp_path: Path) -> None:
+    from dispatch.collect import copy_changed_files
+
+    code, files, outside = tmp_path / "code", tmp_path / "results" / "S01" / "files", tmp_path / "outside"
+    (code / "src").mkdir(parents=True)
+    outside.mkdir()
+    (code / "src" / "a.py").write_text("a\n")
+    (outside / "secret").write_text("TOPSECRET\n")
+    (code / "leak").symlink_to(outside)  # a link the agent made in the code directory
+    (code / "direct").symlink_to(outside / "secret")
+
+    refused = copy_changed_files(code, files, ["src/a.py", "../outside/secret", "/etc/hostname", "leak/secret",
+                                               "direct", "src/../../outside/secret", "", 7])
+
+    assert (files / "src" / "a.py").read_text() == "a\n"
+    assert sorted(p.relative_to(files).as_posix() for p in files.rglob("*")) == ["src", "src/a.py"]
+    assert sorted(map(str, refused)) == sorted(["../outside/secret", "/etc/hostname", "leak/secret", "direct",
+                                                "src/../../outside/secret", "", "7"])
+
+
+def test_collect_never_writes_through_a_link_in_the_results_directory(tmp_path: Path) -> None:
+    from dispatch.collect import copy_changed_files
+
+    code, files, outside = tmp_path / "code", tmp_path / "files", tmp_path / "outside"
+    (code / "docs").mkdir(parents=True)
+    (code / "docs" / "x.md").write_text("x\n")
+    files.mkdir()
+    outside.mkdir()
+    (files / "docs").symlink_to(outside)  # left by an earlier, hostile collect
+
+    assert copy_changed_files(code, files, ["docs/x.md"]) == ["docs/x.md"]
+    assert list(outside.iterdir()) == []
+
+
+def test_the_spec_run_flow_refuses_a_workdir_outside_its_run_root(tmp_path: Path) -> None:
+    import logging
+
+    from dispatch.transports import RunRequest
+    from dispatch.transports.local import LocalTransport
+    from flows.spec_run import _attempt
+
+    root = tmp_path / "runs"
+    for workdir, task_id in ((tmp_path / "elsewhere", "S01"), (root / "shop" / ".." / ".." / "x", "S01"),
+                             (root / "shop" / "tasks" / "S01" / "work", "../../../x")):
+        request = RunRequest(project="shop", task_id=task_id, node="w1", cache_key="k", run_id="r",
+                             workdir=str(workdir), root=str(root), steps=[{"name": "sh", "argv": ["true"]}],
+                             timeout=10, stall_timeout=10)
+
+        result = _attempt(request, LocalTransport(root, "w1"), logging.getLogger("test"), "w1:")
+
+        assert (result.status, result.retryable) == ("failed", False) and "refused" in result.reason
+    assert not root.exists() and not (tmp_path / "elsewhere").exists() and not (tmp_path / "x").exists()
