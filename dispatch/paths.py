@@ -28,7 +28,6 @@ NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}"
 """Task ids and project names (a full match): letters, digits, `.`, `_`, `-`; no leading `.` or `-`; 1-100."""
 
 MAX_NAME = 100
-_NAME = re.compile(NAME_PATTERN)
 _NAME_CHARS = re.compile(r"[A-Za-z0-9._-]*")
 NAME_RULE = "use letters, digits, '.', '_' and '-' only, not starting with '.' or '-', at most 100 characters"
 """The rule of `NAME_PATTERN` as a user reads it in an error message."""
@@ -41,13 +40,13 @@ def name_problem(value: object) -> str | None:
         return "is empty"
     if len(value) > MAX_NAME:
         return f"is {len(value)} characters long; at most {MAX_NAME} are allowed"
+    if not _NAME_CHARS.fullmatch(value):
+        bad = sorted({c for c in value if not _NAME_CHARS.fullmatch(c)})
+        return "holds " + ", ".join(repr(c) for c in bad[:5])
     if value[0] == ".":
         return "starts with '.'"
     if value[0] == "-":
         return "starts with '-' (it would read as an option)"
-    if not _NAME.fullmatch(value):
-        bad = sorted({c for c in value if not _NAME_CHARS.fullmatch(c)})
-        return "holds " + ", ".join(repr(c) for c in bad[:5])
     return None
 
 

@@ -41,6 +41,15 @@ def test_names_outside_the_pattern_are_refused(name: str) -> None:
     assert "project" in str(info.value)
 
 
+def test_the_documented_pattern_and_the_check_agree() -> None:
+    import re
+
+    from dispatch.paths import NAME_PATTERN
+
+    for name in ["S01", "a", "x" * 100, "x" * 101, ".a", "-a", "_a", "a.b-c_d", "a b", "a/b", "", "ü", "9"]:
+        assert (name_problem(name) is None) == bool(re.fullmatch(NAME_PATTERN, name)), name
+
+
 def test_a_refused_name_is_quoted_cut_in_the_message() -> None:
     with pytest.raises(UnsafePath) as info:
         check_name("../" * 1000, "task_id")
