@@ -9,7 +9,6 @@ Exit codes: 0 success, 1 a spec failed (or the run was stopped), 2 invalid input
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid, UnsafePath, cut
 from dispatch.paths import check_name, local_path
 from dispatch.report import render_markdown, table_rows
-from dispatch.results import cached_results, load_all_states, load_state, pid_alive, state_path
+from dispatch.results import load_all_states, load_state, pid_alive
 from dispatch.settings import get_settings
 
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
@@ -407,28 +406,13 @@ def cleanup(project: str,
         err.print(f"{project} still has {len(live)} live runner(s) here ({escape(', '.join(sorted(live)[:10]))}); "
                   f"stop them first with `dispatch stop {project}`", soft_wrap=True)
         raise typer.Exit(EXIT_FAILED)
-    targets = [settings.project_dir("runs", project)]
-    if all_:
-        targets += [settings.project_dir("results", project), state_path(settings.state_dir, project)]
-        targets += [local_path(settings.cache_dir, p.name) for p in cached_results(settings.cache_dir, project)]
-    removed = [path for path in targets if _remove(path)]
-    from dispatch.collect import cleanup_everywhere
+    from dispatch.collect import cleanup_everywhere, cleanup_here
 
+    removed = cleanup_here(settings, project, everything=all_)
     failed = cleanup_everywhere(settings, project)
     console.print(f"removed {len(removed)} local path(s) of {project} and its run directories on the nodes")
     for node, why in failed.items():
         err.print(f"[yellow]node {node}: not cleaned: {escape(why)}[/]", soft_wrap=True)
-
-
-def _remove(path: Path) -> bool:
-    """Remove a file, a symbolic link (not what it points to) or a directory tree; False when nothing was there."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-    else:
-        return False
-    return True
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -5,8 +5,8 @@
   which merges every spec's branch into `dispatch/<project>/integration` and reports conflicts per spec.
   `files_changed` comes from a node (hostile input): an entry is copied only when it stays inside both the
   code directory and the results directory, symlinks resolved (`dispatch.paths.local_path`).
-- `kill_everywhere` / `cleanup_everywhere`: the project's runners / run directories on every node,
-  and nothing of any other project.
+- `kill_everywhere` / `cleanup_here` / `cleanup_everywhere`: the project's runners / its directories under
+  DISPATCH_HOME / its run directories on every node, and nothing of any other project.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dispatch.cluster import Node, ProjectConfig, load_nodes
 from dispatch.errors import DispatchError, UnsafePath
 from dispatch.gitsync import CollectReport, collect_branches
 from dispatch.paths import check_name, local_path
-from dispatch.results import ProjectState, read_json
+from dispatch.results import ProjectState, cached_results, read_json, state_path
 from dispatch.settings import DispatchSettings
 from dispatch.ssh import SSHPool
 from dispatch.transports.local import LocalTransport
@@ -133,6 +133,29 @@ def kill_everywhere(settings: DispatchSettings, project: str) -> int:
         finally:
             watcher.close()
     return killed
+
+
+def cleanup_here(settings: DispatchSettings, project: str, everything: bool = False) -> list[Path]:
+    """Remove the project's run directories under DISPATCH_HOME (with `everything` also its results, state
+    file and cached results); returns what was removed. Every path is proven inside the home first.
+
+    Raises:
+        UnsafePath: `project` is no valid name, or a path would lead out of the home.
+    """
+    targets = [settings.project_dir("runs", project)]
+    if everything:
+        targets += [settings.project_dir("results", project), state_path(settings.state_dir, project)]
+        targets += [local_path(settings.cache_dir, p.name) for p in cached_results(settings.cache_dir, project)]
+    removed = []
+    for path in targets:
+        if path.is_symlink() or path.is_file():  # a link goes, never what it points to
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def cleanup_everywhere(settings: DispatchSettings, project: str) -> dict[str, str]:

@@ -437,14 +437,18 @@ def test_a_spec_linked_to_another_file_of_its_directory_is_read(tmp_path: Path) 
     assert (spec.task_id, spec.priority) == ("S02-b", 1)
 
 
+def _refused(path: Path, field: str, errors=None) -> str:
+    """Parse `path` (unless its errors are given): no spec, one error on `field`; returns its message."""
+    spec, errors = parse_spec(path) if errors is None else (None, errors)
+    assert spec is None
+    assert [(e.path, e.field) for e in errors] == [(str(path), field)]
+    return errors[0].message
+
+
 def test_a_front_matter_over_64_kib_is_an_error(tmp_path: Path) -> None:
     path = _write(tmp_path, "S01-a.md", f"---\nnotes: {'x' * 70_000}\n---\nDo it.\n")
 
-    spec, errors = parse_spec(path)
-
-    assert spec is None
-    assert [(e.path, e.field) for e in errors] == [(str(path), "front matter")]
-    assert "64 KiB" in errors[0].message
+    assert "64 KiB" in _refused(path, "front matter")
 
 
 def test_a_spec_over_1_mib_is_an_error_without_reading_it_whole(tmp_path: Path) -> None:
@@ -462,10 +466,7 @@ def test_a_spec_over_1_mib_is_an_error_without_reading_it_whole(tmp_path: Path) 
         tracemalloc.stop()
 
     assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated: the file was read whole"
-
-    assert spec is None
-    assert [(e.path, e.field) for e in errors] == [(str(path), "file")]
-    assert "1 MiB" in errors[0].message
+    assert spec is None and "1 MiB" in _refused(path, "file", errors)
 
 
 def test_yaml_aliases_are_refused_before_anything_expands(tmp_path: Path) -> None:
@@ -475,19 +476,13 @@ def test_yaml_aliases_are_refused_before_anything_expands(tmp_path: Path) -> Non
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 5)]
     path = _write(tmp_path, "S01-a.md", "---\n" + "\n".join(lines) + "\nlabels: *a4\n---\nDo it.\n")
 
-    spec, errors = parse_spec(path)
-
-    assert spec is None
-    assert [(e.path, e.field) for e in errors] == [(str(path), "front matter")]
-    assert "alias" in errors[0].message
+    assert "alias" in _refused(path, "front matter")
 
 
 def test_a_merge_key_alias_is_refused_too(tmp_path: Path) -> None:
     path = _write(tmp_path, "S01-a.md", "---\nbase: &b {priority: 1}\nx:\n  <<: *b\n---\nDo it.\n")
 
-    spec, errors = parse_spec(path)
-
-    assert spec is None and _fields(errors) == {"front matter"}
+    assert "alias" in _refused(path, "front matter")
 
 
 def test_globs_with_stars_are_no_aliases(tmp_path: Path) -> None:
@@ -511,7 +506,4 @@ def test_a_long_bad_value_is_cut_in_the_message(tmp_path: Path, line: str, field
 def test_an_int_past_pythons_digit_limit_is_a_front_matter_error_not_a_crash(tmp_path: Path) -> None:
     path = _write(tmp_path, "S01-a.md", f"---\npriority: {'9' * 5000}\n---\nDo it.\n")
 
-    spec, errors = parse_spec(path)
-
-    assert spec is None
-    assert [(e.path, e.field) for e in errors] == [(str(path), "front matter")]
+    _refused(path, "front matter")
