@@ -105,9 +105,10 @@ def _resolve_dependency(entry: str, ids: list[str]) -> tuple[str | None, str]:
     if len(candidates) == 1:
         return candidates[0], ""
     if candidates:
-        return None, f"is ambiguous: {entry!r} is a prefix of {', '.join(sorted(candidates))}; use the full id"
+        shown = ", ".join(sorted(candidates)[:10]) + (", ..." if len(candidates) > 10 else "")
+        return None, f"is ambiguous: {cut(entry)} is a prefix of {shown}; use the full id"
     known = ", ".join(sorted(ids)[:20]) + (", ..." if len(ids) > 20 else "")
-    return None, f"names {entry!r} but no spec has that id (known: {known})"
+    return None, f"names {cut(entry)} but no spec has that id (known: {known})"
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
@@ -190,7 +191,7 @@ def load_project(name: str, specs_dir: Path) -> Project:
             continue
         if spec.task_id in specs:
             errors.append(SpecError(str(path), "task_id", (
-                f"duplicate id {spec.task_id!r}, also used by {specs[spec.task_id].path.name}; "
+                f"duplicate id {cut(spec.task_id)}, also used by {specs[spec.task_id].path.name}; "
                 "give each spec its own task_id")))
             continue
         if (twin := folded.setdefault(spec.task_id.casefold(), spec)) is not spec:
@@ -201,7 +202,7 @@ def load_project(name: str, specs_dir: Path) -> Project:
             continue
         if spec.project is not None and spec.project != name:
             errors.append(SpecError(str(path), "project", (
-                f"says project {spec.project!r} but the file is in project {name!r}; "
+                f"says project {cut(spec.project)} but the file is in project {cut(name)}; "
                 "move the file or fix the field")))
         specs[spec.task_id] = spec
 

@@ -391,3 +391,13 @@ def test_a_spec_directory_linked_into_the_specs_root_loads_and_its_files_stay_in
     project = load_project("linked", tmp_path / "linked")
 
     assert list(project.specs) == ["S01-a"] and [p.name for p in project.context] == ["SHARED_CONTEXT.md"]
+
+
+def test_long_values_are_cut_in_dependency_and_project_messages(tmp_path: Path) -> None:
+    _spec(tmp_path, "S01-a.md", f"depends_on: [{'S' * 50_000}]\n")
+    _spec(tmp_path, "S02-b.md", f"project: {'p' * 50_000}\n")
+
+    errors = _errors(tmp_path)
+
+    assert [(name, field) for name, field, _ in errors] == [("S02-b.md", "project"), ("S01-a.md", "depends_on")]
+    assert all(len(message) < 400 and "…" in message for _, _, message in errors)
