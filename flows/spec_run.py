@@ -26,11 +26,11 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
 from dispatch.errors import UnsafePath
-from dispatch.paths import contained
+from dispatch.paths import contained, local_path, run_dir_parts
 from dispatch.results import SpecResult
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest
-from dispatch.transports.local import LocalTransport, run_dir_for
+from dispatch.transports.local import LocalTransport
 from tasks.run_spec import missing_agent_clis, prepare_branch, push_branch
 
 HEARTBEAT_LABEL = "dispatch.heartbeat"
@@ -112,7 +112,7 @@ def spec_run(request: RunRequest) -> State:
 
 def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str) -> SpecResult:
     try:  # the request names paths on this node: its run directory and workdir must stay in the run root
-        run_dir_for(transport.root, request.project, request.task_id)
+        local_path(transport.root, *run_dir_parts(request.project, request.task_id), what="run directory")
         contained(transport.root, Path(request.workdir), "workdir")
     except UnsafePath as exc:
         return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
