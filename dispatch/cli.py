@@ -9,7 +9,6 @@ Exit codes: 0 success, 1 a spec failed (or the run was stopped), 2 invalid input
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from dispatch.cli_models import models_app
 from dispatch.cli_nodes import local_slot_use, nodes_app
 from dispatch.cli_server import server_app
 from dispatch.dag import load_project, select
-from dispatch.errors import DispatchError, ProjectInvalid
+from dispatch.errors import DispatchError, ProjectInvalid, UnsafePath, cut
+from dispatch.paths import check_name, local_path
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import load_all_states, load_state, pid_alive
 from dispatch.settings import get_settings
@@ -46,7 +46,8 @@ _MARK = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "not_run": "[yel
 
 def _invalid(exc: Exception) -> typer.Exit:
     if isinstance(exc, ProjectInvalid):
-        err.print(f"[red]project {exc.project!r} is invalid[/] ({len(exc.errors)} error(s)); nothing was scheduled:")
+        err.print(f"[red]project {escape(cut(exc.project))} is invalid[/] ({len(exc.errors)} error(s)); "
+                  "nothing was scheduled:")
         for problem in exc.errors:
             err.print(f"  [bold]{escape(problem.path)}[/]: {escape(problem.field)}: {escape(problem.message)}",
                       soft_wrap=True)
@@ -55,9 +56,18 @@ def _invalid(exc: Exception) -> typer.Exit:
     return typer.Exit(EXIT_INVALID)
 
 
+def _checked(project: str) -> str:
+    """The project name from the command line, or exit 2 before anything is read or written."""
+    try:
+        return check_name(project, "project name")
+    except UnsafePath as exc:
+        raise _invalid(exc) from None
+
+
 @app.command()
 def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """Check a project's specs (front matter, dependencies, cycles) without running anything."""
+    project = _checked(project)
     settings = get_settings()
     try:
         proj = load_project(project, settings.specs_root_for(project))
@@ -112,6 +122,7 @@ def start(
                                "mode runs it in the background with its output in DISPATCH_HOME/logs.")] = False,
 ):
     """Run a project: every spec on a node with a free slot, in dependency order, until all are done."""
+    project = _checked(project)
     settings = get_settings()
     try:
         proj = load_project(project, settings.specs_root_for(project))
@@ -164,9 +175,9 @@ def _start_in_background(settings, project: str, only: list[str] | None, start_f
     argv += [arg for spec in only or [] for arg in ("--only", spec)]
     argv += [arg for spec in start_from or [] for arg in ("--from", spec)]
     argv += ["--force"] * force + ["--verbose"] * verbose
-    logs = settings.home / "logs"
+    logs = settings.home_path("logs")
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{project}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_path = local_path(logs, f"{project}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # outlives this terminal; `dispatch stop` ends it
@@ -248,6 +259,7 @@ def status(
 
     Without a project and with a Prefect server configured, also every user's running projects on it.
     """
+    project = _checked(project) if project is not None else None
     settings = get_settings()
     states = [load_state(settings.state_dir, project)] if project else load_all_states(settings.state_dir)
     states = [_live_state(s) for s in states if s is not None]
@@ -291,6 +303,7 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Rows as JSON instead of markdown.")] = False,
 ):
     """Summarise the latest run: totals, success rate, per-spec rows, failures with their log tails."""
+    project = _checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is None:
@@ -316,6 +329,7 @@ def collect(project: str):
     from dispatch.cluster import load_project_config
     from dispatch.collect import collect_outputs
 
+    project = _checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is None:
@@ -327,12 +341,15 @@ def collect(project: str):
         summary = collect_outputs(settings, state, config, code_dir)
     except DispatchError as exc:
         raise _invalid(exc) from None
-    target = settings.results_dir / project
+    target = settings.project_dir("results", project)
     target.mkdir(parents=True, exist_ok=True)
-    (target / "report.md").write_text(render_markdown(state, settings.runs_dir), encoding="utf-8")
+    local_path(target, "report.md").write_text(render_markdown(state, settings.runs_dir), encoding="utf-8")
     console.print(f"collected {len(summary.copied)} spec(s) of {project} into {target}")
     for task_id, why in summary.unreachable.items():
-        err.print(f"[yellow]{task_id}: could not fetch its outputs: {why}[/]")
+        err.print(f"[yellow]{escape(task_id)}: could not fetch its outputs: {escape(why)}[/]", soft_wrap=True)
+    for task_id, refused in summary.refused.items():
+        err.print(f"[yellow]{escape(task_id)}: files_changed entries left out (they lead out of the code or "
+                  f"results directory): {escape(', '.join(cut(r) for r in refused[:10]))}[/]", soft_wrap=True)
     if summary.merge is not None:
         table = Table("spec", "merge", "files", title=f"merged into {summary.merge.integration_branch}")
         for outcome in summary.merge.outcomes:
@@ -350,6 +367,7 @@ def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait
     """Stop a running project from another terminal: its running specs are killed, its locks released."""
     from dispatch.collect import kill_everywhere
 
+    project = _checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     stopped = False
@@ -372,30 +390,31 @@ def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait
 @app.command()
 def cleanup(project: str,
             all_: Annotated[bool, typer.Option("--all", help="Also remove reports, results and the cache.")] = False):
-    """Remove a project's run directories (and with --all its reports, results and cached results)."""
+    """Remove a project's run directories (and with --all its reports, results and cached results).
+
+    Refused while the project runs: its dispatcher is alive, or runners of it still live under `runs/`.
+    Every path removed is built by `dispatch.paths` and proven inside DISPATCH_HOME.
+    """
+    from dispatch.transports.local import LocalTransport
+
+    project = _checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is not None and state.state == "running" and pid_alive(state.pid):
         err.print(f"{project} is running (pid {state.pid}); stop it first with `dispatch stop {project}`")
         raise typer.Exit(EXIT_FAILED)
-    removed = []
-    targets = [settings.runs_dir / project]
-    if all_:
-        targets += [settings.results_dir / project, settings.state_dir / f"{project}.json"]
-        targets += list((settings.home / "cache").glob(f"{project}--*"))
-    for path in targets:
-        if path.is_dir():
-            shutil.rmtree(path)
-            removed.append(path)
-        elif path.exists():
-            path.unlink()
-            removed.append(path)
-    from dispatch.collect import cleanup_everywhere
+    live, _ = LocalTransport(settings.runs_dir).adoptable_runs(project)
+    if live:
+        err.print(f"{project} still has {len(live)} live runner(s) here ({escape(', '.join(sorted(live)[:10]))}); "
+                  f"stop them first with `dispatch stop {project}`", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
+    from dispatch.collect import cleanup_everywhere, cleanup_here
 
+    removed = cleanup_here(settings, project, everything=all_)
     failed = cleanup_everywhere(settings, project)
     console.print(f"removed {len(removed)} local path(s) of {project} and its run directories on the nodes")
     for node, why in failed.items():
-        err.print(f"[yellow]node {node}: not cleaned: {why}[/]")
+        err.print(f"[yellow]node {node}: not cleaned: {escape(why)}[/]", soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -3,8 +3,10 @@
 - `collect_outputs`: each spec's `task.log` and `result.json` (from whichever node ran it) and the files
   it changed, into `DISPATCH_HOME/results/<project>/<task_id>/`; in git mode also `collect_branches`,
   which merges every spec's branch into `dispatch/<project>/integration` and reports conflicts per spec.
-- `kill_everywhere` / `cleanup_everywhere`: the project's runners / run directories on every node,
-  and nothing of any other project.
+  `files_changed` comes from a node (hostile input): an entry is copied only when it stays inside both the
+  code directory and the results directory, symlinks resolved (`dispatch.paths.local_path`).
+- `kill_everywhere` / `cleanup_here` / `cleanup_everywhere`: the project's runners / its directories under
+  DISPATCH_HOME / its run directories on every node, and nothing of any other project.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import logging
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dispatch.cluster import Node, ProjectConfig, load_nodes
-from dispatch.errors import DispatchError
+from dispatch.errors import DispatchError, UnsafePath
 from dispatch.gitsync import CollectReport, collect_branches
-from dispatch.results import ProjectState, read_json
+from dispatch.paths import check_name, local_path
+from dispatch.results import ProjectState, cached_results, read_json, state_path
 from dispatch.settings import DispatchSettings
 from dispatch.ssh import SSHPool
 from dispatch.transports.local import LocalTransport
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 class CollectSummary:
     copied: list[str] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, list[str]] = field(default_factory=dict)
     merge: CollectReport | None = None
 
 
@@ -42,29 +46,26 @@ def remote_transports(settings: DispatchSettings, nodes: list[Node] | None = Non
         yield {n.name: SSHTransport(n, pool) for n in nodes if n.transport == "ssh"}
 
 
-def _remote_path(log_path: str, node: str) -> str | None:
-    prefix = f"{node}:"
-    return log_path[len(prefix):].rsplit("/", 1)[0] if log_path.startswith(prefix) else None
-
-
 def collect_outputs(settings: DispatchSettings, state: ProjectState, config: ProjectConfig,
                     code_dir: Path) -> CollectSummary:
     """Copy every spec's outputs into `results/<project>/` and, in git mode, merge their branches."""
     summary = CollectSummary()
-    target = settings.results_dir / state.project
+    target = settings.project_dir("results", state.project)
     with remote_transports(settings) as remote:
         for task_id, row in state.specs.items():
             if not row.log_path:
                 continue
-            dest = target / task_id
-            dest.mkdir(parents=True, exist_ok=True)
-            remote_dir = _remote_path(row.log_path, row.node) if row.node in remote else None
             try:
-                if remote_dir is not None:
+                dest = local_path(target, check_name(task_id, "task_id"))
+                dest.mkdir(parents=True, exist_ok=True)
+                if row.node in remote:
+                    remote_dir = remote[row.node].run_dir(state.project, task_id)
                     for name in ("task.log", "result.json"):
                         remote[row.node].pool.get_file(remote[row.node].target, f"{remote_dir}/{name}", dest / name)
                 else:
                     run_dir = Path(row.log_path).parent
+                    if run_dir.parts[-3:] != (state.project, "tasks", task_id):
+                        raise UnsafePath("log path", row.log_path, "is not in a run directory of this spec")
                     for name in ("task.log", "result.json"):
                         if (run_dir / name).exists():
                             shutil.copy2(run_dir / name, dest / name)
@@ -73,11 +74,8 @@ def collect_outputs(settings: DispatchSettings, state: ProjectState, config: Pro
                 continue
             result = read_json(dest / "result.json") or {}
             if config.sync_mode != "git":
-                for rel in result.get("files_changed", []):
-                    source = code_dir / rel
-                    if source.is_file() and ".." not in Path(rel).parts:
-                        (dest / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(source, dest / "files" / rel)
+                if refused := copy_changed_files(code_dir, dest / "files", result.get("files_changed")):
+                    summary.refused[task_id] = refused
             summary.copied.append(task_id)
     if config.sync_mode == "git":
         done = [t for t, row in state.specs.items() if row.state == "succeeded"]
@@ -85,6 +83,30 @@ def collect_outputs(settings: DispatchSettings, state: ProjectState, config: Pro
                                          project=state.project, task_ids=done, main_branch=config.main_branch,
                                          repo_url=config.repo_url)
     return summary
+
+
+def copy_changed_files(code_dir: Path, files_dir: Path, files: object) -> list[str]:
+    """Copy `files` (paths a node reported, relative to `code_dir`) into `files_dir`, keeping their layout.
+
+    Returns:
+        The entries refused: not a relative path, or leading (through `..` or a symbolic link) out of
+        `code_dir` or `files_dir`. Entries that are no file in `code_dir` are skipped silently.
+    """
+    refused: list[str] = []
+    for rel in files if isinstance(files, list) else []:
+        try:
+            parts = PurePosixPath(rel).parts if isinstance(rel, str) and not rel.startswith("/") else ()
+            if not parts:
+                raise UnsafePath("files_changed entry", rel, "is not a relative path")
+            source = local_path(code_dir, *parts, what="files_changed entry")
+            destination = local_path(files_dir, *parts, what="files_changed entry")
+        except UnsafePath:
+            refused.append(str(rel))
+            continue
+        if source.is_file():
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+    return refused
 
 
 def kill_everywhere(settings: DispatchSettings, project: str) -> int:
@@ -111,6 +133,29 @@ def kill_everywhere(settings: DispatchSettings, project: str) -> int:
         finally:
             watcher.close()
     return killed
+
+
+def cleanup_here(settings: DispatchSettings, project: str, everything: bool = False) -> list[Path]:
+    """Remove the project's run directories under DISPATCH_HOME (with `everything` also its results, state
+    file and cached results); returns what was removed. Every path is proven inside the home first.
+
+    Raises:
+        UnsafePath: `project` is no valid name, or a path would lead out of the home.
+    """
+    targets = [settings.project_dir("runs", project)]
+    if everything:
+        targets += [settings.project_dir("results", project), state_path(settings.state_dir, project)]
+        targets += [local_path(settings.cache_dir, p.name) for p in cached_results(settings.cache_dir, project)]
+    removed = []
+    for path in targets:
+        if path.is_symlink() or path.is_file():  # a link goes, never what it points to
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def cleanup_everywhere(settings: DispatchSettings, project: str) -> dict[str, str]:

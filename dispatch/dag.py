@@ -2,7 +2,8 @@
 
 `load_project` is the one entry point: it parses all specs of a project, resolves `depends_on`
 (full ids or unique prefixes), and reports every error at once (unknown dependency, cycle,
-duplicate id, unreadable file, bad YAML, wrong type, empty body). An invalid project raises
+duplicate id, ids differing only in case, a project name that is no name, unreadable file, bad YAML,
+wrong type, empty body, a context file linked out of the directory). An invalid project raises
 `ProjectInvalid` and nothing of it may be scheduled.
 """
 
@@ -12,8 +13,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch.errors import ProjectInvalid, SpecError
-from dispatch.specs import Spec, context_files, parse_spec, spec_files
+from dispatch.errors import ProjectInvalid, SpecError, cut
+from dispatch.paths import NAME_RULE, name_problem
+from dispatch.specs import Spec, context_files, context_problem, parse_spec, spec_files
 
 
 @dataclass
@@ -103,9 +105,10 @@ def _resolve_dependency(entry: str, ids: list[str]) -> tuple[str | None, str]:
     if len(candidates) == 1:
         return candidates[0], ""
     if candidates:
-        return None, f"is ambiguous: {entry!r} is a prefix of {', '.join(sorted(candidates))}; use the full id"
+        shown = ", ".join(sorted(candidates)[:10]) + (", ..." if len(candidates) > 10 else "")
+        return None, f"is ambiguous: {cut(entry)} is a prefix of {shown}; use the full id"
     known = ", ".join(sorted(ids)[:20]) + (", ..." if len(ids) > 20 else "")
-    return None, f"names {entry!r} but no spec has that id (known: {known})"
+    return None, f"names {cut(entry)} but no spec has that id (known: {known})"
 
 
 def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
@@ -168,6 +171,8 @@ def load_project(name: str, specs_dir: Path) -> Project:
         ProjectInvalid: with every problem found, each naming its file and field.
     """
     errors: list[SpecError] = []
+    if problem := name_problem(name):
+        raise ProjectInvalid(name, [SpecError(str(specs_dir), "project", f"name {cut(name)} {problem}; {NAME_RULE}")])
     if not specs_dir.is_dir():
         raise ProjectInvalid(name, [SpecError(str(specs_dir), "project", (
             "no such spec directory; create it, or set DISPATCH_SPECS to the directory that holds "
@@ -178,6 +183,7 @@ def load_project(name: str, specs_dir: Path) -> Project:
             "holds no spec files; specs are named S<digits>...md or P<digits>...md"))])
 
     specs: dict[str, Spec] = {}
+    folded: dict[str, Spec] = {}
     for path in files:
         spec, spec_errors = parse_spec(path)
         errors += spec_errors
@@ -185,12 +191,18 @@ def load_project(name: str, specs_dir: Path) -> Project:
             continue
         if spec.task_id in specs:
             errors.append(SpecError(str(path), "task_id", (
-                f"duplicate id {spec.task_id!r}, also used by {specs[spec.task_id].path.name}; "
+                f"duplicate id {cut(spec.task_id)}, also used by {specs[spec.task_id].path.name}; "
                 "give each spec its own task_id")))
+            continue
+        if (twin := folded.setdefault(spec.task_id.casefold(), spec)) is not spec:
+            errors.append(SpecError(str(path), "task_id", (
+                f"id {cut(spec.task_id)} differs only in case from {cut(twin.task_id)} of {twin.path.name}; "
+                "ids must differ in more than case (run directories and branches would collide on "
+                "case-insensitive file systems)")))
             continue
         if spec.project is not None and spec.project != name:
             errors.append(SpecError(str(path), "project", (
-                f"says project {spec.project!r} but the file is in project {name!r}; "
+                f"says project {cut(spec.project)} but the file is in project {cut(name)}; "
                 "move the file or fix the field")))
         specs[spec.task_id] = spec
 
@@ -207,6 +219,8 @@ def load_project(name: str, specs_dir: Path) -> Project:
                 resolved.append(full)
         spec.depends_on = resolved
 
+    context = context_files(specs_dir)
+    errors += [problem for path in context if (problem := context_problem(path)) is not None]
     cycle = _find_cycle({task_id: spec.depends_on for task_id, spec in specs.items()})
     if cycle:
         first = specs[cycle[0]]
@@ -214,8 +228,7 @@ def load_project(name: str, specs_dir: Path) -> Project:
             f"dependency cycle: {' -> '.join(cycle)}; remove one of these depends_on entries")))
     if errors:
         raise ProjectInvalid(name, errors)
-    return Project(name=name, specs_dir=specs_dir, specs=specs, order=_topological_order(specs),
-                   context=context_files(specs_dir))
+    return Project(name=name, specs_dir=specs_dir, specs=specs, order=_topological_order(specs), context=context)
 
 
 def select(project: Project, only: list[str] | None = None, start_from: list[str] | None = None) -> set[str]:

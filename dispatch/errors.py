@@ -5,6 +5,33 @@ Every message says what went wrong and what to do about it.
 
 from __future__ import annotations
 
+import reprlib
+
+_CUT = 80
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 10
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = _CUT + 10
+
+
+def cut(value: object, limit: int = _CUT) -> str:
+    """`repr(value)` for a message: at most `limit` characters, then "…".
+
+    Never builds the whole repr of a huge value first (a YAML bomb's expansion, a 1 MiB string): strings
+    are cut before quoting, containers are shown a few items and levels deep.
+
+    Examples:
+        >>> cut("S01-setup")
+        "'S01-setup'"
+        >>> cut("x" * 1000)[-3:]
+        'xx…'
+    """
+    try:
+        text = repr(value[:limit + 1]) if isinstance(value, str) else _REPR.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
 
 class DispatchError(Exception):
     """Base of every error Oyster Dispatch raises on purpose."""
@@ -12,6 +39,22 @@ class DispatchError(Exception):
 
 class ConfigError(DispatchError):
     """A settings value, `nodes.json`, `projects.json` or block is wrong."""
+
+
+class UnsafePath(DispatchError):
+    """A name or path was refused because it could lead out of its root (or is not a plain name).
+
+    Args:
+        what: what the value is ("task_id", "project name", "path", ...).
+        value: the refused value (quoted, cut, in the message).
+        problem: what is wrong with it and what to do.
+    """
+
+    def __init__(self, what: str, value: object, problem: str) -> None:
+        self.what = what
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{what} {cut(value)} {problem}")
 
 
 class SpecError(DispatchError):
@@ -37,7 +80,7 @@ class ProjectInvalid(DispatchError):
         self.project = project
         self.errors = errors
         lines = "\n".join(f"  - {e}" for e in errors)
-        super().__init__(f"project {project!r} is invalid ({len(errors)} error(s)); nothing was scheduled:\n{lines}")
+        super().__init__(f"project {cut(project)} is invalid ({len(errors)} error(s)); nothing was scheduled:\n{lines}")
 
 
 class NodeError(DispatchError):

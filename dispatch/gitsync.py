@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispatch.errors import DispatchError
+from dispatch.paths import remote_path
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def worktree_path(root: str, project: str, task_id: str) -> str:
         ValueError: if the project or task id cannot be part of a branch name.
     """
     branch_name(project, task_id)
-    return f"{root}/{project}/worktrees/{task_id}"
+    return remote_path(root, project, "worktrees", task_id)
 
 
 def _shell_path(path: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from dispatch.paths import check_name, local_path, name_problem
+
 # Final spec statuses written by the node runner, plus the dispatcher's own.
 SUCCEEDED = "succeeded"
 RUNNER_FAILURES = ("failed", "timeout", "stalled", "killed", "acceptance_failed")
@@ -147,7 +149,12 @@ class ProjectState(BaseModel):
 
 
 def state_path(state_dir: Path, project: str) -> Path:
-    return state_dir / f"{project}.json"
+    """`<state_dir>/<project>.json`, the name checked and the path proven inside `state_dir`.
+
+    Raises:
+        UnsafePath: `project` is no valid name.
+    """
+    return local_path(state_dir, f"{check_name(project, 'project name')}.json", what="state file")
 
 
 def save_state(state_dir: Path, state: ProjectState) -> None:
@@ -163,7 +170,7 @@ def load_state(state_dir: Path, project: str) -> ProjectState | None:
 def load_all_states(state_dir: Path) -> list[ProjectState]:
     if not state_dir.is_dir():
         return []
-    states = [load_state(state_dir, p.stem) for p in sorted(state_dir.glob("*.json"))]
+    states = [load_state(state_dir, p.stem) for p in sorted(state_dir.glob("*.json")) if not name_problem(p.stem)]
     return [s for s in states if s is not None]
 
 
@@ -182,3 +189,25 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no procfs: trust kill(0)
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def cached_results(cache_dir: Path, project: str) -> list[Path]:
+    """The files of Prefect's result cache (`cache_dir`) that hold a result of `project`.
+
+    Cache keys start `<project>--`, but a name may hold `--` itself (`a` and `a--b`), so each candidate's
+    record is read and kept only when the `SpecResult` in it names this project.
+    """
+    found = []
+    for path in sorted(cache_dir.glob(f"{check_name(project, 'project name')}--*")):
+        record = read_json(path) if path.is_file() and not path.is_symlink() else None
+        result = record.get("result") if isinstance(record, dict) else None
+        if isinstance(result, str):  # the serializer's JSON text of the SpecResult
+            try:
+                result = json.loads(result)
+            except ValueError:
+                continue
+        if isinstance(result, dict) and isinstance(result.get("data"), dict):  # {"__class__": ..., "data": {...}}
+            result = result["data"]
+        if isinstance(result, dict) and result.get("project") == project:
+            found.append(path)
+    return found

@@ -25,6 +25,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dispatch.paths import check_name, local_path
+
 _REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -78,19 +80,47 @@ class DispatchSettings(BaseSettings):
         return value.expanduser()
 
     def specs_root_for(self, project: str) -> Path:
-        """The spec directory of `project`: `<specs>/<project>`, else the bundled example of that name."""
-        candidate = self.specs / project
+        """The spec directory of `project`: `<specs>/<project>`, else the bundled example of that name.
+
+        The directory itself may be a symbolic link (e.g. to a repository's `specs/`); the spec files in
+        it may not lead out of it (`dispatch.specs`).
+
+        Raises:
+            UnsafePath: `project` is no valid name (`../other`, `.`, `-x`, ...).
+        """
+        candidate = local_path(self.specs, check_name(project, "project name"), allow_link=True)
         if candidate.is_dir() or "specs" in self.model_fields_set:
             return candidate
-        bundled = _REPO_EXAMPLES / project / "specs"
+        bundled = local_path(_REPO_EXAMPLES, project, allow_link=True) / "specs"
         return bundled if bundled.is_dir() else candidate
 
     def code_dir_for(self, project: str) -> Path:
-        """The code directory of `project`: `<projects>/<project>`, else a scratch one under `home`."""
-        candidate = self.projects / project
+        """The code directory of `project`: `<projects>/<project>` (may be a symbolic link to a checkout),
+        else a scratch one under `home`.
+
+        Raises:
+            UnsafePath: `project` is no valid name.
+        """
+        candidate = local_path(self.projects, check_name(project, "project name"), allow_link=True)
         if candidate.is_dir() or "projects" in self.model_fields_set:
             return candidate
-        return self.home / "workspaces" / project
+        return self.project_dir("workspaces", project)
+
+    def home_path(self, *parts: str) -> Path:
+        """`<home>/<part>/...`, proven inside `home` (symlinks resolved).
+
+        Raises:
+            UnsafePath: a part is no plain file name, or the path leads out of `home`.
+        """
+        return local_path(self.home, *parts, what="path under DISPATCH_HOME")
+
+    def project_dir(self, area: str, project: str) -> Path:
+        """`<home>/<area>/<project>` (area: runs, results, workspaces), the name checked, proven inside `home`.
+
+        Raises:
+            UnsafePath: `project` is no valid name, or the path leads out of `home`.
+        """
+        return self.home_path(area, check_name(project, "project name"))
 
     @property
     def state_dir(self) -> Path:
@@ -107,6 +137,11 @@ class DispatchSettings(BaseSettings):
     @property
     def locks_dir(self) -> Path:
         return self.home / "locks"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Prefect's persisted results (the cache)."""
+        return self.home / "cache"
 
     @property
     def embedded(self) -> bool:
@@ -139,7 +174,7 @@ class DispatchSettings(BaseSettings):
         """
         # Prefect creates its home without parents: on a fresh machine DISPATCH_HOME does not exist yet.
         (self.home / "prefect").mkdir(parents=True, exist_ok=True)
-        env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.home / "cache"),
+        env = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.cache_dir),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         if self.embedded:
             env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"

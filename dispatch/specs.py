@@ -4,12 +4,17 @@ A spec is `S<digits>...md` or `P<digits>...md` in `$DISPATCH_SPECS/<project>/`. 
 (`SHARED_CONTEXT.md`, `CLAUDE.md`, ...) is context handed to agents and is never scheduled.
 
 Parsing never raises for a bad file: it returns `SpecError`s, so that `validate` can report every
-problem of a project at once.
+problem of a project at once. Spec files are hostile input: at most `MAX_SPEC_BYTES` are read, the front
+matter is at most `MAX_FRONT_MATTER_BYTES` and may use no YAML aliases (a "billion laughs" expands without
+bound), a file that is a symbolic link out of its directory is refused unread, the task id must be a name
+(`dispatch.paths.NAME_PATTERN`), `modifies` entries must stay inside the repository, and every value quoted
+in a message is cut (`dispatch.errors.cut`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +22,16 @@ from typing import Any
 
 import yaml
 
-from dispatch.errors import SpecError
+from dispatch.errors import SpecError, UnsafePath, cut
+from dispatch.paths import NAME_RULE, name_problem, read_bounded
 
 # libyaml's loader when PyYAML has it (88% of parsing time in pure Python; 5,000 specs: 7.3 s -> 2.9 s).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+MAX_SPEC_BYTES = 1 << 20
+"""A spec (or context) file larger than this is refused, and never read whole."""
+MAX_FRONT_MATTER_BYTES = 64 << 10
+"""A front matter larger than this is refused before it is parsed."""
 
 SPEC_NAME = re.compile(r"^[SP]\d+.*\.md$")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$\n?", re.DOTALL | re.MULTILINE)
@@ -121,6 +132,62 @@ def _string_list(value: Any) -> list[str] | None:
     return None
 
 
+class _AliasFound(Exception):
+    pass
+
+
+def _load_yaml(text: str) -> Any:
+    """The front matter's data; `_AliasFound` when it uses an alias (checked before anything is built).
+
+    libyaml's composer turns an alias into a second reference to its anchor's node, so a node met twice in
+    the graph is an alias (a merge key is one too). The graph itself stays small (a billion laughs is
+    ~90 nodes); what explodes is whatever walks the constructed value, such as a repr() in an error.
+    """
+    loader = _YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if "*" not in text:  # no alias without its indicator: skip the walk (most front matter)
+            return loader.construct_document(node)
+        seen: set[int] = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if id(current) in seen:
+                raise _AliasFound
+            seen.add(id(current))
+            if isinstance(current, yaml.SequenceNode):
+                stack.extend(current.value)
+            elif isinstance(current, yaml.MappingNode):
+                stack.extend(item for pair in current.value for item in pair)
+        return loader.construct_document(node)
+    except ValueError as exc:  # a scalar the constructor cannot build, e.g. an int past Python's digit limit
+        raise yaml.YAMLError(f"a value cannot be read: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
+def modifies_problem(entry: str) -> str | None:
+    """Why a `modifies` entry is no pattern inside the repository, or None when it is one.
+
+    Entries are relative: not absolute, not under `~`, not climbing out with `..` (`src/../lib` is fine),
+    not empty. Backslashes count as `/`, as the lock table reads them.
+    """
+    path = entry.strip().replace("\\", "/")
+    if not path:
+        return "is empty"
+    if "\0" in path:
+        return "holds a NUL character"
+    if path.startswith("/"):
+        return "is an absolute path"
+    if path.startswith("~"):
+        return "starts with '~' (a home directory)"
+    if posixpath.normpath(path).split("/", 1)[0] == "..":
+        return "climbs out of the repository with '..'"
+    return None
+
+
 def _acceptance_commands(body: str) -> list[str]:
     """Checkbox commands under an acceptance heading (English or Chinese), sub-headings included.
 
@@ -166,9 +233,16 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
         errors.append(SpecError(str(path), field_name, message))
 
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path.parent, path, MAX_SPEC_BYTES)
+    except UnsafePath as exc:
+        error("file", exc.problem)
+        return None, errors
     except OSError as exc:
         error("file", f"cannot read it: {exc.strerror or exc}; check its permissions")
+        return None, errors
+    if len(raw) > MAX_SPEC_BYTES:
+        error("file", f"is larger than {MAX_SPEC_BYTES >> 20} MiB; a spec is instructions for an agent: "
+                      "keep data it needs in the repository")
         return None, errors
     try:
         text = raw.decode("utf-8")
@@ -182,12 +256,20 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
     match = _FRONT_MATTER.match(text)
     if match:
         body = text[match.end():]
+        if len(match.group(1).encode()) > MAX_FRONT_MATTER_BYTES:
+            error("front matter", f"is larger than {MAX_FRONT_MATTER_BYTES >> 10} KiB; keep it to the fields "
+                                  "(task_id, depends_on, modifies, ...) and put the rest in the body")
+            return None, errors
         try:
-            loaded = yaml.load(match.group(1), Loader=_YAML_LOADER)  # noqa: S506 - a safe loader
+            loaded = _load_yaml(match.group(1))
+        except _AliasFound:
+            error("front matter", "uses a YAML alias (*name, or a merge key <<: *name); aliases are refused "
+                                  "because they can expand without bound: write the values out")
+            return None, errors
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 2}" if mark is not None else ""
-            problem = getattr(exc, "problem", exc)
+            problem = str(getattr(exc, "problem", None) or exc)[:200]
             error("front matter", f"bad YAML{where}: {problem}; fix the YAML between the --- lines")
             return None, errors
         if loaded is None:
@@ -202,44 +284,54 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
 
     task_id = meta.get("task_id", path.stem)
     if not isinstance(task_id, str | int) or isinstance(task_id, bool) or not str(task_id).strip():
-        error("task_id", f"must be a non-empty string, got {task_id!r}")
+        error("task_id", f"must be a non-empty string, got {cut(task_id)}")
         task_id = path.stem
+    elif (problem := name_problem(str(task_id).strip())) and "task_id" in meta:
+        error("task_id", f"{cut(str(task_id).strip())} {problem}; {NAME_RULE}")
+    elif problem:
+        error("task_id", f"the file name gives the id {cut(task_id)}, which {problem}; rename the file or set "
+                         f"task_id ({NAME_RULE})")
     spec = Spec(task_id=str(task_id).strip(), path=path, body=body)
 
     project = meta.get("project")
     if project is not None and not isinstance(project, str):
-        error("project", f"must be a string, got {project!r}")
+        error("project", f"must be a string, got {cut(project)}")
     else:
         spec.project = project
 
     priority = meta.get("priority", 2)
     if isinstance(priority, bool) or priority not in (1, 2, 3):
-        error("priority", f"must be 1 (high), 2 (default) or 3 (low), got {priority!r}")
+        error("priority", f"must be 1 (high), 2 (default) or 3 (low), got {cut(priority)}")
     else:
         spec.priority = int(priority)
 
     for name in ("depends_on", "modifies", "labels"):
         items = _string_list(meta.get(name))
         if items is None:
-            error(name, f"must be a list of strings (or one string), got {meta.get(name)!r}")
+            error(name, f"must be a list of strings (or one string), got {cut(meta.get(name))}")
         else:
             setattr(spec, name, [item.strip() for item in items])
+    for entry in spec.modifies:
+        if problem := modifies_problem(entry):
+            error("modifies", f"entry {cut(entry)} {problem}; list files, directories or globs relative to the "
+                              "repository's root (e.g. src/api.py, docs/, src/**/*.py)")
 
     exclusive = meta.get("exclusive", False)
     if not isinstance(exclusive, bool):
-        error("exclusive", f"must be true or false, got {exclusive!r}")
+        error("exclusive", f"must be true or false, got {cut(exclusive)}")
     else:
         spec.exclusive = exclusive
 
     executor = meta.get("executor", "glm")
     if not isinstance(executor, str) or not executor.strip():
-        error("executor", f"must be a model name such as glm, codex or claude, got {executor!r}")
+        error("executor", f"must be a model name such as glm, codex or claude, got {cut(executor)}")
     else:
         spec.executor = executor.strip()
 
     models = _string_list(meta.get("model"))
     if models is None:
-        error("model", f"must be a model name or a list (e.g. [glm, minimax, claude]), got {meta.get('model')!r}")
+        error("model", "must be a model name or a list (e.g. [glm, minimax, claude]), "
+                       f"got {cut(meta.get('model'))}")
     else:
         spec.models = models
 
@@ -247,24 +339,24 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
         try:
             spec.timeout = parse_duration(meta["timeout"])
         except ValueError:
-            error("timeout", f"must be a duration such as 45m, 1h30m or 90s, got {meta['timeout']!r}")
+            error("timeout", f"must be a duration such as 45m, 1h30m or 90s, got {cut(meta['timeout'])}")
 
     retries = meta.get("retries")
     if retries is not None:
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 20:
-            error("retries", f"must be a whole number from 0 to 20, got {retries!r}")
+            error("retries", f"must be a whole number from 0 to 20, got {cut(retries)}")
         else:
             spec.retries = retries
 
     node = meta.get("node")
     if node is not None and (not isinstance(node, str) or not node.strip()):
-        error("node", f"must be a node name, got {node!r}")
+        error("node", f"must be a node name, got {cut(node)}")
     else:
         spec.node = node
 
     kind = meta.get("kind", "agent")
     if kind not in KINDS:
-        error("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+        error("kind", f"must be one of {', '.join(KINDS)}, got {cut(kind)}")
     else:
         spec.kind = kind
 
@@ -290,3 +382,17 @@ def spec_files(directory: Path) -> list[Path]:
 def context_files(directory: Path) -> list[Path]:
     """Markdown in the project directory that is context for agents, not a spec."""
     return sorted(p for p in directory.glob("*.md") if p.is_file() and not is_spec_file(p))
+
+
+def context_problem(path: Path) -> SpecError | None:
+    """Why a context file cannot be handed to agents (a link out of its directory, over 1 MiB), or None."""
+    try:
+        size = len(read_bounded(path.parent, path, MAX_SPEC_BYTES))
+    except UnsafePath as exc:
+        return SpecError(str(path), "file", exc.problem)
+    except OSError as exc:
+        return SpecError(str(path), "file", f"cannot read it: {exc.strerror or exc}; check its permissions")
+    if size > MAX_SPEC_BYTES:
+        return SpecError(str(path), "file", f"is larger than {MAX_SPEC_BYTES >> 20} MiB; agents get it whole "
+                                            "as context: shorten it")
+    return None

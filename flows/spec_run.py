@@ -25,6 +25,8 @@ from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
+from dispatch.errors import UnsafePath
+from dispatch.paths import contained, local_path, run_dir_parts
 from dispatch.results import SpecResult
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest
@@ -115,6 +117,13 @@ def spec_run(request: RunRequest) -> State:
 
 
 def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str) -> SpecResult:
+    try:  # the request names paths on this node: its run directory and workdir must stay in the run root
+        local_path(transport.root, *run_dir_parts(request.project, request.task_id), what="run directory")
+        contained(transport.root, Path(request.workdir), "workdir")
+    except UnsafePath as exc:
+        return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
+                          reason=f"refused on the node: {exc}", retryable=False, cache_key=request.cache_key,
+                          run_id=request.run_id, attempt=request.attempt)
     if missing := missing_agent_clis(request):
         return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
                           reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,

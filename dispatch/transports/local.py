@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from dispatch.paths import check_name, local_path, run_dir_parts
 from dispatch.results import SpecResult, pid_alive, read_json, write_json
 from dispatch.runner import RUNNER_PATH
 from dispatch.runner.node_runner import base_environment
@@ -60,8 +61,16 @@ class _ExitWaiter:
 
 
 def run_dir_for(root: Path, project: str, task_id: str) -> Path:
-    """`<root>/<project>/tasks/<task_id>`: one spec's run directory on a node."""
-    return root / project / "tasks" / task_id
+    """`<root>/<project>/tasks/<task_id>`: one spec's run directory on a node, proven inside `root`.
+
+    Raises:
+        UnsafePath: the project or task id is no valid name, or the path leads out of `root`.
+    """
+    return local_path(root, *run_dir_parts(project, task_id), what="run directory")
+
+
+def _tasks_dir(root: Path, project: str) -> Path:
+    return local_path(root, check_name(project, "project name"), "tasks", what="run directory")
 
 
 def live_runner(run_dir: Path, stale_after: float = 30.0) -> dict | None:
@@ -233,7 +242,7 @@ class LocalTransport:
         runner is still alive, and those that ended in success while no dispatcher watched."""
         live: dict[str, str | None] = {}
         finished: dict[str, str | None] = {}
-        for run_dir in sorted((self.root / project / "tasks").glob("*")):
+        for run_dir in sorted(_tasks_dir(self.root, project).glob("*")):
             key = (read_json(run_dir / "task.json") or {}).get("cache_key")
             if live_runner(run_dir, stale_after=float("inf")):
                 live[run_dir.name] = key
@@ -244,7 +253,7 @@ class LocalTransport:
     def kill_project(self, project: str) -> int:
         """Kill every live runner of `project` on this machine (also orphans of a dead dispatcher)."""
         killed = 0
-        for run_dir in sorted((self.root / project / "tasks").glob("*")):
+        for run_dir in sorted(_tasks_dir(self.root, project).glob("*")):
             status = live_runner(run_dir, stale_after=float("inf"))
             if status:
                 self._kill_pid(int(status["runner_pid"]))

@@ -19,10 +19,11 @@ import logging
 import os
 import shlex
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dispatch.cluster import Node
-from dispatch.errors import DispatchError, NodeError
+from dispatch.errors import DispatchError, NodeError, UnsafePath
+from dispatch.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.results import SpecResult
 from dispatch.runner import SHIPPED_FILES, runner_checksum
 from dispatch.ssh import SSHPool
@@ -54,13 +55,14 @@ class SSHTransport:
         self._ship_lock = threading.Lock()
         self.agent = NodeAgent(node.name, lambda: self.pool.open_stream(self.target, f"exec {self.runner()} serve"))
 
-    # -- paths ---------------------------------------------------------------------------------
+    # -- paths (all built by dispatch.paths: checked components, quoted for the shell) ----------
     def run_dir(self, project: str, task_id: str) -> str:
-        return f"{self.root}/{project}/tasks/{task_id}"
+        """`<root>/<project>/tasks/<task_id>` on the node (raises UnsafePath for a bad name)."""
+        return remote_path(self.root, *run_dir_parts(project, task_id))
 
     def workdir(self, project: str, task_id: str) -> str:
         """Where a spec works on this node in scp mode: a copy of the project in its run directory."""
-        return f"{self.run_dir(project, task_id)}/work"
+        return remote_path(self.root, *run_dir_parts(project, task_id), "work")
 
     @property
     def root_path(self) -> str:
@@ -82,8 +84,8 @@ class SSHTransport:
         """The command that starts the node runner, shipping it first if this node lacks this version."""
         with self._ship_lock:
             if self._runner is None:
-                directory = f"{self.root}/.runner/{runner_checksum()[:16]}"
-                quoted = shlex.quote(directory)
+                directory = remote_path(self.root, ".runner", runner_checksum()[:16])
+                quoted = remote_arg(self.root, ".runner", runner_checksum()[:16])
                 present = self.pool.run(
                     self.target, " && ".join(f"test -f {quoted}/{p.name}" for p in SHIPPED_FILES),
                     timeout=_COMMAND_TIMEOUT, check=False).exit_code == 0
@@ -217,18 +219,27 @@ class SSHTransport:
     def adoptable_runs(self, project: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
         """Runs of `project` on this node a restarted dispatcher can adopt, as task id -> cache key: those
         whose runner is still alive, and those that ended in success while no dispatcher watched."""
-        out = self._command(f"{self.runner()} live --finished {shlex.quote(f'{self.root}/{project}/tasks')}")
+        tasks = remote_arg(self.root, check_name(project, "project name"), "tasks")
+        out = self._command(f"{self.runner()} live --finished {tasks}")
         found = json.loads(out.strip().splitlines()[-1] or "[]")
         return ({task_id: key for task_id, key, state in found if state == "running"},
                 {task_id: key for task_id, key, state in found if state == "succeeded"})
 
     def _copy_back(self, workdir: str, files: list[str], target: Path) -> None:
+        """Copy the files the spec changed from its workdir into `target`; entries that are no relative path
+        inside both (a node's report is hostile input: `..`, absolute, through a symlink) are left out."""
         for rel in files:
-            if rel.startswith("/") or ".." in Path(rel).parts:
+            try:
+                parts = PurePosixPath(rel).parts if not rel.startswith("/") else ()
+                if not parts:
+                    raise UnsafePath("files_changed entry", rel, "is not a relative path")
+                source = remote_path(workdir, *parts)
+                destination = local_path(target, *parts, what="files_changed entry")
+            except UnsafePath as exc:
+                logger.warning("node %s: not copied back: %s", self.node.name, exc)
                 continue
-            destination = target / rel
             destination.parent.mkdir(parents=True, exist_ok=True)
-            self.pool.get_file(self.target, f"{workdir}/{rel}", destination)
+            self.pool.get_file(self.target, source, destination)
 
     def _lost(self, request: RunRequest, run_dir: str, reason: str, node_fault: bool) -> SpecResult:
         logger.warning("%s %s: %s", self.node.name, request.task_id, reason)
@@ -245,7 +256,7 @@ class SSHTransport:
 
     def kill_project(self, project: str) -> int:
         """Kill every runner of `project` on this node; returns how many were running."""
-        tasks = shlex.quote(f"{self.root}/{project}/tasks")
+        tasks = remote_arg(self.root, check_name(project, "project name"), "tasks")
         out = self._command(
             f'n=0; for d in {tasks}/*/; do [ -d "$d" ] || continue; '
             f'{self.runner()} kill "$d" | grep -q \'"was_running": true\' && n=$((n+1)); done; echo $n',
@@ -257,8 +268,18 @@ class SSHTransport:
         self.agent.close()
 
     def cleanup(self, project: str) -> None:
-        """Remove this project's run directories on the node (and nothing else)."""
-        self._command(f"rm -rf {shlex.quote(f'{self.root}/{project}')}", timeout=300)
+        """Remove this project's run directories on the node (and nothing else).
+
+        Raises:
+            UnsafePath: `project` is no valid name (nothing is run on the node).
+            DispatchError: runners of the project still live on the node (stop it first), or it failed.
+        """
+        directory = remote_arg(self.root, check_name(project, "project name"))
+        live, _ = self.adoptable_runs(project)
+        if live:
+            raise DispatchError(f"{len(live)} runner(s) of {project} still live there ({', '.join(sorted(live)[:10])});"
+                                f" stop them with `dispatch stop {project}`")
+        self._command(f"rm -rf {directory}", timeout=300)
 
 
 def _write_task(quoted_run_dir: str, task: bytes) -> str:

@@ -330,3 +330,74 @@ def test_select_an_unknown_name_is_an_error(chain: Path) -> None:
 
     assert [e.field for e in info.value.errors] == ["--only"]
     assert "S42" in info.value.errors[0].message
+
+
+# -- hostile input -------------------------------------------------------------------------------------------
+
+
+def test_ids_differing_only_in_case_are_an_error_naming_both_files(tmp_path: Path) -> None:
+    _spec(tmp_path, "S01-a.md", "task_id: Build\n")
+    _spec(tmp_path, "S02-b.md", "task_id: build\n")
+
+    errors = _errors(tmp_path)
+
+    assert [(name, field) for name, field, _ in errors] == [("S02-b.md", "task_id")]
+    assert "'Build'" in errors[0][2] and "S01-a.md" in errors[0][2] and "case" in errors[0][2]
+
+
+@pytest.mark.parametrize("name", ["../other", ".", "..", "-rf", "a/b", "x" * 101])
+def test_a_project_name_outside_the_pattern_is_an_error(tmp_path: Path, name: str) -> None:
+    _spec(tmp_path, "S01-a.md")
+
+    with pytest.raises(ProjectInvalid) as info:
+        load_project(name, tmp_path)
+
+    assert [e.field for e in info.value.errors] == ["project"]
+
+
+@pytest.mark.parametrize("context", ["SHARED_CONTEXT.md", "CLAUDE.md"])
+def test_a_context_file_linked_out_of_the_spec_directory_is_an_error(tmp_path: Path, context: str) -> None:
+    specs = tmp_path / "shop"
+    specs.mkdir()
+    _spec(specs, "S01-a.md")
+    (tmp_path / "secret.md").write_text("TOPSECRET\n", encoding="utf-8")
+    (specs / context).symlink_to(tmp_path / "secret.md")
+
+    with pytest.raises(ProjectInvalid) as info:
+        load_project("shop", specs)
+
+    assert [(Path(e.path).name, e.field) for e in info.value.errors] == [(context, "file")]
+    assert "symbolic link" in info.value.errors[0].message and "TOPSECRET" not in str(info.value)
+
+
+def test_a_context_file_over_1_mib_is_an_error(tmp_path: Path) -> None:
+    _spec(tmp_path, "S01-a.md")
+    with open(tmp_path / "SHARED_CONTEXT.md", "wb") as handle:
+        handle.truncate((1 << 20) + 1)
+
+    errors = _errors(tmp_path)
+
+    assert [(name, field) for name, field, _ in errors] == [("SHARED_CONTEXT.md", "file")]
+    assert "1 MiB" in errors[0][2]
+
+
+def test_a_spec_directory_linked_into_the_specs_root_loads_and_its_files_stay_inside_it(tmp_path: Path) -> None:
+    real = tmp_path / "repo-specs"
+    real.mkdir()
+    _spec(real, "S01-a.md")
+    (real / "SHARED_CONTEXT.md").write_text("notes\n", encoding="utf-8")
+    (tmp_path / "linked").symlink_to(real)
+
+    project = load_project("linked", tmp_path / "linked")
+
+    assert list(project.specs) == ["S01-a"] and [p.name for p in project.context] == ["SHARED_CONTEXT.md"]
+
+
+def test_long_values_are_cut_in_dependency_and_project_messages(tmp_path: Path) -> None:
+    _spec(tmp_path, "S01-a.md", f"depends_on: [{'S' * 50_000}]\n")
+    _spec(tmp_path, "S02-b.md", f"project: {'p' * 50_000}\n")
+
+    errors = _errors(tmp_path)
+
+    assert [(name, field) for name, field, _ in errors] == [("S02-b.md", "project"), ("S01-a.md", "depends_on")]
+    assert all(len(message) < 400 and "…" in message for _, _, message in errors)

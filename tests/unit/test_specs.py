@@ -364,3 +364,146 @@ def test_comment_lines_inside_fenced_code_are_not_headings(tmp_path: Path) -> No
     spec = _parse_ok(tmp_path, "S01-a.md", text)
 
     assert spec.acceptance == ["make a", "make b"]
+
+
+# -- hostile input: names, modifies, links, sizes, YAML bombs ------------------------------------------------
+
+
+@pytest.mark.parametrize("task_id", ["/tmp/x", "../../../../tmp/x", "x" * 300, ".", "..", ".hidden", "-rf",
+                                     "a b", "a/b", "S01\nS02", "ü"])
+def test_a_task_id_outside_the_name_pattern_is_an_error_naming_file_and_field(tmp_path: Path, task_id: str) -> None:
+    import json
+
+    path = _write(tmp_path, "S01-a.md", f"---\ntask_id: {json.dumps(task_id)}\n---\nDo it.\n")
+
+    spec, errors = parse_spec(path)
+
+    assert [(e.path, e.field) for e in errors] == [(str(path), "task_id")]
+    assert "letters, digits" in errors[0].message and len(errors[0].message) < 300
+
+
+def test_a_file_name_that_is_no_valid_id_needs_a_task_id(tmp_path: Path) -> None:
+    path = _write(tmp_path, "S01 a b.md", "---\n---\nDo it.\n")
+
+    _, errors = parse_spec(path)
+
+    assert [(e.path, e.field) for e in errors] == [(str(path), "task_id")]
+    assert "rename the file or set task_id" in errors[0].message
+    assert _parse_ok(tmp_path, "S02 c.md", "---\ntask_id: S02-c\n---\nDo it.\n").task_id == "S02-c"
+
+
+@pytest.mark.parametrize("entry", ["/etc/shadow", "../../etc", "/", "~/.ssh", "~", "src/../../x", "", "  ",
+                                   "..\\..\\etc", "a\0b"])
+def test_modifies_outside_the_repository_is_an_error_naming_file_and_field(tmp_path: Path, entry: str) -> None:
+    import json
+
+    path = _write(tmp_path, "S01-a.md", f"---\nmodifies: [src/ok.py, {json.dumps(entry)}]\n---\nDo it.\n")
+
+    _, errors = parse_spec(path)
+
+    assert [(e.path, e.field) for e in errors] == [(str(path), "modifies")]
+
+
+@pytest.mark.parametrize("entry", ["src/a.py", "src/", "src/**/*.py", "./docs", "src/../lib/x.py", ".", "a b.txt",
+                                   ".github/workflows/ci.yml"])
+def test_modifies_inside_the_repository_is_fine(tmp_path: Path, entry: str) -> None:
+    import json
+
+    spec = _parse_ok(tmp_path, "S01-a.md", f"---\nmodifies: [{json.dumps(entry)}]\n---\nDo it.\n")
+
+    assert spec.modifies == [entry]
+
+
+def test_a_spec_that_is_a_symlink_out_of_its_directory_is_refused_unread(tmp_path: Path) -> None:
+    specs, outside = tmp_path / "shop", tmp_path / "outside.md"
+    specs.mkdir()
+    outside.write_text("---\ntask_id: S09\n---\nTOPSECRET\n", encoding="utf-8")
+    (specs / "S01-a.md").symlink_to(outside)
+
+    spec, errors = parse_spec(specs / "S01-a.md")
+
+    assert spec is None
+    assert [(e.path, e.field) for e in errors] == [(str(specs / "S01-a.md"), "file")]
+    assert "symbolic link" in errors[0].message and "TOPSECRET" not in str(errors[0])
+
+
+def test_a_spec_linked_to_another_file_of_its_directory_is_read(tmp_path: Path) -> None:
+    _write(tmp_path, "S01-a.md", "---\npriority: 1\n---\nDo it.\n")
+    (tmp_path / "S02-b.md").symlink_to(tmp_path / "S01-a.md")
+
+    spec, errors = parse_spec(tmp_path / "S02-b.md")
+
+    assert errors == [] and spec is not None
+    assert (spec.task_id, spec.priority) == ("S02-b", 1)
+
+
+def _refused(path: Path, field: str, errors=None) -> str:
+    """Parse `path` (unless its errors are given): no spec, one error on `field`; returns its message."""
+    spec, errors = parse_spec(path) if errors is None else (None, errors)
+    assert spec is None
+    assert [(e.path, e.field) for e in errors] == [(str(path), field)]
+    return errors[0].message
+
+
+def test_a_front_matter_over_64_kib_is_an_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, "S01-a.md", f"---\nnotes: {'x' * 70_000}\n---\nDo it.\n")
+
+    assert "64 KiB" in _refused(path, "front matter")
+
+
+def test_a_spec_over_1_mib_is_an_error_without_reading_it_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = _write(tmp_path, "S01-a.md", "---\n---\nDo it.\n")
+    with open(path, "r+b") as handle:
+        handle.truncate(64 << 20)  # sparse; the bad-input suite tries 2 GiB under a memory cap
+
+    tracemalloc.start()
+    try:
+        spec, errors = parse_spec(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated: the file was read whole"
+    assert spec is None and "1 MiB" in _refused(path, "file", errors)
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path: Path) -> None:
+    # five levels (59,049 strings) keep a regression here harmless; the bad-input suite runs nine levels
+    # (387 million) under a memory cap
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 5)]
+    path = _write(tmp_path, "S01-a.md", "---\n" + "\n".join(lines) + "\nlabels: *a4\n---\nDo it.\n")
+
+    assert "alias" in _refused(path, "front matter")
+
+
+def test_a_merge_key_alias_is_refused_too(tmp_path: Path) -> None:
+    path = _write(tmp_path, "S01-a.md", "---\nbase: &b {priority: 1}\nx:\n  <<: *b\n---\nDo it.\n")
+
+    assert "alias" in _refused(path, "front matter")
+
+
+def test_globs_with_stars_are_no_aliases(tmp_path: Path) -> None:
+    spec = _parse_ok(tmp_path, "S01-a.md", "---\nmodifies: ['src/*.py', 'docs/**']\n---\nDo it.\n")
+
+    assert spec.modifies == ["src/*.py", "docs/**"]
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    (f"executor: [{'y' * 50_000}]", "executor"),
+    (f"labels: [{{k: {'k' * 50_000}}}]", "labels"),
+    (f"priority: {'9' * 3000}", "priority"),
+])
+def test_a_long_bad_value_is_cut_in_the_message(tmp_path: Path, line: str, field: str) -> None:
+    _, errors = parse_spec(_write(tmp_path, "S01-a.md", f"---\n{line}\n---\nDo it.\n"))
+
+    assert [e.field for e in errors] == [field]
+    assert len(errors[0].message) < 300 and "…" in errors[0].message
+
+
+def test_an_int_past_pythons_digit_limit_is_a_front_matter_error_not_a_crash(tmp_path: Path) -> None:
+    path = _write(tmp_path, "S01-a.md", f"---\npriority: {'9' * 5000}\n---\nDo it.\n")
+
+    _refused(path, "front matter")
