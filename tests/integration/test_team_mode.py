@@ -177,11 +177,13 @@ def test_server_restart_mid_run_reruns_no_finished_spec(team_server: TeamServer,
 
 
 def test_two_users_share_the_nodes_slots_through_the_server(team_server: TeamServer, loopback_cluster,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, node_shared: Path) -> None:
     """Two dispatchers with their own DISPATCH_HOMEs (two users) never put more than a node's slots on it."""
     from tests.fixtures.projects import max_concurrency, runs_by_node, shell_spec
+    from tests.fixtures.sshd import writable_by_nodes
 
-    timeline = tmp_path / "timeline"
+    timeline = node_shared / "timeline"
+    writable_by_nodes(timeline)
     homes = {}
     for user in ("alice", "bob"):
         home = tmp_path / user / "home"
