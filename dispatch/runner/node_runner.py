@@ -131,7 +131,8 @@ class Task:
 
     Each step is {"name", "argv": [...]} (an agent CLI, output classified for rate limits) or
     {"name", "script": "..."} (a shell spec, run as `bash -e -o pipefail <run_dir>/script.sh`, judged
-    by exit code alone), with an optional "env". A relative workdir is taken from run_dir.
+    by exit code alone), with an optional "env". A relative workdir starts at the login's home, as every
+    relative path on a node does (`on_node`).
     """
 
     project: str
@@ -199,6 +200,13 @@ def _parse_step(raw: Any, index: int) -> Step:
     return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"))
 
 
+def on_node(path: str) -> str:
+    """The one rule for a path the dispatcher names on a node: `~` expanded, a relative one taken from the
+    login's home (where SFTP and SSH commands start), never from the current or the run directory."""
+    path = os.path.expanduser(path)
+    return os.path.abspath(path if os.path.isabs(path) else os.path.join(os.path.expanduser("~"), path))
+
+
 def load_task(run_dir: str) -> Task:
     """Read and check ``<run_dir>/task.json``.
 
@@ -219,9 +227,6 @@ def load_task(run_dir: str) -> Task:
     workdir = data.get("workdir")
     if not isinstance(workdir, str) or not workdir:
         raise TaskError("task.json: 'workdir' must be a directory path (it is created if missing)")
-    workdir = os.path.expanduser(workdir)
-    if not os.path.isabs(workdir):
-        workdir = os.path.join(run_dir, workdir)
     lists = {}
     for key in ("skip_models", "acceptance"):
         value = data.get(key) or []
@@ -231,7 +236,7 @@ def load_task(run_dir: str) -> Task:
     return Task(
         project=str(data.get("project") or os.path.basename(os.path.dirname(os.path.dirname(run_dir)))),
         task_id=str(data.get("task_id") or os.path.basename(run_dir)),
-        workdir=os.path.abspath(workdir),
+        workdir=on_node(workdir),
         steps=[_parse_step(raw, i) for i, raw in enumerate(steps)],
         timeout=_seconds(data, "timeout", 3600.0),
         stall_timeout=_seconds(data, "stall_timeout", 900.0),
@@ -1472,7 +1477,7 @@ class _Agent:
             self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
 
     def run(self, rid: Any, request: dict) -> None:
-        run_dir = os.path.abspath(os.path.expanduser(request["run_dir"]))
+        run_dir = on_node(request["run_dir"])
         task = request["task"]
         if os.path.exists(os.path.join(run_dir, "status.json")):  # a run was here: this attempt's, or older
             same = (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key") == task.get("cache_key")
