@@ -160,6 +160,7 @@ class Outcome:
     spawn_error: str | None = None
     pgid: int = 0
     survivors: bool = False  # some process of its group outlived SIGKILL
+    leftovers: str = ""  # "killed N leftover processes: pid cmd, ..." (detached descendants), or ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,13 +406,94 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def _become_subreaper() -> None:
-    """Linux: adopt orphaned descendants, so that killed background children are reaped by us."""
+    """Linux: adopt orphaned descendants, so that killed background children are reaped by us, and children
+    that detach (`setsid`, a double fork) come back to us to be killed when their step ends."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError, ImportError):
         pass
+
+
+def _has_children() -> bool:
+    """Whether this process has any child (cheap: /proc/self/task/*/children; True when that cannot be read)."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as handle:
+                if handle.read().strip():
+                    return True
+    except OSError:
+        return True
+    return False
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Live (not zombie) descendants of `root`, pid -> state, read from /proc; our zombie children are reaped."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                raw = handle.read().decode("ascii", "replace")
+            fields = raw[raw.rfind(")") + 2 :].split()
+            children.setdefault(int(fields[1]), []).append((int(name), fields[0]))
+        except (OSError, IndexError, ValueError):
+            continue
+    found: dict[int, str] = {}
+    stack = [root]
+    while stack:
+        for pid, state in children.get(stack.pop(), []):
+            if state == "Z":
+                if root == os.getpid():
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:  # not ours (a grandchild): its parent reaps it
+                        pass
+                continue
+            found[pid] = state
+            stack.append(pid)
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            text = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return "?"
+    return text[:200] or "?"
+
+
+def _kill_leftovers() -> tuple[str, bool]:
+    """Kill every process still descending from this runner (SIGTERM, SIGKILL after the grace).
+
+    Run when a step has ended and been reaped, so whatever is left escaped its process group and session:
+    a daemon that double-forked with `setsid`, re-parented to us by `_become_subreaper`. Returns the report
+    ("killed N leftover processes: pid cmd, ...", or "") and whether any outlived SIGKILL.
+    """
+    found = _descendants(os.getpid()) if _has_children() else {}
+    if not found:
+        return "", False
+    described = [f"{pid} {_command_line(pid)}" for pid in sorted(found)]
+    for sig, wait in ((signal.SIGTERM, _KILL_GRACE), (signal.SIGKILL, 2.0)):
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        end = time.monotonic() + wait
+        while found and time.monotonic() < end:
+            time.sleep(_POLL)
+            found = _descendants(os.getpid())
+        if not found:
+            break
+    return f"killed {len(described)} leftover processes: {', '.join(described)}", bool(found)
 
 
 def _set_process_name(name: bytes) -> None:
@@ -724,6 +806,8 @@ class Runner:
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
         attempt["exit_code"] = outcome.returncode
         attempt, fall_through = self._judge(step, attempt, outcome, argv[0])
+        if outcome.leftovers:
+            attempt["reason"] += f"; {outcome.leftovers}"
         if outcome.survivors:
             attempt["reason"] += f"; WARNING: processes of group {outcome.pgid} survived SIGKILL"
         return attempt, fall_through
@@ -854,6 +938,12 @@ class Runner:
             if not _terminate_group(pgid, proc):
                 outcome.survivors = True
                 self.log.line(f"=== runner: WARNING: processes of group {pgid} survived SIGKILL ===")
+        outcome.leftovers, survived = _kill_leftovers()
+        if outcome.leftovers:
+            self.log.line(f"=== runner: {outcome.leftovers} ===")
+        if survived:
+            outcome.survivors = True
+            self.log.line("=== runner: WARNING: leftover processes survived SIGKILL ===")
         outcome.output, outcome.ended_at = tail.text(), time.time()
         return outcome
 

@@ -178,3 +178,38 @@ def test_a_relative_workdir_is_the_same_directory_for_the_runner_sftp_and_comman
     assert ssh_pool.read_file(transport.target, f"{request.workdir}/made.txt") == b"made\n"
     assert not (transport.local_root / "agent" / "tasks" / "W1" / transport.root).exists(), \
         "the runner made a nested copy of the run root inside the run directory"
+
+
+def _with_marker(marker: str) -> list[int]:
+    """Pids of live processes (any user) whose command line holds `marker`."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = Path(entry.path, "stat").read_text().rpartition(")")[2].split()[0]
+            except OSError:
+                continue
+            if marker in cmd and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_detached_descendants_are_killed_and_reported_when_the_attempt_ends(transport: SSHTransport):
+    """A step that double-forks a `sleep 300` into its own session (as dev servers do) and exits 0: the runner, a
+    child subreaper, gets the orphans back, kills them and says so; nothing of them is left on the node."""
+    quiet, loud = (f"300.{os.getpid()}{n}{time.time_ns() % 1000:03d}" for n in (1, 2))
+    script = (f"(setsid sleep {quiet} </dev/null >/dev/null 2>&1 &)\n"  # detached, its output elsewhere
+              f"(setsid sleep {loud} &)\n"  # detached, still holding the step's output
+              "echo spawned")
+    lines: list[str] = []
+    try:
+        result = transport.run(_request(transport, "D1", script), lines.append)
+        assert result.succeeded, result.reason
+        assert "killed 2 leftover processes:" in result.reason, result.reason
+        assert f"sleep {quiet}" in result.reason and f"sleep {loud}" in result.reason, result.reason
+        assert any("killed 2 leftover processes:" in line for line in lines), lines
+        assert _with_marker(quiet) == [] and _with_marker(loud) == [], "a detached descendant outlived its attempt"
+    finally:
+        for pid in _with_marker(quiet) + _with_marker(loud):
+            os.kill(pid, signal.SIGKILL)
