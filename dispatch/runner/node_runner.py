@@ -1509,17 +1509,39 @@ class _Agent:
     with the request's id: "started" (pid), "attached" (pid: the same attempt was already running), "log"
     (lines), "result" (result.json once the runner has ended), "recovered" (result: the same attempt had
     succeeded while nobody watched), "earlier" (another runner or its orphan holds the run directory: the
-    dispatcher takes the long way), "error" (message).
+    dispatcher takes the long way), "full" (running, slots, message: the node already runs `slots` runners,
+    counted on the node whoever started them; the dispatcher requeues the spec briefly), "error" (message,
+    e.g. a run_dir outside the run root).
     Runners are detached: they outlive the agent, whose end (stdin closed) stops nothing but the watching.
+
+    Args:
+        root: the node's run root; every run_dir must resolve to a directory inside it.
+        slots: how many runners the node runs at once at most.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: str, slots: int) -> None:
         import selectors
 
+        self.root = os.path.realpath(on_node(root))
+        self.slots = slots
         self.selector = selectors.DefaultSelector()
         self.watched: dict[Any, _Watched] = {}
         self.stdin = sys.stdin.fileno()
         self.buffer = b""
+
+    def live_runners(self) -> int:
+        """Runners alive under the run root (their `.runner.lock` held), whoever started them."""
+        import glob
+
+        pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", ".runner.lock")
+        return sum(not _runner_gone(os.path.dirname(lock)) for lock in glob.glob(pattern))
+
+    def _inside_root(self, run_dir: str) -> str:
+        """`run_dir` resolved (symlinks, `..`); ValueError unless it lies strictly inside the run root."""
+        resolved = os.path.realpath(run_dir)
+        if not resolved.startswith(self.root + os.sep):
+            raise ValueError(f"run_dir {run_dir} ({resolved}) is outside the agent's run root {self.root}: refused")
+        return resolved
 
     def emit(self, rid: Any, event: str, **fields: Any) -> None:
         fields.update(id=rid, event=event)
@@ -1567,7 +1589,7 @@ class _Agent:
             self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
 
     def run(self, rid: Any, request: dict) -> None:
-        run_dir = on_node(request["run_dir"])
+        run_dir = self._inside_root(on_node(request["run_dir"]))
         task = request["task"]
         if os.path.exists(os.path.join(run_dir, "status.json")):  # a run was here: this attempt's, or older
             same = (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key") == task.get("cache_key")
@@ -1583,13 +1605,24 @@ class _Agent:
             if same and result is not None and result.get("status") == "succeeded":
                 self.emit(rid, "recovered", result=result)
                 return
-        os.makedirs(run_dir, exist_ok=True)
-        old_umask = os.umask(0o077)
+        # count and claim under one lock: two agents (two dispatchers) never both take the last slot
+        mutex = os.open(os.path.join(self.root, ".slots.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            _write_json(os.path.join(run_dir, "task.json"), task)
+            fcntl.flock(mutex, fcntl.LOCK_EX)
+            running = self.live_runners()
+            if running >= self.slots:
+                self.emit(rid, "full", running=running, slots=self.slots,
+                          message=f"node full: {running} of {self.slots} slots run a spec (counted on the node)")
+                return
+            os.makedirs(run_dir, exist_ok=True)
+            old_umask = os.umask(0o077)
+            try:
+                _write_json(os.path.join(run_dir, "task.json"), task)
+            finally:
+                os.umask(old_umask)
+            lock_fd, refused = _claim(run_dir)
         finally:
-            os.umask(old_umask)
-        lock_fd, refused = _claim(run_dir)
+            os.close(mutex)
         if lock_fd is None:
             self.emit(rid, "earlier", reason=refused["message"])
             return
@@ -1646,9 +1679,9 @@ class _Agent:
         self.emit(watched.rid, "result", result=_read_json(os.path.join(watched.run_dir, "result.json")))
 
 
-def cmd_serve() -> int:
+def cmd_serve(root: str, slots: int) -> int:
     try:
-        return _Agent().serve()
+        return _Agent(root, slots).serve()
     except BrokenPipeError:  # the channel closed while we wrote: same as stdin closing
         return 0
 
@@ -1672,7 +1705,10 @@ def main(argv: list[str] | None = None) -> int:
     follow.add_argument("run_dir")
     follow.add_argument("--from-byte", type=int, default=0)
     commands.add_parser("version", help="print the runner's checksum")
-    commands.add_parser("serve", help="start and watch runs asked for as JSON lines on stdin (one agent per node)")
+    serve = commands.add_parser("serve", help="start and watch runs asked for as JSON lines on stdin (one agent "
+                                "per node)")
+    serve.add_argument("--root", required=True, help="the node's run root: run directories must be inside it")
+    serve.add_argument("--slots", required=True, type=int, help="runners the node runs at once at most")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -1687,7 +1723,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "serve":
-        return cmd_serve()
+        if args.slots < 1:
+            parser.error("serve: --slots must be at least 1")
+        return cmd_serve(args.root, args.slots)
     run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
     if args.command == "run":
         return cmd_run(run_dir, detach=args.detach, secrets_stdin=args.secrets_stdin)

@@ -274,3 +274,19 @@ def test_restarted_dispatcher_reattaches_to_specs_still_running_on_the_nodes(pre
     taken = [line for line in (second.stdout + second.stderr).splitlines() if "already succeeded there" in line]
     assert any("S07-quick" in line for line in taken), second.stderr[-8000:]
     assert runs["S06-last"][0][0] >= max(runs[f"S0{i}-long"][0][1] for i in range(2, 6))
+
+
+def test_a_node_listed_twice_never_runs_more_than_its_slots(run_project, cluster, isolated_home: Path):
+    """A configuration mistake: loop1 (2 slots) appears under two names, so the dispatcher counts 4 slots there.
+    The node's own agents count its live runners and refuse past 2; refused specs wait and run later."""
+    loop1 = {**cluster.node("loop1"), "slots": 2, "env": {"PATH": "/usr/local/bin:/usr/bin:/bin"}}
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [
+        {**loop1, "name": "twice-a"}, {**loop1, "name": "twice-b"}]}))
+    specs, timeline = isolated_home / "specs" / "twice", cluster.timeline
+    for i in range(6):
+        shell_spec(specs, f"S{i:02d}", timeline, seconds=1.5)
+    state, summary = run_project("twice")
+    assert state.is_completed(), state.message
+    runs = [run for runs in runs_by_node(timeline).values() for run in runs]
+    assert len(runs) == 6 and max_concurrency(runs) <= 2, runs
+    assert {row.attempts for row in summary.specs.values()} == {1}, "a refusal by the node is not an attempt"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.cluster import parse_node
+from dispatch.errors import NodeError
 from dispatch.runner.node_runner import RUNNER_PROCESS_NAME
 from dispatch.settings import get_settings
 from dispatch.ssh import SSHPool
@@ -213,3 +214,46 @@ def test_detached_descendants_are_killed_and_reported_when_the_attempt_ends(tran
     finally:
         for pid in _with_marker(quiet) + _with_marker(loud):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_node_agent_never_runs_more_runners_than_the_nodes_slots(loopback_cluster, node_shared: Path):
+    """Two dispatchers that do not share a slot count (two pools, two agents) send 3 attempts each to a 2-slot
+    node: the node's agents count the live runners under the run root and answer "node full" past 2."""
+    from tests.fixtures.projects import max_concurrency, read_timeline
+    from tests.fixtures.sshd import writable_by_nodes
+
+    timeline = node_shared / "timeline"
+    writable_by_nodes(timeline)
+    raw = {**loopback_cluster.node("loop1"), "slots": 2}
+    node = parse_node(loopback_cluster.nodes_json, 0, raw, get_settings())
+    results: dict[str, object] = {}
+    with SSHPool() as first, SSHPool() as second:
+        transports = [SSHTransport(node, first), SSHTransport(node, second)]
+
+        def attempt(index: int) -> None:
+            transport, task_id = transports[index % 2], f"F{index}"
+            script = (f'echo "{task_id} start $(date +%s.%N)" >> {timeline}; sleep 2; '
+                      f'echo "{task_id} end $(date +%s.%N)" >> {timeline}')
+            results[task_id] = transport.run(_request(transport, task_id, script, project="full"), lambda _: None)
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        for transport in transports:
+            transport.close()
+    ran = read_timeline(timeline)
+    assert max_concurrency([run for runs in ran.values() for run in runs]) <= 2, ran
+    full = {t: r for t, r in results.items() if r.status == "node_full"}
+    assert len(full) >= 2 and all("node full" in r.reason and "2 of 2" in r.reason for r in full.values()), results
+    assert all(r.succeeded for t, r in results.items() if t not in full), results
+    assert set(ran) == set(results) - set(full), "a refused attempt must not have started"
+
+
+def test_the_node_agent_refuses_a_run_directory_outside_its_root(transport: SSHTransport):
+    escaping = _request(transport, "E1", "echo escaped > escaped.txt")
+    for run_dir in ("/tmp/elsewhere", f"{transport.root}/../outside", f"{transport.root}"):
+        with pytest.raises(NodeError, match="outside the agent's run root"):
+            transport.agent.run(run_dir, escaping.task_json(), None, lambda _: None, timeout=30)
+    assert not (transport.local_root.parent / "outside").exists()
