@@ -82,7 +82,7 @@ class ProjectRun:
         # The same spec against another code directory or revision is other work: its own cache key.
         self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
         self.nodes = {node.name: node for node in nodes}
-        self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes))
+        self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes), log=self.logger)
         TRANSPORTS.update(self.runtime.transports)
         self.scheduler = Scheduler(
             project, selected,

@@ -32,9 +32,14 @@ FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
 
 
 @pytest.fixture
-def cluster(loopback_cluster, isolated_home: Path, node_shared: Path):
+def cluster(loopback_cluster, isolated_home: Path, node_shared: Path, monkeypatch: pytest.MonkeyPatch):
     """DISPATCH_HOME/nodes.json for the loopback cluster, with the fake agent on every node's PATH; its
-    `timeline` and `agent_log` files are writable by every node."""
+    `timeline` and `agent_log` files are writable by every node.
+
+    The session's Prefect server runs on SQLite, which cannot hold concurrency limits (each slot request
+    meets "database is locked" and a ~2 s back-off), so node slots are not taken from it here; each node's
+    agent still enforces its slots. Team mode's limits are tested on PostgreSQL (test_team_mode.py)."""
+    monkeypatch.setenv("DISPATCH_SERVER_SLOTS", "false")
     fakebin = node_shared / "fakebin"
     fakebin.mkdir()
     for name in ("claude", "codex", "opencode"):
