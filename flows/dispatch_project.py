@@ -139,15 +139,9 @@ class ProjectRun:
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
         """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
-        if not any(n.transport == "ssh" and not n.key_path for n in nodes):
-            return {}
-        from dispatch.nodes_admin import node_keys
+        from dispatch.nodes_admin import ssh_key_secrets
 
-        try:
-            return {name: key.get_secret_value() for name, key in node_keys(nodes).items()}
-        except Exception as exc:
-            self.logger.warning("could not read the nodes' keys from their blocks (%s); using key files", exc)
-            return {}
+        return ssh_key_secrets(nodes, self.logger)
 
     def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
         """Models (built-in, overridden by `AgentModel` blocks) and their keys, for the agent specs."""

@@ -295,3 +295,36 @@ def test_a_node_listed_twice_never_runs_more_than_its_slots(run_project, cluster
     runs = [run for runs in runs_by_node(timeline).values() for run in runs]
     assert len(runs) == 6 and max_concurrency(runs) <= 2, runs
     assert {row.attempts for row in summary.specs.values()} == {1}, "a refusal by the node is not an attempt"
+
+
+def test_stop_and_cleanup_reach_a_node_whose_key_lives_only_in_its_block(prefect_api, cluster, isolated_home: Path):
+    """A node with no key_path: its key is in its ClusterNode block. A run reaches it, and so must `dispatch stop`
+    (killing the runners a killed dispatcher left) and `dispatch cleanup` (removing its run directories)."""
+    home = isolated_home / "home"
+    entry = {**json.loads((home / "nodes.json").read_text())["nodes"][1], "name": "keyonly"}
+    (home / "nodes.json").write_text(json.dumps({"nodes": [entry]}))
+    imported = subprocess.run([DISPATCH, "nodes", "import", "--embed-keys"], capture_output=True, text=True,
+                              timeout=120)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    del entry["key_path"]  # from now on the key exists only in the block
+    (home / "nodes.json").write_text(json.dumps({"nodes": [entry]}))
+    marker = f"4{os.getpid()}{int(time.time() * 1000) % 100000}"
+    specs, timeline = isolated_home / "specs" / "keyonly", cluster.timeline
+    shell_spec(specs, "S01-long", timeline, seconds=marker)
+    log = isolated_home / "run.log"
+    run = start_in_background("keyonly", log)
+    try:
+        wait_for_starts(timeline, 1, log)
+    finally:
+        os.kill(run.pid, 9)  # the dispatcher dies; its runner on the node does not
+        run.wait()
+    stopped = subprocess.run([DISPATCH, "stop", "keyonly"], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "1 orphaned runner(s) killed" in stopped.stdout, stopped.stdout + stopped.stderr
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.returncode == 1, f"the spec still runs on the node: {left.stdout}"
+    run_dirs = cluster.run_root("loop2") / "keyonly"
+    assert run_dirs.is_dir()
+    cleaned = subprocess.run([DISPATCH, "cleanup", "keyonly"], capture_output=True, text=True, timeout=120)
+    assert cleaned.returncode == 0 and "not cleaned" not in cleaned.stderr, cleaned.stdout + cleaned.stderr
+    assert not run_dirs.exists(), "cleanup did not reach the node"
