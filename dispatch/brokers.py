@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +75,7 @@ class ServerSlots:
         self._leases: set = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._warned_at = 0.0
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-lease-release")
         self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
         self._renewer.start()
@@ -85,17 +87,22 @@ class ServerSlots:
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 423:  # the limit is full: another dispatcher holds the slots
                 return None
-            logger.warning("cannot take a slot of %s from the server (%s); trying again shortly",
-                           self._limits[node], exc)
+            self._warn(f"cannot take a slot of {self._limits[node]} from the server ({exc}); trying again shortly")
             return None
         except _SERVER_ERRORS as exc:  # never place without the shared count: wait for the server
-            logger.warning("cannot reach the server for a slot of %s (%s); trying again shortly",
-                           self._limits[node], exc)
+            self._warn(f"cannot reach the server for a slot of {self._limits[node]} ({exc}); trying again shortly")
             return None
         lease_id = response.json()["lease_id"]
         with self._lock:
             self._leases.add(lease_id)
         return lease_id
+
+    def _warn(self, message: str) -> None:
+        """Say it at most every 30 s: the dispatch loop asks again every 0.2 s while the server is away."""
+        now = time.monotonic()
+        if now - self._warned_at >= 30.0:
+            self._warned_at = now
+            logger.warning("%s", message)
 
     def release(self, token: object) -> None:
         """Give the slot back in the background: the dispatch loop must not wait on the server."""

@@ -281,3 +281,20 @@ def test_an_inactive_node_limit_is_refused_with_the_command_to_enable_it(prefect
     node = Node(name="asleep", slots=2, transport="ssh", host="127.0.0.2")
     with pytest.raises(ConfigError, match="prefect global-concurrency-limit enable node-asleep"):
         ClusterRuntime(get_settings(), [node])
+
+
+def test_a_server_that_does_not_answer_a_slot_request_delays_the_spec_instead_of_crashing_the_run(
+        prefect_api: str) -> None:
+    """The dispatch loop asks the server for a node slot; an unreachable server means "not now" (the spec is
+    requeued), never an exception out of the loop and never a placement without the shared count."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from dispatch.brokers import ServerSlots
+    from tests.fixtures.postgres import free_port
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        slots = ServerSlots({"gone": "node-gone"})
+        try:
+            assert slots.try_acquire("gone") is None
+        finally:
+            slots.close()
