@@ -4,14 +4,14 @@ For tests and benchmarks. Node `i` listens on `127.0.0.(2+i):<port>` with its ow
 pair, a `known_hosts`, an `ssh_config` (one `Host` alias per node) and a `nodes.json` in the old system's
 format are written to the base directory.
 
-As root (the default there), the nodes are laid out like real ones: each has its own login user
-(`dn<port>-<i>`, made with `useradd`, removed by `stop()`) whose home is `<base>/<node>/home`, the run root
-`remote_root: "~/dispatch"` relative to that home, the key in `~/.ssh/authorized_keys` (`StrictModes` on),
-the stock `sftp-server` and sshd's own privilege separation. The base directory must be enterable by other
-users (`o+x` on it and every parent: e.g. under /tmp, not under a 0700 pytest directory).
-With `login_users=False` (the only choice when not root), every node runs as the current user and gets an
-absolute `remote_root` (`<base>/<node>/root`), which is also its `$HOME` and SFTP start directory
-(`internal-sftp -d`), so the real `~/.bashrc` is not run for every command.
+With `login_users=True` (needs root; the test fixture's choice) the nodes are laid out like real ones:
+each has its own login user (`dn<port>-<i>`, made with `useradd`, removed by `stop()`) whose home is
+`<base>/<node>/home`, the run root `remote_root: "~/dispatch"` relative to that home, the key in
+`~/.ssh/authorized_keys` (`StrictModes` on), the stock `sftp-server` and sshd's own privilege separation.
+The base directory must be enterable by other users (`o+x` on it and every parent: e.g. under /tmp, not
+under a 0700 pytest directory). By default every node runs as the current user and gets an absolute
+`remote_root` (`<base>/<node>/root`), which is also its `$HOME` and SFTP start directory (`internal-sftp
+-d`), so the real `~/.bashrc` is not run for every command.
 
 `kill(name)` simulates the machine dying: the listener, every sshd serving its sessions and every process
 started through it are SIGKILLed, so open connections drop at once. `restart(name)` brings it back with the
@@ -19,7 +19,7 @@ same host key.
 
 Run a cluster for a benchmark (stays in the foreground until Ctrl-C or SIGTERM)::
 
-    python -m dispatch.loopback_cluster up --slots 2,3,4 --dir /tmp/cluster [--port 2222] [--current-user]
+    python -m dispatch.loopback_cluster up --slots 2,3,4 --dir /tmp/cluster [--port 2222] [--login-users]
 
 Needs the `openssh-server` package (`apt-get install -y openssh-server`, which brings `sftp-server`), and
 `ssh-keygen`; `useradd`/`userdel` for login users.
@@ -150,7 +150,7 @@ class LoopbackCluster:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def start(self, slots: list[int], base_dir: Path, port: int = 2222, *, isolate_home: bool = True,
-              max_sessions: int = 100, login_users: bool | None = None) -> list[dict[str, Any]]:
+              max_sessions: int = 100, login_users: bool = False) -> list[dict[str, Any]]:
         """Write keys and configs into `base_dir` and start one sshd per entry of `slots`.
 
         Args:
@@ -160,8 +160,7 @@ class LoopbackCluster:
             isolate_home: without login users, make each node's `remote_root` its `$HOME` and SFTP start
                 directory; with False, sessions get the real home (and run its shell start-up files).
             max_sessions: sshd's `MaxSessions` (channels per connection; OpenSSH's default is 10).
-            login_users: a login user per node, as on real machines (see the module docstring); default:
-                when running as root.
+            login_users: a login user per node, as on real machines (see the module docstring; needs root).
 
         Returns:
             The node entries, as written to `nodes.json`.
@@ -172,9 +171,8 @@ class LoopbackCluster:
         """
         if self._processes:
             raise RuntimeError("this LoopbackCluster is already running; stop() it first")
-        root = os.geteuid() == 0
-        self.login_users = root if login_users is None else login_users
-        if self.login_users and not root:
+        self.login_users = login_users
+        if login_users and os.geteuid() != 0:
             raise RuntimeError("a login user per node needs root (useradd); start with login_users=False to run "
                                f"every node as {getpass.getuser()}")
         self.base_dir = base_dir = Path(base_dir).resolve()
@@ -397,9 +395,9 @@ def _main(argv: list[str] | None = None) -> int:
     up.add_argument("--slots", default="2,3,4", help="slots per node, comma-separated (default 2,3,4)")
     up.add_argument("--dir", required=True, type=Path, help="base directory for keys, configs and logs")
     up.add_argument("--port", type=int, default=2222, help="TCP port of every node (0: pick a free one)")
-    up.add_argument("--current-user", action="store_true",
-                    help="run every node as this user with an absolute remote_root (default as root: a login "
-                         "user per node, remote_root ~/dispatch)")
+    up.add_argument("--login-users", action="store_true",
+                    help="a login user per node with remote_root ~/dispatch, as on real machines (needs root; "
+                         "--dir must be enterable by other users)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     slots = [int(part) for part in args.slots.split(",") if part.strip()]
@@ -407,7 +405,7 @@ def _main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with LoopbackCluster() as cluster:
         try:
-            cluster.start(slots, args.dir, port=args.port, login_users=False if args.current_user else None)
+            cluster.start(slots, args.dir, port=args.port, login_users=args.login_users)
         except NodeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

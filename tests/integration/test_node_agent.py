@@ -27,7 +27,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def transport(loopback_cluster, ssh_pool: SSHPool):
-    node = parse_node(loopback_cluster.nodes_json, 0, loopback_cluster.node("loop1"), get_settings())
+    # 8 slots: these tests send up to 6 attempts at once, and the node's agent holds it to its slots
+    raw = {**loopback_cluster.node("loop1"), "slots": 8}
+    node = parse_node(loopback_cluster.nodes_json, 0, raw, get_settings())
     made = SSHTransport(node, ssh_pool)
     made.local_root = loopback_cluster.run_root("loop1")  # the node's run root, seen from this machine
     yield made
