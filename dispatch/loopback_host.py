@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dispatch.errors import NodeError
@@ -140,48 +140,34 @@ def die_with_parent() -> Callable[[], None] | None:
     return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def process_table() -> dict[int, int]:
-    """pid -> ppid for every process, read from /proc."""
-    table: dict[int, int] = {}
+def _proc_files(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, content of /proc/<pid>/<name>) for every process that can be read."""
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                stat = Path(entry.path, "stat").read_text()
+                yield int(entry.name), Path(entry.path, name).read_bytes()
             except OSError:
                 continue
-            # the command name (field 2) may hold spaces and parentheses: split after the last ")"
-            table[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
-    return table
+
+
+def process_table() -> dict[int, int]:
+    """pid -> ppid for every process, read from /proc."""
+    # the command name (field 2) may hold spaces and parentheses: split after the last ")"
+    return {pid: int(stat.rpartition(b")")[2].split()[1]) for pid, stat in _proc_files("stat")}
 
 
 def marked_processes(marker: bytes) -> set[int]:
     """Processes whose environment holds `marker` (started through the node, even if detached)."""
-    found = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                environ = Path(entry.path, "environ").read_bytes()
-            except OSError:
-                continue
-            if marker in environ.split(b"\0"):
-                found.add(int(entry.name))
-    return found
+    return {pid for pid, environ in _proc_files("environ") if pid != os.getpid() and marker in environ.split(b"\0")}
 
 
 def user_processes(uid: int) -> set[int]:
     """Processes whose real user is `uid` (a login-user node's, wherever they went)."""
     found = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                status = Path(entry.path, "status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("Uid:"):
-                    if int(line.split()[1]) == uid:
-                        found.add(int(entry.name))
-                    break
+    for pid, status in _proc_files("status"):
+        uids = next((line.split()[1:] for line in status.splitlines() if line.startswith(b"Uid:")), [])
+        if uids and int(uids[0]) == uid:
+            found.add(pid)
     return found
 
 
