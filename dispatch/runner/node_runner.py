@@ -450,11 +450,10 @@ def _descendants(root: int) -> dict[int, str]:
     while stack:
         for pid, state in children.get(stack.pop(), []):
             if state == "Z":
-                if root == os.getpid():
-                    try:
-                        os.waitpid(pid, os.WNOHANG)
-                    except ChildProcessError:  # not ours (a grandchild): its parent reaps it
-                        pass
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # not ours (a grandchild): its parent reaps it
+                    pass
                 continue
             found[pid] = state
             stack.append(pid)
