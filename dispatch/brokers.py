@@ -7,21 +7,33 @@ another dispatcher holds the slot, and the spec waits (or goes to another node).
 - `MachineSlots`: `flock`ed slot files under `DISPATCH_HOME/locks/node-<name>/`: every dispatcher of
   this machine (the embedded default). The kernel frees a dead holder's slots.
 - `ServerSlots`: the Prefect server's global concurrency limit `node-<name>` (limit = slots, made by
-  `dispatch nodes sync`), taken with a lease that a background thread renews; a crashed holder's
-  slots come back when its lease expires. This is what makes two users on two machines share one count.
+  `dispatch nodes sync`, or by `server_limits` when a team-mode dispatcher finds it missing), taken with
+  a lease that a background thread renews; a crashed holder's slots come back when its lease expires.
+  This is what makes two users on two machines share one count.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import httpx
+
+from dispatch.cluster import Node
+from dispatch.errors import ConfigError
 from dispatch.locks import SlotLocks
 
 logger = logging.getLogger(__name__)
+
+SHARED_TRANSPORTS = ("ssh", "worker")
+"""Nodes other dispatchers reach too: their slots must be counted on the server in team mode (a `local` node
+is this machine, counted by its slot files)."""
+# What a call to an unreachable or failing server raises (PrefectHTTPStatusError is an httpx error)
+_SERVER_ERRORS = (httpx.HTTPError, OSError)
 
 
 class SlotBroker(Protocol):
@@ -63,24 +75,34 @@ class ServerSlots:
         self._leases: set = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._warned_at = 0.0
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-lease-release")
         self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
         self._renewer.start()
 
     def try_acquire(self, node: str) -> object | None:
-        import httpx
-
         try:
             response = self._client.increment_concurrency_slots_with_lease(
                 names=[self._limits[node]], slots=1, mode="concurrency", lease_duration=self._lease_seconds)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 423:  # the limit is full: another dispatcher holds the slots
                 return None
-            raise
+            self._warn(f"cannot take a slot of {self._limits[node]} from the server ({exc}); trying again shortly")
+            return None
+        except _SERVER_ERRORS as exc:  # never place without the shared count: wait for the server
+            self._warn(f"cannot reach the server for a slot of {self._limits[node]} ({exc}); trying again shortly")
+            return None
         lease_id = response.json()["lease_id"]
         with self._lock:
             self._leases.add(lease_id)
         return lease_id
+
+    def _warn(self, message: str) -> None:
+        """Say it at most every 30 s: the dispatch loop asks again every 0.2 s while the server is away."""
+        now = time.monotonic()
+        if now - self._warned_at >= 30.0:
+            self._warned_at = now
+            logger.warning("%s", message)
 
     def release(self, token: object) -> None:
         """Give the slot back in the background: the dispatch loop must not wait on the server."""
@@ -91,7 +113,7 @@ class ServerSlots:
     def _release_now(self, token: object) -> None:
         try:
             self._client.release_concurrency_slots_with_lease(lease_id=token)
-        except Exception as exc:  # the lease expires by itself; say so and carry on
+        except _SERVER_ERRORS as exc:  # the lease expires by itself; say so and carry on
             logger.warning("could not release slot lease %s: %s", token, exc)
 
     def _renew(self) -> None:
@@ -101,7 +123,7 @@ class ServerSlots:
             for lease_id in leases:
                 try:
                     self._client.renew_concurrency_lease(lease_id=lease_id, lease_duration=self._lease_seconds)
-                except Exception as exc:
+                except _SERVER_ERRORS as exc:
                     logger.warning("could not renew slot lease %s: %s", lease_id, exc)
 
     def close(self) -> None:
@@ -138,18 +160,49 @@ class Brokers:
             self.server.close()
 
 
-def server_limits(node_names: list[str]) -> dict[str, str]:
-    """Node name -> limit name for the nodes whose `node-<name>` limit exists on the Prefect server."""
+def server_limits(nodes: list[Node], log: logging.Logger | logging.LoggerAdapter = logger) -> dict[str, str]:
+    """Node name -> limit name `node-<name>` on the Prefect server, for every node other dispatchers share
+    (ssh, worker): a missing limit is created from the node's slots (and `log` says so), because a node
+    placed on without it would be counted by this dispatcher alone.
+
+    Args:
+        nodes: the cluster's nodes.
+        log: where to say which limits were created (the flow passes its run logger).
+
+    Raises:
+        ConfigError: a node's limit exists but is inactive (not enforced); the message says how to enable it.
+    """
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     found: dict[str, str] = {}
     with get_client(sync_client=True) as client:
-        for name in node_names:
-            try:
-                limit = client.read_global_concurrency_limit_by_name(f"node-{name}")
-            except ObjectNotFound:
+        for node in nodes:
+            if node.transport not in SHARED_TRANSPORTS:
                 continue
-            if limit.active:
-                found[name] = limit.name
+            try:
+                limit = client.read_global_concurrency_limit_by_name(node.pool)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=node.pool,
+                                                                                        limit=node.slots))
+                except ObjectAlreadyExists:  # another dispatcher made it a moment ago
+                    limit = client.read_global_concurrency_limit_by_name(node.pool)
+                else:
+                    log.warning("node %s had no concurrency limit %s on the Prefect server, so other dispatchers "
+                                "would not share its slot count: created it with limit %d (its slots); "
+                                "`dispatch nodes sync` keeps pools and limits in step with nodes.json",
+                                node.name, node.pool, node.slots)
+                    found[node.name] = node.pool
+                    continue
+            if not limit.active:
+                raise ConfigError(f"node {node.name}: its concurrency limit {node.pool} on the Prefect server is "
+                                  f"inactive, so slots would not be shared; enable it with `prefect "
+                                  f"global-concurrency-limit enable {node.pool}`")
+            if limit.limit != node.slots:
+                log.warning("node %s: concurrency limit %s allows %d at once but nodes.json says %d slots; "
+                            "`dispatch nodes sync` sets it to the slots", node.name, node.pool, limit.limit,
+                            node.slots)
+            found[node.name] = limit.name
     return found

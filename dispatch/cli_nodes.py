@@ -106,11 +106,13 @@ def _server_load(settings: DispatchSettings, nodes: list[Node]) -> dict[str, dic
     if settings.embedded:
         return None
     _use_prefect(settings)
+    import httpx
+
     from dispatch.nodes_admin import node_load
 
     try:
         return node_load(nodes)
-    except Exception as exc:  # a read-only listing still answers from the local state
+    except (httpx.HTTPError, OSError) as exc:  # a read-only listing still answers from the local state
         err.print(f"[yellow]warning:[/] cannot read slot usage from {escape(_where(settings))}: "
                   f"{escape(str(exc))}; showing this machine's runs only", soft_wrap=True)
         return None

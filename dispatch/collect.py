@@ -12,10 +12,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import httpx
 
 from dispatch.cluster import Node, ProjectConfig, load_nodes
 from dispatch.errors import DispatchError, UnsafePath
@@ -40,10 +43,17 @@ class CollectSummary:
 
 @contextmanager
 def remote_transports(settings: DispatchSettings, nodes: list[Node] | None = None):
-    """SSH transports for the configured ssh nodes, sharing one pool closed on exit."""
-    nodes = load_nodes(settings) if nodes is None else nodes
+    """SSH transports for the configured ssh nodes, sharing one pool closed on exit; a node whose key is only
+    in its `ClusterNode` block gets it from there, as in a run."""
+    nodes = [n for n in (load_nodes(settings) if nodes is None else nodes) if n.transport == "ssh"]
+    keys: dict[str, str] = {}
+    if any(not n.key_path for n in nodes):
+        os.environ.update(settings.prefect_environment())  # before Prefect is imported (embedded: under home)
+        from dispatch.nodes_admin import ssh_key_secrets
+
+        keys = ssh_key_secrets(nodes, logger)
     with SSHPool() as pool:
-        yield {n.name: SSHTransport(n, pool) for n in nodes if n.transport == "ssh"}
+        yield {n.name: SSHTransport(n, pool, keys.get(n.name)) for n in nodes}
 
 
 def collect_outputs(settings: DispatchSettings, state: ProjectState, config: ProjectConfig,
@@ -128,7 +138,7 @@ def kill_everywhere(settings: DispatchSettings, project: str) -> int:
             for node in workers:
                 try:
                     killed += WorkerTransport(node, watcher).kill_project(project)
-                except Exception as exc:
+                except (DispatchError, httpx.HTTPError, OSError) as exc:
                     logger.warning("node %s: could not cancel %s's flow runs: %s", node.name, project, exc)
         finally:
             watcher.close()

@@ -1,12 +1,17 @@
 """A real cluster on one machine: N OpenSSH `sshd` processes on loopback addresses 127.0.0.2, .3, ...
 
-For tests and benchmarks. Node `i` listens on `127.0.0.(2+i):<port>` as the current user, with its own host
-key; one client key pair, a `known_hosts`, an `ssh_config` (one `Host` alias per node) and a `nodes.json` in
-the old system's format are written to the base directory. All nodes share this machine's file system and
-`$HOME`, so each node gets a `remote_root` directory (`<base>/<node>/root`) for its node-side state. By
-default it is also the node's `$HOME` (and SFTP's start directory, and where `SSHPool` commands start), so
-`~/dispatch/...` differs per node as on real machines, and the real `~/.bashrc` is not run for every
-command (here it ran `pyenv rehash`, which can block for 60 s on a stale lock).
+For tests and benchmarks. Node `i` listens on `127.0.0.(2+i):<port>` with its own host key; one client key
+pair, a `known_hosts`, an `ssh_config` (one `Host` alias per node) and a `nodes.json` in the old system's
+format are written to the base directory.
+
+With `login_users=True` (needs root; the test fixture's choice) the nodes are laid out like real ones:
+each has its own login user (`dn<port>-<i>`, made with `useradd`, removed by `stop()`) whose home is
+`<base>/<node>/home`, the run root `remote_root: "~/dispatch"` relative to that home, the key in
+`~/.ssh/authorized_keys` (`StrictModes` on), the stock `sftp-server` and sshd's own privilege separation.
+The base directory must be enterable by other users (`o+x` on it and every parent: e.g. under /tmp, not
+under a 0700 pytest directory). By default every node runs as the current user and gets an absolute
+`remote_root` (`<base>/<node>/root`), which is also its `$HOME` and SFTP start directory (`internal-sftp
+-d`), so the real `~/.bashrc` is not run for every command.
 
 `kill(name)` simulates the machine dying: the listener, every sshd serving its sessions and every process
 started through it are SIGKILLed, so open connections drop at once. `restart(name)` brings it back with the
@@ -14,138 +19,56 @@ same host key.
 
 Run a cluster for a benchmark (stays in the foreground until Ctrl-C or SIGTERM)::
 
-    python -m dispatch.loopback_cluster up --slots 2,3,4 --dir /tmp/cluster [--port 2222]
+    python -m dispatch.loopback_cluster up --slots 2,3,4 --dir /tmp/cluster [--port 2222] [--login-users]
 
-Needs the `openssh-server` package (`apt-get install -y openssh-server`) and `ssh-keygen`.
+Needs the `openssh-server` package (`apt-get install -y openssh-server`, which brings `sftp-server`), and
+`ssh-keygen`; `useradd`/`userdel` for login users.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import getpass
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from dispatch.errors import NodeError
+from dispatch.loopback_host import (
+    address as loopback_address,
+)
+from dispatch.loopback_host import (
+    check_reachable,
+    die_with_parent,
+    find_free_port,
+    keygen,
+    make_user,
+    marked_processes,
+    port_free,
+    process_table,
+    sftp_server_path,
+    signal_all,
+    sshd_path,
+    user_exists,
+    user_processes,
+)
 from dispatch.ssh import SSHTarget
+
+__all__ = ["LoopbackCluster", "find_free_port"]
 
 logger = logging.getLogger(__name__)
 
 _ENV_MARKER = "DISPATCH_LOOPBACK_NODE"
 _START_TIMEOUT = 10.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _address(index: int) -> str:
-    return f"127.0.0.{2 + index}"
-
-
-def _sshd_path() -> str:
-    found = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
-    if found is None:
-        raise FileNotFoundError("sshd not found: install it with `apt-get install -y openssh-server`")
-    return str(Path(found).resolve())  # sshd refuses to re-exec itself from a relative path
-
-
-def _keygen(path: Path, comment: str) -> None:
-    if path.exists():
-        return
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True, stdin=subprocess.DEVNULL, capture_output=True,
-    )
-
-
-def _port_free(address: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT, as sshd does
-        try:
-            probe.bind((address, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
-
-
-def find_free_port(count: int) -> int:
-    """A TCP port free on all of 127.0.0.2 .. 127.0.0.(1+count) (for tests running side by side).
-
-    Args:
-        count: the number of nodes.
-
-    Returns:
-        The port number.
-    """
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((_address(0), 0))
-            port = probe.getsockname()[1]
-        if all(_port_free(_address(i), port) for i in range(count)):
-            return port
-    raise OSError("no TCP port free on all loopback node addresses")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that makes sshd get SIGKILLed when this process dies, so a killed test run leaks no
-    sshd. Only from the main thread: the signal fires when the *thread* that started the child ends."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: no dlopen in the child
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _process_table() -> dict[int, int]:
-    """pid -> ppid for every process, read from /proc."""
-    table: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            # the command name (field 2) may hold spaces and parentheses: split after the last ")"
-            table[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
-    return table
-
-
-def _marked_processes(marker: bytes) -> set[int]:
-    """Processes whose environment holds `marker` (started through the node, even if detached)."""
-    found = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                environ = Path(entry.path, "environ").read_bytes()
-            except OSError:
-                continue
-            if marker in environ.split(b"\0"):
-                found.add(int(entry.name))
-    return found
-
-
-def _signal(pids: set[int], signum: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class LoopbackCluster:
@@ -161,6 +84,10 @@ class LoopbackCluster:
         self.nodes: list[dict[str, Any]] = []
         self.base_dir: Path | None = None
         self.port = 0
+        self.login_users = False
+        self._homes: dict[str, Path] = {}
+        self._users: dict[str, str] = {}  # login users by node name
+        self._uids: dict[str, int] = {}
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
@@ -198,6 +125,16 @@ class LoopbackCluster:
                 return node
         raise KeyError(f"no node {name!r} (known: {', '.join(n['name'] for n in self.nodes)})")
 
+    def home(self, name: str) -> Path:
+        """Node `name`'s home directory, as a path on this machine."""
+        self.node(name)
+        return self._homes[name]
+
+    def run_root(self, name: str) -> Path:
+        """Node `name`'s run root (`remote_root`), as a path on this machine."""
+        root = self.node(name)["remote_root"]
+        return self._homes[name] / root[2:] if root.startswith("~/") else Path(root)
+
     def target(self, name: str, **overrides: Any) -> SSHTarget:
         """The `SSHTarget` of node `name` from its explicit fields (no ssh config read).
 
@@ -212,63 +149,58 @@ class LoopbackCluster:
         return SSHTarget(**{**fields, **overrides})
 
     # --- lifecycle ---------------------------------------------------------------------------------------
-    def start(self, slots: list[int], base_dir: Path, port: int = 2222, *,
-              isolate_home: bool = True, max_sessions: int = 100) -> list[dict[str, Any]]:
+    def start(self, slots: list[int], base_dir: Path, port: int = 2222, *, isolate_home: bool = True,
+              max_sessions: int = 100, login_users: bool = False) -> list[dict[str, Any]]:
         """Write keys and configs into `base_dir` and start one sshd per entry of `slots`.
 
         Args:
             slots: the slot count of each node; node `i` is named `loop<i+1>` at 127.0.0.(2+i).
-            base_dir: where keys, configs, logs, `nodes.json` and the nodes' remote roots go.
+            base_dir: where keys, configs, logs, `nodes.json` and the nodes' homes go.
             port: the TCP port every node listens on; 0 picks one that is free on all addresses.
-            isolate_home: make each node's `remote_root` its `$HOME` and SFTP start directory; with False,
-                sessions get the real home (and run its shell start-up files).
+            isolate_home: without login users, make each node's `remote_root` its `$HOME` and SFTP start
+                directory; with False, sessions get the real home (and run its shell start-up files).
             max_sessions: sshd's `MaxSessions` (channels per connection; OpenSSH's default is 10).
+            login_users: a login user per node, as on real machines (see the module docstring; needs root).
 
         Returns:
             The node entries, as written to `nodes.json`.
 
         Raises:
-            NodeError: a port is already in use or an sshd did not come up (its log tail is included).
+            NodeError: a port is already in use, a node's user cannot be made or reach its home, or an sshd
+                did not come up (its log tail is included).
         """
         if self._processes:
             raise RuntimeError("this LoopbackCluster is already running; stop() it first")
+        self.login_users = login_users
+        if login_users and os.geteuid() != 0:
+            raise RuntimeError("a login user per node needs root (useradd); start with login_users=False to run "
+                               f"every node as {getpass.getuser()}")
         self.base_dir = base_dir = Path(base_dir).resolve()
         base_dir.mkdir(parents=True, exist_ok=True)
         self.port = port = port or find_free_port(len(slots))
-        user = getpass.getuser()
-        _keygen(self.key_path, "dispatch-loopback-client")
-        authorized = base_dir / "authorized_keys"
-        authorized.write_text(self.key_path.with_suffix(".pub").read_text())
+        for index in range(len(slots)):
+            address = loopback_address(index)
+            if not port_free(address, port):
+                raise NodeError(f"loop{index + 1}", f"{address}:{port} is already in use (another loopback "
+                                "cluster or sshd?): stop it or pick another port (--port, or 0 for a free one)")
+        keygen(self.key_path, "dispatch-loopback-client")
+        public_key = self.key_path.with_suffix(".pub").read_text()
         try:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # the privilege separation directory
         except PermissionError:
             logger.debug("cannot create /run/sshd (not root); sshd runs without privilege separation")
 
         self.nodes, known, aliases = [], [], []
-        for index, count in enumerate(slots):
-            name, address = f"loop{index + 1}", _address(index)
-            if not _port_free(address, port):
-                raise NodeError(name, f"{address}:{port} is already in use (another loopback cluster or "
-                                      "sshd?): stop it or pick another port (--port, or 0 for a free one)")
-            node_dir = base_dir / name
-            (node_dir / "root").mkdir(parents=True, exist_ok=True)
-            host_key = node_dir / "ssh_host_ed25519_key"
-            _keygen(host_key, f"dispatch-loopback-{name}")
-            (node_dir / "sshd_config").write_text(
-                self._sshd_config(name, address, port, host_key, authorized, isolate_home, max_sessions))
-            host_field = address if port == 22 else f"[{address}]:{port}"
-            key_type, key_data = host_key.with_suffix(".pub").read_text().split()[:2]
-            known.append(f"{host_field} {key_type} {key_data}\n")
-            aliases.append(
-                f"Host {name}\n    HostName {address}\n    Port {port}\n    User {user}\n"
-                f'    IdentityFile "{self.key_path}"\n    UserKnownHostsFile "{self.known_hosts}"\n'
-                "    IdentitiesOnly yes\n    StrictHostKeyChecking yes\n\n"
-            )
-            self.nodes.append({
-                "name": name, "ssh_host": name, "slots": count, "api_mode": "direct", "executor": "glm",
-                "priority": 1, "host": address, "port": port, "user": user, "key_path": str(self.key_path),
-                "known_hosts": str(self.known_hosts), "remote_root": str(node_dir / "root"),
-            })
+        try:
+            for index, count in enumerate(slots):
+                entry, alias, host_line = self._prepare_node(index, count, port, public_key, isolate_home,
+                                                             max_sessions)
+                self.nodes.append(entry)
+                aliases.append(alias)
+                known.append(host_line)
+        except BaseException:
+            self._remove_users()
+            raise
         self.known_hosts.write_text("".join(known))
         self.ssh_config.write_text("".join(aliases))
         self.nodes_json.write_text(json.dumps({"nodes": self.nodes}, indent=2) + "\n")
@@ -281,21 +213,67 @@ class LoopbackCluster:
         logger.info("loopback cluster up: %d nodes on port %d, %s", len(self.nodes), port, self.nodes_json)
         return self.nodes
 
-    def _sshd_config(self, name: str, address: str, port: int, host_key: Path, authorized: Path,
-                     isolate_home: bool, max_sessions: int) -> str:
+    def _prepare_node(self, index: int, slots: int, port: int, public_key: str, isolate_home: bool,
+                      max_sessions: int) -> tuple[dict[str, Any], str, str]:
+        """Node `index`'s directory, user, keys and sshd_config; its nodes.json entry, ssh_config alias and
+        known_hosts line."""
+        name, address = f"loop{index + 1}", loopback_address(index)
         node_dir = self._base / name
-        home = node_dir / "root"
-        environment = f'"{_ENV_MARKER}={node_dir}"' + (f' "HOME={home}"' if isolate_home else "")
-        return "\n".join([
+        node_dir.mkdir(parents=True, exist_ok=True)
+        host_key = node_dir / "ssh_host_ed25519_key"
+        keygen(host_key, f"dispatch-loopback-{name}")
+        if self.login_users:
+            node_dir.chmod(0o711)  # its user passes through to its home, and reads nothing else here
+            user, home = f"dn{port}-{index + 1}", node_dir / "home"
+            self._users[name] = user
+            self._uids[name], gid = make_user(user, home)
+            check_reachable(name, user, home)
+            (home / ".ssh").mkdir(parents=True, exist_ok=True)
+            (home / ".ssh" / "authorized_keys").write_text(public_key)
+            for path, mode in ((home, 0o755), (home / ".ssh", 0o700), (home / ".ssh" / "authorized_keys", 0o600)):
+                os.chown(path, self._uids[name], gid)
+                path.chmod(mode)
+            remote_root = "~/dispatch"
+        else:
+            user, home = getpass.getuser(), node_dir / "root"
+            home.mkdir(exist_ok=True)
+            (self._base / "authorized_keys").write_text(public_key)
+            remote_root = str(home)
+        self._homes[name] = home
+        (node_dir / "sshd_config").write_text(
+            self._sshd_config(name, address, port, host_key, user, isolate_home, max_sessions))
+        host_field = address if port == 22 else f"[{address}]:{port}"
+        key_type, key_data = host_key.with_suffix(".pub").read_text().split()[:2]
+        alias = (f"Host {name}\n    HostName {address}\n    Port {port}\n    User {user}\n"
+                 f'    IdentityFile "{self.key_path}"\n    UserKnownHostsFile "{self.known_hosts}"\n'
+                 "    IdentitiesOnly yes\n    StrictHostKeyChecking yes\n\n")
+        entry = {"name": name, "ssh_host": name, "slots": slots, "api_mode": "direct", "executor": "glm",
+                 "priority": 1, "host": address, "port": port, "user": user, "key_path": str(self.key_path),
+                 "known_hosts": str(self.known_hosts), "remote_root": remote_root}
+        return entry, alias, f"{host_field} {key_type} {key_data}\n"
+
+    def _sshd_config(self, name: str, address: str, port: int, host_key: Path, user: str, isolate_home: bool,
+                     max_sessions: int) -> str:
+        node_dir = self._base / name
+        common = [
             f"ListenAddress {address}:{port}",
             f'HostKey "{host_key}"',
             f'PidFile "{node_dir / "sshd.pid"}"',
-            f'AuthorizedKeysFile "{authorized}"',
-            "StrictModes no", "UsePAM no", "PermitRootLogin yes", "PubkeyAuthentication yes",
-            "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UseDNS no", "PrintMotd no",
-            f"MaxSessions {max_sessions}", "MaxStartups 100:30:200", "LogLevel VERBOSE",
+            "UsePAM no", "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "UseDNS no", "PrintMotd no", f"MaxSessions {max_sessions}", "MaxStartups 100:30:200", "LogLevel VERBOSE",
+        ]
+        if self.login_users:
+            # as on a real machine: the user's own authorized_keys, checked strictly; the stock sftp-server
+            # (starts in the home); HOME from the user's entry. Every process started through this node carries
+            # the marker, and runs as its user, so kill() finds detached ones too.
+            return "\n".join([*common, "AuthorizedKeysFile .ssh/authorized_keys", "StrictModes yes",
+                              "PermitRootLogin no", f"AllowUsers {user}", f"Subsystem sftp {sftp_server_path()}",
+                              f'SetEnv "{_ENV_MARKER}={node_dir}"', ""])
+        home = node_dir / "root"
+        environment = f'"{_ENV_MARKER}={node_dir}"' + (f' "HOME={home}"' if isolate_home else "")
+        return "\n".join([
+            *common, f'AuthorizedKeysFile "{self._base / "authorized_keys"}"', "StrictModes no", "PermitRootLogin yes",
             "Subsystem sftp internal-sftp" + (f' -d "{home}"' if isolate_home else ""),
-            # every process started through this node carries the marker, so kill() finds detached ones too
             f"SetEnv {environment}",
             "",
         ])
@@ -303,10 +281,10 @@ class LoopbackCluster:
     def _launch(self, name: str) -> None:
         node, node_dir = self.node(name), self._base / name
         log = node_dir / "sshd.log"
-        command = [_sshd_path(), "-D", "-e", "-E", str(log), "-f", str(node_dir / "sshd_config")]
+        command = [sshd_path(), "-D", "-e", "-E", str(log), "-f", str(node_dir / "sshd_config")]
         with log.open("ab") as log_file:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                       start_new_session=True, preexec_fn=_die_with_parent())
+                                       start_new_session=True, preexec_fn=die_with_parent())
         with self._lock:
             self._processes[name] = process
         deadline = time.monotonic() + _START_TIMEOUT
@@ -326,7 +304,8 @@ class LoopbackCluster:
 
     def kill(self, name: str) -> None:
         """Simulate node `name` dying: SIGKILL its sshd, the sshd children serving its sessions, and every
-        process started through it. Its connections drop at once. Idempotent.
+        process started through it (with login users: every process of its user). Its connections drop at
+        once. Idempotent.
 
         Args:
             name: the node's name.
@@ -343,17 +322,24 @@ class LoopbackCluster:
         victims: set[int] = set()
         if root is not None:
             # stop the tree top-down until it stops growing (stopped processes cannot fork), then kill it all
-            _signal({root}, signal.SIGSTOP)
+            signal_all({root}, signal.SIGSTOP)
             victims = {root}
             while True:
-                table = _process_table()
+                table = process_table()
                 found = {pid for pid, ppid in table.items() if ppid in victims} - victims
                 if not found:
                     break
-                _signal(found, signal.SIGSTOP)
+                signal_all(found, signal.SIGSTOP)
                 victims |= found
-        victims |= _marked_processes(f"{_ENV_MARKER}={node_dir}".encode())
-        _signal(victims, signal.SIGKILL)
+        victims |= marked_processes(f"{_ENV_MARKER}={node_dir}".encode())
+        uid = self._uids.get(name)
+        while uid is not None:  # its user's processes, stopped until no new one appears
+            found = user_processes(uid) - victims
+            if not found:
+                break
+            signal_all(found, signal.SIGSTOP)
+            victims |= found
+        signal_all(victims, signal.SIGKILL)
         if process is not None:
             process.wait(timeout=10)
         (node_dir / "sshd.pid").unlink(missing_ok=True)
@@ -378,11 +364,20 @@ class LoopbackCluster:
         return process is not None and process.poll() is None
 
     def stop(self) -> None:
-        """Kill every node. Idempotent; files in the base directory are left in place."""
+        """Kill every node and remove their login users. Idempotent; files in the base directory are left."""
         if self.base_dir is None:
             return
         for node in self.nodes:
             self.kill(node["name"])
+        self._remove_users()
+
+    def _remove_users(self) -> None:
+        for name in list(self._uids):
+            user = self._users[name]
+            done = subprocess.run(["userdel", user], capture_output=True, text=True, timeout=60)
+            if done.returncode != 0 and user_exists(user):
+                logger.warning("node %s: could not remove its user %s: %s", name, user, done.stderr.strip())
+            self._uids.pop(name)
 
     def __enter__(self) -> LoopbackCluster:
         return self
@@ -400,6 +395,9 @@ def _main(argv: list[str] | None = None) -> int:
     up.add_argument("--slots", default="2,3,4", help="slots per node, comma-separated (default 2,3,4)")
     up.add_argument("--dir", required=True, type=Path, help="base directory for keys, configs and logs")
     up.add_argument("--port", type=int, default=2222, help="TCP port of every node (0: pick a free one)")
+    up.add_argument("--login-users", action="store_true",
+                    help="a login user per node with remote_root ~/dispatch, as on real machines (needs root; "
+                         "--dir must be enterable by other users)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     slots = [int(part) for part in args.slots.split(",") if part.strip()]
@@ -407,7 +405,7 @@ def _main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with LoopbackCluster() as cluster:
         try:
-            cluster.start(slots, args.dir, port=args.port)
+            cluster.start(slots, args.dir, port=args.port, login_users=args.login_users)
         except NodeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

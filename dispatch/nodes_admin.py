@@ -6,7 +6,8 @@
   both limited to the node's slots; created when missing, their limits updated when they differ, and
   nothing else touched (a limit's active slots are never reset, so runs holding slots keep them).
 - `node_load`: the slots each node has in use, from those concurrency limits (team mode).
-- `node_keys`: the private keys kept in the nodes' blocks (as `SecretStr`), for the SSH transport.
+- `node_keys`: the private keys kept in the nodes' blocks (as `SecretStr`), for the SSH transport;
+  `ssh_key_secrets` the same for the ssh nodes that need one, unwrapped, as every SSH user of them asks.
 
 Prefect is imported inside the functions: importing this module is cheap, and only the commands that
 call these functions pay for Prefect (in embedded mode, also for its temporary API server). Set the
@@ -19,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from pydantic import SecretStr
 
 from dispatch.cluster import Node, load_nodes
@@ -123,6 +125,26 @@ def node_keys(nodes: list[Node]) -> dict[str, SecretStr]:
             if saved and saved.get("private_key"):
                 keys[node.name] = SecretStr(saved["private_key"])
     return keys
+
+
+def ssh_key_secrets(nodes: list[Node], log: logging.Logger | logging.LoggerAdapter = logger) -> dict[str, str]:
+    """The private keys of the ssh nodes whose key is no file here (no `key_path`), from their `ClusterNode`
+    blocks, unwrapped for paramiko: what a run, `dispatch stop`, `collect` and `cleanup` connect with.
+
+    Prefect is asked only when such a node exists (set the environment from `prefect_environment()` first).
+    When it cannot answer, that is logged and the nodes are tried with ssh-agent and the default keys.
+
+    Returns:
+        Node name -> private key text, for the nodes that have a key in their block.
+    """
+    wanted = [node for node in nodes if node.transport == "ssh" and not node.key_path]
+    if not wanted:
+        return {}
+    try:
+        return {name: key.get_secret_value() for name, key in node_keys(wanted).items()}
+    except (httpx.HTTPError, OSError, RuntimeError) as exc:  # RuntimeError: an embedded server that did not start
+        log.warning("could not read the nodes' keys from their blocks (%s); using ssh-agent and key files", exc)
+        return {}
 
 
 def _read_key(node: Node) -> str:

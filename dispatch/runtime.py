@@ -10,6 +10,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+import httpx
+
 from dispatch.brokers import Brokers, MachineSlots, ServerSlots, server_limits
 from dispatch.cluster import Node
 from dispatch.errors import ConfigError, DispatchError
@@ -26,14 +28,20 @@ _PROBE_INTERVAL = 5.0
 class ClusterRuntime:
     """Transports, brokers and health of the nodes a project run uses.
 
+    In team mode (a Prefect server), no node other dispatchers share is placed on without its `node-<name>`
+    limit on the server: a missing one is created from the node's slots (`server_limits`), unless
+    `DISPATCH_SERVER_SLOTS` is off (a server on SQLite).
+
     Args:
         settings: the process settings.
         nodes: the configured nodes.
         key_secrets: private key text per node name (from `ClusterNode` blocks), when not in files.
+        log: where to report what it did on the server (the flow's run logger).
     """
 
     def __init__(self, settings: DispatchSettings, nodes: list[Node],
-                 key_secrets: dict[str, str] | None = None) -> None:
+                 key_secrets: dict[str, str] | None = None,
+                 log: logging.Logger | logging.LoggerAdapter = logger) -> None:
         self.nodes = {node.name: node for node in nodes}
         self.pool = SSHPool()
         self.watcher: FlowRunWatcher | None = None
@@ -52,11 +60,11 @@ class ClusterRuntime:
                     self.watcher = FlowRunWatcher()
                 self.transports[node.name] = WorkerTransport(node, self.watcher)
         limits: dict[str, str] = {}
-        if settings.prefect_api_url:
+        if settings.prefect_api_url and settings.server_slots:
             try:
-                limits = server_limits(list(self.nodes))
-            except Exception as exc:
-                raise DispatchError(f"cannot read the node limits from the Prefect server at "
+                limits = server_limits(nodes, log)
+            except (httpx.HTTPError, OSError) as exc:
+                raise DispatchError(f"cannot read or create the node limits on the Prefect server at "
                                     f"{settings.prefect_api_url}: {exc}") from exc
         self.brokers = Brokers(MachineSlots(settings.locks_dir, {n.name: n.slots for n in nodes}),
                                ServerSlots(limits) if limits else None, set(limits))

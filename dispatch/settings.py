@@ -14,6 +14,7 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `timeout`           | `DISPATCH_TIMEOUT`           | 45 min per spec                              |
 | `stall_timeout`     | `DISPATCH_STALL_TIMEOUT`     | 10 min without output                        |
 | `deployment`        | `DISPATCH_DEPLOYMENT`        | `dispatch-project/dispatch-project` (`start --detach`) |
+| `server_slots`      | `DISPATCH_SERVER_SLOTS`      | true: team mode counts node slots on the server |
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class DispatchSettings(BaseSettings):
     heartbeat: float = Field(default=2.0, gt=0, le=60, description="Seconds between status.json heartbeats.")
     deployment: str = Field(default="dispatch-project/dispatch-project", pattern=r"^[^/]+/[^/]+$",
                             description="The deployment (flow/deployment) `dispatch start --detach` runs in team mode.")
+    server_slots: bool = Field(
+        default=True, description="Team mode: take every ssh/worker node's slots from the server's `node-<name>` "
+        "limit (created from its slots when missing). Turn off only for a server on SQLite, which cannot hold "
+        "concurrency limits; each node's agent still refuses more runners than its slots.")
     prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL",
                                         description="A Prefect server (team mode); unset: embedded SQLite.")
     prefect_api_auth_string: SecretStr | None = Field(

@@ -45,12 +45,14 @@ from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.transports import RunRequest
+from dispatch.transports.agent import NODE_FULL
 from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
 LISTENERS: list[Callable[[str, str, dict], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
 _BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
+_NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
 
 
 def _git_revision(code_dir: Path) -> str:
@@ -80,7 +82,7 @@ class ProjectRun:
         # The same spec against another code directory or revision is other work: its own cache key.
         self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
         self.nodes = {node.name: node for node in nodes}
-        self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes))
+        self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes), log=self.logger)
         TRANSPORTS.update(self.runtime.transports)
         self.scheduler = Scheduler(
             project, selected,
@@ -141,15 +143,9 @@ class ProjectRun:
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
         """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
-        if not any(n.transport == "ssh" and not n.key_path for n in nodes):
-            return {}
-        from dispatch.nodes_admin import node_keys
+        from dispatch.nodes_admin import ssh_key_secrets
 
-        try:
-            return {name: key.get_secret_value() for name, key in node_keys(nodes).items()}
-        except Exception as exc:
-            self.logger.warning("could not read the nodes' keys from their blocks (%s); using key files", exc)
-            return {}
+        return ssh_key_secrets(nodes, self.logger)
 
     def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
         """Models (built-in, overridden by `AgentModel` blocks) and their keys, for the agent specs."""
@@ -393,6 +389,12 @@ class ProjectRun:
             result = SpecResult(project=self.project.name, task_id=task_id, status="lost", node=row.node,
                                 reason=f"the task crashed: {result!r}")
         RUN_OPTIONS.pop((self.project.name, task_id, self.scheduler.attempts(task_id)), None)
+        if result.status == NODE_FULL and not self.stop_reason:  # nothing ran: not an attempt, not a fault
+            self.logger.info("%s %s: %s", row.node, task_id, result.reason)
+            self.scheduler.unpick(Assignment(task_id, row.node, self.scheduler.attempts(task_id)),
+                                  delay=_NODE_FULL_RETRY)
+            row.state, row.reason = self.scheduler.state(task_id), result.reason
+            return
         cached = result.run_id != self.run_id
         self._record_limits(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path

@@ -143,7 +143,8 @@ class Task:
 
     Each step is {"name", "argv": [...]} (an agent CLI, output classified for rate limits) or
     {"name", "script": "..."} (a shell spec, run as `bash -e -o pipefail <run_dir>/script.sh`, judged
-    by exit code alone), with an optional "env". A relative workdir is taken from run_dir.
+    by exit code alone), with an optional "env". A relative workdir starts at the login's home, as every
+    relative path on a node does (`on_node`).
     """
 
     project: str
@@ -171,6 +172,7 @@ class Outcome:
     spawn_error: str | None = None
     pgid: int = 0
     survivors: bool = False  # some process of its group outlived SIGKILL
+    leftovers: str = ""  # "killed N leftover processes: pid cmd, ..." (detached descendants), or ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,6 +217,13 @@ def _parse_step(raw: Any, index: int) -> Step:
     return Step(raw["name"], argv, script, _str_map(raw.get("env"), f"{where}.env"), stdin)
 
 
+def on_node(path: str) -> str:
+    """The one rule for a path the dispatcher names on a node: `~` expanded, a relative one taken from the
+    login's home (where SFTP and SSH commands start), never from the current or the run directory."""
+    path = os.path.expanduser(path)
+    return os.path.abspath(path if os.path.isabs(path) else os.path.join(os.path.expanduser("~"), path))
+
+
 def load_task(run_dir: str) -> Task:
     """Read and check ``<run_dir>/task.json``.
 
@@ -235,9 +244,6 @@ def load_task(run_dir: str) -> Task:
     workdir = data.get("workdir")
     if not isinstance(workdir, str) or not workdir:
         raise TaskError("task.json: 'workdir' must be a directory path (it is created if missing)")
-    workdir = os.path.expanduser(workdir)
-    if not os.path.isabs(workdir):
-        workdir = os.path.join(run_dir, workdir)
     lists = {}
     for key in ("skip_models", "acceptance"):
         value = data.get(key) or []
@@ -247,7 +253,7 @@ def load_task(run_dir: str) -> Task:
     return Task(
         project=str(data.get("project") or os.path.basename(os.path.dirname(os.path.dirname(run_dir)))),
         task_id=str(data.get("task_id") or os.path.basename(run_dir)),
-        workdir=os.path.abspath(workdir),
+        workdir=on_node(workdir),
         steps=[_parse_step(raw, i) for i, raw in enumerate(steps)],
         timeout=_seconds(data, "timeout", 3600.0),
         stall_timeout=_seconds(data, "stall_timeout", 900.0),
@@ -416,13 +422,93 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def _become_subreaper() -> None:
-    """Linux: adopt orphaned descendants, so that killed background children are reaped by us."""
+    """Linux: adopt orphaned descendants, so that killed background children are reaped by us, and children
+    that detach (`setsid`, a double fork) come back to us to be killed when their step ends."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError, ImportError):
         pass
+
+
+def _has_children() -> bool:
+    """Whether this process has any child (cheap: /proc/self/task/*/children; True when that cannot be read)."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as handle:
+                if handle.read().strip():
+                    return True
+    except OSError:
+        return True
+    return False
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Live (not zombie) descendants of `root`, pid -> state, read from /proc; our zombie children are reaped."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                raw = handle.read().decode("ascii", "replace")
+            fields = raw[raw.rfind(")") + 2 :].split()
+            children.setdefault(int(fields[1]), []).append((int(name), fields[0]))
+        except (OSError, IndexError, ValueError):
+            continue
+    found: dict[int, str] = {}
+    stack = [root]
+    while stack:
+        for pid, state in children.get(stack.pop(), []):
+            if state == "Z":
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # not ours (a grandchild): its parent reaps it
+                    pass
+                continue
+            found[pid] = state
+            stack.append(pid)
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            text = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return "?"
+    return text[:200] or "?"
+
+
+def _kill_leftovers() -> tuple[str, bool]:
+    """Kill every process still descending from this runner (SIGTERM, SIGKILL after the grace).
+
+    Run when a step has ended and been reaped, so whatever is left escaped its process group and session:
+    a daemon that double-forked with `setsid`, re-parented to us by `_become_subreaper`. Returns the report
+    ("killed N leftover processes: pid cmd, ...", or "") and whether any outlived SIGKILL.
+    """
+    found = _descendants(os.getpid()) if _has_children() else {}
+    if not found:
+        return "", False
+    described = [f"{pid} {_command_line(pid)}" for pid in sorted(found)]
+    for sig, wait in ((signal.SIGTERM, _KILL_GRACE), (signal.SIGKILL, 2.0)):
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        end = time.monotonic() + wait
+        while found and time.monotonic() < end:
+            time.sleep(_POLL)
+            found = _descendants(os.getpid())
+        if not found:
+            break
+    return f"killed {len(described)} leftover processes: {', '.join(described)}", bool(found)
 
 
 def _set_process_name(name: bytes) -> None:
@@ -770,6 +856,8 @@ class Runner:
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
         attempt["exit_code"] = outcome.returncode
         attempt, fall_through = self._judge(step, attempt, outcome, argv[0])
+        if outcome.leftovers:
+            attempt["reason"] += f"; {outcome.leftovers}"
         if outcome.survivors:
             attempt["reason"] += f"; WARNING: processes of group {outcome.pgid} survived SIGKILL"
         return attempt, fall_through
@@ -905,6 +993,12 @@ class Runner:
             if not _terminate_group(pgid, proc):
                 outcome.survivors = True
                 self.log.line(f"=== runner: WARNING: processes of group {pgid} survived SIGKILL ===")
+        outcome.leftovers, survived = _kill_leftovers()
+        if outcome.leftovers:
+            self.log.line(f"=== runner: {outcome.leftovers} ===")
+        if survived:
+            outcome.survivors = True
+            self.log.line("=== runner: WARNING: leftover processes survived SIGKILL ===")
         outcome.output, outcome.ended_at = tail.text(), time.time()
         return outcome
 
@@ -1470,17 +1564,39 @@ class _Agent:
     with the request's id: "started" (pid), "attached" (pid: the same attempt was already running), "log"
     (lines), "result" (result.json once the runner has ended), "recovered" (result: the same attempt had
     succeeded while nobody watched), "earlier" (another runner or its orphan holds the run directory: the
-    dispatcher takes the long way), "error" (message).
+    dispatcher takes the long way), "full" (running, slots, message: the node already runs `slots` runners,
+    counted on the node whoever started them; the dispatcher requeues the spec briefly), "error" (message,
+    e.g. a run_dir outside the run root).
     Runners are detached: they outlive the agent, whose end (stdin closed) stops nothing but the watching.
+
+    Args:
+        root: the node's run root; every run_dir must resolve to a directory inside it.
+        slots: how many runners the node runs at once at most.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: str, slots: int) -> None:
         import selectors
 
+        self.root = os.path.realpath(on_node(root))
+        self.slots = slots
         self.selector = selectors.DefaultSelector()
         self.watched: dict[Any, _Watched] = {}
         self.stdin = sys.stdin.fileno()
         self.buffer = b""
+
+    def live_runners(self) -> int:
+        """Runners alive under the run root (their `.runner.lock` held), whoever started them."""
+        import glob
+
+        pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", ".runner.lock")
+        return sum(not _runner_gone(os.path.dirname(lock)) for lock in glob.glob(pattern))
+
+    def _inside_root(self, run_dir: str) -> str:
+        """`run_dir` resolved (symlinks, `..`); ValueError unless it lies strictly inside the run root."""
+        resolved = os.path.realpath(run_dir)
+        if not resolved.startswith(self.root + os.sep):
+            raise ValueError(f"run_dir {run_dir} ({resolved}) is outside the agent's run root {self.root}: refused")
+        return resolved
 
     def emit(self, rid: Any, event: str, **fields: Any) -> None:
         fields.update(id=rid, event=event)
@@ -1528,7 +1644,7 @@ class _Agent:
             self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
 
     def run(self, rid: Any, request: dict) -> None:
-        run_dir = os.path.abspath(os.path.expanduser(request["run_dir"]))
+        run_dir = self._inside_root(on_node(request["run_dir"]))
         task = request["task"]
         if os.path.exists(os.path.join(run_dir, "status.json")):  # a run was here: this attempt's, or older
             same = (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key") == task.get("cache_key")
@@ -1544,13 +1660,24 @@ class _Agent:
             if same and result is not None and result.get("status") == "succeeded":
                 self.emit(rid, "recovered", result=result)
                 return
-        os.makedirs(run_dir, exist_ok=True)
-        old_umask = os.umask(0o077)
+        # count and claim under one lock: two agents (two dispatchers) never both take the last slot
+        mutex = os.open(os.path.join(self.root, ".slots.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            _write_json(os.path.join(run_dir, "task.json"), task)
+            fcntl.flock(mutex, fcntl.LOCK_EX)
+            running = self.live_runners()
+            if running >= self.slots:
+                self.emit(rid, "full", running=running, slots=self.slots,
+                          message=f"node full: {running} of {self.slots} slots run a spec (counted on the node)")
+                return
+            os.makedirs(run_dir, exist_ok=True)
+            old_umask = os.umask(0o077)
+            try:
+                _write_json(os.path.join(run_dir, "task.json"), task)
+            finally:
+                os.umask(old_umask)
+            lock_fd, refused = _claim(run_dir)
         finally:
-            os.umask(old_umask)
-        lock_fd, refused = _claim(run_dir)
+            os.close(mutex)
         if lock_fd is None:
             self.emit(rid, "earlier", reason=refused["message"])
             return
@@ -1607,9 +1734,9 @@ class _Agent:
         self.emit(watched.rid, "result", result=_read_json(os.path.join(watched.run_dir, "result.json")))
 
 
-def cmd_serve() -> int:
+def cmd_serve(root: str, slots: int) -> int:
     try:
-        return _Agent().serve()
+        return _Agent(root, slots).serve()
     except BrokenPipeError:  # the channel closed while we wrote: same as stdin closing
         return 0
 
@@ -1633,7 +1760,10 @@ def main(argv: list[str] | None = None) -> int:
     follow.add_argument("run_dir")
     follow.add_argument("--from-byte", type=int, default=0)
     commands.add_parser("version", help="print the runner's checksum")
-    commands.add_parser("serve", help="start and watch runs asked for as JSON lines on stdin (one agent per node)")
+    serve = commands.add_parser("serve", help="start and watch runs asked for as JSON lines on stdin (one agent "
+                                "per node)")
+    serve.add_argument("--root", required=True, help="the node's run root: run directories must be inside it")
+    serve.add_argument("--slots", required=True, type=int, help="runners the node runs at once at most")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -1648,7 +1778,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "serve":
-        return cmd_serve()
+        if args.slots < 1:
+            parser.error("serve: --slots must be at least 1")
+        return cmd_serve(args.root, args.slots)
     run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
     if args.command == "run":
         return cmd_run(run_dir, detach=args.detach, secrets_stdin=args.secrets_stdin)

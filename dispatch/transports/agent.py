@@ -9,6 +9,10 @@ to a few ms (docs/performance.md).
 The runners do not depend on the agent: if its channel drops, they carry on, every waiting attempt
 gets `AgentLost`, and the transport re-attaches the long way (status, follow); the next attempt
 starts a new agent.
+
+The agent also enforces the node's own slot count (`serve --slots`): past that many live runners under the
+run root, whoever started them, it starts nothing and the attempt comes back with status `NODE_FULL`, which
+the dispatcher requeues briefly instead of counting as a failure.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from dispatch.errors import NodeError
 from dispatch.transports import LineSink
 
 logger = logging.getLogger(__name__)
+
+NODE_FULL = "node_full"
+"""The status of an attempt the node refused to start because its slots were all taken (not a failure)."""
 
 
 class AgentLost(NodeError):
@@ -95,7 +102,8 @@ class NodeAgent:
     def run(self, run_dir: str, task: dict, secrets: dict[str, str] | None, on_line: LineSink,
             timeout: float) -> dict | None:
         """Start (or re-attach to) the attempt in `run_dir`, block until it ends and return its `result.json`;
-        None when an earlier runner holds the directory (the transport takes the long way).
+        None when an earlier runner holds the directory (the transport takes the long way); a result with
+        status `NODE_FULL` (nothing started) when the node already runs as many runners as it has slots.
 
         Raises:
             AgentLost: the stream ended first (the runner may still run: re-attach the long way).
@@ -128,6 +136,9 @@ class NodeAgent:
                     on_line(f"re-attached to the running attempt (runner pid {event.get('pid')})")
                 elif kind == "earlier":
                     return None
+                elif kind == "full":
+                    reason = f"{event.get('message') or 'node full'}; requeued"
+                    return {"status": NODE_FULL, "reason": reason, "retryable": True}
                 elif kind in ("result", "recovered"):
                     if kind == "recovered":
                         on_line("recovered the result of this attempt, which finished while no dispatcher watched")

@@ -53,7 +53,8 @@ class SSHTransport:
         self.root = node.remote_root.removeprefix("~/").rstrip("/") or "."
         self._runner: str | None = None
         self._ship_lock = threading.Lock()
-        self.agent = NodeAgent(node.name, lambda: self.pool.open_stream(self.target, f"exec {self.runner()} serve"))
+        self.agent = NodeAgent(node.name, lambda: self.pool.open_stream(
+            self.target, f"exec {self.runner()} serve --root {shlex.quote(self.root)} --slots {node.slots}"))
 
     # -- paths (all built by dispatch.paths: checked components, quoted for the shell) ----------
     def run_dir(self, project: str, task_id: str) -> str:

@@ -23,8 +23,10 @@ import time
 from datetime import UTC, datetime
 from uuid import UUID
 
+import httpx
+
 from dispatch.cluster import Node
-from dispatch.errors import DispatchError, NodeError
+from dispatch.errors import NodeError
 from dispatch.results import SpecResult
 from dispatch.transports import LineSink, RunRequest
 
@@ -34,6 +36,9 @@ _TAG = "oyster-dispatch"
 _POLL = 0.5
 _WORKER_CHECK = 5.0
 _PARENT_WAIT = 15.0  # seconds to wait for the spec's task run to be recorded before its child is created
+# What a call to an unreachable or failing Prefect server raises (PrefectHTTPStatusError is an httpx error);
+# anything else is a bug and must not be taken for a server restart.
+_SERVER_ERRORS = (httpx.HTTPError, OSError)
 
 
 def deployment_name(node: Node) -> str:
@@ -92,7 +97,7 @@ class FlowRunWatcher:
             try:
                 runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)),
                                                   limit=len(ids))
-            except Exception as exc:  # a server restart: keep the last view, say so once in a while
+            except _SERVER_ERRORS as exc:  # a server restart: keep the last view, say so once in a while
                 self._errors += 1
                 if self._errors in (1, 10) or self._errors % 120 == 0:
                     logger.warning("cannot read the spec-run flow runs (%d tries): %s", self._errors, exc)
@@ -137,7 +142,7 @@ class WorkerTransport:
         self._adoptable: dict[tuple[str, str], object] = {}  # live children of an earlier dispatcher
         self._deployment_id: UUID | None = None
         self._lock = threading.Lock()
-        self._workers_checked = (0.0, True)
+        self._workers_checked: tuple[float, bool, str] = (0.0, True, "")
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -150,29 +155,36 @@ class WorkerTransport:
         return f"{self.root_path}/{project}/tasks/{task_id}/work"
 
     def exec(self, script: str, timeout: float) -> tuple[int, str, str]:
-        raise NodeError(f"node {self.node.name} is a worker node: the gateway runs no commands on it; its "
-                        f"worker does the work of each spec (collect its outputs with git mode)")
+        raise NodeError(self.node.name, "is a worker node: the gateway runs no commands on it; its worker does "
+                                        "the work of each spec (collect its outputs with git mode)")
 
     # -- health --------------------------------------------------------------------------------
     def probe(self) -> None:
         """Raise NodeError unless a worker of the node's pool has sent a heartbeat lately."""
         if not self._worker_alive(force=True):
-            raise NodeError(f"no live Prefect worker on pool {self.node.pool}: start it on the node "
-                            f"(`systemctl start prefect-worker@{self.node.name}`, see infra/install-worker.sh)")
+            raise NodeError(self.node.name, self._workers_checked[2])
 
     def _worker_alive(self, force: bool = False) -> bool:
-        checked_at, alive = self._workers_checked
+        checked_at, alive, why = self._workers_checked
         if not force and time.monotonic() - checked_at < _WORKER_CHECK:
             return alive
+        why = (f"no live Prefect worker on pool {self.node.pool}: start it on the node "
+               f"(`systemctl start prefect-worker@{self.node.name}`, see infra/install-worker.sh)")
         try:
             workers = self.client.read_workers_for_work_pool(self.node.pool)
-        except Exception as exc:
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 404:
+                logger.debug("cannot read the workers of %s: %s", self.node.pool, exc)
+                return alive  # the server is what fails, not the node
+            workers, why = [], (f"no work pool {self.node.pool} on the server: run `dispatch nodes sync` to create "
+                                "it, then start the node's worker")
+        except _SERVER_ERRORS as exc:
             logger.debug("cannot read the workers of %s: %s", self.node.pool, exc)
             return alive  # the server is what is down, not the node
         now = datetime.now(UTC)
         alive = any(w.last_heartbeat_time is not None and (now - w.last_heartbeat_time).total_seconds()
                     < 3 * (w.heartbeat_interval_seconds or 30) + 5 for w in workers)
-        self._workers_checked = (time.monotonic(), alive)
+        self._workers_checked = (time.monotonic(), alive, why)
         return alive
 
     # -- runs ----------------------------------------------------------------------------------
@@ -183,8 +195,8 @@ class WorkerTransport:
             try:
                 self._deployment_id = self.client.read_deployment_by_name(self.deployment).id
             except ObjectNotFound:
-                raise NodeError(f"node {self.node.name}: no deployment {self.deployment} on the server; run "
-                                "`dispatch nodes sync` to create it") from None
+                raise NodeError(self.node.name, f"no deployment {self.deployment} on the server; run "
+                                                "`dispatch nodes sync` to create it") from None
         return self._deployment_id
 
     def _existing(self, request: RunRequest):
@@ -217,10 +229,8 @@ class WorkerTransport:
         children are not adopted (not done here: a child that ended while no dispatcher watched runs again)."""
         try:
             runs = self._live_children(project)
-        except DispatchError:
-            raise
-        except Exception as exc:
-            raise NodeError(f"node {self.node.name}: cannot list its spec-run flow runs: {exc}") from exc
+        except _SERVER_ERRORS as exc:
+            raise NodeError(self.node.name, f"cannot list its spec-run flow runs: {exc}") from exc
         live: dict[str, str | None] = {}
         for run in runs:
             params = run.parameters.get("request") or {}
@@ -243,7 +253,7 @@ class WorkerTransport:
                 on_line(f"spec-run flow run {run.name} ({run.id}) queued on pool {self.node.pool}")
         except NodeError as exc:
             return self._lost(request, str(exc), node_fault=True)
-        except Exception as exc:
+        except _SERVER_ERRORS as exc:
             return self._lost(request, f"cannot create the spec-run flow run: {exc}", node_fault=False)
         with self._lock:
             self._children[key] = run.id
@@ -327,7 +337,7 @@ class WorkerTransport:
 
         try:
             self.client.set_flow_run_state(run.id, (Cancelled if cancel else Crashed)(message=reason), force=True)
-        except Exception as exc:
+        except _SERVER_ERRORS as exc:
             logger.warning("could not mark flow run %s: %s", run.id, exc)
 
     def _final(self, run, request: RunRequest) -> SpecResult:
@@ -370,7 +380,7 @@ class WorkerTransport:
             return
         try:
             self.client.set_flow_run_state(flow_run_id, Cancelling(message="stopped by the dispatcher"), force=True)
-        except Exception as exc:
+        except _SERVER_ERRORS as exc:
             logger.warning("could not cancel flow run %s: %s", flow_run_id, exc)
 
     def kill_project(self, project: str) -> int:

@@ -1,5 +1,7 @@
 """Projects on a cluster of real sshd nodes (127.0.0.2-4, slots 2, 3, 4) with a fake agent CLI.
 
+The nodes are laid out like real ones (a login user each, `remote_root: ~/dispatch`, the stock sftp-server),
+so what the specs write on the nodes (timeline, fake-agent log) lives in a directory their users can write.
 Judged from what the specs and the fake agent record themselves, and from the process table.
 """
 
@@ -23,25 +25,34 @@ from tests.fixtures.projects import (
     wait_for_starts,
     write_spec,
 )
+from tests.fixtures.sshd import trust_repository_on_nodes, writable_by_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
 
 
 @pytest.fixture
-def cluster(loopback_cluster, isolated_home: Path):
-    """DISPATCH_HOME/nodes.json for the loopback cluster, with the fake agent on every node's PATH."""
-    fakebin = isolated_home / "fakebin"
+def cluster(loopback_cluster, isolated_home: Path, node_shared: Path, monkeypatch: pytest.MonkeyPatch):
+    """DISPATCH_HOME/nodes.json for the loopback cluster, with the fake agent on every node's PATH; its
+    `timeline` and `agent_log` files are writable by every node.
+
+    The session's Prefect server runs on SQLite, which cannot hold concurrency limits (each slot request
+    meets "database is locked" and a ~2 s back-off), so node slots are not taken from it here; each node's
+    agent still enforces its slots. Team mode's limits are tested on PostgreSQL (test_team_mode.py)."""
+    monkeypatch.setenv("DISPATCH_SERVER_SLOTS", "false")
+    fakebin = node_shared / "fakebin"
     fakebin.mkdir()
     for name in ("claude", "codex", "opencode"):
         (fakebin / name).symlink_to(FAKE_AGENT)
-    agent_log = isolated_home / "agent.jsonl"
+    agent_log, timeline = node_shared / "agent.jsonl", node_shared / "timeline"
+    writable_by_nodes(agent_log, timeline)
     nodes = []
     for node in loopback_cluster.nodes:
         nodes.append({**node, "env": {"PATH": f"{fakebin}:/usr/local/bin:/usr/bin:/bin",
                                       "FAKE_AGENT_LOG": str(agent_log)}})
     (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": nodes}))
-    loopback_cluster.agent_log = agent_log
+    loopback_cluster.agent_log, loopback_cluster.timeline = agent_log, timeline
+    loopback_cluster.shared = node_shared
     return loopback_cluster
 
 
@@ -50,7 +61,7 @@ def _agent_calls(log: Path) -> list[dict]:
 
 
 def test_specs_spread_over_the_nodes_without_exceeding_any_node(run_project, cluster, isolated_home: Path):
-    specs, timeline = isolated_home / "specs" / "spread", isolated_home / "timeline"
+    specs, timeline = isolated_home / "specs" / "spread", cluster.timeline
     for i in range(18):
         shell_spec(specs, f"S{i:02d}", timeline, seconds=1.0)
     state, summary = run_project("spread")
@@ -67,7 +78,7 @@ def test_specs_spread_over_the_nodes_without_exceeding_any_node(run_project, clu
 
 
 def test_overlapping_modifies_never_run_together_across_nodes(run_project, cluster, isolated_home: Path):
-    specs, timeline = isolated_home / "specs" / "xlocks", isolated_home / "timeline"
+    specs, timeline = isolated_home / "specs" / "xlocks", cluster.timeline
     for i in range(4):
         shell_spec(specs, f"S0{i}-shared", timeline, seconds=0.8, modifies=["app/config.yaml"])
     for i in range(4, 8):
@@ -107,6 +118,29 @@ def test_quota_message_falls_back_to_the_next_model_and_cools_the_model_for_late
         Variable.unset("dispatch_cooldown_glm")
 
 
+def test_agent_specs_in_scp_mode_run_once_and_bring_their_work_back(run_project, cluster, isolated_home: Path):
+    """On nodes laid out like real ones, an agent spec's first attempt is its only one: the agent works in the
+    copy of the project the dispatcher sent, and what it wrote comes back for its dependents."""
+    code_dir = isolated_home / "projects" / "scpagents"
+    code_dir.mkdir(parents=True)
+    (code_dir / "README.md").write_text("the project\n")  # a non-empty project is copied to each spec's node
+    specs = isolated_home / "specs" / "scpagents"
+    agent = {"model": ["claude"]}
+    write_spec(specs, "S01-make.md", {"task_id": "S01-make", **agent},
+               "## Goal\nmake\n\nFAKE: write out/made.txt made\n\n## Acceptance criteria\n- [ ] `test -f README.md`\n")
+    write_spec(specs, "S02-next.md", {"task_id": "S02-next", "depends_on": ["S01"], **agent},
+               "## Goal\nnext\n\nFAKE: write out/next.txt next\n\n"
+               "## Acceptance criteria\n- [ ] `test -f out/made.txt`\n")
+    write_spec(specs, "S03-side.md", {"task_id": "S03-side", **agent}, "## Goal\nside\n\nFAKE: write side.txt side\n")
+    state, summary = run_project("scpagents")
+    assert state.is_completed(), state.message
+    assert {t: (row.attempts, row.reason) for t, row in summary.specs.items()} == {
+        "S01-make": (1, ""), "S02-next": (1, ""), "S03-side": (1, "")}, "an agent spec ran more than once"
+    assert len(_agent_calls(cluster.agent_log)) == 3, "each spec's agent is paid for once"
+    for rel, text in (("out/made.txt", "made"), ("out/next.txt", "next"), ("side.txt", "side")):
+        assert (code_dir / rel).read_text().strip() == text
+
+
 def test_timeout_and_stall_kill_leave_no_process_behind(run_project, cluster, isolated_home: Path, monkeypatch):
     monkeypatch.setenv("DISPATCH_STALL_TIMEOUT", "2")
     monkeypatch.setenv("DISPATCH_RETRIES", "0")
@@ -126,7 +160,7 @@ def test_timeout_and_stall_kill_leave_no_process_behind(run_project, cluster, is
 
 
 def test_a_node_killed_mid_run_costs_only_a_retry_on_another_node(run_project, cluster, isolated_home: Path):
-    specs, timeline = isolated_home / "specs" / "dying", isolated_home / "timeline"
+    specs, timeline = isolated_home / "specs" / "dying", cluster.timeline
     for i in range(9):
         shell_spec(specs, f"S{i:02d}", timeline, seconds=4.0, retries=2)
     victim = "loop3"
@@ -161,7 +195,7 @@ def test_a_node_killed_mid_run_costs_only_a_retry_on_another_node(run_project, c
 
 def test_stop_kills_the_projects_agents_on_every_node(prefect_api, cluster, isolated_home: Path):
     marker = f"3{os.getpid()}{int(time.time() * 1000) % 100000}"  # a unique sleep length to find them by
-    specs, timeline = isolated_home / "specs" / "remote-stop", isolated_home / "timeline"
+    specs, timeline = isolated_home / "specs" / "remote-stop", cluster.timeline
     for i in range(5):
         shell_spec(specs, f"S0{i}", timeline, seconds=marker)
     log = isolated_home / "run.log"
@@ -183,8 +217,9 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 
 def test_git_mode_makes_a_branch_per_spec_and_collect_reports_a_planted_conflict(run_project, cluster,
                                                                                    isolated_home: Path):
-    remote, seed, local = isolated_home / "remote.git", isolated_home / "seed", isolated_home / "clone"
-    _git("init", "-q", "--bare", "-b", "main", str(remote))
+    remote, seed, local = cluster.shared / "remote.git", isolated_home / "seed", isolated_home / "clone"
+    _git("init", "-q", "--bare", "--shared=0666", "-b", "main", str(remote))  # every node's user pushes to it
+    trust_repository_on_nodes(cluster, remote)
     _git("clone", "-q", str(remote), str(seed))
     (seed / "README.md").write_text("the project\n")
     _git("add", "README.md", cwd=seed)
@@ -202,6 +237,7 @@ def test_git_mode_makes_a_branch_per_spec_and_collect_reports_a_planted_conflict
     write_spec(specs, "S04-right.md", {"task_id": "S04-right", **agent}, "## Goal\nr\n\nFAKE: write shared.txt right\n")
     state, summary = run_project("gitproj")
     assert state.is_completed(), state.message
+    assert {row.attempts for row in summary.specs.values()} == {1}, "an agent spec ran more than once"
     heads = _git("ls-remote", "--heads", str(remote))
     for task_id in ("S01-base", "S02-uses", "S03-left", "S04-right"):
         assert f"refs/heads/dispatch/gitproj/{task_id}" in heads
@@ -217,7 +253,7 @@ def test_git_mode_makes_a_branch_per_spec_and_collect_reports_a_planted_conflict
 
 def test_restarted_dispatcher_reattaches_to_specs_still_running_on_the_nodes(prefect_api, cluster,
                                                                              isolated_home: Path):
-    specs, timeline = isolated_home / "specs" / "reattach", isolated_home / "timeline"
+    specs, timeline = isolated_home / "specs" / "reattach", cluster.timeline
     shell_spec(specs, "S01-first", timeline, seconds=0.2)
     for i in range(2, 6):
         shell_spec(specs, f"S0{i}-long", timeline, seconds=10, depends_on=["S01"])
@@ -243,3 +279,52 @@ def test_restarted_dispatcher_reattaches_to_specs_still_running_on_the_nodes(pre
     taken = [line for line in (second.stdout + second.stderr).splitlines() if "already succeeded there" in line]
     assert any("S07-quick" in line for line in taken), second.stderr[-8000:]
     assert runs["S06-last"][0][0] >= max(runs[f"S0{i}-long"][0][1] for i in range(2, 6))
+
+
+def test_a_node_listed_twice_never_runs_more_than_its_slots(run_project, cluster, isolated_home: Path):
+    """A configuration mistake: loop1 (2 slots) appears under two names, so the dispatcher counts 4 slots there.
+    The node's own agents count its live runners and refuse past 2; refused specs wait and run later."""
+    loop1 = {**cluster.node("loop1"), "slots": 2, "env": {"PATH": "/usr/local/bin:/usr/bin:/bin"}}
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [
+        {**loop1, "name": "twice-a"}, {**loop1, "name": "twice-b"}]}))
+    specs, timeline = isolated_home / "specs" / "twice", cluster.timeline
+    for i in range(6):
+        shell_spec(specs, f"S{i:02d}", timeline, seconds=1.5)
+    state, summary = run_project("twice")
+    assert state.is_completed(), state.message
+    runs = [run for runs in runs_by_node(timeline).values() for run in runs]
+    assert len(runs) == 6 and max_concurrency(runs) <= 2, runs
+    assert {row.attempts for row in summary.specs.values()} == {1}, "a refusal by the node is not an attempt"
+
+
+def test_stop_and_cleanup_reach_a_node_whose_key_lives_only_in_its_block(prefect_api, cluster, isolated_home: Path):
+    """A node with no key_path: its key is in its ClusterNode block. A run reaches it, and so must `dispatch stop`
+    (killing the runners a killed dispatcher left) and `dispatch cleanup` (removing its run directories)."""
+    home = isolated_home / "home"
+    entry = {**json.loads((home / "nodes.json").read_text())["nodes"][1], "name": "keyonly"}
+    (home / "nodes.json").write_text(json.dumps({"nodes": [entry]}))
+    imported = subprocess.run([DISPATCH, "nodes", "import", "--embed-keys"], capture_output=True, text=True,
+                              timeout=120)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    del entry["key_path"]  # from now on the key exists only in the block
+    (home / "nodes.json").write_text(json.dumps({"nodes": [entry]}))
+    marker = f"4{os.getpid()}{int(time.time() * 1000) % 100000}"
+    specs, timeline = isolated_home / "specs" / "keyonly", cluster.timeline
+    shell_spec(specs, "S01-long", timeline, seconds=marker)
+    log = isolated_home / "run.log"
+    run = start_in_background("keyonly", log)
+    try:
+        wait_for_starts(timeline, 1, log)
+    finally:
+        os.kill(run.pid, 9)  # the dispatcher dies; its runner on the node does not
+        run.wait()
+    stopped = subprocess.run([DISPATCH, "stop", "keyonly"], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "1 orphaned runner(s) killed" in stopped.stdout, stopped.stdout + stopped.stderr
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.returncode == 1, f"the spec still runs on the node: {left.stdout}"
+    run_dirs = cluster.run_root("loop2") / "keyonly"
+    assert run_dirs.is_dir()
+    cleaned = subprocess.run([DISPATCH, "cleanup", "keyonly"], capture_output=True, text=True, timeout=120)
+    assert cleaned.returncode == 0 and "not cleaned" not in cleaned.stderr, cleaned.stdout + cleaned.stderr
+    assert not run_dirs.exists(), "cleanup did not reach the node"

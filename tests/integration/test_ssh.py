@@ -26,16 +26,22 @@ def _running(marker: str) -> list[str]:
     return [line for line in found.splitlines() if "pgrep" not in line]
 
 
-def test_runs_a_command_on_every_node_in_its_own_home(
+def test_runs_a_command_on_every_node_as_its_own_user_in_its_own_home(
         loopback_cluster: LoopbackCluster, ssh_pool: SSHPool) -> None:
+    users = set()
     for node in loopback_cluster.nodes:
-        result = ssh_pool.run(loopback_cluster.target(node["name"]), "echo $SSH_CONNECTION; pwd", timeout=10)
+        result = ssh_pool.run(loopback_cluster.target(node["name"]), "echo $SSH_CONNECTION; pwd; id -un",
+                              timeout=10)
         assert result.exit_code == 0
-        connection, cwd = result.stdout.splitlines()
+        connection, cwd, user = result.stdout.splitlines()
         assert connection.split()[2:] == [node["host"], str(node["port"])]
-        assert cwd == node["remote_root"]
+        assert cwd == str(loopback_cluster.home(node["name"])) and user == node["user"]
         assert result.stderr == ""
+        users.add(user)
     assert ssh_pool.connections_by_node == {"loop1": 1, "loop2": 1, "loop3": 1}
+    if os.geteuid() == 0:  # laid out like real machines: one login user each, the run root under its home
+        assert len(users) == 3 and "root" not in users
+        assert {node["remote_root"] for node in loopback_cluster.nodes} == {"~/dispatch"}
 
 
 def test_output_streams_line_by_line_in_order(loopback_cluster: LoopbackCluster, ssh_pool: SSHPool) -> None:
@@ -118,9 +124,9 @@ def test_twenty_commands_from_ten_threads_share_one_connection(
     assert ssh_pool.connections_opened == 1
 
 
-def test_server_session_limit_spills_over_to_another_connection(tmp_path: Path) -> None:
+def test_server_session_limit_spills_over_to_another_connection(cluster_base: Path) -> None:
     with LoopbackCluster() as cluster, SSHPool(max_sessions=10) as pool:
-        cluster.start([1], tmp_path / "cluster", port=0, max_sessions=2)  # sshd refuses a third channel
+        cluster.start([1], cluster_base, port=0, max_sessions=2)  # sshd refuses a third channel
         target = cluster.target("loop1")
         results: list[str] = []
         threads = [threading.Thread(target=lambda i=i: results.append(
@@ -240,7 +246,7 @@ def test_put_dir_and_get_dir_roundtrip_skipping_git(
     (source / "run.sh").write_text("#!/bin/sh\necho run\n")
     (source / "run.sh").chmod(0o755)
     target = loopback_cluster.target("loop2")
-    remote = f"{loopback_cluster.node('loop2')['remote_root']}/sync-{uuid.uuid4().hex[:8]}/project"
+    remote = f"sync-{uuid.uuid4().hex[:8]}/project"  # relative: from the login's home, for SFTP and commands
 
     assert ssh_pool.put_dir(target, source, remote) == 3
     assert ssh_pool.run(target, f"cd {remote} && ./run.sh && ls -A", timeout=10).stdout == (
@@ -254,19 +260,20 @@ def test_put_dir_and_get_dir_roundtrip_skipping_git(
     ssh_pool.put_file(target, b"#!/bin/sh\n", f"{remote}/new/dir/tool", mode=0o700)
     assert ssh_pool.run(target, f"stat -c %a {remote}/new/dir/tool", timeout=10).stdout == "700\n"
     assert ssh_pool.read_file(target, f"{remote}/README.md") == b"hello\n"
+    assert (loopback_cluster.home("loop2") / remote / "README.md").read_text() == "hello\n"
     assert ssh_pool.get_file(target, f"{remote}/README.md", tmp_path / "x" / "r.md").read_text() == "hello\n"
     with pytest.raises(FileNotFoundError):
         ssh_pool.read_file(target, f"{remote}/missing")
 
 
 def test_cluster_refuses_a_port_in_use_and_cli_stops_on_sigterm(
-        loopback_cluster: LoopbackCluster, tmp_path: Path) -> None:
+        loopback_cluster: LoopbackCluster, tmp_path: Path, cluster_base: Path) -> None:
     with LoopbackCluster() as other, pytest.raises(NodeError, match="already in use"):
         other.start([1], tmp_path / "other", port=loopback_cluster.port)
 
     cli = subprocess.Popen(
         [sys.executable, "-m", "dispatch.loopback_cluster", "up", "--slots", "1,2", "--dir",
-         str(tmp_path / "cli"), "--port", "0"], stdout=subprocess.PIPE, text=True)
+         str(cluster_base / "cli"), "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         nodes_json = Path(cli.stdout.readline().strip())  # type: ignore[union-attr]
         assert nodes_json.name == "nodes.json"

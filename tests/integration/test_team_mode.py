@@ -177,11 +177,13 @@ def test_server_restart_mid_run_reruns_no_finished_spec(team_server: TeamServer,
 
 
 def test_two_users_share_the_nodes_slots_through_the_server(team_server: TeamServer, loopback_cluster,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, node_shared: Path) -> None:
     """Two dispatchers with their own DISPATCH_HOMEs (two users) never put more than a node's slots on it."""
     from tests.fixtures.projects import max_concurrency, runs_by_node, shell_spec
+    from tests.fixtures.sshd import writable_by_nodes
 
-    timeline = tmp_path / "timeline"
+    timeline = node_shared / "timeline"
+    writable_by_nodes(timeline)
     homes = {}
     for user in ("alice", "bob"):
         home = tmp_path / user / "home"
@@ -205,3 +207,94 @@ def test_two_users_share_the_nodes_slots_through_the_server(team_server: TeamSer
         assert max_concurrency(intervals) <= slots[node], f"{node}: more than {slots[node]} specs at once"
     everything = [r for intervals in by_node.values() for r in intervals]
     assert max_concurrency(everything) >= 6, "the two projects should fill most of the 9 slots"
+
+
+def _limit(server: TeamServer, name: str) -> dict | None:
+    """The global concurrency limit `name` on the team server, as JSON (None when missing)."""
+    code = ("import json, sys\nfrom prefect.client.orchestration import get_client\n"
+            "from prefect.exceptions import ObjectNotFound\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    try:\n"
+            f"        limit = c.read_global_concurrency_limit_by_name({name!r})\n"
+            "    except ObjectNotFound:\n"
+            "        print('null'); sys.exit(0)\n"
+            "    print(json.dumps({'limit': limit.limit, 'active': limit.active}))\n")
+    out = _run([sys.executable, "-c", code], server.env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    return json.loads(out.stdout)
+
+
+def test_two_users_without_nodes_sync_never_overfill_a_node(team_server: TeamServer, loopback_cluster,
+                                                            tmp_path: Path, node_shared: Path) -> None:
+    """Nobody ran `dispatch nodes sync`: the first `dispatch start` makes the node's limit from its slots (and
+    says so), so two users' dispatchers still share one count and never run more than 2 specs on a 2-slot node."""
+    import json
+    import uuid
+
+    from tests.fixtures.projects import max_concurrency, runs_by_node, shell_spec
+    from tests.fixtures.sshd import writable_by_nodes
+
+    name = f"pair{uuid.uuid4().hex[:8]}"  # a node no test has synced: its limit node-<name> does not exist
+    assert _limit(team_server, f"node-{name}") is None
+    timeline = node_shared / "timeline"
+    writable_by_nodes(timeline)
+    node = {**loopback_cluster.node("loop1"), "name": name, "slots": 2}
+    envs = {}
+    for user in ("carol", "dave"):
+        home = tmp_path / user / "home"
+        home.mkdir(parents=True)
+        (home / "nodes.json").write_text(json.dumps({"nodes": [node]}))
+        for i in range(4):
+            shell_spec(tmp_path / user / "specs" / f"{user}-proj", f"S{i:02d}-{user}", timeline, seconds=1.5)
+        envs[user] = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / user / "specs"),
+                                     DISPATCH_PROJECTS=str(tmp_path / user / "projects"))
+    runs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", f"{user}-proj"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for user, env in envs.items()]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(outputs)
+    intervals = runs_by_node(timeline)[name]
+    assert len(intervals) == 8 and max_concurrency(intervals) <= 2, intervals
+    assert _limit(team_server, f"node-{name}") == {"limit": 2, "active": True}
+    assert any("created it with limit 2" in out and f"node-{name}" in out for out in outputs), "\n".join(outputs)
+
+
+def test_an_inactive_node_limit_is_refused_with_the_command_to_enable_it(prefect_api: str) -> None:
+    """An inactive `node-<name>` limit would not be enforced: the dispatcher refuses to place on it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from dispatch.cluster import Node
+    from dispatch.errors import ConfigError
+    from dispatch.runtime import ClusterRuntime
+    from dispatch.settings import get_settings
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="node-asleep", limit=2,
+                                                                                active=False))
+        except ObjectAlreadyExists:
+            pass
+    node = Node(name="asleep", slots=2, transport="ssh", host="127.0.0.2")
+    with pytest.raises(ConfigError, match="prefect global-concurrency-limit enable node-asleep"):
+        ClusterRuntime(get_settings(), [node])
+
+
+def test_a_server_that_does_not_answer_a_slot_request_delays_the_spec_instead_of_crashing_the_run(
+        prefect_api: str) -> None:
+    """The dispatch loop asks the server for a node slot; an unreachable server means "not now" (the spec is
+    requeued), never an exception out of the loop and never a placement without the shared count."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from dispatch.brokers import ServerSlots
+    from tests.fixtures.postgres import free_port
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        slots = ServerSlots({"gone": "node-gone"})
+        try:
+            assert slots.try_acquire("gone") is None
+        finally:
+            slots.close()

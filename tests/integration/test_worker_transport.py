@@ -216,3 +216,57 @@ def _node_processes(home: Path, project: str | None = None) -> list[int]:
                 project is None or f"DISPATCH_PROJECT={project}".encode() in environ):
             found.append(int(proc.name))
     return found
+
+
+def test_a_worker_node_without_worker_or_deployment_raises_node_errors(prefect_api: str) -> None:
+    """The failures a worker node reports are `NodeError`s naming the node and the fix (a TypeError before)."""
+    from dispatch.cluster import Node
+    from dispatch.errors import NodeError
+    from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
+
+    watcher = FlowRunWatcher()
+    try:
+        transport = WorkerTransport(Node(name="wnobody", slots=1, transport="worker"), watcher)
+        with pytest.raises(NodeError, match="no work pool node-wnobody on the server: run `dispatch nodes sync`") \
+                as down:
+            transport.probe()
+        assert down.value.node == "wnobody"
+        with pytest.raises(NodeError, match="worker node: the gateway runs no commands on it"):
+            transport.exec("true", timeout=5)
+        with pytest.raises(NodeError, match=r"no deployment spec-run/node-wnobody .*`dispatch nodes sync`"):
+            transport.adoptable_runs("some-project")
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        try:  # a pool without a worker: the node is down until one sends heartbeats
+            watcher.client.create_work_pool(WorkPoolCreate(name="node-wlonely", type="process"))
+        except ObjectAlreadyExists:
+            pass
+        lonely = WorkerTransport(Node(name="wlonely", slots=1, transport="worker"), watcher)
+        with pytest.raises(NodeError, match="no live Prefect worker on pool node-wlonely: start it on the node"):
+            lonely.probe()
+    finally:
+        watcher.close()
+
+
+def test_a_missing_spec_run_deployment_fails_over_to_another_node(run_project, isolated_home: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A worker node whose `spec-run` deployment was never made is taken out, named, and its specs run elsewhere."""
+    import logging
+
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [
+        {"name": "wmissing", "transport": "worker", "slots": 4, "priority": 0},
+        {"name": "local", "transport": "local", "slots": 1, "priority": 1}]}))
+    timeline = isolated_home / "timeline"
+    shell_spec(isolated_home / "specs" / "failover", "S01", timeline, seconds=0.1)
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(caplog.handler)
+    try:
+        state, summary = run_project("failover", slots=1)
+    finally:
+        flow_logger.removeHandler(caplog.handler)
+    assert state.is_completed(), state.message
+    assert summary.specs["S01"].node == "local" and summary.specs["S01"].state == "succeeded"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("wmissing" in w and "no deployment spec-run/node-wmissing" in w and "dispatch nodes sync" in w
+               for w in warnings), warnings

@@ -1,0 +1,57 @@
+"""pyproject.toml declares exactly the third-party distributions the package imports (no more, no fewer)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("dispatch", "flows", "tasks", "blocks")
+_OURS = {*PACKAGES, "ratelimits", "__future__"}  # ratelimits: the runner's copy beside node_runner.py
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {_normalise(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]) for requirement in project["dependencies"]}
+
+
+def _imported() -> dict[str, set[str]]:
+    """Top-level third-party module -> the files that import it."""
+    found: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in _OURS:
+                        found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_imported_distribution_is_declared_and_every_declared_one_is_imported():
+    providers = packages_distributions()
+    imported = _imported()
+    needed = {}
+    for module, files in imported.items():
+        distributions = {_normalise(d) for d in providers.get(module, [])}
+        assert distributions, f"{module} (imported by {sorted(files)}) is not installed"
+        needed[module] = distributions
+    declared = _declared()
+    undeclared = {m: sorted(f) for m, f in imported.items() if not needed[m] & declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    used = set().union(*needed.values())
+    assert declared <= used, f"declared but never imported: {sorted(declared - used)}"
