@@ -106,6 +106,8 @@ _SERVE_MIN_DELAY = 0.05  # `serve` reads a growing log this often, backing off t
 _SERVE_MAX_DELAY = 1.0
 _SERVE_READ = 1 << 20  # bytes of a log sent in one event at most (a chatty spec does not stall the others)
 _CHUNK = 65536
+_EVENT_LINE_MAX = 4 << 20  # an agent's JSON event is kept whole up to this size (a shell line: _CHUNK)
+_SHOWN_CHARS = 2000  # characters of one text block an event shows in task.log (the event is whole in events.jsonl)
 _CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limit classifier
 _LOG_TAIL_LINES = 40
 _FILES_CAP = 1000
@@ -552,6 +554,7 @@ class _Log:
         self.overlap = max((len(value) for value in self._encoded), default=1) - 1
         self._echo = echo
         self._handle = open(path, "ab")  # open for the whole run
+        self._events: Any = None  # events.jsonl, opened at an agent's first JSON event
 
     def mask(self, text: str) -> str:
         for secret in self._secrets:
@@ -585,6 +588,17 @@ class _Log:
                 self._echo = False
         return masked
 
+    def event(self, text: str, shown: list[str]) -> str:
+        """One JSON event of an agent: masked, as printed to events.jsonl, and as `shown` to task.log."""
+        masked = self.mask(text)
+        if self._events is None:
+            self._events = open(os.path.join(os.path.dirname(self.path), "events.jsonl"), "ab")
+        self._events.write((masked + "\n").encode("utf-8", "replace"))
+        self._events.flush()
+        for line in shown:
+            self.line(line)
+        return masked
+
     def tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         try:
             with open(self.path, "rb") as handle:
@@ -597,6 +611,101 @@ class _Log:
 
     def close(self) -> None:
         self._handle.close()
+        if self._events is not None:
+            self._events.close()
+
+
+def _shown(text: Any, limit: int = _SHOWN_CHARS) -> str:
+    text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _tool_call(name: Any, arguments: Any) -> str:
+    """`→ Bash: pytest -q`: a tool call in one line, by the argument that says most."""
+    if isinstance(arguments, dict):
+        for key in ("command", "file_path", "path", "pattern", "url", "query", "description"):
+            if isinstance(arguments.get(key), str):
+                return f"→ {name}: {_shown(arguments[key], 300)}"
+    return f"→ {name}: {_shown(arguments, 300)}"
+
+
+def _claude_blocks(content: Any) -> list[str]:
+    shown: list[str] = []
+    for block in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            shown += _shown(block["text"]).splitlines() or [""]
+        elif kind == "tool_use":
+            shown.append(_tool_call(block.get("name"), block.get("input")))
+        elif kind == "tool_result":
+            body = block.get("content")
+            if isinstance(body, list):
+                body = "\n".join(b.get("text", "") for b in body if isinstance(b, dict))
+            first = (str(body or "").strip().splitlines() or [""])[0]
+            mark = "← error" if block.get("is_error") else "← result"
+            shown.append(f"{mark} ({len(str(body or ''))} characters): {_shown(first, 200)}")
+    return shown
+
+
+def _codex_item(item: dict) -> list[str]:
+    kind = item.get("type")
+    if kind == "agent_message":
+        return _shown(item.get("text") or "").splitlines() or [""]
+    if kind == "reasoning":
+        return [f"(thinking) {_shown(item.get('text') or '', 300)}"]
+    if kind == "command_execution":
+        output = (item.get("aggregated_output") or "").strip().splitlines()[-5:]
+        return [f"$ {_shown(item.get('command') or '', 300)} → exit {item.get('exit_code')}", *output]
+    if kind == "file_change":
+        changes = item.get("changes") or []
+        return ["changed: " + ", ".join(str(c.get("path")) for c in changes if isinstance(c, dict))]
+    if kind == "error":
+        return [f"error: {_shown(item.get('message') or '')}"]
+    return [f"({kind})"]
+
+
+def render_event(line: str) -> list[str] | None:
+    """The readable lines of one line an agent printed in its JSON output (Claude Code `stream-json`, Codex
+    `--json`); None when it is no such event (printed as it is); [] for an event that says nothing."""
+    if not line.startswith("{") or not line.rstrip().endswith("}"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    kind = event.get("type") if isinstance(event, dict) else None
+    if not isinstance(kind, str):
+        return None
+    if kind in ("assistant", "user"):
+        return _claude_blocks((event.get("message") or {}).get("content"))
+    if kind == "system":
+        if event.get("subtype") == "init":
+            return [f"=== agent session {str(event.get('session_id', ''))[:8]}, model {event.get('model', '?')} ==="]
+        return []
+    if kind == "result":
+        cost = event.get("total_cost_usd")
+        figures = [f"{event.get('num_turns')} turns" if event.get("num_turns") is not None else "",
+                   f"{event['duration_ms'] / 1000:.1f} s" if isinstance(event.get("duration_ms"), int | float) else "",
+                   f"${cost:.4f}" if isinstance(cost, int | float) else ""]
+        head = "error" if event.get("is_error") else "result"
+        summary = ", ".join([str(event.get("subtype", "")), *(f for f in figures if f)])
+        return [f"=== agent {head}: {summary} ===", *_shown(event.get("result") or "").splitlines()]
+    if kind == "rate_limit_event":
+        info = event.get("rate_limit_info") or {}
+        return [f"rate limit: {info.get('status')} ({info.get('rateLimitType')}), resets at {info.get('resetsAt')}"]
+    if kind == "item.completed" and isinstance(event.get("item"), dict):
+        return _codex_item(event["item"])
+    if kind in ("thread.started", "turn.started", "item.started", "item.updated"):
+        return []
+    if kind == "turn.completed":
+        usage = event.get("usage") or {}
+        return [f"=== codex turn done: {usage.get('input_tokens')} tokens in, {usage.get('output_tokens')} out ==="]
+    if kind in ("turn.failed", "error"):
+        error = event.get("error") if isinstance(event.get("error"), dict) else event
+        return [f"=== codex {kind}: {_shown(error.get('message') or '')} ==="]
+    return None
 
 
 def base_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -852,6 +961,7 @@ class Runner:
             stall_timeout=self.task.stall_timeout,
             on_start=lambda pid: self._write_status(step_pid=pid),
             stdin_path=stdin_path,
+            render=step.argv is not None,
         )
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
         attempt["exit_code"] = outcome.returncode
@@ -894,6 +1004,13 @@ class Runner:
     def _stall_reason(self) -> str:
         return f"stalled: no output for {self.task.stall_timeout:g}s; process group killed"
 
+    def _record(self, text: str, render: bool) -> str:
+        """Write one line of a step's output; returns it masked, as printed (what the classifier reads)."""
+        shown = render_event(text) if render else None
+        if shown is None:
+            return self.log.line(text)
+        return self.log.event(text, shown)
+
     def _run_process(
         self,
         argv: list[str],
@@ -903,8 +1020,12 @@ class Runner:
         stall_timeout: float | None,
         on_start: Any = None,
         stdin_path: str | None = None,
+        render: bool = False,
     ) -> Outcome:
-        """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all."""
+        """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all.
+
+        With `render` (agent steps), JSON events are written to task.log readably and to events.jsonl whole.
+        """
         outcome = Outcome(started_at=time.time())
         stdin = os.open(stdin_path, os.O_RDONLY) if stdin_path else subprocess.DEVNULL  # the prompt, if any
         try:
@@ -932,6 +1053,7 @@ class Runner:
         fd = proc.stdout.fileno()
         tail = _Tail(_CLASSIFY_TAIL)
         pending = b""
+        longest = _EVENT_LINE_MAX if render else _CHUNK
         last_output = time.monotonic()
         exited_at = term_at = gone_at = None
         eof = sent_kill = False
@@ -978,13 +1100,13 @@ class Runner:
             last_output = time.monotonic()
             pending += data
             *lines, pending = pending.split(b"\n")
-            if len(pending) >= _CHUNK:  # a long line goes in pieces; a secret across a cut is kept whole
+            if len(pending) >= longest:  # a long line goes in pieces; a secret across a cut is kept whole
                 piece, pending = _cut(self.log.mask_bytes(pending), self.log.overlap)
                 lines.append(piece)
             for raw in lines:
-                tail.add(self.log.line(raw.decode("utf-8", "replace")))
+                tail.add(self._record(raw.decode("utf-8", "replace"), render))
         if pending:
-            tail.add(self.log.line(pending.decode("utf-8", "replace")))
+            tail.add(self._record(pending.decode("utf-8", "replace"), render))
         proc.stdout.close()
         outcome.returncode = proc.wait()
         if _group_alive(pgid, proc):
