@@ -44,8 +44,10 @@ _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?
 KINDS = ("agent", "shell")
 _KNOWN_FIELDS = {
     "task_id", "project", "priority", "depends_on", "modifies", "exclusive", "executor",
-    "model", "timeout", "retries", "node", "labels", "kind",
+    "model", "timeout", "retries", "node", "labels", "kind", "env",
 }
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_ENV_MAX = 64  # variables a spec may set
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Spec:
         models: our fallback chain (`model:`), empty when the spec only gave `executor`.
         timeout: hard limit in seconds, None for the project default.
         retries: retries after the first attempt, None for the project default.
+        env: environment variables for the spec's steps (not secrets: keys belong in AgentModel blocks).
         kind: `agent` (run the model chain) or `shell` (run the first fenced bash block).
         script: the shell block of a `shell` spec.
         acceptance: acceptance commands (checkbox lines with a command in backticks).
@@ -83,6 +86,7 @@ class Spec:
     retries: int | None = None
     node: str | None = None
     labels: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     kind: str = "agent"
     script: str | None = None
     acceptance: list[str] = field(default_factory=list)
@@ -93,6 +97,26 @@ class Spec:
     def model_chain(self) -> list[str]:
         """The models to try in order: `model:` if given, else `executor`."""
         return self.models or [self.executor]
+
+
+def _env(value: Any) -> tuple[dict[str, str], str | None]:
+    """`env:` as {NAME: text}, or why it is wrong. Scalars become text; DISPATCH_* are ours."""
+    if value is None:
+        return {}, None
+    if not isinstance(value, dict):
+        return {}, f"must be a mapping of variable names to values (env: {{APP_ENV: test}}), got {cut(value)}"
+    if len(value) > _ENV_MAX:
+        return {}, f"sets {len(value)} variables; at most {_ENV_MAX}"
+    env = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            return {}, f"{cut(name)} is not a variable name (letters, digits and _, not starting with a digit)"
+        if name.startswith("DISPATCH_"):
+            return {}, f"{name}: DISPATCH_* variables are set by the dispatcher; use another name"
+        if isinstance(item, dict | list) or item is None or (isinstance(item, str) and "\0" in item):
+            return {}, f"{name} must be a text, number or true/false, got {cut(item)}"
+        env[name] = str(item).lower() if isinstance(item, bool) else str(item)
+    return env, None
 
 
 def is_spec_file(path: Path) -> bool:
@@ -353,6 +377,12 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
         error("node", f"must be a node name, got {cut(node)}")
     else:
         spec.node = node
+
+    env, problem = _env(meta.get("env"))
+    if problem:
+        error("env", problem)
+    else:
+        spec.env = env
 
     kind = meta.get("kind", "agent")
     if kind not in KINDS:

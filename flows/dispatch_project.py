@@ -204,7 +204,7 @@ class ProjectRun:
             steps=steps,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
-            env={**self.nodes[assignment.node].env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
+            env={**self.nodes[assignment.node].env, **spec.env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
 
     def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""

@@ -44,7 +44,8 @@ def test_keys_reach_only_their_model_and_no_file_database_or_report_holds_them(
     script = (f'env -0 > "$DISPATCH_RUN_DIR/shell-env.txt"\n'
               f'echo "caller key: {_split(CALLER_KEY)} token: {_split(GITHUB_TOKEN)}"\n{long_line}\n'
               f"echo \"failing on purpose {_split(GLM_ENV_KEY)}\" >&2\nexit 3\n")
-    write_spec(specs, "S01-shell.md", {"task_id": "S01-shell", "kind": "shell", "retries": 0},
+    write_spec(specs, "S01-shell.md", {"task_id": "S01-shell", "kind": "shell", "retries": 0,
+                                       "env": {"APP_MODE": "test"}},
                f"## Goal\nLeak what it can.\n\n```bash\n{script}```\n")
     write_spec(specs, "S02-glm.md", {"task_id": "S02-glm", "model": ["glm"]},
                "## Goal\nFAKE: print-env ANTHROPIC_AUTH_TOKEN\nFAKE: print-env ANTHROPIC_API_KEY\n")
@@ -61,6 +62,7 @@ def test_keys_reach_only_their_model_and_no_file_database_or_report_holds_them(
     assert summary.specs["S02-glm"].state == "succeeded" and summary.specs["S03-minimax"].state == "succeeded"
     shell_env = (Path(summary.specs["S01-shell"].log_path).parent / "shell-env.txt").read_text()
     assert not [key for key in (CALLER_KEY, GLM_ENV_KEY, BLOCK_KEY, GITHUB_TOKEN) if key in shell_env]
+    assert "APP_MODE=test\0" in shell_env, "the spec's own env reaches its step"
     glm_log = Path(summary.specs["S02-glm"].log_path).read_text()
     assert "ANTHROPIC_AUTH_TOKEN=***" in glm_log, "glm gets its key from ZAI_API_KEY, masked in its log"
     assert "ANTHROPIC_API_KEY=(unset)" in glm_log, "the caller's Anthropic key never reaches glm"

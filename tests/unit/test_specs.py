@@ -507,3 +507,25 @@ def test_an_int_past_pythons_digit_limit_is_a_front_matter_error_not_a_crash(tmp
     path = _write(tmp_path, "S01-a.md", f"---\npriority: {'9' * 5000}\n---\nDo it.\n")
 
     _refused(path, "front matter")
+
+
+def test_env_sets_text_variables_for_the_spec(tmp_path: Path) -> None:
+    spec = _parse_ok(tmp_path, "S01-x.md", "---\nenv: {APP_ENV: test, WORKERS: 4, DEBUG: false}\n---\n## Goal\nx\n")
+    assert spec.env == {"APP_ENV": "test", "WORKERS": "4", "DEBUG": "false"}
+
+
+@pytest.mark.parametrize("env, problem", [
+    ("APP_ENV=test", "must be a mapping"),
+    ({"1BAD": "x"}, "is not a variable name"),
+    ({"DISPATCH_TASK_ID": "x"}, "DISPATCH_* variables are set by the dispatcher"),
+    ({"NESTED": {"a": 1}}, "must be a text, number or true/false"),
+    ({"EMPTY": None}, "must be a text, number or true/false"),
+    ({f"V{i}": "x" for i in range(65)}, "at most 64"),
+])
+def test_a_bad_env_is_an_error_naming_file_and_field(tmp_path: Path, env, problem: str) -> None:
+    import yaml
+
+    path = _write(tmp_path, "S01-x.md", f"---\n{yaml.safe_dump({'env': env})}---\n## Goal\nx\n")
+    spec, errors = parse_spec(path)
+    assert [e.field for e in errors] == ["env"] and problem in errors[0].message
+    assert str(path) in str(errors[0])
