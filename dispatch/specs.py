@@ -1,6 +1,7 @@
 """Spec files: markdown with YAML front matter, in the format of the system we replace.
 
-A spec is `S<digits>...md` or `P<digits>...md` in `$DISPATCH_SPECS/<project>/`. Other markdown there
+A spec is `S<digits>...md` or `P<digits>...md` in `$DISPATCH_SPECS/<project>/` (and `F<digits>...md`, the fix
+specs the pipeline's L5 writes into a project's generated-spec directory). Other markdown there
 (`SHARED_CONTEXT.md`, `CLAUDE.md`, ...) is context handed to agents and is never scheduled.
 
 Parsing never raises for a bad file: it returns `SpecError`s, so that `validate` can report every
@@ -22,7 +23,7 @@ from dispatch.errors import SpecError
 # libyaml's loader when PyYAML has it (88% of parsing time in pure Python; 5,000 specs: 7.3 s -> 2.9 s).
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-SPEC_NAME = re.compile(r"^[SP]\d+.*\.md$")
+SPEC_NAME = re.compile(r"^[SPF]\d+.*\.md$")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$\n?", re.DOTALL | re.MULTILINE)
 _FENCE = re.compile(r"^```[ \t]*(bash|sh|shell)[ \t]*\r?\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.MULTILINE)
@@ -33,7 +34,7 @@ _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?
 KINDS = ("agent", "shell")
 _KNOWN_FIELDS = {
     "task_id", "project", "priority", "depends_on", "modifies", "exclusive", "executor",
-    "model", "timeout", "retries", "node", "labels", "kind",
+    "model", "timeout", "retries", "node", "labels", "kind", "verify",
 }
 
 
@@ -50,6 +51,8 @@ class Spec:
         exclusive: runs with no other spec of its project.
         executor: the old system's single model name (`glm` by default).
         models: our fallback chain (`model:`), empty when the spec only gave `executor`.
+        verify: the verifier chain (`verify:`): after the agent succeeds and the acceptance commands pass, the
+            first of these models that answers reviews the change; a rejection fails the attempt.
         timeout: hard limit in seconds, None for the project default.
         retries: retries after the first attempt, None for the project default.
         kind: `agent` (run the model chain) or `shell` (run the first fenced bash block).
@@ -68,6 +71,7 @@ class Spec:
     exclusive: bool = False
     executor: str = "glm"
     models: list[str] = field(default_factory=list)
+    verify: list[str] = field(default_factory=list)
     timeout: float | None = None
     retries: int | None = None
     node: str | None = None
@@ -242,6 +246,12 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
         error("model", f"must be a model name or a list (e.g. [glm, minimax, claude]), got {meta.get('model')!r}")
     else:
         spec.models = models
+
+    verify = _string_list(meta.get("verify"))
+    if verify is None:
+        error("verify", f"must be a model name or a list (e.g. [codex]), got {meta.get('verify')!r}")
+    else:
+        spec.verify = [name.strip() for name in verify]
 
     if meta.get("timeout") is not None:
         try:
