@@ -32,7 +32,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, environment_keys
+from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, build_verify_steps, environment_keys
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import API_ERRORS, Cooldowns
 from dispatch.dag import Project, load_project, select
@@ -115,9 +115,10 @@ class ProjectRun:
             api_url=settings.prefect_api_url, pid=os.getpid(), user=user, host=host,
             nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes},
             specs={t: SpecRow(state="waiting") for t in project.order if t in selected})
-        context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
-        self.prompts = {t: build_prompt(project.specs[t], context) for t in selected
+        self.context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
+        self.prompts = {t: build_prompt(project.specs[t], self.context) for t in selected
                         if project.specs[t].kind == "agent"}
+        self.reviews: dict[str, str] = {}  # task id -> the review of the verifier that rejected its last attempt
         self.catalog, self.model_secrets = self._agent_models()
         # values to mask that no step is given: this process's credentials (the local node's steps could read
         # them from /proc; remote nodes never see them)
@@ -153,7 +154,8 @@ class ProjectRun:
 
     def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
         """Models (built-in, overridden by `AgentModel` blocks) and their keys, for the agent specs."""
-        names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain})
+        names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain}
+                       | {m for t in self.selected for m in self.project.specs[t].verify})
         if not names:
             return dict(BUILTIN_MODELS), {}
         from dispatch.nodes_admin import agent_models
@@ -200,12 +202,16 @@ class ProjectRun:
             workdir = worktree_path(transport.root_path, self.project.name, spec.task_id)
         else:
             workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
-        steps = build_steps(spec, self.prompts.get(spec.task_id, ""), skip=set(spec.model_chain) - set(chain),
-                            catalog=self.catalog)
+        prompt = self.prompts.get(spec.task_id, "")
+        if spec.task_id in self.reviews and spec.kind == "agent":  # the verifier's review of the last attempt
+            prompt = build_prompt(spec, self.context, self.reviews[spec.task_id])
+        steps = build_steps(spec, prompt, skip=set(spec.model_chain) - set(chain), catalog=self.catalog)
+        verify = build_verify_steps(spec, skip=set(self.cooldowns.active()) if spec.verify else None,
+                                    catalog=self.catalog)
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
             cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, root=transport.root_path,
-            steps=steps,
+            steps=steps, verify=verify,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
             env={**self.nodes[assignment.node].env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
@@ -214,7 +220,8 @@ class ProjectRun:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""
         options: dict = {}
         spec = self.project.specs[assignment.task_id]
-        secrets = {f"{model}:{name}": value for model in spec.model_chain if spec.kind == "agent"
+        models = [*(spec.model_chain if spec.kind == "agent" else []), *spec.verify]
+        secrets = {f"{model}:{name}": value for model in models
                    for name, value in self.model_secrets.get(model, {}).items()}
         if self.runtime.is_local(assignment.node):
             secrets.update({f"mask:{number}": value for number, value in enumerate(self.mask_only)})
@@ -411,6 +418,8 @@ class ProjectRun:
             row.state, row.reason = "succeeded", ""
             self._emit("succeeded", task_id, result=result, cached=cached)
             return
+        if result.status == "rejected" and result.verification is not None:
+            self.reviews[task_id] = result.verification.review
         if result.node_fault and result.node in self.runtime.nodes and not self.runtime.is_local(result.node):
             self._node_down(result.node, result.reason)
         acceptance = result.status == "acceptance_failed"
