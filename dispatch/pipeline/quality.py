@@ -13,10 +13,11 @@ A spec starts at 100 and loses each broken rule's weight. The rules (weights sum
 | specific | 10 | the goal uses a vague verb ("improve", "clean up", "fix stuff", ...) and names nothing concrete |
 | length | 10 | the body has fewer than 30 or more than 3,000 words |
 | backend-ui | 10 | every `modifies` entry is backend code, yet the body asks for UI/CSS work (unless `ui: true`) |
-| no-hardcoded-urls | 5 | prose outside code and acceptance names a loopback or IP URL: use an environment variable |
+| no-hardcoded-urls | 5 | the body names a loopback or IP URL (`localhost:8000`): use an environment variable |
 | dependencies | 5 | the body names another spec id that `depends_on` does not list |
 
-Only the front matter and the body are read: scoring runs nothing.
+The last three read what the spec asks in its own words: prose outside fenced code, code spans and the
+acceptance criteria (quoting code that holds a URL or a colour is no fault). Scoring runs nothing.
 """
 
 from __future__ import annotations
@@ -174,24 +175,25 @@ def _check(spec: Spec) -> list[Broken]:
               + ("add the goal, the changes and the acceptance criteria" if words < MIN_WORDS
                  else "split the spec into smaller ones"))
 
+    # what the spec asks, in its own words: prose outside code blocks, code spans and the acceptance criteria
+    asks = [_CODE_SPAN.sub("", line) for s in sections if not _ACCEPTANCE.search(s.title)
+            for line in s.lines if line in prose]
     backend = bool(spec.modifies) and all(e.strip().endswith(_BACKEND) for e in spec.modifies)
     if backend and spec.extra.get("ui") is not True:
-        asked = _UI_WORDS.search(" ".join(line for s in sections if not _ACCEPTANCE.search(s.title)
-                                          for line in s.lines))
+        asked = _UI_WORDS.search(" ".join(asks))
         if asked:
             broke("backend-ui", f"a backend spec (modifies {', '.join(spec.modifies[:3])}) asks for UI/CSS work "
                   f"({asked.group(0)!r}): move it to a frontend spec, or set ui: true if it is meant")
 
-    outside = [line for s in sections if not _ACCEPTANCE.search(s.title) for line in s.lines if line in prose]
-    for number, line in enumerate(outside, 1):
-        url = _URL.search(_CODE_SPAN.sub("", line))
+    for number, line in enumerate(asks, 1):
+        url = _URL.search(line)
         if url:
             broke("no-hardcoded-urls", f"hard-coded URL {url.group(0)!r} (body line {number}): name an "
                   "environment variable instead (e.g. $APP_URL), so the spec works on any node and port")
             break
 
     own = spec.task_id.split("-", 1)[0]
-    mentioned = {m.group(1) for m in _SPEC_ID.finditer(spec.body)} - {own}
+    mentioned = {m.group(1) for m in _SPEC_ID.finditer(" ".join(asks))} - {own}
     listed = {dep.split("-", 1)[0] for dep in spec.depends_on}
     missing = sorted(mentioned - listed)
     if missing:

@@ -103,3 +103,9 @@ def test_a_bare_vague_spec_scores_low_and_lists_each_rule(tmp_path: Path) -> Non
     assert scored.score < 60
     assert {b.rule for b in scored.broken} >= {"goal", "acceptance", "modifies", "specific", "length"}
     assert average([scored, _score(tmp_path, GOOD)]) == (scored.score + 100) / 2
+
+
+def test_quoted_code_is_not_what_the_spec_asks(tmp_path: Path) -> None:
+    quoting = GOOD.replace("## Constraints\n", "## Constraints\n- The line `color = F1(button)  # S07` stays.\n"
+                                               "```python\nURL = 'http://localhost:8000'  # S09\n```\n")
+    assert _score(tmp_path, quoting).score == 100
