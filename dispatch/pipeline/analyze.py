@@ -66,6 +66,7 @@ class Scan:
     """What the scan saw: the findings, and what it counted or skipped (for the layer's evidence)."""
 
     findings: list[Finding] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
     files_scanned: int = 0
     skipped: list[str] = field(default_factory=list)
     truncated: bool = False
@@ -150,7 +151,8 @@ def _empty_functions(source: str) -> list[tuple[int, str]]:
 def scan_code(code_dir: Path) -> Scan:
     """Scan `code_dir` for gaps (see the module doc)."""
     scan = Scan()
-    for relative in source_files(code_dir, scan):
+    scan.files = source_files(code_dir, scan)
+    for relative in scan.files:
         try:
             source = (code_dir / relative).read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
