@@ -27,6 +27,7 @@ SPEC_NAME = re.compile(r"^[SPF]\d+.*\.md$")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$\n?", re.DOTALL | re.MULTILINE)
 _FENCE = re.compile(r"^```[ \t]*(bash|sh|shell)[ \t]*\r?\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.MULTILINE)
+_FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})")
 _CHECKBOX_COMMAND = re.compile(r"^\s*[-*]\s+\[[ xX]\]\s+.*?`([^`]+)`", re.MULTILINE)
 _ACCEPTANCE_HEADING = re.compile(r"acceptance|验收", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*$")
@@ -125,10 +126,16 @@ def _string_list(value: Any) -> list[str] | None:
     return None
 
 
+def fence_closes(stripped: str, fence: str) -> bool:
+    """Whether a line (stripped of its indent) closes a code block opened by `fence` (e.g. "````")."""
+    return re.fullmatch(re.escape(fence[0]) + "{" + str(len(fence)) + r",}\s*", stripped) is not None
+
+
 def _acceptance_commands(body: str) -> list[str]:
     """Checkbox commands under an acceptance heading (English or Chinese), sub-headings included.
 
-    Lines inside fenced code blocks are neither headings nor checkboxes.
+    Lines inside fenced code blocks are neither headings nor checkboxes; a fence is closed only by a run of
+    its character at least as long (CommonMark), so a block can quote ``` lines.
     """
     commands: list[str] = []
     fence: str | None = None
@@ -136,11 +143,11 @@ def _acceptance_commands(body: str) -> list[str]:
     for line in body.splitlines():
         stripped = line.lstrip()
         if fence is not None:
-            if stripped.startswith(fence):
+            if fence_closes(stripped, fence):
                 fence = None
             continue
-        if stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
+        if opened := _FENCE_OPEN.match(stripped):
+            fence = opened.group(1)
             continue
         heading = _HEADING.match(line)
         if heading:

@@ -14,7 +14,7 @@ A spec starts at 100 and loses each broken rule's weight. The rules (weights sum
 | length | 10 | the body has fewer than 30 or more than 3,000 words |
 | backend-ui | 10 | every `modifies` entry is backend code, yet the body asks for UI/CSS work (unless `ui: true`) |
 | no-hardcoded-urls | 5 | the body names a loopback or IP URL (`localhost:8000`): use an environment variable |
-| dependencies | 5 | the body names another spec id that `depends_on` does not list |
+| dependencies | 5 | the body names another spec id (`S01`, `F03-login`) that `depends_on` does not list |
 
 The last three read what the spec asks in its own words: prose outside fenced code, code spans and the
 acceptance criteria (quoting code that holds a URL or a colour is no fault). Scoring runs nothing.
@@ -25,9 +25,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from dispatch.specs import Spec
+from dispatch.specs import Spec, fence_closes
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})")
 _GOAL = re.compile(r"\b(goal|objective|purpose)s?\b|目标", re.IGNORECASE)
 _ACCEPTANCE = re.compile(r"acceptance|验收", re.IGNORECASE)
 _ITEM = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+(?:\[[ xX]\]\s*)?\S")
@@ -44,7 +45,8 @@ _UI_WORDS = re.compile(
     r"\bflexbox\b|\btailwind\b|\bresponsive\b|\bdark mode\b|\bUI\b|\bbuttons?\b")
 _URL = re.compile(r"\b(?:https?://)?(?:localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|0\.0\.0\.0|\d{1,3}(?:\.\d{1,3}){3})"
                   r":\d{2,5}\b|\bhttps?://(?:localhost|\d{1,3}(?:\.\d{1,3}){3})\b")
-_SPEC_ID = re.compile(r"(?<![\w/.-])([SPF]\d{1,4})(?:-[\w-]+)?\b")
+# spec ids as people write them (S01, F12-login); a bare S1-S3 is a bug severity, not a spec
+_SPEC_ID = re.compile(r"(?<![\w/.-])([SPF](?:\d{2,4}|\d(?=-\w)))(?:-[\w-]+)?\b")
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
 MIN_WORDS, MAX_WORDS, GOAL_MIN_WORDS = 30, 3000, 3
 
@@ -113,12 +115,12 @@ def _sections(body: str) -> tuple[list[_Section], list[str]]:
     for line in body.splitlines():
         stripped = line.lstrip()
         if fence is not None:
-            if stripped.startswith(fence):
+            if fence_closes(stripped, fence):
                 fence = None
             sections[-1].lines.append(line)
             continue
-        if stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
+        if opened := _FENCE_OPEN.match(stripped):
+            fence = opened.group(1)
             sections[-1].lines.append(line)
             continue
         heading = _HEADING.match(line)

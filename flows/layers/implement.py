@@ -28,7 +28,7 @@ from dispatch.specs import spec_files
 from flows.dispatch_project import dispatch_project, load_specs
 
 
-def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir: str, run_dir: str,
+def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir: str, evidence_dir: Path,
                        force: bool) -> LayerResult:
     """Run some generated specs through the project flow (as a subflow) and judge the layer by their results.
 
@@ -37,7 +37,7 @@ def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir:
         layer: L2 or L5 (the result's layer and the evidence folder under `run_dir`).
         files: the generated spec files to run.
         code_dir: the code they work on.
-        run_dir: the pipeline run's directory; the run's state file is copied to `run_dir/<layer>/`.
+        evidence_dir: where the run's state file is copied (`run_dir/<layer>/...`).
         force: run them even when an unchanged spec already succeeded (L5: the bug is still there).
     """
     started = time.time()
@@ -66,7 +66,6 @@ def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir:
     if summary is not None and summary.flow_run_id != str(state.state_details.flow_run_id):
         summary = None  # an earlier run's: this one ended before writing its own (e.g. already running)
     else:
-        evidence_dir = Path(run_dir) / layer
         evidence_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(state_path(settings.state_dir, key), evidence_dir / f"{key}.json")
     result = result_of_run(layer, key, summary, ids, [proj.specs[t].path for t in ids], state.message or state.name)
@@ -89,7 +88,8 @@ def implement(project: str, code_dir: str, run_dir: str, config: PipelineConfig)
     if not files:
         return LayerResult(layer="L2", status=Status.PASS, started_at=time.time(), ended_at=time.time(),
                            reason=f"nothing to implement: no generated S* spec in {directory}")
-    return dispatch_generated(project, "L2", files, code_dir=code_dir, run_dir=run_dir, force=False)
+    return dispatch_generated(project, "L2", files, code_dir=code_dir, evidence_dir=Path(run_dir) / "L2",
+                              force=False)
 
 
 if __name__ == "__main__":

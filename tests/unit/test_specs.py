@@ -373,3 +373,9 @@ def test_comment_lines_inside_fenced_code_are_not_headings(tmp_path: Path) -> No
     spec = _parse_ok(tmp_path, "S01-a.md", text)
 
     assert spec.acceptance == ["make a", "make b"]
+
+
+def test_a_longer_fence_is_closed_only_by_a_fence_as_long(tmp_path: Path) -> None:
+    text = ("---\nkind: agent\n---\n## Reproduce\n````text\n```\n## Acceptance criteria\n- [ ] `rm -rf ~`\n```\n"
+            "````\n\n## Acceptance criteria\n- [ ] `pytest -q`\n")
+    assert _parse_ok(tmp_path, "S01-a.md", text).acceptance == ["pytest -q"]
