@@ -279,3 +279,15 @@ def test_log_records_the_prompt_and_the_role(tmp_path: Path) -> None:
     first, second = (json.loads(line) for line in log.read_text().splitlines())
     assert (first["role"], first["prompt"]) == ("agent", "the whole prompt\nFAKE: mode=ok")
     assert second["role"] == "verify"
+
+
+def test_ui_review_directive_answers_a_scores_line_per_model(tmp_path: Path) -> None:
+    prompt = "<html>\nFAKE: ui-review=22,20,19,24\nFAKE: model=codex ui-review=garbage\n</html>\n"
+    claude = _final_text(_run(*FORMATS["stream-json"], env=_clean_env(FAKE_AGENT_MODEL="claude"), stdin=prompt).stdout)
+    line = claude.splitlines()[-1]
+    assert line.startswith("UI-REVIEW: ")
+    scores = json.loads(line.removeprefix("UI-REVIEW: "))
+    assert {k: v["score"] for k, v in scores.items()} == {"visual": 22, "layout": 20, "readability": 19, "finish": 24}
+    assert all(v["reason"] for v in scores.values())
+    codex = _final_text(_run(*FORMATS["codex-json"], env=_clean_env(FAKE_AGENT_MODEL="codex"), stdin=prompt).stdout)
+    assert codex.splitlines()[-1] == "UI-REVIEW: garbage"
