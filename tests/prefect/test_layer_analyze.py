@@ -12,6 +12,7 @@ import pytest
 
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.results import Status
+from tests.fixtures.projects import write_tree
 
 pytestmark = pytest.mark.prefect
 
@@ -25,9 +26,7 @@ CODE = {
 def _layout(isolated_home: Path, code_files: dict[str, str] = CODE) -> tuple[Path, Path, Path]:
     (isolated_home / "specs" / "shop").mkdir(parents=True, exist_ok=True)
     code, run_dir = isolated_home / "code", isolated_home / "home" / "pipeline" / "shop" / "run1"
-    for name, text in code_files.items():
-        (code / name).parent.mkdir(parents=True, exist_ok=True)
-        (code / name).write_text(text)
+    write_tree(code, code_files)
     return isolated_home / "specs" / "shop" / "generated", code, run_dir
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.pipeline.analyze import fetch_openapi, html_files, routes_from_code, routes_from_openapi, scan_code
+from tests.fixtures.projects import write_tree
 
 SECRET = "sk-live-4f9a8b7c6d5e4f3a2b1c0d9e"
 TREE = {
@@ -59,9 +60,7 @@ TREE = {
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    for name, text in TREE.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    write_tree(tmp_path, TREE)
     (tmp_path / "app" / "huge.py").write_text("# TODO\n" + "x = 1\n" * 200_000)
     os.symlink("/etc", tmp_path / "linked")
     return tmp_path

@@ -10,6 +10,7 @@ from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.fixes import fix_specs
 from dispatch.pipeline.quality import score_spec
 from dispatch.pipeline.results import Bug
+from tests.fixtures.projects import write_tree
 
 
 def _bug(severity: str, title: str, **fields) -> Bug:
@@ -20,11 +21,7 @@ def _bug(severity: str, title: str, **fields) -> Bug:
 
 
 def _written(tmp_path: Path, specs) -> Path:
-    directory = tmp_path / "generated"
-    directory.mkdir(exist_ok=True)
-    for spec in specs:
-        (directory / spec.name).write_text(spec.text)
-    return directory
+    return write_tree(tmp_path / "generated", {spec.name: spec.text for spec in specs})
 
 
 def test_s1_first_at_most_the_cap_and_the_rest_wait(tmp_path: Path) -> None:

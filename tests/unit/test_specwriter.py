@@ -13,6 +13,7 @@ from dispatch.pipeline.analyze import scan_code
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.quality import score_spec
 from dispatch.pipeline.specwriter import draft_specs
+from tests.fixtures.projects import write_tree
 
 SECRET = "tok-9f8e7d6c5b4a39281706"
 TREE = {
@@ -28,18 +29,11 @@ TREE = {
 
 @pytest.fixture
 def code(tmp_path: Path) -> Path:
-    for name, text in TREE.items():
-        (tmp_path / "code" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "code" / name).write_text(text)
-    return tmp_path / "code"
+    return write_tree(tmp_path / "code", TREE)
 
 
 def _write(tmp_path: Path, drafts) -> Path:
-    specs = tmp_path / "generated"
-    specs.mkdir(exist_ok=True)
-    for draft in drafts:
-        (specs / draft.name).write_text(draft.text)
-    return specs
+    return write_tree(tmp_path / "generated", {draft.name: draft.text for draft in drafts})
 
 
 def test_one_spec_per_batch_with_its_files_and_their_dependencies(tmp_path: Path, code: Path) -> None:
