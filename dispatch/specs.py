@@ -256,7 +256,7 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
 
     verify = _string_list(meta.get("verify"))
     if verify is None:
-        error("verify", f"must be a model name or a list (e.g. [codex]), got {meta.get('verify')!r}")
+        error("verify", f"must be a model name or a list (e.g. [codex]), got {repr(meta.get('verify'))[:80]}")
     else:
         spec.verify = [name.strip() for name in verify]
 
