@@ -21,6 +21,7 @@ from dispatch.errors import ConfigError
 from dispatch.specs import Spec
 
 PROMPT = "{prompt}"
+VERDICT_APPROVE, VERDICT_REJECT = "VERDICT: APPROVE", "VERDICT: REJECT"  # a verifier's last line (node runner)
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,32 @@ def environment_keys(names: list[str], catalog: dict[str, ModelSpec], secrets: d
     return found
 
 
-def build_prompt(spec: Spec, context: list[tuple[str, str]]) -> str:
-    """The text handed to the agent: shared context files, then the spec itself."""
+def build_prompt(spec: Spec, context: list[tuple[str, str]], review: str = "") -> str:
+    """The text handed to the agent: shared context files, the spec itself, and (on a retry after a
+    verifier rejected the previous attempt) that review."""
     parts = [f"# Context: {name}\n\n{text.strip()}\n" for name, text in context]
     parts.append(f"# Task {spec.task_id}\n\n{spec.body.strip()}\n")
+    if review:
+        parts.append("# Review of your previous attempt\n\nA verifier rejected the previous attempt at this task "
+                     "(its changes are still in the working directory). Address every point of its review:\n\n"
+                     f"{review.strip()}\n")
     return "\n".join(parts)
+
+
+def build_verify_prompt(spec: Spec) -> str:
+    """The verifier's instructions, the spec and its acceptance commands; the node runner appends the change
+    (`git diff`, or the changed files) once the agent is done."""
+    commands = "\n".join(f"- `{command}`" for command in spec.acceptance) or "- (none as commands: judge by the text)"
+    return (
+        f"# Review of task {spec.task_id}\n\n"
+        "Another agent has just made a change for the task below, and its acceptance commands passed. Review the "
+        "change against the task's goal and acceptance criteria. Do not modify any file: read and judge only.\n\n"
+        "Give your reasons: what is right, and what is missing or wrong, precisely enough that the next attempt "
+        "can fix it. Then end your answer with exactly one of these two lines:\n\n"
+        f"{VERDICT_APPROVE}\n{VERDICT_REJECT}\n\n"
+        f"## The task\n\n{spec.body.strip()}\n\n"
+        f"## Acceptance commands (already run: they passed)\n\n{commands}\n"
+    )
 
 
 def build_steps(spec: Spec, prompt: str, *, skip: set[str] | None = None,
@@ -126,10 +148,28 @@ def build_steps(spec: Spec, prompt: str, *, skip: set[str] | None = None,
     if spec.kind == "shell":
         return [{"name": "shell", "script": spec.script or ""}]
     chain = [m for m in spec.model_chain if m not in (skip or set())] or spec.model_chain[-1:]
-    steps = []
-    for name in chain:
-        model = model_spec(name, catalog)
-        argv = [model.prompt_arg if part == PROMPT else part for part in model.argv]
-        steps.append({"name": name, "argv": [part for part in argv if part is not None], "stdin": prompt,
-                      "env": {**model.env, "DISPATCH_MODEL": name}, "install_hint": model.install_hint})
-    return steps
+    return [_model_step(name, prompt, catalog) for name in chain]
+
+
+def build_verify_steps(spec: Spec, *, skip: set[str] | None = None,
+                       catalog: dict[str, ModelSpec] | None = None) -> list[dict]:
+    """The node runner's `verify` steps: the spec's verifier chain (`verify:`), each with the review prompt on
+    its stdin and `DISPATCH_STEP_KIND=verify` in its environment. Empty when the spec names no verifier.
+
+    Args:
+        spec: the spec.
+        skip: verifiers to leave out (on cool-down); at least the last one always stays.
+        catalog: models by name (built-ins by default).
+    """
+    if not spec.verify:
+        return []
+    chain = [m for m in spec.verify if m not in (skip or set())] or spec.verify[-1:]
+    prompt = build_verify_prompt(spec)
+    return [_model_step(name, prompt, catalog, DISPATCH_STEP_KIND="verify") for name in chain]
+
+
+def _model_step(name: str, prompt: str, catalog: dict[str, ModelSpec] | None, **env: str) -> dict:
+    model = model_spec(name, catalog)
+    argv = [model.prompt_arg if part == PROMPT else part for part in model.argv]
+    return {"name": name, "argv": [part for part in argv if part is not None], "stdin": prompt,
+            "env": {**model.env, "DISPATCH_MODEL": name, **env}, "install_hint": model.install_hint}

@@ -65,7 +65,9 @@ def _checked(project: str) -> str:
 
 
 @app.command()
-def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+             score: Annotated[bool, typer.Option("--score", help="Also score each spec's quality (0-100) and list "
+                                                  "the rules it broke.")] = False):
     """Check a project's specs (front matter, dependencies, cycles) without running anything."""
     project = _checked(project)
     settings = get_settings()
@@ -77,10 +79,42 @@ def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help=
                 {"file": e.path, "field": e.field, "message": e.message} for e in exc.errors]})
             raise typer.Exit(EXIT_INVALID) from None
         raise _invalid(exc) from None
+    scores = _scores(proj) if score else None
     if as_json:
-        console.print_json(data={"project": project, "valid": True, "specs": proj.order})
+        data = {"project": project, "valid": True, "specs": proj.order}
+        if scores is not None:
+            from dispatch.pipeline.quality import average
+
+            data |= {"scores": [s.as_dict() for s in scores], "average": average(scores)}
+        console.print_json(data=data)
         return
     console.print(f"[green]{project}[/]: {len(proj.specs)} specs valid ({proj.specs_dir})")
+    if scores is not None:
+        _print_scores(scores)
+
+
+def _scores(proj) -> list:
+    from dispatch.pipeline.quality import score_spec
+
+    return [score_spec(proj.specs[task_id]) for task_id in proj.order]
+
+
+def _print_scores(scores: list) -> None:
+    """A table of spec, score and the rules broken (below the pipeline's default gate in red)."""
+    from dispatch.pipeline.config import Thresholds
+    from dispatch.pipeline.quality import average
+
+    gate = Thresholds()
+    table = Table("spec", "score", "rules broken (points lost: what to do)", box=None, pad_edge=False)
+    for row in sorted(scores, key=lambda s: (s.score, s.task_id)):
+        color = ("red" if row.score < gate.spec_min_score else
+                 "yellow" if row.score < gate.spec_warn_average else "green")
+        broken = "\n".join(f"{b.rule} (-{b.weight}): {b.message}" for b in row.broken) or "-"
+        table.add_row(escape(row.task_id), f"[{color}]{row.score}[/]", escape(broken))
+    console.print(table)
+    mean = average(scores)
+    note = f" (under {gate.spec_warn_average:g}: L1 would warn)" if mean < gate.spec_warn_average else ""
+    console.print(f"average {mean:.1f}{note}; rules and weights: dispatch/pipeline/quality.py")
 
 
 def _progress_listener(total: int):

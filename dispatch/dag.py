@@ -180,7 +180,7 @@ def load_project(name: str, specs_dir: Path) -> Project:
     files = spec_files(specs_dir)
     if not files:
         raise ProjectInvalid(name, [SpecError(str(specs_dir), "project", (
-            "holds no spec files; specs are named S<digits>...md or P<digits>...md"))])
+            "holds no spec files; specs are named S<digits>...md, P<digits>...md or F<digits>...md"))])
 
     specs: dict[str, Spec] = {}
     folded: dict[str, Spec] = {}

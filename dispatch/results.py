@@ -20,7 +20,7 @@ from dispatch.paths import check_name, local_path, name_problem
 
 # Final spec statuses written by the node runner, plus the dispatcher's own.
 SUCCEEDED = "succeeded"
-RUNNER_FAILURES = ("failed", "timeout", "stalled", "killed", "acceptance_failed")
+RUNNER_FAILURES = ("failed", "timeout", "stalled", "killed", "acceptance_failed", "rejected")
 
 
 class Attempt(BaseModel):
@@ -43,12 +43,21 @@ class AcceptanceCheck(BaseModel):
     output_tail: str = ""
 
 
+class Verification(BaseModel):
+    """What the spec's verifier (`verify:`) said of the change: approve, reject, or none (no verdict)."""
+
+    model: str = ""
+    verdict: str = ""
+    review: str = Field(default="", description="the verifier's answer (its end), handed to a retry's prompt")
+
+
 class SpecResult(BaseModel):
     """The outcome of one run of one spec on one node (the node runner's `result.json`, extended)."""
 
     project: str
     task_id: str
-    status: str = Field(description="succeeded, failed, timeout, stalled, killed, acceptance_failed, lost")
+    status: str = Field(description="succeeded, failed, timeout, stalled, killed, acceptance_failed, rejected "
+                                    "(by the verifier), lost")
     node: str = ""
     model: str = ""
     attempts: list[Attempt] = Field(default_factory=list)
@@ -58,6 +67,7 @@ class SpecResult(BaseModel):
     duration: float | None = None
     files_changed: list[str] = Field(default_factory=list)
     acceptance: list[AcceptanceCheck] = Field(default_factory=list)
+    verification: Verification | None = None
     log_tail: str = ""
     log_path: str = ""
     run_dir: str = ""

@@ -1,6 +1,7 @@
 """Spec files: markdown with YAML front matter, in the format of the system we replace.
 
-A spec is `S<digits>...md` or `P<digits>...md` in `$DISPATCH_SPECS/<project>/`. Other markdown there
+A spec is `S<digits>...md` or `P<digits>...md` in `$DISPATCH_SPECS/<project>/` (and `F<digits>...md`, the fix
+specs the pipeline's L5 writes into a project's generated-spec directory). Other markdown there
 (`SHARED_CONTEXT.md`, `CLAUDE.md`, ...) is context handed to agents and is never scheduled.
 
 Parsing never raises for a bad file: it returns `SpecError`s, so that `validate` can report every
@@ -33,10 +34,11 @@ MAX_SPEC_BYTES = 1 << 20
 MAX_FRONT_MATTER_BYTES = 64 << 10
 """A front matter larger than this is refused before it is parsed."""
 
-SPEC_NAME = re.compile(r"^[SP]\d+.*\.md$")
+SPEC_NAME = re.compile(r"^[SPF]\d+.*\.md$")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$\n?", re.DOTALL | re.MULTILINE)
 _FENCE = re.compile(r"^```[ \t]*(bash|sh|shell)[ \t]*\r?\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.MULTILINE)
+_FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})")
 _CHECKBOX_COMMAND = re.compile(r"^\s*[-*]\s+\[[ xX]\]\s+.*?`([^`]+)`", re.MULTILINE)
 _ACCEPTANCE_HEADING = re.compile(r"acceptance|验收", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*$")
@@ -44,7 +46,7 @@ _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?
 KINDS = ("agent", "shell")
 _KNOWN_FIELDS = {
     "task_id", "project", "priority", "depends_on", "modifies", "exclusive", "executor",
-    "model", "timeout", "retries", "node", "labels", "kind", "env",
+    "model", "timeout", "retries", "node", "labels", "kind", "env", "verify",
 }
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _ENV_MAX = 64  # variables a spec may set
@@ -63,6 +65,8 @@ class Spec:
         exclusive: runs with no other spec of its project.
         executor: the old system's single model name (`glm` by default).
         models: our fallback chain (`model:`), empty when the spec only gave `executor`.
+        verify: the verifier chain (`verify:`): after the agent succeeds and the acceptance commands pass, the
+            first of these models that answers reviews the change; a rejection fails the attempt.
         timeout: hard limit in seconds, None for the project default.
         retries: retries after the first attempt, None for the project default.
         env: environment variables for the spec's steps (not secrets: keys belong in AgentModel blocks).
@@ -82,6 +86,7 @@ class Spec:
     exclusive: bool = False
     executor: str = "glm"
     models: list[str] = field(default_factory=list)
+    verify: list[str] = field(default_factory=list)
     timeout: float | None = None
     retries: int | None = None
     node: str | None = None
@@ -212,10 +217,16 @@ def modifies_problem(entry: str) -> str | None:
     return None
 
 
+def fence_closes(stripped: str, fence: str) -> bool:
+    """Whether a line (stripped of its indent) closes a code block opened by `fence` (e.g. "````")."""
+    return re.fullmatch(re.escape(fence[0]) + "{" + str(len(fence)) + r",}\s*", stripped) is not None
+
+
 def _acceptance_commands(body: str) -> list[str]:
     """Checkbox commands under an acceptance heading (English or Chinese), sub-headings included.
 
-    Lines inside fenced code blocks are neither headings nor checkboxes.
+    Lines inside fenced code blocks are neither headings nor checkboxes; a fence is closed only by a run of
+    its character at least as long (CommonMark), so a block can quote ``` lines.
     """
     commands: list[str] = []
     fence: str | None = None
@@ -223,11 +234,11 @@ def _acceptance_commands(body: str) -> list[str]:
     for line in body.splitlines():
         stripped = line.lstrip()
         if fence is not None:
-            if stripped.startswith(fence):
+            if fence_closes(stripped, fence):
                 fence = None
             continue
-        if stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
+        if opened := _FENCE_OPEN.match(stripped):
+            fence = opened.group(1)
             continue
         heading = _HEADING.match(line)
         if heading:
@@ -358,6 +369,12 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
                        f"got {cut(meta.get('model'))}")
     else:
         spec.models = models
+
+    verify = _string_list(meta.get("verify"))
+    if verify is None:
+        error("verify", f"must be a model name or a list (e.g. [codex]), got {cut(meta.get('verify'))}")
+    else:
+        spec.verify = [name.strip() for name in verify]
 
     if meta.get("timeout") is not None:
         try:

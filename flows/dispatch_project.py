@@ -32,18 +32,20 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, environment_keys
+from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, build_verify_steps, environment_keys
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import API_ERRORS, Cooldowns
 from dispatch.dag import Project, load_project, select
 from dispatch.errors import DispatchError
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
+from dispatch.pipeline.generated import generated_dir, run_key
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
 from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
+from dispatch.specs import context_files
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
 from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
@@ -69,7 +71,7 @@ class ProjectRun:
 
     def __init__(self, project: Project, settings: DispatchSettings, selected: set[str], *,
                  force: set[str], nodes: list[Node], config: ProjectConfig | None = None,
-                 started_by: str | None = None) -> None:
+                 started_by: str | None = None, code_dir: Path | None = None, base: str | None = None) -> None:
         self.project = project
         self.settings = settings
         self.selected = selected
@@ -77,7 +79,9 @@ class ProjectRun:
         self.config = config or ProjectConfig()
         self.logger = get_run_logger()
         self.run_id = uuid.uuid4().hex[:12]
-        self.code_dir = Path(self.config.repo_local) if self.config.repo_local else settings.code_dir_for(project.name)
+        base = base or project.name  # generated specs (<project>.pipeline) work on <project>'s code and locks
+        self.code_dir = code_dir or (Path(self.config.repo_local) if self.config.repo_local
+                                     else settings.code_dir_for(base))
         self.code_dir.mkdir(parents=True, exist_ok=True)
         # The same spec against another code directory or revision is other work: its own cache key.
         self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
@@ -102,7 +106,7 @@ class ProjectRun:
         if settings.prefect_api_url and any(project.specs[t].modifies for t in selected):
             from dispatch.server_locks import ServerLocks, lock_scope
 
-            self.server_locks = ServerLocks(lock_scope(project.name, self.config.repo_url), project=project.name,
+            self.server_locks = ServerLocks(lock_scope(base, self.config.repo_url), project=project.name,
                                             run_id=self.run_id, holder=self.who)
         self.held_locks: dict[str, str] = {}
         # specs holding a slot while their server locks are asked for: task id -> (assignment, slot, chain)
@@ -117,9 +121,10 @@ class ProjectRun:
             api_url=settings.prefect_api_url, pid=os.getpid(), user=user, host=host,
             nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes},
             specs={t: SpecRow(state="waiting") for t in project.order if t in selected})
-        context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
-        self.prompts = {t: build_prompt(project.specs[t], context) for t in selected
+        self.context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
+        self.prompts = {t: build_prompt(project.specs[t], self.context) for t in selected
                         if project.specs[t].kind == "agent"}
+        self.reviews: dict[str, str] = {}  # task id -> the review of the verifier that rejected its last attempt
         self.catalog, self.model_secrets = self._agent_models()
         # values to mask that no step is given: this process's credentials (the local node's steps could read
         # them from /proc; remote nodes never see them)
@@ -149,7 +154,8 @@ class ProjectRun:
 
     def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
         """Models (built-in, overridden by `AgentModel` blocks) and their keys, for the agent specs."""
-        names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain})
+        names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain}
+                       | {m for t in self.selected for m in self.project.specs[t].verify})
         if not names:
             return dict(BUILTIN_MODELS), {}
         from dispatch.nodes_admin import agent_models
@@ -196,12 +202,16 @@ class ProjectRun:
             workdir = worktree_path(transport.root_path, self.project.name, spec.task_id)
         else:
             workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
-        steps = build_steps(spec, self.prompts.get(spec.task_id, ""), skip=set(spec.model_chain) - set(chain),
-                            catalog=self.catalog)
+        prompt = self.prompts.get(spec.task_id, "")
+        if spec.task_id in self.reviews and spec.kind == "agent":  # the verifier's review of the last attempt
+            prompt = build_prompt(spec, self.context, self.reviews[spec.task_id])
+        steps = build_steps(spec, prompt, skip=set(spec.model_chain) - set(chain), catalog=self.catalog)
+        verify = build_verify_steps(spec, skip=set(self.cooldowns.active()) if spec.verify else None,
+                                    catalog=self.catalog)
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
             cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, root=transport.root_path,
-            steps=steps,
+            steps=steps, verify=verify,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
             env={**self.nodes[assignment.node].env, **spec.env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
@@ -210,7 +220,8 @@ class ProjectRun:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""
         options: dict = {}
         spec = self.project.specs[assignment.task_id]
-        secrets = {f"{model}:{name}": value for model in spec.model_chain if spec.kind == "agent"
+        models = [*(spec.model_chain if spec.kind == "agent" else []), *spec.verify]
+        secrets = {f"{model}:{name}": value for model in models
                    for name, value in self.model_secrets.get(model, {}).items()}
         if self.runtime.is_local(assignment.node):
             secrets.update({f"mask:{number}": value for number, value in enumerate(self.mask_only)})
@@ -413,6 +424,8 @@ class ProjectRun:
             row.state, row.reason = "succeeded", ""
             self._emit("succeeded", task_id, result=result, cached=cached)
             return
+        if result.status == "rejected" and result.verification is not None:
+            self.reviews[task_id] = result.verification.review
         if result.node_fault and result.node in self.runtime.nodes and not self.runtime.is_local(result.node):
             self._node_down(result.node, result.reason)
         acceptance = result.status == "acceptance_failed"
@@ -549,10 +562,33 @@ def _install_signal_handlers(run: ProjectRun) -> Callable[[], None]:
     return lambda: [signal.signal(sig, old) for sig, old in previous.items()]
 
 
-@flow(name="dispatch-project", flow_run_name="{project}", task_runner=ThreadPoolTaskRunner(max_workers=256),
+def _run_name() -> str:
+    """The flow run's name: the project, or `<project>.pipeline` for its generated specs."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    return run_key(parameters["project"]) if parameters.get("generated") else parameters["project"]
+
+
+def load_specs(settings: DispatchSettings, project: str, generated: bool = False) -> Project:
+    """The project's own specs, or (`generated`) its generated specs as the project `<project>.pipeline`, with
+    the project's context files as theirs too."""
+    if not generated:
+        return load_project(project, settings.specs_root_for(project))
+    name = run_key(project)
+    if (settings.specs / name).is_dir():
+        raise DispatchError(f"{settings.specs / name} is a project of its own, but {name!r} is the run name of "
+                            f"{project}'s generated specs; rename that project")
+    proj = load_project(name, generated_dir(settings, project))
+    proj.context = [*context_files(settings.specs_root_for(project)), *proj.context]
+    return proj
+
+
+@flow(name="dispatch-project", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256),
       log_prints=True)
 def dispatch_project(project: str, only: list[str] | None = None, start_from: list[str] | None = None,
-                     force: bool = False, started_by: str | None = None) -> State:
+                     force: bool = False, started_by: str | None = None, generated: bool = False,
+                     code_dir: str | None = None) -> State:
     """Dispatch every spec of a project over the cluster, honouring dependencies, slots and locks.
 
     Args:
@@ -562,20 +598,26 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
         force: re-run every selected spec, ignoring cached results.
         started_by: who started the run, as "user@host" (`dispatch start` sets it); default this process's
             user and host. Runs submitted through the deployment keep their user this way.
+        generated: dispatch the project's generated specs (the pipeline's L2 and L5: its generated-spec
+            directory, dispatch/pipeline/generated.py) under the run name `<project>.pipeline`, with the
+            project's `projects.json` entry, code directory and file-lock scope.
+        code_dir: the code directory the specs work in (default: `repo_local` of `projects.json`, else
+            `DISPATCH_PROJECTS/<project>`).
     """
     settings = get_settings()
-    proj = load_project(project, settings.specs_root_for(project))
+    proj = load_specs(settings, project, generated)
     selected = select(proj, only, start_from)
     forced = set(selected) if force else (proj.descendants(select(proj, None, start_from)) & selected
                                            if start_from else set())
-    lock = ProcessLock(settings.locks_dir / f"project-{project}.lock")
+    lock = ProcessLock(settings.locks_dir / f"project-{proj.name}.lock")
     if not lock.try_acquire():
-        raise DispatchError(f"project {project!r} is already being dispatched on this machine (pid "
-                            f"{lock.holder_pid()}); watch it with `dispatch status {project}` or stop it with "
-                            f"`dispatch stop {project}`")
+        raise DispatchError(f"project {proj.name!r} is already being dispatched on this machine (pid "
+                            f"{lock.holder_pid()}); watch it with `dispatch status {proj.name}` or stop it with "
+                            f"`dispatch stop {proj.name}`")
     try:
         run = ProjectRun(proj, settings, selected, force=forced, nodes=load_nodes(settings),
-                         config=load_project_config(settings, project), started_by=started_by)
+                         config=load_project_config(settings, project), started_by=started_by,
+                         code_dir=Path(code_dir) if code_dir else None, base=project)
         restore = _install_signal_handlers(run)
         try:
             return run.execute()

@@ -73,7 +73,7 @@ def _secrets(request: RunRequest) -> dict[str, str]:
     """`model:ENV` -> key for the agent steps of this attempt, from the node's view of the `AgentModel` blocks
     (else the model's own variable in the worker's environment); every value is also masked in what this
     flow writes to Prefect."""
-    names = sorted({step["name"] for step in request.steps if step.get("argv")})
+    names = sorted({step["name"] for step in [*request.steps, *request.verify] if step.get("argv")})
     if not names:
         return {}
     from dispatch.agents import BUILTIN_MODELS, environment_keys

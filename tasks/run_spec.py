@@ -33,15 +33,21 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 
 def missing_agent_clis(request: RunRequest) -> str | None:
-    """On the local node: why no step of the model chain can start, or None when one can."""
-    hints = []
-    for step in request.steps:
-        argv = step.get("argv")
-        if not argv or shutil.which(argv[0]):
-            return None
-        hint = step.get("install_hint") or "install it"
-        hints.append(f"no agent CLI '{argv[0]}' on PATH for model {step['name']}: {hint}")
-    return "; ".join(hints) + ", or set the spec's model/executor to one that is installed" if hints else None
+    """On the local node: why no step of the model chain (or of the verifier chain) can start, or None."""
+    problems = []
+    for role, steps in (("agent", request.steps), ("verifier", request.verify)):
+        hints = []
+        for step in steps:
+            argv = step.get("argv")
+            if not argv or shutil.which(argv[0]):
+                hints = []
+                break
+            hints.append(f"no {role} CLI '{argv[0]}' on PATH for model {step['name']}: "
+                         f"{step.get('install_hint') or 'install it'}")
+        problems += hints
+    if not problems:
+        return None
+    return "; ".join(problems) + ", or set the spec's model/executor (verify) to one that is installed"
 
 
 @task(persist_result=True, result_serializer="json", cache_key_fn=_cache_key, log_prints=False,

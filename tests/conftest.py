@@ -119,3 +119,22 @@ def run_project(prefect_api, monkeypatch):
         return state, load_state(get_settings().state_dir, project)
 
     return run
+
+
+@pytest.fixture
+def fake_agents(prefect_api, isolated_home: Path, monkeypatch):
+    """The fake agent CLI as `claude` and `codex` on PATH, and no model cool-down before or after (they are
+    shared through the session's Prefect server)."""
+    from prefect.variables import Variable
+
+    fakebin = isolated_home / "fakebin"
+    fakebin.mkdir(exist_ok=True)
+    for name in ("claude", "codex"):
+        (fakebin / name).symlink_to(Path(__file__).parent / "fixtures" / "fake_agent.py")
+    monkeypatch.setenv("PATH", f"{fakebin}:/usr/bin:/bin")
+    models = ("glm", "minimax", "claude", "codex")
+    for model in models:
+        Variable.unset(f"dispatch_cooldown_{model}")
+    yield
+    for model in models:
+        Variable.unset(f"dispatch_cooldown_{model}")

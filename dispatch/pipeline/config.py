@@ -86,12 +86,16 @@ class Deploy(_Model):
 
 
 class Models(_Model):
+    """The model chains of the agent layers; `implement` and `verify` go into the specs L1 and L5 write
+    (`verify: []` writes specs without a verifier)."""
+
     analyze: list[str] = Field(default_factory=lambda: ["claude"])
     review: list[str] = Field(default_factory=lambda: ["claude"])
     fix: list[str] = Field(default_factory=lambda: ["glm", "minimax", "claude"])
     verify: list[str] = Field(default_factory=lambda: ["codex"])
+    implement: list[str] = Field(default_factory=lambda: ["glm", "minimax", "claude"])
 
-    @field_validator("analyze", "review", "fix", "verify", mode="before")
+    @field_validator("analyze", "review", "fix", "verify", "implement", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value

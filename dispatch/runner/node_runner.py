@@ -4,7 +4,7 @@
 Shipped to every node next to ``ratelimits.py`` and run by the node's own ``python3`` (3.8 or newer,
 standard library only); the local node runs it in place. One run directory is one spec run:
 
-    task.json     written by the dispatcher: project, task_id, workdir, timeouts, env, steps, acceptance
+    task.json     written by the dispatcher: project, task_id, workdir, timeouts, env, steps, acceptance, verify
     task.log      merged stdout+stderr of every step and acceptance command, secrets masked
     status.json   state and heartbeat, rewritten atomically at each change and every `heartbeat` seconds
     result.json   the outcome, written atomically once, before the final status.json
@@ -111,6 +111,9 @@ _SHOWN_CHARS = 2000  # characters of one text block an event shows in task.log (
 _CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limit classifier
 _LOG_TAIL_LINES = 40
 _FILES_CAP = 1000
+_ANSWER_CAP = 16384  # characters of an agent's final message kept in its attempt record
+_CHANGE_CAP, _CHANGE_FILE_CAP = 200_000, 30_000  # characters of the change shown to a verifier: all, per file
+_VERDICT_PREFIX = "VERDICT:"
 _MIN_SECRET_LEN = 4  # shorter values are not masked: they would blank out ordinary words
 # The only variables of the runner's own environment a step inherits (plus LC_*); everything else a step
 # gets is named: the node's and the task's `env`, the DISPATCH_* variables and its own model's key.
@@ -120,7 +123,7 @@ STEP_ENV_ALLOW = (
     "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
 )  # fmt: skip
 MASK_ONLY = "mask"  # secrets named "mask:<n>" are values to mask that no step is given
-_FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed")
+_FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed", "rejected")
 _RATE_KINDS = ("quota", "billing", "transient", "auth")  # the chain moves on to the next model at once
 _RUNNER_NAME = os.path.basename(__file__).encode()
 RUNNER_PROCESS_NAME = b"dispatch-runner"  # a detached runner's process name (`ps -e`, /proc/<pid>/comm)
@@ -147,6 +150,8 @@ class Task:
     {"name", "script": "..."} (a shell spec, run as `bash -e -o pipefail <run_dir>/script.sh`, judged
     by exit code alone), with an optional "env". A relative workdir starts at the login's home, as every
     relative path on a node does (`on_node`).
+    `verify` steps (agent steps) review the change after the chain and the acceptance commands succeeded: the
+    first that answers with a last line `VERDICT: APPROVE` or `VERDICT: REJECT` decides (status `rejected`).
     """
 
     project: str
@@ -160,6 +165,7 @@ class Task:
     skip_models: list[str] = field(default_factory=list)
     acceptance: list[str] = field(default_factory=list)
     acceptance_timeout: float = 300.0
+    verify: list[Step] = field(default_factory=list)
 
 
 @dataclass
@@ -240,9 +246,11 @@ def load_task(run_dir: str) -> Task:
         raise TaskError(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise TaskError(f"{path} must hold a JSON object")
-    steps = data.get("steps", [])
+    steps, verify = data.get("steps", []), data.get("verify") or []
     if not isinstance(steps, list):
         raise TaskError("task.json: 'steps' must be a list")
+    if not isinstance(verify, list) or not all(isinstance(raw, dict) and raw.get("argv") for raw in verify):
+        raise TaskError("task.json: 'verify' must be a list of agent steps (each with 'name' and 'argv')")
     workdir = data.get("workdir")
     if not isinstance(workdir, str) or not workdir:
         raise TaskError("task.json: 'workdir' must be a directory path (it is created if missing)")
@@ -264,6 +272,7 @@ def load_task(run_dir: str) -> Task:
         skip_models=lists["skip_models"],
         acceptance=lists["acceptance"],
         acceptance_timeout=_seconds(data, "acceptance_timeout", 300.0, allow_none=False) or 300.0,
+        verify=[_parse_step(raw, i) for i, raw in enumerate(verify)],
     )
 
 
@@ -822,7 +831,7 @@ class Runner:
                     f"=== runner: WARNING: no rate-limit classifier ({error}); "
                     "agent steps are judged by exit code alone ==="
                 )
-        model, exit_code, files, acceptance = None, None, [], []
+        model, exit_code, files, acceptance, verification = None, None, [], [], None
         try:
             os.makedirs(self.task.workdir, exist_ok=True)
             status, reason, model, exit_code = self._run_chain()
@@ -830,6 +839,8 @@ class Runner:
             files = self._files_changed()
             if status == "succeeded" and self.task.acceptance:
                 status, reason, acceptance = self._run_acceptance()
+            if status == "succeeded" and self.task.verify:
+                status, reason, verification = self._run_verify(files)
         except Exception as exc:  # a bug or an unusable workdir: still leave a result behind
             status, reason = "failed", f"runner error: {exc.__class__.__name__}: {exc}"
             for line in traceback.format_exc().splitlines():
@@ -853,6 +864,7 @@ class Runner:
             "workdir": self.task.workdir,
             "files_changed": files,
             "acceptance": acceptance,
+            "verification": verification,
             "log_tail": self.log.tail(),
             "runner_version": runner_version(),
             "runner_pid": os.getpid(),
@@ -965,6 +977,8 @@ class Runner:
         )
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
         attempt["exit_code"] = outcome.returncode
+        if step.script is None:
+            attempt["answer"] = _final_message(outcome.output)[-_ANSWER_CAP:]
         attempt, fall_through = self._judge(step, attempt, outcome, argv[0])
         if outcome.leftovers:
             attempt["reason"] += f"; {outcome.leftovers}"
@@ -1162,6 +1176,67 @@ class Runner:
             return "acceptance_failed", f"{len(failed)} acceptance command(s) failed: {failed[0]}", records
         return "succeeded", f"{len(records)} acceptance command(s) passed", records
 
+    def _run_verify(self, files: list[str]) -> tuple[str, str, dict]:
+        """Ask the verifier chain to review the change; the first verdict decides. Returns (status, reason,
+        verification record). No verdict from any verifier (missing CLI, limits, no VERDICT line) fails."""
+        change = self._change_text(files)
+        passed_over = []
+        for step in self.task.verify:
+            if step.name in self.task.skip_models:
+                passed_over.append(f"{step.name}: on cool-down")
+                continue
+            if self.stop_requested:
+                return "killed", "killed during verification", {"model": step.name, "verdict": "none", "review": ""}
+            self.log.line(f"=== verify: {step.name} reviews the change ===")
+            reviewer = Step(step.name, step.argv, None, step.env, (step.stdin or "") + change)
+            attempt, _ = self._run_step(reviewer, len(self.attempts) + 1)
+            attempt["role"] = "verify"
+            self.attempts.append(attempt)
+            answer = attempt.get("answer", "")
+            record = {"model": step.name, "verdict": "none", "review": answer[-4000:]}
+            if attempt["verdict"] in ("timeout", "killed"):
+                return attempt["verdict"], f"verifier {step.name}: {attempt['reason']}", record
+            verdict = _verdict(answer) if attempt["verdict"] == "ok" else None
+            if verdict == "approve":
+                return "succeeded", f"verified by {step.name}", dict(record, verdict="approve")
+            if verdict == "reject":
+                why = " ".join(line.strip() for line in answer.splitlines()[:-1] if line.strip())[:600]
+                return "rejected", f"rejected by verifier {step.name}: {why or 'no reason given'}", dict(
+                    record, verdict="reject")
+            why = attempt["reason"] if attempt["verdict"] != "ok" else "its answer has no VERDICT line"
+            passed_over.append(f"{step.name}: {why}")
+        return "failed", "no verifier gave a verdict: " + "; ".join(passed_over), {
+            "model": "", "verdict": "none", "review": ""}
+
+    def _change_text(self, files: list[str]) -> str:
+        """The agent's change for the verifier: `git diff HEAD` and the new files of a git checkout, else the
+        changed files' contents; capped."""
+        root = _git_text(["rev-parse", "--show-toplevel"], self.task.workdir)
+        diff = _git_text(["diff", "HEAD", "--no-color", "--no-ext-diff"], self.task.workdir) if root else None
+        root = root.strip() if diff is not None else self.task.workdir
+        new = set(files)
+        if diff is not None:
+            listing = _git_text(["ls-files", "--others", "--exclude-standard", "--full-name", "-z"], root) or ""
+            new = set(listing.split("\0")) & new
+        parts = [f"\n## The change ({len(files)} file(s) changed: {', '.join(files[:50]) or 'none'})\n"]
+        if diff:
+            parts.append(f"```diff\n{diff[:_CHANGE_CAP]}\n```\n")
+        budget = _CHANGE_CAP - len(parts[-1])
+        for name in sorted(new):
+            if budget <= 0:
+                parts.append(f"(more files not shown: the change is over {_CHANGE_CAP:,} characters)\n")
+                break
+            try:
+                with open(os.path.join(root, name), "rb") as handle:
+                    data = handle.read(_CHANGE_FILE_CAP + 1)
+            except OSError:
+                continue
+            text = "(binary)" if b"\0" in data else data[:_CHANGE_FILE_CAP].decode("utf-8", "replace")
+            cut = " (cut)" if len(data) > _CHANGE_FILE_CAP else ""
+            parts.append(f"### {name}{cut}\n```\n{text}\n```\n")
+            budget -= len(parts[-1])
+        return "".join(parts)
+
     def _files_changed(self) -> list[str]:
         """Paths changed in workdir: `git status` for a git checkout, else files modified since start."""
         workdir = self.task.workdir
@@ -1246,6 +1321,49 @@ def _classify(output: str, exit_code: int | None) -> Any:
     if exit_code == 0:
         return _ExitVerdict("ok", f"exit code 0 ({note})")
     return _ExitVerdict("failure", f"exit code {exit_code} ({note})")
+
+
+def _final_message(output: str) -> str:
+    """An agent's answer: Claude Code's final `result` text, else Codex's last agent message, else its text."""
+    result = message = None
+    plain = []
+    for line in output.splitlines():
+        event = None
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                pass
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            plain.append(line)
+        elif event["type"] == "result" and isinstance(event.get("result"), str):
+            result = event["result"]
+        elif event["type"] == "item.completed" and isinstance(event.get("item"), dict):
+            if event["item"].get("type") == "agent_message" and isinstance(event["item"].get("text"), str):
+                message = event["item"]["text"]
+    return result if result is not None else message if message is not None else "\n".join(plain)
+
+
+def _verdict(answer: str) -> str | None:
+    """"approve" or "reject" from the answer's last non-empty line (`VERDICT: APPROVE`), else None."""
+    lines = [line.strip().strip("*`_ ") for line in answer.splitlines() if line.strip()]
+    if not lines or not lines[-1].upper().startswith(_VERDICT_PREFIX):
+        return None
+    word = lines[-1][len(_VERDICT_PREFIX):].strip().upper()
+    return {"APPROVE": "approve", "REJECT": "reject"}.get(word)
+
+
+def _git_text(args: list[str], cwd: str) -> str | None:
+    """A git command's output in `cwd`, or None when git is missing or fails (not a checkout, no HEAD)."""
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        done = subprocess.run([git, *args], cwd=cwd, env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"),
+                              capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------

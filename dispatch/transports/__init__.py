@@ -32,6 +32,7 @@ class RunRequest(BaseModel):
     stall_timeout: float
     heartbeat: float = 2.0
     acceptance: list[str] = Field(default_factory=list)
+    verify: list[dict] = Field(default_factory=list, description="the verifier chain's steps (`verify:`)")
     env: dict[str, str] = Field(default_factory=dict)
     git: dict | None = Field(default=None, description="git mode: repo_url, main_branch, dependencies")
 
@@ -47,7 +48,7 @@ class RunRequest(BaseModel):
             "timeout": self.timeout, "stall_timeout": self.stall_timeout, "heartbeat": self.heartbeat,
             "env": {**self.env, "DISPATCH_PROJECT": self.project, "DISPATCH_TASK_ID": self.task_id,
                     "DISPATCH_ATTEMPT": str(self.attempt), "DISPATCH_NODE": self.node},
-            "steps": self.steps, "acceptance": self.acceptance,
+            "steps": self.steps, "acceptance": self.acceptance, "verify": self.verify,
             "cache_key": self.cache_key, "run_id": self.run_id, "attempt": self.attempt,
         }
 

@@ -193,25 +193,6 @@ def test_agent_keys_from_blocks_reach_only_their_model_and_never_the_logs(run_pr
         AgentModel.delete("minimax")
 
 
-@pytest.fixture
-def fake_agents(prefect_api, isolated_home: Path, monkeypatch):
-    """The fake agent CLI as `claude` and `codex` on PATH, and no model cool-down before or after (they are
-    shared through the session's Prefect server)."""
-    from prefect.variables import Variable
-
-    fakebin = isolated_home / "fakebin"
-    fakebin.mkdir(exist_ok=True)
-    for name in ("claude", "codex"):
-        (fakebin / name).symlink_to(Path(__file__).parent.parent / "fixtures" / "fake_agent.py")
-    monkeypatch.setenv("PATH", f"{fakebin}:/usr/bin:/bin")
-    models = ("glm", "minimax", "claude", "codex")
-    for model in models:
-        Variable.unset(f"dispatch_cooldown_{model}")
-    yield
-    for model in models:
-        Variable.unset(f"dispatch_cooldown_{model}")
-
-
 def _flow_run_logs(state) -> list[tuple[int, str]]:
     """(level, message) of every log line of the flow run that ended in `state`, from the Prefect API."""
     from prefect.client.orchestration import get_client

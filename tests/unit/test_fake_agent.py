@@ -239,3 +239,55 @@ def test_slow_prints_progress_then_succeeds(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert "working 1" in result.stdout
     assert (tmp_path / "done.txt").read_text() == "ok\n"
+
+
+def _final_text(output: str) -> str:
+    """The last message in Codex's or Claude Code's events (the agent's answer)."""
+    answer = ""
+    for line in output.splitlines():
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("type") == "item.completed":
+            answer = event["item"]["text"]
+        elif event.get("type") == "result":
+            answer = event["result"]
+    return answer
+
+
+def test_verifier_follows_its_verdict_plan_across_attempts_and_never_writes(tmp_path: Path) -> None:
+    prompt = ("Review it.\nFAKE: verdicts=reject,approve\nFAKE: review the total ignores the discount\n"
+              "FAKE: write out.txt the agent's work\n")
+    env = _clean_env(DISPATCH_STEP_KIND="verify", DISPATCH_RUN_DIR=str(tmp_path))
+    answers = [_final_text(_run(*FORMATS[form], env=env, stdin=prompt, cwd=tmp_path).stdout)
+               for form in ("codex-json", "stream-json", "codex-json")]
+    assert answers[0].splitlines()[-1] == "VERDICT: REJECT" and "the total ignores the discount" in answers[0]
+    assert answers[1].splitlines()[-1] == "VERDICT: APPROVE"
+    assert answers[2].splitlines()[-1] == "VERDICT: APPROVE", "the plan's last verdict repeats"
+    assert not (tmp_path / "out.txt").exists(), "a verifier only reviews"
+
+
+def test_verifier_can_answer_without_a_verdict(tmp_path: Path) -> None:
+    env = _clean_env(DISPATCH_STEP_KIND="verify", DISPATCH_RUN_DIR=str(tmp_path))
+    result = _run(*FORMATS["codex-json"], env=env, stdin="FAKE: verdicts=none\n", cwd=tmp_path)
+    assert result.returncode == 0 and "VERDICT" not in _final_text(result.stdout)
+
+
+def test_log_records_the_prompt_and_the_role(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    _run("-p", "the whole prompt\nFAKE: mode=ok", env=_clean_env(FAKE_AGENT_LOG=str(log)), cwd=tmp_path)
+    _run("-p", "FAKE: verdicts=approve", env=_clean_env(FAKE_AGENT_LOG=str(log), DISPATCH_STEP_KIND="verify",
+                                                          DISPATCH_RUN_DIR=str(tmp_path)), cwd=tmp_path)
+    first, second = (json.loads(line) for line in log.read_text().splitlines())
+    assert (first["role"], first["prompt"]) == ("agent", "the whole prompt\nFAKE: mode=ok")
+    assert second["role"] == "verify"
+
+
+def test_ui_review_directive_answers_a_scores_line_per_model(tmp_path: Path) -> None:
+    prompt = "<html>\nFAKE: ui-review=22,20,19,24\nFAKE: model=codex ui-review=garbage\n</html>\n"
+    claude = _final_text(_run(*FORMATS["stream-json"], env=_clean_env(FAKE_AGENT_MODEL="claude"), stdin=prompt).stdout)
+    line = claude.splitlines()[-1]
+    assert line.startswith("UI-REVIEW: ")
+    scores = json.loads(line.removeprefix("UI-REVIEW: "))
+    assert {k: v["score"] for k, v in scores.items()} == {"visual": 22, "layout": 20, "readability": 19, "finish": 24}
+    assert all(v["reason"] for v in scores.values())
+    codex = _final_text(_run(*FORMATS["codex-json"], env=_clean_env(FAKE_AGENT_MODEL="codex"), stdin=prompt).stdout)
+    assert codex.splitlines()[-1] == "UI-REVIEW: garbage"

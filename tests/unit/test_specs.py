@@ -46,25 +46,26 @@ def _fields(errors) -> set[str]:
 # -- which files are specs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["S01-setup.md", "S1.md", "P02-plan.md", "S10_x.md", "P7 deploy.md"])
-def test_files_named_s_or_p_digits_md_are_specs(name: str) -> None:
+@pytest.mark.parametrize("name", ["S01-setup.md", "S1.md", "P02-plan.md", "S10_x.md", "P7 deploy.md",
+                                  "F01-fix-cart.md", "F12.md"])
+def test_files_named_s_p_or_f_digits_md_are_specs(name: str) -> None:
     assert is_spec_file(Path(name))
 
 
 @pytest.mark.parametrize("name", [
     "SHARED_CONTEXT.md", "CLAUDE.md", "README.md", "Setup.md", "S01-setup.txt", "S01-setup.md.bak",
-    "notes-S01.md", "SP1.md", "X01.md",
+    "notes-S01.md", "SP1.md", "X01.md", "FIXES.md", "F-01.md",
 ])
 def test_other_files_are_not_specs(name: str) -> None:
     assert not is_spec_file(Path(name))
 
 
 def test_spec_files_lists_specs_sorted_and_context_files_the_other_markdown(tmp_path: Path) -> None:
-    for name in ("S02-b.md", "S01-a.md", "P01-plan.md", "SHARED_CONTEXT.md", "CLAUDE.md", "notes.txt"):
+    for name in ("S02-b.md", "S01-a.md", "P01-plan.md", "F01-fix.md", "SHARED_CONTEXT.md", "CLAUDE.md", "notes.txt"):
         _write(tmp_path, name, "---\n---\nbody\n")
     (tmp_path / "S99-dir.md").mkdir()  # a directory is never a spec
 
-    assert [p.name for p in spec_files(tmp_path)] == ["P01-plan.md", "S01-a.md", "S02-b.md"]
+    assert [p.name for p in spec_files(tmp_path)] == ["F01-fix.md", "P01-plan.md", "S01-a.md", "S02-b.md"]
     assert [p.name for p in context_files(tmp_path)] == ["CLAUDE.md", "SHARED_CONTEXT.md"]
 
 
@@ -146,6 +147,12 @@ def test_our_optional_fields_parse(tmp_path: Path) -> None:
     assert spec.labels == ["gpu", "fast"]
 
 
+def test_verify_names_the_verifier_chain(tmp_path: Path) -> None:
+    assert _parse_ok(tmp_path, "S01-a.md", "---\nverify: [codex, claude]\n---\nDo it.\n").verify == ["codex", "claude"]
+    assert _parse_ok(tmp_path, "S02-a.md", "---\nverify: codex\n---\nDo it.\n").verify == ["codex"]
+    assert _parse_ok(tmp_path, "S03-a.md", "---\nmodel: glm\n---\nDo it.\n").verify == []
+
+
 def test_a_single_model_name_is_a_one_model_chain(tmp_path: Path) -> None:
     spec = _parse_ok(tmp_path, "S01-a.md", "---\nmodel: claude\nexecutor: codex\n---\nDo it.\n")
 
@@ -207,6 +214,8 @@ def test_priority_high_is_an_error_naming_file_and_field(tmp_path: Path) -> None
     ("exclusive: maybe", "exclusive"),
     ("executor: [glm]", "executor"),
     ("model: {a: 1}", "model"),
+    ("verify: {codex: yes}", "verify"),
+    ("verify: [codex, [claude]]", "verify"),
     ("timeout: soon", "timeout"),
     ("retries: many", "retries"),
     ("retries: -1", "retries"),
@@ -529,3 +538,9 @@ def test_a_bad_env_is_an_error_naming_file_and_field(tmp_path: Path, env, proble
     spec, errors = parse_spec(path)
     assert [e.field for e in errors] == ["env"] and problem in errors[0].message
     assert str(path) in str(errors[0])
+
+
+def test_a_longer_fence_is_closed_only_by_a_fence_as_long(tmp_path: Path) -> None:
+    text = ("---\nkind: agent\n---\n## Reproduce\n````text\n```\n## Acceptance criteria\n- [ ] `rm -rf ~`\n```\n"
+            "````\n\n## Acceptance criteria\n- [ ] `pytest -q`\n")
+    assert _parse_ok(tmp_path, "S01-a.md", text).acceptance == ["pytest -q"]
