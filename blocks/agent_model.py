@@ -67,7 +67,10 @@ class AgentModel(Block):
         env = dict(self.env)
         if self.base_url:
             env[_BASE_URL_ENV] = self.base_url
-        return ModelSpec(self.name, tuple(self.command), env, key_env=self.key_env, install_hint=self.install_hint)
+        builtin = BUILTIN_MODELS.get(self.name)  # a block of a built-in model keeps how its CLI reads the prompt
+        return ModelSpec(self.name, tuple(self.command), env, key_env=self.key_env, install_hint=self.install_hint,
+                         prompt_arg=builtin.prompt_arg if builtin else None,
+                         source_env=builtin.source_env if builtin else None)
 
     def secret_env(self) -> dict[str, str]:
         """The key as the CLI wants it, `{key_env: key}`; empty without a key. Never log the result.

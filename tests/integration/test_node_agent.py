@@ -80,8 +80,9 @@ def test_concurrent_attempts_share_one_agent_and_get_their_own_logs(transport: S
     results, lines = {}, {f"A{i}": [] for i in range(6)}
 
     def attempt(task_id: str) -> None:
-        script = (f'echo "start {task_id}"; echo "key $API_KEY"; sleep 1; echo {task_id} >> {marks}; '
-                  f'echo "end {task_id}"')
+        # a shell step is given no secret ("[$API_KEY]" stays empty); one it prints anyway is masked
+        script = (f'echo "start {task_id}"; echo "[$API_KEY]"; printf "key %s%s\\n" s3cr3t -agent-key; sleep 1; '
+                  f'echo {task_id} >> {marks}; echo "end {task_id}"')
         results[task_id] = transport.run(_request(transport, task_id, script), lines[task_id].append,
                                          secrets={"API_KEY": secret})
 
@@ -100,7 +101,7 @@ def test_concurrent_attempts_share_one_agent_and_get_their_own_logs(transport: S
     for task_id, got in lines.items():
         assert f"start {task_id}" in got and f"end {task_id}" in got, got
         assert not any(other in line for line in got for other in lines if other != task_id), got
-        assert "key ***" in got and not any(secret in line for line in got)
+        assert "key ***" in got and "[]" in got and not any(secret in line for line in got)
         run_dir = transport.local_root / "agent" / "tasks" / task_id
         assert secret not in (run_dir / "task.json").read_text()
 

@@ -94,10 +94,10 @@ def _wait_started(timeline: Path, task_id: str, dispatcher: subprocess.Popen, ti
         time.sleep(0.2)
 
 
-def _kill_node_processes(home: Path) -> int:
+def _kill_node_processes(home: Path, root: Path) -> int:
     """SIGKILL every process of the node whose DISPATCH_HOME is `home`: worker, flow runs, runners, agents."""
     killed = 0
-    for pid in _node_processes(home):
+    for pid in _node_processes(home, root):
         try:
             os.kill(pid, signal.SIGKILL)
             killed += 1
@@ -156,7 +156,7 @@ def test_a_worker_killed_mid_run_is_detected_and_the_spec_retried(team_server: T
     try:
         _wait_started(timeline, "S01-long", dispatcher)
         # the node crashes: the worker, its flow-run process and the spec's runner all die at once
-        assert _kill_node_processes(worker.home) >= 3, "expected the worker, its flow run and the runner"
+        assert _kill_node_processes(worker.home, root) >= 3, "expected the worker, its flow run and the runner"
         worker.proc.wait()
         killed_at = time.time()
         worker.start()  # systemd brings the worker back (Restart=always)
@@ -187,8 +187,8 @@ def test_dispatch_stop_cancels_a_worker_nodes_spec_and_kills_its_processes(team_
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         output, _ = dispatcher.communicate(timeout=60)
         deadline = time.monotonic() + 30  # the worker cancels the flow run; its flow kills the runner
-        while _node_processes(worker.home, "wstop"):
-            assert time.monotonic() < deadline, f"spec processes left running: {_node_processes(worker.home, 'wstop')}"
+        while left := _node_processes(worker.home, root, "wstop"):
+            assert time.monotonic() < deadline, f"spec processes left running: {left}"
             time.sleep(0.5)
     finally:
         if dispatcher.poll() is None:
@@ -202,18 +202,24 @@ def test_dispatch_stop_cancels_a_worker_nodes_spec_and_kills_its_processes(team_
     assert [r["state"] for r in children] == ["Cancelled"], children
 
 
-def _node_processes(home: Path, project: str | None = None) -> list[int]:
-    """Pids of the node's (DISPATCH_HOME=home) processes, only those working for `project` when given."""
+def _node_processes(home: Path, root: Path, project: str | None = None) -> list[int]:
+    """Pids of the node's processes, only those working for `project` when given: the worker and its flow runs
+    carry DISPATCH_HOME=home; runners and steps (given an allow-list environment) name a run directory under
+    the node's run root on their command line or in DISPATCH_RUN_DIR."""
     found = []
+    runs = f"{root}/{project or ''}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"DISPATCH_HOME={home}".encode() in environ and (
-                project is None or f"DISPATCH_PROJECT={project}".encode() in environ):
+        if f"DISPATCH_HOME={home}".encode() in environ:
+            if project is None or f"DISPATCH_PROJECT={project}".encode() in environ:
+                found.append(int(proc.name))
+        elif runs in cmdline or any(item.startswith(b"DISPATCH_RUN_DIR=" + runs) for item in environ):
             found.append(int(proc.name))
     return found
 
