@@ -26,14 +26,13 @@ import httpx
 from dispatch.cluster import Node
 from dispatch.errors import ConfigError
 from dispatch.locks import SlotLocks
+from dispatch.nodes_admin import SERVER_ERRORS
 
 logger = logging.getLogger(__name__)
 
 SHARED_TRANSPORTS = ("ssh", "worker")
 """Nodes other dispatchers reach too: their slots must be counted on the server in team mode (a `local` node
 is this machine, counted by its slot files)."""
-# What a call to an unreachable or failing server raises (PrefectHTTPStatusError is an httpx error)
-_SERVER_ERRORS = (httpx.HTTPError, OSError)
 
 
 class SlotBroker(Protocol):
@@ -89,7 +88,7 @@ class ServerSlots:
                 return None
             self._warn(f"cannot take a slot of {self._limits[node]} from the server ({exc}); trying again shortly")
             return None
-        except _SERVER_ERRORS as exc:  # never place without the shared count: wait for the server
+        except SERVER_ERRORS as exc:  # never place without the shared count: wait for the server
             self._warn(f"cannot reach the server for a slot of {self._limits[node]} ({exc}); trying again shortly")
             return None
         lease_id = response.json()["lease_id"]
@@ -113,7 +112,7 @@ class ServerSlots:
     def _release_now(self, token: object) -> None:
         try:
             self._client.release_concurrency_slots_with_lease(lease_id=token)
-        except _SERVER_ERRORS as exc:  # the lease expires by itself; say so and carry on
+        except SERVER_ERRORS as exc:  # the lease expires by itself; say so and carry on
             logger.warning("could not release slot lease %s: %s", token, exc)
 
     def _renew(self) -> None:
@@ -123,7 +122,7 @@ class ServerSlots:
             for lease_id in leases:
                 try:
                     self._client.renew_concurrency_lease(lease_id=lease_id, lease_duration=self._lease_seconds)
-                except _SERVER_ERRORS as exc:
+                except SERVER_ERRORS as exc:
                     logger.warning("could not renew slot lease %s: %s", lease_id, exc)
 
     def close(self) -> None:

@@ -28,6 +28,10 @@ from dispatch.errors import ConfigError
 from dispatch.settings import DispatchSettings
 from dispatch.ssh_target import node_target  # noqa: F401 - callers take it from here too
 
+SERVER_ERRORS = (httpx.HTTPError, OSError)
+"""What a call to an unreachable or failing Prefect server raises (PrefectHTTPStatusError is an httpx error);
+anything else is a bug and must not be taken for a server that is down."""
+
 if TYPE_CHECKING:
     from dispatch.agents import ModelSpec
 
@@ -276,6 +280,27 @@ def node_load(nodes: list[Node]) -> dict[str, dict[str, int]]:
                 continue
             load[node.name] = {"slots": limit.limit, "used": limit.active_slots}
     return load
+
+
+def models_and_keys(names: list[str], settings: DispatchSettings,
+                    log: logging.Logger | logging.LoggerAdapter | None = None,
+                    ) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
+    """Every model (built-ins, overridden by `AgentModel` blocks) and the keys of `names`: from their blocks,
+    else each from its own variable of this process's environment (`dispatch.agents.environment_keys`).
+
+    A server that cannot be asked leaves the built-ins (said on `log`); an invalid block raises ConfigError.
+    """
+    from dispatch.agents import BUILTIN_MODELS, environment_keys
+
+    blocks: dict[str, ModelSpec] = {}
+    secrets: dict[str, dict[str, str]] = {}
+    if names:
+        try:
+            blocks, secrets = agent_models(names)
+        except SERVER_ERRORS as exc:
+            (log or logger).warning("could not read AgentModel blocks (%s); using the built-in models", exc)
+    catalog = {**BUILTIN_MODELS, **blocks}
+    return catalog, environment_keys(names, catalog, secrets, settings.environment_key)
 
 
 def agent_models(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:

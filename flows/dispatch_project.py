@@ -32,13 +32,14 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import BUILTIN_MODELS, build_prompt, build_steps, build_verify_steps, environment_keys
+from dispatch.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import API_ERRORS, Cooldowns
 from dispatch.dag import Project, load_project, select
 from dispatch.errors import DispatchError
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
+from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.pipeline.generated import generated_dir, run_key
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
@@ -143,7 +144,7 @@ class ProjectRun:
         try:
             with get_client(sync_client=True) as client:
                 client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags or []) | wanted))
-        except Exception as exc:  # `dispatch status` then shows the started_by parameter instead
+        except SERVER_ERRORS as exc:  # `dispatch status` then shows the started_by parameter instead
             self.logger.warning("could not tag the flow run with its user: %s", exc)
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
@@ -153,22 +154,12 @@ class ProjectRun:
         return ssh_key_secrets(nodes, self.logger)
 
     def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
-        """Models (built-in, overridden by `AgentModel` blocks) and their keys, for the agent specs."""
+        """Models (built-in, overridden by `AgentModel` blocks) and the keys of the agent specs' models."""
+        from dispatch.nodes_admin import models_and_keys
+
         names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain}
                        | {m for t in self.selected for m in self.project.specs[t].verify})
-        if not names:
-            return dict(BUILTIN_MODELS), {}
-        from dispatch.nodes_admin import agent_models
-
-        try:
-            blocks, secrets = agent_models(names)
-        except DispatchError:
-            raise
-        except Exception as exc:  # no blocks readable: the built-ins and the keys of the caller's environment
-            self.logger.warning("could not read AgentModel blocks (%s); using the built-in models", exc)
-            blocks, secrets = {}, {}
-        catalog = {**BUILTIN_MODELS, **blocks}
-        return catalog, environment_keys(names, catalog, secrets, self.settings.environment_key)
+        return models_and_keys(names, self.settings, self.logger)
 
     # -- events --------------------------------------------------------------------------------
     def _emit(self, event: str, task_id: str, **details) -> None:
@@ -534,7 +525,7 @@ class ProjectRun:
                                      description=f"Oyster Dispatch report for {self.project.name}")
             create_table_artifact(table=table_rows(self.state), key=f"specs-{_artifact_key(self.project.name)}",
                                   description=f"Specs of {self.project.name}")
-        except Exception as exc:  # the run's results are on disk already; say so and carry on
+        except SERVER_ERRORS as exc:  # the run's results are on disk already; say so and carry on
             self.logger.warning("could not attach the report artifact: %s", exc)
         self.logger.info("%s: %s", self.project.name, summary)
         if self.stop_reason:

@@ -25,7 +25,8 @@ from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
-from dispatch.errors import UnsafePath
+from dispatch.errors import ConfigError, UnsafePath
+from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.paths import contained, local_path, run_dir_parts
 from dispatch.results import SpecResult
 from dispatch.settings import get_settings
@@ -57,7 +58,7 @@ def _beat(flow_run_id, interval: float, stop: threading.Event) -> None:
         while True:
             try:
                 client.update_flow_run_labels(flow_run_id, {HEARTBEAT_LABEL: f"{time.time():.3f}"})
-            except Exception as exc:  # the dispatcher retries the spec if beats stop for long; say why
+            except SERVER_ERRORS as exc:  # the dispatcher retries the spec if beats stop for long; say why
                 logger.warning("could not stamp the heartbeat: %s", exc)
             if stop.wait(interval):
                 return
@@ -76,11 +77,9 @@ def _secrets(request: RunRequest) -> dict[str, str]:
     names = sorted({step["name"] for step in [*request.steps, *request.verify] if step.get("argv")})
     if not names:
         return {}
-    from dispatch.agents import BUILTIN_MODELS, environment_keys
-    from dispatch.nodes_admin import agent_models
+    from dispatch.nodes_admin import models_and_keys
 
-    blocks, secrets = agent_models(names)
-    secrets = environment_keys(names, {**BUILTIN_MODELS, **blocks}, secrets, get_settings().environment_key)
+    _, secrets = models_and_keys(names, get_settings(), get_run_logger())
     flat = {f"{model}:{env}": value for model, values in secrets.items() for env, value in values.items()}
     MASKER.add(flat.values())
     return flat
@@ -132,7 +131,7 @@ def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str
         return failure
     try:
         secrets = _secrets(request)
-    except Exception as exc:  # no keys: the agent fails with an auth error the runner classifies; say why here
+    except ConfigError as exc:  # an invalid block: the agent fails with an auth error the runner classifies
         logger.warning("%s could not read the AgentModel blocks' keys: %s", prefix, exc)
         secrets = {}
     own = get_settings().secret_values()  # the worker's credentials: no step gets them, the runner masks them

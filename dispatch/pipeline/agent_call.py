@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch.agents import BUILTIN_MODELS, ModelSpec, build_steps, environment_keys
-from dispatch.errors import DispatchError
+from dispatch.agents import BUILTIN_MODELS, ModelSpec, build_steps
 from dispatch.results import read_json
 from dispatch.settings import get_settings
 from dispatch.specs import Spec
@@ -42,16 +41,9 @@ class Answer:
 
 def _catalog(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
     """Models (built-ins, overridden by `AgentModel` blocks) and their keys, as the project flow reads them."""
-    from dispatch.nodes_admin import agent_models
+    from dispatch.nodes_admin import models_and_keys
 
-    try:
-        blocks, secrets = agent_models(names)
-    except DispatchError:
-        raise
-    except Exception:  # no blocks readable: the built-ins and the keys of this process's environment
-        blocks, secrets = {}, {}
-    catalog = {**BUILTIN_MODELS, **blocks}
-    return catalog, environment_keys(names, catalog, secrets, get_settings().environment_key)
+    return models_and_keys(names, get_settings())
 
 
 def _cooling() -> dict[str, dict]:

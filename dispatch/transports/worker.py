@@ -27,6 +27,7 @@ import httpx
 
 from dispatch.cluster import Node
 from dispatch.errors import NodeError
+from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.results import SpecResult
 from dispatch.transports import LineSink, RunRequest
 
@@ -36,9 +37,6 @@ _TAG = "oyster-dispatch"
 _POLL = 0.5
 _WORKER_CHECK = 5.0
 _PARENT_WAIT = 15.0  # seconds to wait for the spec's task run to be recorded before its child is created
-# What a call to an unreachable or failing Prefect server raises (PrefectHTTPStatusError is an httpx error);
-# anything else is a bug and must not be taken for a server restart.
-_SERVER_ERRORS = (httpx.HTTPError, OSError)
 
 
 def deployment_name(node: Node) -> str:
@@ -97,7 +95,7 @@ class FlowRunWatcher:
             try:
                 runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)),
                                                   limit=len(ids))
-            except _SERVER_ERRORS as exc:  # a server restart: keep the last view, say so once in a while
+            except SERVER_ERRORS as exc:  # a server restart: keep the last view, say so once in a while
                 self._errors += 1
                 if self._errors in (1, 10) or self._errors % 120 == 0:
                     logger.warning("cannot read the spec-run flow runs (%d tries): %s", self._errors, exc)
@@ -178,7 +176,7 @@ class WorkerTransport:
                 return alive  # the server is what fails, not the node
             workers, why = [], (f"no work pool {self.node.pool} on the server: run `dispatch nodes sync` to create "
                                 "it, then start the node's worker")
-        except _SERVER_ERRORS as exc:
+        except SERVER_ERRORS as exc:
             logger.debug("cannot read the workers of %s: %s", self.node.pool, exc)
             return alive  # the server is what is down, not the node
         now = datetime.now(UTC)
@@ -229,7 +227,7 @@ class WorkerTransport:
         children are not adopted (not done here: a child that ended while no dispatcher watched runs again)."""
         try:
             runs = self._live_children(project)
-        except _SERVER_ERRORS as exc:
+        except SERVER_ERRORS as exc:
             raise NodeError(self.node.name, f"cannot list its spec-run flow runs: {exc}") from exc
         live: dict[str, str | None] = {}
         for run in runs:
@@ -253,7 +251,7 @@ class WorkerTransport:
                 on_line(f"spec-run flow run {run.name} ({run.id}) queued on pool {self.node.pool}")
         except NodeError as exc:
             return self._lost(request, str(exc), node_fault=True)
-        except _SERVER_ERRORS as exc:
+        except SERVER_ERRORS as exc:
             return self._lost(request, f"cannot create the spec-run flow run: {exc}", node_fault=False)
         with self._lock:
             self._children[key] = run.id
@@ -337,7 +335,7 @@ class WorkerTransport:
 
         try:
             self.client.set_flow_run_state(run.id, (Cancelled if cancel else Crashed)(message=reason), force=True)
-        except _SERVER_ERRORS as exc:
+        except SERVER_ERRORS as exc:
             logger.warning("could not mark flow run %s: %s", run.id, exc)
 
     def _final(self, run, request: RunRequest) -> SpecResult:
@@ -380,7 +378,7 @@ class WorkerTransport:
             return
         try:
             self.client.set_flow_run_state(flow_run_id, Cancelling(message="stopped by the dispatcher"), force=True)
-        except _SERVER_ERRORS as exc:
+        except SERVER_ERRORS as exc:
             logger.warning("could not cancel flow run %s: %s", flow_run_id, exc)
 
     def kill_project(self, project: str) -> int:
