@@ -108,7 +108,7 @@ class ClusterNode(Block):
         Raises:
             ConfigError: the node's `ssh_config` file does not exist.
         """
-        from dispatch.nodes_admin import node_target
+        from dispatch.ssh_target import node_target
 
         key = self.private_key.get_secret_value() if self.private_key is not None else None
         return node_target(self.to_node(), key_secret=key, connect_timeout=connect_timeout)

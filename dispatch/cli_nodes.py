@@ -181,8 +181,9 @@ def sync() -> None:
     nodes = _nodes(settings)
     _use_prefect(settings)
     from dispatch.nodes_admin import sync_pools
+    from flows.spec_run import sync_deployments
 
-    changes = _print_changes(settings, lambda: sync_pools(nodes))
+    changes = _print_changes(settings, lambda: sync_pools(nodes) + sync_deployments(nodes))
     if not changes:
         console.print(f"{len(nodes)} node(s): work pools and concurrency limits already match on {_where(settings)}")
     if settings.embedded:

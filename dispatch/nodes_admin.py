@@ -218,39 +218,7 @@ def sync_pools(nodes: list[Node]) -> list[str]:
                     changes.append(f"concurrency limit {name}: limit {limit.limit} -> {node.slots}{busy}")
                 if not limit.active:
                     logger.warning("concurrency limit %s is inactive (not enforced); left as it is", name)
-        for node in nodes:
-            if node.transport == "worker":
-                changes.extend(_sync_spec_run_deployment(client, node))
     return changes
-
-
-def _sync_spec_run_deployment(client: SyncPrefectClient, node: Node) -> list[str]:
-    """The deployment `spec-run/node-<name>` whose runs the node's worker picks up, created or updated
-    when it is missing or differs (pool, entrypoint, parameters); nothing when it matches.
-
-    Its entrypoint is the module path `flows.spec_run.spec_run`, so a worker with this package installed
-    runs it from any working directory, with no pull step.
-    """
-    from prefect.deployments.runner import EntrypointType
-    from prefect.exceptions import ObjectNotFound
-    from prefect.utilities.callables import parameter_schema
-
-    from dispatch.transports.worker import deployment_name
-    from flows.spec_run import spec_run
-
-    name, entrypoint = deployment_name(node), "flows.spec_run.spec_run"
-    try:
-        current = client.read_deployment_by_name(name)
-    except ObjectNotFound:
-        current = None
-    if current is not None and current.work_pool_name == node.pool and current.entrypoint == entrypoint and (
-            current.parameter_openapi_schema == parameter_schema(spec_run.fn).model_dump()):
-        return []
-    deployment = spec_run.to_deployment(
-        name=node.pool, work_pool_name=node.pool, entrypoint_type=EntrypointType.MODULE_PATH,
-        tags=["oyster-dispatch"], description=f"One spec attempt on node {node.name} (made by dispatch nodes sync)")
-    deployment.apply()
-    return [f"deployment {name}: {'updated' if current else 'created'} (pool {node.pool})"]
 
 
 def _process_job_template() -> dict[str, Any]:

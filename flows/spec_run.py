@@ -25,6 +25,7 @@ from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
+from dispatch.cluster import Node
 from dispatch.errors import ConfigError, UnsafePath
 from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.paths import contained, local_path, run_dir_parts
@@ -32,15 +33,13 @@ from dispatch.results import SpecResult
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest
 from dispatch.transports.local import LocalTransport
+from dispatch.transports.worker import (
+    HEARTBEAT_LABEL,
+    RESULT_ARTIFACT_DESCRIPTION,
+    deployment_name,
+    heartbeat_interval,
+)
 from tasks.run_spec import MASKER, missing_agent_clis, prepare_branch, push_branch
-
-HEARTBEAT_LABEL = "dispatch.heartbeat"
-RESULT_ARTIFACT_DESCRIPTION = "Oyster Dispatch spec result"
-
-
-def heartbeat_interval(request: RunRequest) -> float:
-    """Seconds between two `dispatch.heartbeat` stamps of a spec-run flow run."""
-    return max(1.0, 2 * request.heartbeat)
 
 
 def _run_name() -> str:
@@ -146,3 +145,41 @@ def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str
     if result.succeeded and request.git:
         push_branch(request, transport, result, logger, prefix)
     return SpecResult.model_validate(MASKER.mask_data(result.model_dump())) if MASKER else result
+
+
+def sync_deployments(nodes: list[Node]) -> list[str]:
+    """`dispatch nodes sync` for worker nodes: each one's `spec-run/node-<name>` deployment; the changes made."""
+    from prefect.client.orchestration import get_client
+
+    changes: list[str] = []
+    with get_client(sync_client=True) as client:
+        for node in nodes:
+            if node.transport == "worker":
+                changes.extend(_sync_deployment(client, node))
+    return changes
+
+
+def _sync_deployment(client, node: Node) -> list[str]:
+    """The deployment `spec-run/node-<name>` whose runs the node's worker picks up, created or updated
+    when it is missing or differs (pool, entrypoint, parameters); nothing when it matches.
+
+    Its entrypoint is the module path `flows.spec_run.spec_run`, so a worker with this package installed
+    runs it from any working directory, with no pull step.
+    """
+    from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.callables import parameter_schema
+
+    name, entrypoint = deployment_name(node), "flows.spec_run.spec_run"
+    try:
+        current = client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        current = None
+    if current is not None and current.work_pool_name == node.pool and current.entrypoint == entrypoint and (
+            current.parameter_openapi_schema == parameter_schema(spec_run.fn).model_dump()):
+        return []
+    deployment = spec_run.to_deployment(
+        name=node.pool, work_pool_name=node.pool, entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["oyster-dispatch"], description=f"One spec attempt on node {node.name} (made by dispatch nodes sync)")
+    deployment.apply()
+    return [f"deployment {name}: {'updated' if current else 'created'} (pool {node.pool})"]

@@ -39,6 +39,17 @@ _WORKER_CHECK = 5.0
 _PARENT_WAIT = 15.0  # seconds to wait for the spec's task run to be recorded before its child is created
 
 
+HEARTBEAT_LABEL = "dispatch.heartbeat"
+"""The label a spec-run flow run stamps with the time every few seconds (flows/spec_run.py)."""
+RESULT_ARTIFACT_DESCRIPTION = "Oyster Dispatch spec result"
+"""The description of the table artifact that carries a spec-run's `SpecResult` back."""
+
+
+def heartbeat_interval(request: RunRequest) -> float:
+    """Seconds between two `dispatch.heartbeat` stamps of a spec-run flow run."""
+    return max(1.0, 2 * request.heartbeat)
+
+
 def deployment_name(node: Node) -> str:
     """`spec-run/node-<name>`: the deployment whose runs go to this node's pool."""
     return f"{SPEC_RUN_FLOW}/{node.pool}"
@@ -287,13 +298,9 @@ class WorkerTransport:
                 time.sleep(0.2)
 
     def _stale_after(self, request: RunRequest) -> float:
-        from flows.spec_run import heartbeat_interval
-
         return self.stale_after or max(10.0, 6 * heartbeat_interval(request))
 
     def _wait(self, run, request: RunRequest, on_line: LineSink) -> SpecResult:
-        from flows.spec_run import HEARTBEAT_LABEL
-
         stale_after = self._stale_after(request)
         waiting_since = time.monotonic()
         seen_state = None
@@ -349,8 +356,6 @@ class WorkerTransport:
 
     def _result_artifact(self, flow_run_id: UUID) -> dict | None:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId
-
-        from flows.spec_run import RESULT_ARTIFACT_DESCRIPTION
 
         artifacts = self.client.read_artifacts(
             artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["table"])),
