@@ -46,6 +46,9 @@ class Backend(_Model):
     health: str = Field(default="/", description="GET until 200; a path starting with / is on the started app")
     timeout: float = Field(default=60.0, description="seconds for the health check to answer 200")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment (no secrets)")
+    inherit_packages: bool = Field(
+        default=False, description="the workspace venv also sees the dispatcher's installed packages (read-only), "
+                                   "so requirements already installed there install offline")
 
     _timeout = field_validator("timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
