@@ -48,7 +48,8 @@ class Backend(_Model):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment (no secrets)")
     inherit_packages: bool = Field(
         default=False, description="the workspace venv also sees the dispatcher's installed packages (read-only), "
-                                   "so requirements already installed there install offline")
+                                   "so requirements already installed there install offline; their console "
+                                   "scripts are not in the venv: run them as `python -m <tool>`")
 
     _timeout = field_validator("timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 

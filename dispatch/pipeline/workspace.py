@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dispatch.errors import ConfigError
 from dispatch.runner.node_runner import base_environment
@@ -128,3 +129,31 @@ def step_environment(code_dir: Path, extra: dict[str, str] | None = None) -> dic
                PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONDONTWRITEBYTECODE="1")
     env.update(extra or {})
     return env
+
+
+_SOURCE_SUFFIXES = (".py", ".js", ".ts", ".jsx", ".tsx", ".mjs", ".vue", ".svelte", ".html", ".css")
+_TEST_FILE = re.compile(r"(^|/)(tests?/|test_[^/]*$|[^/]*_test\.py$|conftest\.py$)")
+# where a route is declared: FastAPI/Flask/Express-style `.get("/api/cart"`, `route("/api/cart"`
+_ROUTE = r"""(get|post|put|patch|delete|route|api_route|add_api_route)\(\s*['"]{}['"]"""
+_URL_PATH = re.compile(r"https?://[^/\s]+(/[^\s:)?#]+)")
+
+
+def locate_source(code_dir: Path, *, literal: str | None = None, evidence: str = "") -> str | None:
+    """The one source file a defect points at, relative to the code, or None when unsure.
+
+    Either the only non-test file that declares the route `literal` (`.post("/api/cart"`, `route("/x"`), or
+    the file whose path ends like the first script URL in `evidence` (a browser stack: `.../static/app.js:37`).
+    """
+    url = _URL_PATH.search(evidence) if evidence else None
+    wanted = PurePosixPath(url.group(1)).parts[-2:] if url else None
+    hits = []
+    for path in _walk(code_dir):
+        if path.suffix not in _SOURCE_SUFFIXES:
+            continue
+        relative = path.relative_to(code_dir).as_posix()
+        if wanted and tuple(PurePosixPath(relative).parts[-len(wanted):]) == wanted:
+            hits.append(relative)
+        elif literal and not wanted and path.stat().st_size < 1 << 20 and not _TEST_FILE.search(relative):
+            if re.search(_ROUTE.format(re.escape(literal)), path.read_text(encoding="utf-8", errors="replace")):
+                hits.append(relative)
+    return hits[0] if len(hits) == 1 else None
