@@ -86,7 +86,10 @@ class Deploy(_Model):
     dir: str | None = Field(default=None, description="releases/<revision> and the current link live here")
     restart: str | None = None
     health: str | None = Field(default=None, description="the live URL checked after the switch")
+    timeout: float = Field(default=60.0, description="seconds for the live URL to answer 200 after the restart")
     keep: int = Field(default=5, ge=1, le=100)
+
+    _timeout = field_validator("timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
 
 class Models(_Model):

@@ -126,7 +126,7 @@ def build(project: str, code_dir: str, run_dir: str, config: PipelineConfig, for
             return LayerResult(layer="L3", status=Status.FAIL, reason=f"{name}: {check.detail}", checks=checks,
                                evidence={**evidence, "log_tail": tail, "log": str(Path(run_dir, "L3", f"{name}.log"))})
         evidence[f"{name}_url" if name == "frontend" else "app_url"] = app.url
-        evidence[f"{name}_log"] = str(app.log_path)
+        evidence[f"{name}_log"], evidence[f"{name}_pgid"] = str(app.log_path), app.pgid
     evidence.setdefault("frontend_url", evidence.get("app_url"))
     logger.info("L3 %s: the app serves at %s", project, evidence.get("app_url") or evidence["frontend_url"])
     return LayerResult(layer="L3", status=Status.PASS,
