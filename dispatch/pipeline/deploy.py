@@ -219,7 +219,7 @@ class Deployer:
                 outcome.message, outcome.current = f"{detail}; no previous release to roll back to", revision
             return outcome
         outcome.ok, outcome.current = True, revision
-        outcome.removed = self.prune(keep, {revision, previous or ""})
+        outcome.removed = self.prune(keep, {revision})
         outcome.message = f"{revision} live on {self.target.name} at {self.dir}/current" + \
             (f" ({detail})" if detail else "")
         return outcome
