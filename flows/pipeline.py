@@ -94,11 +94,15 @@ class PipelineRun:
                        attempts=result.attempts, cached=result.cached, duration=result.duration,
                        report=result.report_path, counted=counted)
         self.record.layers.append(row)
+        self.record.layers += [LayerRow(layer=c.layer, cycle=result.cycle, status=c.status, reason=c.reason,
+                                        attempts=c.attempts, cached=result.cached, duration=c.duration,
+                                        report=c.report_path, counted=counted and self.config.layer(c.layer).enabled)
+                               for c in result.children]
         save_run(self.run_dir, self.record, self.masker.mask_data)
         self._artifacts(result)
-        log = self.logger.info if result.passed or not counted else self.logger.warning
-        log("%s %s%s: %s%s: %s", self.project, result.layer, f" (cycle {result.cycle})" if result.cycle else "",
-            result.status.value, " (cached)" if result.cached else "", result.reason)
+        self.logger.info("%s %s%s: %s%s: %s", self.project, result.layer,
+                         f" (cycle {result.cycle})" if result.cycle else "", result.status.value,
+                         " (cached)" if result.cached else "", result.reason)
         for listener in LISTENERS:
             listener("end", row.model_dump())
         return result
@@ -260,7 +264,7 @@ class PipelineRun:
             record.state = "failed"
             record.message = ", ".join(dict.fromkeys(failed))
             if record.open_bugs:
-                cycles = max((row.cycle for row in record.layers), default=0)
+                cycles = sum(row.layer == "L5" and row.status is Status.PASS for row in record.layers)
                 record.message += (f"; {len(record.open_bugs)} bug(s) still open after {cycles} fix cycle(s): "
                                    + "; ".join(f"{b['id']} {b['severity']} {b['where']}: {b['title']}"
                                                for b in record.open_bugs[:10]))

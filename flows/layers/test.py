@@ -8,6 +8,7 @@ subflows concurrently), with its own timeout. Called by flows/pipeline.py, which
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -141,13 +142,15 @@ def run_sublayer(layer: str, arguments: dict, timeout: float | None) -> LayerRes
         subflow, why = resolve(layer)
         if subflow is None:
             return LayerResult(layer=layer, status=Status.NOT_RUN, reason=f"no UI review available: {why}")
+    started = time.time()
     try:
-        return subflow.with_options(timeout_seconds=timeout)(**arguments)
+        result = subflow.with_options(timeout_seconds=timeout)(**arguments)
     except FlowRunTimeoutError:
-        return LayerResult(layer=layer, status=Status.FAIL, reason=f"timed out after {timeout:g}s")
+        result = LayerResult(layer=layer, status=Status.FAIL, reason=f"timed out after {timeout:g}s")
     except Exception as exc:  # the layer's own crash is its FAIL (logged with its traceback), not the pipeline's
         get_run_logger().exception("%s crashed", layer)
-        return LayerResult(layer=layer, status=Status.FAIL, reason=f"crashed: {type(exc).__name__}: {exc}"[:500])
+        result = LayerResult(layer=layer, status=Status.FAIL, reason=f"crashed: {type(exc).__name__}: {exc}"[:500])
+    return result.model_copy(update={"started_at": started, "ended_at": time.time()})
 
 
 def _locate(code_dir: Path, bugs: list[Bug]) -> list[Bug]:
