@@ -9,9 +9,6 @@ prompt through the project's SHARED_CONTEXT.md (context handed to agents).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from tests.fixtures.shop import EXAMPLE
@@ -22,16 +19,16 @@ FIXED = ["app/cart.py", "app/search.py", "app/static/app.js", "app/static/style.
 
 
 @pytest.fixture
-def agent_cli(prefect_api, isolated_home: Path, monkeypatch):
-    """The fake agent as `claude` and `codex` (and this Python as `python`) first on PATH; no model cool-down."""
+def agent_cli(prefect_api, shop, monkeypatch):
+    """The fake agent as `claude` and `codex` first on PATH, then the shop's workspace venv (which L3 makes: the
+    fix specs' acceptance runs the shop's tests); no model cool-down."""
     from prefect.variables import Variable
 
-    fakebin = isolated_home / "fakebin"
+    fakebin = shop.home / "fakebin"
     fakebin.mkdir()
     for name in ("claude", "codex"):
         (fakebin / name).symlink_to(EXAMPLE.parents[1] / "tests" / "fixtures" / "fake_agent.py")
-    (fakebin / "python").symlink_to(sys.executable)
-    monkeypatch.setenv("PATH", f"{fakebin}:/usr/bin:/bin")
+    monkeypatch.setenv("PATH", f"{fakebin}:{shop.code / '.venv' / 'bin'}:/usr/bin:/bin")
     models = ("glm", "minimax", "claude", "codex")
     for model in models:
         Variable.unset(f"dispatch_cooldown_{model}")
