@@ -23,6 +23,7 @@ from dispatch.errors import ConfigError
 from dispatch.pipeline.config import CONFIG_NAME, load_pipeline_config
 from dispatch.pipeline.results import LAYER_NAMES
 from dispatch.pipeline.runs import RunRecord, final_rows, latest_run, project_dir, selection
+from dispatch.results import pid_alive
 from dispatch.settings import get_settings
 
 pipeline_app = typer.Typer(help="The six-layer pipeline: analyze, implement, build, test, fix, deploy.",
@@ -137,7 +138,7 @@ def status(
     if record is None:
         err.print(f"no pipeline run of {escape(project)} yet: dispatch pipeline run {escape(project)}")
         raise typer.Exit(1)
-    if record.state == "running" and not _alive(record.pid):
+    if record.state == "running" and not pid_alive(record.pid):
         record.state, record.message = "interrupted", f"its dispatcher (pid {record.pid}) is gone"
     if as_json:
         console.print_json(data=record.model_dump(mode="json"))
@@ -158,16 +159,6 @@ def status(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main() -> None:  # pragma: no cover - `python -m dispatch.cli_pipeline`

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from dispatch.errors import ConfigError
+from dispatch.results import pid_alive
 
 MARKER = "DISPATCH_PIPELINE_APP"
 _POLL = 0.2
@@ -141,16 +142,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def register(run_dir: str, app: AppProcess) -> None:
     """Keep `app` running for the rest of the pipeline run at `run_dir` (L4 finds it with `running`)."""
     with _lock:
@@ -190,7 +181,7 @@ def reap_orphans(project_dir: Path) -> list[int]:
         try:
             pgid_text, marker, owner = pid_file.read_text(encoding="utf-8").split("\n")[:3]
             pgid = int(pgid_text)
-            if _alive(int(owner)):
+            if pid_alive(int(owner)):
                 continue
             with open(f"/proc/{pgid}/environ", "rb") as handle:
                 carries = f"{MARKER}={marker}".encode() in handle.read().split(b"\0")

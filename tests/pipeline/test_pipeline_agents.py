@@ -2,7 +2,8 @@
 fake agent CLI, as the `fix` model, really rewrites the example's defective files, the second L4 cycle passes
 and L6 deploys; with an agent that changes nothing, the pipeline FAILs after 3 cycles listing the open bugs.
 
-These need the pipe-agents branch (flows/layers/fix.py) merged: without it L5 is NOT RUN and they fail.
+These need the pipe-agents branch merged (flows/layers/fix.py, and `fake_agents` in tests/conftest.py): before
+that they fail.
 The fake agent writes what `FAKE: write <path> <line>` lines in its prompt say; they reach every fix spec's
 prompt through the project's SHARED_CONTEXT.md (context handed to agents).
 """
@@ -19,22 +20,10 @@ FIXED = ["app/cart.py", "app/search.py", "app/static/app.js", "app/static/style.
 
 
 @pytest.fixture
-def agent_cli(prefect_api, shop, monkeypatch):
-    """The fake agent as `claude` and `codex` first on PATH, then the shop's workspace venv (which L3 makes: the
-    fix specs' acceptance runs the shop's tests); no model cool-down."""
-    from prefect.variables import Variable
-
-    fakebin = shop.home / "fakebin"
-    fakebin.mkdir()
-    for name in ("claude", "codex"):
-        (fakebin / name).symlink_to(EXAMPLE.parents[1] / "tests" / "fixtures" / "fake_agent.py")
-    monkeypatch.setenv("PATH", f"{fakebin}:{shop.code / '.venv' / 'bin'}:/usr/bin:/bin")
-    models = ("glm", "minimax", "claude", "codex")
-    for model in models:
-        Variable.unset(f"dispatch_cooldown_{model}")
-    yield
-    for model in models:
-        Variable.unset(f"dispatch_cooldown_{model}")
+def agent_cli(fake_agents, shop, monkeypatch):
+    """`fake_agents` (tests/conftest.py on the merged tree: the fake agent as `claude` and `codex`), then the
+    shop's workspace venv on PATH (L3 makes it; the fix specs' acceptance runs the shop's tests)."""
+    monkeypatch.setenv("PATH", f"{shop.home.parent / 'fakebin'}:{shop.code / '.venv' / 'bin'}:/usr/bin:/bin")
 
 
 def _fake_writes() -> str:
