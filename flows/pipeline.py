@@ -218,6 +218,8 @@ class PipelineRun:
                         self.skipped(later, f"not run: {layer} FAIL")
                     return
         tested = None
+        if "L5" in self.layers and "L4" not in self.layers:
+            self.skipped("L5", "not run: L5 fixes L4's bugs; run it with L4 (e.g. --from L3)")
         if "L3" in self.layers:
             try:
                 tested = self.build_and_test(cycle=0)

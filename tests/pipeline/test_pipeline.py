@@ -186,3 +186,9 @@ def test_deploy_needs_an_l4_pass_of_the_same_code(shop, deployed, prefect_api):
     assert _rows(record) == [("L6", 0, "NOT RUN", False)]
     assert "no L4 PASS for this code" in record.layers[0].reason
     assert not (deployed / "releases").exists()
+
+
+def test_fix_alone_is_not_run_since_it_takes_l4s_bugs(shop, prefect_api):
+    state, record = _run(only="L5")
+    assert state.is_failed()
+    assert _rows(record) == [("L5", 0, "NOT RUN", False)] and "run it with L4" in record.layers[0].reason
