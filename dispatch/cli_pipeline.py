@@ -9,7 +9,6 @@ FAIL or NOT RUN, 2 invalid configuration or options; `status` exits 1 only when 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from typing import Annotated
@@ -97,8 +96,6 @@ def run(
         from dispatch.embedded import reap_orphaned_servers
 
         reap_orphaned_servers(os.environ["PREFECT_HOME"])
-    # SIGTERM (`kill`, a CI timeout) unwinds like Ctrl-C, so the app L3 started is stopped on the way out
-    signal.signal(signal.SIGTERM, _interrupt)
     from flows.pipeline import LISTENERS, pipeline
 
     stream = err if as_json else console
@@ -155,10 +152,6 @@ def status(
     console.print(table)
     if record.message:
         console.print(escape(record.message), soft_wrap=True)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> None:  # pragma: no cover - `python -m dispatch.cli_pipeline`

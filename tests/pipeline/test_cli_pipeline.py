@@ -56,3 +56,28 @@ def test_run_then_status_on_the_example(shop, prefect_api):
 def test_status_without_a_run_says_how_to_start_one(shop):
     done = _dispatch("pipeline", "status", "shop")
     assert done.returncode == 1 and "dispatch pipeline run shop" in done.stderr
+
+
+def test_sigterm_during_l4_stops_the_app_group(shop, prefect_api):
+    from tests.fixtures.shop import group_alive
+
+    shop.save(regression={"command": "sleep 120"}, layers={"L4a": {"enabled": False}, "L4b": {"enabled": False},
+                                                            "L4c": {"enabled": False}})
+    run = subprocess.Popen([DISPATCH, "pipeline", "run", "shop", "--from", "L3", "--to", "L4"], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    try:
+        seen = []
+        for line in run.stdout:
+            seen.append(line)
+            if "... L4 test" in line:
+                break
+        run_dir = shop.home / "pipeline" / "shop" / (shop.home / "pipeline" / "shop" / "latest").read_text().strip()
+        pgid = json.loads((run_dir / "L3.json").read_text())["evidence"]["backend_pgid"]
+        assert group_alive(pgid), "".join(seen)
+        run.terminate()
+        rest = run.communicate(timeout=60)[0]
+    finally:
+        run.kill()
+    assert run.returncode != 0
+    assert not group_alive(pgid), "".join(seen) + rest
+    assert json.loads((run_dir / "run.json").read_text())["state"] in ("crashed", "failed")
