@@ -23,6 +23,7 @@ from rich.table import Table
 
 from dispatch.cli_models import models_app
 from dispatch.cli_nodes import local_slot_use, nodes_app
+from dispatch.cli_pipeline import pipeline_app
 from dispatch.cli_server import server_app
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid, UnsafePath, cut
@@ -36,6 +37,7 @@ app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect."
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
+app.add_typer(pipeline_app, name="pipeline")
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 

@@ -46,6 +46,10 @@ class Backend(_Model):
     health: str = Field(default="/", description="GET until 200; a path starting with / is on the started app")
     timeout: float = Field(default=60.0, description="seconds for the health check to answer 200")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment (no secrets)")
+    inherit_packages: bool = Field(
+        default=False, description="the workspace venv also sees the dispatcher's installed packages (read-only), "
+                                   "so requirements already installed there install offline; their console "
+                                   "scripts are not in the venv: run them as `python -m <tool>`")
 
     _timeout = field_validator("timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
@@ -82,7 +86,10 @@ class Deploy(_Model):
     dir: str | None = Field(default=None, description="releases/<revision> and the current link live here")
     restart: str | None = None
     health: str | None = Field(default=None, description="the live URL checked after the switch")
+    timeout: float = Field(default=60.0, description="seconds for the live URL to answer 200 after the restart")
     keep: int = Field(default=5, ge=1, le=100)
+
+    _timeout = field_validator("timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
 
 class Models(_Model):

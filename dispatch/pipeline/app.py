@@ -1,0 +1,196 @@
+"""The app under test: started on a free loopback port in its own process group, health-polled, stopped.
+
+L3 starts it and registers it under the pipeline run's directory; L4 tests it; the pipeline stops it
+(its whole process group, never "whatever listens on the port") when it leaves L4, on success, failure and
+cancellation. A server is a process that must outlive the step that starts it, so it is a `Popen` of
+ours (its output in `<run_dir>/L3/app.log`) rather than a prefect-shell step.
+
+A process group left behind by a dispatcher that was killed outright is found by the pid file each app
+leaves in its run directory and stopped by the next run of the same project (`reap_orphans`), after
+checking that the process still carries that run's marker in its environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from dispatch.errors import ConfigError
+from dispatch.results import pid_alive
+
+MARKER = "DISPATCH_PIPELINE_APP"
+_POLL = 0.2
+_STOP_GRACE = 5.0
+_running: dict[str, list[AppProcess]] = {}
+_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the app binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health_url(health: str, port: int) -> str:
+    """The URL to poll: a path on the started app, or an absolute URL that must stay on loopback.
+
+    Raises:
+        ConfigError: an absolute URL to another host (the pipeline only probes its own app).
+    """
+    if health.startswith("/"):
+        return f"http://127.0.0.1:{port}{health}"
+    host = urlsplit(health).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or urlsplit(health).scheme not in ("http", "https"):
+        raise ConfigError(f"backend.health: {health[:120]!r} must be a path such as /healthz or a loopback URL")
+    return health.replace("{port}", str(port))
+
+
+class AppProcess:
+    """One started app (a shell command in its own session), its port and its log.
+
+    Args:
+        command: the start command, `{port}` already replaced.
+        cwd: where it runs.
+        env: its whole environment.
+        port: the loopback port it was told to serve on.
+        log_path: where its stdout and stderr go.
+        marker: a value for `DISPATCH_PIPELINE_APP`, to recognise it later (the run directory).
+    """
+
+    def __init__(self, command: str, *, cwd: Path, env: dict[str, str], port: int, log_path: Path,
+                 marker: str) -> None:
+        self.command, self.port, self.log_path = command, port, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd,
+                                            env={**env, "PORT": str(port), MARKER: marker},
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        self.pgid = self.process.pid  # start_new_session: the leader's pid is the group's id
+        self.url = f"http://127.0.0.1:{port}"
+        (log_path.parent / "app.pid").write_text(f"{self.pgid}\n{marker}\n{os.getpid()}\n", encoding="utf-8")
+
+    def exit_code(self) -> int | None:
+        """Its exit status once it has exited, else None."""
+        return self.process.poll()
+
+    def wait_healthy(self, url: str, timeout: float) -> tuple[bool, str]:
+        """Poll `url` until it answers 200, the app exits or `timeout` passes.
+
+        Returns:
+            (healthy, what happened in one line).
+        """
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        with httpx.Client(timeout=2.0, follow_redirects=False) as client:
+            while time.monotonic() < deadline:
+                if (code := self.exit_code()) is not None:
+                    return False, f"the app exited with code {code} before its health check answered"
+                try:
+                    response = client.get(url)
+                except httpx.HTTPError as exc:
+                    last = type(exc).__name__
+                else:
+                    if response.status_code == 200:
+                        return True, f"{url} answered 200"
+                    last = f"HTTP {response.status_code}"
+                time.sleep(_POLL)
+        return False, f"{url} did not answer 200 within {timeout:.0f}s (last: {last})"
+
+    def log_tail(self, lines: int = 40, max_bytes: int = 64 * 1024) -> list[str]:
+        """The last `lines` lines of its log."""
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - max_bytes))
+                return handle.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return []
+
+    def stop(self) -> None:
+        """End its process group: TERM, then KILL after a grace period. Safe to call twice."""
+        _signal_group(self.pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(self.pgid, signal.SIGKILL)  # children that ignored TERM or outlived the leader
+        try:
+            self.process.wait(timeout=_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        (self.log_path.parent / "app.pid").unlink(missing_ok=True)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def register(run_dir: str, app: AppProcess) -> None:
+    """Keep `app` running for the rest of the pipeline run at `run_dir` (L4 finds it with `running`)."""
+    with _lock:
+        _running.setdefault(run_dir, []).append(app)
+
+
+def running(run_dir: str) -> list[AppProcess]:
+    """The apps started for the pipeline run at `run_dir` that are still up."""
+    with _lock:
+        return [app for app in _running.get(run_dir, []) if app.exit_code() is None]
+
+
+def stop_all(run_dir: str) -> int:
+    """Stop every app started for the run at `run_dir`.
+
+    Returns:
+        How many were stopped.
+    """
+    with _lock:
+        apps = _running.pop(run_dir, [])
+    for app in apps:
+        app.stop()
+    return len(apps)
+
+
+def reap_orphans(project_dir: Path) -> list[int]:
+    """Stop app process groups that earlier runs under `project_dir` left (their dispatcher was killed).
+
+    A group is stopped only when the dispatcher that started it is gone and its leader still carries the
+    run's marker in its environment, so a recycled pid or a live run's app is never signalled.
+
+    Returns:
+        The process group ids stopped.
+    """
+    stopped = []
+    for pid_file in project_dir.glob("*/L3/app.pid"):
+        try:
+            pgid_text, marker, owner = pid_file.read_text(encoding="utf-8").split("\n")[:3]
+            pgid = int(pgid_text)
+            if pid_alive(int(owner)):
+                continue
+            with open(f"/proc/{pgid}/environ", "rb") as handle:
+                carries = f"{MARKER}={marker}".encode() in handle.read().split(b"\0")
+        except (OSError, ValueError):
+            carries = False
+        if carries:
+            _signal_group(pgid, signal.SIGTERM)
+            time.sleep(0.5)
+            _signal_group(pgid, signal.SIGKILL)
+            stopped.append(pgid)
+        pid_file.unlink(missing_ok=True)
+    return stopped
