@@ -21,9 +21,9 @@ FIXED = ["app/cart.py", "app/search.py", "app/static/app.js", "app/static/style.
 
 @pytest.fixture
 def agent_cli(fake_agents, shop, monkeypatch):
-    """`fake_agents` (tests/conftest.py on the merged tree: the fake agent as `claude` and `codex`), then the
-    shop's workspace venv on PATH (L3 makes it; the fix specs' acceptance runs the shop's tests)."""
-    monkeypatch.setenv("PATH", f"{shop.home.parent / 'fakebin'}:{shop.code / '.venv' / 'bin'}:/usr/bin:/bin")
+    """`fake_agents` (tests/conftest.py: the fake agent as `claude` and `codex`) and a PATH without the shop's
+    workspace venv: the fix specs' acceptance must find the shop's packages by itself (it runs in that venv)."""
+    monkeypatch.setenv("PATH", f"{shop.home.parent / 'fakebin'}:/usr/bin:/bin")
 
 
 def _fake_writes() -> str:

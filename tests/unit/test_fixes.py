@@ -49,8 +49,9 @@ def test_the_reproduction_becomes_acceptance_criteria(tmp_path: Path) -> None:
                  reproduce="pytest -q tests/test_cart.py::test_total")]
     specs, _ = fix_specs(bugs, config, cycle=2, first_number=7)
     spec = load_project("shop.pipeline", _written(tmp_path, specs)).specs["F07-test-total-fails"]
-    assert spec.acceptance == ["python3 -m py_compile app/cart.py", "pytest -q tests/test_cart.py::test_total",
-                               "pytest -q"]
+    venv = 'PATH="$PWD/.venv/bin:$PATH" '  # the project's commands run in L3's workspace venv
+    assert spec.acceptance == ["python3 -m py_compile app/cart.py", venv + "pytest -q tests/test_cart.py::test_total",
+                               venv + "pytest -q"]
     assert "the reproduction above no longer shows the defect" in spec.body
     assert "fix cycle 2" in spec.body
     assert score_spec(spec).score == 100
