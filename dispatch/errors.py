@@ -41,7 +41,7 @@ class ConfigError(DispatchError):
     """A settings value, `nodes.json`, `projects.json` or block is wrong."""
 
 
-class UnsafePath(DispatchError):
+class UnsafePath(ConfigError):
     """A name or path was refused because it could lead out of its root (or is not a plain name).
 
     Args:

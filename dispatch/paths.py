@@ -145,6 +145,22 @@ def contained(root: Path, path: Path, what: str = "path") -> Path:
     return local_path(root, *parts, what=what)
 
 
+def within(root: Path, relative: str, what: str = "path") -> Path:
+    """`root/relative` (a relative path that may hold `/`, as a configuration gives it), resolved and proven
+    inside `root`: not absolute, no `..` out of it, no symbolic link out of it.
+
+    Raises:
+        UnsafePath: it would lead outside `root`, or is no usable path.
+    """
+    if not isinstance(relative, str) or "\0" in relative or len(relative) > 4096:
+        raise UnsafePath(what, str(relative)[:200], "is no usable path")
+    base = _resolve(root, what)
+    target = _resolve(base / relative, what)
+    if not target.is_relative_to(base):
+        raise UnsafePath(what, relative, f"leads outside {root}; give a path inside it")
+    return target
+
+
 def _check_remote_root(root: str) -> None:
     if not root or any(c in root for c in "\0\n\r") or ".." in root.split("/"):
         raise UnsafePath("node run root", root, "must be a directory without '..' (e.g. 'dispatch' or "

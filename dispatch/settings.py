@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatch.paths import check_name, local_path
 
-_REPO_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BUNDLED_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -96,7 +96,7 @@ class DispatchSettings(BaseSettings):
         candidate = local_path(self.specs, check_name(project, "project name"), allow_link=True)
         if candidate.is_dir() or "specs" in self.model_fields_set:
             return candidate
-        bundled = local_path(_REPO_EXAMPLES, project, allow_link=True) / "specs"
+        bundled = local_path(BUNDLED_EXAMPLES, project, allow_link=True) / "specs"
         return bundled if bundled.is_dir() else candidate
 
     def code_dir_for(self, project: str) -> Path:

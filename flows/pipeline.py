@@ -39,7 +39,7 @@ from dispatch.pipeline.runs import (
     selection,
     write_report,
 )
-from dispatch.pipeline.workspace import code_digest
+from dispatch.pipeline.workspace import code_digest, working_copy
 from dispatch.secrets import Masker
 from dispatch.settings import get_settings
 from flows.layers import resolve
@@ -305,7 +305,10 @@ def pipeline(project: str, from_layer: str | None = None, to_layer: str | None =
     layers, sub = selection(from_layer, to_layer, only)
     path = config_path_for(project)
     config = load_pipeline_config(path)
-    code_dir = config.code_dir(path, settings.code_dir_for(project))
+    code_dir, copied = working_copy(config.code_dir(path, settings.code_dir_for(project)), settings.home, project)
+    if copied:
+        get_run_logger().info("%s is bundled with Oyster Dispatch: the pipeline works on a copy in %s",
+                              project, code_dir)
     home = project_dir(settings.home, project)
     if stopped := apps.reap_orphans(home):
         get_run_logger().warning("stopped app process group(s) %s left by killed pipeline runs", stopped)

@@ -85,14 +85,29 @@ class NodeTarget:
     def upload(self, code_dir: Path, remote_dir: str) -> int:
         return self.pool.put_dir(self.target, code_dir, remote_dir, exclude=tuple(sorted(SKIP_DIRS)))
 
+    def home(self) -> str:
+        """The login's home directory on the node (where `~/...` of a deploy directory starts)."""
+        code, output = self.sh('printf %s "$HOME"', timeout=30)
+        if code != 0 or not output.startswith("/"):
+            raise ConfigError(f"node {self.name}: cannot tell its home directory ({output.strip()[:200]})")
+        return output
 
-def check_dir(value: str, *, local: bool) -> str:
+
+def check_dir(value: str, *, local: bool, home: str | None = None) -> str:
     """The deploy directory as an absolute path; refuses a system directory or a relative path.
+
+    Args:
+        value: `deploy.dir`.
+        local: this machine (`~` and `${VAR}` expand here) or a node.
+        home: a node's login home, for a `~/...` directory on that node.
 
     Raises:
         ConfigError: naming `deploy.dir` and what to give instead.
     """
-    expanded = os.path.expanduser(os.path.expandvars(value)) if local else value
+    if local:
+        expanded = os.path.expanduser(os.path.expandvars(value))
+    else:
+        expanded = home.rstrip("/") + value[1:] if home and value.startswith("~/") else value
     path = PurePosixPath(os.path.normpath(expanded))
     if not path.is_absolute() or "$" in expanded or str(path) in _FORBIDDEN or len(path.parts) < 3:
         raise ConfigError(f"deploy.dir: {value[:120]!r} must be an absolute directory of its own "

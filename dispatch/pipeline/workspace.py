@@ -17,7 +17,9 @@ import sysconfig
 from pathlib import Path, PurePosixPath
 
 from dispatch.errors import ConfigError
+from dispatch.paths import local_path
 from dispatch.runner.node_runner import base_environment
+from dispatch.settings import BUNDLED_EXAMPLES
 
 SKIP_DIRS = frozenset({".git", ".hg", ".venv", "venv", "node_modules", "__pycache__", ".pytest_cache",
                        ".mypy_cache", ".ruff_cache", "dist", "build", ".tox", ".dispatch"})
@@ -25,23 +27,6 @@ _SKIP_FILES = (".coverage", ".DS_Store")
 _MAX_FILES = 50_000
 VENV_DIR = ".venv"
 _INHERIT_PTH = "_dispatch_inherit.pth"
-
-
-def inside(root: Path, relative: str, *, what: str = "path") -> Path:
-    """`root / relative`, refused when it would leave `root` (absolute, `..`, or a symlink out).
-
-    A local safe path builder for the pipeline (the lead folds it into dispatch/paths.py).
-
-    Raises:
-        ConfigError: `relative` escapes `root`; the message names it.
-    """
-    if "\0" in relative or len(relative) > 4096:
-        raise ConfigError(f"{what} {relative[:80]!r}: not a usable path")
-    base = root.resolve()
-    target = (base / relative).resolve()
-    if target != base and base not in target.parents:
-        raise ConfigError(f"{what} {relative[:200]!r} leaves {base}; give a path inside it")
-    return target
 
 
 def _walk(code_dir: Path):
@@ -72,6 +57,26 @@ def code_digest(code_dir: Path) -> str:
                 digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def working_copy(code_dir: Path, home: Path, project: str) -> tuple[Path, bool]:
+    """The code the pipeline may build and edit: `code_dir` itself, except for code bundled with the package
+    (`examples/`), which is copied once to `<home>/workspaces/<project>` and worked on there, so that no run
+    writes a venv into, or lets an agent edit, the installed package.
+
+    Returns:
+        The directory, and whether it is a copy made now.
+    """
+    if not code_dir.resolve().is_relative_to(BUNDLED_EXAMPLES.resolve()):
+        return code_dir, False
+    target = local_path(home, "workspaces", project, what="the example's working copy")
+    if target.is_dir():
+        return target, False
+    partial = target.with_name(f".{project}.copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    copy_code(code_dir, partial)
+    partial.rename(target)  # whole or not at all: an interrupted copy is made again next time
+    return target, True
 
 
 def copy_code(code_dir: Path, destination: Path) -> int:

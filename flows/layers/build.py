@@ -14,11 +14,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from dispatch.errors import ConfigError
+from dispatch.paths import within
 from dispatch.pipeline import app as apps
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.results import Check, LayerResult, Status
 from dispatch.pipeline.shell import StepResult, quote, run_step
-from dispatch.pipeline.workspace import VENV_DIR, code_digest, ensure_venv, inside, step_environment
+from dispatch.pipeline.workspace import VENV_DIR, code_digest, ensure_venv, step_environment
 
 _BUILD_MARK = ".dispatch-build"
 _COMPILE = "python -m compileall -q -x '(^|/)(\\.venv|venv|node_modules|\\.git|dist|build)/' ."
@@ -109,7 +110,7 @@ def build(project: str, code_dir: str, run_dir: str, config: PipelineConfig, for
     if frontend and frontend.serve:
         serve = frontend.serve
         if serve.split()[0] == "static":
-            folder = inside(code, serve.split(None, 1)[1] if len(serve.split()) > 1 else ".", what="frontend.serve")
+            folder = within(code, serve.split(None, 1)[1] if len(serve.split()) > 1 else ".", what="frontend.serve")
             serve = f"python -m http.server {{port}} --bind 127.0.0.1 --directory {quote(folder)}"
         to_start.append(("frontend", serve, "/"))
     for name, command, health in to_start:

@@ -48,12 +48,14 @@ def deploy(project: str, code_dir: str, run_dir: str, config: PipelineConfig) ->
     local = settings.target == "local"
     pool = None
     try:
-        deploy_dir = check_dir(settings.dir, local=local)
         if local:
             target = LocalTarget()
+            deploy_dir = check_dir(settings.dir, local=True)
         else:
             pool, ssh = _node_target(settings.target)
             target = NodeTarget(pool, ssh)
+            home = target.home() if settings.dir.startswith("~/") else None  # on a node, ~ is its login's home
+            deploy_dir = check_dir(settings.dir, local=False, home=home)
         env = step_environment(code, config.backend.env)
         if local:
             env["PYTHON"] = str(venv_python(code))

@@ -97,6 +97,26 @@ def test_deploy_and_run_demo_on_a_worker(team_server: TeamServer, tmp_path: Path
     print(f"\n[team-mode] deployment run -> first spec running on the worker: {first - submitted:.1f} s")
 
 
+def test_the_pipeline_deployment_runs_the_example_on_a_worker(team_server: TeamServer, tmp_path: Path) -> None:
+    """`prefect deployment run 'pipeline/pipeline'` works against the team's server with a worker (L3 only)."""
+    from dispatch.pipeline.runs import latest_run
+
+    env = team_server.env()
+    deploy_from_repo(env)
+    home = tmp_path / "worker-home"
+    with gateway_worker(_worker_env(team_server, home), tmp_path / "worker.log", tmp_path):
+        ran = _run([*_PREFECT, "deployment", "run", "pipeline/pipeline", "--param", "project=shop",
+                    "--param", "from_layer=L3", "--param", "to_layer=L3", "--watch", "--watch-timeout", "240"],
+                   env, timeout=260)
+        output = ran.stdout + ran.stderr
+        worker_log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
+    assert ran.returncode == 0 and "Completed" in output, f"{output}\n--- worker log:\n{worker_log}"
+    record = latest_run(home / "pipeline" / "shop")
+    assert record is not None and record.state == "passed", record
+    assert Path(record.code_dir) == home / "workspaces" / "shop", "a bundled example is built on a copy"
+    assert [(row.layer, row.status) for row in record.layers if row.counted] == [("L3", "PASS")], record.layers
+
+
 def test_wrong_auth_is_refused(team_server: TeamServer) -> None:
     request = urllib.request.Request(f"{team_server.url}/admin/version", headers={
         "Authorization": "Basic " + b64encode(b"team:wrong").decode()})

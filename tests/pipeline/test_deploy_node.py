@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,12 +21,12 @@ def test_deploy_to_a_node_over_ssh_switches_restarts_checks_and_prunes(loopback_
 
     shutil.copy(loopback_cluster.nodes_json, shop.home / "nodes.json")
     node = loopback_cluster.node("loop1")
-    deploy_dir = Path(node["remote_root"]) / "deploy" / "shop"
+    deploy_dir = loopback_cluster.home("loop1") / "apps" / "shop"  # deploy.dir ~/apps/shop: under the login's home
     port = apps.free_port()
-    restart = (f"kill -TERM -- -$(cat {deploy_dir}/http.pid) 2>/dev/null; "
+    restart = (f"kill -TERM -$(cat {deploy_dir}/http.pid) 2>/dev/null; sleep 0.3; "
                f"setsid python3 -m http.server {port} --bind {node['host']} --directory {deploy_dir}/current "
                f">/dev/null 2>&1 </dev/null & echo $! > {deploy_dir}/http.pid")
-    shop.save(deploy={"target": "loop1", "dir": str(deploy_dir), "restart": restart, "keep": 1, "timeout": "15s",
+    shop.save(deploy={"target": "loop1", "dir": "~/apps/shop", "restart": restart, "keep": 1, "timeout": "15s",
                       "health": f"http://{node['host']}:{port}/app/main.py"})
     run_dir = str(shop.home / "run")
     try:

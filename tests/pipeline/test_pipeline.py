@@ -127,10 +127,12 @@ def test_cached_second_run_redoes_nothing_and_an_edited_file_redoes_l3_onward(sh
 
     catalog = shop.code / "app" / "catalog.py"
     catalog.write_text(catalog.read_text() + "\n# an edit\n")
+    first_app = int((deployed / "shop.pid").read_text())
     state, third = _run(from_layer="L3")
     assert state.is_completed(), third.message
     assert [(r.layer, r.cached) for r in _top(third) if r.counted] == [("L3", False), ("L4", False), ("L6", False)]
     assert len(list((deployed / "releases").iterdir())) == 2
+    assert not Path(f"/proc/{first_app}").exists(), "the redeploy stopped the previous release's app"
 
     state, forced = _run(from_layer="L3", to_layer="L4", force=True)
     assert [(r.layer, r.cached) for r in _top(forced)] == [("L3", False), ("L4", False)]

@@ -358,3 +358,15 @@ def test_the_spec_run_flow_refuses_a_workdir_outside_its_run_root(tmp_path: Path
 
         assert (result.status, result.retryable) == ("failed", False) and "refused" in result.reason
     assert not root.exists() and not (tmp_path / "elsewhere").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("relative", ["/etc", "../x", "a/../../x", "link/x", "a\0b"])
+def test_within_refuses_a_relative_path_that_leaves_its_root(tmp_path: Path, relative: str) -> None:
+    from dispatch.paths import within
+
+    root = tmp_path / "code"
+    (root / "a").mkdir(parents=True)
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(UnsafePath):
+        within(root, relative, what="frontend.serve")
+    assert within(root, "a/../a", what="frontend.serve") == (root / "a").resolve()
