@@ -1,51 +1,21 @@
-"""The `pipeline` flow on the real example app: layer order, caching by content, reports and artifacts, the
-L4-L5 loop, L6 after L4 PASS, the app stopped when the pipeline leaves L4.
-
-The agent side's layers (L1, L2, L4c, L5) are replaced here by small stand-in subflows defined in this file
-(`flows.layers.EXTERNAL` points at them); the product code finds the real ones by the same import paths.
+"""The `pipeline` flow on the real example app: layer order, caching by content, reports and artifacts, L6
+after L4 PASS, the app stopped when the pipeline leaves L4. The L4-L5 loop with the real fix layer (fake agent
+as every model) is tests/pipeline/test_pipeline_agents.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
-from prefect import flow
 
 from dispatch.pipeline import app as apps
-from dispatch.pipeline.results import Bug, LayerResult, Status
-from tests.fixtures.shop import EXAMPLE, group_alive
+from tests.fixtures.shop import group_alive
 
 pytestmark = pytest.mark.prefect
-
-FIXES: list[int] = []
-
-
-@flow(name="fix")
-def standin_fix(project: str, code_dir: str, run_dir: str, config, bugs: list[Bug], cycle: int) -> LayerResult:
-    """Stand-in L5: writes the example's fixed files (what a fix spec's agent writes) when FIXES allows."""
-    FIXES.append(cycle)
-    repaired = []
-    if os.environ.get("STANDIN_FIX") == "repair":
-        for path in sorted({b.file for b in bugs if b.file} | {"app/static/style.css"}):
-            shutil.copy(EXAMPLE / "fixed" / path, Path(code_dir) / path)
-            repaired.append(path)
-    return LayerResult(layer="L5", status=Status.PASS, reason=f"{len(bugs)} bug(s) handed to fix specs",
-                       evidence={"specs": [], "repaired": repaired})
-
-
-@pytest.fixture
-def standins(monkeypatch):
-    from flows import layers
-
-    monkeypatch.setitem(layers.EXTERNAL, "L5", f"{__name__}:standin_fix")
-    FIXES.clear()
-    return FIXES
-
 
 def _run(project: str = "shop", **options):
     from dispatch.pipeline.runs import latest_run
@@ -149,37 +119,6 @@ def test_app_never_healthy_fails_l3_with_its_log_tail_after_its_attempts(shop, p
     report = json.loads(Path(record.layers[0].report).read_text())
     assert "still booting" in report["evidence"]["log_tail"]
     assert record.layers[1].reason == "not run: L3 FAIL"
-
-
-def test_l4_l5_loop_repairs_the_example_then_deploys(shop, deployed, standins, monkeypatch, prefect_api):
-    monkeypatch.setenv("STANDIN_FIX", "repair")
-    shop.save(layers={"L4c": {"enabled": False}, "L4d": {"enabled": False}})
-    state, record = _run(from_layer="L3")
-
-    assert state.is_completed(), [(r.layer, r.cycle, r.status.value, r.reason) for r in _top(record)]
-    assert [(r.layer, r.cycle, r.status.value) for r in _top(record) if r.counted] == [
-        ("L3", 0, "PASS"), ("L4", 0, "FAIL"), ("L5", 1, "PASS"), ("L3", 1, "PASS"), ("L4", 1, "PASS"),
-        ("L6", 0, "PASS")]
-    assert standins == [1]
-    assert record.exit_code == 0 and record.open_bugs == []
-    run_dir = shop.home / "pipeline" / "shop" / record.run_id
-    assert json.loads((run_dir / "L4.cycle1.json").read_text())["status"] == "PASS"
-    assert (deployed / "current" / "app" / "search.py").read_text() == (EXAMPLE / "fixed/app/search.py").read_text()
-
-
-def test_a_fix_that_never_works_fails_after_max_cycles_listing_the_open_bugs(shop, standins, prefect_api):
-    shop.save(layers={"L4b": {"enabled": False}, "L4c": {"enabled": False}, "L4d": {"enabled": False}})
-    state, record = _run(from_layer="L3", to_layer="L5")
-
-    assert state.is_failed()
-    assert standins == [1, 2, 3]
-    assert [(r.layer, r.cycle, r.status.value) for r in _top(record) if r.counted] == [
-        ("L3", 0, "PASS"), ("L4", 0, "FAIL"),
-        ("L5", 1, "PASS"), ("L3", 1, "PASS"), ("L4", 1, "FAIL"),
-        ("L5", 2, "PASS"), ("L3", 2, "PASS"), ("L4", 2, "FAIL"),
-        ("L5", 3, "PASS"), ("L3", 3, "PASS"), ("L4", 3, "FAIL")]
-    assert "still open after 3 fix cycle(s)" in record.message
-    assert {b["where"] for b in record.open_bugs} == {"POST /api/cart", "GET /api/search"}
 
 
 def test_deploy_needs_an_l4_pass_of_the_same_code(shop, deployed, prefect_api):
