@@ -8,8 +8,8 @@ says it is a credential (`*KEY*`, `*TOKEN*`, `*SECRET*`, `*PASSWORD*`, `*CREDENT
 though no step is given those (dispatch/runner/node_runner.py: steps get an allow-list environment).
 
 Examples:
-    >>> masker = Masker(["sk-ant-0123456789"])
-    >>> masker.mask("key=sk-ant-0123456789")
+    >>> masker = Masker(["fake-ant-0123456789"])
+    >>> masker.mask("key=fake-ant-0123456789")
     'key=***'
 """
 

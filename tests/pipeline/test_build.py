@@ -67,7 +67,7 @@ def test_app_that_never_becomes_healthy_fails_within_its_timeout_with_its_log_ta
 def test_a_failing_install_fails_with_its_output_and_steps_get_no_keys(prefect_api, shop, run_dir, monkeypatch):
     from flows.layers.build import build
 
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "fake-ant-test-0123456789")
     shop.save(backend={"install": 'echo "key=[$ANTHROPIC_API_KEY]"; echo "no such package" >&2; exit 4'})
     result = build("shop", str(shop.code), run_dir, shop.load())
 

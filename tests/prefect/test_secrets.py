@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from tests.fixtures.projects import write_spec
 
 FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
-CALLER_KEY = "sk-ant-caller-5b1e0c93d7aa"  # the dispatcher's own ANTHROPIC_API_KEY: for `claude` only
+CALLER_KEY = "fake-ant-caller-5b1e0c93d7aa"  # the dispatcher's own ANTHROPIC_API_KEY: for `claude` only
 GLM_ENV_KEY = "zai-env-key-91c2f0e7b3d4"  # ZAI_API_KEY in the caller's environment: glm's key
 BLOCK_KEY = "mm-block-key-4e8a2d6c1f0b"  # minimax's key, in its AgentModel block
 GITHUB_TOKEN = "ghp_c0ffee1234deadbeef5678"  # a credential of the caller's environment no spec should ever see

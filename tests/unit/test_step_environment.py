@@ -16,7 +16,7 @@ import pytest
 
 from dispatch.runner import RUNNER_PATH
 
-CALLER_KEY = "sk-ant-caller-0123456789abcdef"  # in the dispatcher's environment: no step may see it
+CALLER_KEY = "fake-ant-caller-0123456789abcdef"  # in the dispatcher's environment: no step may see it
 GLM_KEY = "glm-token-fedcba9876543210"
 MINIMAX_KEY = "mm-token-00aa11bb22cc33dd"
 
