@@ -240,6 +240,7 @@ class ProjectRun:
         self.futures[task_id] = future
         future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
         row = self.state.specs[task_id]
+        row.task_run_id = str(future.task_run_id)
         row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt
         row.started_at = row.dispatched_at = time.time()
         row.ready_at = self.scheduler.entries[task_id].ready_at
@@ -464,6 +465,8 @@ class ProjectRun:
             deps = [self.futures[d] for d in self.project.specs[child].depends_on if d in self.futures]
             self.futures[child] = skip_spec.with_options(name=child, task_run_name=child).submit(
                 child, row.reason, wait_for=deps) if row.state == "not_run" else None
+            if self.futures[child] is not None:
+                row.task_run_id = str(self.futures[child].task_run_id)
             self._emit(row.state, child, reason=row.reason)
         self.futures = {k: v for k, v in self.futures.items() if v is not None}
 
@@ -520,7 +523,7 @@ class ProjectRun:
         self.state.message, self.state.ended_at = summary, time.time()
         self._write_state(force=True)
         try:
-            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir),
+            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True),
                                      key=f"report-{_artifact_key(self.project.name)}",
                                      description=f"Oyster Dispatch report for {self.project.name}")
             create_table_artifact(table=table_rows(self.state), key=f"specs-{_artifact_key(self.project.name)}",
