@@ -23,7 +23,7 @@ from rich.table import Table
 
 from dispatch.cli_models import models_app
 from dispatch.cli_nodes import local_slot_use, nodes_app
-from dispatch.cli_server import server_app
+from dispatch.cli_server import connect_prefect, server_app, ui
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid, UnsafePath, cut
 from dispatch.paths import check_name, local_path
@@ -36,6 +36,7 @@ app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect."
 app.add_typer(nodes_app, name="nodes")
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
+app.command()(ui)
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -169,20 +170,27 @@ def start(
         else:
             _submit_to_deployment(settings, project, only, start_from, force)
         return
-    os.environ.update(settings.prefect_environment(verbose=verbose))
-    if settings.embedded and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
+    ui = connect_prefect(settings, verbose=verbose)
+    if settings.embedded and ui is None and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
         from dispatch.embedded import reap_orphaned_servers
 
         if stopped := reap_orphaned_servers(os.environ["PREFECT_HOME"]):
             console.print(f"[dim]stopped {len(stopped)} temporary Prefect server(s) that killed dispatchers had "
                           f"left running (pids {', '.join(map(str, stopped))})[/]")
     from dispatch.team import whoami
-    from flows.dispatch_project import LISTENERS, dispatch_project
+    from flows.dispatch_project import LISTENERS, ON_FLOW_RUN, dispatch_project
 
-    where = "embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else settings.prefect_api_url
-    console.print(f"dispatching [bold]{project}[/]: {len(selected)} specs on {where}")
+    where = (settings.prefect_api_url if not settings.embedded else f"the local Prefect server ({ui})" if ui
+             else "a temporary Prefect server (SQLite under DISPATCH_HOME)")
+    console.print(f"dispatching [bold]{project}[/]: {len(selected)} specs on {where}", soft_wrap=True)
     progress, listener = _progress_listener(len(selected))
+
+    def show_flow_run(flow_run_id: str) -> None:
+        if ui:
+            progress.console.print(f"  flow run in the Prefect UI: {_flow_run_url(ui, flow_run_id)}", soft_wrap=True)
+
     LISTENERS.append(listener)
+    ON_FLOW_RUN.append(show_flow_run)
     started = time.monotonic()
     user, host = whoami()
     try:
@@ -193,13 +201,21 @@ def start(
         raise _invalid(exc) from None
     finally:
         LISTENERS.remove(listener)
+        ON_FLOW_RUN.remove(show_flow_run)
     state = load_state(settings.state_dir, project)
     if state is None:
         err.print(f"[red]the run of {project} ended without writing its state[/]; see the Prefect logs")
         raise typer.Exit(EXIT_FAILED)
     colour = {"completed": "green", "failed": "red"}.get(state.state, "yellow")
     console.print(f"[{colour}]{project} {state.state}[/]: {state.message} in {time.monotonic() - started:.1f}s")
+    if ui and state.flow_run_id:
+        console.print(f"  in the Prefect UI: {_flow_run_url(ui, state.flow_run_id)}", soft_wrap=True)
     raise typer.Exit(0 if state.state == "completed" else EXIT_FAILED)
+
+
+def _flow_run_url(ui: str, flow_run_id: str) -> str:
+    """The flow run's page in the Prefect UI (the address Prefect's own `url_for` gives)."""
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _start_in_background(settings, project: str, only: list[str] | None, start_from: list[str] | None,

@@ -13,7 +13,6 @@ nodes.json.
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -58,8 +57,10 @@ def _where(settings: DispatchSettings) -> str:
 
 
 def _use_prefect(settings: DispatchSettings) -> None:
-    """Point Prefect at the configured server (or the embedded database) before it is imported."""
-    os.environ.update(settings.prefect_environment())
+    """Point Prefect at the configured server (embedded: this home's local server) before it is imported."""
+    from dispatch.cli_server import connect_prefect
+
+    connect_prefect(settings)
 
 
 def _prefect_failed(settings: DispatchSettings, exc: Exception) -> typer.Exit:

@@ -53,6 +53,8 @@ from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
 LISTENERS: list[Callable[[str, str, dict], None]] = []
+# Called with the flow run's id once it exists (the CLI prints where to watch it in the UI).
+ON_FLOW_RUN: list[Callable[[str], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
 _BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
@@ -115,6 +117,9 @@ class ProjectRun:
         self._lock_requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks")
         self._run_spec_refresh = run_spec.with_options(refresh_cache=True)
         flow_run = get_run_context().flow_run
+        if flow_run is not None:
+            for hook in ON_FLOW_RUN:
+                hook(str(flow_run.id))
         if flow_run is not None and started_by:
             self._tag_flow_run(flow_run, user, host)
         self.state = ProjectState(
