@@ -8,6 +8,8 @@ Exit codes: 0 success, 1 a spec failed (or the run was stopped), 2 invalid input
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import signal
 import subprocess
@@ -41,6 +43,9 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
+# Registered before Prefect is imported, so it runs after Prefect's own exit handlers (logs, events flushed):
+# the interpreter's last collections would otherwise walk every object Prefect's import made (~0.4 s per command).
+atexit.register(gc.freeze)
 _MARK = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "not_run": "[yellow]⊘[/]", "cancelled": "[yellow]■[/]",
          "running": "[cyan]▶[/]", "retrying": "[magenta]↻[/]", "waiting": "·", "ready": "·"}
 
@@ -194,7 +199,8 @@ def start(
     started = time.monotonic()
     user, host = whoami()
     try:
-        with progress:  # the flow tags its own run with the user (a tags() context would tag every task run)
+        # the flow tags its own run with the user (a tags() context would tag every task run)
+        with progress, _engine_settings(settings):
             dispatch_project(project, only=only, start_from=start_from, force=force, started_by=f"{user}@{host}",
                              return_state=True)
     except DispatchError as exc:
@@ -211,6 +217,19 @@ def start(
     if ui and state.flow_run_id:
         console.print(f"  in the Prefect UI: {_flow_run_url(ui, state.flow_run_id)}", soft_wrap=True)
     raise typer.Exit(0 if state.state == "completed" else EXIT_FAILED)
+
+
+def _engine_settings(settings):
+    """Prefect settings for this process's flow run. Embedded: no flow-run heartbeats. Nothing watches them
+    there (the state file's pid tells a dead dispatcher), and the engine's heartbeat thread, which sleeps in
+    1 s steps, held every run's end up by 0.5-1 s."""
+    from contextlib import nullcontext
+
+    if not settings.embedded:
+        return nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _flow_run_url(ui: str, flow_run_id: str) -> str:
