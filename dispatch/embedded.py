@@ -318,6 +318,7 @@ def prepare_prefect(settings: DispatchSettings, verbose: bool = False) -> tuple[
 
         return ui_base_url(settings.prefect_api_url or ""), None
     if settings.server == "ephemeral":
+        os.environ.pop("PREFECT_API_URL", None)  # embedded: only ever a local server's, which is not wanted here
         return None, None
     server, started = ensure_server(settings)
     os.environ.update({"PREFECT_API_URL": server.api_url, "DISPATCH_LOCAL_API_URL": server.api_url,
