@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib
 import os
 import signal
 import subprocess
@@ -175,7 +176,8 @@ def start(
         else:
             _submit_to_deployment(settings, project, only, start_from, force)
         return
-    ui = connect_prefect(settings, verbose=verbose)
+    # Prefect and the flow are imported while a local server that this command starts comes up (~1 s)
+    ui = connect_prefect(settings, verbose=verbose, meanwhile=lambda: importlib.import_module("flows.dispatch_project"))
     if settings.embedded and ui is None and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
         from dispatch.embedded import reap_orphaned_servers
 

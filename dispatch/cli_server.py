@@ -157,14 +157,14 @@ def check(url: Annotated[str | None, typer.Option(help="API URL to check; defaul
                   f"{', basic auth' if auth else ''})")
 
 
-def connect_prefect(settings: DispatchSettings, verbose: bool = False) -> str | None:
-    """Set up Prefect for this command (embedded: start or reuse the local server, saying so when it starts);
-    returns the UI's base URL (None: a temporary server, no UI after the command). Exit 1 when the local
-    server cannot start."""
+def connect_prefect(settings: DispatchSettings, verbose: bool = False, meanwhile=None) -> str | None:
+    """Set up Prefect for this command (embedded: start or reuse the local server, saying so when it starts;
+    `meanwhile` runs while it starts, see `prepare_prefect`); returns the UI's base URL (None: a temporary
+    server, no UI after the command). Exit 1 when the local server cannot start."""
     from dispatch.embedded import LocalServerError, prepare_prefect
 
     try:
-        url, started = prepare_prefect(settings, verbose=verbose)
+        url, started = prepare_prefect(settings, verbose=verbose, meanwhile=meanwhile)
     except LocalServerError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_NOT_RUNNING) from None

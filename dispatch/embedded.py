@@ -33,6 +33,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,8 +172,14 @@ class _StartLock:
         os.close(self._fd)
 
 
-def ensure_server(settings: DispatchSettings) -> tuple[LocalServer, bool]:
+def ensure_server(settings: DispatchSettings, on_spawned: Callable[[LocalServer], None] | None = None,
+                  ) -> tuple[LocalServer, bool]:
     """This home's local server, started when there is none usable; returns (server, started now).
+
+    Args:
+        settings: whose home.
+        on_spawned: called with a server this call starts as soon as its process runs (its address known),
+            before it answers: work that needs no API yet (imports) overlaps the server's start.
 
     Raises:
         LocalServerError: it did not come up (the message has its log's tail), or another command held the
@@ -188,7 +195,7 @@ def ensure_server(settings: DispatchSettings) -> tuple[LocalServer, bool]:
             return server, False
         stop_strays(settings)
         logger.info("starting the local Prefect server (%s)", problem)
-        return _start(settings), True
+        return _start(settings, on_spawned), True
 
 
 def _port_free(port: int) -> bool:
@@ -221,7 +228,7 @@ def server_environment(settings: DispatchSettings, port: int) -> dict[str, str]:
     return env
 
 
-def _start(settings: DispatchSettings) -> LocalServer:
+def _start(settings: DispatchSettings, on_spawned: Callable[[LocalServer], None] | None) -> LocalServer:
     """Start a server (the caller holds the start lock) and wait until it answers."""
     port = settings.server_port if _port_free(settings.server_port) else _free_port()
     log = log_path(settings)
@@ -235,6 +242,8 @@ def _start(settings: DispatchSettings) -> LocalServer:
     server = LocalServer(pid=proc.pid, port=port, prefect_version=prefect_version(), python_prefix=sys.prefix,
                          started_at=time.time())
     _write_state(settings, server)  # first: a command killed while it waits leaves no unnamed server
+    if on_spawned is not None:
+        on_spawned(server)
     deadline = time.monotonic() + _START_TIMEOUT
     while not _healthy(port):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -299,11 +308,18 @@ def stop_server(settings: DispatchSettings) -> list[int]:
     return stopped
 
 
-def prepare_prefect(settings: DispatchSettings, verbose: bool = False) -> tuple[str | None, LocalServer | None]:
+def prepare_prefect(settings: DispatchSettings, verbose: bool = False, meanwhile: Callable[[], object] | None = None,
+                    ) -> tuple[str | None, LocalServer | None]:
     """Set this process's environment for Prefect, before Prefect is imported.
 
     Team mode and `DISPATCH_SERVER=ephemeral` only set Prefect's settings; embedded `local` mode also starts
     (or reuses) this home's local server and points PREFECT_API_URL at it.
+
+    Args:
+        settings: the process's settings.
+        verbose: Prefect's console logs at INFO (else WARNING).
+        meanwhile: called once the environment is set (importing Prefect is then safe), while a server this
+            call starts is still starting.
 
     Returns:
         The UI's base URL when the run will still be visible there after this command (None for a temporary
@@ -313,16 +329,26 @@ def prepare_prefect(settings: DispatchSettings, verbose: bool = False) -> tuple[
         LocalServerError: the local server could not be started.
     """
     os.environ.update(settings.prefect_environment(verbose=verbose))
-    if not settings.embedded:
+    if not settings.embedded or settings.server == "ephemeral":
+        if settings.embedded:  # a PREFECT_API_URL here can only be a local server's, not wanted now
+            os.environ.pop("PREFECT_API_URL", None)
+        if meanwhile is not None:
+            meanwhile()
+        if settings.embedded:
+            return None, None
         from dispatch.team import ui_base_url
 
         return ui_base_url(settings.prefect_api_url or ""), None
-    if settings.server == "ephemeral":
-        os.environ.pop("PREFECT_API_URL", None)  # embedded: only ever a local server's, which is not wanted here
-        return None, None
-    server, started = ensure_server(settings)
-    os.environ.update({"PREFECT_API_URL": server.api_url, "DISPATCH_LOCAL_API_URL": server.api_url,
-                       "PREFECT_UI_URL": server.ui_url})
+
+    def point_at(server: LocalServer) -> None:
+        os.environ.update({"PREFECT_API_URL": server.api_url, "DISPATCH_LOCAL_API_URL": server.api_url,
+                           "PREFECT_UI_URL": server.ui_url})
+        if meanwhile is not None:
+            meanwhile()
+
+    server, started = ensure_server(settings, on_spawned=point_at)
+    if not started:
+        point_at(server)
     return server.ui_url, server if started else None
 
 
