@@ -165,6 +165,27 @@ def test_another_prefect_version_replaces_the_server(local_home: LocalHome):
     assert _marked_servers(local_home.home) == [new["pid"]]
 
 
+def test_a_recorded_pid_and_port_now_of_other_programs_are_neither_used_nor_stopped(local_home: LocalHome):
+    local_home.ui()
+    state = local_home.state()
+    assert local_home.run("server", "stop").returncode == 0
+    other = subprocess.Popen(["sleep", "120"])  # the recorded pid, handed to another program
+    impostor = ThreadingHTTPServer(("127.0.0.1", state["port"]), _Impostor)  # and the port, answering health
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        (local_home.home / "local-server.json").write_text(json.dumps({**state, "pid": other.pid}))
+        url = local_home.ui()
+        assert local_home.state()["pid"] not in (other.pid, state["pid"])
+        assert url != f"http://127.0.0.1:{state['port']}", "the other program's port was taken for the server"
+        assert json.loads(_get(f"{url}/ui-settings")[1])["api_url"] == f"{url}/api"
+        assert other.poll() is None, "a process that is not the server was stopped"
+    finally:
+        other.kill()
+        other.wait()
+        impostor.shutdown()
+        impostor.server_close()
+
+
 def test_two_commands_at_once_start_one_server(local_home: LocalHome):
     assert local_home.run("server", "stop").returncode == 0
     assert _marked_servers(local_home.home) == []
