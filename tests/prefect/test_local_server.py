@@ -111,6 +111,19 @@ def test_commands_share_one_local_server_whose_ui_points_at_it(local_home: Local
     assert list((local_home.home / "prefect").glob("*.db")), "its SQLite database is under DISPATCH_HOME"
 
 
+def test_ui_open_hands_the_address_to_the_browser(local_home: LocalHome, tmp_path: Path):
+    opened = tmp_path / "opened"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\necho "$1" >> {opened}\n')
+    browser.chmod(0o755)
+    result = local_home.run("ui", "--open", BROWSER=str(browser))
+    assert result.returncode == 0, result.stdout + result.stderr
+    deadline = time.monotonic() + 10  # webbrowser may run it in the background
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert opened.read_text().strip() == result.stdout.strip() == f"http://127.0.0.1:{local_home.state()['port']}"
+
+
 def test_a_killed_server_is_replaced(local_home: LocalHome):
     local_home.ui()
     old = local_home.state()["pid"]
