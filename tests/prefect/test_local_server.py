@@ -148,13 +148,26 @@ class _Impostor(BaseHTTPRequestHandler):
         pass
 
 
+def _impostor_on(port: int) -> ThreadingHTTPServer:
+    """Another program serving on `port` (answering 200 to /api/health too), once the kernel lets it bind."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            impostor = ThreadingHTTPServer(("127.0.0.1", port), _Impostor)
+            break
+        except OSError:  # the killed server's sockets can hold the port a moment longer
+            assert time.monotonic() < deadline, f"port {port} stayed busy after the server was killed"
+            time.sleep(0.2)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    return impostor
+
+
 def test_a_port_taken_by_another_program_is_left_to_it(local_home: LocalHome):
     local_home.ui()
     old = local_home.state()
     os.kill(old["pid"], signal.SIGKILL)
     _wait_dead(old["pid"])
-    impostor = ThreadingHTTPServer(("127.0.0.1", old["port"]), _Impostor)  # answers 200 to /api/health too
-    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    impostor = _impostor_on(old["port"])
     try:
         url = local_home.ui()
         new = local_home.state()
@@ -183,8 +196,7 @@ def test_a_recorded_pid_and_port_now_of_other_programs_are_neither_used_nor_stop
     state = local_home.state()
     assert local_home.run("server", "stop").returncode == 0
     other = subprocess.Popen(["sleep", "120"])  # the recorded pid, handed to another program
-    impostor = ThreadingHTTPServer(("127.0.0.1", state["port"]), _Impostor)  # and the port, answering health
-    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    impostor = _impostor_on(state["port"])  # and the port, answering health
     try:
         (local_home.home / "local-server.json").write_text(json.dumps({**state, "pid": other.pid}))
         url = local_home.ui()
@@ -237,6 +249,38 @@ def test_start_prints_the_flow_runs_ui_address_and_the_server_stays(local_home: 
     assert pid_alive(local_home.state()["pid"]), "the local server went away with the command"
     status, body = _get(f"http://127.0.0.1:{local_home.state()['port']}/api/flow_runs/{run['flow_run_id']}")
     assert status == 200 and json.loads(body)["name"] == "shown"
+
+
+def test_a_specs_log_lines_reach_the_ui_while_it_runs(local_home: LocalHome, tmp_path: Path):
+    go_on = tmp_path / "go-on"
+    script = (f"echo 'halfway there'\nfor i in $(seq 600); do [ -e {go_on} ] && break; sleep 0.1; done\n"
+              f"[ -e {go_on} ]\n")
+    (local_home.specs / "streamy").mkdir()
+    (local_home.specs / "streamy" / "S01-wait.md").write_text(
+        f"---\ntask_id: S01-wait\nkind: shell\n---\n## Goal\nWait.\n\n```bash\n{script}```\n")
+    api = local_home.ui() + "/api"
+    run = subprocess.Popen([DISPATCH, "start", "streamy"], env=local_home.env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert run.poll() is None and time.monotonic() < deadline, "no log line while the spec ran"
+            state = local_home.home / "state" / "streamy.json"
+            flow_run_id = json.loads(state.read_text()).get("flow_run_id") if state.exists() else None
+            if flow_run_id:
+                request = urllib.request.Request(
+                    f"{api}/logs/filter", method="POST", headers={"Content-Type": "application/json"},
+                    data=json.dumps({"logs": {"flow_run_id": {"any_": [flow_run_id]}}}).encode())
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    logs = json.loads(response.read())
+                if any("S01-wait: halfway there" in log["message"] and log["task_run_id"] for log in logs):
+                    break
+            time.sleep(0.5)
+        assert run.poll() is None, "the spec ended before its line was seen"
+    finally:
+        go_on.touch()
+        out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, out
 
 
 def test_the_ephemeral_setting_keeps_a_temporary_server(tmp_path: Path):
