@@ -221,7 +221,7 @@ def _probe_local(node: Node) -> dict[str, Any]:
 
 def _probe(pool: Any, node: Node, timeout: float) -> dict[str, Any]:
     """Reachability, Python version and agent CLIs of one node (never raises)."""
-    from dispatch.nodes_admin import node_target
+    from dispatch.ssh_target import node_target
 
     result: dict[str, Any] = {"name": node.name, "transport": node.transport, "host": _host(node),
                               "reachable": None, "python": None, "clis": [], "missing": [], "error": ""}

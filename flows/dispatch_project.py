@@ -179,7 +179,7 @@ class ProjectRun:
         if force or now - self._last_write >= _STATE_WRITE_INTERVAL:
             for name, node in self.scheduler.nodes.items():
                 self.state.nodes[name]["used"] = node.used
-            self.state.ssh_connections = self.runtime.pool.connections_opened
+            self.state.ssh_connections = self.runtime.connections_opened
             save_state(self.settings.state_dir, self.state)
             self._last_write = now
 
