@@ -254,7 +254,9 @@ def _start_in_background(settings, project: str, only: list[str] | None, start_f
                                 start_new_session=True)  # outlives this terminal; `dispatch stop` ends it
     console.print(f"started [bold]{project}[/] in the background (pid {proc.pid}), "
                   f"output in {escape(str(log_path))}\n"
-                  f"watch it with `dispatch status {project}`, stop it with `dispatch stop {project}`", soft_wrap=True)
+                  f"watch it with `dispatch status {project}`"
+                  + (" or in the Prefect UI (`dispatch ui`)" if settings.server == "local" else "")
+                  + f", stop it with `dispatch stop {project}`", soft_wrap=True)
 
 
 def _submit_to_deployment(settings, project: str, only: list[str] | None, start_from: list[str] | None,
