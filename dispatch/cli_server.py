@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -157,7 +158,8 @@ def check(url: Annotated[str | None, typer.Option(help="API URL to check; defaul
                   f"{', basic auth' if auth else ''})")
 
 
-def connect_prefect(settings: DispatchSettings, verbose: bool = False, meanwhile=None) -> str | None:
+def connect_prefect(settings: DispatchSettings, verbose: bool = False,
+                    meanwhile: Callable[[], object] | None = None) -> str | None:
     """Set up Prefect for this command (embedded: start or reuse the local server, saying so when it starts;
     `meanwhile` runs while it starts, see `prepare_prefect`); returns the UI's base URL (None: a temporary
     server, no UI after the command). Exit 1 when the local server cannot start."""
