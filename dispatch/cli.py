@@ -8,6 +8,9 @@ Exit codes: 0 success, 1 a spec failed (or the run was stopped), 2 invalid input
 
 from __future__ import annotations
 
+import atexit
+import gc
+import importlib
 import os
 import signal
 import subprocess
@@ -24,7 +27,7 @@ from rich.table import Table
 from dispatch.cli_models import models_app
 from dispatch.cli_nodes import local_slot_use, nodes_app
 from dispatch.cli_pipeline import pipeline_app
-from dispatch.cli_server import server_app
+from dispatch.cli_server import connect_prefect, server_app, ui
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid, UnsafePath, cut
 from dispatch.paths import check_name, local_path
@@ -38,10 +41,14 @@ app.add_typer(nodes_app, name="nodes")
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
 app.add_typer(pipeline_app, name="pipeline")
+app.command()(ui)
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
+# Registered before Prefect is imported, so it runs after Prefect's own exit handlers (logs, events flushed):
+# the interpreter's last collections would otherwise walk every object Prefect's import made (~0.4 s per command).
+atexit.register(gc.freeze)
 _MARK = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "not_run": "[yellow]⊘[/]", "cancelled": "[yellow]■[/]",
          "running": "[cyan]▶[/]", "retrying": "[magenta]↻[/]", "waiting": "·", "ready": "·"}
 
@@ -171,37 +178,67 @@ def start(
         else:
             _submit_to_deployment(settings, project, only, start_from, force)
         return
-    os.environ.update(settings.prefect_environment(verbose=verbose))
-    if settings.embedded and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
+    # Prefect and the flow are imported while a local server that this command starts comes up (~1 s)
+    ui = connect_prefect(settings, verbose=verbose, meanwhile=lambda: importlib.import_module("flows.dispatch_project"))
+    if settings.embedded and ui is None and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
         from dispatch.embedded import reap_orphaned_servers
 
         if stopped := reap_orphaned_servers(os.environ["PREFECT_HOME"]):
             console.print(f"[dim]stopped {len(stopped)} temporary Prefect server(s) that killed dispatchers had "
                           f"left running (pids {', '.join(map(str, stopped))})[/]")
     from dispatch.team import whoami
-    from flows.dispatch_project import LISTENERS, dispatch_project
+    from flows.dispatch_project import LISTENERS, ON_FLOW_RUN, dispatch_project
 
-    where = "embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else settings.prefect_api_url
-    console.print(f"dispatching [bold]{project}[/]: {len(selected)} specs on {where}")
+    where = (settings.prefect_api_url if not settings.embedded else f"the local Prefect server ({ui})" if ui
+             else "a temporary Prefect server (SQLite under DISPATCH_HOME)")
+    console.print(f"dispatching [bold]{project}[/]: {len(selected)} specs on {where}", soft_wrap=True)
     progress, listener = _progress_listener(len(selected))
+
+    def show_flow_run(flow_run_id: str) -> None:
+        if ui:
+            progress.console.print(f"  flow run in the Prefect UI: {_flow_run_url(ui, flow_run_id)}", soft_wrap=True)
+
     LISTENERS.append(listener)
+    ON_FLOW_RUN.append(show_flow_run)
     started = time.monotonic()
     user, host = whoami()
     try:
-        with progress:  # the flow tags its own run with the user (a tags() context would tag every task run)
+        # the flow tags its own run with the user (a tags() context would tag every task run)
+        with progress, _engine_settings(settings):
             dispatch_project(project, only=only, start_from=start_from, force=force, started_by=f"{user}@{host}",
                              return_state=True)
     except DispatchError as exc:
         raise _invalid(exc) from None
     finally:
         LISTENERS.remove(listener)
+        ON_FLOW_RUN.remove(show_flow_run)
     state = load_state(settings.state_dir, project)
     if state is None:
         err.print(f"[red]the run of {project} ended without writing its state[/]; see the Prefect logs")
         raise typer.Exit(EXIT_FAILED)
     colour = {"completed": "green", "failed": "red"}.get(state.state, "yellow")
     console.print(f"[{colour}]{project} {state.state}[/]: {state.message} in {time.monotonic() - started:.1f}s")
+    if ui and state.flow_run_id:
+        console.print(f"  in the Prefect UI: {_flow_run_url(ui, state.flow_run_id)}", soft_wrap=True)
     raise typer.Exit(0 if state.state == "completed" else EXIT_FAILED)
+
+
+def _engine_settings(settings):
+    """Prefect settings for this process's flow run. Embedded: no flow-run heartbeats. Nothing watches them
+    there (the state file's pid tells a dead dispatcher), and the engine's heartbeat thread, which sleeps in
+    1 s steps, held every run's end up by 0.5-1 s."""
+    from contextlib import nullcontext
+
+    if not settings.embedded:
+        return nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
+def _flow_run_url(ui: str, flow_run_id: str) -> str:
+    """The flow run's page in the Prefect UI (the address Prefect's own `url_for` gives)."""
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _start_in_background(settings, project: str, only: list[str] | None, start_from: list[str] | None,
@@ -219,7 +256,9 @@ def _start_in_background(settings, project: str, only: list[str] | None, start_f
                                 start_new_session=True)  # outlives this terminal; `dispatch stop` ends it
     console.print(f"started [bold]{project}[/] in the background (pid {proc.pid}), "
                   f"output in {escape(str(log_path))}\n"
-                  f"watch it with `dispatch status {project}`, stop it with `dispatch stop {project}`", soft_wrap=True)
+                  f"watch it with `dispatch status {project}`"
+                  + (" or in the Prefect UI (`dispatch ui`)" if settings.server == "local" else "")
+                  + f", stop it with `dispatch stop {project}`", soft_wrap=True)
 
 
 def _submit_to_deployment(settings, project: str, only: list[str] | None, start_from: list[str] | None,

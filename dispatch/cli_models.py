@@ -11,7 +11,6 @@ database under DISPATCH_HOME (Prefect then starts a temporary local server: a fe
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Annotated, Any
 
@@ -32,8 +31,10 @@ EXIT_FAILED, EXIT_INVALID = 1, 2
 
 
 def _connect(settings: DispatchSettings) -> None:
-    """Point Prefect at the configured server (or the embedded database) before it is imported."""
-    os.environ.update(settings.prefect_environment())
+    """Point Prefect at the configured server (embedded: this home's local server) before it is imported."""
+    from dispatch.cli_server import connect_prefect
+
+    connect_prefect(settings)
 
 
 def _api_failed(settings: DispatchSettings, exc: Exception) -> typer.Exit:

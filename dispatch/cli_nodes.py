@@ -13,7 +13,6 @@ nodes.json.
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -58,8 +57,10 @@ def _where(settings: DispatchSettings) -> str:
 
 
 def _use_prefect(settings: DispatchSettings) -> None:
-    """Point Prefect at the configured server (or the embedded database) before it is imported."""
-    os.environ.update(settings.prefect_environment())
+    """Point Prefect at the configured server (embedded: this home's local server) before it is imported."""
+    from dispatch.cli_server import connect_prefect
+
+    connect_prefect(settings)
 
 
 def _prefect_failed(settings: DispatchSettings, exc: Exception) -> typer.Exit:
@@ -220,7 +221,7 @@ def _probe_local(node: Node) -> dict[str, Any]:
 
 def _probe(pool: Any, node: Node, timeout: float) -> dict[str, Any]:
     """Reachability, Python version and agent CLIs of one node (never raises)."""
-    from dispatch.nodes_admin import node_target
+    from dispatch.ssh_target import node_target
 
     result: dict[str, Any] = {"name": node.name, "transport": node.transport, "host": _host(node),
                               "reachable": None, "python": None, "clis": [], "missing": [], "error": ""}

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +47,9 @@ def remote_transports(settings: DispatchSettings, nodes: list[Node] | None = Non
     nodes = [n for n in (load_nodes(settings) if nodes is None else nodes) if n.transport == "ssh"]
     keys: dict[str, str] = {}
     if any(not n.key_path for n in nodes):
-        os.environ.update(settings.prefect_environment())  # before Prefect is imported (embedded: under home)
+        from dispatch.embedded import prepare_prefect
+
+        prepare_prefect(settings)  # before Prefect is imported (embedded: this home's local server)
         from dispatch.nodes_admin import ssh_key_secrets
 
         keys = ssh_key_secrets(nodes, logger)

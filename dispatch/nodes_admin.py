@@ -26,7 +26,6 @@ from pydantic import SecretStr
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError
 from dispatch.settings import DispatchSettings
-from dispatch.ssh_target import node_target  # noqa: F401 - callers take it from here too
 
 SERVER_ERRORS = (httpx.HTTPError, OSError)
 """What a call to an unreachable or failing Prefect server raises (PrefectHTTPStatusError is an httpx error);

@@ -46,8 +46,15 @@ def table_rows(state: ProjectState) -> list[dict]:
     ]
 
 
-def render_markdown(state: ProjectState, runs_dir: Path | None = None) -> str:
-    """The report as markdown."""
+def render_markdown(state: ProjectState, runs_dir: Path | None = None, ui_links: bool = False) -> str:
+    """The report as markdown.
+
+    Args:
+        state: the run's state file.
+        runs_dir: where the run directories are.
+        ui_links: link each spec to its latest task run in the Prefect UI (its logs), by a path relative to
+            the UI's root: the report artifact is read there, whatever address the UI has.
+    """
     counts = state.counts()
     total = len(state.specs)
     done = counts.get("succeeded", 0)
@@ -68,7 +75,9 @@ def render_markdown(state: ProjectState, runs_dir: Path | None = None) -> str:
     ]
     for row in table_rows(state):
         reason = (row["reason"] or "").replace("|", "\\|").replace("\n", " ")[:120]
-        lines.append(f"| {row['spec']} | {row['state']} | {row['node']} | {row['model']} | {row['attempts']} | "
+        task_run = state.specs[row["spec"]].task_run_id if ui_links else None
+        spec = f"[{row['spec']}](/runs/task-run/{task_run})" if task_run else row["spec"]
+        lines.append(f"| {spec} | {row['state']} | {row['node']} | {row['model']} | {row['attempts']} | "
                      f"{row['duration_s']:.1f}s | {row['exit_code'] if row['exit_code'] is not None else '-'} | "
                      f"{reason} |")
     failures = [(t, r) for t, r in state.specs.items() if r.state == "failed"]

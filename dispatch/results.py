@@ -130,6 +130,7 @@ class SpecRow(BaseModel):
     log_path: str = ""
     ready_at: float | None = Field(default=None, description="when its dependencies were all done")
     dispatched_at: float | None = Field(default=None, description="when the dispatcher submitted it")
+    task_run_id: str | None = Field(default=None, description="the Prefect task run of its latest attempt")
 
 
 class ProjectState(BaseModel):

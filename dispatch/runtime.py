@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -16,10 +17,12 @@ from dispatch.brokers import Brokers, MachineSlots, ServerSlots, server_limits
 from dispatch.cluster import Node
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.settings import DispatchSettings
-from dispatch.ssh import SSHPool
 from dispatch.transports.local import LocalTransport
-from dispatch.transports.ssh import SSHTransport
 from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
+
+if TYPE_CHECKING:
+    from dispatch.ssh import SSHPool
+    from dispatch.transports.ssh import SSHTransport
 
 logger = logging.getLogger(__name__)
 _PROBE_INTERVAL = 5.0
@@ -43,13 +46,17 @@ class ClusterRuntime:
                  key_secrets: dict[str, str] | None = None,
                  log: logging.Logger | logging.LoggerAdapter = logger) -> None:
         self.nodes = {node.name: node for node in nodes}
-        self.pool = SSHPool()
+        self.pool: SSHPool | None = None  # only with ssh nodes: importing paramiko takes 0.05-0.1 s of every start
         self.watcher: FlowRunWatcher | None = None
         self.transports: dict[str, LocalTransport | SSHTransport | WorkerTransport] = {}
         for node in nodes:
             if node.transport == "local":
                 self.transports[node.name] = LocalTransport(settings.runs_dir, node.name)
             elif node.transport == "ssh":
+                from dispatch.ssh import SSHPool
+                from dispatch.transports.ssh import SSHTransport
+
+                self.pool = self.pool or SSHPool()
                 self.transports[node.name] = SSHTransport(node, self.pool, (key_secrets or {}).get(node.name))
             elif not settings.prefect_api_url:
                 raise ConfigError(f"node {node.name}: transport 'worker' needs team mode (PREFECT_API_URL set to "
@@ -71,6 +78,11 @@ class ClusterRuntime:
         self._probing: set[str] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+
+    @property
+    def connections_opened(self) -> int:
+        """SSH connections opened so far (0 without ssh nodes)."""
+        return self.pool.connections_opened if self.pool is not None else 0
 
     def is_local(self, node: str) -> bool:
         return isinstance(self.transports[node], LocalTransport)
@@ -104,10 +116,14 @@ class ClusterRuntime:
 
     def close(self) -> None:
         self._closed.set()
-        for transport in self.transports.values():
-            if isinstance(transport, SSHTransport):
-                transport.close()
+        if self.pool is not None:
+            from dispatch.transports.ssh import SSHTransport
+
+            for transport in self.transports.values():
+                if isinstance(transport, SSHTransport):
+                    transport.close()
         self.brokers.close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
         if self.watcher is not None:
             self.watcher.close()

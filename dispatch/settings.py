@@ -15,6 +15,8 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `stall_timeout`     | `DISPATCH_STALL_TIMEOUT`     | 10 min without output                        |
 | `deployment`        | `DISPATCH_DEPLOYMENT`        | `dispatch-project/dispatch-project` (`start --detach`) |
 | `server_slots`      | `DISPATCH_SERVER_SLOTS`      | true: team mode counts node slots on the server |
+| `server`            | `DISPATCH_SERVER`            | `local` (a server that stays), or `ephemeral`  |
+| `server_port`       | `DISPATCH_SERVER_PORT`       | 4200 (a free port when it is taken)           |
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatch.paths import check_name, local_path
@@ -71,13 +74,30 @@ class DispatchSettings(BaseSettings):
         default=True, description="Team mode: take every ssh/worker node's slots from the server's `node-<name>` "
         "limit (created from its slots when missing). Turn off only for a server on SQLite, which cannot hold "
         "concurrency limits; each node's agent still refuses more runners than its slots.")
+    server: Literal["local", "ephemeral"] = Field(
+        default="local", description="Embedded mode's Prefect server: `local` keeps one running in the background "
+        "for this home (the UI stays up, commands start in seconds; `dispatch server stop` ends it), `ephemeral` "
+        "starts a temporary one in each command that needs Prefect (sandboxes, CI).")
+    server_port: int = Field(default=4200, ge=1, le=65535,
+                             description="Port of the local server when it is free (else a free one is taken).")
     prefect_api_url: str | None = Field(default=None, validation_alias="PREFECT_API_URL",
                                         description="A Prefect server (team mode); unset: embedded SQLite.")
+    local_api_url: str | None = Field(
+        default=None, validation_alias="DISPATCH_LOCAL_API_URL",
+        description="Set by dispatch itself next to PREFECT_API_URL when it points at this home's local server, "
+        "so that processes started from here still run in embedded mode.")
     prefect_api_auth_string: SecretStr | None = Field(
         default=None, validation_alias="PREFECT_API_AUTH_STRING",
         description="Basic auth user:password for the team's Prefect server (a secret).")
     prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
                                       description="Prefect's own home; embedded default: <home>/prefect.")
+
+    @model_validator(mode="after")
+    def _local_server_is_embedded(self) -> DispatchSettings:
+        # PREFECT_API_URL set by us for our own local server is no team server
+        if self.prefect_api_url and self.prefect_api_url == self.local_api_url:
+            self.prefect_api_url = None
+        return self
 
     @field_validator("home", "specs", "projects", mode="after")
     @classmethod

@@ -128,7 +128,7 @@ def _stamp(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
 
-def _ui_url(api_url: str) -> str:
+def ui_base_url(api_url: str) -> str:
     """The UI's base URL: PREFECT_UI_URL, else the API URL without its `/api` (what Prefect's server serves)."""
     ui = os.environ.get("PREFECT_UI_URL") or api_url.rstrip("/").removesuffix("/api")
     return ui.rstrip("/")
@@ -184,7 +184,7 @@ def list_team_runs(api_url: str, *, auth_string: str | None = None, timeout: flo
         raise TeamServerError(f"cannot reach the Prefect server at {api} ({exc}); check PREFECT_API_URL or "
                               f"run `dispatch server check`") from exc
 
-    now, ui = time.time(), _ui_url(api)
+    now, ui = time.time(), ui_base_url(api)
     result = []
     for run in runs:
         user, host = _who(run)

@@ -53,6 +53,8 @@ from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
 LISTENERS: list[Callable[[str, str, dict], None]] = []
+# Called with the flow run's id once it exists (the CLI prints where to watch it in the UI).
+ON_FLOW_RUN: list[Callable[[str], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
 _BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
@@ -115,6 +117,9 @@ class ProjectRun:
         self._lock_requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks")
         self._run_spec_refresh = run_spec.with_options(refresh_cache=True)
         flow_run = get_run_context().flow_run
+        if flow_run is not None:
+            for hook in ON_FLOW_RUN:
+                hook(str(flow_run.id))
         if flow_run is not None and started_by:
             self._tag_flow_run(flow_run, user, host)
         self.state = ProjectState(
@@ -174,7 +179,7 @@ class ProjectRun:
         if force or now - self._last_write >= _STATE_WRITE_INTERVAL:
             for name, node in self.scheduler.nodes.items():
                 self.state.nodes[name]["used"] = node.used
-            self.state.ssh_connections = self.runtime.pool.connections_opened
+            self.state.ssh_connections = self.runtime.connections_opened
             save_state(self.settings.state_dir, self.state)
             self._last_write = now
 
@@ -240,6 +245,7 @@ class ProjectRun:
         self.futures[task_id] = future
         future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
         row = self.state.specs[task_id]
+        row.task_run_id = str(future.task_run_id)
         row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt
         row.started_at = row.dispatched_at = time.time()
         row.ready_at = self.scheduler.entries[task_id].ready_at
@@ -464,6 +470,8 @@ class ProjectRun:
             deps = [self.futures[d] for d in self.project.specs[child].depends_on if d in self.futures]
             self.futures[child] = skip_spec.with_options(name=child, task_run_name=child).submit(
                 child, row.reason, wait_for=deps) if row.state == "not_run" else None
+            if self.futures[child] is not None:
+                row.task_run_id = str(self.futures[child].task_run_id)
             self._emit(row.state, child, reason=row.reason)
         self.futures = {k: v for k, v in self.futures.items() if v is not None}
 
@@ -520,7 +528,7 @@ class ProjectRun:
         self.state.message, self.state.ended_at = summary, time.time()
         self._write_state(force=True)
         try:
-            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir),
+            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True),
                                      key=f"report-{_artifact_key(self.project.name)}",
                                      description=f"Oyster Dispatch report for {self.project.name}")
             create_table_artifact(table=table_rows(self.state), key=f"specs-{_artifact_key(self.project.name)}",

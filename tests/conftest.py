@@ -102,6 +102,10 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path / "user-home"))
     get_settings.cache_clear()
     yield tmp_path
+    if (tmp_path / "home" / "locks" / "local-server.lock").exists():  # a command started the home's local server
+        from dispatch.embedded import stop_strays
+
+        stop_strays(get_settings())
     get_settings.cache_clear()
 
 

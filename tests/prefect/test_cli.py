@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.postgres import free_port
 from tests.fixtures.projects import DISPATCH, read_timeline, shell_spec, start_in_background, write_spec
 
 pytestmark = pytest.mark.prefect
@@ -147,12 +148,19 @@ def test_demo_runs_on_the_embedded_default_with_zero_setup(isolated_home: Path, 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PREFECT_") and k not in ("DISPATCH_SPECS", "DISPATCH_PROJECTS")}
     env["DISPATCH_HOME"] = str(home)
-    first = dispatch("start", "demo", env=env, timeout=400)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "demo completed: 7/7 succeeded" in first.stdout
-    assert (home / "prefect").is_dir(), "embedded Prefect keeps its database under DISPATCH_HOME"
-    workspace = home / "workspaces" / "demo"
-    assert (workspace / "build" / "demo.tar.gz").stat().st_size > 0
-    second = dispatch("start", "demo", env=env, timeout=400)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert second.stdout.count("(cached)") == 7
+    env["DISPATCH_SERVER_PORT"] = str(free_port())  # the default 4200 may be a server of the user's
+    try:
+        first = dispatch("start", "demo", env=env, timeout=400)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "demo completed: 7/7 succeeded" in first.stdout
+        assert "flow run in the Prefect UI: http://127.0.0.1:" in first.stdout
+        assert "dispatch server stop" in first.stderr, "the user is told the local server stays and how to stop it"
+        assert (home / "prefect").is_dir(), "embedded Prefect keeps its database under DISPATCH_HOME"
+        workspace = home / "workspaces" / "demo"
+        assert (workspace / "build" / "demo.tar.gz").stat().st_size > 0
+        second = dispatch("start", "demo", env=env, timeout=400)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert second.stdout.count("(cached)") == 7
+    finally:
+        stopped = dispatch("server", "stop", env=env)
+    assert stopped.returncode == 0 and "stopped the local Prefect server" in stopped.stdout, stopped.stdout

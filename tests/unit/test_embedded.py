@@ -57,3 +57,15 @@ def test_only_orphaned_servers_of_this_home_are_stopped(tmp_path: Path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_prefect_api_url_of_this_homes_local_server_is_still_embedded_mode(monkeypatch):
+    """A dispatch process started by one that uses the local server inherits PREFECT_API_URL: not team mode."""
+    from dispatch.settings import DispatchSettings
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.setenv("DISPATCH_LOCAL_API_URL", "http://127.0.0.1:4200/api")
+    settings = DispatchSettings()
+    assert settings.embedded and settings.prefect_api_url is None
+    monkeypatch.setenv("PREFECT_API_URL", "http://gateway:4200/api")  # the user's server: team mode
+    assert DispatchSettings().prefect_api_url == "http://gateway:4200/api"

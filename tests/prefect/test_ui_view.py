@@ -1,0 +1,70 @@
+"""A project's run as the Prefect UI shows it, read through Prefect's real API: task runs named by spec id (and
+`S02 (attempt 2)`), the DAG's edges, each spec's log lines in its own task run (secrets masked), and the
+report artifact with the table of specs linking to their task runs' logs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.projects import shell_spec
+
+pytestmark = pytest.mark.prefect
+
+_SECRET = "uiview-Secret-4f9c2e7a1b"
+
+
+def _flow_run_view(flow_run_id: str) -> tuple[dict, dict[str, list[str]], list]:
+    """(task runs by name, log messages by task run name, artifacts) of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_id = {run.id: run for run in task_runs}
+    lines: dict[str, list[str]] = {}
+    for log in logs:
+        if log.task_run_id in by_id:
+            lines.setdefault(by_id[log.task_run_id].name, []).append(log.message)
+    return {run.name: run for run in task_runs}, lines, artifacts
+
+
+def test_a_run_reads_well_in_the_prefect_ui(run_project, isolated_home: Path, monkeypatch):
+    monkeypatch.setenv("UIVIEW_API_TOKEN", _SECRET)  # a credential of the dispatcher's environment: masked
+    specs, timeline = isolated_home / "specs" / "uiview", isolated_home / "timeline"
+    marker = isolated_home / "failed-once"
+    shell_spec(specs, "S01-base", timeline, seconds=0.1, extra=f"echo 'base says {_SECRET}'")
+    shell_spec(specs, "S02-flaky", timeline, seconds=0.1, depends_on=["S01"],
+               extra=f"if [ ! -e {marker} ]; then touch {marker}; echo 'first try fails'; exit 3; fi")
+    shell_spec(specs, "S03-last", timeline, seconds=0.1, depends_on=["S02"])
+    state, summary = run_project("uiview", slots=2)
+    assert state.is_completed(), state.message
+
+    task_runs, lines, artifacts = _flow_run_view(summary.flow_run_id)
+    assert set(task_runs) == {"S01-base", "S02-flaky", "S02-flaky (attempt 2)", "S03-last"}
+    edges = {name: {i.id for i in run.task_inputs.get("wait_for", [])} for name, run in task_runs.items()}
+    assert task_runs["S01-base"].id in edges["S02-flaky (attempt 2)"], "the DAG's edge S01 -> S02 is missing"
+    assert task_runs["S02-flaky (attempt 2)"].id in edges["S03-last"], "S03 waits on S02's last attempt"
+
+    assert any("base says ***" in line for line in lines["S01-base"]), lines["S01-base"]
+    assert any("first try fails" in line for line in lines["S02-flaky"]), "the failed attempt keeps its own log"
+    assert not any(_SECRET in line for task_lines in lines.values() for line in task_lines), "a secret leaked"
+
+    report = next(a for a in artifacts if a.key == "report-uiview")
+    links = dict(re.findall(r"\[([A-Za-z0-9_.-]+)\]\(/runs/task-run/([0-9a-f-]{36})\)", report.data))
+    assert links == {"S01-base": str(task_runs["S01-base"].id),
+                     "S02-flaky": str(task_runs["S02-flaky (attempt 2)"].id),
+                     "S03-last": str(task_runs["S03-last"].id)}, report.data
+    assert any(a.key == "specs-uiview" and a.type == "table" for a in artifacts)
