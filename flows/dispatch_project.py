@@ -207,6 +207,7 @@ class ProjectRun:
         return RunRequest(
             project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
             cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, root=transport.root_path,
+            fresh=spec.task_id in self.force,
             steps=steps, verify=verify,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,

@@ -1897,7 +1897,7 @@ class _Agent:
                 self.watch(rid, run_dir, pid)
                 return
             result = _read_json(os.path.join(run_dir, "result.json"))
-            if same and result is not None and result.get("status") == "succeeded":
+            if same and not task.get("fresh") and result is not None and result.get("status") == "succeeded":
                 self.emit(rid, "recovered", result=result)
                 return
         # count and claim under one lock: two agents (two dispatchers) never both take the last slot

@@ -35,6 +35,8 @@ class RunRequest(BaseModel):
     verify: list[dict] = Field(default_factory=list, description="the verifier chain's steps (`verify:`)")
     env: dict[str, str] = Field(default_factory=dict)
     git: dict | None = Field(default=None, description="git mode: repo_url, main_branch, dependencies")
+    fresh: bool = Field(default=False, description="run it even if a finished result of the same attempt is on "
+                                                   "the node (--force, --from): never taken back")
 
     @property
     def run_name(self) -> str:
@@ -49,7 +51,7 @@ class RunRequest(BaseModel):
             "env": {**self.env, "DISPATCH_PROJECT": self.project, "DISPATCH_TASK_ID": self.task_id,
                     "DISPATCH_ATTEMPT": str(self.attempt), "DISPATCH_NODE": self.node},
             "steps": self.steps, "acceptance": self.acceptance, "verify": self.verify,
-            "cache_key": self.cache_key, "run_id": self.run_id, "attempt": self.attempt,
+            "cache_key": self.cache_key, "run_id": self.run_id, "attempt": self.attempt, "fresh": self.fresh,
         }
 
 

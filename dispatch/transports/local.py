@@ -135,7 +135,8 @@ class LocalTransport:
         if status and previous.get("cache_key") == request.cache_key:
             on_line(f"re-attached to the running attempt (runner pid {status.get('runner_pid')})")
             pid = int(status["runner_pid"])
-        elif finished and finished.get("status") == "succeeded" and previous.get("cache_key") == request.cache_key:
+        elif (finished and finished.get("status") == "succeeded" and previous.get("cache_key") == request.cache_key
+              and not request.fresh):
             on_line("recovered the result of this attempt, which finished while no dispatcher watched")
             return self._result(run_dir, request, None)
         else:

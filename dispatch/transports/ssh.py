@@ -213,7 +213,7 @@ class SSHTransport:
             self._command(f"{runner} kill {quoted}")  # an edited spec's runner must stop
             return None
         result = status.get("result")
-        if same and isinstance(result, dict) and result.get("status") == "succeeded":
+        if same and not request.fresh and isinstance(result, dict) and result.get("status") == "succeeded":
             return result
         return None
 

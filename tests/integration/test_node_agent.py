@@ -142,6 +142,9 @@ def test_a_finished_attempt_is_recovered_not_rerun_and_an_edited_one_runs_again(
     assert any("recovered the result" in line for line in lines), lines
     edited = transport.run(_request(transport, "R1", script, key="edited"), lambda line: None)
     assert edited.succeeded and len(counter.read_text().split()) == 2
+    forced = _request(transport, "R1", script, key="edited")
+    forced.fresh = True  # dispatch start --force: the same attempt's result on the node is not taken back
+    assert transport.run(forced, lambda line: None).succeeded and len(counter.read_text().split()) == 3
 
 
 def test_a_bad_task_fails_that_attempt_only(transport: SSHTransport):

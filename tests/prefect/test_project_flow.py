@@ -239,3 +239,18 @@ def test_quota_whose_reset_has_passed_still_cools_the_model_down(run_project, fa
     assert summary.specs["S01-first"].model == "codex"
     cooling = Variable.get("dispatch_cooldown_claude")
     assert cooling is not None and cooling["until"] >= began + MIN_COOLDOWN_SECONDS
+
+
+def test_force_runs_every_spec_again_even_with_its_last_result_on_disk(run_project, isolated_home: Path):
+    # a killed dispatcher's finished attempts are taken back from their run directories; --force must not be
+    timeline = isolated_home / "timeline"
+    specs = isolated_home / "specs" / "forced"
+    shell_spec(specs, "S01-a", timeline, 0.1)
+    shell_spec(specs, "S02-b", timeline, 0.1, depends_on=["S01-a"])
+    state, _ = run_project("forced")
+    assert state.is_completed(), state.message
+    state, summary = run_project("forced", force=True)
+    assert state.is_completed(), state.message
+    runs = read_timeline(timeline)
+    assert len(runs["S01-a"]) == 2 and len(runs["S02-b"]) == 2, runs
+    assert not any(row.cached for row in summary.specs.values())
