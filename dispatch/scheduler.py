@@ -137,6 +137,11 @@ class Scheduler:
     def running(self) -> list[str]:
         return list(self._running)
 
+    def due(self) -> int:
+        """How many ready specs could start now (no retry delay left): with the running ones, the run's demand."""
+        now = self.clock()
+        return sum(1 for t in self._ready if self.entries[t].not_before <= now)
+
     def next_wakeup(self) -> float | None:
         """Clock time of the earliest delayed retry, if any spec is waiting out a retry delay."""
         now = self.clock()

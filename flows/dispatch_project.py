@@ -47,6 +47,7 @@ from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
 from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
+from dispatch.shares import FairShare, MachineShares, ServerShares
 from dispatch.specs import context_files
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
@@ -57,6 +58,7 @@ LISTENERS: list[Callable[[str, str, dict], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
 _BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
+_SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
 _ESTIMATE_INTERVAL = 0.5  # seconds between two estimates of the time left (one is O(specs + dependencies))
 
 
@@ -120,6 +122,7 @@ class ProjectRun:
             self.server_locks = ServerLocks(lock_scope(base, self.config.repo_url), project=project.name,
                                             run_id=self.run_id, holder=self.who)
         self.held_locks: dict[str, str] = {}
+        self.share = self._fair_share(nodes)
         # specs holding a slot while their server locks are asked for: task id -> (assignment, slot, chain)
         self._asking_locks: dict[str, tuple[Assignment, object, list[str]]] = {}
         self._lock_requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks")
@@ -156,6 +159,18 @@ class ProjectRun:
                 client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags or []) | wanted))
         except SERVER_ERRORS as exc:  # `dispatch status` then shows the started_by parameter instead
             self.logger.warning("could not tag the flow run with its user: %s", exc)
+
+    def _fair_share(self, nodes: list[Node]) -> FairShare:
+        """This run's fair share of the cluster's slots against other runs (dispatch/shares.py): through the
+        server in team mode when nodes are shared with other machines, else through this machine's files."""
+        from dispatch.brokers import SHARED_TRANSPORTS
+
+        details = {"project": self.project.name, "user": self.who, "weight": self.config.weight}
+        if self.settings.prefect_api_url and any(n.transport in SHARED_TRANSPORTS for n in nodes):
+            board = ServerShares(self.run_id, **details)
+        else:
+            board = MachineShares(self.settings.locks_dir / "shares", self.run_id, **details)
+        return FairShare(board, self.run_id, sum(n.slots for n in nodes), self.config.weight)
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
         """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
@@ -332,9 +347,18 @@ class ProjectRun:
             self._emit("failed", task_id, reason=reason)
             self._skip(skipped)
 
+    def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
+        """The assignments this run may start within its fair share of the slots; the rest wait a moment."""
+        running = len(self.scheduler.running)  # the new assignments included
+        held = running - len(assignments)
+        room = max(self.share.allowed(running + self.scheduler.due(), held) - held, 0)
+        for assignment in assignments[room:]:
+            self.scheduler.unpick(assignment, delay=_SHARE_RETRY)
+        return assignments[:room]
+
     def _dispatch(self) -> None:
         self._fail_unplaceable()
-        for assignment in self.scheduler.pick():
+        for assignment in self._within_share(self.scheduler.pick()):
             chain, free_at = self._usable_chain(assignment.task_id)
             if not chain and free_at is None:
                 self._fail_blocked(assignment)
@@ -546,6 +570,7 @@ class ProjectRun:
     def close(self) -> None:
         """Wait for lock requests still out (their answers go unread), then close the nodes' connections."""
         self._lock_requests.shutdown(wait=True)
+        self.share.close()
         self.runtime.close()
 
     def _stop(self) -> None:
