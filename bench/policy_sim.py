@@ -38,10 +38,10 @@ def _code_root(argv: list[str]) -> Path:
 sys.path.insert(0, str(_code_root(sys.argv)))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
+from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402, I001
 from workload import PROFILES, generate_named, write_project  # noqa: E402
 
-from dispatch.dag import load_project  # noqa: E402
+from dispatch.dag import load_project  # noqa: E402  (first: bench/cluster.py puts this checkout first on the path)
 from dispatch.scheduler import NodeSlots, Scheduler  # noqa: E402
 
 ESTIMATES = ("exact", "noisy", "cold")
@@ -113,6 +113,7 @@ def main() -> int:
     parser.add_argument("--code", type=Path, default=None, help="import dispatch from this checkout")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "policy_sim.json")
     args = parser.parse_args()
+    print(f"scheduler: {inspect.getsourcefile(Scheduler)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     profiles = [p for p in args.profiles.split(",") if p]
     unknown = set(profiles) - set(PROFILES) | set(args.estimates.split(",")) - set(ESTIMATES)

@@ -32,7 +32,8 @@ PRIORITY_MARGIN = 0.02
 """A spec of better `priority` goes ahead of a higher-ranked ready spec B only when B's slack (how much sooner
 than the project's estimated end B's own remaining path ends) plus this share of the project's estimated
 length covers the ahead-goer's estimated duration, i.e. the wait it can cause B. So by the estimates, each
-priority decision lengthens the project by at most 2 % of it."""
+priority decision lengthens the project by at most 2 % of it. Without any estimate (a project's first run)
+slack cannot be judged, and priority only breaks ties of rank."""
 
 
 @dataclass
@@ -107,7 +108,9 @@ class Scheduler:
         self._rank: dict[str, float] = {}
         self._chain: dict[str, float] = {}
         self._margin = 0.0  # PRIORITY_MARGIN of the project's first estimated length, in seconds
+        self._measured = False  # some estimate was given (else every spec counts 1 and slack means nothing)
         self._stale = 0  # starts and estimate changes since the ranks were computed
+        self._refreshed_at = 0.0
         self._refresh_every = max(1, len(self.entries) // 50)  # a recompute is O(specs + dependencies)
         self.set_estimates(estimates or {})
         self._ready: dict[str, None] = {}  # READY ids (an ordered set)
@@ -161,6 +164,7 @@ class Scheduler:
         values = sorted(known.values())
         default = values[len(values) // 2] if values else 1.0
         changed = {t: known.get(t, default) for t in self.entries}
+        self._measured = bool(known)
         if changed != self._estimates:
             self._estimates = changed
             self._refresh()
@@ -184,6 +188,7 @@ class Scheduler:
         if not self._margin and self._rank:
             self._margin = PRIORITY_MARGIN * max(self._rank.values())
         self._stale = 0
+        self._refreshed_at = now
 
     def remaining(self) -> float:
         """Estimated seconds until every open spec has finished: the longest remaining path through
@@ -203,9 +208,10 @@ class Scheduler:
     def _ordered(self, candidates: list[str]) -> list[str]:
         """Candidates by rank; a spec of better priority moves ahead of one whose slack covers its duration."""
         candidates.sort(key=self._key)
-        if self.order == "priority" or len(candidates) < 2:
-            return candidates
-        running = [self._rank.get(t, 0.0) for t in self._running]
+        if self.order == "priority" or not self._measured or len(candidates) < 2:
+            return candidates  # without measured durations no slack can be judged: priority only breaks ties
+        elapsed = self.clock() - self._refreshed_at  # running specs have come that much closer to their end
+        running = [max(self._rank.get(t, 0.0) - elapsed, 0.0) for t in self._running]
         end = max([*(self._rank[t] for t in candidates), *running])  # the project's estimated remaining length
         result: list[str] = []
         for task_id in candidates:

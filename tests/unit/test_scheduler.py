@@ -140,6 +140,14 @@ def test_priority_moves_a_spec_ahead_where_the_other_has_slack_for_it() -> None:
     assert _ids(scheduler.pick()) == ["C", "B"]
 
 
+def test_without_estimates_priority_only_breaks_ties_of_rank() -> None:
+    # nothing measured: every spec counts 1, slack means nothing, so the longer chain goes first
+    project = _project(_spec("A"), _spec("A2", "A"), _spec("B", priority=1))
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)])
+
+    assert _ids(scheduler.pick()) == ["A"]
+
+
 def test_order_priority_keeps_strict_priority_first() -> None:
     project = _project(_spec("A"), _spec("A2", "A"), _spec("B", priority=1), _spec("C", priority=3))
     scheduler = _scheduler(project, [NodeSlots("n1", 1)], estimates={"A": 1.0, "A2": 9.0, "B": 5.0, "C": 50.0},
