@@ -60,6 +60,16 @@ def _ids(assignments: list[Assignment]) -> list[str]:
     return [a.task_id for a in assignments]
 
 
+def _one_at_a_time(scheduler: Scheduler) -> list[str]:
+    """Run a one-slot project to its end, each spec succeeding at once; the ids in the order they started."""
+    started = []
+    while not scheduler.done:
+        [assignment] = scheduler.pick()
+        started.append(assignment.task_id)
+        scheduler.succeed(assignment.task_id)
+    return started
+
+
 def _write(directory: Path, name: str, front: str) -> None:
     (directory / name).write_text(f"---\n{front}---\nDo it.\n", encoding="utf-8")
 
@@ -88,13 +98,7 @@ def test_the_longest_remaining_chain_goes_first_then_file_order(tmp_path: Path) 
     project = load_project("demo", tmp_path)
     scheduler = _scheduler(project, [NodeSlots("n1", 1)])
 
-    started = []
-    while not scheduler.done:
-        [assignment] = scheduler.pick()
-        started.append(assignment.task_id)
-        scheduler.succeed(assignment.task_id)
-
-    assert started == ["S02-long", "S03-mid", "S01-short", "S05-other", "S04-end"]
+    assert _one_at_a_time(scheduler) == ["S02-long", "S03-mid", "S01-short", "S05-other", "S04-end"]
 
 
 def test_estimates_make_the_longest_expected_chain_go_first() -> None:
@@ -115,13 +119,7 @@ def test_priority_breaks_a_tie_of_ranks() -> None:
     project = _project(_spec("S1", priority=3), _spec("S2"), _spec("S3", priority=1))
     scheduler = _scheduler(project, [NodeSlots("n1", 1)])
 
-    started = []
-    while not scheduler.done:
-        [assignment] = scheduler.pick()
-        started.append(assignment.task_id)
-        scheduler.succeed(assignment.task_id)
-
-    assert started == ["S3", "S2", "S1"]
+    assert _one_at_a_time(scheduler) == ["S3", "S2", "S1"]
 
 
 def test_priority_does_not_push_back_a_critical_spec_by_more_than_the_margin() -> None:
