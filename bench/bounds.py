@@ -1,6 +1,6 @@
 """Lower bounds on a project's makespan that no scheduler can beat, cheap to compute.
 
-    .venv/bin/python bench/bounds.py --specs 300 --seed 3 [--lock-heavy] [--slots 140]
+`bench/workload.py --profile lock-heavy --seed 3 --out DIR` prints them for a drawn project.
 
 - critical path: the longest chain of durations through `depends_on`;
 - work / slots: every slot busy from start to end;
@@ -17,9 +17,7 @@ one has work after it).
 
 from __future__ import annotations
 
-import argparse
 import heapq
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -113,21 +111,3 @@ def workload_bounds(workload, slots: int) -> dict[str, float]:
     specs = workload.specs
     return project_bounds({s.task_id: s.seconds for s in specs}, {s.task_id: s.depends_on for s in specs},
                           {s.task_id: s.modifies for s in specs}, [s.task_id for s in specs], slots)
-
-
-def main() -> int:
-    from workload import generate_named
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--specs", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--lock-heavy", action="store_true")
-    parser.add_argument("--slots", type=int, default=140)
-    args = parser.parse_args()
-    workload = generate_named("lock-heavy" if args.lock_heavy else "standard", args.specs, args.seed)
-    print(json.dumps(workload_bounds(workload, args.slots), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

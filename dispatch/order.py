@@ -99,3 +99,42 @@ def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], e
         chain[task_id] = own + after
         rank[task_id] = own + max(after, behind.get(task_id, 0.0))
     return rank, chain
+
+
+def promote_by_priority(ordered: list[str], priority: dict[str, int], estimates: dict[str, float],
+                        rank: dict[str, float], end: float, margin: float) -> list[str]:
+    """Let a spec of better priority move ahead of specs whose slack covers its duration.
+
+    Args:
+        ordered: ready specs by rank (highest first).
+        priority, estimates, rank: per spec.
+        end: the project's estimated remaining length (the largest remaining path).
+        margin: seconds by which a priority decision may lengthen the project.
+
+    Returns:
+        The new order: A moves ahead of B (worse priority) only while A's duration, the longest B could be
+        delayed by it, is at most B's slack (`end - rank[B]`) plus `margin`.
+    """
+    result: list[str] = []
+    for task_id in ordered:
+        at = len(result)
+        while at and priority[result[at - 1]] > priority[task_id] \
+                and estimates[task_id] <= end - rank[result[at - 1]] + margin:
+            at -= 1
+        result.insert(at, task_id)
+    return result
+
+
+def hold_pays(now: float, own: float, rank: float, chain: float, other_at: float, other_own: float,
+              other_rank: float, other_chain: float) -> bool:
+    """Whether a ready spec should leave its file to a higher-ranked one that can start at `other_at`.
+
+    Each spec's remaining path if it goes second on the file is its own chain, or what is behind it
+    under its files without the one that went first; the project ends at the later of the two paths.
+
+    Returns:
+        True when the estimated end is earlier with the other spec first.
+    """
+    go = now + max(rank, own + max(other_chain, other_rank - own))
+    hold = max(other_at + other_rank, other_at + other_own + max(chain, rank - other_own))
+    return hold < go

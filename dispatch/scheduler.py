@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from dispatch.dag import Project
 from dispatch.locks import LockTable
-from dispatch.order import LockGroups, compute_ranks
+from dispatch.order import LockGroups, compute_ranks, hold_pays, promote_by_priority
 
 WAITING, READY, RUNNING = "waiting", "ready", "running"
 SUCCEEDED, FAILED, NOT_RUN, CANCELLED = "succeeded", "failed", "not_run", "cancelled"
@@ -213,15 +213,8 @@ class Scheduler:
         elapsed = self.clock() - self._refreshed_at  # running specs have come that much closer to their end
         running = [max(self._rank.get(t, 0.0) - elapsed, 0.0) for t in self._running]
         end = max([*(self._rank[t] for t in candidates), *running])  # the project's estimated remaining length
-        result: list[str] = []
-        for task_id in candidates:
-            priority, duration = self.project.specs[task_id].priority, self._estimates[task_id]
-            at = len(result)
-            while at and (ahead := result[at - 1]) and self.project.specs[ahead].priority > priority \
-                    and duration <= end - self._rank[ahead] + self._margin:
-                at -= 1
-            result.insert(at, task_id)
-        return result
+        priority = {t: self.project.specs[t].priority for t in candidates}
+        return promote_by_priority(candidates, priority, self._estimates, self._rank, end, self._margin)
 
     def _expected_end(self, task_id: str, now: float) -> float:
         entry = self.entries[task_id]
@@ -260,11 +253,8 @@ class Scheduler:
                 at = startable[other]
                 if at is None or at >= now + own:
                     continue
-                other_own, other_rank = self._estimates[other], self._rank[other]
-                # each spec's path if it goes second: its own chain, or what is behind it without the first one
-                go = now + max(rank, own + max(self._chain[other], other_rank - own))
-                hold = max(at + other_rank, at + other_own + max(chain, rank - other_own))
-                if hold < go:
+                if hold_pays(now, own, rank, chain, at, self._estimates[other], self._rank[other],
+                             self._chain[other]):
                     return True
         return False
 
