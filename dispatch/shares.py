@@ -31,6 +31,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from dispatch.locks import held_by_a_process
 from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.paths import local_path
 from dispatch.results import read_json, write_json
@@ -171,16 +172,8 @@ class MachineShares:
     def _alive(self, run: str) -> bool:
         """Whether the run's lock file is held (its dispatcher lives); a dead run's files are removed."""
         lock = self.directory / f"{run}.lock"
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if held_by_a_process(lock):
             return True
-        finally:
-            os.close(fd)
         for stale in (self.directory / f"{run}.json", lock):
             stale.unlink(missing_ok=True)
         return False
