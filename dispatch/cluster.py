@@ -37,6 +37,7 @@ _NODE_FIELDS = {
     "env",
 }
 _PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch", "order", "weight"}
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # a project's fair-share weight (dispatch/shares.py)
 
 
 @dataclass
@@ -215,7 +216,7 @@ def load_project_config(settings: DispatchSettings, project: str) -> ProjectConf
         raise ConfigError(f"{path}: {project}.order: must be path (by how much the project waits on a spec) or "
                           f"priority (strictly by priority first), got {order!r}")
     weight = raw.get("weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.01 <= weight <= 100:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
         raise ConfigError(f"{path}: {project}.weight: must be a number from 0.01 to 100 (the project's share of "
                           f"contended slots against others' 1), got {weight!r}")
     return ProjectConfig(sync_mode=mode, repo_url=raw.get("repo_url"), repo_local=raw.get("repo_local"),

@@ -31,6 +31,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from dispatch.cluster import MAX_WEIGHT, MIN_WEIGHT
 from dispatch.locks import held_by_a_process
 from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.paths import local_path
@@ -150,7 +151,10 @@ class MachineShares:
         if (demand, held) == self._published or (self._published is not None and now - self._written_at
                                                   < _MACHINE_INTERVAL and demand > 0):
             return  # unchanged, or written a moment ago (a drop to no demand is written at once)
-        write_json(self._path, {**self._entry, "demand": demand, "held": held, "at": time.time()})
+        try:
+            write_json(self._path, {**self._entry, "demand": demand, "held": held, "at": time.time()})
+        except OSError as exc:  # the others then do not see this run's demand: it still runs, unfairly
+            logger.warning("cannot publish this run's share in %s: %s", self._path, exc)
         self._published, self._written_at = (demand, held), now
 
     def others(self) -> dict[str, tuple[int, float]]:
@@ -164,8 +168,7 @@ class MachineShares:
                 continue
             data = read_json(path)
             if isinstance(data, dict) and isinstance(data.get("demand"), int) and data["demand"] > 0:
-                weight = data.get("weight", 1.0)
-                found[run] = (data["demand"], float(weight) if isinstance(weight, (int, float)) else 1.0)
+                found[run] = (data["demand"], _weight(data.get("weight")))
         self._others, self._read_at = found, now
         return dict(found)
 
@@ -271,9 +274,9 @@ class ServerShares:
             if age > _SERVER_STALE:
                 self._delete(name)
                 continue
-            demand, weight = value.get("demand"), value.get("weight", 1.0)
-            if isinstance(demand, int) and demand > 0 and isinstance(weight, (int, float)) and weight > 0:
-                found[name[len(_PREFIX):]] = (demand, float(weight))
+            demand = value.get("demand")
+            if isinstance(demand, int) and not isinstance(demand, bool) and demand > 0:
+                found[name[len(_PREFIX):]] = (demand, _weight(value.get("weight")))
         with self._lock:
             self._others = found
 
@@ -293,6 +296,13 @@ class ServerShares:
             self._delete(self.name)
         if self._own_client:
             self.client.__exit__(None, None, None)
+
+
+def _weight(value: object) -> float:
+    """A weight read from another run's entry, held to projects.json's bounds (nobody takes every slot by it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return 1.0
+    return min(max(float(value), MIN_WEIGHT), MAX_WEIGHT)
 
 
 def _timestamp(text: str) -> float:
