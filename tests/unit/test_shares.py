@@ -60,3 +60,16 @@ def test_a_dead_runs_share_no_longer_counts(tmp_path: Path) -> None:
 
     assert mine.others() == {}
     assert not (tmp_path / "gone.json").exists()
+
+
+def test_a_weight_on_the_board_is_held_to_the_bounds_of_projects_json(tmp_path: Path) -> None:
+    import json
+
+    mine = MachineShares(tmp_path, "mine", project="q", user="v")
+    greedy = MachineShares(tmp_path, "greedy", project="p", user="u")
+    greedy.publish(300, 0)
+    data = json.loads((tmp_path / "greedy.json").read_text())
+    (tmp_path / "greedy.json").write_text(json.dumps({**data, "weight": 1e12}))
+
+    assert mine.others() == {"greedy": (300, 100.0)}
+    assert FairShare(mine, "mine", 101).allowed(300, 0) == 1  # 100 : 1, not everything
