@@ -122,7 +122,6 @@ class ProjectRun:
             self.server_locks = ServerLocks(lock_scope(base, self.config.repo_url), project=project.name,
                                             run_id=self.run_id, holder=self.who)
         self.held_locks: dict[str, str] = {}
-        self.share = self._fair_share(nodes)
         # specs holding a slot while their server locks are asked for: task id -> (assignment, slot, chain)
         self._asking_locks: dict[str, tuple[Assignment, object, list[str]]] = {}
         self._lock_requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks")
@@ -144,6 +143,7 @@ class ProjectRun:
         # them from /proc; remote nodes never see them)
         self.mask_only = settings.secret_values()
         MASKER.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
+        self.share = self._fair_share(nodes)  # last: nothing after it can fail and leave its entry behind
 
     def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
         """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
