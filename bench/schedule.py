@@ -2,7 +2,7 @@
 
     PREFECT_API_URL=http://127.0.0.1:<port>/api .venv/bin/python bench/schedule.py \
         --specs 300 --seeds 1,2,3 [--scale 1.0] [--slots 8,8,8,8,20,40,48] [--only ours|baseline] \
-        [--server sqlite|postgres]
+        [--server sqlite|postgres] [--profile standard|lock-heavy] [--history] [--code DIR]
 
 Starts the loopback cluster (bench/cluster.py), and for each seed draws a project (bench/workload.py),
 runs it with ours (`dispatch start`, a subprocess, with DISPATCH_HOME/SPECS/PROJECTS in a temp dir and
@@ -11,6 +11,11 @@ the cluster's nodes.json) and with the baseline (bench/baseline_flow.py), each u
 timelines the specs wrote. Prints a table and writes bench/out/schedule.json.
 With no PREFECT_API_URL, ours runs on its embedded default and the baseline is skipped (it needs a
 server for global concurrency limits); `--server sqlite|postgres` starts a throwaway `prefect server` on 127.0.0.1.
+`--profile lock-heavy` draws 30 % of the specs on 40 files (bench/workload.py). `--history` gives ours the
+durations of an earlier run of the same project (its `results/<project>/durations.json`, the drawn durations),
+as a team that runs a project again has; without it ours starts with no estimate. `--code DIR` runs ours from
+another checkout (PYTHONPATH; e.g. `git archive <rev> | tar -x -C DIR` for a before/after table). The bound is
+bench/bounds.py's (critical path, work / slots, Jackson's per-file bound).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
 from measures import schedule_measures, summary  # noqa: E402
 from servers import KINDS, throwaway_server  # noqa: E402
-from workload import generate, write_project  # noqa: E402
+from workload import PROFILES, generate_named, write_project  # noqa: E402
 
 PY = sys.executable
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
@@ -57,6 +62,13 @@ def phases(state_file: Path, timeline_runs: dict) -> dict:
             "flow_s": round((state.get("ended_at") or state["updated_at"]) - state["started_at"], 2)}
 
 
+def write_history(directory: Path, workload) -> None:
+    """`durations.json` as an earlier run of the drawn project would have left it (dispatch/durations.py)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    runs = {s.task_id: [{"seconds": s.seconds, "succeeded": True, "model": "shell", "at": 0}] for s in workload.specs}
+    (directory / "durations.json").write_text(json.dumps({"version": 1, "specs": runs}))
+
+
 def run_measured(command: list[str], env: dict, out: Path, log: Path, timeout: float) -> dict:
     with open(log, "wb") as handle:
         proc = subprocess.Popen([PY, str(ROOT / "bench" / "rusage.py"), str(out), "--", *command], env=env,
@@ -73,7 +85,7 @@ def run_measured(command: list[str], env: dict, out: Path, log: Path, timeout: f
 def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
     from measures import read_runs
 
-    workload = generate(args.specs, seed, scale=args.scale, min_s=args.min_s, max_s=args.max_s)
+    workload = generate_named(args.profile, args.specs, seed, scale=args.scale, min_s=args.min_s, max_s=args.max_s)
     slots = {n["name"]: n["slots"] for n in cluster.nodes}
     result = {"seed": seed, "lower_bound": workload.lower_bound(sum(slots.values()))}
     project = f"bench-s{seed}"
@@ -86,6 +98,10 @@ def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
         write_project(workload, specs / project, timeline)
         env = {**os.environ, "DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
                "DISPATCH_PROJECTS": str(work / "projects"), "DISPATCH_RETRY_DELAY": "0.5"}
+        if args.history:
+            write_history(home / "results" / project, workload)
+        if args.code:
+            env["PYTHONPATH"] = str(args.code.resolve())
         if api_url:
             env["PREFECT_API_URL"] = api_url
         else:
@@ -114,8 +130,9 @@ def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
     return result
 
 
-ROWS = [("makespan (s)", ("makespan_s",)), ("wall incl. start-up (s)", ("wall_s",)), ("LB* (s)", ("lb_s",)),
-        ("makespan / LB*", ("makespan_over_lb",)), ("utilisation", ("utilisation",)),
+ROWS = [("makespan (s)", ("makespan_s",)), ("wall incl. start-up (s)", ("wall_s",)), ("bound (s)", ("lb_s",)),
+        ("plain LB* (s)", ("plain_lb_s",)), ("makespan / bound", ("makespan_over_lb",)),
+        ("utilisation", ("utilisation",)),
         ("ready->run median (s)", ("ready_to_running_s", "median")),
         ("ready->run p95 (s)", ("ready_to_running_s", "p95")),
         ("ready->run max (s)", ("ready_to_running_s", "max")),
@@ -156,6 +173,9 @@ def main() -> int:
     parser.add_argument("--max-s", type=float, default=4.0)
     parser.add_argument("--slots", default=DEFAULT_SLOTS)
     parser.add_argument("--only", choices=["ours", "baseline"], default=None)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="standard")
+    parser.add_argument("--history", action="store_true", help="ours starts with an earlier run's durations")
+    parser.add_argument("--code", type=Path, default=None, help="run ours from this checkout (PYTHONPATH)")
     parser.add_argument("--server", choices=KINDS, default=None,
                         help="start a throwaway prefect server on 127.0.0.1 (on SQLite or a throwaway PostgreSQL)")
     parser.add_argument("--timeout", type=float, default=400.0, help="per run, seconds")
@@ -173,7 +193,8 @@ def main() -> int:
                 print(json.dumps(result, default=str)[:4000], file=sys.stderr, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"api": api_url or "embedded", "specs": args.specs,
-                                                "scale": args.scale, "slots": args.slots,
+                                                "scale": args.scale, "slots": args.slots, "profile": args.profile,
+                                                "history": args.history, "code": str(args.code or ROOT),
                                                 "results": results}, indent=2, default=str) + "\n")
     finally:
         if not args.keep:

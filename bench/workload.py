@@ -59,15 +59,18 @@ class Workload:
         return work
 
     def lower_bound(self, slots: int) -> dict[str, float]:
-        locks = self.lock_work()
-        parts = {"critical_path_s": self.critical_path(), "work_over_slots_s": self.total_work() / slots,
-                 "busiest_lock_s": max(locks.values(), default=0.0)}
-        return {**{k: round(v, 3) for k, v in parts.items()}, "lb_s": round(max(parts.values()), 3),
+        """The bounds of bench/bounds.py: `lb_s` is the tightest (with Jackson's per-file bound), `plain_lb_s`
+        the earlier LB* (critical path, work / slots, the busiest file's work)."""
+        from bounds import workload_bounds
+
+        bounds = workload_bounds(self, slots)
+        return {**{k: v for k, v in bounds.items() if k not in ("plain_s", "bound_s")},
+                "lb_s": bounds["bound_s"], "plain_lb_s": bounds["plain_s"],
                 "total_work_s": round(self.total_work(), 3), "slots": slots}
 
 
 def generate(count: int, seed: int, *, layers: int | None = None, min_s: float = 1.0, max_s: float = 4.0,
-             scale: float = 1.0, files: int = 60, share: float = 0.25) -> Workload:
+             scale: float = 1.0, files: int = 60, share: float = 0.25, uniform: bool = False) -> Workload:
     """Draw a project of `count` specs (deterministic for a seed).
 
     Args:
@@ -75,13 +78,14 @@ def generate(count: int, seed: int, *, layers: int | None = None, min_s: float =
         min_s, max_s, scale: durations are uniform in [min_s, max_s] times scale (0 gives no-op specs).
         files: size of the pool of files `modifies` draws from.
         share: probability that a spec modifies one file of the pool (a few modify two).
+        uniform: draw the files uniformly instead of Zipf-like (a few hot files).
     """
     rng = random.Random(seed)
     layers = layers or max(3, round(count ** 0.5 / 1.5))
     sizes = [1] * layers
     for _ in range(count - layers):
         sizes[rng.randrange(layers)] += 1
-    weights = [1.0 / (k + 1) ** 0.6 for k in range(files)]  # Zipf-like: a few hot files
+    weights = [1.0 if uniform else 1.0 / (k + 1) ** 0.6 for k in range(files)]  # Zipf-like: a few hot files
     pool = [f"src/mod{k:02d}.py" for k in range(files)]
     specs: list[GenSpec] = []
     by_layer: list[list[str]] = []
@@ -114,6 +118,18 @@ def generate(count: int, seed: int, *, layers: int | None = None, min_s: float =
     return Workload(seed, specs)
 
 
+PROFILES = {
+    "standard": {},
+    # 30 % of the specs modify a file of 40, drawn uniformly: many files, each with a few specs in a row
+    "lock-heavy": {"files": 40, "share": 0.30, "uniform": True},
+}
+
+
+def generate_named(profile: str, count: int, seed: int, **overrides) -> Workload:
+    """`generate` with a named profile's settings (`standard`, `lock-heavy`), then `overrides`."""
+    return generate(count, seed, **{**PROFILES[profile], **overrides})
+
+
 def shell_script(spec: GenSpec, timeline: Path) -> str:
     return (f'echo "{spec.task_id} start $(date +%s.%N) $DISPATCH_NODE" >> {timeline}\n'
             f"sleep {spec.seconds}\n"
@@ -138,10 +154,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--slots", type=int, default=140)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="standard")
     parser.add_argument("--out", type=Path, required=True, help="the project's spec directory")
     parser.add_argument("--timeline", type=Path, default=None)
     args = parser.parse_args()
-    workload = generate(args.specs, args.seed, scale=args.scale)
+    workload = generate_named(args.profile, args.specs, args.seed, scale=args.scale)
     write_project(workload, args.out, args.timeline or args.out.parent / f"{args.out.name}.timeline")
     print(json.dumps({"specs": len(workload.specs), **workload.lower_bound(args.slots)}, indent=2))
     return 0
@@ -150,4 +167,4 @@ def main() -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-__all__ = ["GenSpec", "Workload", "asdict", "generate", "write_project"]
+__all__ = ["PROFILES", "GenSpec", "Workload", "asdict", "generate", "generate_named", "write_project"]

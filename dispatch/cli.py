@@ -126,14 +126,40 @@ def _print_scores(scores: list) -> None:
     console.print(f"average {mean:.1f}{note}; rules and weights: dispatch/pipeline/quality.py")
 
 
-def _progress_listener(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _clock(seconds: float) -> str:
+    """`1:02:03`, `2:05`: seconds as a clock reading."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=True)
-    bar = progress.add_task("dispatching", total=total)
+
+def _progress_listener(total: int, console: Console = console):
+    """A live progress bar for `dispatch start` and the listener the flow calls on every spec event.
+
+    The bar shows specs done / total, how many run and how many failed (or were not run), and the time left:
+    the longest remaining path through dependencies and file locks by the duration estimates (counted down
+    between events); "estimating" until some duration was measured (this run or earlier ones).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class TimeLeft(ProgressColumn):
+        def render(self, task) -> Text:
+            deadline = task.fields.get("deadline")
+            if deadline is None:
+                return Text("estimating time left", style="dim")
+            return Text(f"~{_clock(max(deadline - time.monotonic(), 0.0))} left")
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[running]} running, {task.fields[failed]} failed"),
+                        TimeElapsedColumn(), TimeLeft(), console=console, transient=True)
+    bar = progress.add_task("dispatching", total=total, running=0, failed=0, deadline=None)
 
     def listener(event: str, task_id: str, details: dict) -> None:
+        if (counts := details.get("progress")) is not None:
+            left = counts.get("remaining_s")
+            progress.update(bar, completed=counts["done"], running=counts["running"], failed=counts["failed"],
+                            deadline=time.monotonic() + left if left is not None else None)
         if event == "started":
             return
         result = details.get("result")
@@ -142,11 +168,9 @@ def _progress_listener(total: int):
             progress.console.print(f"{_MARK[event]} {task_id}  {result.node}  {result.duration or 0:.1f}s{cached}")
         elif event == "retry":
             progress.console.print(f"{_MARK['retrying']} {task_id}  retry {details['attempt']}: {details['reason']}")
-            return
         else:
             reason = details.get("reason") or (result.reason if result else "")
             progress.console.print(f"{_MARK.get(event, '?')} {task_id}  {event.replace('_', ' ')}: {reason}")
-        progress.advance(bar)
 
     return progress, listener
 

@@ -5,6 +5,10 @@ Both files keep the old system's format and live in `DISPATCH_HOME`:
     nodes.json    {"nodes": [{"name", "ssh_host", "slots", "api_mode", "executor", "priority", ...}]}
     projects.json {"<project>": {"sync_mode": "git"|"scp", "repo_url", "repo_local", "specs_dir", "main_branch"}}
 
+Ours in projects.json, optional: `order` (`path`, the default: ready specs by how much the project waits on
+them; `priority`: strictly by `priority` first) and `weight` (the project's fair share of contended slots
+relative to other running projects, default 1).
+
 Our optional node fields: `transport` (`ssh` default, `local`, `worker`), `host`, `port`, `user`,
 `key_path`, `known_hosts`, `trust_on_first_use`, `ssh_config`, `remote_root` (default `dispatch`, i.e.
 `~/dispatch`), `labels`, `models` (whose CLI the node has), `python`, `env` (variables for every spec on
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.errors import ConfigError
+from dispatch.scheduler import ORDERS
 from dispatch.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
@@ -31,7 +36,8 @@ _NODE_FIELDS = {
     "key_path", "known_hosts", "trust_on_first_use", "ssh_config", "remote_root", "labels", "models", "python",
     "env",
 }
-_PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch"}
+_PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch", "order", "weight"}
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # a project's fair-share weight (dispatch/shares.py)
 
 
 @dataclass
@@ -87,6 +93,8 @@ class ProjectConfig:
     repo_local: str | None = None
     specs_dir: str | None = None
     main_branch: str = "main"
+    order: str = "path"
+    weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -203,6 +211,15 @@ def load_project_config(settings: DispatchSettings, project: str) -> ProjectConf
     for name in ("repo_url", "repo_local", "specs_dir", "main_branch"):
         if name in raw and not isinstance(raw[name], str):
             raise ConfigError(f"{path}: {project}.{name}: must be a string, got {raw[name]!r}")
+    order = raw.get("order", "path")
+    if order not in ORDERS:
+        raise ConfigError(f"{path}: {project}.order: must be path (by how much the project waits on a spec) or "
+                          f"priority (strictly by priority first), got {order!r}")
+    weight = raw.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{path}: {project}.weight: must be a number from 0.01 to 100 (the project's share of "
+                          f"contended slots against others' 1), got {weight!r}")
     return ProjectConfig(sync_mode=mode, repo_url=raw.get("repo_url"), repo_local=raw.get("repo_local"),
                          specs_dir=raw.get("specs_dir"), main_branch=raw.get("main_branch", "main"),
+                         order=order, weight=float(weight),
                          options={k: v for k, v in raw.items() if k not in _PROJECT_FIELDS})

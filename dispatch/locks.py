@@ -203,19 +203,22 @@ class SlotLocks:
 
     def in_use(self) -> int:
         """How many slots some process holds right now (a probe: takes and drops each free one)."""
-        used = 0
-        for index in range(self.slots):
-            path = self.directory / f"slot-{index}.lock"
-            if not path.exists():
-                continue
-            fd = os.open(path, os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                used += 1
-            finally:
-                os.close(fd)
-        return used
+        return sum(held_by_a_process(self.directory / f"slot-{index}.lock") for index in range(self.slots))
+
+
+def held_by_a_process(path: Path) -> bool:
+    """Whether some process holds a `flock` on the file (a probe: takes and drops it when free; no file: False)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class ProcessLock:

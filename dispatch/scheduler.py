@@ -4,7 +4,10 @@ Prefect-free and clock-injected so it can be tested alone. The project flow asks
 whenever something changes (a spec finished, a retry delay ran out) and tells `finish()` how each
 spec ended. Nothing here blocks or polls: the flow dispatches the next spec the moment one ends.
 
-Order: `priority` (1 first), then the longest remaining dependency chain, then file order.
+Order (dispatch/order.py): by how much the project waits on the spec, its rank: the longest remaining path
+through dependencies and file locks, by estimated durations. `priority` then moves a spec ahead of a
+higher-ranked one only where the estimates say that costs the project at most `PRIORITY_MARGIN` of its
+length (below); `order="priority"` (projects.json `order: priority`) keeps strict priority first, rank second.
 A spec starts only with a free slot on a node that fits it and every file lock it needs, taken
 together (no hold-and-wait). An `exclusive` spec runs with nothing else of its project; when it is
 first in line, nothing new starts until it has run.
@@ -12,17 +15,25 @@ first in line, nothing new starts until it has run.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dispatch.dag import Project
 from dispatch.locks import LockTable
+from dispatch.order import LockGroups, compute_ranks, hold_pays, promote_by_priority
 
 WAITING, READY, RUNNING = "waiting", "ready", "running"
 SUCCEEDED, FAILED, NOT_RUN, CANCELLED = "succeeded", "failed", "not_run", "cancelled"
 FINAL = (SUCCEEDED, FAILED, NOT_RUN, CANCELLED)
+ORDERS = ("path", "priority")
+
+PRIORITY_MARGIN = 0.02
+"""A spec of better `priority` goes ahead of a higher-ranked ready spec B only when B's slack (how much sooner
+than the project's estimated end B's own remaining path ends) plus this share of the project's estimated
+length covers the ahead-goer's estimated duration, i.e. the wait it can cause B. So by the estimates, each
+priority decision lengthens the project by at most 2 % of it. Without any estimate (a project's first run)
+slack cannot be judged, and priority only breaks ties of rank."""
 
 
 @dataclass
@@ -58,6 +69,7 @@ class _Entry:
     reason: str = ""
     avoid: set[str] = field(default_factory=set)
     ready_at: float | None = None  # wall-clock time it last became ready (for latency figures)
+    started: float = 0.0  # clock time of the current attempt's start
 
 
 class Scheduler:
@@ -69,28 +81,40 @@ class Scheduler:
         nodes: the nodes specs may run on.
         retries: default retries per spec (a spec's `retries` wins).
         retry_delay: first retry delay in seconds, doubled per attempt.
-        weights: expected seconds per spec for the critical-path order (1.0 each when unknown).
-        done: ids already finished in this run (e.g. re-attached results); they count as succeeded.
+        estimates: expected seconds per spec (dispatch/durations.py); a spec without one counts as the median
+            of the others (1.0 when none is given: then ranks count specs).
+        order: "path" (rank first, priority within `PRIORITY_MARGIN`) or "priority" (priority first).
         clock: monotonic clock, injectable for tests.
     """
 
     def __init__(self, project: Project, selected: set[str], nodes: list[NodeSlots], *, retries: int = 2,
-                 retry_delay: float = 2.0, weights: dict[str, float] | None = None,
+                 retry_delay: float = 2.0, estimates: dict[str, float] | None = None, order: str = "path",
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not nodes:
             raise ValueError("no nodes to run on")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.project = project
         self.nodes = {node.name: node for node in nodes}
         self.locks = LockTable()
         self.retries = retries
         self.retry_delay = retry_delay
         self.clock = clock
+        self.order = order
         self.entries = {task_id: _Entry() for task_id in project.order if task_id in selected}
-        chain = project.critical_path(weights)
-        position = {task_id: index for index, task_id in enumerate(project.order)}
-        self._key = {task_id: (project.specs[task_id].priority, -chain[task_id], position[task_id])
-                     for task_id in self.entries}
-        self._heap: list[tuple[tuple[int, float, int], str]] = []
+        self._position = {task_id: index for index, task_id in enumerate(project.order)}
+        self._groups = LockGroups(project, self.entries)
+        self._estimates: dict[str, float] = {}
+        self._rank: dict[str, float] = {}
+        self._chain: dict[str, float] = {}
+        self._margin = 0.0  # PRIORITY_MARGIN of the project's first estimated length, in seconds
+        self._measured = False  # some estimate was given (else every spec counts 1 and slack means nothing)
+        self._stale = 0  # starts and estimate changes since the ranks were computed
+        self._refreshed_at = 0.0
+        self._refresh_every = max(1, len(self.entries) // 50)  # a recompute is O(specs + dependencies)
+        self.set_estimates(estimates or {})
+        self._ready: dict[str, None] = {}  # READY ids (an ordered set)
+        self._running: dict[str, None] = {}  # RUNNING ids
         self._exclusive_running = False
         self._dependents = project.dependents()
         self._open = len(self.entries)  # specs not yet in a final state
@@ -114,13 +138,17 @@ class Scheduler:
 
     @property
     def running(self) -> list[str]:
-        return [task_id for task_id, entry in self.entries.items() if entry.state == RUNNING]
+        return list(self._running)
+
+    def due(self) -> int:
+        """How many ready specs could start now (no retry delay left): with the running ones, the run's demand."""
+        now = self.clock()
+        return sum(1 for t in self._ready if self.entries[t].not_before <= now)
 
     def next_wakeup(self) -> float | None:
         """Clock time of the earliest delayed retry, if any spec is waiting out a retry delay."""
         now = self.clock()
-        times = [self.entries[t].not_before for _, t in self._heap
-                 if self.entries[t].state == READY and self.entries[t].not_before > now]
+        times = [self.entries[t].not_before for t in self._ready if self.entries[t].not_before > now]
         return min(times, default=None)
 
     def reason(self, task_id: str) -> str:
@@ -128,6 +156,107 @@ class Scheduler:
 
     def attempts(self, task_id: str) -> int:
         return self.entries[task_id].attempts
+
+    # -- order -----------------------------------------------------------------------------------
+    def set_estimates(self, estimates: dict[str, float]) -> None:
+        """Take new duration estimates (seconds per id; the others count as their median); ranks follow."""
+        known = {t: max(float(v), 0.0) for t, v in estimates.items() if t in self.entries}
+        values = sorted(known.values())
+        default = values[len(values) // 2] if values else 1.0
+        changed = {t: known.get(t, default) for t in self.entries}
+        self._measured = bool(known)
+        if changed != self._estimates:
+            self._estimates = changed
+            self._refresh()
+
+    def estimate(self, task_id: str) -> float:
+        """The spec's estimated duration in seconds."""
+        return self._estimates[task_id]
+
+    def rank(self, task_id: str) -> float:
+        """The spec's rank: its longest remaining path through dependencies and file locks (estimated seconds)."""
+        return self._rank.get(task_id, 0.0)
+
+    def _refresh(self) -> None:
+        """Recompute every open spec's rank from the estimates, with running specs' elapsed time taken off."""
+        now = self.clock()
+        open_ids = {t for t, e in self.entries.items() if e.state not in FINAL}
+        not_started = {t for t in open_ids if self.entries[t].state != RUNNING}
+        remaining = {t: (self._estimates[t] if t in not_started
+                         else max(self._estimates[t] - (now - self.entries[t].started), 0.0)) for t in open_ids}
+        self._rank, self._chain = compute_ranks(self.project, open_ids, not_started, remaining, self._groups)
+        if not self._margin and self._rank:
+            self._margin = PRIORITY_MARGIN * max(self._rank.values())
+        self._stale = 0
+        self._refreshed_at = now
+
+    def remaining(self) -> float:
+        """Estimated seconds until every open spec has finished: the longest remaining path through
+        dependencies and locks, and at least the work left spread over every slot."""
+        self._refresh()
+        slots = sum(n.slots for n in self.nodes.values() if not n.down) or 1
+        work = sum(self._estimates[t] for t, e in self.entries.items() if e.state in (WAITING, READY))
+        return max(max(self._rank.values(), default=0.0), work / slots)
+
+    def _key(self, task_id: str) -> tuple:
+        rank = (-self._rank.get(task_id, 0.0), -self._chain.get(task_id, 0.0))
+        priority = self.project.specs[task_id].priority
+        if self.order == "priority":
+            return (priority, *rank, self._position[task_id])
+        return (*rank, priority, self._position[task_id])
+
+    def _ordered(self, candidates: list[str]) -> list[str]:
+        """Candidates by rank; a spec of better priority moves ahead of one whose slack covers its duration."""
+        candidates.sort(key=self._key)
+        if self.order == "priority" or not self._measured or len(candidates) < 2:
+            return candidates  # without measured durations no slack can be judged: priority only breaks ties
+        elapsed = self.clock() - self._refreshed_at  # running specs have come that much closer to their end
+        running = [max(self._rank.get(t, 0.0) - elapsed, 0.0) for t in self._running]
+        end = max([*(self._rank[t] for t in candidates), *running])  # the project's estimated remaining length
+        priority = {t: self.project.specs[t].priority for t in candidates}
+        return promote_by_priority(candidates, priority, self._estimates, self._rank, end, self._margin)
+
+    def _expected_end(self, task_id: str, now: float) -> float:
+        entry = self.entries[task_id]
+        return max(now, entry.started + self._estimates[task_id])
+
+    def _startable_at(self, task_id: str, now: float) -> float | None:
+        """When a spec that waits only on running or ready specs (dependencies, holders of its files) can start,
+        by the estimates; None when it waits on anything further off, or on nothing (it could start now)."""
+        entry = self.entries[task_id]
+        if entry.state not in (WAITING, READY):
+            return None
+        times = []
+        for dep in self.project.specs[task_id].depends_on:
+            state = self.entries[dep].state if dep in self.entries else SUCCEEDED
+            if state == RUNNING:
+                times.append(self._expected_end(dep, now))
+            elif state == READY and self.entries[dep].not_before <= now:  # about to start (this very pick)
+                times.append(now + self._estimates[dep])
+            elif state != SUCCEEDED:
+                return None
+        holders = self.locks.blockers(task_id, self.project.specs[task_id].modifies)
+        times += [self._expected_end(holder, now) for holder in holders]
+        return max(times) if times else None
+
+    def _hold(self, task_id: str, now: float, startable: dict[str, float | None]) -> bool:
+        """Whether to leave a ready spec's files free for a spec ahead of it in the order that will want one of
+        them before this one would end: when, by the estimates, the project ends sooner that way."""
+        own, rank, chain = self._estimates[task_id], self._rank[task_id], self._chain[task_id]
+        key = (rank, chain)
+        for entry in self._groups.entries_of[task_id]:
+            for other in self._groups.members[entry]:
+                if other == task_id or (self._rank.get(other, 0.0), self._chain.get(other, 0.0)) <= key:
+                    continue
+                if other not in startable:
+                    startable[other] = self._startable_at(other, now)
+                at = startable[other]
+                if at is None or at >= now + own:
+                    continue
+                if hold_pays(now, own, rank, chain, at, self._estimates[other], self._rank[other],
+                             self._chain[other]):
+                    return True
+        return False
 
     # -- transitions -----------------------------------------------------------------------------
     def _deps_done(self, task_id: str) -> bool:
@@ -138,7 +267,7 @@ class Scheduler:
         entry = self.entries[task_id]
         if entry.state == WAITING and self._deps_done(task_id):
             entry.state, entry.ready_at = READY, time.time()
-            heapq.heappush(self._heap, (self._key[task_id], task_id))
+            self._ready[task_id] = None
             self._new_ready.append(task_id)
 
     def _fits(self, task_id: str, node: NodeSlots) -> bool:
@@ -168,37 +297,43 @@ class Scheduler:
 
     def pick(self) -> list[Assignment]:
         """Take every ready spec that can start now, in order, with its node slot and locks."""
+        assignments = self._pick(hold=True)
+        if not assignments and not self.running:  # a hold waits on something that will not come: none then
+            assignments = self._pick(hold=False)
+        return assignments
+
+    def _pick(self, hold: bool) -> list[Assignment]:
         assignments: list[Assignment] = []
-        deferred: list[tuple[tuple[int, float, int], str]] = []
         now = self.clock()
-        while self._heap and any(n.free > 0 for n in self.nodes.values()):
-            item = heapq.heappop(self._heap)
-            task_id = item[1]
-            entry = self.entries[task_id]
-            if entry.state != READY:
-                continue
-            spec = self.project.specs[task_id]
-            if entry.not_before > now:
-                deferred.append(item)
-                continue
-            if self._exclusive_running:
-                deferred.append(item)
+        if self._exclusive_running or not any(n.free > 0 for n in self.nodes.values()):
+            return assignments
+        candidates = [t for t in self._ready if self.entries[t].not_before <= now]
+        startable: dict[str, float | None] = {}  # per pick: when a spec a hold would wait for can start
+        if self._stale >= self._refresh_every:
+            self._refresh()
+        for task_id in self._ordered(candidates):
+            if not any(n.free > 0 for n in self.nodes.values()):
                 break
+            entry = self.entries[task_id]
+            spec = self.project.specs[task_id]
             if spec.exclusive and self.running:
-                deferred.append(item)
                 break  # drain: nothing new starts until the exclusive spec has run
             node = self._place(task_id)
-            if node is None or not self.locks.try_acquire(task_id, spec.modifies):
-                deferred.append(item)
+            if node is None or (spec.modifies and self.locks.blockers(task_id, spec.modifies)):
                 continue
+            if hold and spec.modifies and self._hold(task_id, now, startable):
+                continue
+            self.locks.try_acquire(task_id, spec.modifies)
             node.used += 1
-            entry.state, entry.node = RUNNING, node.name
+            del self._ready[task_id]
+            entry.state, entry.node, entry.started = RUNNING, node.name, now
+            self._running[task_id] = None
             entry.attempts += 1
+            self._stale += 1
+            assignments.append(Assignment(task_id, node.name, entry.attempts))
             if spec.exclusive:
                 self._exclusive_running = True
-            assignments.append(Assignment(task_id, node.name, entry.attempts))
-        for item in deferred:
-            heapq.heappush(self._heap, item)
+                break
         return assignments
 
     def unpick(self, assignment: Assignment, delay: float = 0.0) -> None:
@@ -207,9 +342,10 @@ class Scheduler:
         entry = self.entries[assignment.task_id]
         entry.state, entry.attempts = READY, entry.attempts - 1
         entry.not_before = self.clock() + delay
-        heapq.heappush(self._heap, (self._key[assignment.task_id], assignment.task_id))
+        self._ready[assignment.task_id] = None
 
     def _release(self, task_id: str) -> None:
+        self._running.pop(task_id, None)
         entry = self.entries[task_id]
         if entry.node is not None and entry.node in self.nodes:
             self.nodes[entry.node].used -= 1
@@ -221,7 +357,9 @@ class Scheduler:
         """Count a spec already running (re-attached after a restart) as running on `node`."""
         entry = self.entries[task_id]
         if entry.state in (WAITING, READY):  # its dependencies finished in the earlier run
-            entry.state, entry.node, entry.attempts = RUNNING, node, attempt
+            self._ready.pop(task_id, None)
+            entry.state, entry.node, entry.attempts, entry.started = RUNNING, node, attempt, self.clock()
+            self._running[task_id] = None
             self.nodes[node].used += 1
             self.locks.try_acquire(task_id, self.project.specs[task_id].modifies)
             if self.project.specs[task_id].exclusive:
@@ -232,7 +370,7 @@ class Scheduler:
         entry = self.entries[task_id]
         if entry.state == RUNNING:
             self._release(task_id)
-        self._finalize(entry, SUCCEEDED)
+        self._finalize(task_id, SUCCEEDED)
         for child in self._children(task_id):
             self._maybe_ready(child)
 
@@ -265,9 +403,9 @@ class Scheduler:
         if retryable and entry.attempts < allowed:
             entry.state = READY
             entry.not_before = self.clock() + self.retry_delay * 2 ** (entry.attempts - 1)
-            heapq.heappush(self._heap, (self._key[task_id], task_id))
+            self._ready[task_id] = None
             return []
-        self._finalize(entry, FAILED, reason)
+        self._finalize(task_id, FAILED, reason)
         return self._skip_dependents(task_id, f"dependency {task_id} failed")
 
     def _skip_dependents(self, task_id: str, reason: str) -> list[str]:
@@ -277,7 +415,7 @@ class Scheduler:
             child = stack.pop()
             entry = self.entries[child]
             if entry.state in (WAITING, READY):
-                self._finalize(entry, NOT_RUN, reason)
+                self._finalize(child, NOT_RUN, reason)
                 skipped.append(child)
                 stack.extend(self._children(child))
         return skipped
@@ -287,7 +425,7 @@ class Scheduler:
         cancelled = []
         for task_id, entry in self.entries.items():
             if entry.state in (WAITING, READY):
-                self._finalize(entry, CANCELLED, reason)
+                self._finalize(task_id, CANCELLED, reason)
                 cancelled.append(task_id)
         return cancelled
 
@@ -295,14 +433,16 @@ class Scheduler:
         entry = self.entries[task_id]
         if entry.state == RUNNING:
             self._release(task_id)
-        self._finalize(entry, CANCELLED, reason)
+        self._finalize(task_id, CANCELLED, reason)
 
     def unplaceable(self) -> list[str]:
         """Specs that became ready since the last call and that no node can ever run (fail them: no hang)."""
         fresh, self._new_ready = self._new_ready, []
         return [t for t in dict.fromkeys(fresh) if self.entries[t].state == READY and not self.placeable(t)]
 
-    def _finalize(self, entry: _Entry, state: str, reason: str = "") -> None:
+    def _finalize(self, task_id: str, state: str, reason: str = "") -> None:
+        entry = self.entries[task_id]
         if entry.state not in FINAL:
             self._open -= 1
         entry.state, entry.reason = state, reason
+        self._ready.pop(task_id, None)

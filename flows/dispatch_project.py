@@ -36,6 +36,7 @@ from dispatch.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import API_ERRORS, Cooldowns
 from dispatch.dag import Project, load_project, select
+from dispatch.durations import DurationHistory, first_model
 from dispatch.errors import DispatchError
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
@@ -46,6 +47,7 @@ from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
 from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
+from dispatch.shares import FairShare, MachineShares, ServerShares
 from dispatch.specs import context_files
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
@@ -58,6 +60,8 @@ ON_FLOW_RUN: list[Callable[[str], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
 _BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
+_SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
+_ESTIMATE_INTERVAL = 0.5  # seconds between two estimates of the time left (one is O(specs + dependencies))
 
 
 def _git_revision(code_dir: Path) -> str:
@@ -91,10 +95,18 @@ class ProjectRun:
         self.nodes = {node.name: node for node in nodes}
         self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes), log=self.logger)
         TRANSPORTS.update(self.runtime.transports)
+        # durations measured by earlier runs (and this one, as it goes): the order's and the progress view's
+        self.history = DurationHistory.load(settings.results_dir, project.name)
+        self._selected_specs = {t: project.specs[t] for t in project.order if t in selected}
+        estimates = self.history.estimates(self._selected_specs)
+        self.estimated = bool(estimates)  # False: nothing measured yet, ranks count specs
+        self._since_estimates = 0
+        self._remaining: tuple[float, float | None] = (0.0, None)  # (when computed, seconds left then)
         self.scheduler = Scheduler(
             project, selected,
             [NodeSlots(n.name, n.slots, n.labels, n.priority, n.models) for n in nodes],
-            retries=settings.retries, retry_delay=settings.retry_delay)
+            retries=settings.retries, retry_delay=settings.retry_delay, estimates=estimates,
+            order=self.config.order)
         self.cooldowns = Cooldowns()
         self.events: queue.Queue = queue.Queue()
         self.futures: dict[str, PrefectFuture] = {}
@@ -136,6 +148,7 @@ class ProjectRun:
         # them from /proc; remote nodes never see them)
         self.mask_only = settings.secret_values()
         MASKER.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
+        self.share = self._fair_share(nodes)  # last: nothing after it can fail and leave its entry behind
 
     def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
         """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
@@ -151,6 +164,18 @@ class ProjectRun:
                 client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags or []) | wanted))
         except SERVER_ERRORS as exc:  # `dispatch status` then shows the started_by parameter instead
             self.logger.warning("could not tag the flow run with its user: %s", exc)
+
+    def _fair_share(self, nodes: list[Node]) -> FairShare:
+        """This run's fair share of the cluster's slots against other runs (dispatch/shares.py): through the
+        server in team mode when nodes are shared with other machines, else through this machine's files."""
+        from dispatch.brokers import SHARED_TRANSPORTS
+
+        details = {"project": self.project.name, "user": self.who, "weight": self.config.weight}
+        if self.settings.prefect_api_url and any(n.transport in SHARED_TRANSPORTS for n in nodes):
+            board = ServerShares(self.run_id, **details)
+        else:
+            board = MachineShares(self.settings.locks_dir / "shares", self.run_id, **details)
+        return FairShare(board, self.run_id, sum(n.slots for n in nodes), self.config.weight)
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
         """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
@@ -168,11 +193,49 @@ class ProjectRun:
 
     # -- events --------------------------------------------------------------------------------
     def _emit(self, event: str, task_id: str, **details) -> None:
+        if not LISTENERS:
+            return
+        details["progress"] = self._progress()
         for listener in LISTENERS:
             try:
                 listener(event, task_id, details)
             except Exception:  # a broken progress display must not break the run
                 pass
+
+    def _progress(self) -> dict:
+        """Counts for the progress view, and the estimated seconds left (None until something was measured):
+        the critical path of what is left through dependencies and locks, by the estimates."""
+        counts = self.state.counts()
+        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "not_run", "cancelled"))
+        now = time.monotonic()
+        at, left = self._remaining
+        if self.estimated and (left is None or now - at >= _ESTIMATE_INTERVAL):
+            self._remaining = at, left = now, self.scheduler.remaining()
+        return {"total": len(self.state.specs), "done": done, "running": counts.get("running", 0),
+                "failed": counts.get("failed", 0) + counts.get("not_run", 0),
+                "remaining_s": max(left - (now - at), 0.0) if left is not None else None}
+
+    def _record_duration(self, result: SpecResult) -> None:
+        """Keep a run's measured duration for later estimates; refresh the estimates now and then (a spec's
+        first run is estimated by the project's median, which this run moves)."""
+        if result.duration is None or result.status == "lost":
+            return
+        spec = self.project.specs[result.task_id]
+        self.history.record(result.task_id, result.duration, succeeded=result.succeeded,
+                            model=result.model or first_model(spec))
+        self._since_estimates += 1
+        if self._since_estimates >= max(1, len(self._selected_specs) // 50):
+            self._since_estimates = 0
+            estimates = self.history.estimates(self._selected_specs)
+            self.estimated = self.estimated or bool(estimates)
+            self.scheduler.set_estimates(estimates)
+            self._save_history()
+
+    def _save_history(self) -> None:
+        try:
+            self.history.save()
+        except OSError as exc:  # only a hint for later runs' order
+            self.logger.warning("could not save the duration history %s: %s", self.history.path, exc)
 
     def _write_state(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -291,9 +354,18 @@ class ProjectRun:
             self._emit("failed", task_id, reason=reason)
             self._skip(skipped)
 
+    def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
+        """The assignments this run may start within its fair share of the slots; the rest wait a moment."""
+        running = len(self.scheduler.running)  # the new assignments included
+        held = running - len(assignments)
+        room = max(self.share.allowed(running + self.scheduler.due(), held) - held, 0)
+        for assignment in assignments[room:]:
+            self.scheduler.unpick(assignment, delay=_SHARE_RETRY)
+        return assignments[:room]
+
     def _dispatch(self) -> None:
         self._fail_unplaceable()
-        for assignment in self.scheduler.pick():
+        for assignment in self._within_share(self.scheduler.pick()):
             chain, free_at = self._usable_chain(assignment.task_id)
             if not chain and free_at is None:
                 self._fail_blocked(assignment)
@@ -406,6 +478,8 @@ class ProjectRun:
             return
         cached = result.run_id != self.run_id
         self._record_limits(result)
+        if not cached and not self.stop_reason:
+            self._record_duration(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
         row.duration, row.cached = result.duration, cached
         if cached:
@@ -505,6 +579,7 @@ class ProjectRun:
     def close(self) -> None:
         """Wait for lock requests still out (their answers go unread), then close the nodes' connections."""
         self._lock_requests.shutdown(wait=True)
+        self.share.close()
         self.runtime.close()
 
     def _stop(self) -> None:
@@ -528,6 +603,7 @@ class ProjectRun:
             self.state.state = "failed" if failed or counts.get("not_run") else "completed"
         self.state.message, self.state.ended_at = summary, time.time()
         self._write_state(force=True)
+        self._save_history()
         try:
             create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True),
                                      key=f"report-{_artifact_key(self.project.name)}",

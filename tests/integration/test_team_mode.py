@@ -318,3 +318,41 @@ def test_a_server_that_does_not_answer_a_slot_request_delays_the_spec_instead_of
             assert slots.try_acquire("gone") is None
         finally:
             slots.close()
+
+
+def test_a_small_project_of_another_user_gets_its_share_through_the_server(team_server: TeamServer,
+                                                                           loopback_cluster, tmp_path: Path,
+                                                                           node_shared: Path) -> None:
+    """Fair share in team mode: two users on two homes (two machines), one server. Bob's 5 specs, started while
+    Alice's 90 fill the 9 slots, all run while Alice still has most of her work left (judged by order of starts)."""
+    from tests.fixtures.projects import read_timeline, shell_spec, wait_for_starts
+    from tests.fixtures.sshd import writable_by_nodes
+
+    timelines = {user: node_shared / f"{user}.timeline" for user in ("alice", "bob")}
+    for timeline in timelines.values():
+        writable_by_nodes(timeline)
+    envs = {}
+    for user, count, seconds in (("alice", 90, 1.0), ("bob", 5, 0.5)):
+        home = tmp_path / user / "home"
+        home.mkdir(parents=True)
+        (home / "nodes.json").write_text(loopback_cluster.nodes_json.read_text())
+        for i in range(count):
+            shell_spec(tmp_path / user / "specs" / f"{user}-share", f"S{i:02d}", timelines[user], seconds=seconds)
+        envs[user] = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / user / "specs"),
+                                     DISPATCH_PROJECTS=str(tmp_path / user / "projects"))
+    log = tmp_path / "alice.log"
+    with open(log, "w") as out:
+        alice = subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", "alice-share"], env=envs["alice"],
+                                 stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_starts(timelines["alice"], 12, log, timeout=180)
+        bob = _run([sys.executable, "-m", "dispatch.cli", "start", "bob-share"], envs["bob"], timeout=300)
+        assert bob.returncode == 0, bob.stdout + bob.stderr
+        assert alice.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if alice.poll() is None:
+            alice.kill()
+    starts = {user: sorted(s for runs in read_timeline(t).values() for s, _ in runs) for user, t in timelines.items()}
+    assert len(starts["bob"]) == 5 and len(starts["alice"]) == 90
+    after = sum(1 for s in starts["alice"] if s > starts["bob"][-1])
+    assert after >= 30, f"Alice started only {after} specs after Bob's last: Bob waited for her backlog"

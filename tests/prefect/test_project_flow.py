@@ -254,3 +254,46 @@ def test_force_runs_every_spec_again_even_with_its_last_result_on_disk(run_proje
     runs = read_timeline(timeline)
     assert len(runs["S01-a"]) == 2 and len(runs["S02-b"]) == 2, runs
     assert not any(row.cached for row in summary.specs.values())
+
+
+def test_measured_durations_are_kept_and_order_the_next_run(run_project, isolated_home: Path):
+    import shutil
+
+    from dispatch.durations import DurationHistory
+    from dispatch.settings import get_settings
+
+    specs, timeline = isolated_home / "specs" / "timed", isolated_home / "timeline"
+    shell_spec(specs, "S01-long", timeline, seconds=1.2)
+    shell_spec(specs, "S02-quick", timeline, seconds=0.05)
+    shell_spec(specs, "S03-quick-after", timeline, seconds=0.05, depends_on=["S02"])
+
+    state, _ = run_project("timed", slots=1)  # nothing measured yet: ranks count specs, so S02's chain of 2 first
+    assert state.is_completed(), state.message
+    first = sorted(read_timeline(timeline), key=lambda t: read_timeline(timeline)[t][0][0])
+    history = DurationHistory.load(get_settings().results_dir, "timed")
+    assert set(history.runs) == {"S01-long", "S02-quick", "S03-quick-after"}
+    assert history.own("S01-long") > 1.0 > history.own("S02-quick")
+
+    timeline.unlink()
+    shutil.rmtree(get_settings().runs_dir / "timed")  # else --force takes the finished attempts' results back
+    state, _ = run_project("timed", slots=1, force=True)  # measured: S01 (1.2 s) outweighs S02 + S03 (0.1 s)
+    assert state.is_completed(), state.message
+    runs = read_timeline(timeline)
+    second = sorted(runs, key=lambda t: runs[t][0][0])
+    assert first[0] == "S02-quick" and second[0] == "S01-long", (first, second)
+
+
+def test_order_priority_in_projects_json_starts_by_priority(run_project, isolated_home: Path):
+    import json
+
+    specs, timeline = isolated_home / "specs" / "urgent", isolated_home / "timeline"
+    shell_spec(specs, "S01-chain", timeline, seconds=0.05)
+    shell_spec(specs, "S02-chain-end", timeline, seconds=0.05, depends_on=["S01"])
+    shell_spec(specs, "S03-urgent", timeline, seconds=0.05, priority=1)
+    (isolated_home / "home" / "projects.json").write_text(json.dumps({"urgent": {"order": "priority"}}))
+
+    state, _ = run_project("urgent", slots=1)
+
+    assert state.is_completed(), state.message
+    runs = read_timeline(timeline)
+    assert sorted(runs, key=lambda t: runs[t][0][0])[0] == "S03-urgent"

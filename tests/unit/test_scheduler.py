@@ -60,6 +60,16 @@ def _ids(assignments: list[Assignment]) -> list[str]:
     return [a.task_id for a in assignments]
 
 
+def _one_at_a_time(scheduler: Scheduler) -> list[str]:
+    """Run a one-slot project to its end, each spec succeeding at once; the ids in the order they started."""
+    started = []
+    while not scheduler.done:
+        [assignment] = scheduler.pick()
+        started.append(assignment.task_id)
+        scheduler.succeed(assignment.task_id)
+    return started
+
+
 def _write(directory: Path, name: str, front: str) -> None:
     (directory / name).write_text(f"---\n{front}---\nDo it.\n", encoding="utf-8")
 
@@ -67,30 +77,126 @@ def _write(directory: Path, name: str, front: str) -> None:
 # -- order ---------------------------------------------------------------------------------------------------
 
 
-def test_order_is_priority_then_longest_remaining_chain_then_file_order(tmp_path: Path) -> None:
+def test_the_spec_holding_a_contended_file_with_the_most_work_behind_it_starts_first() -> None:
+    # A has the longest chain of its own (A, A2: 4 s); B is short, but holds src/f.py with 4 s of work behind it
+    # (W1, W2, ready as soon as Z has run); Z feeds them.
+    project = _project(_spec("A"), _spec("A2", "A"), _spec("Z"), _spec("B", modifies=["src/f.py"]),
+                       _spec("W1", "Z", modifies=["src/f.py"]), _spec("W2", "Z", modifies=["src/f.py"]))
+    estimates = {"A": 1.0, "A2": 3.0, "Z": 0.5, "B": 1.0, "W1": 2.0, "W2": 2.0}
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)], estimates=estimates)
+
+    assert _ids(scheduler.pick()) == ["B"]
+    assert scheduler.rank("B") == 5.0 and scheduler.rank("A") == 4.0
+
+
+def test_the_longest_remaining_chain_goes_first_then_file_order(tmp_path: Path) -> None:
     _write(tmp_path, "S01-short.md", "")                          # chain 1, first in file order
     _write(tmp_path, "S02-long.md", "")                           # chain 3
     _write(tmp_path, "S03-mid.md", "depends_on: [S02]\n")
     _write(tmp_path, "S04-end.md", "depends_on: [S03]\n")
-    _write(tmp_path, "S05-urgent.md", "priority: 1\n")            # chain 1 but high priority
-    _write(tmp_path, "S06-low.md", "priority: 3\n")
+    _write(tmp_path, "S05-other.md", "")                          # chain 1
     project = load_project("demo", tmp_path)
     scheduler = _scheduler(project, [NodeSlots("n1", 1)])
 
-    started = []
-    while not scheduler.done:
-        [assignment] = scheduler.pick()
-        started.append(assignment.task_id)
-        scheduler.succeed(assignment.task_id)
-
-    assert started == ["S05-urgent", "S02-long", "S03-mid", "S01-short", "S04-end", "S06-low"]
+    assert _one_at_a_time(scheduler) == ["S02-long", "S03-mid", "S01-short", "S05-other", "S04-end"]
 
 
-def test_weights_make_the_longest_expected_chain_go_first() -> None:
+def test_estimates_make_the_longest_expected_chain_go_first() -> None:
     project = _project(_spec("A"), _spec("B"), _spec("C", "B"))
-    scheduler = _scheduler(project, [NodeSlots("n1", 1)], weights={"A": 100.0})
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)], estimates={"A": 100.0, "B": 1.0, "C": 1.0})
 
     assert _ids(scheduler.pick()) == ["A"]
+
+
+def test_specs_without_an_estimate_count_as_the_median_of_the_others() -> None:
+    project = _project(_spec("A"), _spec("B"), _spec("C"), _spec("D"))
+    scheduler = _scheduler(project, estimates={"A": 10.0, "B": 30.0, "C": 20.0})
+
+    assert scheduler.estimate("D") == 20.0
+
+
+def test_priority_breaks_a_tie_of_ranks() -> None:
+    project = _project(_spec("S1", priority=3), _spec("S2"), _spec("S3", priority=1))
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)])
+
+    assert _one_at_a_time(scheduler) == ["S3", "S2", "S1"]
+
+
+def test_priority_does_not_push_back_a_critical_spec_by_more_than_the_margin() -> None:
+    # A is the project's critical path (10 s); the urgent B (5 s) would delay it by 5 s, far over 2 % of 10 s.
+    project = _project(_spec("A"), _spec("A2", "A"), _spec("B", priority=1))
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)], estimates={"A": 1.0, "A2": 9.0, "B": 5.0})
+
+    assert _ids(scheduler.pick()) == ["A"]
+
+
+def test_priority_moves_a_spec_ahead_where_the_other_has_slack_for_it() -> None:
+    # C is critical (10 s) and goes first; A (5 s) has 5 s of slack, enough for the urgent B (1 s) before it.
+    project = _project(_spec("C"), _spec("C2", "C"), _spec("A"), _spec("B", priority=1))
+    scheduler = _scheduler(project, [NodeSlots("n1", 2)], estimates={"C": 1.0, "C2": 9.0, "A": 5.0, "B": 1.0})
+
+    assert _ids(scheduler.pick()) == ["C", "B"]
+
+
+def test_without_estimates_priority_only_breaks_ties_of_rank() -> None:
+    # nothing measured: every spec counts 1, slack means nothing, so the longer chain goes first
+    project = _project(_spec("A"), _spec("A2", "A"), _spec("B", priority=1))
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)])
+
+    assert _ids(scheduler.pick()) == ["A"]
+
+
+def test_order_priority_keeps_strict_priority_first() -> None:
+    project = _project(_spec("A"), _spec("A2", "A"), _spec("B", priority=1), _spec("C", priority=3))
+    scheduler = _scheduler(project, [NodeSlots("n1", 1)], estimates={"A": 1.0, "A2": 9.0, "B": 5.0, "C": 50.0},
+                           order="priority")
+
+    assert _ids(scheduler.pick()) == ["B"]
+
+
+def test_an_unknown_order_is_an_error() -> None:
+    with pytest.raises(ValueError, match="order must be one of path, priority"):
+        _scheduler(_project(_spec("A")), order="fifo")
+
+
+def test_a_ready_spec_leaves_a_file_free_for_a_more_critical_spec_about_to_need_it() -> None:
+    # S could take src/f.py now, but C (chain 11 s) will want it in 1 s, and S would hold it 5 s.
+    project = _project(_spec("R"), _spec("C", "R", modifies=["src/f.py"]), _spec("C2", "C"),
+                       _spec("S", modifies=["src/f.py"]))
+    clock = FakeClock()
+    scheduler = _scheduler(project, [NodeSlots("n1", 2)], clock,
+                           estimates={"R": 1.0, "C": 1.0, "C2": 10.0, "S": 5.0})
+
+    assert _ids(scheduler.pick()) == ["R"]
+    clock.advance(1.0)
+    scheduler.succeed("R")
+    assert _ids(scheduler.pick()) == ["C"]
+    clock.advance(1.0)
+    scheduler.succeed("C")
+    assert _ids(scheduler.pick()) == ["C2", "S"]
+
+
+def test_a_spec_is_never_held_for_one_that_cannot_come() -> None:
+    # C's dependency R fits no node: holding S's file for C would stall the run, so S starts.
+    project = _project(_spec("R", node="gone"), _spec("C", "R", modifies=["src/f.py"]), _spec("C2", "C"),
+                       _spec("S", modifies=["src/f.py"]))
+    scheduler = _scheduler(project, [NodeSlots("n1", 2)], estimates={"R": 1.0, "C": 1.0, "C2": 10.0, "S": 5.0})
+
+    assert _ids(scheduler.pick()) == ["S"]
+
+
+def test_remaining_is_the_longest_path_left_through_dependencies_and_locks() -> None:
+    project = _project(_spec("A"), _spec("A2", "A"), _spec("B", modifies=["f"]), _spec("D", modifies=["f"]))
+    clock = FakeClock()
+    scheduler = _scheduler(project, [NodeSlots("n1", 4)], clock, estimates={"A": 2.0, "A2": 3.0, "B": 4.0, "D": 4.0})
+
+    assert scheduler.remaining() == 8.0  # B then D on one file
+    assert sorted(_ids(scheduler.pick())) == ["A", "B"]
+    clock.advance(3.0)
+    assert scheduler.remaining() == 5.0  # B has 1 s left, then D; A is overdue, A2 still 3 s
+    scheduler.succeed("A")
+    scheduler.succeed("B")
+    assert scheduler.remaining() == 4.0
 
 
 # -- slots ---------------------------------------------------------------------------------------------------
