@@ -24,15 +24,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, console, err, invalid
 from dispatch.cli_models import models_app
-from dispatch.cli_nodes import local_slot_use, nodes_app
+from dispatch.cli_nodes import nodes_app
 from dispatch.cli_pipeline import pipeline_app
 from dispatch.cli_server import connect_prefect, server_app, ui
+from dispatch.cli_status import report, status
 from dispatch.dag import load_project, select
-from dispatch.errors import DispatchError, ProjectInvalid, UnsafePath, cut
-from dispatch.paths import check_name, local_path
-from dispatch.report import render_markdown, table_rows
-from dispatch.results import load_all_states, load_state, pid_alive
+from dispatch.errors import DispatchError, ProjectInvalid, cut
+from dispatch.paths import local_path
+from dispatch.report import render_markdown
+from dispatch.results import load_state, pid_alive
 from dispatch.settings import get_settings
 
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
@@ -41,44 +43,15 @@ app.add_typer(nodes_app, name="nodes")
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
 app.add_typer(pipeline_app, name="pipeline")
-app.command()(ui)
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-EXIT_FAILED, EXIT_INVALID = 1, 2
 # Registered before Prefect is imported, so it runs after Prefect's own exit handlers (logs, events flushed):
 # the interpreter's last collections would otherwise walk every object Prefect's import made (~0.4 s per command).
 atexit.register(gc.freeze)
-_MARK = {"succeeded": "[green]✓[/]", "failed": "[red]✗[/]", "not_run": "[yellow]⊘[/]", "cancelled": "[yellow]■[/]",
-         "running": "[cyan]▶[/]", "retrying": "[magenta]↻[/]", "waiting": "·", "ready": "·"}
-
-
-def _invalid(exc: Exception) -> typer.Exit:
-    if isinstance(exc, ProjectInvalid):
-        err.print(f"[red]project {escape(cut(exc.project))} is invalid[/] ({len(exc.errors)} error(s)); "
-                  "nothing was scheduled:")
-        for problem in exc.errors:
-            err.print(f"  [bold]{escape(problem.path)}[/]: {escape(problem.field)}: {escape(problem.message)}",
-                      soft_wrap=True)
-    else:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-    return typer.Exit(EXIT_INVALID)
-
-
-def _checked(project: str) -> str:
-    """The project name from the command line, or exit 2 before anything is read or written."""
-    try:
-        return check_name(project, "project name")
-    except UnsafePath as exc:
-        raise _invalid(exc) from None
-
-
 @app.command()
 def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
              score: Annotated[bool, typer.Option("--score", help="Also score each spec's quality (0-100) and list "
                                                   "the rules it broke.")] = False):
     """Check a project's specs (front matter, dependencies, cycles) without running anything."""
-    project = _checked(project)
+    project = checked(project)
     settings = get_settings()
     try:
         proj = load_project(project, settings.specs_root_for(project))
@@ -87,7 +60,7 @@ def validate(project: str, as_json: Annotated[bool, typer.Option("--json", help=
             console.print_json(data={"project": project, "valid": False, "errors": [
                 {"file": e.path, "field": e.field, "message": e.message} for e in exc.errors]})
             raise typer.Exit(EXIT_INVALID) from None
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     scores = _scores(proj) if score else None
     if as_json:
         data = {"project": project, "valid": True, "specs": proj.order}
@@ -165,12 +138,12 @@ def _progress_listener(total: int, console: Console = console):
         result = details.get("result")
         if event == "succeeded":
             cached = " [dim](cached)[/]" if details.get("cached") else ""
-            progress.console.print(f"{_MARK[event]} {task_id}  {result.node}  {result.duration or 0:.1f}s{cached}")
+            progress.console.print(f"{MARK[event]} {task_id}  {result.node}  {result.duration or 0:.1f}s{cached}")
         elif event == "retry":
-            progress.console.print(f"{_MARK['retrying']} {task_id}  retry {details['attempt']}: {details['reason']}")
+            progress.console.print(f"{MARK['retrying']} {task_id}  retry {details['attempt']}: {details['reason']}")
         else:
             reason = details.get("reason") or (result.reason if result else "")
-            progress.console.print(f"{_MARK.get(event, '?')} {task_id}  {event.replace('_', ' ')}: {reason}")
+            progress.console.print(f"{MARK.get(event, '?')} {task_id}  {event.replace('_', ' ')}: {reason}")
 
     return progress, listener
 
@@ -189,13 +162,13 @@ def start(
                                "mode runs it in the background with its output in DISPATCH_HOME/logs.")] = False,
 ):
     """Run a project: every spec on a node with a free slot, in dependency order, until all are done."""
-    project = _checked(project)
+    project = checked(project)
     settings = get_settings()
     try:
         proj = load_project(project, settings.specs_root_for(project))
         selected = select(proj, only, start_from)
     except DispatchError as exc:
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     if detach:
         if settings.embedded:
             _start_in_background(settings, project, only, start_from, force, verbose)
@@ -232,7 +205,7 @@ def start(
             dispatch_project(project, only=only, start_from=start_from, force=force, started_by=f"{user}@{host}",
                              return_state=True)
     except DispatchError as exc:
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     finally:
         LISTENERS.remove(listener)
         ON_FLOW_RUN.remove(show_flow_run)
@@ -295,7 +268,7 @@ def _submit_to_deployment(settings, project: str, only: list[str] | None, start_
         run = submit_run(settings.prefect_api_url, settings.deployment, project=project, only=only,
                          start_from=start_from, force=force)
     except TeamServerError as exc:
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     if run.started_by_dropped:
         err.print(f"[yellow]warning:[/] {run.deployment} has no started_by parameter yet (deployed before it "
                   f"existed); its user tag still names you. Run `prefect deploy --all` again to update it.",
@@ -307,119 +280,8 @@ def _submit_to_deployment(settings, project: str, only: list[str] | None, start_
                   soft_wrap=True)
 
 
-def _node_load(settings) -> dict[str, dict[str, int]]:
-    """Slots used / total per configured node, from this machine's live runs (as `dispatch nodes` counts)."""
-    from dispatch.cluster import load_nodes
-
-    used = local_slot_use(settings)
-    return {n.name: {"slots": n.slots, "used": used.get(n.name, 0)} for n in load_nodes(settings)}
-
-
-def _team_runs(settings) -> list | None:
-    """Every user's unfinished project runs on the server; None (after a one-line warning) if it cannot say."""
-    from dispatch.team import TeamServerError, list_team_runs
-
-    try:
-        auth = settings.prefect_api_auth_string
-        return list_team_runs(settings.prefect_api_url, auth_string=auth.get_secret_value() if auth else None)
-    except TeamServerError as exc:
-        err.print(f"[yellow]warning:[/] {escape(str(exc))}; showing this machine's runs only", soft_wrap=True)
-        return None
-
-
-def _print_team_runs(settings, runs: list) -> None:
-    """One line per run (as for this machine's projects above), then where to open it."""
-    if not runs:
-        console.print(f"no project is running on {settings.prefect_api_url}")
-        return
-    console.print(f"running on {settings.prefect_api_url} (every user):")
-    for run in runs:
-        state = run.state.lower() if run.state_name.upper() == run.state else f"{run.state.lower()} ({run.state_name})"
-        since = time.strftime("%H:%M:%S", time.localtime(run.started_at)) if run.started_at else "-"
-        elapsed = f", {run.elapsed:.0f}s" if run.elapsed is not None else ""
-        console.print(f"  [bold]{escape(run.project)}[/] {state} (by {escape(run.user)}@{escape(run.host)}, "
-                      f"since {since}{elapsed}): task runs {run.progress()}", soft_wrap=True)
-        where = f" (deployment {run.deployment})" if run.deployment else ""
-        console.print(f"    [dim]{run.url or 'flow run ' + run.flow_run_id}{where}[/]", soft_wrap=True)
-
-
-def _live_state(state):
-    if state.state == "running" and not pid_alive(state.pid):
-        state.state = "interrupted"
-    return state
-
-
-@app.command()
-def status(
-    project: Annotated[str | None, typer.Argument(help="A project; all projects when omitted.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-):
-    """Show each spec's state, node, attempts and duration, and the nodes' slot load.
-
-    Without a project and with a Prefect server configured, also every user's running projects on it.
-    """
-    project = _checked(project) if project is not None else None
-    settings = get_settings()
-    states = [load_state(settings.state_dir, project)] if project else load_all_states(settings.state_dir)
-    states = [_live_state(s) for s in states if s is not None]
-    if project and not states:
-        err.print(f"no run of {project!r} recorded under {settings.state_dir}; "
-                  f"start one with `dispatch start {project}`")
-        raise typer.Exit(EXIT_INVALID)
-    nodes = _node_load(settings)
-    team = _team_runs(settings) if not project and not settings.embedded else None
-    if as_json:
-        data = {"projects": [s.model_dump(mode="json") for s in states], "nodes": nodes}
-        if not project and not settings.embedded:  # null: the server could not be asked (see stderr)
-            data["team_runs"] = [run.model_dump(mode="json") for run in team] if team is not None else None
-        console.print_json(data=data)
-        return
-    for state in states:
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts().items()))
-        console.print(f"[bold]{state.project}[/] {state.state} (run {state.run_id}, {state.user}@{state.host}, "
-                      f"pid {state.pid}): {counts}")
-        if not project:
-            continue
-        table = Table("spec", "state", "node", "attempts", "duration", "reason")
-        for task_id, row in state.specs.items():
-            duration = f"{row.duration:.1f}s" if row.duration is not None else (
-                f"{time.time() - row.started_at:.0f}s…" if row.state == "running" and row.started_at else "-")
-            label = f"{_MARK.get(row.state, '')} {row.state}" + (" (cached)" if row.cached else "")
-            table.add_row(task_id, label, row.node or "-", str(row.attempts), duration, row.reason[:80])
-        console.print(table)
-    if team is not None:
-        _print_team_runs(settings, team)
-    load = Table("node", "slots used", "slots")
-    for name, entry in nodes.items():
-        load.add_row(name, str(entry["used"]), str(entry["slots"]))
-    console.print(load)
-
-
-@app.command()
-def report(
-    project: str,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the markdown to this file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Rows as JSON instead of markdown.")] = False,
-):
-    """Summarise the latest run: totals, success rate, per-spec rows, failures with their log tails."""
-    project = _checked(project)
-    settings = get_settings()
-    state = load_state(settings.state_dir, project)
-    if state is None:
-        err.print(f"no run of {project!r} recorded under {settings.state_dir}; "
-                  f"start one with `dispatch start {project}`")
-        raise typer.Exit(EXIT_INVALID)
-    state = _live_state(state)
-    if as_json:
-        console.print_json(data={"project": project, "state": state.state, "counts": state.counts(),
-                                 "specs": table_rows(state)})
-        return
-    text = render_markdown(state, settings.runs_dir)
-    if output:
-        output.write_text(text, encoding="utf-8")
-        console.print(f"report written to {output}")
-    else:
-        sys.stdout.write(text)
+app.command()(status)  # dispatch/cli_status.py: read-only views of the state files
+app.command()(report)
 
 
 @app.command()
@@ -428,7 +290,7 @@ def collect(project: str):
     from dispatch.cluster import load_project_config
     from dispatch.collect import collect_outputs
 
-    project = _checked(project)
+    project = checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is None:
@@ -439,7 +301,7 @@ def collect(project: str):
         code_dir = Path(config.repo_local) if config.repo_local else settings.code_dir_for(project)
         summary = collect_outputs(settings, state, config, code_dir)
     except DispatchError as exc:
-        raise _invalid(exc) from None
+        raise invalid(exc) from None
     target = settings.project_dir("results", project)
     target.mkdir(parents=True, exist_ok=True)
     local_path(target, "report.md").write_text(render_markdown(state, settings.runs_dir), encoding="utf-8")
@@ -466,7 +328,7 @@ def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait
     """Stop a running project from another terminal: its running specs are killed, its locks released."""
     from dispatch.collect import kill_everywhere
 
-    project = _checked(project)
+    project = checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     stopped = False
@@ -496,7 +358,7 @@ def cleanup(project: str,
     """
     from dispatch.transports.local import LocalTransport
 
-    project = _checked(project)
+    project = checked(project)
     settings = get_settings()
     state = load_state(settings.state_dir, project)
     if state is not None and state.state == "running" and pid_alive(state.pid):
@@ -514,6 +376,9 @@ def cleanup(project: str,
     console.print(f"removed {len(removed)} local path(s) of {project} and its run directories on the nodes")
     for node, why in failed.items():
         err.print(f"[yellow]node {node}: not cleaned: {escape(why)}[/]", soft_wrap=True)
+
+
+app.command()(ui)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -81,6 +81,41 @@ class Cooldowns:
             now = self._clock()
             return {m: v for m, v in self._cache.items() if float(v.get("until", 0)) > now}
 
+    def usable(self, chain: list[str]) -> tuple[list[str], float | None]:
+        """The models of `chain` not cooling down; when none is left, when the first quota one frees (None when
+        every model is blocked for billing: waiting will not help)."""
+        cooling = self.active()
+        usable = [m for m in chain if m not in cooling]
+        if usable:
+            return usable, None
+        resets = [float(cooling[m]["until"]) for m in chain if cooling[m].get("kind") != "billing"]
+        return [], min(resets) if resets else None
+
+    def blocked_reason(self, chain: list[str]) -> str:
+        """Why a spec whose every model is blocked for billing cannot run, naming the command that clears each."""
+        active = self.active()
+        return "every model is blocked for billing: " + "; ".join(
+            f"{m} ({active.get(m, {}).get('reason', 'billing')}): fix the account, then run "
+            f"`dispatch models reset {m}`" for m in dict.fromkeys(chain))
+
+    def record_attempts(self, attempts: list, task_id: str, by: str, log: logging.Logger | logging.LoggerAdapter,
+                        ) -> None:
+        """Cool down the models of `attempts` (a result's) that hit their quota, until their reset (at least a
+        few minutes, even when it has passed), and block those with a billing error until a person clears
+        them; said loudly on `log`. A server that cannot be told is a warning: the spec's fallback happened."""
+        for attempt in attempts:
+            if attempt.verdict not in ("quota", "billing") or not attempt.model:
+                continue
+            reason = attempt.reason or attempt.verdict
+            try:
+                self.record(attempt.model, attempt.verdict, attempt.reset_at, reason, by)
+            except API_ERRORS as exc:
+                log.warning("could not record the cool-down of %s: %s", attempt.model, exc)
+            if attempt.verdict == "billing":
+                log.error("model %s is blocked for billing (%s, seen by spec %s): no spec of any user of this "
+                          "Prefect API will use it until a person fixes the account and runs `dispatch models "
+                          "reset %s`", attempt.model, reason, task_id, attempt.model)
+
     def record(self, model: str, kind: str, reset_at: float | None, reason: str, by: str) -> float | None:
         """Cool `model` down after a "quota" verdict, or block it after a "billing" one.
 

@@ -34,21 +34,20 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
-from dispatch.cooldowns import API_ERRORS, Cooldowns
-from dispatch.dag import Project, load_project, select
+from dispatch.cooldowns import Cooldowns
+from dispatch.dag import Project, select
 from dispatch.durations import DurationHistory, first_model
 from dispatch.errors import DispatchError
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
 from dispatch.nodes_admin import SERVER_ERRORS
-from dispatch.pipeline.generated import generated_dir, run_key
+from dispatch.pipeline.generated import load_specs, run_key
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
 from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.shares import FairShare, MachineShares, ServerShares
-from dispatch.specs import context_files
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
 from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
@@ -316,24 +315,12 @@ class ProjectRun:
         self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
 
     def _usable_chain(self, task_id: str) -> tuple[list[str], float | None]:
-        """The spec's models not on cool-down; when none is left, when the first quota one frees (None when
-        every model is blocked for billing: waiting will not help)."""
         spec = self.project.specs[task_id]
-        if spec.kind != "agent":
-            return spec.model_chain, None
-        cooling = self.cooldowns.active()
-        chain = [m for m in spec.model_chain if m not in cooling]
-        if chain:
-            return chain, None
-        resets = [float(cooling[m]["until"]) for m in spec.model_chain if cooling[m].get("kind") != "billing"]
-        return [], min(resets) if resets else None
+        return self.cooldowns.usable(spec.model_chain) if spec.kind == "agent" else (spec.model_chain, None)
 
     def _fail_blocked(self, assignment: Assignment) -> None:
         """Fail a spec whose every model is blocked for billing, naming the command that clears each."""
-        spec = self.project.specs[assignment.task_id]
-        reason = ("every model is blocked for billing: " + "; ".join(
-            f"{m} ({self.cooldowns.active().get(m, {}).get('reason', 'billing')}): fix the account, then run "
-            f"`dispatch models reset {m}`" for m in dict.fromkeys(spec.model_chain)))
+        reason = self.cooldowns.blocked_reason(self.project.specs[assignment.task_id].model_chain)
         self.logger.error("%s: %s", assignment.task_id, reason)
         skipped = self.scheduler.fail(assignment.task_id, reason, retryable=False)
         row = self.state.specs[assignment.task_id]
@@ -477,7 +464,7 @@ class ProjectRun:
             row.state, row.reason = self.scheduler.state(task_id), result.reason
             return
         cached = result.run_id != self.run_id
-        self._record_limits(result)
+        self.cooldowns.record_attempts(result.attempts, task_id, self.who, self.logger)
         if not cached and not self.stop_reason:
             self._record_duration(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
@@ -510,24 +497,6 @@ class ProjectRun:
             return
         self._emit("failed", task_id, result=result)
         self._skip(skipped)
-
-    def _record_limits(self, result: SpecResult) -> None:
-        """Cool models that hit their quota down until their reset (at least a few minutes, even when it
-        has passed), and block models with a billing error until a person clears them; shared through
-        Prefect, so every run against the same API skips them."""
-        for attempt in result.attempts:
-            if attempt.verdict not in ("quota", "billing") or not attempt.model:
-                continue
-            reason = attempt.reason or attempt.verdict
-            try:
-                self.cooldowns.record(attempt.model, attempt.verdict, attempt.reset_at, reason, self.who)
-            except API_ERRORS as exc:  # the spec's own fallback already happened; report and go on
-                self.logger.warning("could not record the cool-down of %s: %s", attempt.model, exc)
-            if attempt.verdict == "billing":
-                self.logger.error(
-                    "model %s is blocked for billing (%s, seen by spec %s): no spec of any user of this Prefect "
-                    "API will use it until a person fixes the account and runs `dispatch models reset %s`",
-                    attempt.model, reason, result.task_id, attempt.model)
 
     def _node_down(self, node: str, reason: str) -> None:
         """Take a failed node out of placement until a background probe reaches it again."""
@@ -644,20 +613,6 @@ def _run_name() -> str:
 
     parameters = flow_run.parameters
     return run_key(parameters["project"]) if parameters.get("generated") else parameters["project"]
-
-
-def load_specs(settings: DispatchSettings, project: str, generated: bool = False) -> Project:
-    """The project's own specs, or (`generated`) its generated specs as the project `<project>.pipeline`, with
-    the project's context files as theirs too."""
-    if not generated:
-        return load_project(project, settings.specs_root_for(project))
-    name = run_key(project)
-    if (settings.specs / name).is_dir():
-        raise DispatchError(f"{settings.specs / name} is a project of its own, but {name!r} is the run name of "
-                            f"{project}'s generated specs; rename that project")
-    proj = load_project(name, generated_dir(settings, project))
-    proj.context = [*context_files(settings.specs_root_for(project)), *proj.context]
-    return proj
 
 
 @flow(name="dispatch-project", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=256),

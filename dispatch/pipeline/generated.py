@@ -22,8 +22,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch.errors import ConfigError
+from dispatch.dag import Project, load_project
+from dispatch.errors import ConfigError, DispatchError
 from dispatch.settings import DispatchSettings
+from dispatch.specs import context_files
 
 GENERATED_DIR = "generated"
 RUN_SUFFIX = ".pipeline"
@@ -44,6 +46,20 @@ def generated_dir(settings: DispatchSettings, project: str) -> Path:
     if root.resolve().is_relative_to(_BUNDLED):
         return settings.home / GENERATED_DIR / project
     return root / GENERATED_DIR
+
+
+def load_specs(settings: DispatchSettings, project: str, generated: bool = False) -> Project:
+    """The project's own specs, or (`generated`) its generated specs as the project `<project>.pipeline`, with
+    the project's context files as theirs too."""
+    if not generated:
+        return load_project(project, settings.specs_root_for(project))
+    name = run_key(project)
+    if (settings.specs / name).is_dir():
+        raise DispatchError(f"{settings.specs / name} is a project of its own, but {name!r} is the run name of "
+                            f"{project}'s generated specs; rename that project")
+    proj = load_project(name, generated_dir(settings, project))
+    proj.context = [*context_files(settings.specs_root_for(project)), *proj.context]
+    return proj
 
 
 def slug(text: str, limit: int = 40) -> str:

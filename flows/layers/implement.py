@@ -20,12 +20,12 @@ from dispatch.cluster import load_nodes
 from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.dispatching import missing_clis, result_of_run
-from dispatch.pipeline.generated import generated_dir, run_key
+from dispatch.pipeline.generated import generated_dir, load_specs, run_key
 from dispatch.pipeline.results import LayerResult, Status
 from dispatch.results import load_state, state_path
 from dispatch.settings import get_settings
 from dispatch.specs import spec_files
-from flows.dispatch_project import dispatch_project, load_specs
+from flows.dispatch_project import dispatch_project
 
 
 def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir: str, evidence_dir: Path,

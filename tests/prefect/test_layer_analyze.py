@@ -120,8 +120,8 @@ def test_routes_come_from_the_apps_openapi_schema(prefect_api, isolated_home: Pa
 
 
 def test_an_analyze_model_makes_a_plan_that_becomes_context_for_l2(fake_agents, isolated_home: Path):
+    from dispatch.pipeline.generated import load_specs
     from dispatch.settings import get_settings
-    from flows.dispatch_project import load_specs
     from flows.layers.analyze import analyze
 
     generated, code, run_dir = _layout(isolated_home)
