@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dispatch.drain import drain, drained_nodes, undrain
+from dispatch.errors import UnsafePath
+from dispatch.settings import get_settings
+
+
+@pytest.fixture
+def embedded(isolated_home, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL")
+    get_settings.cache_clear()
+    settings = get_settings()
+    assert settings.embedded
+    return settings
+
+
+def test_drain_and_undrain_embedded_round_trip(embedded):
+    settings = embedded
+    assert drained_nodes(settings) == {}
+    assert drain(settings, "n1", reason="sshd down 3 checks", by="guardian") is True
+    assert drain(settings, "n1", reason="again", by="alice") is False  # the first reason is kept
+    drained = drained_nodes(settings)
+    assert list(drained) == ["n1"] and drained["n1"]["reason"] == "sshd down 3 checks"
+    assert json.loads((settings.home / "drained.json").read_text())["n1"]["by"] == "guardian"
+    assert undrain(settings, "n1") is True
+    assert undrain(settings, "n1") is False
+    assert drained_nodes(settings) == {}
+
+
+def test_damaged_file_counts_as_nothing_drained_and_bad_names_are_refused(embedded):
+    settings = embedded
+    (settings.home / "drained.json").write_text("{not json")
+    assert drained_nodes(settings) == {}
+    (settings.home / "drained.json").write_text(json.dumps({"n1": "x", "n2": {"reason": "r"}}))
+    assert list(drained_nodes(settings)) == ["n2"]
+    with pytest.raises(UnsafePath):
+        drain(settings, "../etc", reason="x", by="y")
+
+
+def test_team_mode_keeps_the_drained_nodes_on_the_server(prefect_api, isolated_home):
+    from prefect.variables import Variable
+
+    settings = get_settings()
+    assert not settings.embedded
+    Variable.unset("dispatch_drained")
+    assert drain(settings, "n7", reason="disk full", by="bob@gw") is True
+    assert Variable.get("dispatch_drained")["n7"]["reason"] == "disk full"
+    assert not (settings.home / "drained.json").exists()
+    assert list(drained_nodes(settings)) == ["n7"]
+    assert undrain(settings, "n7") is True
+    assert drained_nodes(settings) == {}
