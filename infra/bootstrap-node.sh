@@ -12,7 +12,7 @@
 #                      checkout's dispatch/ directory); installed as ~NAME/dispatch/.runner/<checksum>/
 #   --agents LIST      npm install -g the agent CLIs (Node.js from apt if missing); nothing is fetched without it
 #   --authorized-key K a public key appended to ~NAME/.ssh/authorized_keys when missing
-#   --worker NODE      a Prefect worker for pool node-NODE as the unit prefect-worker@NODE (user dispatch);
+#   --worker NODE      a Prefect worker for pool node-NODE as the unit prefect-worker@NODE (as user dispatch);
 #                      needs --package (what pip installs) and --api-url; PREFECT_API_AUTH_STRING from the env
 #
 # API keys are never written here: the dispatcher sends them with each attempt, on the runner's stdin.
@@ -47,7 +47,6 @@ for agent in "${wanted_agents[@]}"; do
 done
 if [ -n "$worker" ]; then
   case $worker in ''|*[!A-Za-z0-9._-]*) die "--worker '$worker': a node name of A-Z, a-z, 0-9, '.', '_', '-'" ;; esac
-  [ "$user" = dispatch ] || die "--worker: the worker unit runs as user dispatch; use --user dispatch"
   if [ -z "$package" ] || [ -z "$api_url" ]; then die "--worker needs --package (a checkout or URL) and --api-url"; fi
 fi
 case $authorized_key in ''|ssh-*|ecdsa-*|sk-*) ;; *) die "--authorized-key: not an OpenSSH public key line" ;; esac
@@ -74,26 +73,30 @@ else
 fi
 
 # --- the login user and its run directory -----------------------------------------------------------------
-if id "$user" >/dev/null 2>&1; then
-  ok "user $user exists"
-else
-  home_opt=()
-  [ "$user" != dispatch ] || home_opt=(--home-dir /var/lib/oyster-dispatch)
-  useradd --create-home "${home_opt[@]}" --shell /bin/bash "$user"
-  usermod --password '*' "$user"  # no password, but not locked: sshd without PAM refuses locked accounts
-  changed "created user $user"
-fi
+# make_user NAME: a login user; `dispatch` (the worker unit's user) lives in /var/lib/oyster-dispatch
+make_user() {
+  if id "$1" >/dev/null 2>&1; then ok "user $1 exists"; return; fi
+  local home_opt=()
+  [ "$1" != dispatch ] || home_opt=(--home-dir /var/lib/oyster-dispatch)
+  useradd --create-home "${home_opt[@]}" --shell /bin/bash "$1"
+  usermod --password '*' "$1"  # no password, but not locked: sshd without PAM refuses locked accounts
+  changed "created user $1"
+}
+make_user "$user"
+[ -z "$worker" ] || [ "$user" = dispatch ] || make_user dispatch
 group=$(id -gn "$user")
 home=$(getent passwd "$user" | cut -d: -f6)
 [ -d "$home" ] || die "user $user has no home directory ($home)"
 
-# make_dir PATH MODE: create it owned by the user; an existing one is left as it is
+# make_dir PATH MODE [OWNER]: create it owned by OWNER (default the user); an existing one is left as it is
 make_dir() {
   if [ -d "$1" ]; then ok "$1 exists"; return; fi
-  install -d -m "$2" -o "$user" -g "$group" "$1"
+  install -d -m "$2" -o "${3:-$user}" -g "$(id -gn "${3:-$user}")" "$1"
   changed "created $1"
 }
 make_dir "$home/dispatch" 0700
+# a worker runs specs as its unit's user, under that user's home (remote_root is relative to it)
+[ -z "$worker" ] || make_dir "$(getent passwd dispatch | cut -d: -f6)/dispatch" 0700 dispatch
 
 if [ -n "$authorized_key" ]; then
   make_dir "$home/.ssh" 0700

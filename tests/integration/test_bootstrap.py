@@ -102,7 +102,8 @@ def test_bootstrap_refuses_bad_arguments_before_changing_anything(sudo_node: Loo
     with SSHPool() as pool:
         for args, message in ((["--user", "Bad;name"], "--user 'Bad;name'"),
                               (["--agents", "claude,vim"], "unknown agent 'vim'"),
-                              (["--worker", "n1", "--user", "other"], "runs as user dispatch")):
+                              (["--worker", "n/1", "--user", "other"], "--worker 'n/1'"),
+                              (["--worker", "n1", "--user", "other"], "--worker needs --package")):
             with pytest.raises(Exception, match="exited 2"):
                 bootstrap(pool, sudo_node.target("loop1"), args)
             run = pool.run(sudo_node.target("loop1"), "sudo -n bash -c 'id other; id Bad'", timeout=30, check=False)
