@@ -20,7 +20,7 @@
 set -euo pipefail
 
 user=dispatch runner_dir="" agents="" authorized_key="" worker="" package="" api_url=""
-usage() { sed -n '6,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n "6,19p" "$0" | sed "s/^# \{0,1\}//" >&2; exit "${1:-2}"; }
 die() { echo "error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --worker) worker=${2:?--worker needs the node name}; shift 2 ;;
     --package) package=${2:?--package needs a path or URL}; shift 2 ;;
     --api-url) api_url=${2:?--api-url needs the server URL}; shift 2 ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
 done

@@ -126,12 +126,15 @@ def test_nodes_add_refuses_bad_names_duplicates_unreachable_hosts_and_no_root(fr
     before = nodes_json.read_bytes()
     node = fresh_node.node("loop1")
     unreachable = {**node, "host": "127.0.0.9", "port": find_free_port(1)}
+    (isolated_home / "empty_known_hosts").write_text("")
+    unknown_key = {**node, "known_hosts": str(isolated_home / "empty_known_hosts")}
     cases = [
         ("bad/name", node, 2, "node name 'bad/name'"),
         ("../up", node, 2, "node name '../up'"),
         ("local", node, 2, "node name 'local' is the dispatcher's own machine"),
         ("old1", node, 2, "a node named 'old1' already exists"),
         ("ghost", unreachable, 1, "node ghost: unreachable"),
+        ("stranger", unknown_key, 1, "is not in " + unknown_key["known_hosts"]),
         ("fresh1", node, 1, "cannot use `sudo -n`"),
     ]
     for name, entry, code, message in cases:
