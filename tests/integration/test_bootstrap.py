@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,38 @@ def test_nodes_add_bootstraps_a_fresh_node_that_then_runs_a_project(sudo_node: L
     assert "env names: ANTHROPIC_API_KEY" in logs, "the key should have travelled with the attempt"
     leaks = [str(p) for p in home.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == [], f"the API key was written on the node: {leaks}"
+
+
+def test_bootstrap_worker_installs_its_env_and_unit_once_without_keys(tmp_path: Path):
+    """The worker part, run for real as root in a private mount namespace (a copy of /etc, empty /opt and
+    /var/lib), so it may make the `dispatch` user and write /etc without touching this machine. The venv is
+    one that has Prefect already (no pip download); systemd does not run here, so the unit is installed only."""
+    if os.geteuid() != 0:
+        pytest.fail("the worker bootstrap test needs root (a mount namespace, useradd): run it as CI does")
+    secret = f"sk-worker-{uuid.uuid4().hex}"
+    venv = tmp_path / "opt" / "oyster-dispatch" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "prefect").symlink_to(Path(sys.executable).with_name("prefect"))
+    (tmp_path / "varlib").mkdir()
+    script = Path(__file__).parents[2] / "infra" / "bootstrap-node.sh"
+    run = (f"bash {script} --worker n1 --package /nonexistent --api-url http://127.0.0.1:4200/api")
+    inside = (f"set -e; cp -a /etc {tmp_path}/etc; mount --bind {tmp_path}/etc /etc; "
+              f"mount --bind {tmp_path}/opt /opt; mount --bind {tmp_path}/varlib /var/lib; "
+              f"{run}; echo '=== second'; {run}")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", inside],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "ANTHROPIC_API_KEY": secret})
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, second = done.stdout.split("=== second\n")
+    assert "changed: created user dispatch" in first, first
+    assert "changed: wrote /etc/oyster-dispatch/worker.env" in first, first
+    assert "changed: wrote /etc/systemd/system/prefect-worker@.service" in first, first
+    assert "note: systemd is not running here: prefect-worker@n1.service is installed" in first, first
+    assert second.splitlines()[-1] == "no change", second
+    env_file = (tmp_path / "etc" / "oyster-dispatch" / "worker.env").read_text()
+    assert "PREFECT_API_URL=http://127.0.0.1:4200/api" in env_file
+    assert (tmp_path / "etc" / "systemd" / "system" / "prefect-worker@.service").read_bytes() == (
+        script.with_name("prefect-worker@.service").read_bytes())
+    assert (tmp_path / "varlib" / "oyster-dispatch" / "dispatch").is_dir()
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
+             and secret.encode() in p.read_bytes()]
+    assert leaks == [], f"the API key was written: {leaks}"
