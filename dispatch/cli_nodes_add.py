@@ -144,6 +144,9 @@ def _worker_args(settings: DispatchSettings, name: str, package: str | None, api
     if not package or not api_url:
         raise _Refused("--worker: give --package (what the worker's venv installs: a checkout path on the node or "
                        "a URL) and --api-url (the team server; default PREFECT_API_URL)", EXIT_INVALID)
+    if not re.fullmatch(r"https?://\S+", api_url) or re.search(r"\s", package):
+        raise _Refused(f"--worker: --api-url {api_url!r} must be an http(s) URL and --package {package!r} a path "
+                       "or URL, neither with spaces or line breaks (they go into the worker's env file)", EXIT_INVALID)
     return ["--worker", name, "--package", package, "--api-url", api_url]
 
 

@@ -48,6 +48,8 @@ done
 if [ -n "$worker" ]; then
   case $worker in ''|*[!A-Za-z0-9._-]*) die "--worker '$worker': a node name of A-Z, a-z, 0-9, '.', '_', '-'" ;; esac
   if [ -z "$package" ] || [ -z "$api_url" ]; then die "--worker needs --package (a checkout or URL) and --api-url"; fi
+  case $api_url in http://*|https://*) ;; *) die "--api-url '$api_url': an http:// or https:// URL" ;; esac
+  case $api_url$package in *[[:space:]]*) die "--api-url and --package: no spaces or line breaks" ;; esac
 fi
 case $authorized_key in ''|ssh-*|ecdsa-*|sk-*) ;; *) die "--authorized-key: not an OpenSSH public key line" ;; esac
 case $authorized_key in *$'\n'*) die "--authorized-key: one line only" ;; esac

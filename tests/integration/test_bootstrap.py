@@ -136,16 +136,19 @@ def test_nodes_add_refuses_bad_names_duplicates_unreachable_hosts_and_no_root(fr
         ("old1", node, 2, "a node named 'old1' already exists"),
         ("ghost", unreachable, 1, "node ghost: unreachable"),
         ("stranger", unknown_key, 1, "is not in " + unknown_key["known_hosts"]),
+        ("wk1", node, 2, "--worker: --api-url 'http://x/api\\nPATH=/evil'"),
         ("fresh1", node, 1, "cannot use `sudo -n`"),
     ]
     for name, entry, code, message in cases:
-        done = _add(name, entry)
+        extra = ("--worker", "--package", "/srv/od", "--api-url", "http://x/api\nPATH=/evil") if name == "wk1" else ()
+        done = _add(name, entry, *extra)
         assert done.returncode == code, (name, done.stdout, done.stderr)
         assert message in " ".join(done.stderr.split()), (name, done.stderr)
         assert nodes_json.read_bytes() == before, f"nodes add {name} changed nodes.json"
     assert not list(fresh_node.home("loop1").glob("dispatch")), "a refused bootstrap made the run directory"
 
 
+@pytest.mark.prefect
 def test_nodes_add_bootstraps_a_fresh_node_that_then_runs_a_project(sudo_node: LoopbackCluster, prefect_api,
                                                                     run_project, isolated_home: Path,
                                                                     monkeypatch: pytest.MonkeyPatch):
