@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,6 +33,9 @@ from dispatch.cluster import Node, load_nodes, parse_node
 from dispatch.errors import ConfigError, DispatchError, NodeError
 from dispatch.runner import SHIPPED_FILES, runner_checksum
 from dispatch.settings import DispatchSettings, get_settings
+
+if TYPE_CHECKING:
+    from dispatch.ssh import SSHPool, SSHTarget
 
 console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -180,7 +183,7 @@ def _check_node(node: Node, bootstrap_args: list[str] | None, timeout: float) ->
                   f"{escape(', '.join(probe['clis']) or 'none')}", soft_wrap=True)
 
 
-def bootstrap(pool: Any, target: Any, args: list[str], *, worker: bool = False) -> None:
+def bootstrap(pool: SSHPool, target: SSHTarget, args: list[str], *, worker: bool = False) -> None:
     """Run `infra/bootstrap-node.sh` on a node as root, with the node runner beside it; output streamed.
 
     The script and the runner are copied into a fresh temporary directory of the login user, run from
@@ -219,10 +222,14 @@ def bootstrap(pool: Any, target: Any, args: list[str], *, worker: bool = False) 
         if done.exit_code != 0:
             raise NodeError(target.name, f"infra/bootstrap-node.sh exited {done.exit_code} (its output is above)")
     finally:
-        pool.run(target, f"rm -rf -- {shlex.quote(directory)}", timeout=60, check=False)
+        try:
+            pool.run(target, f"rm -rf -- {shlex.quote(directory)}", timeout=60, check=False)
+        except DispatchError as exc:  # the node went away: say so, but keep the error that ended the bootstrap
+            err.print(f"[yellow]warning:[/] could not remove {escape(directory)} on {escape(target.name)}: "
+                      f"{escape(str(exc))}", soft_wrap=True)
 
 
-def _runner_version(pool: Any, target: Any, node: Node, timeout: float) -> str | None:
+def _runner_version(pool: SSHPool, target: SSHTarget, node: Node, timeout: float) -> str | None:
     """The checksum the node's copy of this runner version reports, None when it has none."""
     script = f"{node.remote_root.removeprefix('~/')}/.runner/{runner_checksum()[:16]}/node_runner.py"
     done = pool.run(target, f"{shlex.quote(node.python)} {shlex.quote(script)} version", timeout=timeout + 20,

@@ -95,6 +95,9 @@ def test_bootstrap_twice_makes_the_user_and_runner_then_changes_nothing(sudo_nod
         assert not [line for line in second if line.startswith("changed:")], second
         assert _tree(home) == before, "a second bootstrap changed the user's home"
         assert pwd.getpwnam(user) == passwd
+        login_uid = pwd.getpwnam(sudo_node.node("loop1")["user"]).pw_uid
+        assert [p for p in Path("/tmp").glob("tmp.*") if p.lstat().st_uid == login_uid] == [], \
+            "the bootstrap's temporary directory was left on the node"
     finally:
         subprocess.run(["userdel", "--remove", user], capture_output=True, timeout=60)
 
