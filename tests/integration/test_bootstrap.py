@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import uuid
@@ -43,6 +44,8 @@ def fresh_node(cluster_base: Path) -> Iterator[LoopbackCluster]:
 @pytest.fixture
 def sudo_node(fresh_node: LoopbackCluster) -> Iterator[LoopbackCluster]:
     """`fresh_node` whose login user has passwordless sudo."""
+    if shutil.which("sudo") is None:
+        pytest.fail("sudo is not installed: apt-get install -y sudo (bash .ci/run does this)")
     user = fresh_node.node("loop1")["user"]
     rule = Path("/etc/sudoers.d") / f"dispatch-test-{user}"
     rule.write_text(f"{user} ALL=(ALL) NOPASSWD:ALL\n")
