@@ -236,3 +236,18 @@ def test_bootstrap_worker_installs_its_env_and_unit_once_without_keys(tmp_path: 
     leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
              and secret.encode() in p.read_bytes()]
     assert leaks == [], f"the API key was written: {leaks}"
+
+
+def test_nodes_add_in_embedded_mode_with_skip_bootstrap_checks_and_writes_only_nodes_json(
+        fresh_node: LoopbackCluster, isolated_home: Path):
+    """A node bootstrapped by hand: only probed (no sudo needed), then listed; no Prefect server is started."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = _add("byhand", fresh_node.node("loop1"), "--skip-bootstrap", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "changed:" not in done.stdout, "--skip-bootstrap ran the bootstrap"
+    assert "embedded mode: no block or work pool made" in " ".join(done.stdout.split())
+    [entry] = json.loads((isolated_home / "home" / "nodes.json").read_text())["nodes"]
+    assert (entry["name"], entry["port"]) == ("byhand", fresh_node.node("loop1")["port"])
+    assert not (isolated_home / "home" / "locks" / "local-server.lock").exists(), "a Prefect server was started"
+    again = _add("byhand", fresh_node.node("loop1"), "--skip-bootstrap", env=env)
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
