@@ -14,7 +14,7 @@ url=${PREFECT_API_DATABASE_CONNECTION_URL:?set PREFECT_API_DATABASE_CONNECTION_U
 url=${url/postgresql+asyncpg:/postgresql:}
 case $keep in ''|*[!0-9]*|0) echo "KEEP must be a positive number, got '$keep'" >&2; exit 2 ;; esac
 
-command -v pg_dump >/dev/null || PATH="$PATH:$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+command -v pg_dump >/dev/null || PATH="$PATH:$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin 2>/dev/null | sort -V | tail -n 1)"
 command -v pg_dump >/dev/null || { echo "pg_dump not found: apt-get install -y postgresql-client" >&2; exit 2; }
 umask 077
 mkdir -p "$dest"
@@ -25,5 +25,5 @@ mv "$file.partial" "$file"
 echo "wrote $file ($(du -h "$file" | cut -f1))"
 
 # Rotation: the names sort by time; delete all but the newest $keep.
-mapfile -t old < <(ls -1 "$dest"/prefect-*.dump 2>/dev/null | sort | head -n -"$keep")
+mapfile -t old < <(find "$dest" -maxdepth 1 -name 'prefect-*.dump' | sort | head -n -"$keep")
 for f in "${old[@]}"; do rm -f -- "$f" && echo "removed $f"; done
