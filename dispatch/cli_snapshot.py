@@ -79,7 +79,8 @@ def restore(
     if as_json:
         console.print_json(data={"archive": str(done.archive), "created_at": done.created_at,
                                  "database": done.database, "areas": done.areas, "files": done.files,
-                                 "stopped_server": done.stopped_server, "seconds": round(done.seconds, 3)})
+                                 "stopped_server": done.stopped_server, "seconds": round(done.seconds, 3),
+                                 "restart_server": done.database.startswith("PostgreSQL")})
         return
     if done.stopped_server:
         console.print(f"stopped the local Prefect server (pid {', '.join(map(str, done.stopped_server))}); the next "
@@ -87,3 +88,6 @@ def restore(
     console.print(f"restored the snapshot of {escape(done.created_at)} into {escape(done.database)} and "
                   f"{escape(str(settings.home))} ({', '.join(done.areas) or 'no home areas'}; {done.files} files) "
                   f"in {done.seconds:.1f}s", soft_wrap=True)
+    if done.database.startswith("PostgreSQL"):
+        console.print("[yellow]now restart the team's Prefect server[/] (`systemctl restart prefect-server`): its "
+                      "open connections still hold plans of the tables the restore replaced", soft_wrap=True)
