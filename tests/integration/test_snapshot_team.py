@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from base64 import b64encode
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -117,3 +118,24 @@ def test_postgres_restore_is_refused_while_a_flow_run_of_ours_runs(own_server: T
     assert client.get(f"/flow_runs/{run['id']}").status_code == 200  # the database was not touched
     client.post(f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CRASHED", "name": "Crashed"},
                                                           "force": True})
+
+
+def test_infra_snapshot_script_writes_the_same_archive_through_dispatch(own_server: TeamServer,
+                                                                        tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "infra" / "snapshot-db.sh"
+    checked = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    env = {k: v for k, v in own_server.env(DISPATCH_HOME=str(tmp_path / "home")).items()
+           if not k.startswith("PREFECT_API")}  # on the gateway: server.env names the database, no API URL
+    env |= {"PREFECT_API_DATABASE_CONNECTION_URL": own_server.database_url or "",
+            "DISPATCH": str(Path(sys.executable).with_name("dispatch"))}
+    done = subprocess.run(["bash", str(script), str(tmp_path / "backups"), "3"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (archive,) = (tmp_path / "backups").glob("oyster-dispatch-snapshot-*Z.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert "database/prefect.dump" in tar.getnames()
+    assert archive.with_name(archive.name + ".sha256").is_file()
+    bad = subprocess.run(["bash", str(script), str(tmp_path / "backups"), "0"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "KEEP must be a positive number" in bad.stderr
