@@ -294,6 +294,9 @@ def restore(settings: DispatchSettings, archive: Path, database: Database | None
     if database is None:
         raise RestoreRefused("team mode: the Prefect database is on the server; restore there (with its "
                              "server.env) or set DISPATCH_SNAPSHOT_DATABASE_URL")
+    if database.kind == "postgresql" and settings.embedded:
+        raise RestoreRefused("set PREFECT_API_URL (and PREFECT_API_AUTH_STRING) to the team's server: a restore "
+                             "into its PostgreSQL database first asks it whether a flow run of ours is running")
     settings.home.mkdir(parents=True, exist_ok=True)
     staging = settings.home / f".restore-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     staging.mkdir(mode=0o700)

@@ -16,7 +16,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -37,7 +37,7 @@ class Database:
 
     kind: str  # "sqlite" or "postgresql"
     path: Path | None = None
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # may hold the password
 
     @property
     def member(self) -> str:

@@ -249,3 +249,15 @@ def test_team_mode_without_the_database_url_says_where_to_snapshot(tmp_path: Pat
     assert done.returncode == 1
     assert "PREFECT_API_DATABASE_CONNECTION_URL" in done.stderr and "DISPATCH_SNAPSHOT_DATABASE_URL" in done.stderr
     assert not (tmp_path / "snaps").exists()
+
+
+def test_a_postgres_restore_without_the_team_servers_address_is_refused_and_hides_the_password(
+        tmp_path: Path) -> None:
+    home = _home(tmp_path)
+    archive = _snapshot(tmp_path, tmp_path / "snaps")
+    now = _tree(home)
+    done = _dispatch(tmp_path, "restore", str(archive),
+                     DISPATCH_SNAPSHOT_DATABASE_URL="postgresql+asyncpg://prefect:pa55word@127.0.0.1:9/prefect")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "PREFECT_API_URL" in done.stderr and "pa55word" not in done.stdout + done.stderr
+    assert _tree(home) == now
