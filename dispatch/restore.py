@@ -98,7 +98,11 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
         return None if member.isfile() else "must be a file"
     if name in ("database", "home"):
         return None if member.isdir() else "must be a directory"
-    if parts[0] == "home" and len(parts) >= 2 and (parts[1] in AREAS or (parts[1] in FILES and len(parts) == 2)):
+    if parts[0] == "home" and len(parts) == 2 and parts[1] in AREAS:
+        return None if member.isdir() else "must be a directory"
+    if parts[0] == "home" and len(parts) == 2 and parts[1] in FILES:
+        return None if member.isfile() else "must be a file"
+    if parts[0] == "home" and len(parts) > 2 and parts[1] in AREAS:
         return None
     return "is not part of a dispatch snapshot"
 

@@ -144,7 +144,8 @@ def test_a_member_changed_behind_a_rewritten_checksum_is_refused(tmp_path: Path)
 
 @pytest.mark.parametrize("name, kind", [("../escaped", tarfile.REGTYPE), ("<tmp>/absolute", tarfile.REGTYPE),
                                         ("home/state/link", tarfile.SYMTYPE), ("home/state/hard", tarfile.LNKTYPE),
-                                        ("home/state/../../x", tarfile.REGTYPE), ("home/locks/x", tarfile.REGTYPE)])
+                                        ("home/state/../../x", tarfile.REGTYPE), ("home/locks/x", tarfile.REGTYPE),
+                                        ("home/pipeline", tarfile.REGTYPE)])
 def test_unsafe_members_are_refused_before_anything_is_extracted(tmp_path: Path, name: str, kind: bytes) -> None:
     name = name.replace("<tmp>", str(tmp_path))  # an absolute path that a broken check writes only here
     home = _home(tmp_path)
