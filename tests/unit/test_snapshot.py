@@ -15,6 +15,7 @@ import os
 import sqlite3
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,29 @@ def test_a_postgres_restore_without_the_team_servers_address_is_refused_and_hide
     assert done.returncode == 1, done.stdout + done.stderr
     assert "PREFECT_API_URL" in done.stderr and "pa55word" not in done.stdout + done.stderr
     assert _tree(home) == now
+
+
+def test_restore_is_refused_while_a_runner_lives_or_the_local_server_is_being_started(tmp_path: Path) -> None:
+    import fcntl
+
+    home = _home(tmp_path)
+    archive = _snapshot(tmp_path, tmp_path / "snaps")
+    runner = subprocess.Popen(["sleep", "60"])
+    status = home / "runs" / "demo" / "tasks" / "S01" / "status.json"
+    try:
+        status.write_text(json.dumps({"state": "running", "runner_pid": runner.pid, "heartbeat_at": time.time()}))
+        now = _tree(home)
+        done = _dispatch(tmp_path, "restore", str(archive))
+        assert done.returncode == 1 and "runner of demo/S01" in done.stderr, done.stdout + done.stderr
+        assert _tree(home) == now
+    finally:
+        runner.kill()
+        runner.wait()
+    lock = home / "locks" / "local-server.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a command starting the local server holds it
+        now = _tree(home)
+        done = _dispatch(tmp_path, "restore", str(archive))
+        assert done.returncode == 1 and "starting the local Prefect server" in done.stderr, done.stdout + done.stderr
+        assert _tree(home) == now and _rows(home) == [("run-1", "COMPLETED")]
