@@ -29,6 +29,7 @@ from dispatch.cli_models import models_app
 from dispatch.cli_nodes import nodes_app
 from dispatch.cli_pipeline import pipeline_app
 from dispatch.cli_server import connect_prefect, server_app, ui
+from dispatch.cli_snapshot import restore, snapshot
 from dispatch.cli_status import report, status
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid, cut
@@ -379,6 +380,7 @@ def cleanup(project: str,
 
 
 app.command()(ui)
+app.command()(snapshot); app.command()(restore)  # noqa: E702 - dispatch/cli_snapshot.py
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -17,6 +17,8 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `server_slots`      | `DISPATCH_SERVER_SLOTS`      | true: team mode counts node slots on the server |
 | `server`            | `DISPATCH_SERVER`            | `local` (a server that stays), or `ephemeral`  |
 | `server_port`       | `DISPATCH_SERVER_PORT`       | 4200 (a free port when it is taken)           |
+| `snapshot_dir`      | `DISPATCH_SNAPSHOT_DIR`      | `<home>/snapshots`                            |
+| `snapshot_keep`     | `DISPATCH_SNAPSHOT_KEEP`     | 14 (days)                                     |
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dispatch.paths import check_name, local_path
@@ -91,6 +93,19 @@ class DispatchSettings(BaseSettings):
         description="Basic auth user:password for the team's Prefect server (a secret).")
     prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
                                       description="Prefect's own home; embedded default: <home>/prefect.")
+
+    # Snapshots and restore (`dispatch snapshot` / `dispatch restore`, the daily `snapshot` deployment)
+    snapshot_dir: Path | None = Field(default=None, description="Where `dispatch snapshot` writes its archives; "
+                                      "default <home>/snapshots (point it at another disk).")
+    snapshot_keep: int = Field(default=14, ge=1, le=3650,
+                               description="Days of snapshots kept: the newest archive of each of the last N days.")
+    snapshot_database_url: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DISPATCH_SNAPSHOT_DATABASE_URL",
+                                                    "PREFECT_API_DATABASE_CONNECTION_URL"),
+        description="The Prefect database to snapshot and restore when it is not the embedded SQLite one: the team "
+        "server's postgresql+asyncpg:// URL (server.env sets PREFECT_API_DATABASE_CONNECTION_URL). A secret.")
+    snapshot_max_bytes: int = Field(default=64 * 2**30, ge=2**20,
+                                    description="Most bytes an archive may hold unpacked (a restore refuses more).")
 
     @model_validator(mode="after")
     def _local_server_is_embedded(self) -> DispatchSettings:
