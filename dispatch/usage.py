@@ -1,0 +1,268 @@
+"""Usage and cost per attempt, as the agents report it, and the daily budgets that hold specs back.
+
+The node runner reads what each agent CLI prints (Claude Code's `result` event, Codex's `turn.completed`,
+opencode's `step_finish`: `node_runner.UsageMeter`) into each attempt of `result.json`; a figure an agent did
+not print stays unknown (None), never 0. The dispatcher appends one line per attempt to the ledger,
+`<home>/results/usage.jsonl` (rotated to `usage.jsonl.1` past `DISPATCH_USAGE_LEDGER_BYTES`), from which
+`totals()` sums cost and tokens per model, user, project and UTC day, and `Budgets` keeps a spec from
+starting when its model's or its user's spend today (UTC) would pass `DISPATCH_BUDGET_MODEL` /
+`DISPATCH_BUDGET_USER`.
+
+Token counts are what each CLI calls them: Claude's `input_tokens` leave out cache reads, Codex's include
+them. Claude Code prices GLM and MiniMax (through `ANTHROPIC_BASE_URL`) at Anthropic's list prices.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, field_validator
+
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+_ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one
+_REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
+LEDGER_NAME = "usage.jsonl"
+
+
+class Usage(BaseModel):
+    """What one attempt's agent said it used; None where it said nothing."""
+
+    source: str = ""
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    agent_model: str = ""
+
+    @field_validator("cost_usd", *_TOKEN_FIELDS, mode="before")
+    @classmethod
+    def _figure(cls, value: Any) -> float | None:
+        # a result.json from an older or odd runner must not fail the whole result: no figure is unknown
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+            return None
+        return value
+
+    @field_validator(*_TOKEN_FIELDS, mode="after")
+    @classmethod
+    def _whole(cls, value: int | None) -> int | None:
+        return None if value is None else int(value)
+
+    def plus(self, other: Usage | None) -> Usage:
+        """The sum of two usages; a figure unknown in both stays unknown."""
+        if other is None:
+            return self
+        summed: dict[str, Any] = {}
+        for name in ("cost_usd", *_TOKEN_FIELDS):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            summed[name] = None if mine is None and theirs is None else (mine or 0) + (theirs or 0)
+        return Usage(**summed)
+
+
+def utc_day(ts: float) -> str:
+    """`YYYY-MM-DD` of Unix time `ts` in UTC: the budgets' day."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+
+
+def next_utc_midnight(ts: float) -> float:
+    day = dt.datetime.fromtimestamp(ts, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (day + dt.timedelta(days=1)).timestamp()
+
+
+def ledger_path(results_dir: Path) -> Path:
+    return results_dir / LEDGER_NAME
+
+
+def ledger_records(result: Any, *, user: str, run_id: str, clock: Callable[[], float] = time.time) -> list[dict]:
+    """One ledger line per agent attempt of `result` (a SpecResult), usage or not (unknown counts too)."""
+    records = []
+    for number, attempt in enumerate(result.attempts, 1):
+        if not attempt.model or attempt.verdict == "":
+            continue
+        usage = attempt.usage.model_dump(exclude_none=True) if attempt.usage else {}
+        ts = attempt.ended_at or attempt.started_at or clock()
+        records.append({"ts": ts, "day": utc_day(ts), "project": result.project, "task_id": result.task_id,
+                        "run_id": run_id, "attempt": f"{result.attempt}.{number}", "user": user,
+                        "node": result.node, "model": attempt.model, "role": attempt.role or "agent",
+                        "verdict": attempt.verdict, **usage})
+    return records
+
+
+def append_ledger(results_dir: Path, records: Iterable[dict], max_bytes: int) -> None:
+    """Append `records` to the ledger under a lock (dispatchers on one machine share it); past `max_bytes`
+    the ledger first becomes `usage.jsonl.1` (the one before that is dropped)."""
+    lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    if not lines:
+        return
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = ledger_path(results_dir)
+    with open(results_dir / f".{LEDGER_NAME}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.exists() and path.stat().st_size + len(lines) > max_bytes:
+                os.replace(path, path.with_name(LEDGER_NAME + ".1"))
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(lines)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_ledger(results_dir: Path) -> list[dict]:
+    """Every ledger record, the rotated file's first; a torn or foreign line is skipped."""
+    records = []
+    for path in (ledger_path(results_dir).with_name(LEDGER_NAME + ".1"), ledger_path(results_dir)):
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("ts"), int | float):
+                records.append(record)
+    return records
+
+
+def _empty() -> dict[str, Any]:
+    return {"cost_usd": 0.0, **dict.fromkeys(_TOKEN_FIELDS, 0), "attempts": 0, "attempts_without_cost": 0}
+
+
+def _add(group: dict[str, Any], record: dict) -> None:
+    group["attempts"] += 1
+    cost = Usage.model_validate(record)
+    if cost.cost_usd is None:
+        group["attempts_without_cost"] += 1
+    else:
+        group["cost_usd"] = round(group["cost_usd"] + cost.cost_usd, 6)
+    for name in _TOKEN_FIELDS:
+        group[name] += getattr(cost, name) or 0
+
+
+def summarize(records: Iterable[dict]) -> dict[str, Any]:
+    """Totals of ledger `records`: overall and per model, user, project and UTC day."""
+    total = _empty()
+    groups: dict[str, dict[str, dict[str, Any]]] = {"by_model": {}, "by_user": {}, "by_project": {}, "by_day": {}}
+    for record in records:
+        _add(total, record)
+        for group, key in (("by_model", "model"), ("by_user", "user"), ("by_project", "project"), ("by_day", "day")):
+            _add(groups[group].setdefault(str(record.get(key) or "-"), _empty()), record)
+    return {**total, **groups}
+
+
+def totals(settings: Any, since: float | None = None, until: float | None = None) -> dict[str, Any]:
+    """What the agents reported using, from this machine's ledger, summed overall and per model, user, project
+    and UTC day: `cost_usd` and the token counts (only figures the agents printed), `attempts`, and
+    `attempts_without_cost` (attempts whose agent printed no cost: Codex, plain opencode, a killed run).
+
+    Args:
+        settings: the DispatchSettings (its `results_dir` holds the ledger).
+        since: count attempts that ended at or after this Unix time (default: the start of today, UTC).
+        until: and before this one (default: no end).
+
+    Returns:
+        {"since", "until", "cost_usd", "input_tokens", ..., "attempts", "attempts_without_cost",
+        "by_model": {model: {...same figures}}, "by_user": ..., "by_project": ..., "by_day": ...}
+
+    Examples:
+        >>> totals(get_settings())["by_model"].get("claude", {}).get("cost_usd", 0.0)
+    """
+    now = time.time()
+    since = next_utc_midnight(now) - 86400 if since is None else since
+    chosen = [r for r in read_ledger(settings.results_dir) if r["ts"] >= since and (until is None or r["ts"] < until)]
+    return {"since": since, "until": until, **summarize(chosen)}
+
+
+class Budgets:
+    """The daily budgets (USD per UTC day) per model and per user, against this machine's ledger.
+
+    A spec would start past a budget when the spend today plus the estimated cost of it and of the specs
+    this dispatcher has running on the same model or for the same user passes the limit; the estimate is the
+    mean cost of the model's recent attempts (0 while none reported a cost, so the first spec of a fresh
+    model always starts). A model over its budget is left out of a spec's chain (its next model runs, as for
+    a cool-down); a spec with no model left, or whose user is over budget, waits.
+    """
+
+    def __init__(self, settings: Any, clock: Callable[[], float] = time.time) -> None:
+        self.model_limits: dict[str, float] = dict(settings.budget_model)
+        self.user_limits: dict[str, float] = dict(settings.budget_user)
+        self._results_dir = settings.results_dir
+        self._clock = clock
+        self._read_at = float("-inf")
+        self._stamp: tuple[int, int] | None = None
+        self._records: list[dict] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model_limits or self.user_limits)
+
+    def _refresh(self) -> None:
+        if time.monotonic() - self._read_at < _REREAD_SECONDS:
+            return
+        self._read_at = time.monotonic()
+        try:
+            info = ledger_path(self._results_dir).stat()
+            stamp = (info.st_size, info.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp, self._records = stamp, read_ledger(self._results_dir)
+
+    def add(self, records: list[dict]) -> None:
+        """Count records this dispatcher has just appended to the ledger (no need to wait for a re-read)."""
+        self._refresh()
+        self._records.extend(records)
+        self._read_at = float("-inf")  # the file changed: the next read picks the others' lines up too
+
+    def _spent(self, key: str, value: str, day: str) -> float:
+        return sum(r.get("cost_usd") or 0.0 for r in self._records if r.get(key) == value and r.get("day") == day)
+
+    def estimate(self, model: str) -> float:
+        costs = [r["cost_usd"] for r in self._records
+                 if r.get("model") == model and isinstance(r.get("cost_usd"), int | float)][-_ESTIMATE_SAMPLES:]
+        return sum(costs) / len(costs) if costs else 0.0
+
+    def _over(self, spent: float, estimate: float, running: int, limit: float) -> bool:
+        return spent >= limit or spent + estimate * (running + 1) > limit
+
+    def check(self, chain: list[str], user: str, running: list[str]) -> tuple[list[str], str]:
+        """The models of `chain` within their budgets, and why the spec must wait ('' when it may start).
+
+        Args:
+            chain: the spec's usable models, in order.
+            user: who the spec runs for.
+            running: the model each spec this dispatcher has running started with.
+        """
+        if not self.enabled or not chain:
+            return chain, ""
+        self._refresh()
+        now = self._clock()
+        day = utc_day(now)
+        allowed, spent_models = [], []
+        for model in chain:
+            limit = self.model_limits.get(model)
+            spent = self._spent("model", model, day) if limit is not None else 0.0
+            if limit is not None and self._over(spent, self.estimate(model), running.count(model), limit):
+                spent_models.append(f"{model} ${spent:.2f} of ${limit:g}")
+            else:
+                allowed.append(model)
+        until = dt.datetime.fromtimestamp(next_utc_midnight(now), dt.UTC).strftime("%Y-%m-%d 00:00 UTC")
+        if not allowed:
+            return [], (f"budget reached: {', '.join(spent_models)} today (UTC); waits until {until} "
+                        "or a raised DISPATCH_BUDGET_MODEL")
+        limit = self.user_limits.get(user)
+        if limit is not None:
+            spent = self._spent("user", user, day)
+            if self._over(spent, self.estimate(allowed[0]), len(running), limit):
+                return [], (f"budget reached: user {user} ${spent:.2f} of ${limit:g} today (UTC); waits until "
+                            f"{until} or a raised DISPATCH_BUDGET_USER")
+        return allowed, ""
