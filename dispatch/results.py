@@ -35,7 +35,7 @@ class Attempt(BaseModel):
     exit_code: int | None = None
     started_at: float | None = None
     ended_at: float | None = None
-    role: str = Field(default="", description="verify: a verifier's review; else the spec's own agent run")
+    role: str = Field(default="", description="verify: a verifier's review; shell: a shell step; else the agent run")
     usage: Usage | None = Field(default=None, description="what the agent reported using; None: it said nothing")
 
 
@@ -145,6 +145,17 @@ class SpecRow(BaseModel):
     cost_usd: float | None = Field(default=None, description="what its agents reported costing, all attempts")
     input_tokens: int | None = None
     output_tokens: int | None = None
+    attempts_without_cost: int = Field(default=0, description="agent attempts that reported no cost (unknown)")
+
+    def add_usage(self, attempts: list[Attempt]) -> None:
+        """Count one result's agent attempts in (figures no agent reported stay None)."""
+        total = Usage(cost_usd=self.cost_usd, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+        for attempt in attempts:
+            if not attempt.model or not attempt.verdict or attempt.role == "shell":
+                continue
+            total = total.plus(attempt.usage)
+            self.attempts_without_cost += attempt.usage is None or attempt.usage.cost_usd is None
+        self.cost_usd, self.input_tokens, self.output_tokens = total.cost_usd, total.input_tokens, total.output_tokens
 
 
 class ProjectState(BaseModel):

@@ -85,7 +85,7 @@ def ledger_records(result: Any, *, user: str, run_id: str, clock: Callable[[], f
     """One ledger line per agent attempt of `result` (a SpecResult), usage or not (unknown counts too)."""
     records = []
     for number, attempt in enumerate(result.attempts, 1):
-        if not attempt.model or attempt.verdict == "":
+        if not attempt.model or not attempt.verdict or attempt.role == "shell":
             continue
         usage = attempt.usage.model_dump(exclude_none=True) if attempt.usage else {}
         ts = attempt.ended_at or attempt.started_at or clock()
@@ -180,6 +180,11 @@ def totals(settings: Any, since: float | None = None, until: float | None = None
     since = next_utc_midnight(now) - 86400 if since is None else since
     chosen = [r for r in read_ledger(settings.results_dir) if r["ts"] >= since and (until is None or r["ts"] < until)]
     return {"since": since, "until": until, **summarize(chosen)}
+
+
+def run_usage(settings: Any, run_id: str) -> dict[str, Any]:
+    """The summary (`summarize`) of one dispatcher run's attempts in the ledger: the report's usage table."""
+    return summarize(r for r in read_ledger(settings.results_dir) if run_id and r.get("run_id") == run_id)
 
 
 class Budgets:

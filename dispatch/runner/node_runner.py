@@ -1018,6 +1018,7 @@ class Runner:
             with open(script, "w", encoding="utf-8") as handle:
                 handle.write(step.script)
             argv = ["bash", "--noprofile", "--norc", "-e", "-o", "pipefail", script]
+            attempt["role"] = "shell"  # no agent: no usage to count
         else:
             argv = list(step.argv or [])
         if _find_executable(argv[0], env.get("PATH", os.defpath), self.task.workdir) is None:

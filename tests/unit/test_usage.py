@@ -133,7 +133,7 @@ def test_ledger_totals_per_model_user_project_and_day(isolated_home: Path) -> No
 
 def test_ledger_rotates_past_its_size_and_totals_read_both(isolated_home: Path) -> None:
     from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_records, ledger_path, totals
+    from dispatch.usage import append_ledger, ledger_path, ledger_records, totals
 
     settings = get_settings()
     record = ledger_records(_result("S01", ("claude", 0.01)), user="alice", run_id="r1")

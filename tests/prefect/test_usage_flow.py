@@ -1,0 +1,91 @@
+"""Usage and budgets through the project flow, on Prefect's real API, with the fake agent reporting costs."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.fixtures.projects import write_spec
+
+pytestmark = pytest.mark.prefect
+
+
+def _agent_runs(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_budget_reached_holds_the_second_spec_back_before_it_spends(run_project, fake_agents, isolated_home: Path,
+                                                                    monkeypatch) -> None:
+    from dispatch.cli import app
+    from dispatch.results import load_state
+    from dispatch.settings import get_settings
+    from dispatch.usage import totals
+    from flows.dispatch_project import LISTENERS
+
+    monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
+    env = {"FAKE_AGENT_LOG": str(isolated_home / "agents.jsonl")}  # every agent run, logged by the fake agent
+    specs = isolated_home / "specs" / "budget"
+    costs = "FAKE: mode=ok cost=0.04 tokens=1000,200\n"
+    write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["claude"], "env": env},
+               f"## Goal\nWrite.\n\n{costs}")
+    write_spec(specs, "S02-second.md", {"task_id": "S02-second", "depends_on": ["S01-first"], "model": ["claude"],
+                                        "env": env}, f"## Goal\nWrite more.\n\n{costs}")
+    seen: dict = {}
+
+    def listener(event: str, task_id: str, details: dict) -> None:
+        if event != "waiting" or "state" in seen:
+            return
+        seen["reason"] = details.get("reason", "")
+        seen["state"] = load_state(get_settings().state_dir, "budget")
+        seen["status"] = json.loads(CliRunner().invoke(app, ["status", "budget", "--json"]).output)
+        stop = signal.getsignal(signal.SIGTERM)  # the flow's own handler: what `dispatch stop` triggers
+        if callable(stop) and "_install_signal_handlers" in getattr(stop, "__qualname__", ""):
+            stop(signal.SIGTERM, None)
+
+    LISTENERS.append(listener)
+    try:
+        state, summary = run_project("budget", slots=2)
+    finally:
+        LISTENERS.remove(listener)
+    assert "state" in seen, f"S02 was never held back: {summary.specs if summary else None}"
+    row = seen["state"].specs["S02-second"]
+    assert row.reason.startswith("budget reached: claude $0.04 of $0.05 today (UTC)"), row.reason
+    assert row.state not in ("running", "succeeded")
+    shown = seen["status"]["projects"][0]["specs"]["S02-second"]  # what `dispatch status` says of it
+    assert shown["reason"] == row.reason and shown["state"] == row.state
+    first = seen["state"].specs["S01-first"]
+    assert first.state == "succeeded" and first.cost_usd == pytest.approx(0.04)
+    assert (first.input_tokens, first.output_tokens) == (1000, 200)
+    assert [r["prompt"].count("Write more") for r in _agent_runs(isolated_home / "agents.jsonl")] == [0], \
+        "the second spec never ran an agent"
+    assert summary.specs["S02-second"].state == "cancelled" and state.is_cancelled()
+    assert totals(get_settings())["by_model"]["claude"]["cost_usd"] == pytest.approx(0.04)
+
+
+def test_a_model_over_budget_falls_to_the_next_model_and_usage_reaches_report_and_status(
+        run_project, fake_agents, isolated_home: Path, monkeypatch) -> None:
+    from dispatch.cli import app
+    from dispatch.settings import get_settings
+    from dispatch.usage import totals
+
+    monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
+    specs = isolated_home / "specs" / "fallback"
+    body = "## Goal\nWrite.\n\nFAKE: model=claude mode=ok cost=0.04\nFAKE: model=codex mode=ok tokens=700,90\n"
+    write_spec(specs, "S01-a.md", {"task_id": "S01-a", "model": ["claude", "codex"]}, body)
+    write_spec(specs, "S02-b.md", {"task_id": "S02-b", "depends_on": ["S01-a"], "model": ["claude", "codex"]}, body)
+    state, summary = run_project("fallback")
+    assert state.is_completed(), state.message
+    assert (summary.specs["S01-a"].model, summary.specs["S02-b"].model) == ("claude", "codex")
+    assert summary.specs["S02-b"].cost_usd is None, "Codex prints no cost: unknown, not $0"
+    assert summary.specs["S02-b"].input_tokens == 700
+    found = totals(get_settings())
+    assert found["by_model"]["codex"]["attempts_without_cost"] == 1 and found["cost_usd"] == pytest.approx(0.04)
+    report = CliRunner().invoke(app, ["report", "fallback"]).output
+    assert "| S01-a | succeeded | local | claude | 1 |" in report and "$0.0400" in report, report
+    assert "## Usage" in report and "| codex | 1 | - | 700 | 90 |" in report, report
+    status = CliRunner().invoke(app, ["status", "fallback"], terminal_width=200).output
+    assert "usage: $0.0400 reported" in status and "1 attempt(s) reported no cost" in status, status
