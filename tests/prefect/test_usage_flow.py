@@ -89,3 +89,31 @@ def test_a_model_over_budget_falls_to_the_next_model_and_usage_reaches_report_an
     assert "## Usage" in report and "| codex | 1 | - | 700 | 90 |" in report, report
     status = CliRunner().invoke(app, ["status", "fallback"], terminal_width=200).output
     assert "usage: $0.0400 reported" in status and "1 attempt(s) reported no cost" in status, status
+
+
+def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> None:
+    from types import SimpleNamespace
+
+    from prefect import flow
+    from prefect.artifacts import create_table_artifact
+    from prefect.client.orchestration import get_client
+
+    from dispatch.results import SpecResult
+    from dispatch.transports.worker import RESULT_ARTIFACT_DESCRIPTION, WorkerTransport
+
+    sent = SpecResult.model_validate({
+        "project": "demo", "task_id": "S01", "status": "succeeded",
+        "attempts": [{"model": "claude", "verdict": "ok", "usage": {"source": "claude", "cost_usd": 0.04,
+                                                                   "input_tokens": 1200, "output_tokens": 300}},
+                     {"model": "codex", "verdict": "ok", "usage": None}]})
+
+    @flow
+    def spec_run_result() -> None:  # what flows/spec_run.py attaches to its flow run on the worker
+        create_table_artifact(table=[sent.model_dump(mode="json")], description=RESULT_ARTIFACT_DESCRIPTION)
+
+    run_state = spec_run_result(return_state=True)
+    with get_client(sync_client=True) as client:  # read back as the dispatcher's worker transport does
+        data = WorkerTransport._result_artifact(SimpleNamespace(client=client), run_state.state_details.flow_run_id)
+    received = SpecResult.from_runner(data, project="demo", task_id="S01")
+    assert received.attempts[0].usage == sent.attempts[0].usage and received.attempts[1].usage is None
+    assert received.usage().cost_usd == pytest.approx(0.04)
