@@ -169,3 +169,26 @@ def test_budget_over_for_one_model_falls_to_the_next_and_over_for_all_waits(isol
     assert chain == [] and "user bob $0.02 of $0.02" in why
     assert Budgets(settings, clock=lambda: clock() + 86400).check(["claude"], "alice", []) == (["claude"], ""), \
         "the next UTC day starts from zero"
+
+
+def test_usage_command_shows_totals_and_budgets_and_refuses_a_bad_day(isolated_home: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from dispatch.cli import app
+    from dispatch.settings import get_settings
+    from dispatch.usage import append_ledger, ledger_records
+
+    monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
+    get_settings.cache_clear()
+    settings = get_settings()
+    records = ledger_records(_result("S01", ("claude", 0.04), ("codex", None)), user="alice", run_id="r1")
+    append_ledger(settings.results_dir, records, settings.usage_ledger_bytes)
+    shown = CliRunner().invoke(app, ["usage", "--since", "2026-01-01", "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["by_model"]["claude"]["cost_usd"] == pytest.approx(0.04) and data["attempts_without_cost"] == 1
+    assert data["budgets"]["model"]["claude"] == {"limit_usd": 20.0, "spent_usd": 0.0}, "spent today, not in 2026-01"
+    text = CliRunner().invoke(app, ["usage", "--since", "2026-01-01"]).output
+    assert "$0.0400 reported over 2 attempt(s)" in text and "1 attempt(s) reported no cost" in text, text
+    bad = CliRunner().invoke(app, ["usage", "--since", "yesterday"])
+    assert bad.exit_code == 2 and "--since 'yesterday'" in bad.output and "YYYY-MM-DD" in bad.output
