@@ -14,6 +14,7 @@ them. Claude Code prices GLM and MiniMax (through `ANTHROPIC_BASE_URL`) at Anthr
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import fcntl
 import json
@@ -115,21 +116,26 @@ def append_ledger(results_dir: Path, records: Iterable[dict], max_bytes: int) ->
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _parse(text: str) -> list[dict]:
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("ts"), int | float):
+            records.append(record)
+    return records
+
+
 def read_ledger(results_dir: Path) -> list[dict]:
     """Every ledger record, the rotated file's first; a torn or foreign line is skipped."""
     records = []
     for path in (ledger_path(results_dir).with_name(LEDGER_NAME + ".1"), ledger_path(results_dir)):
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            records += _parse(path.read_text(encoding="utf-8", errors="replace"))
         except OSError:
             continue
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("ts"), int | float):
-                records.append(record)
     return records
 
 
@@ -200,40 +206,57 @@ class Budgets:
     def __init__(self, settings: Any, clock: Callable[[], float] = time.time) -> None:
         self.model_limits: dict[str, float] = dict(settings.budget_model)
         self.user_limits: dict[str, float] = dict(settings.budget_user)
-        self._results_dir = settings.results_dir
+        self._path = ledger_path(settings.results_dir)
         self._clock = clock
         self._read_at = float("-inf")
-        self._stamp: tuple[int, int] | None = None
-        self._records: list[dict] = []
+        self._inode: int | None = None
+        self._offset = 0  # bytes of the ledger already counted: only what others append is read again
+        self._spent: dict[tuple[str, str, str], float] = {}  # ("model"|"user", name, UTC day) -> USD
+        self._costs: dict[str, collections.deque[float]] = {}  # model -> its latest reported costs
 
     @property
     def enabled(self) -> bool:
         return bool(self.model_limits or self.user_limits)
 
-    def _refresh(self) -> None:
-        if time.monotonic() - self._read_at < _REREAD_SECONDS:
+    def _count(self, records: list[dict]) -> None:
+        for record in records:
+            cost = Usage.model_validate(record).cost_usd
+            if cost is None:
+                continue
+            for key in ("model", "user"):
+                slot = (key, str(record.get(key) or ""), str(record.get("day") or ""))
+                self._spent[slot] = self._spent.get(slot, 0.0) + cost
+            self._costs.setdefault(str(record.get("model") or ""),
+                                   collections.deque(maxlen=_ESTIMATE_SAMPLES)).append(cost)
+
+    def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._read_at < _REREAD_SECONDS:
             return
         self._read_at = time.monotonic()
         try:
-            info = ledger_path(self._results_dir).stat()
-            stamp = (info.st_size, info.st_mtime_ns)
+            with open(self._path, "rb") as handle:
+                inode = os.fstat(handle.fileno()).st_ino
+                if inode != self._inode or os.fstat(handle.fileno()).st_size < self._offset:  # new or rotated
+                    self._inode, self._offset, self._spent, self._costs = inode, 0, {}, {}
+                    rotated = self._path.with_name(LEDGER_NAME + ".1")
+                    self._count(_parse(rotated.read_text("utf-8", "replace")) if rotated.exists() else [])
+                handle.seek(self._offset)
+                data = handle.read()
         except OSError:
-            stamp = None
-        if stamp != self._stamp:
-            self._stamp, self._records = stamp, read_ledger(self._results_dir)
+            return
+        whole = data[:data.rfind(b"\n") + 1]  # a line being appended is read once it is complete
+        self._offset += len(whole)
+        self._count(_parse(whole.decode("utf-8", "replace")))
 
-    def add(self, records: list[dict]) -> None:
-        """Count records this dispatcher has just appended to the ledger (no need to wait for a re-read)."""
-        self._refresh()
-        self._records.extend(records)
-        self._read_at = float("-inf")  # the file changed: the next read picks the others' lines up too
+    def refresh(self) -> None:
+        """Count what was appended to the ledger since the last read (this dispatcher's lines, and others')."""
+        self._refresh(force=True)
 
-    def _spent(self, key: str, value: str, day: str) -> float:
-        return sum(r.get("cost_usd") or 0.0 for r in self._records if r.get(key) == value and r.get("day") == day)
+    def _spent_on(self, key: str, value: str, day: str) -> float:
+        return self._spent.get((key, value, day), 0.0)
 
     def estimate(self, model: str) -> float:
-        costs = [r["cost_usd"] for r in self._records
-                 if r.get("model") == model and isinstance(r.get("cost_usd"), int | float)][-_ESTIMATE_SAMPLES:]
+        costs = self._costs.get(model)
         return sum(costs) / len(costs) if costs else 0.0
 
     def _over(self, spent: float, estimate: float, running: int, limit: float) -> bool:
@@ -255,7 +278,7 @@ class Budgets:
         allowed, spent_models = [], []
         for model in chain:
             limit = self.model_limits.get(model)
-            spent = self._spent("model", model, day) if limit is not None else 0.0
+            spent = self._spent_on("model", model, day) if limit is not None else 0.0
             if limit is not None and self._over(spent, self.estimate(model), running.count(model), limit):
                 spent_models.append(f"{model} ${spent:.2f} of ${limit:g}")
             else:
@@ -266,7 +289,7 @@ class Budgets:
                         "or a raised DISPATCH_BUDGET_MODEL")
         limit = self.user_limits.get(user)
         if limit is not None:
-            spent = self._spent("user", user, day)
+            spent = self._spent_on("user", user, day)
             if self._over(spent, self.estimate(allowed[0]), len(running), limit):
                 return [], (f"budget reached: user {user} ${spent:.2f} of ${limit:g} today (UTC); waits until "
                             f"{until} or a raised DISPATCH_BUDGET_USER")

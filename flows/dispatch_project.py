@@ -406,7 +406,7 @@ class ProjectRun:
             append_ledger(self.settings.results_dir, records, self.settings.usage_ledger_bytes)
         except OSError as exc:  # the run goes on; only totals and budgets miss these attempts
             self.logger.warning("could not write the usage ledger: %s", exc)
-        self.budgets.add(records)
+        self.budgets.refresh()
 
     def _ask_locks(self, task_id: str, modifies: list[str]) -> None:
         """In a helper thread: ask the server's lock table; the dispatch loop gets the answer as an event

@@ -158,13 +158,14 @@ def test_budget_over_for_one_model_falls_to_the_next_and_over_for_all_waits(isol
     assert budgets.check(["claude", "glm"], "alice", []) == (["claude", "glm"], "")
     records = ledger_records(_result("S01", ("claude", 0.04)), user="alice", run_id="r1")
     append_ledger(settings.results_dir, records, settings.usage_ledger_bytes)
-    budgets.add(records)
+    budgets.refresh()
     # spent 0.04 + an estimated 0.04 for the next spec passes 0.05: claude is left out, glm runs
     assert budgets.check(["claude", "glm"], "alice", []) == (["glm"], "")
     chain, why = budgets.check(["claude"], "alice", [])
     assert chain == [] and why.startswith("budget reached: claude $0.04 of $0.05 today (UTC)")
     bob = ledger_records(_result("S02", ("glm", 0.02)), user="bob", run_id="r2")
-    budgets.add(bob)
+    append_ledger(settings.results_dir, bob, settings.usage_ledger_bytes)
+    budgets.refresh()
     chain, why = budgets.check(["glm"], "bob", [])
     assert chain == [] and "user bob $0.02 of $0.02" in why
     assert Budgets(settings, clock=lambda: clock() + 86400).check(["claude"], "alice", []) == (["claude"], ""), \
@@ -192,3 +193,20 @@ def test_usage_command_shows_totals_and_budgets_and_refuses_a_bad_day(isolated_h
     assert "$0.0400 reported over 2 attempt(s)" in text and "1 attempt(s) reported no cost" in text, text
     bad = CliRunner().invoke(app, ["usage", "--since", "yesterday"])
     assert bad.exit_code == 2 and "--since 'yesterday'" in bad.output and "YYYY-MM-DD" in bad.output
+
+
+def test_budgets_read_only_new_ledger_lines_and_follow_a_rotation(isolated_home: Path, monkeypatch) -> None:
+    from dispatch.settings import get_settings
+    from dispatch.usage import Budgets, append_ledger, ledger_records
+
+    monkeypatch.setenv("DISPATCH_BUDGET_USER", '{"alice": 100}')
+    get_settings.cache_clear()
+    settings = get_settings()
+    budgets = Budgets(settings, clock=lambda: 1_767_225_600.0 + 60)
+    one = ledger_records(_result("S01", ("claude", 0.01)), user="alice", run_id="r1")
+    for count in (150, 150, 50):  # ~250 bytes a line: the second append passes 64 KiB and rotates, the third not
+        append_ledger(settings.results_dir, one * count, max_bytes=1 << 16)
+        budgets.refresh()
+    assert budgets._spent_on("user", "alice", "2026-01-01") == pytest.approx(0.01 * 350), \
+        "every line counted once, in usage.jsonl.1 and usage.jsonl"
+    assert settings.results_dir.joinpath("usage.jsonl.1").exists()
