@@ -18,6 +18,7 @@ import collections
 import datetime as dt
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -30,6 +31,13 @@ _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wr
 _ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one
 _REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
 LEDGER_NAME = "usage.jsonl"
+
+
+def _figure(value: Any) -> float | None:
+    """A usage figure: a finite, non-negative number; anything else is unknown (None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return None
+    return value
 
 
 class Usage(BaseModel):
@@ -48,9 +56,7 @@ class Usage(BaseModel):
     @classmethod
     def _figure(cls, value: Any) -> float | None:
         # a result.json from an older or odd runner must not fail the whole result: no figure is unknown
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
-            return None
-        return value
+        return _figure(value)
 
     @field_validator(*_TOKEN_FIELDS, mode="after")
     @classmethod
@@ -116,9 +122,11 @@ def append_ledger(results_dir: Path, records: Iterable[dict], max_bytes: int) ->
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _parse(text: str) -> list[dict]:
+def _parse(text: str, contains: str = "") -> list[dict]:
     records = []
     for line in text.splitlines():
+        if contains not in line:  # a cheap filter before the JSON parse
+            continue
         try:
             record = json.loads(line)
         except ValueError:
@@ -128,12 +136,13 @@ def _parse(text: str) -> list[dict]:
     return records
 
 
-def read_ledger(results_dir: Path) -> list[dict]:
-    """Every ledger record, the rotated file's first; a torn or foreign line is skipped."""
+def read_ledger(results_dir: Path, contains: str = "") -> list[dict]:
+    """Every ledger record (whose line holds `contains`), the rotated file's first; a torn or foreign line is
+    skipped."""
     records = []
     for path in (ledger_path(results_dir).with_name(LEDGER_NAME + ".1"), ledger_path(results_dir)):
         try:
-            records += _parse(path.read_text(encoding="utf-8", errors="replace"))
+            records += _parse(path.read_text(encoding="utf-8", errors="replace"), contains)
         except OSError:
             continue
     return records
@@ -143,25 +152,26 @@ def _empty() -> dict[str, Any]:
     return {"cost_usd": 0.0, **dict.fromkeys(_TOKEN_FIELDS, 0), "attempts": 0, "attempts_without_cost": 0}
 
 
-def _add(group: dict[str, Any], record: dict) -> None:
+def _add(group: dict[str, Any], cost: float | None, tokens: list[int]) -> None:
     group["attempts"] += 1
-    cost = Usage.model_validate(record)
-    if cost.cost_usd is None:
+    if cost is None:
         group["attempts_without_cost"] += 1
     else:
-        group["cost_usd"] = round(group["cost_usd"] + cost.cost_usd, 6)
-    for name in _TOKEN_FIELDS:
-        group[name] += getattr(cost, name) or 0
+        group["cost_usd"] = round(group["cost_usd"] + cost, 6)
+    for name, count in zip(_TOKEN_FIELDS, tokens, strict=True):
+        group[name] += count
 
 
-def summarize(records: Iterable[dict]) -> dict[str, Any]:
-    """Totals of ledger `records`: overall and per model, user, project and UTC day."""
+def summarize(records: Iterable[dict], by: tuple[str, ...] = ("model", "user", "project", "day")) -> dict[str, Any]:
+    """Totals of ledger `records`: overall and per each record field of `by` (`by_model`, `by_user`, ...)."""
     total = _empty()
-    groups: dict[str, dict[str, dict[str, Any]]] = {"by_model": {}, "by_user": {}, "by_project": {}, "by_day": {}}
+    groups: dict[str, dict[str, dict[str, Any]]] = {f"by_{key}": {} for key in by}
     for record in records:
-        _add(total, record)
-        for group, key in (("by_model", "model"), ("by_user", "user"), ("by_project", "project"), ("by_day", "day")):
-            _add(groups[group].setdefault(str(record.get(key) or "-"), _empty()), record)
+        cost = _figure(record.get("cost_usd"))
+        tokens = [int(_figure(record.get(name)) or 0) for name in _TOKEN_FIELDS]
+        _add(total, cost, tokens)
+        for key in by:
+            _add(groups[f"by_{key}"].setdefault(str(record.get(key) or "-"), _empty()), cost, tokens)
     return {**total, **groups}
 
 
@@ -189,8 +199,14 @@ def totals(settings: Any, since: float | None = None, until: float | None = None
 
 
 def run_usage(settings: Any, run_id: str) -> dict[str, Any]:
-    """The summary (`summarize`) of one dispatcher run's attempts in the ledger: the report's usage table."""
-    return summarize(r for r in read_ledger(settings.results_dir) if run_id and r.get("run_id") == run_id)
+    """The summary (`summarize`, per model and user) of one dispatcher run's attempts in the ledger: the report's
+    usage table."""
+    if not run_id:
+        return summarize([])
+    # the ledger is written compactly: its lines of this run hold this text (the filter skips the JSON parse of
+    # the others; the exact match below decides)
+    lines = read_ledger(settings.results_dir, contains=json.dumps({"run_id": run_id}, separators=(",", ":"))[1:-1])
+    return summarize((r for r in lines if r.get("run_id") == run_id), by=("model", "user"))
 
 
 class Budgets:
@@ -220,7 +236,7 @@ class Budgets:
 
     def _count(self, records: list[dict]) -> None:
         for record in records:
-            cost = Usage.model_validate(record).cost_usd
+            cost = _figure(record.get("cost_usd"))
             if cost is None:
                 continue
             for key in ("model", "user"):
