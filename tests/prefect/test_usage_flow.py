@@ -89,6 +89,18 @@ def test_a_model_over_budget_falls_to_the_next_model_and_usage_reaches_report_an
     assert "## Usage" in report and "| codex | 1 | - | 700 | 90 |" in report, report
     status = CliRunner().invoke(app, ["status", "fallback"], terminal_width=200).output
     assert "usage: $0.0400 reported" in status and "1 attempt(s) reported no cost" in status, status
+    # the server sees it too: the flow run's report artifact carries the same usage
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    markdown = next(a.data for a in artifacts if a.type == "markdown")
+    table = next(a.data for a in artifacts if a.type == "table")
+    table = json.loads(table) if isinstance(table, str) else table
+    assert "| codex | 1 | - | 700 | 90 |" in markdown and "$0.0400" in markdown, markdown
+    assert {row["spec"]: row["cost_usd"] for row in table} == {"S01-a": pytest.approx(0.04), "S02-b": None}
 
 
 def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> None:
