@@ -17,9 +17,13 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import fcntl
+import hashlib
 import json
+import logging
 import math
 import os
+import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,10 +31,16 @@ from typing import Any
 
 from pydantic import BaseModel, field_validator
 
+from dispatch.cooldowns import API_ERRORS
+
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 _ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one
 _REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
 LEDGER_NAME = "usage.jsonl"
+_TEAM_PREFIX = "dispatch_usage_"  # team mode: one Prefect Variable per machine (ledger) and UTC day
+_TEAM_REFRESH = 10.0  # seconds the other machines' spend is reused
+_TEAM_PUBLISH = 5.0  # seconds between two publications of this machine's spend (one HTTP call in the loop)
+logger = logging.getLogger(__name__)
 
 
 def _figure(value: Any) -> float | None:
@@ -209,6 +219,52 @@ def run_usage(settings: Any, run_id: str) -> dict[str, Any]:
     return summarize((r for r in lines if r.get("run_id") == run_id), by=("model", "user"))
 
 
+def _team_prefix(day: str) -> str:
+    return f"{_TEAM_PREFIX}{day.replace('-', '')}_"
+
+
+def machine_key(settings: Any) -> str:
+    """This ledger's name among the team's: the host and a hash of DISPATCH_HOME (two homes, two ledgers)."""
+    host = re.sub(r"[^a-z0-9]", "_", socket.gethostname().lower())[:40]
+    return f"{host}_{hashlib.sha256(str(settings.home).encode()).hexdigest()[:8]}"
+
+
+def publish_spend(settings: Any, day: str, spent: dict[tuple[str, str, str], float]) -> None:
+    """Team mode: put this machine's spend of `day` (its whole ledger's, so writes are idempotent) in its Prefect
+    Variable `dispatch_usage_<yyyymmdd>_<machine>`, where every dispatcher's budgets read it.
+
+    Raises:
+        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+    """
+    from prefect.variables import Variable
+
+    value = {"day": day, "machine": machine_key(settings), "at": time.time(),
+             "model": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "model" and d == day},
+             "user": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "user" and d == day}}
+    Variable.set(_team_prefix(day) + machine_key(settings), value, overwrite=True)
+
+
+def team_spend(day: str) -> dict[str, dict]:
+    """Team mode: every machine's published spend of `day` (UTC, YYYY-MM-DD): machine -> {"model": {name: USD},
+    "user": {name: USD}, "at"}. What a monitor shows as the team's cost today.
+
+    Raises:
+        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+    """
+    from prefect.client.orchestration import get_client
+
+    prefix, found = _team_prefix(day), {}
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/variables/filter", json={
+            "variables": {"name": {"like_": prefix}}, "limit": 200})
+        response.raise_for_status()
+        for variable in response.json():  # `like_` treats `_` as a wildcard: checked exactly here
+            name, value = str(variable.get("name", "")), variable.get("value")
+            if name.startswith(prefix) and isinstance(value, dict):
+                found[name[len(prefix):]] = value
+    return found
+
+
 class Budgets:
     """The daily budgets (USD per UTC day) per model and per user, against this machine's ledger.
 
@@ -222,6 +278,12 @@ class Budgets:
     def __init__(self, settings: Any, clock: Callable[[], float] = time.time) -> None:
         self.model_limits: dict[str, float] = dict(settings.budget_model)
         self.user_limits: dict[str, float] = dict(settings.budget_user)
+        self._settings = settings
+        self._team = bool(settings.prefect_api_url)  # team mode: other machines' spend comes from the server
+        self._others: dict[tuple[str, str, str], float] = {}
+        self._others_at = float("-inf")
+        self._published_at = float("-inf")
+        self._unpublished = False
         self._path = ledger_path(settings.results_dir)
         self._clock = clock
         self._read_at = float("-inf")
@@ -265,11 +327,45 @@ class Budgets:
         self._count(_parse(whole.decode("utf-8", "replace")))
 
     def refresh(self) -> None:
-        """Count what was appended to the ledger since the last read (this dispatcher's lines, and others')."""
+        """Count what was appended to the ledger since the last read (this dispatcher's lines, and others'),
+        and in team mode publish this machine's spend today for the other machines' budgets."""
         self._refresh(force=True)
+        self._unpublished = True
+        if time.monotonic() - self._published_at >= _TEAM_PUBLISH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Team mode: publish this machine's spend today now, if it changed since the last publication."""
+        if not self._team or not self._unpublished:
+            return
+        self._published_at, self._unpublished = time.monotonic(), False
+        try:
+            publish_spend(self._settings, utc_day(self._clock()), self._spent)
+        except API_ERRORS as exc:  # the others count it late; this machine's budgets still hold
+            logger.warning("could not publish this machine's usage to the server: %s", exc)
+
+    def _other_machines(self, day: str) -> dict[tuple[str, str, str], float]:
+        if not self._team or time.monotonic() - self._others_at < _TEAM_REFRESH:
+            return self._others
+        self._others_at = time.monotonic()
+        try:
+            published = team_spend(day)
+        except API_ERRORS as exc:  # no server: count what we knew
+            logger.warning("could not read the team's usage: %s", exc)
+            return self._others
+        others: dict[tuple[str, str, str], float] = {}
+        for machine, value in published.items():
+            if machine == machine_key(self._settings):
+                continue  # this machine's own spend is its ledger's, always current
+            for key in ("model", "user"):
+                for name, cost in (value.get(key) or {}).items():
+                    if (cost := _figure(cost)) is not None:
+                        others[(key, str(name), day)] = others.get((key, str(name), day), 0.0) + cost
+        self._others = others
+        return others
 
     def _spent_on(self, key: str, value: str, day: str) -> float:
-        return self._spent.get((key, value, day), 0.0)
+        return self._spent.get((key, value, day), 0.0) + self._other_machines(day).get((key, value, day), 0.0)
 
     def estimate(self, model: str) -> float:
         costs = self._costs.get(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,24 @@ from typer.testing import CliRunner
 from tests.fixtures.projects import write_spec
 
 pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture(autouse=True)
+def no_team_spend(prefect_api: str):
+    """No machine's published spend (every team-mode run publishes its own) before or after a test: the session's
+    server is shared, and budgets count what every other machine spent today."""
+    from prefect.variables import Variable
+
+    from dispatch.usage import team_spend, utc_day
+
+    def clear() -> None:
+        day = utc_day(time.time())
+        for machine in team_spend(day):
+            Variable.unset(f"dispatch_usage_{day.replace('-', '')}_{machine}")
+
+    clear()
+    yield
+    clear()
 
 
 def _agent_runs(log: Path) -> list[dict]:
@@ -129,3 +148,31 @@ def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> N
     received = SpecResult.from_runner(data, project="demo", task_id="S01")
     assert received.attempts[0].usage == sent.attempts[0].usage and received.attempts[1].usage is None
     assert received.usage().cost_usd == pytest.approx(0.04)
+
+
+def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: str, isolated_home: Path,
+                                                                 monkeypatch) -> None:
+    from dispatch.results import SpecResult
+    from dispatch.settings import get_settings
+    from dispatch.usage import Budgets, append_ledger, ledger_records, machine_key, team_spend, utc_day
+
+    def machine(home: str):  # another DISPATCH_HOME is another machine's ledger
+        (isolated_home / home).mkdir(exist_ok=True)
+        monkeypatch.setenv("DISPATCH_HOME", str(isolated_home / home))
+        monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
+        get_settings.cache_clear()
+        return get_settings()
+
+    first = machine("machine-a")
+    spent = SpecResult.model_validate({"project": "demo", "task_id": "S01", "status": "succeeded", "attempts": [
+        {"model": "claude", "verdict": "ok", "ended_at": time.time(), "usage": {"cost_usd": 0.05}}]})
+    append_ledger(first.results_dir, ledger_records(spent, user="alice", run_id="r1"), first.usage_ledger_bytes)
+    Budgets(first).refresh()  # what the flow does after each result: count it, and publish it in team mode
+    assert team_spend(utc_day(time.time()))[machine_key(first)]["model"] == {"claude": 0.05}
+    second = machine("machine-b")
+    chain, why = Budgets(second).check(["claude"], "bob", [])
+    assert chain == [] and why.startswith("budget reached: claude $0.05 of $0.05"), why
+    monkeypatch.delenv("PREFECT_API_URL")
+    get_settings.cache_clear()
+    assert Budgets(get_settings()).check(["claude"], "bob", []) == (["claude"], ""), \
+        "without the server only this machine's ledger counts"

@@ -149,6 +149,7 @@ def test_budget_over_for_one_model_falls_to_the_next_and_over_for_all_waits(isol
     from dispatch.settings import get_settings
     from dispatch.usage import Budgets, append_ledger, ledger_records
 
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # this machine's ledger alone (team: tests/prefect)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05, "glm": 1}')
     monkeypatch.setenv("DISPATCH_BUDGET_USER", '{"bob": 0.02}')
     get_settings.cache_clear()
@@ -199,6 +200,7 @@ def test_budgets_read_only_new_ledger_lines_and_follow_a_rotation(isolated_home:
     from dispatch.settings import get_settings
     from dispatch.usage import Budgets, append_ledger, ledger_records
 
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("DISPATCH_BUDGET_USER", '{"alice": 100}')
     get_settings.cache_clear()
     settings = get_settings()
