@@ -704,8 +704,8 @@ def render_event(line: str, event: dict | None = None) -> list[str] | None:
     if kind == "result":
         cost = event.get("total_cost_usd")
         figures = [f"{event.get('num_turns')} turns" if event.get("num_turns") is not None else "",
-                   f"{event['duration_ms'] / 1000:.1f} s" if isinstance(event.get("duration_ms"), int | float) else "",
-                   f"${cost:.4f}" if isinstance(cost, int | float) else ""]
+                   f"{event['duration_ms'] / 1000:.1f} s" if isinstance(event.get("duration_ms"), (int, float)) else "",
+                   f"${cost:.4f}" if isinstance(cost, (int, float)) else ""]
         head = "error" if event.get("is_error") else "result"
         summary = ", ".join([str(event.get("subtype", "")), *(f for f in figures if f)])
         return [f"=== agent {head}: {summary} ===", *_shown(event.get("result") or "").splitlines()]

@@ -212,3 +212,23 @@ def test_budgets_read_only_new_ledger_lines_and_follow_a_rotation(isolated_home:
     assert budgets._spent_on("user", "alice", "2026-01-01") == pytest.approx(0.01 * 350), \
         "every line counted once, in usage.jsonl.1 and usage.jsonl"
     assert settings.results_dir.joinpath("usage.jsonl.1").exists()
+
+
+def test_usage_is_read_by_the_runner_under_the_oldest_python_a_node_may_have(tmp_path: Path) -> None:
+    from tests.unit.test_node_runner import _oldest_python
+
+    python = _oldest_python() or sys.executable  # 3.8 when this machine has one, as the shipped-copy tests
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").symlink_to(FAKE_AGENT)
+    run_dir = tmp_path / "tasks" / "S01"
+    run_dir.mkdir(parents=True)
+    task = {"project": "demo", "task_id": "S01", "workdir": str(tmp_path / "work"), "timeout": 60,
+            "steps": [{"name": "claude", "argv": CLAUDE, "stdin": "FAKE: mode=ok cost=0.04\n"}],
+            "env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
+    (run_dir / "task.json").write_text(json.dumps(task), encoding="utf-8")
+    done = subprocess.run([python, "-S", str(RUNNER_PATH), "run", str(run_dir)], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "succeeded", (result["reason"], done.stderr[-2000:])
+    assert result["attempts"][0]["usage"]["cost_usd"] == pytest.approx(0.04)
