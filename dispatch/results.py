@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from dispatch.paths import check_name, local_path, name_problem
-from dispatch.usage import Usage
+from dispatch.usage import Usage, agent_ran
 
 # Final spec statuses written by the node runner, plus the dispatcher's own.
 SUCCEEDED = "succeeded"
@@ -151,7 +151,7 @@ class SpecRow(BaseModel):
         """Count one result's agent attempts in (figures no agent reported stay None)."""
         total = Usage(cost_usd=self.cost_usd, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
         for attempt in attempts:
-            if not attempt.model or not attempt.verdict or attempt.role == "shell":
+            if not agent_ran(attempt):
                 continue
             total = total.plus(attempt.usage)
             self.attempts_without_cost += attempt.usage is None or attempt.usage.cost_usd is None

@@ -98,11 +98,19 @@ def ledger_path(results_dir: Path) -> Path:
     return results_dir / LEDGER_NAME
 
 
+def agent_ran(attempt: Any) -> bool:
+    """Whether an attempt (results.Attempt) ran an agent: not a shell step, not a CLI that was missing or could
+    not start (no exit code and nothing reported), so its usage, known or not, counts."""
+    if not attempt.model or not attempt.verdict or attempt.role == "shell":
+        return False
+    return attempt.exit_code is not None or attempt.usage is not None
+
+
 def ledger_records(result: Any, *, user: str, run_id: str, clock: Callable[[], float] = time.time) -> list[dict]:
     """One ledger line per agent attempt of `result` (a SpecResult), usage or not (unknown counts too)."""
     records = []
     for number, attempt in enumerate(result.attempts, 1):
-        if not attempt.model or not attempt.verdict or attempt.role == "shell":
+        if not agent_ran(attempt):
             continue
         usage = attempt.usage.model_dump(exclude_none=True) if attempt.usage else {}
         ts = attempt.ended_at or attempt.started_at or clock()

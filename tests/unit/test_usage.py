@@ -107,7 +107,7 @@ def test_codex_and_opencode_json_usage_reach_the_result_and_plain_opencode_has_n
 def _result(task_id: str, *attempts: tuple[str, float | None], project: str = "demo") -> SpecResult:
     return SpecResult.model_validate({
         "project": project, "task_id": task_id, "status": "succeeded", "node": "local",
-        "attempts": [{"model": model, "verdict": "ok", "ended_at": 1_767_225_600.0 + n,  # 2026-01-01 00:00 UTC
+        "attempts": [{"model": model, "verdict": "ok", "exit_code": 0, "ended_at": 1_767_225_600.0 + n,  # 2026-01-01
                       "usage": None if cost is None else {"source": "claude", "cost_usd": cost,
                                                           "input_tokens": 100, "output_tokens": 10}}
                      for n, (model, cost) in enumerate(attempts)]})
@@ -120,6 +120,9 @@ def test_ledger_totals_per_model_user_project_and_day(isolated_home: Path) -> No
     settings = get_settings()
     records = (ledger_records(_result("S01", ("glm", 0.01), ("claude", 0.04)), user="alice", run_id="r1")
                + ledger_records(_result("S02", ("codex", None), project="shop"), user="bob", run_id="r2"))
+    never_ran = _result("S03", ("opencode", None))  # its CLI was missing: no exit code, nothing reported
+    never_ran.attempts[0].exit_code = None
+    assert ledger_records(never_ran, user="bob", run_id="r2") == [], "an agent that never ran spent nothing"
     append_ledger(settings.results_dir, records, settings.usage_ledger_bytes)
     found = totals(settings, since=0)
     assert (found["attempts"], found["attempts_without_cost"]) == (3, 1)
