@@ -94,7 +94,7 @@ class DispatchSettings(BaseSettings):
         description="Basic auth user:password for the team's Prefect server (a secret).")
     prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
                                       description="Prefect's own home; embedded default: <home>/prefect.")
-    # Usage and cost (dispatch/usage.py): optional daily budgets in USD per UTC day, e.g.
+    # Usage and cost (dispatch/usage.py, dispatch/budgets.py): optional daily budgets in USD per UTC day, e.g.
     # DISPATCH_BUDGET_MODEL='{"claude": 20}', DISPATCH_BUDGET_USER='{"alice": 50}'; and the ledger's size.
     budget_model: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="USD per UTC day per model; a model past it is left out of chains.")

@@ -33,6 +33,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.agents import build_prompt, build_steps, build_verify_steps
+from dispatch.budgets import Budgets
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, select
@@ -50,7 +51,7 @@ from dispatch.settings import DispatchSettings, get_settings
 from dispatch.shares import FairShare, MachineShares, ServerShares
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
-from dispatch.usage import Budgets, append_ledger, ledger_records, next_utc_midnight, run_usage
+from dispatch.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
 from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).

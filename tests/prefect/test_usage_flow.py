@@ -21,7 +21,8 @@ def no_team_spend(prefect_api: str):
     server is shared, and budgets count what every other machine spent today."""
     from prefect.variables import Variable
 
-    from dispatch.usage import team_spend, utc_day
+    from dispatch.budgets import team_spend
+    from dispatch.usage import utc_day
 
     def clear() -> None:
         day = utc_day(time.time())
@@ -152,9 +153,10 @@ def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> N
 
 def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: str, isolated_home: Path,
                                                                  monkeypatch) -> None:
+    from dispatch.budgets import Budgets, machine_key, team_spend
     from dispatch.results import SpecResult
     from dispatch.settings import get_settings
-    from dispatch.usage import Budgets, append_ledger, ledger_records, machine_key, team_spend, utc_day
+    from dispatch.usage import append_ledger, ledger_records, utc_day
 
     def machine(home: str):  # another DISPATCH_HOME is another machine's ledger
         (isolated_home / home).mkdir(exist_ok=True)
@@ -167,8 +169,16 @@ def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: st
     spent = SpecResult.model_validate({"project": "demo", "task_id": "S01", "status": "succeeded", "attempts": [
         {"model": "claude", "verdict": "ok", "ended_at": time.time(), "usage": {"cost_usd": 0.05}}]})
     append_ledger(first.results_dir, ledger_records(spent, user="alice", run_id="r1"), first.usage_ledger_bytes)
+    from prefect.variables import Variable
+
+    stale = f"dispatch_usage_{time.strftime('%Y%m%d', time.gmtime(time.time() - 8 * 86400))}_{machine_key(first)}"
+    recent = f"dispatch_usage_{time.strftime('%Y%m%d', time.gmtime(time.time() - 6 * 86400))}_{machine_key(first)}"
+    for name in (stale, recent):
+        Variable.set(name, {"model": {"claude": 1.0}}, overwrite=True)
     Budgets(first).refresh()  # what the flow does after each result: count it, and publish it in team mode
     assert team_spend(utc_day(time.time()))[machine_key(first)]["model"] == {"claude": 0.05}
+    assert Variable.get(stale) is None and Variable.get(recent) is not None, "a week of days is kept, no more"
+    Variable.unset(recent)
     second = machine("machine-b")
     chain, why = Budgets(second).check(["claude"], "bob", [])
     assert chain == [] and why.startswith("budget reached: claude $0.05 of $0.05"), why

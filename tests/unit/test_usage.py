@@ -149,8 +149,9 @@ def test_ledger_rotates_past_its_size_and_totals_read_both(isolated_home: Path) 
 
 
 def test_budget_over_for_one_model_falls_to_the_next_and_over_for_all_waits(isolated_home: Path, monkeypatch) -> None:
+    from dispatch.budgets import Budgets
     from dispatch.settings import get_settings
-    from dispatch.usage import Budgets, append_ledger, ledger_records
+    from dispatch.usage import append_ledger, ledger_records
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # this machine's ledger alone (team: tests/prefect)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05, "glm": 1}')
@@ -200,8 +201,9 @@ def test_usage_command_shows_totals_and_budgets_and_refuses_a_bad_day(isolated_h
 
 
 def test_budgets_read_only_new_ledger_lines_and_follow_a_rotation(isolated_home: Path, monkeypatch) -> None:
+    from dispatch.budgets import Budgets
     from dispatch.settings import get_settings
-    from dispatch.usage import Budgets, append_ledger, ledger_records
+    from dispatch.usage import append_ledger, ledger_records
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("DISPATCH_BUDGET_USER", '{"alice": 100}')
