@@ -283,6 +283,7 @@ def _submit_to_deployment(settings, project: str, only: list[str] | None, start_
 
 app.command()(status)  # dispatch/cli_status.py: read-only views of the state files
 app.command()(report)
+app.command(name="usage")(importlib.import_module("dispatch.cli_usage").usage)  # cost and tokens, dispatch/usage.py
 
 
 @app.command()

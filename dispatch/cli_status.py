@@ -15,9 +15,10 @@ from rich.table import Table
 
 from dispatch.cli_common import EXIT_INVALID, MARK, checked, console, err
 from dispatch.cli_nodes import local_slot_use
-from dispatch.report import render_markdown, table_rows
+from dispatch.report import money, render_markdown, table_rows, usage_line
 from dispatch.results import load_all_states, load_state, pid_alive
 from dispatch.settings import get_settings
+from dispatch.usage import run_usage
 
 
 def _node_load(settings) -> dict[str, dict[str, int]]:
@@ -90,14 +91,16 @@ def status(
         counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts().items()))
         console.print(f"[bold]{state.project}[/] {state.state} (run {state.run_id}, {state.user}@{state.host}, "
                       f"pid {state.pid}): {counts}")
+        console.print(f"  usage: {usage_line(state)}", soft_wrap=True)
         if not project:
             continue
-        table = Table("spec", "state", "node", "attempts", "duration", "reason")
+        table = Table("spec", "state", "node", "attempts", "duration", "cost", "reason")
         for task_id, row in state.specs.items():
             duration = f"{row.duration:.1f}s" if row.duration is not None else (
                 f"{time.time() - row.started_at:.0f}s…" if row.state == "running" and row.started_at else "-")
             label = f"{MARK.get(row.state, '')} {row.state}" + (" (cached)" if row.cached else "")
-            table.add_row(task_id, label, row.node or "-", str(row.attempts), duration, row.reason[:80])
+            table.add_row(task_id, label, row.node or "-", str(row.attempts), duration, money(row.cost_usd),
+                          row.reason[:80])
         console.print(table)
     if team is not None:
         _print_team_runs(settings, team)
@@ -123,9 +126,9 @@ def report(
     state = live_state(state)
     if as_json:
         console.print_json(data={"project": project, "state": state.state, "counts": state.counts(),
-                                 "specs": table_rows(state)})
+                                 "specs": table_rows(state), "usage": run_usage(settings, state.run_id)})
         return
-    text = render_markdown(state, settings.runs_dir)
+    text = render_markdown(state, settings.runs_dir, usage=run_usage(settings, state.run_id))
     if output:
         output.write_text(text, encoding="utf-8")
         console.print(f"report written to {output}")

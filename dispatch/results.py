@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from dispatch.paths import check_name, local_path, name_problem
+from dispatch.usage import Usage, agent_ran
 
 # Final spec statuses written by the node runner, plus the dispatcher's own.
 SUCCEEDED = "succeeded"
@@ -34,6 +35,8 @@ class Attempt(BaseModel):
     exit_code: int | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    role: str = Field(default="", description="verify: a verifier's review; shell: a shell step; else the agent run")
+    usage: Usage | None = Field(default=None, description="what the agent reported using; None: it said nothing")
 
 
 class AcceptanceCheck(BaseModel):
@@ -92,6 +95,14 @@ class SpecResult(BaseModel):
     def succeeded(self) -> bool:
         return self.status == SUCCEEDED
 
+    def usage(self) -> Usage | None:
+        """The summed usage of its attempts that reported one (None when none did)."""
+        total = None
+        for attempt in self.attempts:
+            if attempt.usage is not None:
+                total = attempt.usage if total is None else total.plus(attempt.usage)
+        return total
+
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: readers see the old file or the new one, never half of one."""
@@ -131,6 +142,20 @@ class SpecRow(BaseModel):
     ready_at: float | None = Field(default=None, description="when its dependencies were all done")
     dispatched_at: float | None = Field(default=None, description="when the dispatcher submitted it")
     task_run_id: str | None = Field(default=None, description="the Prefect task run of its latest attempt")
+    cost_usd: float | None = Field(default=None, description="what its agents reported costing, all attempts")
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    attempts_without_cost: int = Field(default=0, description="agent attempts that reported no cost (unknown)")
+
+    def add_usage(self, attempts: list[Attempt]) -> None:
+        """Count one result's agent attempts in (figures no agent reported stay None)."""
+        total = Usage(cost_usd=self.cost_usd, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+        for attempt in attempts:
+            if not agent_ran(attempt):
+                continue
+            total = total.plus(attempt.usage)
+            self.attempts_without_cost += attempt.usage is None or attempt.usage.cost_usd is None
+        self.cost_usd, self.input_tokens, self.output_tokens = total.cost_usd, total.input_tokens, total.output_tokens
 
 
 class ProjectState(BaseModel):

@@ -19,6 +19,9 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `server_port`       | `DISPATCH_SERVER_PORT`       | 4200 (a free port when it is taken)           |
 | `snapshot_dir`      | `DISPATCH_SNAPSHOT_DIR`      | `<home>/snapshots`                            |
 | `snapshot_keep`     | `DISPATCH_SNAPSHOT_KEEP`     | 14 (days)                                     |
+| `budget_model`      | `DISPATCH_BUDGET_MODEL`      | none; JSON `{"claude": 20}`: USD per UTC day per model |
+| `budget_user`       | `DISPATCH_BUDGET_USER`       | none; JSON `{"alice": 50}`: USD per UTC day per user |
+| `usage_ledger_bytes`| `DISPATCH_USAGE_LEDGER_BYTES`| 8 MiB, then results/usage.jsonl rotates      |
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +96,14 @@ class DispatchSettings(BaseSettings):
         description="Basic auth user:password for the team's Prefect server (a secret).")
     prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
                                       description="Prefect's own home; embedded default: <home>/prefect.")
+    # Usage and cost (dispatch/usage.py, dispatch/budgets.py): optional daily budgets in USD per UTC day, e.g.
+    # DISPATCH_BUDGET_MODEL='{"claude": 20}', DISPATCH_BUDGET_USER='{"alice": 50}'; and the ledger's size.
+    budget_model: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="USD per UTC day per model; a model past it is left out of chains.")
+    budget_user: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="USD per UTC day per user; the user's specs past it wait.")
+    usage_ledger_bytes: int = Field(default=8 << 20, ge=1 << 16, le=1 << 30,
+                                    description="Rotate results/usage.jsonl to usage.jsonl.1 past this size.")
 
     # Snapshots and restore (`dispatch snapshot` / `dispatch restore`, the daily `snapshot` deployment)
     snapshot_dir: Path | None = Field(default=None, description="Where `dispatch snapshot` writes its archives; "

@@ -33,6 +33,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.agents import build_prompt, build_steps, build_verify_steps
+from dispatch.budgets import Budgets
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, select
@@ -50,6 +51,7 @@ from dispatch.settings import DispatchSettings, get_settings
 from dispatch.shares import FairShare, MachineShares, ServerShares
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
+from dispatch.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
 from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
@@ -107,6 +109,8 @@ class ProjectRun:
             retries=settings.retries, retry_delay=settings.retry_delay, estimates=estimates,
             order=self.config.order)
         self.cooldowns = Cooldowns()
+        self.budgets = Budgets(settings)
+        self._running_models: dict[str, str] = {}  # task id -> the model it started with (budget estimates)
         self.events: queue.Queue = queue.Queue()
         self.futures: dict[str, PrefectFuture] = {}
         self.held_slots: dict[str, tuple[str, object]] = {}
@@ -308,6 +312,10 @@ class ProjectRun:
         self.futures[task_id] = future
         future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
         row = self.state.specs[task_id]
+        if spec.kind == "agent" and chain:
+            self._running_models[task_id] = chain[0]
+        if row.reason.startswith("budget reached"):
+            row.reason = ""
         row.task_run_id = str(future.task_run_id)
         row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt
         row.started_at = row.dispatched_at = time.time()
@@ -363,6 +371,11 @@ class ProjectRun:
                 row = self.state.specs[assignment.task_id]
                 row.reason = f"every model is on cool-down until {time.strftime('%H:%M:%S', time.localtime(free_at))}"
                 continue
+            if self.budgets.enabled and self.project.specs[assignment.task_id].kind == "agent":
+                chain, why = self.budgets.check(chain, self.state.user, list(self._running_models.values()))
+                if why:
+                    self._wait_for_budget(assignment, why)
+                    continue
             held = self.runtime.brokers.try_acquire(assignment.node)
             if held is None:  # another dispatcher holds this node's slots right now
                 self.scheduler.unpick(assignment, delay=_BUSY_RETRY)
@@ -373,6 +386,28 @@ class ProjectRun:
                 self._lock_requests.submit(self._ask_locks, assignment.task_id, modifies)
                 continue
             self._submit(assignment, held, chain)
+
+    def _wait_for_budget(self, assignment: Assignment, why: str) -> None:
+        """Hold a spec back that would start past a daily budget: it looks again each minute (another
+        dispatcher's spend, the next UTC day); its row and the progress view say why."""
+        delay = min(60.0, max(1.0, next_utc_midnight(time.time()) - time.time()))
+        self.scheduler.unpick(assignment, delay=delay)
+        row = self.state.specs[assignment.task_id]
+        if row.reason != why:
+            row.reason = why
+            self.logger.warning("%s: %s", assignment.task_id, why)
+            self._write_state(force=True)
+            self._emit("waiting", assignment.task_id, reason=why)
+
+    def _record_usage(self, result: SpecResult) -> None:
+        """Add what the attempts of a fresh result reported using to its row and to the usage ledger."""
+        self.state.specs[result.task_id].add_usage(result.attempts)
+        records = ledger_records(result, user=self.state.user, run_id=self.run_id)
+        try:
+            append_ledger(self.settings.results_dir, records, self.settings.usage_ledger_bytes)
+        except OSError as exc:  # the run goes on; only totals and budgets miss these attempts
+            self.logger.warning("could not write the usage ledger: %s", exc)
+        self.budgets.refresh()
 
     def _ask_locks(self, task_id: str, modifies: list[str]) -> None:
         """In a helper thread: ask the server's lock table; the dispatch loop gets the answer as an event
@@ -443,6 +478,7 @@ class ProjectRun:
 
     def _finish(self, task_id: str) -> None:
         future = self.futures[task_id]
+        self._running_models.pop(task_id, None)
         held = self.held_slots.pop(task_id, None)
         if held is not None:
             self.runtime.brokers.release(held)
@@ -465,6 +501,8 @@ class ProjectRun:
             return
         cached = result.run_id != self.run_id
         self.cooldowns.record_attempts(result.attempts, task_id, self.who, self.logger)
+        if not cached:
+            self._record_usage(result)
         if not cached and not self.stop_reason:
             self._record_duration(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
@@ -573,8 +611,11 @@ class ProjectRun:
         self.state.message, self.state.ended_at = summary, time.time()
         self._write_state(force=True)
         self._save_history()
+        self.budgets.flush()
         try:
-            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True),
+            usage = run_usage(self.settings, self.run_id)
+            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True,
+                                                              usage=usage),
                                      key=f"report-{_artifact_key(self.project.name)}",
                                      description=f"Oyster Dispatch report for {self.project.name}")
             create_table_artifact(table=table_rows(self.state), key=f"specs-{_artifact_key(self.project.name)}",

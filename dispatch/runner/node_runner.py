@@ -181,6 +181,7 @@ class Outcome:
     pgid: int = 0
     survivors: bool = False  # some process of its group outlived SIGKILL
     leftovers: str = ""  # "killed N leftover processes: pid cmd, ..." (detached descendants), or ""
+    usage: dict | None = None  # what an agent step said it used (UsageMeter), None when it printed nothing
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -675,15 +676,22 @@ def _codex_item(item: dict) -> list[str]:
     return [f"({kind})"]
 
 
-def render_event(line: str) -> list[str] | None:
-    """The readable lines of one line an agent printed in its JSON output (Claude Code `stream-json`, Codex
-    `--json`); None when it is no such event (printed as it is); [] for an event that says nothing."""
+def parse_event(line: str) -> dict | None:
+    """One line an agent printed, as the JSON object it is; None when it is none."""
     if not line.startswith("{") or not line.rstrip().endswith("}"):
         return None
     try:
         event = json.loads(line)
     except ValueError:
         return None
+    return event if isinstance(event, dict) else None
+
+
+def render_event(line: str, event: dict | None = None) -> list[str] | None:
+    """The readable lines of one line an agent printed in its JSON output (Claude Code `stream-json`, Codex
+    `--json`); None when it is no such event (printed as it is); [] for an event that says nothing.
+    `event`: the line already parsed (`parse_event`)."""
+    event = parse_event(line) if event is None else event
     kind = event.get("type") if isinstance(event, dict) else None
     if not isinstance(kind, str):
         return None
@@ -696,8 +704,8 @@ def render_event(line: str) -> list[str] | None:
     if kind == "result":
         cost = event.get("total_cost_usd")
         figures = [f"{event.get('num_turns')} turns" if event.get("num_turns") is not None else "",
-                   f"{event['duration_ms'] / 1000:.1f} s" if isinstance(event.get("duration_ms"), int | float) else "",
-                   f"${cost:.4f}" if isinstance(cost, int | float) else ""]
+                   f"{event['duration_ms'] / 1000:.1f} s" if isinstance(event.get("duration_ms"), (int, float)) else "",
+                   f"${cost:.4f}" if isinstance(cost, (int, float)) else ""]
         head = "error" if event.get("is_error") else "result"
         summary = ", ".join([str(event.get("subtype", "")), *(f for f in figures if f)])
         return [f"=== agent {head}: {summary} ===", *_shown(event.get("result") or "").splitlines()]
@@ -715,6 +723,68 @@ def render_event(line: str) -> list[str] | None:
         error = event.get("error") if isinstance(event.get("error"), dict) else event
         return [f"=== codex {kind}: {_shown(error.get('message') or '')} ==="]
     return None
+
+
+def _count(value: Any) -> float | None:
+    """A usage figure the agent printed: a finite, non-negative number (bools and text are no figures)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return value
+
+
+class UsageMeter:
+    """What an agent said one attempt used, from its JSON events; never a guess.
+
+    Claude Code's final `result` event (`total_cost_usd`, `usage`: the session's totals, which its per-message
+    usage only repeats), Codex's `turn.completed.usage` (cumulative for the session; no cost) and opencode's
+    `step_finish` parts (`run --format json`: per step, summed). A figure the agent did not print is absent.
+    """
+
+    _CLAUDE = {"input_tokens": "input_tokens", "output_tokens": "output_tokens",
+               "cache_read_input_tokens": "cache_read_tokens", "cache_creation_input_tokens": "cache_write_tokens"}
+    _CODEX = {"input_tokens": "input_tokens", "cached_input_tokens": "cache_read_tokens",
+              "output_tokens": "output_tokens", "reasoning_output_tokens": "reasoning_tokens"}
+
+    def __init__(self) -> None:
+        self._usage: dict[str, Any] = {}
+        self._agent_model = ""
+
+    def _set(self, source: str, figures: dict[str, Any], add: bool = False) -> None:
+        found = {k: v for k, v in ((k, _count(v)) for k, v in figures.items()) if v is not None}
+        if not found:
+            return
+        if not add or self._usage.get("source") != source:
+            self._usage = {"source": source}
+        for key, value in found.items():
+            self._usage[key] = self._usage.get(key, 0) + value if add else value
+
+    def add(self, event: Any) -> None:
+        """Take one parsed JSON event of the agent's output (others are ignored)."""
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "system" and event.get("subtype") == "init" and isinstance(event.get("model"), str):
+            self._agent_model = event["model"][:100]
+        elif kind == "result":
+            usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+            figures = {name: usage.get(key) for key, name in self._CLAUDE.items()}
+            self._set("claude", {"cost_usd": event.get("total_cost_usd"), **figures})
+        elif kind == "turn.completed" and isinstance(event.get("usage"), dict):
+            self._set("codex", {name: event["usage"].get(key) for key, name in self._CODEX.items()})
+        elif kind == "step_finish" and isinstance(event.get("part"), dict):
+            part = event["part"]
+            tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
+            cache = tokens.get("cache") if isinstance(tokens.get("cache"), dict) else {}
+            self._set("opencode", {"cost_usd": part.get("cost"), "input_tokens": tokens.get("input"),
+                                   "output_tokens": tokens.get("output"), "reasoning_tokens": tokens.get("reasoning"),
+                                   "cache_read_tokens": cache.get("read"), "cache_write_tokens": cache.get("write")},
+                      add=True)
+
+    def usage(self) -> dict[str, Any] | None:
+        """The attempt's usage (`source`, `cost_usd`, `*_tokens`, `agent_model`: only what was printed), or None."""
+        if not self._usage:
+            return None
+        if self._agent_model and self._usage.get("source") == "claude":
+            return {**self._usage, "agent_model": self._agent_model}
+        return dict(self._usage)
 
 
 def base_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -770,6 +840,7 @@ class Runner:
         self._status_lock = threading.Lock()
         self._beat_stop = threading.Event()
         self.log: _Log | None = None
+        self._meter: UsageMeter | None = None  # the agent step's usage, while it runs
 
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -947,6 +1018,7 @@ class Runner:
             with open(script, "w", encoding="utf-8") as handle:
                 handle.write(step.script)
             argv = ["bash", "--noprofile", "--norc", "-e", "-o", "pipefail", script]
+            attempt["role"] = "shell"  # no agent: no usage to count
         else:
             argv = list(step.argv or [])
         if _find_executable(argv[0], env.get("PATH", os.defpath), self.task.workdir) is None:
@@ -979,6 +1051,7 @@ class Runner:
         attempt["exit_code"] = outcome.returncode
         if step.script is None:
             attempt["answer"] = _final_message(outcome.output)[-_ANSWER_CAP:]
+            attempt["usage"] = outcome.usage
         attempt, fall_through = self._judge(step, attempt, outcome, argv[0])
         if outcome.leftovers:
             attempt["reason"] += f"; {outcome.leftovers}"
@@ -1020,7 +1093,10 @@ class Runner:
 
     def _record(self, text: str, render: bool) -> str:
         """Write one line of a step's output; returns it masked, as printed (what the classifier reads)."""
-        shown = render_event(text) if render else None
+        event = parse_event(text) if render else None
+        if event is not None and self._meter is not None:
+            self._meter.add(event)
+        shown = render_event(text, event) if event is not None else None
         if shown is None:
             return self.log.line(text)
         return self.log.event(text, shown)
@@ -1041,6 +1117,7 @@ class Runner:
         With `render` (agent steps), JSON events are written to task.log readably and to events.jsonl whole.
         """
         outcome = Outcome(started_at=time.time())
+        self._meter = UsageMeter() if render else None
         stdin = os.open(stdin_path, os.O_RDONLY) if stdin_path else subprocess.DEVNULL  # the prompt, if any
         try:
             proc = subprocess.Popen(
@@ -1136,6 +1213,7 @@ class Runner:
             outcome.survivors = True
             self.log.line("=== runner: WARNING: leftover processes survived SIGKILL ===")
         outcome.output, outcome.ended_at = tail.text(), time.time()
+        outcome.usage, self._meter = (self._meter.usage() if self._meter else None), None
         return outcome
 
     # -- after the chain ---------------------------------------------------------------------------------

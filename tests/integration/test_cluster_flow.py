@@ -107,6 +107,9 @@ def test_quota_message_falls_back_to_the_next_model_and_cools_the_model_for_late
         assert state.is_completed(), state.message
         assert summary.specs["S01-first"].model == "minimax"
         assert summary.specs["S02-second"].model == "claude"
+        # over SSH too, each attempt brings back what its agent reported (the fake's $0.001 per run, limited or not)
+        assert summary.specs["S01-first"].cost_usd == pytest.approx(0.002)
+        assert summary.specs["S01-first"].attempts_without_cost == 0
         calls = [(c["model"], c["mode"]) for c in _agent_calls(cluster.agent_log)]
         assert calls[:2] == [("glm", "glm-1308"), ("minimax", "ok")]
         assert calls[2:] == [("claude", "ok")], "glm is on cool-down: the second spec must not try it"
