@@ -17,6 +17,8 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `server_slots`      | `DISPATCH_SERVER_SLOTS`      | true: team mode counts node slots on the server |
 | `server`            | `DISPATCH_SERVER`            | `local` (a server that stays), or `ephemeral`  |
 | `server_port`       | `DISPATCH_SERVER_PORT`       | 4200 (a free port when it is taken)           |
+| `guardian_*`        | `DISPATCH_GUARDIAN_*`        | every 300 s, drain after 3, 2 GiB, load 4/CPU |
+| `alert_block`       | `DISPATCH_ALERT_BLOCK`       | none: the guardian's alerts go to the log    |
 """
 
 from __future__ import annotations
@@ -91,6 +93,22 @@ class DispatchSettings(BaseSettings):
         description="Basic auth user:password for the team's Prefect server (a secret).")
     prefect_home: Path | None = Field(default=None, validation_alias="PREFECT_HOME",
                                       description="Prefect's own home; embedded default: <home>/prefect.")
+
+    # The guardian (dispatch/guardian, `dispatch guardian`, the `guardian` deployment): health limits, the drain
+    # policy and where alerts go.
+    guardian_interval: float = Field(default=300.0, ge=10, le=86400,
+                                     description="Seconds between cycles of `dispatch guardian` without --once.")
+    guardian_drain_after: int = Field(default=3, ge=1, le=100,
+                                      description="Drain a node failing a check this many cycles in a row.")
+    guardian_min_disk_gb: float = Field(default=2.0, ge=0, description="Least free GiB under a node's run root.")
+    guardian_max_load: float = Field(default=4.0, gt=0, description="Highest 1-minute load per CPU of a node.")
+    guardian_min_memory_mb: float = Field(default=256.0, ge=0, description="Least MiB of available memory.")
+    guardian_worker_wait: float = Field(default=60.0, ge=0, le=600,
+                                        description="Seconds to wait for a restarted worker's first heartbeat.")
+    alert_block: str | None = Field(
+        default=None, pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$",
+        description="The Prefect notification block the guardian alerts through, as `<block-type-slug>/<name>` "
+        "(e.g. `custom-webhook/ops`, `slack-webhook/ops`); unset: alerts go to the log only.")
 
     @model_validator(mode="after")
     def _local_server_is_embedded(self) -> DispatchSettings:
