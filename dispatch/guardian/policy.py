@@ -118,15 +118,14 @@ def apply_policy(settings: DispatchSettings, checks: list[Check], drain_after: i
                                     + "\n".join(_line(c) for c in failing)))
         elif before.get("failing") or before.get("drained"):
             note = ""
-            if before.get("drained"):
-                info = drained.get(target)
-                if info is not None and info.get("by") == BY:
-                    undrain(settings, target)
-                    undrained_now.append(target)
-                    note = "; undrained: it takes specs again"
-                elif info is not None:
-                    note = f"; left drained by {info.get('by')} (a person's drain is theirs to lift)"
-                entry["drained"] = False
+            info = drained.get(target)
+            if info is not None and info.get("by") == BY:
+                undrain(settings, target)
+                undrained_now.append(target)
+                note = "; undrained: it takes specs again"
+            elif info is not None:
+                note = f"; left drained by {info.get('by')} (a person's drain is theirs to lift)"
+            entry["drained"] = False
             fixes = [c for c in target_checks if c.status == "REPAIRED"]
             alerts.append(Alert(target, "recovered", f"[dispatch guardian] {target} recovered",
                                 f"{target}: every check ok again (was failing: {', '.join(before.get('failing', []))})"
