@@ -295,9 +295,6 @@ def check_node(ctx: NodeContext, node: Node) -> list[Check]:
             data = shell.probe()
         except DispatchError as exc:
             checks["reachable"] = Check(node.name, "reachable", False, str(exc))
-    else:
-        checks["reachable"] = Check(node.name, "reachable", None, "worker node without ssh_host: not probed; its "
-                                                                  "worker's heartbeats are checked")
     if data is not None and shell is not None:
         checks.update(_healthy_checks(node, data, ctx.limits, shell))
         orphans_check, heartbeat, orphans, dead = _runs_checks(node, data, ctx)
@@ -306,9 +303,11 @@ def check_node(ctx: NodeContext, node: Node) -> list[Check]:
             data = _repair(ctx, node, shell, checks, orphans, dead) or data
     if node.transport == "worker" and ctx.prefect:
         checks["worker"] = _worker_check(node, ctx, shell, data.get("systemd") if data else None)
+    if not probed:  # a worker node without ssh_host: its worker's heartbeats are all there is to check
+        return list(checks.values()) or [Check(node.name, "worker", None, "not checked: worker nodes need team mode")]
     reason = checks["reachable"].detail
     return [checks.get(name) or Check(node.name, name, None, f"not checked: {reason}")
-            for name in NODE_CHECKS if name in checks or (name != "worker" and data is None and probed)]
+            for name in NODE_CHECKS if name in checks or (name != "worker" and data is None)]
 
 
 def _repair(ctx: NodeContext, node: Node, shell: _Shell, checks: dict[str, Check], orphans: list[dict],

@@ -75,13 +75,16 @@ def dispatchers(settings: DispatchSettings) -> Dispatchers:
         found.live, found.error = None, f"cannot read the flow runs from the server: {exc}"
         return found
     for run in runs:
-        project = str((run.parameters or {}).get("project") or (run.parameters or {}).get("projects") or run.name)
+        parameters = run.parameters or {}
+        projects = parameters.get("projects") if isinstance(parameters.get("projects"), list) else None
+        names = [str(p) for p in projects] if projects else [str(parameters.get("project") or run.name)]
+        project = ",".join(names)
         if run.state_type == StateType.RUNNING:
             found.running[str(run.id)] = project
             if str(run.id) in dead_pids:
                 found.dead_runs[str(run.id)] = project
                 continue
-        found.live.add(project)
+        found.live.update(names)
     found.live = _with_run_keys(found.live)
     return found
 
