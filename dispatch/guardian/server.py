@@ -112,11 +112,15 @@ def stuck_runs(who: Dispatchers, repair: bool) -> Check:
                                                                   "pid gone)"), force=True)
             left = [r for r in who.dead_runs if client.read_flow_run(r).state_type != StateType.CRASHED]
     except SERVER_ERRORS as exc:
-        check.repaired, check.detail = False, f"{check.detail}; marking them Crashed failed: {exc}"
-        return check
-    check.repaired = not left
-    if left:
-        check.detail += f"; still not Crashed after the repair: {', '.join(r[:8] for r in left)}"
+        return _settle(check, None, f"marking them Crashed failed: {exc}")
+    return _settle(check, [r[:8] for r in left], "still not Crashed after the repair")
+
+
+def _settle(check: Check, left: list[str] | None, why: str) -> Check:
+    """Mark a repair by its re-check: repaired when nothing is `left`; None: the repair itself failed (`why`)."""
+    check.repaired = left is not None and not left
+    if not check.repaired:
+        check.detail += f"; {why}" + (f": {', '.join(left)}" if left else "")
     return check
 
 
@@ -147,10 +151,8 @@ def expired_locks(repair: bool) -> Check:
                     pass
         left = {lock["name"] for lock in held_locks()} & {lock["name"] for lock in expired}
     except SERVER_ERRORS as exc:
-        check.repaired, check.detail = False, f"{check.detail}; deleting failed: {exc}"
-        return check
-    check.repaired = not left
-    return check
+        return _settle(check, None, f"deleting failed: {exc}")
+    return _settle(check, sorted(left), "still there after the repair")
 
 
 def _lease_records(client: Any) -> list[Any]:
@@ -237,12 +239,8 @@ def leaked_leases(settings: DispatchSettings, who: Dispatchers, repair: bool) ->
                 else:
                     left.append(lease_id)
     except SERVER_ERRORS as exc:
-        check.repaired, check.detail = False, f"{check.detail}; releasing failed: {exc}"
-        return check
-    check.repaired = not left
-    if left:
-        check.detail += f"; still held after the release: {', '.join(left)}"
-    return check
+        return _settle(check, None, f"releasing failed: {exc}")
+    return _settle(check, left, "still held after the release")
 
 
 def _hostname() -> str:

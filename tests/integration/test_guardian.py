@@ -292,8 +292,35 @@ def test_the_lease_of_a_dispatcher_that_died_is_released(guarded):
     assert leases.status == "REPAIRED" and limit in leases.detail, leases.to_json()
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
-        client.delete_global_concurrency_limit_by_name(limit)
     assert _check(run_cycle(get_settings()), "server", "leases").status == "ok"
+
+
+def test_a_live_holders_lease_is_recorded_left_alone_and_its_record_removed_with_it(guarded):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.variables import Variable
+
+    from dispatch.brokers import ServerSlots, lease_record
+
+    limit = f"node-live{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=2))
+    slots = ServerSlots({"live": limit}, lease_seconds=600)
+    try:
+        lease = slots.try_acquire("live")
+        slots._releaser.submit(lambda: None).result()
+        record = Variable.get(lease_record(lease))
+        assert record["limit"] == limit and record["pid"] == os.getpid()
+        leases = _check(run_cycle(get_settings()), "server", "leases")
+        assert leases.status == "ok", leases.to_json()
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
+        slots.release(lease)
+    finally:
+        slots.close()
+    assert Variable.get(lease_record(lease)) is None
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
 
 
 def _with_a_dead_node(cluster, home: Path) -> None:
