@@ -374,3 +374,24 @@ def test_prefect_yaml_deploys_the_guardian_every_five_minutes():
     assert deployment["entrypoint"] == "flows/guardian.py:guardian" and guardian.name == "guardian"
     assert deployment["schedules"] == [{"interval": 300, "active": True}]
     assert set(deployment["parameters"]) <= set(inspect.signature(guardian.fn).parameters)
+
+
+def test_a_worker_node_is_healthy_only_while_a_worker_of_its_pool_beats(prefect_api, isolated_home: Path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    name = f"wk{uuid.uuid4().hex[:6]}"
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [
+        {"name": name, "slots": 2, "transport": "worker"}]}))
+    get_settings.cache_clear()
+    report = run_cycle(get_settings(), alert=False)
+    [worker] = [c for c in report.checks if c.target == name]  # no ssh_host: its worker is all there is to check
+    assert worker.name == "worker" and worker.status == "FAIL" and "dispatch nodes sync" in worker.detail
+    assert "NOT RUN (no ssh_host" in worker.repair
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=f"node-{name}", type="process"))
+        assert _check(run_cycle(get_settings(), alert=False), name, "worker").status == "FAIL"
+        client.send_worker_heartbeat(f"node-{name}", "vm-worker", heartbeat_interval_seconds=30)
+        worker = _check(run_cycle(get_settings(), alert=False), name, "worker")
+        assert worker.status == "ok" and "1 worker(s)" in worker.detail
+        client.delete_work_pool(f"node-{name}")
