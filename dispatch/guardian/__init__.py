@@ -90,7 +90,7 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
     """
     from dispatch.guardian.nodes import Limits, NodeContext, check_node
     from dispatch.guardian.policy import apply_policy, send_alerts
-    from dispatch.guardian.server import dispatchers, server_checks
+    from dispatch.guardian.server import SERVER_ERRORS, dispatchers, server_checks
 
     started, clock = time.time(), time.monotonic()
     nodes = load_nodes(settings)
@@ -117,9 +117,15 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
         checks += server_checks(settings, who, repair)
     report = CycleReport(checks, started_at=started)
     if alert:
-        report.alerts, report.drained, report.undrained = apply_policy(settings, checks,
-                                                                       settings.guardian_drain_after, log)
-        report.alerts_to, report.alert_errors = send_alerts(settings, report.alerts)
+        try:
+            report.alerts, report.drained, report.undrained = apply_policy(settings, checks,
+                                                                           settings.guardian_drain_after, log)
+        except SERVER_ERRORS as exc:  # team mode with the server down: the checks still stand
+            report.alerts_to = "nowhere: the drain policy and alerts need the Prefect server"
+            report.alert_errors = [f"drain policy and alerts skipped: {settings.prefect_api_url} failed: {exc}"]
+            log.warning("%s", report.alert_errors[0])
+        else:
+            report.alerts_to, report.alert_errors = send_alerts(settings, report.alerts)
     for check in checks:
         if check.repair:
             log.info("%s %s: %s (%s)", check.target, check.name, check.repair,

@@ -72,7 +72,7 @@ def dispatchers(settings: DispatchSettings) -> Dispatchers:
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                     any_=[StateType(s) for s in ACTIVE_STATES]))), limit=200)
     except SERVER_ERRORS as exc:
-        found.live, found.error = None, f"cannot read the flow runs from the server: {exc}"
+        found.live, found.error = None, f"cannot read the flow runs from {settings.prefect_api_url}: {exc}"
         return found
     for run in runs:
         parameters = run.parameters or {}
@@ -251,6 +251,10 @@ def _hostname() -> str:
 
 def server_checks(settings: DispatchSettings, who: Dispatchers, repair: bool) -> list[Check]:
     """leases, locks, stuck-runs (team mode only: embedded mode has no shared server)."""
+    if who.live is None:  # the server does not answer: one FAIL that says so, the rest not run
+        reason = f"not checked: the Prefect server does not answer ({who.error})"
+        return [Check(SERVER, "api", False, f"{who.error}; is the server up and PREFECT_API_URL right?")] + [
+            Check(SERVER, name, None, reason) for name in ("leases", "locks", "stuck-runs")]
     started = time.monotonic()
     checks = [leaked_leases(settings, who, repair), expired_locks(repair), stuck_runs(who, repair)]
     logger.debug("server checks took %.2f s", time.monotonic() - started)

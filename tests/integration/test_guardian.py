@@ -395,3 +395,18 @@ def test_a_worker_node_is_healthy_only_while_a_worker_of_its_pool_beats(prefect_
         worker = _check(run_cycle(get_settings(), alert=False), name, "worker")
         assert worker.status == "ok" and "1 worker(s)" in worker.detail
         client.delete_work_pool(f"node-{name}")
+
+
+def test_a_server_that_does_not_answer_is_one_fail_naming_its_url_and_the_nodes_are_still_checked(isolated_home):
+    from tests.fixtures.projects import DISPATCH
+
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "DISPATCH_GUARDIAN_MAX_LOAD": "1000"}
+    done = subprocess.run([DISPATCH, "guardian", "--once", "--json"], capture_output=True, text=True, timeout=180,
+                          env=env)
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    by_name = {(c["target"], c["name"]): c for c in report["checks"]}
+    assert by_name[("server", "api")]["status"] == "FAIL"
+    assert "http://127.0.0.1:9/api" in by_name[("server", "api")]["detail"]
+    assert by_name[("local", "reachable")]["status"] == "ok" and by_name[("local", "orphans")]["status"] == "NOT RUN"
+    assert "drain policy and alerts skipped" in report["alert_errors"][0]
