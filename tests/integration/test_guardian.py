@@ -410,3 +410,28 @@ def test_a_server_that_does_not_answer_is_one_fail_naming_its_url_and_the_nodes_
     assert "http://127.0.0.1:9/api" in by_name[("server", "api")]["detail"]
     assert by_name[("local", "reachable")]["status"] == "ok" and by_name[("local", "orphans")]["status"] == "NOT RUN"
     assert "drain policy and alerts skipped" in report["alert_errors"][0]
+
+
+def test_restarting_the_worker_of_a_node_without_systemd_is_not_run_with_the_reason(guarded, isolated_home: Path):
+    name = f"wk{uuid.uuid4().hex[:6]}"
+    entry = {**guarded.node("loop1"), "name": name, "transport": "worker"}
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [entry]}))
+    report = run_cycle(get_settings(), alert=False)
+    assert _check(report, name, "reachable").ok is True  # probed over SSH like any node
+    worker = _check(report, name, "worker")
+    assert worker.status == "FAIL" and worker.repaired is None
+    assert worker.repair == f"restart prefect-worker@{name}.service over SSH: NOT RUN (no systemd on the node: " \
+                            "restart the worker by hand)"
+
+
+def test_alerts_carry_no_secret_of_the_environment(webhook, monkeypatch):
+    from dispatch.guardian.policy import Alert, send_alerts
+
+    secret = "sk-guardian-" + uuid.uuid4().hex
+    monkeypatch.setenv("OPS_API_KEY", secret)
+    get_settings.cache_clear()
+    where, errors = send_alerts(get_settings(), [Alert("loop1", "failure", f"[dispatch guardian] loop1: {secret}",
+                                                       f"loop1: reachable FAIL: auth {secret} refused")])
+    assert errors == [] and where.startswith("notification block custom-webhook/")
+    [received] = webhook.about("loop1")
+    assert secret not in json.dumps(received) and "***" in received["body"]
