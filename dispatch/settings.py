@@ -103,6 +103,9 @@ class DispatchSettings(BaseSettings):
     guardian_min_disk_gb: float = Field(default=2.0, ge=0, description="Least free GiB under a node's run root.")
     guardian_max_load: float = Field(default=4.0, gt=0, description="Highest 1-minute load per CPU of a node.")
     guardian_min_memory_mb: float = Field(default=256.0, ge=0, description="Least MiB of available memory.")
+    guardian_stuck_after: float = Field(
+        default=600.0, ge=60, description="Crash a Running dispatcher flow run whose flow-run heartbeats (Prefect's "
+        "`prefect.flow-run.heartbeat` events) stopped this many seconds ago.")
     guardian_worker_wait: float = Field(default=60.0, ge=0, le=600,
                                         description="Seconds to wait for a restarted worker's first heartbeat.")
     alert_block: str | None = Field(

@@ -2,9 +2,11 @@
 flow runs stuck Running with no live dispatcher; and which projects have a live dispatcher at all.
 
 A dispatcher is known dead only by evidence: the state file it wrote on this machine
-(`DISPATCH_HOME/state/<project>.json`, with its pid and flow run) names a pid that no longer runs. A run
-started on another machine is taken as live (nothing here can prove otherwise), so the guardian never
-kills or crashes what another machine is still running.
+(`DISPATCH_HOME/state/<project>.json`, with its pid and flow run) names a pid that no longer runs, or its
+flow run sent Prefect's own flow-run heartbeats (`prefect.flow-run.heartbeat` events, on when
+`PREFECT_FLOWS_HEARTBEAT_FREQUENCY` is set) and the latest is older than `DISPATCH_GUARDIAN_STUCK_AFTER`.
+A run with neither is taken as live (nothing here can prove otherwise), so the guardian never kills or
+crashes what another machine may still be running.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 OUR_FLOWS = ("dispatch-project", "pipeline", "nightly-regression")
 """Flows whose runs are dispatchers (their pid and flow run are in this machine's state files)."""
 LEASE_PREFIX = "dispatch_lease_"
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 SERVER_ERRORS = (httpx.HTTPError, OSError)
 
 
@@ -34,6 +37,7 @@ class Dispatchers:
 
     live: set[str] | None = None  # None: unknown (the server could not be read)
     dead_runs: dict[str, str] = field(default_factory=dict)  # flow run id -> project
+    why: dict[str, str] = field(default_factory=dict)  # flow run id -> the evidence it is dead
     running: dict[str, str] = field(default_factory=dict)  # every Running flow run of our flows -> project
     error: str = ""
 
@@ -65,12 +69,15 @@ def dispatchers(settings: DispatchSettings) -> Dispatchers:
 
     from dispatch.team import ACTIVE_STATES
 
+    local_live = {s.flow_run_id for s in states if s.flow_run_id and pid_alive(s.pid)}
     try:
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=list(OUR_FLOWS))),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                     any_=[StateType(s) for s in ACTIVE_STATES]))), limit=200)
+            silent = {str(run.id): _silence(client, str(run.id)) for run in runs
+                      if run.state_type == StateType.RUNNING and str(run.id) not in set(dead_pids) | local_live}
     except SERVER_ERRORS as exc:
         found.live, found.error = None, f"cannot read the flow runs from {settings.prefect_api_url}: {exc}"
         return found
@@ -78,15 +85,32 @@ def dispatchers(settings: DispatchSettings) -> Dispatchers:
         parameters = run.parameters or {}
         projects = parameters.get("projects") if isinstance(parameters.get("projects"), list) else None
         names = [str(p) for p in projects] if projects else [str(parameters.get("project") or run.name)]
-        project = ",".join(names)
+        project, run_id = ",".join(names), str(run.id)
         if run.state_type == StateType.RUNNING:
-            found.running[str(run.id)] = project
-            if str(run.id) in dead_pids:
-                found.dead_runs[str(run.id)] = project
+            found.running[run_id] = project
+            quiet = silent.get(run_id)
+            if run_id in dead_pids or (quiet is not None and quiet > settings.guardian_stuck_after):
+                found.dead_runs[run_id] = project
+                found.why[run_id] = ("its dispatcher's pid is gone" if run_id in dead_pids
+                                     else f"no flow-run heartbeat for {quiet:.0f} s")
                 continue
         found.live.update(names)
     found.live = _with_run_keys(found.live)
     return found
+
+
+def _silence(client: Any, flow_run_id: str) -> float | None:
+    """Seconds since the flow run's latest `prefect.flow-run.heartbeat` event (the last day); None without one."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    response = client.request("POST", "/events/filter", json={"limit": 1, "filter": {
+        "event": {"name": [HEARTBEAT_EVENT]}, "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+        "occurred": {"since": (now - timedelta(days=1)).isoformat(), "until": now.isoformat()}, "order": "DESC"}})
+    events = response.json().get("events") or []
+    if not events:
+        return None
+    return (now - datetime.fromisoformat(events[0]["occurred"].replace("Z", "+00:00"))).total_seconds()
 
 
 def stuck_runs(who: Dispatchers, repair: bool) -> Check:
@@ -96,8 +120,9 @@ def stuck_runs(who: Dispatchers, repair: bool) -> Check:
     if not who.dead_runs:
         return Check(SERVER, "stuck-runs", True, f"{len(who.running)} Running flow run(s) of our flows, none "
                                                  "whose dispatcher is known dead")
-    names = ", ".join(f"{project} ({run_id[:8]})" for run_id, project in list(who.dead_runs.items())[:10])
-    check = Check(SERVER, "stuck-runs", False, f"Running with a dead dispatcher (its pid is gone): {names}")
+    names = ", ".join(f"{project} ({run_id[:8]}: {who.why.get(run_id, '?')})"
+                      for run_id, project in list(who.dead_runs.items())[:10])
+    check = Check(SERVER, "stuck-runs", False, f"Running with a dead dispatcher: {names}")
     if not repair:
         return check
     from prefect.client.orchestration import get_client
@@ -108,8 +133,8 @@ def stuck_runs(who: Dispatchers, repair: bool) -> Check:
     try:
         with get_client(sync_client=True) as client:
             for run_id in who.dead_runs:
-                client.set_flow_run_state(run_id, Crashed(message="its dispatcher died (the guardian found its "
-                                                                  "pid gone)"), force=True)
+                client.set_flow_run_state(run_id, Crashed(message=f"its dispatcher died (the guardian found "
+                                                                  f"{who.why.get(run_id, 'it dead')})"), force=True)
             left = [r for r in who.dead_runs if client.read_flow_run(r).state_type != StateType.CRASHED]
     except SERVER_ERRORS as exc:
         return _settle(check, None, f"marking them Crashed failed: {exc}")

@@ -439,3 +439,45 @@ def test_alerts_carry_no_secret_of_the_environment(webhook, monkeypatch):
     assert errors == [] and where.startswith("notification block custom-webhook/")
     [received] = webhook.about("loop1")
     assert secret not in json.dumps(received) and "***" in received["body"]
+
+
+def _heartbeat(client, flow_run_id, seconds_ago: float) -> None:
+    """A `prefect.flow-run.heartbeat` event of the flow run, as Prefect's flow engine sends them, `seconds_ago`."""
+    from datetime import UTC, datetime, timedelta
+
+    occurred = (datetime.now(UTC) - timedelta(seconds=seconds_ago)).isoformat()
+    client.request("POST", "/events", json=[{
+        "id": str(uuid.uuid4()), "occurred": occurred, "event": "prefect.flow-run.heartbeat",
+        "resource": {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"}, "related": [], "payload": {}}])
+
+
+def test_a_run_whose_flow_run_heartbeats_stopped_is_crashed_and_a_beating_one_left_running(guarded):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Completed, Running
+
+    from dispatch.guardian.server import _silence
+
+    @flow(name="dispatch-project")
+    def dispatch_project(project: str) -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        quiet = client.create_flow_run(dispatch_project, parameters={"project": "quietproj"}, state=Running())
+        beating = client.create_flow_run(dispatch_project, parameters={"project": "beatproj"}, state=Running())
+        _heartbeat(client, quiet.id, 1200)
+        _heartbeat(client, beating.id, 1300)  # it beat long ago, and still does: the latest beat counts
+        _heartbeat(client, beating.id, 5)
+        deadline = time.monotonic() + 30
+        while (_silence(client, str(quiet.id)) is None or (_silence(client, str(beating.id)) or 999) > 60) \
+                and time.monotonic() < deadline:
+            time.sleep(0.3)  # the server stores events a moment after it receives them
+    report = run_cycle(get_settings())
+    stuck = _check(report, "server", "stuck-runs")
+    assert stuck.status == "REPAIRED" and "quietproj" in stuck.detail and "no flow-run heartbeat" in stuck.detail
+    assert "beatproj" not in stuck.detail
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(quiet.id).state_type == StateType.CRASHED
+        assert client.read_flow_run(beating.id).state_type == StateType.RUNNING
+        client.set_flow_run_state(beating.id, Completed(), force=True)
