@@ -239,20 +239,26 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_a_flow_run_stuck_running_with_a_dead_dispatcher_is_marked_crashed(guarded):
+def _running_dispatcher(client, project: str):
+    """A flow run of the `dispatch-project` flow, Running, as a dispatcher's (no process behind it)."""
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
     from prefect.states import Running
-
-    from dispatch.results import ProjectState, save_state
 
     @flow(name="dispatch-project")
     def dispatch_project(project: str) -> None:
         pass
 
+    return client.create_flow_run(dispatch_project, parameters={"project": project}, state=Running())
+
+
+def test_a_flow_run_stuck_running_with_a_dead_dispatcher_is_marked_crashed(guarded):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    from dispatch.results import ProjectState, save_state
+
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(dispatch_project, parameters={"project": "stuckproj"}, state=Running())
+        run = _running_dispatcher(client, "stuckproj")
     settings = get_settings()
     save_state(settings.state_dir, ProjectState(project="stuckproj", flow_run_id=str(run.id), pid=_dead_pid()))
     report = run_cycle(settings)
@@ -452,20 +458,14 @@ def _heartbeat(client, flow_run_id, seconds_ago: float) -> None:
 
 
 def test_a_run_whose_flow_run_heartbeats_stopped_is_crashed_and_a_beating_one_left_running(guarded):
-    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
-    from prefect.states import Completed, Running
+    from prefect.states import Completed
 
     from dispatch.guardian.server import _silence
 
-    @flow(name="dispatch-project")
-    def dispatch_project(project: str) -> None:
-        pass
-
     with get_client(sync_client=True) as client:
-        quiet = client.create_flow_run(dispatch_project, parameters={"project": "quietproj"}, state=Running())
-        beating = client.create_flow_run(dispatch_project, parameters={"project": "beatproj"}, state=Running())
+        quiet, beating = _running_dispatcher(client, "quietproj"), _running_dispatcher(client, "beatproj")
         _heartbeat(client, quiet.id, 1200)
         _heartbeat(client, beating.id, 1300)  # it beat long ago, and still does: the latest beat counts
         _heartbeat(client, beating.id, 5)
