@@ -157,10 +157,12 @@ def send_alerts(settings: DispatchSettings, alerts: list[Alert]) -> tuple[str, l
             text = text.replace(secret, "***")
         return text
 
+    import httpx
+
     errors: list[str] = []
     try:
         block = Block.load(name)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, httpx.HTTPError) as exc:  # no such block, or the server failed
         return f"notification block {name}", [f"cannot load the notification block {name}: {mask(str(exc))}"]
     for alert in alerts:
         try:

@@ -481,3 +481,13 @@ def test_a_run_whose_flow_run_heartbeats_stopped_is_crashed_and_a_beating_one_le
         assert client.read_flow_run(quiet.id).state_type == StateType.CRASHED
         assert client.read_flow_run(beating.id).state_type == StateType.RUNNING
         client.set_flow_run_state(beating.id, Completed(), force=True)
+
+
+def test_a_missing_alert_block_is_reported_not_raised(prefect_api, monkeypatch):
+    from dispatch.guardian.policy import Alert, send_alerts
+
+    monkeypatch.setenv("DISPATCH_ALERT_BLOCK", "custom-webhook/no-such-block")
+    get_settings.cache_clear()
+    where, errors = send_alerts(get_settings(), [Alert("loop1", "failure", "s", "b")])
+    assert where == "notification block custom-webhook/no-such-block"
+    assert len(errors) == 1 and "cannot load the notification block custom-webhook/no-such-block" in errors[0]
