@@ -59,21 +59,21 @@ def guardian(
     from dispatch.guardian import run_cycle
 
     code = 0
-    while True:
-        try:
-            report = run_cycle(settings, repair=not no_repair)
-        except ConfigError as exc:
-            raise invalid(exc) from None
-        code = report.exit_code
-        if as_json:
-            console.print_json(data=report.to_json())
-        else:
-            _print(report)
-        if once:
-            break
-        try:
+    try:
+        while True:
+            try:
+                report = run_cycle(settings, repair=not no_repair)
+            except ConfigError as exc:
+                raise invalid(exc) from None
+            code = report.exit_code
+            if as_json:
+                console.print_json(data=report.to_json())
+            else:
+                _print(report)
+            if once:
+                break
             time.sleep(interval or settings.guardian_interval)
-        except KeyboardInterrupt:
-            break
+    except KeyboardInterrupt:  # Ctrl-C ends the loop; the exit code is the last whole cycle's
+        err.print("stopped")
     if code:
         raise typer.Exit(EXIT_FAILED)
