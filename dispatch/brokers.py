@@ -9,12 +9,16 @@ another dispatcher holds the slot, and the spec waits (or goes to another node).
 - `ServerSlots`: the Prefect server's global concurrency limit `node-<name>` (limit = slots, made by
   `dispatch nodes sync`, or by `server_limits` when a team-mode dispatcher finds it missing), taken with
   a lease that a background thread renews; a crashed holder's slots come back when its lease expires.
-  This is what makes two users on two machines share one count.
+  This is what makes two users on two machines share one count. Each lease is also recorded as a
+  Prefect Variable `dispatch_lease_<id>` (limit, host, pid, flow run) while it is held, because Prefect's
+  API cannot list a limit's leases: the guardian releases the lease of a holder that died.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +82,11 @@ class ServerSlots:
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-lease-release")
         self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
         self._renewer.start()
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                        "flow_run_id": str(context.flow_run.id) if context and context.flow_run else None}
 
     def try_acquire(self, node: str) -> object | None:
         try:
@@ -94,7 +103,19 @@ class ServerSlots:
         lease_id = response.json()["lease_id"]
         with self._lock:
             self._leases.add(lease_id)
+        self._releaser.submit(self._record, lease_id, node)  # the same one thread: recorded before released
         return lease_id
+
+    def _record(self, lease_id: str, node: str) -> None:
+        from prefect.client.schemas.actions import VariableCreate
+
+        value = {"lease_id": str(lease_id), "limit": self._limits[node], "node": node, "since": time.time(),
+                 **self._holder}
+        try:
+            self._client.create_variable(VariableCreate(name=lease_record(lease_id), value=value,
+                                                        tags=["dispatch-lease"]))
+        except SERVER_ERRORS as exc:  # the lease still works; only the guardian cannot see it
+            logger.warning("could not record slot lease %s: %s", lease_id, exc)
 
     def _warn(self, message: str) -> None:
         """Say it at most every 30 s: the dispatch loop asks again every 0.2 s while the server is away."""
@@ -114,6 +135,13 @@ class ServerSlots:
             self._client.release_concurrency_slots_with_lease(lease_id=token)
         except SERVER_ERRORS as exc:  # the lease expires by itself; say so and carry on
             logger.warning("could not release slot lease %s: %s", token, exc)
+            return
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            self._client.delete_variable_by_name(lease_record(token))
+        except (ObjectNotFound, *SERVER_ERRORS) as exc:  # the guardian removes a record left behind
+            logger.debug("could not remove the record of slot lease %s: %s", token, exc)
 
     def _renew(self) -> None:
         while not self._stop.wait(self._lease_seconds / 3):
@@ -133,6 +161,11 @@ class ServerSlots:
             self.release(lease_id)
         self._releaser.shutdown(wait=True)
         self._client.__exit__(None, None, None)
+
+
+def lease_record(lease_id: object) -> str:
+    """The name of the Prefect Variable that records a held slot lease (`dispatch_lease_<uuid hex>`)."""
+    return "dispatch_lease_" + str(lease_id).replace("-", "")
 
 
 class Brokers:

@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, console, err, invalid
+from dispatch.cli_guardian import guardian
 from dispatch.cli_models import models_app
 from dispatch.cli_nodes import nodes_app
 from dispatch.cli_pipeline import pipeline_app
@@ -44,6 +45,7 @@ app.add_typer(nodes_app, name="nodes")
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
 app.add_typer(pipeline_app, name="pipeline")
+app.command()(guardian)  # dispatch/cli_guardian.py: health checks, repairs, drains, alerts
 # Registered before Prefect is imported, so it runs after Prefect's own exit handlers (logs, events flushed):
 # the interpreter's last collections would otherwise walk every object Prefect's import made (~0.4 s per command).
 atexit.register(gc.freeze)

@@ -22,6 +22,8 @@ The defaults follow the XDG base directories instead of the old system's `~/Down
 | `budget_model`      | `DISPATCH_BUDGET_MODEL`      | none; JSON `{"claude": 20}`: USD per UTC day per model |
 | `budget_user`       | `DISPATCH_BUDGET_USER`       | none; JSON `{"alice": 50}`: USD per UTC day per user |
 | `usage_ledger_bytes`| `DISPATCH_USAGE_LEDGER_BYTES`| 8 MiB, then results/usage.jsonl rotates      |
+| `guardian_*`        | `DISPATCH_GUARDIAN_*`        | every 300 s, drain after 3, 2 GiB, load 4/CPU |
+| `alert_block`       | `DISPATCH_ALERT_BLOCK`       | none: the guardian's alerts go to the log    |
 """
 
 from __future__ import annotations
@@ -117,6 +119,25 @@ class DispatchSettings(BaseSettings):
         "server's postgresql+asyncpg:// URL (server.env sets PREFECT_API_DATABASE_CONNECTION_URL). A secret.")
     snapshot_max_bytes: int = Field(default=64 * 2**30, ge=2**20,
                                     description="Most bytes an archive may hold unpacked (a restore refuses more).")
+
+    # The guardian (dispatch/guardian, `dispatch guardian`, the `guardian` deployment): health limits, the drain
+    # policy and where alerts go.
+    guardian_interval: float = Field(default=300.0, ge=10, le=86400,
+                                     description="Seconds between cycles of `dispatch guardian` without --once.")
+    guardian_drain_after: int = Field(default=3, ge=1, le=100,
+                                      description="Drain a node failing a check this many cycles in a row.")
+    guardian_min_disk_gb: float = Field(default=2.0, ge=0, description="Least free GiB under a node's run root.")
+    guardian_max_load: float = Field(default=4.0, gt=0, description="Highest 1-minute load per CPU of a node.")
+    guardian_min_memory_mb: float = Field(default=256.0, ge=0, description="Least MiB of available memory.")
+    guardian_stuck_after: float = Field(
+        default=600.0, ge=60, description="Crash a Running dispatcher flow run whose flow-run heartbeats (Prefect's "
+        "`prefect.flow-run.heartbeat` events) stopped this many seconds ago.")
+    guardian_worker_wait: float = Field(default=60.0, ge=0, le=600,
+                                        description="Seconds to wait for a restarted worker's first heartbeat.")
+    alert_block: str | None = Field(
+        default=None, pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$",
+        description="The Prefect notification block the guardian alerts through, as `<block-type-slug>/<name>` "
+        "(e.g. `custom-webhook/ops`, `slack-webhook/ops`); unset: alerts go to the log only.")
 
     @model_validator(mode="after")
     def _local_server_is_embedded(self) -> DispatchSettings:
