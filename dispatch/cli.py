@@ -28,6 +28,7 @@ from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, consol
 from dispatch.cli_guardian import guardian
 from dispatch.cli_models import models_app
 from dispatch.cli_nodes import nodes_app
+from dispatch.cli_nodes_add import add_node
 from dispatch.cli_pipeline import pipeline_app
 from dispatch.cli_server import connect_prefect, server_app, ui
 from dispatch.cli_snapshot import restore, snapshot
@@ -42,6 +43,7 @@ from dispatch.settings import get_settings
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(nodes_app, name="nodes")
+nodes_app.command("add")(add_node)  # here, not in cli_nodes: cli_nodes_add uses its probe
 app.add_typer(server_app, name="server")
 app.add_typer(models_app, name="models")
 app.add_typer(pipeline_app, name="pipeline")

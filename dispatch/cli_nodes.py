@@ -288,8 +288,3 @@ def check(
 if __name__ == "__main__":  # pragma: no cover - `python -m dispatch.cli_nodes` before it is mounted
     nodes_app()
 
-
-# --- adding a node (dispatch/cli_nodes_add.py: bootstrap over SSH, check, then nodes.json and Prefect) --------
-from dispatch.cli_nodes_add import add_node  # noqa: E402  (it imports the probe above lazily)
-
-nodes_app.command("add")(add_node)
