@@ -5,7 +5,7 @@
 
 An archive holds `database/prefect.db` (SQLite's online backup) or `database/prefect.dump` (pg_dump, custom
 format) (dispatch/snapshot_db.py), then `home/<area>/...` for the areas of DISPATCH_HOME that make its history:
-`AREAS` (state, results and reports, run directories with their logs, the result cache, pipeline reports) and
+`AREAS` (state, results and reports, run directories with their logs, the result cache, pipeline reports, the guardian's failure counts) and
 `FILES` (nodes.json, projects.json, drained.json), and last `manifest.json`: when, by whom, which database,
 which areas, and the sha256 and size of every member. `<archive>.sha256` beside it (sha256sum's format)
 covers the whole archive; `dispatch restore` checks it before anything else (dispatch/restore.py).
@@ -37,7 +37,7 @@ from dispatch.errors import DispatchError
 from dispatch.settings import DispatchSettings
 from dispatch.snapshot_db import Database, DatabaseCopyFailed, copy_out, locate
 
-AREAS = ("state", "results", "runs", "cache", "pipeline")
+AREAS = ("state", "results", "runs", "cache", "pipeline", "guardian")
 FILES = ("nodes.json", "projects.json", "drained.json")
 MANIFEST = "manifest.json"
 FORMAT = 1
