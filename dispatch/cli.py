@@ -26,6 +26,7 @@ from rich.table import Table
 
 from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, console, err, invalid
 from dispatch.cli_models import models_app
+from dispatch.cli_monitor import monitor
 from dispatch.cli_nodes import nodes_app
 from dispatch.cli_pipeline import pipeline_app
 from dispatch.cli_server import connect_prefect, server_app, ui
@@ -379,6 +380,7 @@ def cleanup(project: str,
 
 
 app.command()(ui)
+app.command()(monitor)  # dispatch/cli_monitor.py: the live view of the cluster
 
 
 def main() -> None:  # pragma: no cover - console script entry
