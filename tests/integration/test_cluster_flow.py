@@ -337,7 +337,7 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     from dispatch.drain import drain, undrain
     from dispatch.results import load_state
     from dispatch.settings import get_settings
-    from flows.dispatch_project import DRAINED_WAIT
+    from flows.dispatch_project import DRAINED_WAIT, LISTENERS
 
     monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")
     get_settings.cache_clear()
@@ -377,14 +377,19 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
+    events: list[tuple[str, str]] = []  # what the progress view of `dispatch start` is told
+    listener = lambda event, task_id, details: events.append((event, details.get("reason", "")))  # noqa: E731
+    LISTENERS.append(listener)
     try:
         state, summary = run_project("draining")
     finally:
+        LISTENERS.remove(listener)
         thread.join(timeout=5)
         undrain(settings, victim)
     assert state.is_completed(), state.message
     assert len(seen["before"]) == slots
     assert seen.get("reason") == f"{DRAINED_WAIT} ({victim})"
+    assert ("waiting", f"node(s) drained ({victim}): 1 ready spec(s) wait for them") in events
     runs = victim_runs()
     during = [start for start, _ in runs if seen["drained_at"] < start < seen["undrained_at"]]
     assert during == [], "no new spec starts on a drained node"
