@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ from dispatch.drain import drain
 from dispatch.monitor import cost_usd, take_snapshot
 from dispatch.results import ProjectState, SpecRow, save_state
 from dispatch.settings import get_settings
+from tests.fixtures.prefect_free import run_without_prefect
 from tests.fixtures.projects import DISPATCH, shell_spec, start_in_background, write_spec
 
 pytestmark = pytest.mark.prefect
@@ -97,15 +97,8 @@ def test_embedded_snapshot_reads_the_state_files_and_never_imports_prefect(isola
     save_state(settings.state_dir, ProjectState(project="dead", pid=2**22 + 12345, specs={
         "S01": SpecRow(state="running", node="local")}))
     drain(settings, "local", reason="disk", by="ann@box")
-    code = ("import sys, json\nfrom typer.testing import CliRunner\nfrom dispatch.cli import app\n"
-            "result = CliRunner().invoke(app, ['monitor', '--once', '--json'])\n"
-            "assert result.exit_code == 0, result.output\n"
-            "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect was imported'\n"
-            "print(result.output)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads(result.stdout)
+    [output] = run_without_prefect("dispatch.cli", "app", ["monitor", "--once", "--json"])
+    data = json.loads(output)
     assert data["mode"] == "embedded" and data["team_runs"] is None
     assert data["cooldowns"] is None and "local Prefect server is not running" in data["notes"][0]
     assert data["nodes"][0]["drained"]["reason"] == "disk"
