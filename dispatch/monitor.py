@@ -13,7 +13,7 @@ The snapshot (`take_snapshot(...).to_json()`, printed by `dispatch monitor --onc
   load averages when known: the local node's; null for remote nodes), `drained` (null, or `{reason, by,
   since}`).
 - `running`: every spec running in this machine's dispatchers: `project`, `task_id`, `user` ("user@host"),
-  `node`, `model` (the first model of its chain when it started, "" for shell specs), `attempt`,
+  `node`, `model` (the first model of its chain when it started, "shell" for shell specs), `attempt`,
   `started_at`, `elapsed_s`, `cost_usd` (null: see below).
 - `projects`: per project of this machine: `project`, `user`, `state` (running, completed, failed, cancelled,
   interrupted: its dispatcher died), `queued` (specs not started yet or waiting to retry), `running`,
@@ -44,7 +44,7 @@ from dispatch.results import ProjectState, load_all_states, pid_alive
 from dispatch.settings import DispatchSettings
 
 QUEUED = ("waiting", "ready", "retrying")
-_TIMEOUT = 3.0  # seconds per REST call: a monitor must keep refreshing when the server is slow
+_TIMEOUT = 5.0  # seconds per REST call (as `dispatch status`): the view keeps refreshing when the server is away
 _PAGE = 200
 
 

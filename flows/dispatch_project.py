@@ -323,7 +323,7 @@ class ProjectRun:
         row = self.state.specs[task_id]
         row.task_run_id = str(future.task_run_id)
         row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt
-        row.model = chain[0] if chain and spec.kind == "agent" else ""  # the model it starts with (the monitor's)
+        row.model = (chain[0] if chain else "") if spec.kind == "agent" else "shell"  # what it starts with
         row.started_at = row.dispatched_at = time.time()
         row.ready_at = self.scheduler.entries[task_id].ready_at
         self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)

@@ -111,6 +111,31 @@ def test_embedded_snapshot_reads_the_state_files_and_never_imports_prefect(isola
     assert [f["task_id"] for f in data["failures"]] == ["S04", "S05"]  # newest first
 
 
+def test_team_slot_use_comes_from_the_servers_node_limits(prefect_api, isolated_home: Path):
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    from dispatch.cluster import load_nodes
+    from dispatch.nodes_admin import sync_pools
+
+    name = f"mon-{uuid.uuid4().hex[:8]}"
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [
+        {"name": name, "ssh_host": "gpu.example", "slots": 3}]}))
+    settings = get_settings()
+    sync_pools(load_nodes(settings))
+    try:
+        with concurrency(f"node-{name}", occupy=2, strict=True):
+            snapshot = take_snapshot(settings)
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_work_pool(f"node-{name}")
+            client.delete_global_concurrency_limit_by_name(f"node-{name}")
+    assert [(n["name"], n["slots"], n["used"], n["load"]) for n in snapshot.nodes] == [(name, 3, 2, None)]
+    assert snapshot.notes == []
+
+
 def test_cost_usd_is_taken_from_the_records_when_they_have_it_and_never_guessed():
     assert cost_usd(SpecRow(state="running", attempts=2)) is None
     assert cost_usd(SimpleNamespace(cost_usd=0.25)) == 0.25
