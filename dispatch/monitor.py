@@ -28,7 +28,8 @@ The snapshot (`take_snapshot(...).to_json()`, printed by `dispatch monitor --onc
 - `notes`: what could not be read, for a person.
 
 `cost_usd` is the place for the spend of the agent attempts: filled from a row's or result's `cost_usd` (or
-the sum of its attempts' `cost_usd`) when the records carry it, null otherwise; nothing is estimated here.
+the sum of its attempts' `cost_usd`, on them or on their `usage`) when the records carry it, null otherwise;
+nothing is estimated here.
 """
 
 from __future__ import annotations
@@ -73,9 +74,15 @@ def cost_usd(record: Any) -> float | None:
     if isinstance(direct, (int, float)):
         return float(direct)
     attempts = getattr(record, "attempts", None)  # a result's list of Attempt; a state row's is a count
-    costs = [getattr(a, "cost_usd", None) for a in attempts] if isinstance(attempts, list) else []
+    costs = [_attempt_cost(a) for a in attempts] if isinstance(attempts, list) else []
     costs = [c for c in costs if isinstance(c, (int, float))]
     return float(sum(costs)) if costs else None
+
+
+def _attempt_cost(attempt: Any) -> Any:
+    """An attempt's `cost_usd`, on it or on its `usage` (what the agent reported)."""
+    direct = getattr(attempt, "cost_usd", None)
+    return direct if direct is not None else getattr(getattr(attempt, "usage", None), "cost_usd", None)
 
 
 def _sum_costs(values: list[float | None]) -> float | None:

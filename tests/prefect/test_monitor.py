@@ -142,6 +142,8 @@ def test_cost_usd_is_taken_from_the_records_when_they_have_it_and_never_guessed(
     attempts = [SimpleNamespace(cost_usd=0.5), SimpleNamespace(cost_usd=None), SimpleNamespace(cost_usd=1.25)]
     assert cost_usd(SimpleNamespace(attempts=attempts)) == 1.75
     assert cost_usd(SimpleNamespace(attempts=[SimpleNamespace()])) is None
+    reported = [SimpleNamespace(usage=SimpleNamespace(cost_usd=0.125)), SimpleNamespace(usage=None)]
+    assert cost_usd(SimpleNamespace(attempts=reported)) == 0.125
 
 
 def test_the_live_view_refreshes_and_ends_cleanly_on_ctrl_c(isolated_home: Path):
