@@ -4,7 +4,9 @@
     dispatch monitor --once           the same tables, once
     dispatch monitor --once --json    one snapshot as JSON for scripts (fields: dispatch/monitor.py)
 
-Read-only and Prefect-free (dispatch/monitor.py). Exit codes: 0 success (Ctrl-C included), 2 a bad nodes.json.
+Remote nodes' load is read over SSH (`cat /proc/loadavg`) in the background every 30 s in the live view
+(`--no-load` skips it); `--once --load` reads it once first. Read-only and Prefect-free (dispatch/monitor.py).
+Exit codes: 0 success (Ctrl-C included), 2 a bad nodes.json.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from rich.table import Table
 
 from dispatch.cli_common import EXIT_INVALID, console, err
 from dispatch.errors import ConfigError
-from dispatch.monitor import Snapshot, take_snapshot
+from dispatch.monitor import LoadProbe, Snapshot, take_snapshot
 from dispatch.settings import get_settings
 
 
@@ -92,12 +94,25 @@ def render(snapshot: Snapshot) -> Group:
     return Group(*parts)
 
 
-def _snapshot() -> Snapshot:
+def _invalid(exc: ConfigError) -> typer.Exit:
+    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    return typer.Exit(EXIT_INVALID)
+
+
+def _snapshot(probe: LoadProbe | None = None) -> Snapshot:
     try:
-        return take_snapshot(get_settings())
+        return take_snapshot(get_settings(), loads=probe.loads() if probe is not None else None)
     except ConfigError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
+        raise _invalid(exc) from None
+
+
+def _load_probe(interval: float) -> LoadProbe:
+    from dispatch.cluster import load_nodes
+
+    try:
+        return LoadProbe(load_nodes(get_settings()), interval=interval)
+    except ConfigError as exc:
+        raise _invalid(exc) from None
 
 
 def monitor(
@@ -105,13 +120,20 @@ def monitor(
     as_json: Annotated[bool, typer.Option("--json", help="With --once: the snapshot as JSON for scripts.")] = False,
     interval: Annotated[float | None, typer.Option(
         help="Seconds between refreshes (default DISPATCH_MONITOR_REFRESH, 2).", min=0.2)] = None,
+    load: Annotated[bool | None, typer.Option(
+        "--load/--no-load", help="Read remote nodes' load over SSH (default: in the live view, not with --once).")]
+    = None,
 ) -> None:
     """Watch the cluster: nodes (slots, load, drained), running specs, queues, model cool-downs, recent failures."""
     if as_json and not once:
         err.print("[red]error:[/] --json prints one snapshot: use `dispatch monitor --once --json`")
         raise typer.Exit(EXIT_INVALID)
     if once:
-        snapshot = _snapshot()
+        probe = _load_probe(interval=3600) if load else None
+        if probe is not None:
+            probe.wait(timeout=30)
+            probe.close()
+        snapshot = _snapshot(probe)
         if as_json:
             console.print_json(data=snapshot.to_json())
         else:
@@ -120,10 +142,15 @@ def monitor(
     from rich.live import Live
 
     refresh = interval or get_settings().monitor_refresh
+    first = _snapshot()
+    probe = _load_probe(interval=30.0) if load is not False else None
     try:
-        with Live(render(_snapshot()), console=console, refresh_per_second=4, transient=False) as live:
+        with Live(render(first), console=console, refresh_per_second=4, transient=False) as live:
             while True:
                 time.sleep(refresh)
-                live.update(render(_snapshot()))
+                live.update(render(_snapshot(probe)))
     except KeyboardInterrupt:  # Ctrl-C is how a person leaves the view: no traceback, exit 0
         return
+    finally:
+        if probe is not None:
+            probe.close()

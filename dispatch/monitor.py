@@ -10,8 +10,8 @@ The snapshot (`take_snapshot(...).to_json()`, printed by `dispatch monitor --onc
 - `taken_at`: Unix time of the snapshot. `mode`: "embedded" or "team". `prefect_api_url`: the API asked, or null.
 - `nodes`: one per node of nodes.json: `name`, `transport`, `slots`, `used` (slots in use: this machine's
   runs, and in team mode the server's `node-<name>` limit, whichever is more), `load` (the 1, 5 and 15 minute
-  load averages when known: the local node's; null for remote nodes), `drained` (null, or `{reason, by,
-  since}`).
+  load averages when known: the local node's, and a remote node's once `LoadProbe` has read it over SSH; null
+  otherwise), `drained` (null, or `{reason, by, since}`).
 - `running`: every spec running in this machine's dispatchers: `project`, `task_id`, `user` ("user@host"),
   `node`, `model` (the first model of its chain when it started, "shell" for shell specs), `attempt`,
   `started_at`, `elapsed_s`, `cost_usd` (null: see below).
@@ -35,12 +35,14 @@ nothing is estimated here.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from base64 import b64encode
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dispatch.cluster import load_nodes
+from dispatch.cluster import Node, load_nodes
 from dispatch.results import ProjectState, load_all_states, pid_alive
 from dispatch.settings import DispatchSettings
 
@@ -207,12 +209,14 @@ def _project_rows(states: list[ProjectState], now: float) -> tuple[list[dict], l
     return running, projects, failures
 
 
-def take_snapshot(settings: DispatchSettings, *, failures: int | None = None) -> Snapshot:
+def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
+                  loads: dict[str, list[float]] | None = None) -> Snapshot:
     """Look at the cluster once (fields: the module docstring).
 
     Args:
         settings: the process's settings (DISPATCH_HOME, PREFECT_API_URL).
         failures: how many recent failures to keep (default `settings.monitor_failures`).
+        loads: remote nodes' load averages known so far (`LoadProbe.loads()`).
 
     Raises:
         ConfigError: nodes.json is invalid.
@@ -251,7 +255,7 @@ def take_snapshot(settings: DispatchSettings, *, failures: int | None = None) ->
     for node in nodes:
         used = max(local.get(node.name, 0), limits.get(node.pool, {}).get("used", 0))
         snapshot.nodes.append({"name": node.name, "transport": node.transport, "slots": node.slots, "used": used,
-                               "load": _load_average() if node.transport == "local" else None,
+                               "load": _load_average() if node.transport == "local" else (loads or {}).get(node.name),
                                "drained": drained.get(node.name)})
     return snapshot
 
@@ -267,3 +271,61 @@ def _team_runs(settings: DispatchSettings, notes: list[str]) -> list[dict[str, A
         notes.append(str(exc))
         return None
     return [run.model_dump(mode="json") for run in runs]
+
+
+class LoadProbe:
+    """The load averages of the remote nodes, read over SSH (`cat /proc/loadavg`, one command per node, in
+    parallel) by a daemon thread every `interval` seconds; `loads()` never waits on it. A node that cannot be
+    reached (or whose key lives only in a `ClusterNode` block: no Prefect here) has no load.
+
+    Args:
+        nodes: the cluster's nodes (local ones are skipped: their load is read directly).
+        interval: seconds between two rounds.
+        timeout: seconds to connect to a node.
+    """
+
+    def __init__(self, nodes: list[Node], interval: float = 30.0, timeout: float = 5.0) -> None:
+        self._nodes = [n for n in nodes if n.transport != "local" and (n.ssh_host or n.host)]
+        self._interval, self._timeout = interval, timeout
+        self._loads: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        self._stopped, self._first_round = threading.Event(), threading.Event()
+        threading.Thread(target=self._run, name="monitor-load", daemon=True).start()
+
+    def _read(self, pool: Any, node: Node) -> list[float] | None:
+        from dispatch.errors import DispatchError
+        from dispatch.ssh_target import node_target
+
+        try:
+            run = pool.run(node_target(node, connect_timeout=self._timeout), "cat /proc/loadavg",
+                           timeout=self._timeout + 5, check=False)
+            return [round(float(x), 2) for x in run.stdout.split()[:3]] if run.exit_code == 0 else None
+        except (DispatchError, ValueError):
+            return None
+
+    def _run(self) -> None:
+        from dispatch.ssh import SSHPool
+
+        if not self._nodes:
+            self._first_round.set()
+            return
+        with SSHPool() as pool, ThreadPoolExecutor(max_workers=min(16, len(self._nodes))) as executor:
+            while True:
+                found = dict(executor.map(lambda n: (n.name, self._read(pool, n)), self._nodes))
+                with self._lock:
+                    self._loads = {name: load for name, load in found.items() if load}
+                self._first_round.set()
+                if self._stopped.wait(self._interval):
+                    return
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the first round is done (at most `timeout` seconds); whether it is."""
+        return self._first_round.wait(timeout)
+
+    def loads(self) -> dict[str, list[float]]:
+        """Node name -> [1, 5, 15 minute load] of the nodes read in the last round."""
+        with self._lock:
+            return dict(self._loads)
+
+    def close(self) -> None:
+        self._stopped.set()

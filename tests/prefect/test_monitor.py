@@ -179,3 +179,21 @@ def test_the_live_view_refreshes_and_ends_cleanly_on_ctrl_c(isolated_home: Path)
             view.kill()
         os.close(primary)
     assert b"Traceback" not in seen
+
+
+@pytest.mark.integration
+def test_load_of_remote_nodes_is_read_over_ssh_and_an_unreachable_node_has_none(loopback_cluster, isolated_home):
+    home = isolated_home / "home"
+    nodes = json.loads(Path(loopback_cluster.nodes_json).read_text())["nodes"]
+    nodes.append({**nodes[0], "name": "gone", "host": "127.0.0.1", "port": 1})  # nothing listens there
+    (home / "nodes.json").write_text(json.dumps({"nodes": nodes}))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run([DISPATCH, "monitor", "--once", "--json", "--load"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    loads = {n["name"]: n["load"] for n in json.loads(result.stdout)["nodes"]}
+    assert loads["gone"] is None
+    for name in ("loop1", "loop2", "loop3"):
+        assert len(loads[name]) == 3 and all(x >= 0 for x in loads[name]), loads
+    plain = _monitor_json(server=False)
+    assert [n["load"] for n in plain["nodes"]] == [None] * 4, "without --load, --once connects to no node"
