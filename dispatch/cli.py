@@ -27,12 +27,14 @@ from rich.table import Table
 from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, console, err, invalid
 from dispatch.cli_guardian import guardian
 from dispatch.cli_models import models_app
+from dispatch.cli_monitor import monitor
 from dispatch.cli_nodes import nodes_app
 from dispatch.cli_nodes_add import add_node
 from dispatch.cli_pipeline import pipeline_app
 from dispatch.cli_server import connect_prefect, server_app, ui
 from dispatch.cli_snapshot import restore, snapshot
 from dispatch.cli_status import report, status
+from dispatch.cli_usage import usage as usage_command
 from dispatch.dag import load_project, select
 from dispatch.errors import DispatchError, ProjectInvalid, cut
 from dispatch.paths import local_path
@@ -287,7 +289,7 @@ def _submit_to_deployment(settings, project: str, only: list[str] | None, start_
 
 app.command()(status)  # dispatch/cli_status.py: read-only views of the state files
 app.command()(report)
-app.command(name="usage")(importlib.import_module("dispatch.cli_usage").usage)  # cost and tokens, dispatch/usage.py
+app.command(name="usage")(usage_command)  # cost and tokens, dispatch/usage.py
 
 
 @app.command()
@@ -386,6 +388,7 @@ def cleanup(project: str,
 
 app.command()(ui)
 app.command()(snapshot); app.command()(restore)  # noqa: E702 - dispatch/cli_snapshot.py
+app.command()(monitor)  # dispatch/cli_monitor.py: the live view of the cluster
 
 
 def main() -> None:  # pragma: no cover - console script entry

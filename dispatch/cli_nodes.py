@@ -4,6 +4,8 @@
     dispatch nodes import         nodes.json -> ClusterNode blocks (+ AgentModel blocks for built-in models)
     dispatch nodes sync           a work pool and a global concurrency limit `node-<name>` per node
     dispatch nodes check [NAME]   connect to each node; report Python and the agent CLIs it has
+    dispatch nodes drain NAME [--reason TEXT] / undrain NAME
+                                  take a node out of service (running specs finish, no new one starts) / back
 
 Listing and checking never import Prefect (listing asks the Prefect server for its slot counts only when
 one is configured, `PREFECT_API_URL`); `import` and `sync` need a Prefect API (embedded: a temporary one
@@ -136,6 +138,7 @@ def list_nodes(ctx: typer.Context, as_json: JsonOption = False) -> None:
     nodes = _nodes(settings)
     local = local_slot_use(settings)
     server = _server_load(settings, nodes)
+    drained = _drained(settings)
     rows = []
     for node in nodes:
         remote = server.get(node.name) if server is not None else None
@@ -146,6 +149,7 @@ def list_nodes(ctx: typer.Context, as_json: JsonOption = False) -> None:
             "used_server": used_server, "labels": sorted(node.labels), "priority": node.priority,
             "models": sorted(node.models) if node.models is not None else None, "pool": node.pool,
             "synced": None if server is None else remote is not None,
+            "drained": drained.get(node.name),
         })
     if as_json:
         console.print_json(data={"nodes": rows, "prefect_api_url": settings.prefect_api_url})
@@ -153,10 +157,17 @@ def list_nodes(ctx: typer.Context, as_json: JsonOption = False) -> None:
     table = Table("node", "transport", "host", "slots in use", "labels", "models", "priority")
     for row in rows:
         note = " [dim](no limit: run `dispatch nodes sync`)[/]" if row["synced"] is False else ""
+        if row["drained"]:
+            note += " [yellow]drained[/]"
         table.add_row(escape(row["name"]), row["transport"], escape(row["host"]),
                       f"{row['used']}/{row['slots']}{note}", escape(", ".join(row["labels"]) or "-"),
                       escape(", ".join(row["models"])) if row["models"] is not None else "any", str(row["priority"]))
     console.print(table)
+    for row in rows:  # whole sentences below the table
+        if row["drained"]:
+            info = row["drained"]
+            console.print(f"{escape(row['name'])} drained since {_when(info['since'])} by {escape(info['by'])}: "
+                          f"{escape(info['reason'] or '-')}", soft_wrap=True)
 
 
 # --- Prefect ---------------------------------------------------------------------------------------------
@@ -283,6 +294,84 @@ def check(
         if not as_json:
             err.print(f"[red]{len(unreachable)} node(s) unreachable:[/] {escape(', '.join(unreachable))}")
         raise typer.Exit(EXIT_FAILED)
+
+
+
+# --- draining ----------------------------------------------------------------------------------------------
+def _when(moment: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment)) if moment else "?"
+
+
+def _drained(settings: DispatchSettings) -> dict[str, dict]:
+    """The drained nodes (dispatch/drain.py); team mode asks the server (a warning and none when it cannot)."""
+    import httpx
+
+    from dispatch.drain import drained_nodes
+
+    if settings.embedded:
+        return drained_nodes(settings)
+    _use_prefect(settings)
+    try:
+        return drained_nodes(settings)
+    except (httpx.HTTPError, OSError) as exc:
+        err.print(f"[yellow]warning:[/] cannot read the drained nodes from {escape(_where(settings))}: "
+                  f"{escape(str(exc))}", soft_wrap=True)
+        return {}
+
+
+def _known_node(settings: DispatchSettings, name: str) -> None:
+    """Exit 2 unless `name` is a node of nodes.json, naming the file and the known nodes."""
+    known = [n.name for n in _nodes(settings)]
+    if name not in known:
+        err.print(f"[red]error:[/] no node {escape(name)!r} in {settings.home / 'nodes.json'} (known: "
+                  f"{escape(', '.join(known))}); check the name with `dispatch nodes`", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID)
+
+
+def _change_drain(settings: DispatchSettings, change: Callable[[], bool]) -> bool:
+    """Run a drain or undrain (team mode: on the server); a failing server exits 1."""
+    import httpx
+
+    if not settings.embedded:
+        _use_prefect(settings)
+    try:
+        return change()
+    except (httpx.HTTPError, OSError) as exc:
+        raise _prefect_failed(settings, exc) from None
+
+
+@nodes_app.command("drain")
+def drain_node(
+    name: Annotated[str, typer.Argument(help="The node (a name in nodes.json).")],
+    reason: Annotated[str, typer.Option(help="Why, shown in `dispatch nodes` and the monitor.")] = "drained by hand",
+) -> None:
+    """Take a node out of service: every dispatcher stops placing specs on it; specs running there finish."""
+    from dispatch.drain import drain
+    from dispatch.team import whoami
+
+    settings = get_settings()
+    _known_node(settings, name)
+    user, host = whoami()
+    if _change_drain(settings, lambda: drain(settings, name, reason=reason, by=f"{user}@{host}")):
+        console.print(f"{escape(name)} drained: no new spec goes there; its running specs finish "
+                      f"(`dispatch nodes undrain {escape(name)}` puts it back)", soft_wrap=True)
+    else:
+        console.print(f"{escape(name)} was already drained (its first reason is kept)")
+
+
+@nodes_app.command("undrain")
+def undrain_node(name: Annotated[str, typer.Argument(help="The node (a name in nodes.json).")]) -> None:
+    """Put a drained node back in service; running dispatchers use it again within a few seconds."""
+    from dispatch.drain import undrain
+
+    settings = get_settings()
+    _known_node(settings, name)
+    if _change_drain(settings, lambda: undrain(settings, name)):
+        console.print(f"{escape(name)} undrained: back in service")
+    else:
+        console.print(f"{escape(name)} was not drained")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m dispatch.cli_nodes` before it is mounted

@@ -47,10 +47,11 @@ class NodeSlots:
     models: frozenset[str] | None = None  # models whose CLI is installed; None: any
     used: int = 0
     down: bool = False  # unreachable: nothing new is placed here until it answers again
+    drained: bool = False  # taken out of service (dispatch/drain.py): its running specs finish, no new one starts
 
     @property
     def free(self) -> int:
-        return 0 if self.down else self.slots - self.used
+        return 0 if self.down or self.drained else self.slots - self.used
 
 
 @dataclass
@@ -194,7 +195,7 @@ class Scheduler:
         """Estimated seconds until every open spec has finished: the longest remaining path through
         dependencies and locks, and at least the work left spread over every slot."""
         self._refresh()
-        slots = sum(n.slots for n in self.nodes.values() if not n.down) or 1
+        slots = sum(n.slots for n in self.nodes.values() if not (n.down or n.drained)) or 1
         work = sum(self._estimates[t] for t, e in self.entries.items() if e.state in (WAITING, READY))
         return max(max(self._rank.values(), default=0.0), work / slots)
 
@@ -290,6 +291,26 @@ class Scheduler:
         if not free:
             return None
         return max(free, key=lambda n: (n.free, -n.priority, n.name))
+
+    def set_drained(self, names: set[str]) -> bool:
+        """Mark exactly `names` drained (unknown names are ignored); returns whether anything changed."""
+        changed = False
+        for node in self.nodes.values():
+            drained = node.name in names
+            changed = changed or node.drained != drained
+            node.drained = drained
+        return changed
+
+    def drained_waiting(self) -> dict[str, list[str]]:
+        """Ready specs that wait only because every node that fits them is drained: id -> those nodes."""
+        if not any(n.drained for n in self.nodes.values()):
+            return {}
+        waiting = {}
+        for task_id in self._ready:
+            fitting = [n for n in self.nodes.values() if self._fits(task_id, n)]
+            if fitting and all(n.drained for n in fitting):
+                waiting[task_id] = [n.name for n in fitting]
+        return waiting
 
     def placeable(self, task_id: str) -> bool:
         """Whether any node could ever run this spec (its `node`/`labels`/models fit)."""

@@ -139,6 +139,14 @@ class DispatchSettings(BaseSettings):
         description="The Prefect notification block the guardian alerts through, as `<block-type-slug>/<name>` "
         "(e.g. `custom-webhook/ops`, `slack-webhook/ops`); unset: alerts go to the log only.")
 
+    # Drained nodes and `dispatch monitor` (issue #14)
+    drain_refresh: float = Field(default=2.0, ge=0.1, le=300, description="Seconds between a running dispatcher's "
+                                 "reads of the drained nodes (dispatch/drain.py), read in a background thread.")
+    monitor_refresh: float = Field(default=2.0, ge=0.2, le=60, description="Seconds between two refreshes of "
+                                   "`dispatch monitor`.")
+    monitor_failures: int = Field(default=10, ge=1, le=200, description="Recent failed specs `dispatch monitor` "
+                                  "lists.")
+
     @model_validator(mode="after")
     def _local_server_is_embedded(self) -> DispatchSettings:
         # PREFECT_API_URL set by us for our own local server is no team server

@@ -5,10 +5,10 @@
 
 An archive holds `database/prefect.db` (SQLite's online backup) or `database/prefect.dump` (pg_dump, custom
 format) (dispatch/snapshot_db.py), then `home/<area>/...` for the areas of DISPATCH_HOME that make its history:
-`AREAS` (state, results and reports, run directories with their logs, the result cache, pipeline reports, the guardian's failure counts) and
-`FILES` (nodes.json, projects.json, drained.json), and last `manifest.json`: when, by whom, which database,
-which areas, and the sha256 and size of every member. `<archive>.sha256` beside it (sha256sum's format)
-covers the whole archive; `dispatch restore` checks it before anything else (dispatch/restore.py).
+`AREAS` (state, results and reports, run directories with their logs, the result cache, pipeline reports, the
+guardian's failure counts) and `FILES` (nodes.json, projects.json, drained.json), and last `manifest.json`: when,
+by whom, which database, which areas, and the sha256 and size of every member. `<archive>.sha256` beside it
+(sha256sum's format) covers the whole archive; `dispatch restore` checks it before anything else (dispatch/restore.py).
 
 Never archived: symbolic links (none is followed, inside the home or out of it), special files, the local
 server's files, locks and logs, code workspaces (they live in git or DISPATCH_PROJECTS). Retention deletes

@@ -331,3 +331,74 @@ def test_stop_and_cleanup_reach_a_node_whose_key_lives_only_in_its_block(prefect
     cleaned = subprocess.run([DISPATCH, "cleanup", "keyonly"], capture_output=True, text=True, timeout=120)
     assert cleaned.returncode == 0 and "not cleaned" not in cleaned.stderr, cleaned.stdout + cleaned.stderr
     assert not run_dirs.exists(), "cleanup did not reach the node"
+
+
+def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_brings_it_back(
+        run_project, cluster, isolated_home: Path, monkeypatch):
+    import threading
+
+    from dispatch.drain import drain, undrain
+    from dispatch.results import load_state
+    from dispatch.settings import get_settings
+    from flows.dispatch_project import DRAINED_WAIT, LISTENERS
+
+    monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")
+    get_settings.cache_clear()
+    settings = get_settings()
+    undrain(settings, "loop2")  # the session server's variable: start from a clean slate
+    specs, timeline = isolated_home / "specs" / "draining", cluster.timeline
+    for i in range(18):
+        shell_spec(specs, f"S{i:02d}", timeline, seconds=2.0)
+    shell_spec(specs, "S99", timeline, seconds=0.5, depends_on=["S00"], node="loop2")  # only loop2 can run it
+    victim, slots = "loop2", cluster.node("loop2")["slots"]
+    seen: dict = {}
+
+    def victim_runs() -> list[tuple[float, float | None]]:
+        lines = timeline.read_text().splitlines() if timeline.exists() else []
+        starts = {ln.split()[0]: float(ln.split()[2]) for ln in lines if ln.split()[1:2] == ["start"]
+                  and ln.split()[3:4] == [victim]}
+        ends = {ln.split()[0]: float(ln.split()[2]) for ln in lines if ln.split()[1:2] == ["end"]}
+        return [(start, ends.get(task_id)) for task_id, start in starts.items()]
+
+    def operator():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(victim_runs()) < slots:  # every slot of the victim busy
+            time.sleep(0.05)
+        seen["before"] = victim_runs()
+        drain(settings, victim, reason="test: taken out of service", by="tester")
+        seen["drained_at"] = time.time()
+        while time.monotonic() < deadline:  # its specs finish, and S99 says it waits for the drained node
+            state = load_state(settings.state_dir, "draining")
+            row = state.specs.get("S99") if state else None
+            if row is not None and row.reason.startswith(DRAINED_WAIT) and all(
+                    end for _, end in victim_runs()):
+                seen["reason"] = row.reason
+                break
+            time.sleep(0.05)
+        seen["undrained_at"] = time.time()
+        undrain(settings, victim)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    events: list[tuple[str, str]] = []  # what the progress view of `dispatch start` is told
+    listener = lambda event, task_id, details: events.append((event, details.get("reason", "")))  # noqa: E731
+    LISTENERS.append(listener)
+    try:
+        state, summary = run_project("draining")
+    finally:
+        LISTENERS.remove(listener)
+        thread.join(timeout=5)
+        undrain(settings, victim)
+    assert state.is_completed(), state.message
+    assert len(seen["before"]) == slots
+    assert seen.get("reason") == f"{DRAINED_WAIT} ({victim})"
+    assert ("waiting", f"node(s) drained ({victim}): 1 ready spec(s) wait for them") in events
+    runs = victim_runs()
+    during = [start for start, _ in runs if seen["drained_at"] < start < seen["undrained_at"]]
+    assert during == [], "no new spec starts on a drained node"
+    before = {start for start, _ in seen["before"]}
+    assert all(end for start, end in runs if start in before), "the specs running there when drained finish"
+    assert all(summary.specs[t].attempts == 1 for t in summary.specs), "draining costs no attempt"
+    after = [start for start, _ in runs if start > seen["undrained_at"]]
+    assert after, "an undrained node is used again by the running dispatcher"
+    assert summary.specs["S99"].node == victim

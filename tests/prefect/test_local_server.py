@@ -346,3 +346,27 @@ def test_the_browser_shows_the_demos_spec_runs_and_report(local_home: LocalHome)
             assert sorted(links.all_inner_texts()) == specs
         finally:
             browser.close()
+
+
+def test_the_monitor_reads_cool_downs_from_the_running_local_server_and_starts_none(local_home: LocalHome):
+    url = local_home.ui()  # the module's server, running
+    until = time.time() + 1800
+    cooldown = {"model": "glm", "kind": "quota", "until": until, "reason": "GLM 1308: 5-hour cap", "by": "ann@box"}
+    request = urllib.request.Request(f"{url}/api/variables/", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"name": "dispatch_cooldown_glm", "value": cooldown}).encode())
+    urllib.request.urlopen(request, timeout=10).read()
+    result = local_home.run("monitor", "--once", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert data["mode"] == "embedded" and data["prefect_api_url"] == f"{url}/api"
+    assert [(c["model"], c["state"], c["reason"]) for c in data["cooldowns"]] == [
+        ("glm", "cooling", "GLM 1308: 5-hour cap")]
+    assert data["cooldowns"][0]["until"] == pytest.approx(until)
+    pid = local_home.state()["pid"]
+    local_home.run("server", "stop")
+    _wait_dead(pid)
+    stopped = local_home.run("monitor", "--once", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["cooldowns"] is None
+    assert not _marked_servers(local_home.home), "a read-only view starts no server"

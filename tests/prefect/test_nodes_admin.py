@@ -21,6 +21,7 @@ import pytest
 from dispatch.cluster import Node, load_nodes
 from dispatch.results import ProjectState, save_state
 from dispatch.settings import get_settings
+from tests.fixtures.prefect_free import run_without_prefect
 
 pytestmark = pytest.mark.prefect
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
@@ -263,11 +264,4 @@ def test_check_of_an_unknown_node_names_the_known_ones(isolated_home: Path):
 
 def test_listing_and_checking_never_import_prefect_without_a_server(isolated_home: Path):
     write_nodes(isolated_home / "home", [{"name": "local", "transport": "local", "slots": 2}])
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom dispatch.cli_nodes import nodes_app\n"
-            "for args in (['--json'], ['check', '--json']):\n"
-            "    result = CliRunner().invoke(nodes_app, args)\n"
-            "    assert result.exit_code == 0, result.output\n"
-            "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect was imported'\n")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_without_prefect("dispatch.cli_nodes", "nodes_app", ["--json"], ["check", "--json"])

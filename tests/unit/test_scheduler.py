@@ -647,3 +647,36 @@ def test_adopt_counts_a_reattached_spec_as_running() -> None:
 
     assert scheduler.state("A") == RUNNING and nodes[0].used == 1
     assert scheduler.pick() == []  # B overlaps A's lock
+
+
+# -- drained nodes -------------------------------------------------------------------------------------------
+
+
+def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_uses_it_again() -> None:
+    project = _project(*[_spec(f"S{i:02d}") for i in range(8)])
+    scheduler = _scheduler(project, [NodeSlots("n1", 2), NodeSlots("n2", 2)])
+    first = scheduler.pick()
+    assert sorted(a.node for a in first) == ["n1", "n1", "n2", "n2"]
+
+    assert scheduler.set_drained({"n2"}) is True
+    assert scheduler.set_drained({"n2"}) is False  # no change
+    for assignment in first:  # the running specs on n2 finish normally and free their slots
+        scheduler.succeed(assignment.task_id)
+    assert [a.node for a in scheduler.pick()] == ["n1", "n1"]
+    assert scheduler.drained_waiting() == {}  # n1 can still run them
+
+    scheduler.set_drained(set())
+    assert [a.node for a in scheduler.pick()] == ["n2", "n2"]
+
+
+def test_ready_specs_whose_every_fitting_node_is_drained_are_named_not_failed() -> None:
+    project = _project(_spec("S01", node="n2"), _spec("S02"))
+    scheduler = _scheduler(project, [NodeSlots("n1", 1), NodeSlots("n2", 1)])
+    scheduler.set_drained({"n1", "n2"})
+
+    assert scheduler.pick() == []
+    assert scheduler.unplaceable() == []  # a drained node still fits: the spec waits, it does not fail
+    assert scheduler.drained_waiting() == {"S01": ["n2"], "S02": ["n1", "n2"]}
+    scheduler.set_drained({"n1"})
+    assert [(a.task_id, a.node) for a in scheduler.pick()] == [("S01", "n2")]
+    assert scheduler.drained_waiting() == {}  # S02 waits for n2's slot, not for a drained node
