@@ -62,27 +62,6 @@ def _block_models() -> set[str]:
     return {str(doc.data.get("name") or doc.name) for doc in documents}
 
 
-def model_state(model: str, cooldown: dict[str, Any] | None, now: float) -> dict[str, Any]:
-    """One row of `dispatch models`: the model's state from its cool-down Variable (None: none set).
-
-    Args:
-        model: the model's name.
-        cooldown: the value of its `dispatch_cooldown_<model>` Variable, if any.
-        now: the current Unix time.
-
-    Returns:
-        {"model", "state": "available" | "cooling" | "blocked", "kind", "until", "reason", "by", "since"}.
-    """
-    row: dict[str, Any] = {"model": model, "state": "available", "kind": None, "until": None, "reason": None,
-                           "by": None, "since": None}
-    if cooldown is None or float(cooldown.get("until", 0)) <= now:
-        return row
-    kind = str(cooldown.get("kind") or "quota")
-    row.update(state="blocked" if kind == "billing" else "cooling", kind=kind, until=float(cooldown["until"]),
-               reason=cooldown.get("reason"), by=cooldown.get("by"), since=cooldown.get("since"))
-    return row
-
-
 def _when(moment: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment))
 
@@ -104,7 +83,7 @@ def list_models(ctx: typer.Context,
         return
     settings = get_settings()
     _connect(settings)
-    from dispatch.cooldowns import API_ERRORS, Cooldowns
+    from dispatch.cooldowns import API_ERRORS, Cooldowns, model_state
 
     try:
         names = set(BUILTIN_MODELS) | _block_models()

@@ -30,7 +30,7 @@ from rich.table import Table
 from dispatch.agents import BUILTIN_MODELS
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError, DispatchError
-from dispatch.results import load_all_states, pid_alive
+from dispatch.monitor import local_slot_use
 from dispatch.settings import DispatchSettings, get_settings
 
 nodes_app = typer.Typer(help="List the cluster's nodes (no subcommand), or import them into Prefect, sync their "
@@ -88,22 +88,6 @@ def _print_changes(settings: DispatchSettings, change: Callable[[], list[str]]) 
 
 
 # --- listing -------------------------------------------------------------------------------------------------
-def local_slot_use(settings: DispatchSettings) -> dict[str, int]:
-    """Slots in use per node by the live runs of this machine (their state files), and its slot locks."""
-    used: dict[str, int] = {}
-    for state in load_all_states(settings.state_dir):
-        if state.state != "running" or not pid_alive(state.pid):
-            continue
-        for name, load in state.nodes.items():
-            used[name] = used.get(name, 0) + int(load.get("used", 0))
-    local_dir = settings.locks_dir / "node-local"
-    if local_dir.is_dir():
-        from dispatch.locks import SlotLocks
-
-        used["local"] = max(used.get("local", 0), SlotLocks(local_dir, settings.local_slots).in_use())
-    return used
-
-
 def _server_load(settings: DispatchSettings, nodes: list[Node]) -> dict[str, dict[str, int]] | None:
     """Slots in use per node from the server's concurrency limits; None in embedded mode or on failure."""
     if settings.embedded:

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatch.cli_common import EXIT_INVALID, MARK, checked, console, err
-from dispatch.cli_nodes import local_slot_use
+from dispatch.monitor import local_slot_use
 from dispatch.report import money, render_markdown, table_rows, usage_line
 from dispatch.results import load_all_states, load_state, pid_alive
 from dispatch.settings import get_settings

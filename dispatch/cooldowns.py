@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -161,3 +162,24 @@ class Cooldowns:
         with self._lock:
             self._cache.pop(model, None)
         return existed
+
+
+def model_state(model: str, cooldown: dict[str, Any] | None, now: float) -> dict[str, Any]:
+    """One row of `dispatch models`: the model's state from its cool-down Variable (None: none set).
+
+    Args:
+        model: the model's name.
+        cooldown: the value of its `dispatch_cooldown_<model>` Variable, if any.
+        now: the current Unix time.
+
+    Returns:
+        {"model", "state": "available" | "cooling" | "blocked", "kind", "until", "reason", "by", "since"}.
+    """
+    row: dict[str, Any] = {"model": model, "state": "available", "kind": None, "until": None, "reason": None,
+                           "by": None, "since": None}
+    if cooldown is None or float(cooldown.get("until", 0)) <= now:
+        return row
+    kind = str(cooldown.get("kind") or "quota")
+    row.update(state="blocked" if kind == "billing" else "cooling", kind=kind, until=float(cooldown["until"]),
+               reason=cooldown.get("reason"), by=cooldown.get("by"), since=cooldown.get("since"))
+    return row

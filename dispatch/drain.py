@@ -32,7 +32,7 @@ def _file(settings: DispatchSettings) -> Path:
     return settings.home / FILE
 
 
-def _clean(raw: Any) -> dict[str, dict]:
+def parse_stored(raw: Any) -> dict[str, dict]:
     """The well-formed entries of a stored value (a damaged value counts as nothing drained)."""
     if not isinstance(raw, dict):
         return {}
@@ -51,12 +51,12 @@ def drained_nodes(settings: DispatchSettings) -> dict[str, dict]:
     """
     if settings.embedded:
         try:
-            return _clean(json.loads(_file(settings).read_text()))
+            return parse_stored(json.loads(_file(settings).read_text()))
         except (OSError, ValueError):
             return {}
     from prefect.variables import Variable
 
-    return _clean(Variable.get(VARIABLE, default={}))
+    return parse_stored(Variable.get(VARIABLE, default={}))
 
 
 def _store(settings: DispatchSettings, drained: dict[str, dict]) -> None:

@@ -143,8 +143,7 @@ def _server_limits(rest: _Rest) -> dict[str, dict[str, int]]:
 
 def _cooldowns(rest: _Rest, now: float) -> list[dict[str, Any]]:
     """Models cooling down or blocked now, from their `dispatch_cooldown_<model>` Variables."""
-    from dispatch.cli_models import model_state
-    from dispatch.cooldowns import variable_name
+    from dispatch.cooldowns import model_state, variable_name
 
     prefix = variable_name("")
     rows = []
@@ -159,10 +158,10 @@ def _cooldowns(rest: _Rest, now: float) -> list[dict[str, Any]]:
 
 
 def _drained_on_server(rest: _Rest) -> dict[str, dict]:
-    from dispatch.drain import VARIABLE, _clean  # the store's own validation of a stored value
+    from dispatch.drain import VARIABLE, parse_stored  # the store's own validation of a stored value
 
     found = rest.get(f"/variables/name/{VARIABLE}")
-    return _clean(found.get("value") if isinstance(found, dict) else None)
+    return parse_stored(found.get("value") if isinstance(found, dict) else None)
 
 
 def _load_average() -> list[float] | None:
@@ -209,6 +208,22 @@ def _project_rows(states: list[ProjectState], now: float) -> tuple[list[dict], l
     return running, projects, failures
 
 
+def local_slot_use(settings: DispatchSettings) -> dict[str, int]:
+    """Slots in use per node by the live runs of this machine (their state files), and its slot locks."""
+    used: dict[str, int] = {}
+    for state in load_all_states(settings.state_dir):
+        if state.state != "running" or not pid_alive(state.pid):
+            continue
+        for name, load in state.nodes.items():
+            used[name] = used.get(name, 0) + int(load.get("used", 0))
+    local_dir = settings.locks_dir / "node-local"
+    if local_dir.is_dir():
+        from dispatch.locks import SlotLocks
+
+        used["local"] = max(used.get("local", 0), SlotLocks(local_dir, settings.local_slots).in_use())
+    return used
+
+
 def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
                   loads: dict[str, list[float]] | None = None) -> Snapshot:
     """Look at the cluster once (fields: the module docstring).
@@ -223,7 +238,6 @@ def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
     """
     import httpx
 
-    from dispatch.cli_nodes import local_slot_use
     from dispatch.drain import drained_nodes
 
     now = time.time()
