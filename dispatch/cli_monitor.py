@@ -90,8 +90,25 @@ def render(snapshot: Snapshot) -> Group:
             failed.add_row(_clock(row["ended_at"]), escape(row["project"]), escape(row["task_id"]),
                            escape(row["node"] or "-"), escape(row["model"] or "-"), escape(row["reason"][:100]))
         parts.append(failed)
+    parts.append(_usage(snapshot.usage_today))
     parts += [f"[yellow]note:[/] {escape(note)}" for note in snapshot.notes]
     return Group(*parts)
+
+
+def _usage(today: dict) -> Table | str:
+    """Today's reported spend per model and user, with the budget beside it where one is set."""
+    if not today.get("attempts"):
+        return "usage today (UTC): no agent attempt yet"
+    table = _table(f"usage today (UTC): {_cost(today['cost_usd'])} over {today['attempts']} attempt(s)",
+                   "by", "cost", "tokens in/out", "attempts", "budget")
+    for kind, key in (("model", "by_model"), ("user", "by_user")):
+        for name, row in sorted(today[key].items()):
+            budget = today["budgets"][kind].get(name)
+            known = row["attempts"] > row["attempts_without_cost"]  # an agent that printed no cost spent "-", not $0
+            table.add_row(escape(f"{kind} {name}"), _cost(row["cost_usd"] if known else None),
+                          f"{row['input_tokens'] or 0:,}/{row['output_tokens'] or 0:,}", str(row["attempts"]),
+                          f"${budget['limit_usd']:g}" if budget else "-")
+    return table
 
 
 def _invalid(exc: ConfigError) -> typer.Exit:

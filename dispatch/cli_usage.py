@@ -13,7 +13,7 @@ from rich.table import Table
 from dispatch.cli_common import EXIT_INVALID, console, err
 from dispatch.report import money
 from dispatch.settings import get_settings
-from dispatch.usage import totals, utc_day
+from dispatch.usage import budget_use, totals, utc_day
 
 
 def _day_start(day: str) -> float:
@@ -51,12 +51,7 @@ def usage(
     start = _day_start(since) if since else None
     found = totals(settings, since=start)
     today = totals(settings) if start is not None else found
-    budgets = {
-        "model": {m: {"limit_usd": limit, "spent_usd": today["by_model"].get(m, {}).get("cost_usd", 0.0)}
-                  for m, limit in settings.budget_model.items()},
-        "user": {u: {"limit_usd": limit, "spent_usd": today["by_user"].get(u, {}).get("cost_usd", 0.0)}
-                 for u, limit in settings.budget_user.items()},
-    }
+    budgets = budget_use(settings, today)
     if as_json:
         console.print_json(data={**found, "budgets": budgets})
         return

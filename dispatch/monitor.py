@@ -25,6 +25,9 @@ The snapshot (`take_snapshot(...).to_json()`, printed by `dispatch monitor --onc
   (the reset, Unix time), `reason`, `by`; null when no Prefect API could be asked (see `notes`).
 - `failures`: the most recent failed specs of this machine's latest runs, newest first: `project`,
   `task_id`, `node`, `model`, `attempts`, `ended_at`, `reason`, `cost_usd`.
+- `usage_today`: what the agents of this machine reported since 00:00 UTC (`dispatch/usage.py`'s ledger):
+  `cost_usd`, `input_tokens`, `output_tokens`, `attempts`, `attempts_without_cost`, `by_model` and `by_user`
+  (the same figures each), and `budgets` (`{"model"|"user": {name: {"limit_usd", "spent_usd"}}}`).
 - `notes`: what could not be read, for a person.
 
 `cost_usd` is the place for the spend of the agent attempts: filled from a row's or result's `cost_usd` (or
@@ -64,6 +67,7 @@ class Snapshot:
     team_runs: list[dict[str, Any]] | None = None
     cooldowns: list[dict[str, Any]] | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    usage_today: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -224,6 +228,17 @@ def local_slot_use(settings: DispatchSettings) -> dict[str, int]:
     return used
 
 
+def _usage_today(settings: DispatchSettings) -> dict[str, Any]:
+    from dispatch.usage import budget_use, totals
+
+    today = totals(settings)
+    keep = ("cost_usd", "input_tokens", "output_tokens", "attempts", "attempts_without_cost")
+    return {**{key: today[key] for key in keep},
+            "by_model": {name: {key: row.get(key) for key in keep} for name, row in today["by_model"].items()},
+            "by_user": {name: {key: row.get(key) for key in keep} for name, row in today["by_user"].items()},
+            "budgets": budget_use(settings, today)}
+
+
 def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
                   loads: dict[str, list[float]] | None = None) -> Snapshot:
     """Look at the cluster once (fields: the module docstring).
@@ -247,6 +262,7 @@ def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
     states = _live(load_all_states(settings.state_dir))
     snapshot.running, snapshot.projects, recent = _project_rows(states, now)
     snapshot.failures = recent[:failures or settings.monitor_failures]
+    snapshot.usage_today = _usage_today(settings)
     drained = drained_nodes(settings) if settings.embedded else {}
     limits: dict[str, dict[str, int]] = {}
     if api is None:

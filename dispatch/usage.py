@@ -203,6 +203,24 @@ def totals(settings: Any, since: float | None = None, until: float | None = None
     return {"since": since, "until": until, **summarize(chosen)}
 
 
+def budget_use(settings: Any, today: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each configured daily budget beside what this machine's ledger shows spent today.
+
+    Args:
+        settings: the DispatchSettings (`budget_model`, `budget_user`).
+        today: `totals(settings)` for today.
+
+    Returns:
+        {"model": {name: {"limit_usd", "spent_usd"}}, "user": {...}}.
+    """
+    return {
+        "model": {m: {"limit_usd": limit, "spent_usd": today["by_model"].get(m, {}).get("cost_usd", 0.0)}
+                  for m, limit in settings.budget_model.items()},
+        "user": {u: {"limit_usd": limit, "spent_usd": today["by_user"].get(u, {}).get("cost_usd", 0.0)}
+                 for u, limit in settings.budget_user.items()},
+    }
+
+
 def run_usage(settings: Any, run_id: str) -> dict[str, Any]:
     """The summary (`summarize`, per model and user) of one dispatcher run's attempts in the ledger: the report's
     usage table."""

@@ -197,3 +197,30 @@ def test_load_of_remote_nodes_is_read_over_ssh_and_an_unreachable_node_has_none(
         assert len(loads[name]) == 3 and all(x >= 0 for x in loads[name]), loads
     plain = _monitor_json(server=False)
     assert [n["load"] for n in plain["nodes"]] == [None] * 4, "without --load, --once connects to no node"
+
+
+def test_usage_today_sums_the_ledger_per_model_and_user_beside_the_budgets(isolated_home: Path, monkeypatch):
+    from dispatch.usage import append_ledger, utc_day
+
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 5}')
+    get_settings.cache_clear()
+    settings = get_settings()
+    now = time.time()
+    base = {"project": "alpha", "task_id": "S01", "run_id": "r1", "role": "agent", "node": "local"}
+    append_ledger(settings.results_dir, [
+        {**base, "ts": now - 60, "day": utc_day(now - 60), "user": "ann@box", "model": "claude", "cost_usd": 0.25,
+         "input_tokens": 1000, "output_tokens": 200},
+        {**base, "ts": now - 30, "day": utc_day(now - 30), "user": "bob@box", "model": "codex",
+         "input_tokens": 500, "output_tokens": 50},
+        {**base, "ts": now - 3 * 86400, "day": utc_day(now - 3 * 86400), "user": "ann@box", "model": "claude",
+         "cost_usd": 9.0},  # an earlier day: not today's
+    ], settings.usage_ledger_bytes)
+    [output] = run_without_prefect("dispatch.cli", "app", ["monitor", "--once", "--json"])
+    today = json.loads(output)["usage_today"]
+    assert today["attempts"] == 2 and today["attempts_without_cost"] == 1
+    assert today["cost_usd"] == pytest.approx(0.25)
+    assert today["by_model"]["claude"]["input_tokens"] == 1000
+    assert today["by_model"]["codex"]["attempts_without_cost"] == 1  # Codex prints no cost: not counted as spend
+    assert set(today["by_user"]) == {"ann@box", "bob@box"}
+    assert today["budgets"]["model"]["claude"] == {"limit_usd": 5.0, "spent_usd": pytest.approx(0.25)}
