@@ -26,9 +26,9 @@ from dispatch.loopback_cluster import LoopbackCluster, find_free_port
 from dispatch.runner import runner_checksum
 from dispatch.ssh import SSHPool
 from tests.fixtures.projects import DISPATCH, shell_spec, write_spec
+from tests.fixtures.sshd import agent_bin_for_nodes
 
 pytestmark = [pytest.mark.integration]
-FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
 
 
 @pytest.fixture
@@ -180,9 +180,7 @@ def test_nodes_add_bootstraps_a_fresh_node_that_then_runs_a_project(sudo_node: L
         assert client.read_work_pool(f"node-{name}").concurrency_limit == 2
 
     # the fake agent stands in for the claude CLI (npm stays off in tests): on the node's PATH through its env
-    fakebin = sudo_node.base_dir / "fakebin"
-    fakebin.mkdir(mode=0o755)
-    (fakebin / "claude").symlink_to(FAKE_AGENT)
+    fakebin = agent_bin_for_nodes(sudo_node.base_dir / "fakebin", ("claude",))
     entry["env"] = {"PATH": f"{fakebin}:/usr/local/bin:/usr/bin:/bin"}
     nodes_json.write_text(json.dumps({"nodes": [entry]}))
     specs = isolated_home / "specs" / "fresh"

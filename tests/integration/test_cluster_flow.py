@@ -25,10 +25,9 @@ from tests.fixtures.projects import (
     wait_for_starts,
     write_spec,
 )
-from tests.fixtures.sshd import trust_repository_on_nodes, writable_by_nodes
+from tests.fixtures.sshd import agent_bin_for_nodes, trust_repository_on_nodes, writable_by_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
-FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
 
 
 @pytest.fixture
@@ -40,10 +39,7 @@ def cluster(loopback_cluster, isolated_home: Path, node_shared: Path, monkeypatc
     meets "database is locked" and a ~2 s back-off), so node slots are not taken from it here; each node's
     agent still enforces its slots. Team mode's limits are tested on PostgreSQL (test_team_mode.py)."""
     monkeypatch.setenv("DISPATCH_SERVER_SLOTS", "false")
-    fakebin = node_shared / "fakebin"
-    fakebin.mkdir()
-    for name in ("claude", "codex", "opencode"):
-        (fakebin / name).symlink_to(FAKE_AGENT)
+    fakebin = agent_bin_for_nodes(node_shared / "fakebin")
     agent_log, timeline = node_shared / "agent.jsonl", node_shared / "timeline"
     writable_by_nodes(agent_log, timeline)
     nodes = []
