@@ -163,7 +163,7 @@ def test_nodes_add_bootstraps_a_fresh_node_that_then_runs_a_project(sudo_node: L
 
     from blocks.cluster_node import ClusterNode
 
-    secret = f"sk-ant-bootstrap-{uuid.uuid4().hex}"
+    secret = f"fake-ant-bootstrap-{uuid.uuid4().hex}"
     monkeypatch.setenv("ANTHROPIC_API_KEY", secret)
     monkeypatch.setenv("DISPATCH_SERVER_SLOTS", "false")  # the session server is SQLite (see test_cluster_flow.py)
     name = f"fresh-{uuid.uuid4().hex[:6]}"
