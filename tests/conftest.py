@@ -4,6 +4,9 @@ The Prefect server (SQLite, loopback, its own PREFECT_HOME) starts in the backgr
 starts, so unit tests never wait for it; tests that need it take the `prefect_api` fixture, which
 waits until it answers. Every test gets its own DISPATCH_HOME, DISPATCH_SPECS, DISPATCH_PROJECTS and
 HOME, so nothing reads or writes the user's real state or ~/.ssh/config.
+
+`bash .ci/run` runs the suite on two pytest-xdist workers (`-n 2`): each worker is a session of its own (its
+Prefect server, sshd cluster and PostgreSQL server on free loopback ports); the controller starts none.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def _free_port() -> int:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Point Prefect at a session server before anything imports Prefect, and start that server."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the controller of `pytest -n N` runs no test: its workers start their own servers
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {

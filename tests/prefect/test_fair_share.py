@@ -24,10 +24,12 @@ def _starts(timeline: Path) -> list[float]:
 
 def test_a_small_project_beside_a_large_one_gets_its_share_at_once(prefect_api, isolated_home: Path):
     big_timeline, small_timeline = isolated_home / "big.timeline", isolated_home / "small.timeline"
-    for i in range(150):
-        shell_spec(isolated_home / "specs" / "big", f"S{i:03d}", big_timeline, seconds=0.4)
+    # specs long beside a dispatcher's reaction (~0.1 s, up to ~1 s on a loaded machine), so the count of starts
+    # below measures the share, not the latency of two dispatchers on two busy cores
+    for i in range(60):
+        shell_spec(isolated_home / "specs" / "big", f"S{i:03d}", big_timeline, seconds=1.5)
     for i in range(5):
-        shell_spec(isolated_home / "specs" / "small", f"S{i:02d}", small_timeline, seconds=0.3)
+        shell_spec(isolated_home / "specs" / "small", f"S{i:02d}", small_timeline, seconds=1.0)
     env = {**os.environ, "DISPATCH_LOCAL_SLOTS": "3"}
 
     big = start_in_background("big", isolated_home / "big.log", env)
@@ -42,14 +44,14 @@ def test_a_small_project_beside_a_large_one_gets_its_share_at_once(prefect_api, 
             big.kill()
 
     small_starts, big_starts = _starts(small_timeline), _starts(big_timeline)
-    assert len(small_starts) == 5 and len(big_starts) == 150
+    assert len(small_starts) == 5 and len(big_starts) == 60
     first, last = small_starts[0], small_starts[-1]
     interleaved = sum(1 for start in big_starts if first <= start <= last)
     after = sum(1 for start in big_starts if start > last)
-    # its share of 3 slots is 2 (5 wanted against 150): all 5 start within ~3 of its rounds, while the big
+    # its share of 3 slots is 2 (5 wanted against 60): all 5 start within ~3 of its rounds, while the big
     # one, down to one slot, starts a few; and the big one still had most of its work left
     assert interleaved <= 6, (interleaved, after)
-    assert after >= 40, (interleaved, after)
+    assert after >= 20, (interleaved, after)
 
 
 def test_a_run_alone_uses_every_slot(prefect_api, isolated_home: Path, run_project):
