@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import httpx
 
@@ -18,6 +20,8 @@ from dispatch.drain import drained_nodes
 from dispatch.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
+DRAINED_WAIT = "waiting: node(s) drained"
+_CHECK_INTERVAL = 0.5  # seconds between two looks for ready specs that wait only on drained nodes
 # What a failed read raises: no server, a refused or failed request, a damaged answer.
 _READ_ERRORS = (httpx.HTTPError, OSError, RuntimeError, ValueError)
 
@@ -71,3 +75,70 @@ class DrainWatch:
     def close(self) -> None:
         """Stop the thread (it ends within one interval; it is a daemon, so it never holds the process)."""
         self._stopped.set()
+
+
+class _Scheduler(Protocol):
+    def set_drained(self, names: set[str]) -> None: ...
+    def drained_waiting(self) -> dict[str, list[str]]: ...
+
+
+class RunDrain:
+    """One project run's side of draining: the scheduler told of the drained set, changes logged, and the
+    ready specs that wait only for drained nodes named in their rows (and once in the progress view).
+
+    Args:
+        settings: where the drained set lives.
+        scheduler: places no spec on a drained node (`set_drained`) and names the specs that wait for one.
+        nodes: this run's node names (only they are logged about).
+        log: the run's logger.
+        post: puts the new drained set on the dispatch loop's queue (called from the watcher thread).
+        emit: the progress view's `emit(kind, task_id, reason=...)`.
+    """
+
+    def __init__(self, settings: DispatchSettings, scheduler: _Scheduler, nodes: set[str],
+                 log: logging.Logger | logging.LoggerAdapter, post: Callable[[dict[str, dict]], None],
+                 emit: Callable[..., None]) -> None:
+        self._scheduler, self._nodes, self._log, self._emit = scheduler, nodes, log, emit
+        self.drained: dict[str, dict] = read_drained(settings, log) or {}
+        scheduler.set_drained(set(self.drained))
+        for name in sorted(set(self.drained) & nodes):
+            log.warning("node %s is drained (%s, by %s): no spec of this run is placed there until it is "
+                        "undrained", name, self.drained[name]["reason"], self.drained[name]["by"])
+        self._waits: dict[str, list[str]] = {}  # ready specs whose row says they wait for drained nodes
+        self._checked = float("-inf")
+        self._watch = DrainWatch(settings, self.drained, post, settings.drain_refresh)
+
+    def changed(self, drained: dict[str, dict]) -> None:
+        """The drained set changed: drained nodes get no new spec (their running specs finish), undrained
+        ones are used again at once."""
+        before, self.drained = set(self.drained), drained
+        self._scheduler.set_drained(set(drained))
+        for name in sorted((set(drained) - before) & self._nodes):
+            self._log.warning("node %s drained (%s, by %s): no new spec goes there; its running specs finish",
+                              name, drained[name]["reason"], drained[name]["by"])
+        for name in sorted((before - set(drained)) & self._nodes):
+            self._log.info("node %s undrained: back in service", name)
+        self._checked = float("-inf")
+
+    def note_waits(self, rows: dict[str, Any]) -> None:
+        """Say in their `rows` (task id -> row with a `reason`) which ready specs wait only for drained nodes."""
+        now = time.monotonic()
+        if (not self.drained and not self._waits) or now - self._checked < _CHECK_INTERVAL:
+            return
+        self._checked = now
+        waiting = self._scheduler.drained_waiting()
+        for task_id in self._waits.keys() - waiting.keys():
+            if rows[task_id].reason.startswith(DRAINED_WAIT):
+                rows[task_id].reason = ""
+        for task_id, names in waiting.items():
+            rows[task_id].reason = f"{DRAINED_WAIT} ({', '.join(names)})"
+        nodes = sorted({n for names in waiting.values() for n in names})
+        if nodes and nodes != sorted({n for names in self._waits.values() for n in names}):
+            self._log.warning("%d ready spec(s) wait: every node that fits them is drained (%s)", len(waiting),
+                              ", ".join(nodes))
+            self._emit("waiting", "", reason=f"node(s) drained ({', '.join(nodes)}): {len(waiting)} ready spec(s) "
+                                             f"wait for them")
+        self._waits = waiting
+
+    def close(self) -> None:
+        self._watch.close()

@@ -37,7 +37,7 @@ from dispatch.budgets import Budgets
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, select
-from dispatch.drain_watch import DrainWatch, read_drained
+from dispatch.drain_watch import RunDrain
 from dispatch.durations import DurationHistory, first_model
 from dispatch.errors import DispatchError
 from dispatch.gitsync import worktree_path
@@ -64,8 +64,6 @@ _BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another d
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
 _SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
 _ESTIMATE_INTERVAL = 0.5  # seconds between two estimates of the time left (one is O(specs + dependencies))
-_DRAIN_CHECK_INTERVAL = 0.5  # seconds between two looks for ready specs that wait only on drained nodes
-DRAINED_WAIT = "waiting: node(s) drained"
 
 
 def _git_revision(code_dir: Path) -> str:
@@ -115,14 +113,6 @@ class ProjectRun:
         self.budgets = Budgets(settings)
         self._running_models: dict[str, str] = {}  # task id -> the model it started with (budget estimates)
         self.events: queue.Queue = queue.Queue()
-        # drained nodes (dispatch/drain.py): read once now, then by a background thread (DrainWatch, below)
-        self.drained: dict[str, dict] = read_drained(settings, self.logger) or {}
-        self.scheduler.set_drained(set(self.drained))
-        for name in sorted(set(self.drained) & set(self.nodes)):
-            self.logger.warning("node %s is drained (%s, by %s): no spec of this run is placed there until it is "
-                                "undrained", name, self.drained[name]["reason"], self.drained[name]["by"])
-        self._drain_waits: dict[str, list[str]] = {}  # ready specs whose row says they wait for drained nodes
-        self._drain_checked = float("-inf")
         self.futures: dict[str, PrefectFuture] = {}
         self.held_slots: dict[str, tuple[str, object]] = {}
         self.stop_reason = ""
@@ -162,8 +152,9 @@ class ProjectRun:
         # them from /proc; remote nodes never see them)
         self.mask_only = settings.secret_values()
         MASKER.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
-        self.drain_watch = DrainWatch(settings, self.drained, lambda d: self.events.put(("drained", d)),
-                                      settings.drain_refresh)
+        # drained nodes (dispatch/drain.py): read once now, then by a background thread
+        self.drain = RunDrain(settings, self.scheduler, set(self.nodes), self.logger,
+                              lambda drained: self.events.put(("drained", drained)), self._emit)
         self.share = self._fair_share(nodes)  # last: nothing after it can fail and leave its entry behind
 
     def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
@@ -550,39 +541,6 @@ class ProjectRun:
         self._emit("failed", task_id, result=result)
         self._skip(skipped)
 
-    def _drained_changed(self, drained: dict[str, dict]) -> None:
-        """The drained set changed (read by the DrainWatch thread): drained nodes get no new spec (their
-        running specs finish), undrained ones are used again at once."""
-        before, self.drained = set(self.drained), drained
-        self.scheduler.set_drained(set(drained))
-        for name in sorted((set(drained) - before) & set(self.nodes)):
-            self.logger.warning("node %s drained (%s, by %s): no new spec goes there; its running specs finish",
-                                name, drained[name]["reason"], drained[name]["by"])
-        for name in sorted((before - set(drained)) & set(self.nodes)):
-            self.logger.info("node %s undrained: back in service", name)
-        self._drain_checked = float("-inf")
-
-    def _note_drain_waits(self) -> None:
-        """Say in their rows (and once in the progress view) which ready specs wait only for drained nodes."""
-        now = time.monotonic()
-        if (not self.drained and not self._drain_waits) or now - self._drain_checked < _DRAIN_CHECK_INTERVAL:
-            return
-        self._drain_checked = now
-        waiting = self.scheduler.drained_waiting()
-        for task_id in self._drain_waits.keys() - waiting.keys():
-            row = self.state.specs[task_id]
-            if row.reason.startswith(DRAINED_WAIT):
-                row.reason = ""
-        for task_id, names in waiting.items():
-            self.state.specs[task_id].reason = f"{DRAINED_WAIT} ({', '.join(names)})"
-        nodes = sorted({n for names in waiting.values() for n in names})
-        if nodes and nodes != sorted({n for names in self._drain_waits.values() for n in names}):
-            self.logger.warning("%d ready spec(s) wait: every node that fits them is drained (%s)", len(waiting),
-                                ", ".join(nodes))
-            self._emit("waiting", "", reason=f"node(s) drained ({', '.join(nodes)}): {len(waiting)} ready spec(s) "
-                                             f"wait for them")
-        self._drain_waits = waiting
-
     def _node_down(self, node: str, reason: str) -> None:
         """Take a failed node out of placement until a background probe reaches it again."""
         slots = self.scheduler.nodes[node]
@@ -608,7 +566,7 @@ class ProjectRun:
         """Run the project to the end (or until stopped) and return the flow's final state."""
         self._reattach()
         self._dispatch()
-        self._note_drain_waits()
+        self.drain.note_waits(self.state.specs)
         self._write_state(force=True)
         while not self.scheduler.done:
             wakeup = self.scheduler.next_wakeup()
@@ -625,19 +583,19 @@ class ProjectRun:
                 self.scheduler.nodes[data].down = False
                 self.logger.info("node %s is back", data)
             elif kind == "drained":  # data: the drained nodes now
-                self._drained_changed(data)
+                self.drain.changed(data)
             elif kind == "stop":
                 self._stop()
             if not self.stop_reason:
                 self._dispatch()
-                self._note_drain_waits()
+                self.drain.note_waits(self.state.specs)
             self._write_state()
         return self._conclude()
 
     def close(self) -> None:
         """Wait for lock requests still out (their answers go unread), then close the nodes' connections."""
         self._lock_requests.shutdown(wait=True)
-        self.drain_watch.close()
+        self.drain.close()
         self.share.close()
         self.runtime.close()
 

@@ -334,9 +334,10 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     import threading
 
     from dispatch.drain import drain, undrain
+    from dispatch.drain_watch import DRAINED_WAIT
     from dispatch.results import load_state
     from dispatch.settings import get_settings
-    from flows.dispatch_project import DRAINED_WAIT, LISTENERS
+    from flows.dispatch_project import LISTENERS
 
     monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")
     get_settings.cache_clear()
