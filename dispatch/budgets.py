@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from dispatch.cooldowns import API_ERRORS
@@ -23,7 +24,7 @@ _ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this man
 _REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
 _TEAM_PREFIX = "dispatch_usage_"  # team mode: one Prefect Variable per machine (ledger) and UTC day
 _TEAM_REFRESH = 10.0  # seconds the other machines' spend is reused
-_TEAM_PUBLISH = 5.0  # seconds between two publications of this machine's spend (one HTTP call in the loop)
+_TEAM_PUBLISH = 5.0  # seconds between two publications of this machine's spend (one HTTP call, in a thread)
 _TEAM_KEEP_DAYS = 7  # a machine's spend Variables of older days are deleted when it first publishes
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class Budgets:
         self._offset = 0  # bytes of the ledger already counted: only what others append is read again
         self._spent: dict[tuple[str, str, str], float] = {}  # ("model"|"user", name, UTC day) -> USD
         self._costs: dict[str, collections.deque[float]] = {}  # model -> its latest reported costs
+        self._publisher: ThreadPoolExecutor | None = None  # team mode: publications off the dispatch loop
+        self._publishing: Future | None = None
 
     @property
     def enabled(self) -> bool:
@@ -164,24 +167,40 @@ class Budgets:
 
     def refresh(self) -> None:
         """Count what was appended to the ledger since the last read (this dispatcher's lines, and others'),
-        and in team mode publish this machine's spend today for the other machines' budgets."""
+        and in team mode publish this machine's spend today for the other machines' budgets (in a background
+        thread: the dispatch loop never waits on the server for it). Nothing to do without budgets or a team."""
+        if not (self.enabled or self._team):
+            return
         self._refresh(force=True)
         self._unpublished = True
-        if time.monotonic() - self._published_at >= _TEAM_PUBLISH:
-            self.flush()
+        if not self._team or time.monotonic() - self._published_at < _TEAM_PUBLISH:
+            return
+        if self._publishing is not None and not self._publishing.done():
+            return  # the last publication is still out; the next refresh sends the newer figures
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-publish")
+        self._publishing = self._publisher.submit(self.flush, dict(self._spent))  # a copy made on this thread
 
-    def flush(self) -> None:
-        """Team mode: publish this machine's spend today now, if it changed since the last publication."""
+    def flush(self, spent: dict[tuple[str, str, str], float] | None = None) -> None:
+        """Team mode: publish this machine's spend today (`spent`, default the current figures) now, if it
+        changed since the last publication."""
         if not self._team or not self._unpublished:
             return
         self._published_at, self._unpublished = time.monotonic(), False
         try:
-            publish_spend(self._settings, utc_day(self._clock()), self._spent)
+            publish_spend(self._settings, utc_day(self._clock()), self._spent if spent is None else spent)
             if not self._pruned:
                 self._pruned = True
                 prune_spend(self._settings, utc_day(self._clock()))
         except API_ERRORS as exc:  # the others count it late; this machine's budgets still hold
             logger.warning("could not publish this machine's usage to the server: %s", exc)
+
+    def close(self) -> None:
+        """At the run's end: wait for a publication still out, then publish what is left."""
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
+        self.flush()
 
     def _other_machines(self, day: str) -> dict[tuple[str, str, str], float]:
         if not self._team or time.monotonic() - self._others_at < _TEAM_REFRESH:

@@ -621,7 +621,7 @@ class ProjectRun:
         self.state.message, self.state.ended_at = summary, time.time()
         self._write_state(force=True)
         self._save_history()
-        self.budgets.flush()
+        self.budgets.close()
         try:
             usage = run_usage(self.settings, self.run_id)
             create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True,

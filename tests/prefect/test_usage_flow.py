@@ -175,7 +175,9 @@ def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: st
     recent = f"dispatch_usage_{time.strftime('%Y%m%d', time.gmtime(time.time() - 6 * 86400))}_{machine_key(first)}"
     for name in (stale, recent):
         Variable.set(name, {"model": {"claude": 1.0}}, overwrite=True)
-    Budgets(first).refresh()  # what the flow does after each result: count it, and publish it in team mode
+    budgets = Budgets(first)
+    budgets.refresh()  # what the flow does after each result: count it, and publish it in team mode (a thread)
+    budgets.close()  # and at the run's end: the publication is out
     assert team_spend(utc_day(time.time()))[machine_key(first)]["model"] == {"claude": 0.05}
     assert Variable.get(stale) is None and Variable.get(recent) is not None, "a week of days is kept, no more"
     Variable.unset(recent)
