@@ -111,6 +111,7 @@ _SHOWN_CHARS = 2000  # characters of one text block an event shows in task.log (
 _CLASSIFY_TAIL = 1 << 20  # characters of a step's output kept for the rate-limit classifier
 _LOG_TAIL_LINES = 40
 _FILES_CAP = 1000
+_TREE_CAP = 200_000  # files stamped in a workdir without git (a bound on a hostile tree)
 _ANSWER_CAP = 16384  # characters of an agent's final message kept in its attempt record
 _CHANGE_CAP, _CHANGE_FILE_CAP = 200_000, 30_000  # characters of the change shown to a verifier: all, per file
 _VERDICT_PREFIX = "VERDICT:"
@@ -835,6 +836,7 @@ class Runner:
         self.attempts: list[dict] = []
         self.skipped: list[str] = []
         self.started_at = time.time()
+        self._stamps: dict[str, tuple[int, int]] = {}  # the workdir's files when the run started (no git)
         self._deadline = None if task.timeout is None else time.monotonic() + task.timeout
         self._status: dict[str, Any] = {}
         self._status_lock = threading.Lock()
@@ -895,6 +897,7 @@ class Runner:
         signal.signal(signal.SIGHUP, lambda *_: None)  # a dropped SSH session never stops a run
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
+        self._stamps = self._tree_stamps(self.task.workdir)  # what "changed" is measured from (no git)
         if any(step.script is None for step in self.task.steps):  # shell specs are never classified
             classifier, error = _classifier()
             if classifier is None:
@@ -1342,20 +1345,27 @@ class Runner:
                         return self._git_paths(listing.stdout.decode("utf-8", "replace"), root)
             except (OSError, subprocess.SubprocessError):
                 pass
-        since = math.floor(self.started_at)
-        found: list[str] = []
+        found = [rel for rel, stamp in self._tree_stamps(workdir).items() if self._stamps.get(rel) != stamp]
+        return found[:_FILES_CAP]
+
+    def _tree_stamps(self, workdir: str) -> dict[str, tuple[int, int]]:
+        """(mtime in ns, size) of every file under `workdir` (not .git, not the run directory), at most
+        `_TREE_CAP` files. Taken when the run starts and again at its end: a file changed when its stamp did,
+        so files copied in just before the start (scp mode) never count as the spec's work, whatever the
+        file system's time granularity."""
+        stamps: dict[str, tuple[int, int]] = {}
         for root, dirs, files in os.walk(workdir):
             dirs[:] = sorted(d for d in dirs if d != ".git" and os.path.join(root, d) != self.run_dir)
             for name in sorted(files):
                 full = os.path.join(root, name)
                 try:
-                    if os.lstat(full).st_mtime >= since:
-                        found.append(os.path.relpath(full, workdir))
+                    info = os.lstat(full)
                 except OSError:
                     continue
-                if len(found) >= _FILES_CAP:
-                    return found
-        return found
+                stamps[os.path.relpath(full, workdir)] = (info.st_mtime_ns, info.st_size)
+                if len(stamps) >= _TREE_CAP:
+                    return stamps
+        return stamps
 
     def _git_paths(self, porcelain: str, root: str) -> list[str]:
         entries = porcelain.split("\0")

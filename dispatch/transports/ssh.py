@@ -240,7 +240,13 @@ class SSHTransport:
                 logger.warning("node %s: not copied back: %s", self.node.name, exc)
                 continue
             destination.parent.mkdir(parents=True, exist_ok=True)
-            self.pool.get_file(self.target, source, destination)
+            # whole or not at all: another spec's project copy (put_dir) may read this directory meanwhile
+            partial = destination.with_name(f".{destination.name}.{os.getpid()}.{threading.get_ident()}.part")
+            try:
+                self.pool.get_file(self.target, source, partial)
+                os.replace(partial, destination)
+            finally:
+                partial.unlink(missing_ok=True)
 
     def _lost(self, request: RunRequest, run_dir: str, reason: str, node_fault: bool) -> SpecResult:
         logger.warning("%s %s: %s", self.node.name, request.task_id, reason)

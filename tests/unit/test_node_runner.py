@@ -163,6 +163,19 @@ def test_shell_step_success_writes_log_status_and_result(tmp_path: Path) -> None
     assert status["state"] == "succeeded" and status["log_bytes"] == (run_dir / "task.log").stat().st_size
 
 
+def test_files_copied_in_just_before_the_start_are_not_the_specs_work(tmp_path: Path) -> None:
+    """scp mode copies the project in right before the runner starts: those files (same second, even a
+    half-written one another spec was copying back) must not be copied back as this spec's change."""
+    run_dir = tmp_path / "S01"
+    workdir = _write_task(run_dir, [_shell("echo new > made.txt\necho again >> kept.txt")])
+    workdir.mkdir()
+    for name in ("copied.txt", "kept.txt", "empty.txt"):
+        (workdir / name).write_text("" if name == "empty.txt" else "from the dispatcher\n")
+    done = _runner("run", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert sorted(_json(run_dir / "result.json")["files_changed"]) == ["kept.txt", "made.txt"]
+
+
 def test_shell_step_failure_is_failed_with_exit_code_and_stops_at_first_error(tmp_path: Path) -> None:
     run_dir = tmp_path / "S02"
     _write_task(run_dir, [_shell("echo before\nfalse\necho never")])
