@@ -158,6 +158,24 @@ def test_a_bad_task_fails_that_attempt_only(transport: SSHTransport):
     assert status["state"] == "succeeded"
 
 
+def test_a_runner_that_dies_setting_up_says_why_and_the_agent_goes_on(transport: SSHTransport):
+    # the agent forks a runner and reports it started at once; a runner that then cannot write its status
+    # (here a directory stands where status.json goes) must come back as a clear error, not a missing result
+    first = transport.run(_request(transport, "E0", "echo fine"), lambda line: None)
+    assert first.succeeded, first.reason
+    run_dir = transport.local_root / "agent" / "tasks" / "E1"
+    (run_dir / "status.json").mkdir(parents=True)
+    owner = transport.local_root.stat()
+    for path in (run_dir, run_dir / "status.json"):
+        os.chown(path, owner.st_uid, owner.st_gid)
+    failed = transport.run(_request(transport, "E1", "echo never"), lambda line: None)
+    assert not failed.succeeded
+    assert "the detached runner did not start" in failed.reason and "IsADirectoryError" in failed.reason, failed.reason
+    assert "Traceback" not in failed.reason, failed.reason  # the error, not the whole stack
+    good = transport.run(_request(transport, "E2", "echo fine"), lambda line: None)
+    assert good.succeeded, good.reason
+
+
 def test_a_chatty_spec_streams_every_line_in_order(transport: SSHTransport):
     """More log than one agent read (1 MiB) arrives whole and in order, long lines included."""
     script = ("for i in $(seq 1 30000); do echo \"line $i $(printf '%060d' $i)\"; done; "

@@ -1,0 +1,79 @@
+"""A burst of run requests to one node agent (`node_runner.py serve`): how long until each is started.
+
+    .venv/bin/python bench/agent_burst.py [--count 40] [--runner dispatch/runner/node_runner.py] [--rounds 3]
+
+Starts the agent as the SSH transport does (without SSH: its stdin and stdout are pipes), sends `--count` run
+requests of a shell spec at once, and reports the time from sending to the agent's "started" event and to the
+spec's own first line (it echoes a timestamp). A burst is what a node sees when a spec with many dependents
+ends, or at a project's start. `--runner` takes another checkout's runner for a before/after figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def burst(runner: Path, count: int) -> dict:
+    root = tempfile.mkdtemp(prefix="agent-burst-")
+    timeline = os.path.join(root, "timeline")
+    agent = subprocess.Popen([sys.executable, str(runner), "serve", "--root", root, "--slots", str(count)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        sent = {}
+        for number in range(1, count + 1):
+            run_dir = os.path.join(root, "p", "tasks", f"S{number:04d}")
+            task = {"acceptance": [], "attempt": 1, "cache_key": f"k{number}", "env": {}, "fresh": False,
+                    "heartbeat": 2.0, "project": "p", "run_id": f"r{number}", "stall_timeout": 600.0,
+                    "task_id": f"S{number:04d}", "timeout": 60.0, "verify": [], "workdir": f"{run_dir}/work",
+                    "steps": [{"name": "shell",
+                               "script": f'echo "{number} $(date +%s.%N)" >> {timeline}\nsleep 0.5\n'}]}
+            sent[number] = time.time()
+            request = {"op": "run", "id": number, "run_dir": run_dir, "task": task}
+            agent.stdin.write((json.dumps(request) + "\n").encode())
+        agent.stdin.flush()
+        started, ended = {}, 0
+        while ended < count:
+            event = json.loads(agent.stdout.readline())
+            if event["event"] == "started":
+                started[event["id"]] = time.time()
+            elif event["event"] in ("result", "error", "full", "earlier"):
+                ended += 1
+                if event["event"] != "result":
+                    raise SystemExit(f"request {event['id']}: {event}")
+        echoed = {int(n): float(t) for n, t in (line.split() for line in Path(timeline).read_text().splitlines())}
+    finally:
+        agent.stdin.close()
+        agent.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    to_started = sorted(started[n] - sent[n] for n in started)
+    to_echo = sorted(echoed[n] - sent[n] for n in echoed)
+    return {"to_started_median_s": round(statistics.median(to_started), 3),
+            "to_started_max_s": round(to_started[-1], 3), "to_spec_median_s": round(statistics.median(to_echo), 3),
+            "to_spec_max_s": round(to_echo[-1], 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runner", type=Path, default=ROOT / "dispatch" / "runner" / "node_runner.py")
+    args = parser.parse_args()
+    for _ in range(args.rounds):
+        print(json.dumps(burst(args.runner.resolve(), args.count)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
