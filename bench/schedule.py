@@ -132,7 +132,7 @@ def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
 
 ROWS = [("makespan (s)", ("makespan_s",)), ("wall incl. start-up (s)", ("wall_s",)), ("bound (s)", ("lb_s",)),
         ("plain LB* (s)", ("plain_lb_s",)), ("makespan / bound", ("makespan_over_lb",)),
-        ("utilisation", ("utilisation",)),
+        ("utilisation", ("utilisation",)), ("utilisation, lock-aware", ("utilisation_lock_aware",)),
         ("ready->run median (s)", ("ready_to_running_s", "median")),
         ("ready->run p95 (s)", ("ready_to_running_s", "p95")),
         ("ready->run max (s)", ("ready_to_running_s", "max")),
