@@ -1,10 +1,10 @@
 """One `node_runner.py serve` per node, shared by every attempt the dispatcher runs there.
 
 Instead of one SSH command and two Python start-ups per attempt (start the runner, follow its log),
-each attempt is one JSON line on the agent's stdin. The agent forks the runner (detached, as `run
---detach` does), watches its end with a pidfd and streams its log lines and `result.json` back on
-stdout. On a 2-core machine running 140 slots this took the node-side CPU per attempt from ~0.14 s
-to a few ms (docs/performance.md).
+each attempt is one JSON line on the agent's stdin. The agent forks the runner into its own session (it
+outlives the agent, as a `run --detach` runner does), watches its end with a pidfd and streams its log
+lines and `result.json` back on stdout. On a 2-core machine running 140 slots this took the node-side CPU
+per attempt from ~0.14 s to a few ms (docs/performance.md).
 
 The runners do not depend on the agent: if its channel drops, they carry on, every waiting attempt
 gets `AgentLost`, and the transport re-attaches the long way (status, follow); the next attempt
