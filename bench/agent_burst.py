@@ -1,11 +1,14 @@
 """A burst of run requests to one node agent (`node_runner.py serve`): how long until each is started.
 
-    .venv/bin/python bench/agent_burst.py [--count 40] [--runner dispatch/runner/node_runner.py] [--rounds 3]
+    .venv/bin/python bench/agent_burst.py [--count 40] [--history 0] [--runner dispatch/runner/node_runner.py]
+        [--rounds 3]
 
 Starts the agent as the SSH transport does (without SSH: its stdin and stdout are pipes), sends `--count` run
 requests of a shell spec at once, and reports the time from sending to the agent's "started" event and to the
 spec's own first line (it echoes a timestamp). A burst is what a node sees when a spec with many dependents
-ends, or at a project's start. `--runner` takes another checkout's runner for a before/after figure.
+ends, or at a project's start. `--history N` leaves N finished run directories under the root first, as a
+node that has run projects before has them. `--runner` takes another checkout's runner for a before/after
+figure.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def burst(runner: Path, count: int) -> dict:
+def burst(runner: Path, count: int, history: int) -> dict:
     root = tempfile.mkdtemp(prefix="agent-burst-")
+    for number in range(history):  # what earlier runs left: a run directory each, its lock free
+        old = Path(root, "earlier", "tasks", f"T{number:05d}")
+        old.mkdir(parents=True)
+        (old / ".runner.lock").write_text("1\n")
+        (old / "status.json").write_text('{"state": "succeeded"}\n')
     timeline = os.path.join(root, "timeline")
     agent = subprocess.Popen([sys.executable, str(runner), "serve", "--root", root, "--slots", str(count)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -68,10 +76,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--history", type=int, default=0, help="finished run directories under the root first")
     parser.add_argument("--runner", type=Path, default=ROOT / "dispatch" / "runner" / "node_runner.py")
     args = parser.parse_args()
     for _ in range(args.rounds):
-        print(json.dumps(burst(args.runner.resolve(), args.count)))
+        print(json.dumps(burst(args.runner.resolve(), args.count, args.history)))
     return 0
 
 

@@ -970,6 +970,7 @@ class Runner:
         _write_json(self._path("result.json"), self.log.mask_all(result), sync=True)
         self._write_status(state=status, step=None, step_pid=None, ended_at=ended)
         self.log.close()
+        _unregister_live(self.run_dir)
         if self.echo:
             print(f"runner: {status} ({reason}); result in {self._path('result.json')}", file=sys.stderr)
         return 0 if status == "succeeded" else 1
@@ -1530,6 +1531,47 @@ def _fail_before_start(run_dir: str, message: str) -> int:
     return 2
 
 
+LIVE_DIR = ".live"
+"""Under a run root: one symlink per live runner, `<project>@<task_id>` -> its run directory (`_register_live`)."""
+
+
+def _live_entry(run_dir: str) -> str:
+    """A runner's entry in its run root's registry (run directories are `<root>/<project>/tasks/<task_id>`)."""
+    run_dir = os.path.realpath(run_dir)
+    project_dir = os.path.dirname(os.path.dirname(run_dir))
+    name = f"{os.path.basename(project_dir)}@{os.path.basename(run_dir)}"
+    return os.path.join(os.path.dirname(project_dir), LIVE_DIR, name)
+
+
+def _register_live(run_dir: str) -> None:
+    """Enter a claimed run directory in the registry the node's agents count its slots from (only a run
+    directory laid out as under a run root, `.../<project>/tasks/<task_id>`: nothing is written elsewhere).
+
+    Counting from the registry costs a look at each live runner, where a scan of every run directory ever made
+    under the root (thousands on a node with history) cost milliseconds for every start the agent made.
+    Best effort: an entry that cannot be written leaves the runner uncounted only until an agent starts, as
+    each agent scans the whole root once (`_Agent.live_runners`)."""
+    if os.path.basename(os.path.dirname(os.path.realpath(run_dir))) != "tasks":
+        return
+    entry = _live_entry(run_dir)
+    try:
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
+        temporary = f"{entry}~{os.getpid()}"  # "~" is in no valid name: never taken for an entry
+        os.symlink(os.path.realpath(run_dir), temporary)
+        os.replace(temporary, entry)
+    except OSError:
+        pass
+
+
+def _unregister_live(run_dir: str) -> None:
+    if os.path.basename(os.path.dirname(os.path.realpath(run_dir))) != "tasks":
+        return
+    try:
+        os.unlink(_live_entry(run_dir))
+    except OSError:
+        pass
+
+
 def _claim(run_dir: str) -> tuple[int | None, dict | None]:
     """Take the run directory's lock: (lock fd, None), or (None, why not) when a runner or its orphan holds it."""
     lock_fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDWR | os.O_CREAT, 0o644)
@@ -1558,6 +1600,7 @@ def _claim(run_dir: str) -> tuple[int | None, dict | None]:
             "message": f"the step of a previous runner (process group {orphan}) still runs in {run_dir}; "
             "stop it with `kill` before starting again",
         }
+    _register_live(run_dir)
     return lock_fd, None
 
 
@@ -1973,13 +2016,43 @@ class _Agent:
         self.watched: dict[Any, _Watched] = {}
         self.stdin = sys.stdin.fileno()
         self.buffer = b""
+        self.scanned = False  # whether `live_runners` has scanned the whole root once
 
     def live_runners(self) -> int:
-        """Runners alive under the run root (their `.runner.lock` held), whoever started them."""
-        import glob
+        """Runners alive under the run root (their `.runner.lock` held), whoever started them.
 
-        pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", ".runner.lock")
-        return sum(not _runner_gone(os.path.dirname(lock)) for lock in glob.glob(pattern))
+        Counted from the root's registry (`_register_live`); entries of runners that are gone (killed before
+        they could remove theirs) are removed. The first count of an agent scans every run directory once and
+        enters the live ones, so runners that a runner of an earlier version started are counted too."""
+        if not self.scanned:
+            import glob
+
+            pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", ".runner.lock")
+            for lock in glob.glob(pattern):
+                if not _runner_gone(os.path.dirname(lock)):
+                    _register_live(os.path.dirname(lock))
+            self.scanned = True
+        registry = os.path.join(self.root, LIVE_DIR)
+        try:
+            names = os.listdir(registry)
+        except OSError:
+            return 0
+        live = 0
+        for name in names:
+            if "~" in name:
+                continue  # an entry being written
+            try:
+                run_dir = os.readlink(os.path.join(registry, name))
+            except OSError:
+                continue  # removed meanwhile
+            if not _runner_gone(run_dir):
+                live += 1
+                continue
+            _unregister_live(run_dir)
+            if not _runner_gone(run_dir):  # claimed again between the look and the removal: enter it again
+                _register_live(run_dir)
+                live += 1
+        return live
 
     def _inside_root(self, run_dir: str) -> str:
         """`run_dir` resolved (symlinks, `..`); ValueError unless it lies strictly inside the run root."""

@@ -574,3 +574,60 @@ def test_shipped_classifier_imports_under_python_3_8(tmp_path: Path) -> None:
     shutil.copy(RATELIMITS_PATH, tmp_path / RATELIMITS_PATH.name)
     version = json.loads(_runner("version", python=python, runner=tmp_path / RUNNER_PATH.name).stdout)
     assert version["ratelimits"] == str(tmp_path / "ratelimits.py")
+
+
+# -- the node agent's slot count -------------------------------------------------------------------------------
+
+
+class _Agent:
+    """A `node_runner.py serve` on a run root, spoken to as the SSH transport does (JSON lines)."""
+
+    def __init__(self, root: Path, slots: int) -> None:
+        self.proc = subprocess.Popen([NODE_PYTHON, "-S", str(RUNNER_PATH), "serve", "--root", str(root),
+                                      "--slots", str(slots)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.root, self.ids = root, 0
+
+    def run(self, task_id: str, script: str) -> dict:
+        """Ask for a run of `script` as project `p`'s `task_id`; the first event that answers it."""
+        self.ids += 1
+        run_dir = self.root / "p" / "tasks" / task_id
+        task = {"project": "p", "task_id": task_id, "workdir": str(run_dir / "work"), "timeout": 30,
+                "stall_timeout": 20, "heartbeat": 0.5, "steps": [_shell(script)], "cache_key": task_id}
+        self.proc.stdin.write(json.dumps({"op": "run", "id": self.ids, "run_dir": str(run_dir), "task": task}) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            event = json.loads(self.proc.stdout.readline())
+            if event["id"] == self.ids and event["event"] != "log":
+                return event
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def test_the_agent_counts_runners_started_the_long_way_and_forgets_dead_ones(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    long_way = root / "p" / "tasks" / "A"
+    _write_task(long_way, [_shell("sleep 2")], workdir=str(long_way / "work"))
+    started = _runner("run", str(long_way), "--detach")
+    assert started.returncode == 0, started.stderr
+    assert os.readlink(root / ".live" / "p@A") == str(long_way.resolve())
+    # a runner killed before it could remove its entry: the entry points at a directory nobody holds
+    (root / "p" / "tasks" / "DEAD").mkdir(parents=True)
+    os.symlink(root / "p" / "tasks" / "DEAD", root / ".live" / "p@DEAD")
+    agent = _Agent(root, slots=1)
+    try:
+        assert agent.run("B", "true")["event"] == "full"  # A holds the one slot; DEAD does not count
+        assert not (root / ".live" / "p@DEAD").is_symlink()
+        _wait_for(lambda: _json(long_way / "status.json").get("state") == "succeeded", what="A to end")
+        _wait_for(lambda: not (root / ".live" / "p@A").is_symlink(), what="A's entry to go")
+        assert agent.run("B", "true")["event"] == "started"
+    finally:
+        agent.close()
+
+
+def test_a_runner_outside_a_run_root_writes_nothing_above_its_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "inner" / "S30"
+    _write_task(run_dir, [_shell("true")])
+    assert _runner("run", str(run_dir)).returncode == 0
+    assert not list(tmp_path.rglob(".live")) and not (tmp_path.parent / ".live").exists()
