@@ -2,7 +2,7 @@
 
     PREFECT_API_URL=http://127.0.0.1:<port>/api .venv/bin/python bench/schedule.py \
         --specs 300 --seeds 1,2,3 [--scale 1.0] [--slots 8,8,8,8,20,40,48] [--only ours|baseline] \
-        [--server sqlite|postgres] [--profile standard|lock-heavy] [--history] [--code DIR]
+        [--server sqlite|postgres] [--profile standard|lock-heavy|standard,lock-heavy] [--history] [--code DIR]
 
 Starts the loopback cluster (bench/cluster.py), and for each seed draws a project (bench/workload.py),
 runs it with ours (`dispatch start`, a subprocess, with DISPATCH_HOME/SPECS/PROJECTS in a temp dir and
@@ -11,7 +11,8 @@ the cluster's nodes.json) and with the baseline (bench/baseline_flow.py), each u
 timelines the specs wrote. Prints a table and writes bench/out/schedule.json.
 With no PREFECT_API_URL, ours runs on its embedded default and the baseline is skipped (it needs a
 server for global concurrency limits); `--server sqlite|postgres` starts a throwaway `prefect server` on 127.0.0.1.
-`--profile lock-heavy` draws 30 % of the specs on 40 files (bench/workload.py). `--history` gives ours the
+`--profile lock-heavy` draws 30 % of the specs on 40 files (bench/workload.py); `--profile standard,lock-heavy`
+runs both, one after the other on the same cluster, into one table. `--history` gives ours the
 durations of an earlier run of the same project (its `results/<project>/durations.json`, the drawn durations),
 as a team that runs a project again has; without it ours starts with no estimate. `--code DIR` runs ours from
 another checkout (PYTHONPATH; e.g. `git archive <rev> | tar -x -C DIR` for a before/after table). The bound is
@@ -82,15 +83,15 @@ def run_measured(command: list[str], env: dict, out: Path, log: Path, timeout: f
     return json.loads(out.read_text())
 
 
-def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
+def run_seed(seed: int, args, cluster, base: Path, api_url: str | None, profile: str = "standard") -> dict:
     from measures import read_runs
 
-    workload = generate_named(args.profile, args.specs, seed, scale=args.scale, min_s=args.min_s, max_s=args.max_s)
+    workload = generate_named(profile, args.specs, seed, scale=args.scale, min_s=args.min_s, max_s=args.max_s)
     slots = {n["name"]: n["slots"] for n in cluster.nodes}
-    result = {"seed": seed, "lower_bound": workload.lower_bound(sum(slots.values()))}
-    project = f"bench-s{seed}"
+    result = {"seed": seed, "profile": profile, "lower_bound": workload.lower_bound(sum(slots.values()))}
+    project = f"bench-s{seed}" if profile == "standard" else f"bench-{profile}-s{seed}"
     if args.only in (None, "ours"):
-        work = base / f"ours-{seed}"
+        work = base / f"ours-{project}"
         home, specs = work / "home", work / "specs"
         home.mkdir(parents=True)
         (home / "nodes.json").write_text(cluster.nodes_json.read_text())
@@ -115,7 +116,7 @@ def run_seed(seed: int, args, cluster, base: Path, api_url: str | None) -> dict:
                                       usage.get("started_at", 0), 2) if "started_at" in usage else None
         result["ours"] = {**usage, **measures}
     if args.only in (None, "baseline") and api_url:
-        work = base / f"baseline-{seed}"
+        work = base / f"baseline-{project}"
         specs_dir = work / "specs" / project
         timeline = work / "timeline"
         write_project(workload, specs_dir, timeline)
@@ -151,7 +152,10 @@ def _get(data: dict | None, path: tuple[str, ...]):
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'measure':<31}" + "".join(f"| seed {r['seed']}: ours / baseline / ratio ".ljust(44) for r in results)]
+    def name(r: dict) -> str:
+        return f"seed {r['seed']}" if r.get("profile", "standard") == "standard" else f"{r['profile']} {r['seed']}"
+
+    lines = [f"{'measure':<31}" + "".join(f"| {name(r)}: ours / baseline / ratio ".ljust(44) for r in results)]
     for label, path in ROWS:
         cells = []
         for r in results:
@@ -173,7 +177,8 @@ def main() -> int:
     parser.add_argument("--max-s", type=float, default=4.0)
     parser.add_argument("--slots", default=DEFAULT_SLOTS)
     parser.add_argument("--only", choices=["ours", "baseline"], default=None)
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="standard")
+    parser.add_argument("--profile", default="standard", help=f"one of {', '.join(sorted(PROFILES))}, or several "
+                        "separated by commas")
     parser.add_argument("--history", action="store_true", help="ours starts with an earlier run's durations")
     parser.add_argument("--code", type=Path, default=None, help="run ours from this checkout (PYTHONPATH)")
     parser.add_argument("--server", choices=KINDS, default=None,
@@ -182,13 +187,16 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "schedule.json")
     args = parser.parse_args()
+    profiles = [p for p in args.profile.split(",") if p]
+    if not profiles or set(profiles) - set(PROFILES):
+        parser.error(f"--profile: choose from {', '.join(sorted(PROFILES))}, got {args.profile!r}")
     base = Path(tempfile.mkdtemp(prefix="dispatch-schedule-"))
     results = []
     try:
         with throwaway_server(args.server, base) as api_url, \
                 start_cluster(parse_slots(args.slots), base / "cluster") as cluster:
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                result = run_seed(seed, args, cluster, base, api_url)
+            for profile, seed in [(p, int(s)) for p in profiles for s in args.seeds.split(",")]:
+                result = run_seed(seed, args, cluster, base, api_url, profile)
                 results.append(result)
                 print(json.dumps(result, default=str)[:4000], file=sys.stderr, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
