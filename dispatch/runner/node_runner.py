@@ -2041,15 +2041,20 @@ class _Agent:
         for name in names:
             if "~" in name:
                 continue  # an entry being written
+            entry = os.path.join(registry, name)
             try:
-                run_dir = os.readlink(os.path.join(registry, name))
+                run_dir = os.readlink(entry)
             except OSError:
                 continue  # removed meanwhile
-            if not _runner_gone(run_dir):
+            ours = _live_entry(run_dir) == entry  # else not a runner's entry: removed, and nothing else is
+            if ours and not _runner_gone(run_dir):
                 live += 1
                 continue
-            _unregister_live(run_dir)
-            if not _runner_gone(run_dir):  # claimed again between the look and the removal: enter it again
+            try:
+                os.unlink(entry)  # this very entry, inside the registry
+            except OSError:
+                pass
+            if ours and not _runner_gone(run_dir):  # claimed again between the look and the removal
                 _register_live(run_dir)
                 live += 1
         return live

@@ -615,10 +615,16 @@ def test_the_agent_counts_runners_started_the_long_way_and_forgets_dead_ones(tmp
     # a runner killed before it could remove its entry: the entry points at a directory nobody holds
     (root / "p" / "tasks" / "DEAD").mkdir(parents=True)
     os.symlink(root / "p" / "tasks" / "DEAD", root / ".live" / "p@DEAD")
+    # an entry that is no runner's (it points elsewhere): removed, and nothing is removed where it points
+    (tmp_path / "elsewhere" / "q" / "tasks" / "X").mkdir(parents=True)
+    (tmp_path / "elsewhere" / ".live").mkdir()
+    (tmp_path / "elsewhere" / ".live" / "q@X").write_text("keep")
+    os.symlink(tmp_path / "elsewhere" / "q" / "tasks" / "X", root / ".live" / "p@BOGUS")
     agent = _Agent(root, slots=1)
     try:
         assert agent.run("B", "true")["event"] == "full"  # A holds the one slot; DEAD does not count
-        assert not (root / ".live" / "p@DEAD").is_symlink()
+        assert not (root / ".live" / "p@DEAD").is_symlink() and not (root / ".live" / "p@BOGUS").is_symlink()
+        assert (tmp_path / "elsewhere" / ".live" / "q@X").read_text() == "keep"
         _wait_for(lambda: _json(long_way / "status.json").get("state") == "succeeded", what="A to end")
         _wait_for(lambda: not (root / ".live" / "p@A").is_symlink(), what="A's entry to go")
         assert agent.run("B", "true")["event"] == "started"
