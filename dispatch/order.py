@@ -54,8 +54,8 @@ class LockGroups:
 
 
 def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], estimates: dict[str, float],
-                  groups: LockGroups) -> tuple[dict[str, float], dict[str, float]]:
-    """Rank and chain of every open spec.
+                  groups: LockGroups) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Rank, chain and head of every open spec.
 
     The work behind a spec under one of its files counts only the other specs on that file that cannot start
     before it (their estimated earliest start, by their dependencies, is not earlier): a spec deep in the DAG
@@ -69,7 +69,8 @@ def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], e
         groups: the project's lock groups.
 
     Returns:
-        (rank, chain): rank as above; chain = d(s) + the largest rank among its dependents (no lock term).
+        (rank, chain, head): rank as above; chain = d(s) + the largest rank among its dependents (no lock term);
+        head = its earliest start from now by its open dependencies' estimates (no lock or slot waits).
     """
     head: dict[str, float] = {}  # earliest start from now, by the open dependencies' estimates
     for task_id in project.order:
@@ -98,7 +99,7 @@ def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], e
         after = max((rank[c] for c in dependents[task_id] if c in rank), default=0.0)
         chain[task_id] = own + after
         rank[task_id] = own + max(after, behind.get(task_id, 0.0))
-    return rank, chain
+    return rank, chain, head
 
 
 def promote_by_priority(ordered: list[str], priority: dict[str, int], estimates: dict[str, float],
@@ -118,11 +119,18 @@ def promote_by_priority(ordered: list[str], priority: dict[str, int], estimates:
     result: list[str] = []
     for task_id in ordered:
         at = len(result)
-        while at and priority[result[at - 1]] > priority[task_id] \
-                and estimates[task_id] <= end - rank[result[at - 1]] + margin:
+        while at and goes_ahead(priority[task_id], estimates[task_id], priority[result[at - 1]],
+                                rank[result[at - 1]], end, margin):
             at -= 1
         result.insert(at, task_id)
     return result
+
+
+def goes_ahead(priority: int, own: float, other_priority: int, other_rank: float, end: float,
+               margin: float) -> bool:
+    """Whether a spec of better `priority` and duration `own` moves ahead of a higher-ranked other spec: when
+    the other's slack (`end - other_rank`) plus `margin` covers `own`, the longest it can delay the other."""
+    return priority < other_priority and own <= end - other_rank + margin
 
 
 def hold_pays(now: float, own: float, rank: float, chain: float, other_at: float, other_own: float,
