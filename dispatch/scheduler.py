@@ -253,16 +253,17 @@ class Scheduler:
         return max(times) if times else None
 
     def _hold(self, task_id: str, now: float, startable: dict[str, float | None], end: float | None) -> bool:
-        """Whether to leave a ready spec's files free for a spec ahead of it in the order that will want one of
-        them before this one would end: when, by the estimates, the project ends sooner that way. A spec that
+        """Whether to leave a ready spec's files free for a spec ahead of it in the order (`_key`: with
+        `order="priority"`, priority first) that will want one of them before this one would end: when, by the
+        estimates, the project ends sooner that way. A spec that
         the priority rule would move ahead of the other anyway (`end`: see `_promotion_end`) does not wait
         for it: it would take the file first once both are ready, and the wait would be lost."""
         own, rank, chain = self._estimates[task_id], self._rank[task_id], self._chain[task_id]
-        key = (rank, chain)
+        key = self._key(task_id)
         priority = self.project.specs[task_id].priority
         for entry in self._groups.entries_of[task_id]:
             for other in self._groups.members[entry]:
-                if other == task_id or (self._rank.get(other, 0.0), self._chain.get(other, 0.0)) <= key:
+                if other == task_id or self._key(other) >= key:
                     continue
                 if other not in startable:
                     startable[other] = self._startable_at(other, now)
