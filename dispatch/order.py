@@ -54,8 +54,8 @@ class LockGroups:
 
 
 def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], estimates: dict[str, float],
-                  groups: LockGroups) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """Rank, chain and head of every open spec.
+                  groups: LockGroups) -> tuple[dict[str, float], dict[str, float]]:
+    """Rank and chain of every open spec.
 
     The work behind a spec under one of its files counts only the other specs on that file that cannot start
     before it (their estimated earliest start, by their dependencies, is not earlier): a spec deep in the DAG
@@ -69,8 +69,7 @@ def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], e
         groups: the project's lock groups.
 
     Returns:
-        (rank, chain, head): rank as above; chain = d(s) + the largest rank among its dependents (no lock term);
-        head = its earliest start from now by its open dependencies' estimates (no lock or slot waits).
+        (rank, chain): rank as above; chain = d(s) + the largest rank among its dependents (no lock term).
     """
     head: dict[str, float] = {}  # earliest start from now, by the open dependencies' estimates
     for task_id in project.order:
@@ -99,7 +98,7 @@ def compute_ranks(project: Project, open_ids: set[str], not_started: set[str], e
         after = max((rank[c] for c in dependents[task_id] if c in rank), default=0.0)
         chain[task_id] = own + after
         rank[task_id] = own + max(after, behind.get(task_id, 0.0))
-    return rank, chain, head
+    return rank, chain
 
 
 def promote_by_priority(ordered: list[str], priority: dict[str, int], estimates: dict[str, float],

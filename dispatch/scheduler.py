@@ -108,7 +108,6 @@ class Scheduler:
         self._estimates: dict[str, float] = {}
         self._rank: dict[str, float] = {}
         self._chain: dict[str, float] = {}
-        self._head: dict[str, float] = {}  # earliest start after the last recompute, by the dependencies
         self._margin = 0.0  # PRIORITY_MARGIN of the project's first estimated length, in seconds
         self._measured = False  # some estimate was given (else every spec counts 1 and slack means nothing)
         self._stale = 0  # starts and estimate changes since the ranks were computed
@@ -186,8 +185,7 @@ class Scheduler:
         not_started = {t for t in open_ids if self.entries[t].state != RUNNING}
         remaining = {t: (self._estimates[t] if t in not_started
                          else max(self._estimates[t] - (now - self.entries[t].started), 0.0)) for t in open_ids}
-        self._rank, self._chain, self._head = compute_ranks(self.project, open_ids, not_started, remaining,
-                                                            self._groups)
+        self._rank, self._chain = compute_ranks(self.project, open_ids, not_started, remaining, self._groups)
         if not self._margin and self._rank:
             self._margin = PRIORITY_MARGIN * max(self._rank.values())
         self._stale = 0
@@ -229,11 +227,12 @@ class Scheduler:
         entry = self.entries[task_id]
         return max(now, entry.started + self._estimates[task_id])
 
-    def _startable_at(self, task_id: str, now: float) -> float | None:
-        """When a spec can start by the estimates, if it waits only on open specs (dependencies, holders of its
-        files); None when it waits on anything else (a failed spec, a retry delay), or on nothing (it could
-        start now). A dependency that waits itself ends, at the earliest, its estimate after its head as of the
-        last recompute (`compute_ranks`): O(1), where following its own dependencies would cost a walk."""
+    def _startable_at(self, task_id: str, now: float, further: bool = True) -> float | None:
+        """When a spec can start by the estimates, if it waits only on running or ready specs (dependencies,
+        holders of its files) or, with `further`, on waiting dependencies that do; None when it waits on
+        anything further off, or on nothing (it could start now). One waiting level, not the whole way up:
+        looking without limit held a ready spec for one arrival after another while shorter ones took its
+        file, and a 5,000-spec project ended 0.8 % later; a deeper walk would also cost time per pick."""
         entry = self.entries[task_id]
         if entry.state not in (WAITING, READY):
             return None
@@ -244,8 +243,11 @@ class Scheduler:
                 times.append(self._expected_end(dep, now))
             elif state == READY and self.entries[dep].not_before <= now:  # about to start (this very pick)
                 times.append(now + self._estimates[dep])
-            elif state == WAITING:
-                times.append(max(now, self._refreshed_at + self._head[dep]) + self._estimates[dep])
+            elif state == WAITING and further:
+                at = self._startable_at(dep, now, further=False)
+                if at is None:
+                    return None
+                times.append(at + self._estimates[dep])
             elif state != SUCCEEDED:
                 return None
         holders = self.locks.blockers(task_id, self.project.specs[task_id].modifies)
