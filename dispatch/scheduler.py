@@ -257,9 +257,9 @@ class Scheduler:
     def _hold(self, task_id: str, now: float, startable: dict[str, float | None], end: float | None) -> bool:
         """Whether to leave a ready spec's files free for a spec ahead of it in the order (`_key`: with
         `order="priority"`, priority first) that will want one of them before this one would end: when, by the
-        estimates, the project ends sooner that way. A spec that
-        the priority rule would move ahead of the other anyway (`end`: see `_promotion_end`) does not wait
-        for it: it would take the file first once both are ready, and the wait would be lost."""
+        estimates, the project ends sooner that way. A spec that the priority rule would move ahead of the other
+        anyway (`end`: see `_promotion_end`) does not wait for it: it would take the file first once both are
+        ready, and the wait would be lost."""
         own, rank, chain = self._estimates[task_id], self._rank[task_id], self._chain[task_id]
         key = self._key(task_id)
         priority = self.project.specs[task_id].priority
