@@ -38,11 +38,12 @@ def _code_root(argv: list[str]) -> Path:
 sys.path.insert(0, str(_code_root(sys.argv)))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402, I001
-from workload import PROFILES, generate_named, write_project  # noqa: E402
-
-from dispatch.dag import load_project  # noqa: E402  (first: bench/cluster.py puts this checkout first on the path)
+# dispatch before bench/cluster.py, which imports dispatch from this checkout: --code's would be ignored
+from dispatch.dag import load_project  # noqa: E402, I001
 from dispatch.scheduler import NodeSlots, Scheduler  # noqa: E402
+
+from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
+from workload import PROFILES, generate_named, write_project  # noqa: E402
 
 ESTIMATES = ("exact", "noisy", "cold")
 

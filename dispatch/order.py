@@ -118,11 +118,18 @@ def promote_by_priority(ordered: list[str], priority: dict[str, int], estimates:
     result: list[str] = []
     for task_id in ordered:
         at = len(result)
-        while at and priority[result[at - 1]] > priority[task_id] \
-                and estimates[task_id] <= end - rank[result[at - 1]] + margin:
+        while at and goes_ahead(priority[task_id], estimates[task_id], priority[result[at - 1]],
+                                rank[result[at - 1]], end, margin):
             at -= 1
         result.insert(at, task_id)
     return result
+
+
+def goes_ahead(priority: int, own: float, other_priority: int, other_rank: float, end: float,
+               margin: float) -> bool:
+    """Whether a spec of better `priority` and duration `own` moves ahead of a higher-ranked other spec: when
+    the other's slack (`end - other_rank`) plus `margin` covers `own`, the longest it can delay the other."""
+    return priority < other_priority and own <= end - other_rank + margin
 
 
 def hold_pays(now: float, own: float, rank: float, chain: float, other_at: float, other_own: float,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from dispatch.dag import Project
 from dispatch.locks import LockTable
-from dispatch.order import LockGroups, compute_ranks, hold_pays, promote_by_priority
+from dispatch.order import LockGroups, compute_ranks, goes_ahead, hold_pays, promote_by_priority
 
 WAITING, READY, RUNNING = "waiting", "ready", "running"
 SUCCEEDED, FAILED, NOT_RUN, CANCELLED = "succeeded", "failed", "not_run", "cancelled"
@@ -206,14 +206,20 @@ class Scheduler:
             return (priority, *rank, self._position[task_id])
         return (*rank, priority, self._position[task_id])
 
-    def _ordered(self, candidates: list[str]) -> list[str]:
-        """Candidates by rank; a spec of better priority moves ahead of one whose slack covers its duration."""
-        candidates.sort(key=self._key)
-        if self.order == "priority" or not self._measured or len(candidates) < 2:
-            return candidates  # without measured durations no slack can be judged: priority only breaks ties
+    def _promotion_end(self, candidates: list[str]) -> float | None:
+        """The project's estimated remaining length that the priority rule weighs slack against; None when the
+        rule is off (strict priority order, or no measured durations: slack cannot be judged)."""
+        if self.order == "priority" or not self._measured or not candidates:
+            return None
         elapsed = self.clock() - self._refreshed_at  # running specs have come that much closer to their end
         running = [max(self._rank.get(t, 0.0) - elapsed, 0.0) for t in self._running]
-        end = max([*(self._rank[t] for t in candidates), *running])  # the project's estimated remaining length
+        return max([*(self._rank[t] for t in candidates), *running])
+
+    def _ordered(self, candidates: list[str], end: float | None) -> list[str]:
+        """Candidates by rank; a spec of better priority moves ahead of one whose slack covers its duration."""
+        candidates.sort(key=self._key)
+        if end is None or len(candidates) < 2:
+            return candidates  # without measured durations no slack can be judged: priority only breaks ties
         priority = {t: self.project.specs[t].priority for t in candidates}
         return promote_by_priority(candidates, priority, self._estimates, self._rank, end, self._margin)
 
@@ -221,9 +227,12 @@ class Scheduler:
         entry = self.entries[task_id]
         return max(now, entry.started + self._estimates[task_id])
 
-    def _startable_at(self, task_id: str, now: float) -> float | None:
-        """When a spec that waits only on running or ready specs (dependencies, holders of its files) can start,
-        by the estimates; None when it waits on anything further off, or on nothing (it could start now)."""
+    def _startable_at(self, task_id: str, now: float, further: bool = True) -> float | None:
+        """When a spec can start by the estimates, if it waits only on running or ready specs (dependencies,
+        holders of its files) or, with `further`, on waiting dependencies that do; None when it waits on
+        anything further off, or on nothing (it could start now). One waiting level, not the whole way up:
+        looking without limit held a ready spec for one arrival after another while shorter ones took its
+        file, and a 5,000-spec project ended 0.8 % later; a deeper walk would also cost time per pick."""
         entry = self.entries[task_id]
         if entry.state not in (WAITING, READY):
             return None
@@ -234,25 +243,37 @@ class Scheduler:
                 times.append(self._expected_end(dep, now))
             elif state == READY and self.entries[dep].not_before <= now:  # about to start (this very pick)
                 times.append(now + self._estimates[dep])
+            elif state == WAITING and further:
+                at = self._startable_at(dep, now, further=False)
+                if at is None:
+                    return None
+                times.append(at + self._estimates[dep])
             elif state != SUCCEEDED:
                 return None
         holders = self.locks.blockers(task_id, self.project.specs[task_id].modifies)
         times += [self._expected_end(holder, now) for holder in holders]
         return max(times) if times else None
 
-    def _hold(self, task_id: str, now: float, startable: dict[str, float | None]) -> bool:
-        """Whether to leave a ready spec's files free for a spec ahead of it in the order that will want one of
-        them before this one would end: when, by the estimates, the project ends sooner that way."""
+    def _hold(self, task_id: str, now: float, startable: dict[str, float | None], end: float | None) -> bool:
+        """Whether to leave a ready spec's files free for a spec ahead of it in the order (`_key`: with
+        `order="priority"`, priority first) that will want one of them before this one would end: when, by the
+        estimates, the project ends sooner that way. A spec that the priority rule would move ahead of the other
+        anyway (`end`: see `_promotion_end`) does not wait for it: it would take the file first once both are
+        ready, and the wait would be lost."""
         own, rank, chain = self._estimates[task_id], self._rank[task_id], self._chain[task_id]
-        key = (rank, chain)
+        key = self._key(task_id)
+        priority = self.project.specs[task_id].priority
         for entry in self._groups.entries_of[task_id]:
             for other in self._groups.members[entry]:
-                if other == task_id or (self._rank.get(other, 0.0), self._chain.get(other, 0.0)) <= key:
+                if other == task_id or self._key(other) >= key:
                     continue
                 if other not in startable:
                     startable[other] = self._startable_at(other, now)
                 at = startable[other]
                 if at is None or at >= now + own:
+                    continue
+                if end is not None and goes_ahead(priority, own, self.project.specs[other].priority,
+                                                  self._rank[other], end - (at - now), self._margin):
                     continue
                 if hold_pays(now, own, rank, chain, at, self._estimates[other], self._rank[other],
                              self._chain[other]):
@@ -332,7 +353,8 @@ class Scheduler:
         startable: dict[str, float | None] = {}  # per pick: when a spec a hold would wait for can start
         if self._stale >= self._refresh_every:
             self._refresh()
-        for task_id in self._ordered(candidates):
+        end = self._promotion_end(candidates)
+        for task_id in self._ordered(candidates, end):
             if not any(n.free > 0 for n in self.nodes.values()):
                 break
             entry = self.entries[task_id]
@@ -342,7 +364,7 @@ class Scheduler:
             node = self._place(task_id)
             if node is None or (spec.modifies and self.locks.blockers(task_id, spec.modifies)):
                 continue
-            if hold and spec.modifies and self._hold(task_id, now, startable):
+            if hold and spec.modifies and self._hold(task_id, now, startable, end):
                 continue
             self.locks.try_acquire(task_id, spec.modifies)
             node.used += 1

@@ -176,6 +176,33 @@ def test_a_ready_spec_leaves_a_file_free_for_a_more_critical_spec_about_to_need_
     assert _ids(scheduler.pick()) == ["C2", "S"]
 
 
+def test_a_ready_spec_leaves_a_file_free_for_a_critical_spec_more_than_one_dependency_away() -> None:
+    # C (chain 11 s) wants src/f.py in 2 s, after R and Q; S would hold the file 5 s. The hold used to look only
+    # at specs whose last dependency runs (Q waits on R), so S took the file and the project took 16 s, not 13.
+    project = _project(_spec("R"), _spec("Q", "R"), _spec("C", "Q", modifies=["src/f.py"]), _spec("C2", "C"),
+                       _spec("S", modifies=["src/f.py"]))
+    clock = FakeClock()
+    scheduler = _scheduler(project, [NodeSlots("n1", 2)], clock,
+                           estimates={"R": 1.0, "Q": 1.0, "C": 1.0, "C2": 10.0, "S": 5.0})
+
+    assert _ids(scheduler.pick()) == ["R"]
+    for done, then in (("R", ["Q"]), ("Q", ["C"]), ("C", ["C2", "S"])):
+        clock.advance(1.0)
+        scheduler.succeed(done)
+        assert _ids(scheduler.pick()) == then
+
+
+def test_a_spec_the_priority_rule_would_put_first_anyway_is_not_held() -> None:
+    # S (priority 1) could leave src/f.py to C (chain 11 s, due in 1 s), but L makes the project 20 s long, so
+    # C's slack covers S's 5 s and, once C is ready, the priority rule puts S ahead of it: waiting would be lost.
+    project = _project(_spec("L"), _spec("R"), _spec("C", "R", modifies=["src/f.py"]), _spec("C2", "C"),
+                       _spec("S", modifies=["src/f.py"], priority=1))
+    scheduler = _scheduler(project, [NodeSlots("n1", 4)],
+                           estimates={"L": 20.0, "R": 1.0, "C": 1.0, "C2": 10.0, "S": 5.0})
+
+    assert sorted(_ids(scheduler.pick())) == ["L", "R", "S"]
+
+
 def test_a_spec_is_never_held_for_one_that_cannot_come() -> None:
     # C's dependency R fits no node: holding S's file for C would stall the run, so S starts.
     project = _project(_spec("R", node="gone"), _spec("C", "R", modifies=["src/f.py"]), _spec("C2", "C"),
