@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from measures import write_result  # noqa: E402
+from servers import stop_home_server  # noqa: E402
 
 from dispatch.loopback_cluster import LoopbackCluster  # noqa: E402
 
@@ -104,8 +105,11 @@ def main() -> int:
         env = {**os.environ, "DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
                "DISPATCH_PROJECTS": str(base / "projects")}
         started = time.monotonic()
-        done = subprocess.run([str(Path(sys.executable).with_name("dispatch")), "start", "bench"], env=env,
-                              capture_output=True, text=True)
+        try:
+            done = subprocess.run([str(Path(sys.executable).with_name("dispatch")), "start", "bench"], env=env,
+                                  capture_output=True, text=True)
+        finally:
+            stop_home_server(env)
         wall = time.monotonic() - started
         if done.returncode != 0:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)

@@ -28,6 +28,7 @@ sys.path.insert(1, str(ROOT / "bench"))
 
 from cluster import parse_slots, start_cluster  # noqa: E402
 from measures import read_runs, write_result  # noqa: E402
+from servers import stop_home_server  # noqa: E402
 from workload import generate, shell_script, write_project  # noqa: E402
 
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
@@ -93,6 +94,7 @@ def main() -> int:
         finally:
             subprocess.run([DISPATCH, "stop", "big"], env=env, capture_output=True, timeout=120)
             big.wait(timeout=120)
+            stop_home_server(env)
         if beside.returncode != 0:
             print(beside.stdout[-2000:], beside.stderr[-2000:], file=sys.stderr)
             return 1

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
 from measures import read_runs, summary  # noqa: E402
 from schedule import DISPATCH, run_measured  # noqa: E402
-from servers import KINDS, throwaway_server  # noqa: E402
+from servers import KINDS, stop_home_server, throwaway_server  # noqa: E402
 from workload import GenSpec, Workload, write_project  # noqa: E402
 
 
@@ -51,7 +51,10 @@ def run(where: str, count: int, base: Path, nodes_json: Path | None, local_slots
     env = {**os.environ, "DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
            "DISPATCH_PROJECTS": str(work / "projects"), "DISPATCH_LOCAL_SLOTS": str(local_slots)}
     total0, idle0 = cpu_times()
-    usage = run_measured([DISPATCH, "start", project], env, work / "rusage.json", work / "run.log", 900)
+    try:
+        usage = run_measured([DISPATCH, "start", project], env, work / "rusage.json", work / "run.log", 900)
+    finally:
+        stop_home_server(env)
     total1, idle1 = cpu_times()
     state = json.loads((home / "state" / f"{project}.json").read_text())
     flow_s = (state.get("ended_at") or state["updated_at"]) - state["started_at"]

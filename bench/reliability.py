@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
 from measures import read_runs, schedule_measures  # noqa: E402
 from schedule import DISPATCH  # noqa: E402
+from servers import stop_home_server  # noqa: E402
 from workload import generate, write_project  # noqa: E402
 
 
@@ -71,6 +72,7 @@ def dispatcher_kill(base: Path, cluster, count: int, seed: int) -> dict:
     slots = {n["name"]: n["slots"] for n in cluster.nodes}
     measures = schedule_measures(workload, timeline, slots)
     state = json.loads((home / "state" / "rel-dispatcher.json").read_text())
+    stop_home_server(env)  # the embedded default leaves the home's server up
     return {
         "specs": count, "restart_exit_code": second.returncode,
         "finished_before_kill": len(finished_before), "running_at_kill": len(running_at_kill),
@@ -105,6 +107,7 @@ def node_kill(base: Path, cluster, count: int, seed: int, victim: str = "loop7")
     rows = state["specs"].values()
     slots = {n["name"]: n["slots"] for n in cluster.nodes}
     measures = schedule_measures(workload, timeline, slots)
+    stop_home_server(env)  # the embedded default leaves the home's server up
     return {
         "specs": count, "victim": victim, "exit_code": code, "wall_s": round(wall, 1),
         "running_on_victim_at_kill": killed,

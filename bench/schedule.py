@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from cluster import DEFAULT_SLOTS, parse_slots, start_cluster  # noqa: E402
 from measures import schedule_measures, summary  # noqa: E402
-from servers import KINDS, throwaway_server  # noqa: E402
+from servers import KINDS, stop_home_server, throwaway_server  # noqa: E402
 from workload import PROFILES, generate_named, write_project  # noqa: E402
 
 PY = sys.executable
@@ -107,7 +107,11 @@ def run_seed(seed: int, args, cluster, base: Path, api_url: str | None, profile:
             env["PREFECT_API_URL"] = api_url
         else:
             env.pop("PREFECT_API_URL", None)
-        usage = run_measured([DISPATCH, "start", project], env, work / "rusage.json", work / "run.log", args.timeout)
+        try:
+            usage = run_measured([DISPATCH, "start", project], env, work / "rusage.json", work / "run.log",
+                                 args.timeout)
+        finally:
+            stop_home_server(env)
         measures = schedule_measures(workload, timeline, slots)
         state_file = home / "state" / f"{project}.json"
         if state_file.exists():
