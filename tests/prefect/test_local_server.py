@@ -109,6 +109,11 @@ def test_commands_share_one_local_server_whose_ui_points_at_it(local_home: Local
     assert b"PREFECT_SERVER_ANALYTICS_ENABLED=false" in environ
     assert (local_home.home / "logs" / "prefect-server.log").exists()
     assert list((local_home.home / "prefect").glob("*.db")), "its SQLite database is under DISPATCH_HOME"
+    # the server gives way to the dispatcher and the runners under load: every thread of it, nice +10
+    lowered = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        nice = int((task / "stat").read_text().rpartition(")")[2].split()[16])
+        assert nice == lowered, f"server thread {task.name} runs at nice {nice}, not {lowered}"
 
 
 def test_ui_open_hands_the_address_to_the_browser(local_home: LocalHome, tmp_path: Path):
