@@ -459,12 +459,35 @@ def _pid_alive(pid: Any) -> bool:
 def _become_subreaper() -> None:
     """Linux: adopt orphaned descendants, so that killed background children are reaped by us, and children
     that detach (`setsid`, a double fork) come back to us to be killed when their step ends."""
-    try:
-        import ctypes
+    _SUBREAPER[0] = _prctl(36, 1) == 0  # PR_SET_CHILD_SUBREAPER
 
-        _SUBREAPER[0] = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError, ImportError):
-        pass
+
+_LIBC: list = []  # [(ctypes, libc)] once loaded, [None] where there is no C library to load
+
+
+def _libc() -> Any:
+    """(ctypes, the C library), loaded once per process; None where they cannot be. `serve` loads them before
+    it forks any runner, so a runner does not pay ~4 ms to load them again."""
+    if not _LIBC:
+        try:
+            import ctypes
+
+            _LIBC.append((ctypes, ctypes.CDLL(None, use_errno=True)))
+        except (OSError, ImportError):
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _prctl(option: int, value: Any) -> int | None:
+    """Linux prctl(2); None where there is none."""
+    loaded = _libc()
+    if loaded is None:
+        return None
+    ctypes, libc = loaded
+    try:
+        return libc.prctl(option, ctypes.c_char_p(value) if isinstance(value, bytes) else value, 0, 0, 0)
+    except AttributeError:
+        return None
 
 
 _SUBREAPER = [False]  # whether this process is a child subreaper (set by `_become_subreaper`)
@@ -551,12 +574,7 @@ def _kill_leftovers() -> tuple[str, bool]:
 
 def _set_process_name(name: bytes) -> None:
     """Linux: the name `ps -e` and `top` show (a runner forked by `serve` would otherwise look like it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+    _prctl(15, name[:15])  # PR_SET_NAME
 
 
 def _find_executable(exe: str, path: str, cwd: str) -> str | None:
@@ -2228,6 +2246,9 @@ def _reap_children() -> None:
 
 
 def cmd_serve(root: str, slots: int) -> int:
+    # what every runner it forks needs, loaded once here: each fork inherits it instead of loading it again
+    _libc()
+    _classifier()
     try:
         return _Agent(root, slots).serve()
     except BrokenPipeError:  # the channel closed while we wrote: same as stdin closing
