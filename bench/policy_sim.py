@@ -8,7 +8,8 @@ Draws the same projects as bench/schedule.py (bench/workload.py, per profile), l
 and runs `Scheduler.pick()` / `succeed()` on a simulated clock: a spec picked at t ends at t + latency + its
 duration + latency (latency: the dispatcher's cost on each side of a spec). Latency 0 is the policy's own
 limit. Estimates, what the scheduler is told of durations: `exact` (a history that matches), `noisy` (each
-estimate off by a factor drawn from 0.6-1.6, as agent runs vary), `cold` (none: a first run). The bound is
+estimate off by a factor drawn from 0.6-1.6, as agent runs vary), `cold` (none: a first run), `median` (the
+project's median for every spec: what a first run tells the scheduler once some of its specs have ended). The bound is
 bench/bounds.py's (critical path, work / slots, Jackson's per-file bound). `--code DIR` imports `dispatch`
 from another checkout (e.g. the commit before a change, `git archive <rev> | tar -x -C DIR`): its scheduler
 gets no estimates or order if it takes none. Prints a table and writes bench/out/policy_sim.json.
@@ -45,7 +46,7 @@ from dispatch.scheduler import NodeSlots, Scheduler  # noqa: E402
 from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
 from workload import PROFILES, generate_named, write_project  # noqa: E402
 
-ESTIMATES = ("exact", "noisy", "cold")
+ESTIMATES = ("exact", "noisy", "cold", "median")
 
 
 def estimates_for(durations: dict[str, float], kind: str, seed: int) -> dict[str, float]:
@@ -55,6 +56,9 @@ def estimates_for(durations: dict[str, float], kind: str, seed: int) -> dict[str
     if kind == "noisy":
         rng = random.Random(seed * 7919)
         return {t: d * rng.uniform(0.6, 1.6) for t, d in durations.items()}
+    if kind == "median":  # a first run once some specs ended: the project's median for every spec
+        middle = statistics.median(durations.values())
+        return {t: middle for t in durations}
     return {}
 
 

@@ -146,6 +146,19 @@ def test_without_estimates_priority_only_breaks_ties_of_rank() -> None:
     assert _ids(scheduler.pick()) == ["A"]
 
 
+def test_one_estimate_for_every_spec_judges_no_slack() -> None:
+    # a first run gives every spec not yet run the project's median: by it, A (rank 6) has 3 s of slack for the
+    # urgent B (3 s), but real durations differ and that slack is not known, so rank decides
+    project = _project(_spec("C"), _spec("C2", "C"), _spec("C3", "C2"), _spec("A"), _spec("A2", "A"),
+                       _spec("B", priority=1))
+    median = {task_id: 3.0 for task_id in project.specs}
+    scheduler = _scheduler(project, [NodeSlots("n1", 2)], estimates=median)
+
+    assert _ids(scheduler.pick()) == ["C", "A"]
+    told_apart = _scheduler(project, [NodeSlots("n1", 2)], estimates={**median, "B": 2.9})
+    assert _ids(told_apart.pick()) == ["C", "B"]  # estimates of their own: B fits in A's slack
+
+
 def test_order_priority_keeps_strict_priority_first() -> None:
     project = _project(_spec("A"), _spec("A2", "A"), _spec("B", priority=1), _spec("C", priority=3))
     scheduler = _scheduler(project, [NodeSlots("n1", 1)], estimates={"A": 1.0, "A2": 9.0, "B": 5.0, "C": 50.0},
