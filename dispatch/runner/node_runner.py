@@ -1553,25 +1553,28 @@ LIVE_DIR = ".live"
 """Under a run root: one symlink per live runner, `<project>@<task_id>` -> its run directory (`_register_live`)."""
 
 
-def _live_entry(run_dir: str) -> str:
-    """A runner's entry in its run root's registry (run directories are `<root>/<project>/tasks/<task_id>`)."""
+def _live_entry(run_dir: str) -> str | None:
+    """A runner's entry in its run root's registry; None for a run directory not laid out as under a run root
+    (`<root>/<project>/tasks/<task_id>`): nothing is ever written above any other directory."""
     run_dir = os.path.realpath(run_dir)
-    project_dir = os.path.dirname(os.path.dirname(run_dir))
+    tasks_dir = os.path.dirname(run_dir)
+    if os.path.basename(tasks_dir) != "tasks":
+        return None
+    project_dir = os.path.dirname(tasks_dir)
     name = f"{os.path.basename(project_dir)}@{os.path.basename(run_dir)}"
     return os.path.join(os.path.dirname(project_dir), LIVE_DIR, name)
 
 
 def _register_live(run_dir: str) -> None:
-    """Enter a claimed run directory in the registry the node's agents count its slots from (only a run
-    directory laid out as under a run root, `.../<project>/tasks/<task_id>`: nothing is written elsewhere).
+    """Enter a claimed run directory in the registry the node's agents count its slots from.
 
     Counting from the registry costs a look at each live runner, where a scan of every run directory ever made
     under the root (thousands on a node with history) cost milliseconds for every start the agent made.
     Best effort: an entry that cannot be written leaves the runner uncounted only until an agent starts, as
     each agent scans the whole root once (`_Agent.live_runners`)."""
-    if os.path.basename(os.path.dirname(os.path.realpath(run_dir))) != "tasks":
-        return
     entry = _live_entry(run_dir)
+    if entry is None:
+        return
     try:
         os.makedirs(os.path.dirname(entry), exist_ok=True)
         temporary = f"{entry}~{os.getpid()}"  # "~" is in no valid name: never taken for an entry
@@ -1582,10 +1585,11 @@ def _register_live(run_dir: str) -> None:
 
 
 def _unregister_live(run_dir: str) -> None:
-    if os.path.basename(os.path.dirname(os.path.realpath(run_dir))) != "tasks":
+    entry = _live_entry(run_dir)
+    if entry is None:
         return
     try:
-        os.unlink(_live_entry(run_dir))
+        os.unlink(entry)
     except OSError:
         pass
 
