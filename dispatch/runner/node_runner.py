@@ -1570,13 +1570,14 @@ def _register_live(run_dir: str) -> None:
 
     Counting from the registry costs a look at each live runner, where a scan of every run directory ever made
     under the root (thousands on a node with history) cost milliseconds for every start the agent made.
+    Only a root an agent has made a run root (its registry exists: `_Agent.live_runners` makes it) gets an
+    entry, so a runner laid out as `<dir>/<name>/tasks/<id>` anywhere else writes nothing above its directory.
     Best effort: an entry that cannot be written leaves the runner uncounted only until an agent starts, as
-    each agent scans the whole root once (`_Agent.live_runners`)."""
+    each agent scans the whole root once, after making the registry."""
     entry = _live_entry(run_dir)
     if entry is None:
         return
     try:
-        os.makedirs(os.path.dirname(entry), exist_ok=True)
         temporary = f"{entry}~{os.getpid()}"  # "~" is in no valid name: never taken for an entry
         os.symlink(os.path.realpath(run_dir), temporary)
         os.replace(temporary, entry)
@@ -2049,6 +2050,10 @@ class _Agent:
         if not self.scanned:
             import glob
 
+            try:  # first the registry, then the scan: a runner claiming meanwhile enters itself or is found
+                os.makedirs(os.path.join(self.root, LIVE_DIR), exist_ok=True)
+            except OSError:
+                pass
             pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", ".runner.lock")
             for lock in glob.glob(pattern):
                 if not _runner_gone(os.path.dirname(lock)):

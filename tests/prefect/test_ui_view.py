@@ -27,7 +27,9 @@ def _flow_run_view(flow_run_id: str) -> tuple[dict, dict[str, list[str]], list]:
         LogFilter,
         LogFilterFlowRunId,
     )
+    from prefect.logging.handlers import APILogHandler
 
+    APILogHandler().flush()  # log lines are shipped in batches: send every one still queued, as the UI would
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))

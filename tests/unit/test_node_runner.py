@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from dispatch.agents import build_steps
 from dispatch.runner import RATELIMITS_PATH, RUNNER_PATH, runner_checksum
 from dispatch.specs import Spec
@@ -611,7 +613,8 @@ def test_the_agent_counts_runners_started_the_long_way_and_forgets_dead_ones(tmp
     _write_task(long_way, [_shell("sleep 2")], workdir=str(long_way / "work"))
     started = _runner("run", str(long_way), "--detach")
     assert started.returncode == 0, started.stderr
-    assert os.readlink(root / ".live" / "p@A") == str(long_way.resolve())
+    assert not (root / ".live").exists()  # no agent has made `root` a run root yet: nothing written above A
+    (root / ".live").mkdir()  # as an earlier agent left it
     # a runner killed before it could remove its entry: the entry points at a directory nobody holds
     (root / "p" / "tasks" / "DEAD").mkdir(parents=True)
     os.symlink(root / "p" / "tasks" / "DEAD", root / ".live" / "p@DEAD")
@@ -623,17 +626,24 @@ def test_the_agent_counts_runners_started_the_long_way_and_forgets_dead_ones(tmp
     agent = _Agent(root, slots=1)
     try:
         assert agent.run("B", "true")["event"] == "full"  # A holds the one slot; DEAD does not count
+        assert os.readlink(root / ".live" / "p@A") == str(long_way.resolve())  # entered by the agent's scan
         assert not (root / ".live" / "p@DEAD").is_symlink() and not (root / ".live" / "p@BOGUS").is_symlink()
         assert (tmp_path / "elsewhere" / ".live" / "q@X").read_text() == "keep"
         _wait_for(lambda: _json(long_way / "status.json").get("state") == "succeeded", what="A to end")
         _wait_for(lambda: not (root / ".live" / "p@A").is_symlink(), what="A's entry to go")
-        assert agent.run("B", "true")["event"] == "started"
+        assert agent.run("B", "sleep 1")["event"] == "started"
+        _wait_for(lambda: (root / ".live" / "p@B").is_symlink(), what="B to enter itself")
     finally:
         agent.close()
 
 
-def test_a_runner_outside_a_run_root_writes_nothing_above_its_directory(tmp_path: Path) -> None:
-    run_dir = tmp_path / "inner" / "S30"
+@pytest.mark.parametrize("layout", [("inner", "S30"), ("p", "tasks", "S30")])
+def test_a_runner_outside_a_run_root_writes_nothing_above_its_directory(tmp_path: Path, layout) -> None:
+    """Neither a directory not laid out as a run's, nor one laid out as `<name>/tasks/<id>` in a directory no
+    agent has made a run root, gets a registry entry above it."""
+    top = tmp_path / "top"
+    run_dir = top.joinpath(*layout)
     _write_task(run_dir, [_shell("true")])
     assert _runner("run", str(run_dir)).returncode == 0
-    assert not list(tmp_path.rglob(".live")) and not (tmp_path.parent / ".live").exists()
+    assert _json(run_dir / "status.json")["state"] == "succeeded"
+    assert not list(tmp_path.rglob(".live"))
