@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,8 @@ from dispatch.locks import SlotLocks
 from dispatch.nodes_admin import SERVER_ERRORS
 
 logger = logging.getLogger(__name__)
+
+_RELEASERS = 4  # threads that record and release leases: releases must not queue behind each other
 
 SHARED_TRANSPORTS = ("ssh", "worker")
 """Nodes other dispatchers reach too: their slots must be counted on the server in team mode (a `local` node
@@ -76,10 +78,12 @@ class ServerSlots:
         self._limits = limits
         self._lease_seconds = lease_seconds
         self._leases: set = set()
+        self._records: dict[object, Future] = {}  # lease -> the creation of its record, until released
+        self._releasing = 0  # releases asked for that the server has not answered yet
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._warned_at = 0.0
-        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-lease-release")
+        self._releaser = ThreadPoolExecutor(max_workers=_RELEASERS, thread_name_prefix="slot-lease-release")
         self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
         self._renewer.start()
         from prefect.context import FlowRunContext
@@ -103,7 +107,7 @@ class ServerSlots:
         lease_id = response.json()["lease_id"]
         with self._lock:
             self._leases.add(lease_id)
-        self._releaser.submit(self._record, lease_id, node)  # the same one thread: recorded before released
+            self._records[lease_id] = self._releaser.submit(self._record, lease_id, node)
         return lease_id
 
     def _record(self, lease_id: str, node: str) -> None:
@@ -124,20 +128,38 @@ class ServerSlots:
             self._warned_at = now
             logger.warning("%s", message)
 
+    def releasing(self) -> int:
+        """Slots given back that the server still counts as held (their release not answered yet)."""
+        with self._lock:
+            return self._releasing
+
     def release(self, token: object) -> None:
-        """Give the slot back in the background: the dispatch loop must not wait on the server."""
+        """Give the slot back in the background: the dispatch loop must not wait on the server.
+
+        The lease goes first and its record after: a release never waits behind records of other leases
+        (several threads), and a lease released before its record was written gets none."""
         with self._lock:
             self._leases.discard(token)
-        self._releaser.submit(self._release_now, token)
+            record = self._records.pop(token, None)
+            self._releasing += 1
+        if record is not None and record.cancel():
+            record = None  # never written: nothing to remove
+        self._releaser.submit(self._release_now, token, record)
 
-    def _release_now(self, token: object) -> None:
+    def _release_now(self, token: object, record: Future | None) -> None:
         try:
             self._client.release_concurrency_slots_with_lease(lease_id=token)
         except SERVER_ERRORS as exc:  # the lease expires by itself; say so and carry on
             logger.warning("could not release slot lease %s: %s", token, exc)
             return
+        finally:
+            with self._lock:
+                self._releasing -= 1
+        if record is None:
+            return
         from prefect.exceptions import ObjectNotFound
 
+        record.result()  # being written by another thread (submitted first, so never still queued)
         try:
             self._client.delete_variable_by_name(lease_record(token))
         except (ObjectNotFound, *SERVER_ERRORS) as exc:  # the guardian removes a record left behind
@@ -186,6 +208,10 @@ class Brokers:
     def release(self, held: tuple[str, object]) -> None:
         kind, token = held
         (self.server if kind == "server" else self.machine).release(token)  # type: ignore[union-attr]
+
+    def releasing(self) -> int:
+        """Slots given back that another dispatcher cannot take yet (a machine slot is free at once)."""
+        return self.server.releasing() if self.server is not None else 0
 
     def close(self) -> None:
         if self.server is not None:

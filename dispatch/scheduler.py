@@ -49,6 +49,7 @@ class NodeSlots:
     used: int = 0
     down: bool = False  # unreachable: nothing new is placed here until it answers again
     drained: bool = False  # taken out of service (dispatch/drain.py): its running specs finish, no new one starts
+    full_until: float = 0.0  # another dispatcher held all its slots when last asked: not tried again before this
 
     @property
     def free(self) -> int:
@@ -151,6 +152,8 @@ class Scheduler:
         """Clock time of the earliest delayed retry, if any spec is waiting out a retry delay."""
         now = self.clock()
         times = [self.entries[t].not_before for t in self._ready if self.entries[t].not_before > now]
+        if self._ready:  # a node another dispatcher filled may take a ready spec once it is asked again
+            times += [n.full_until for n in self.nodes.values() if n.full_until > now]
         return min(times, default=None)
 
     def reason(self, task_id: str) -> str:
@@ -313,7 +316,8 @@ class Scheduler:
         # A retry after a node fault waits for a healthy node rather than go back to the faulty one,
         # unless no other node can run it at all.
         healthy = [n for n in fitting if n.name not in entry.avoid] or fitting
-        free = [n for n in healthy if n.free > 0]
+        now = self.clock()
+        free = [n for n in healthy if n.free > 0 and n.full_until <= now]
         if not free:
             return None
         return max(free, key=lambda n: (n.free, -n.priority, n.name))
@@ -383,6 +387,11 @@ class Scheduler:
                 self._exclusive_running = True
                 break
         return assignments
+
+    def node_full(self, name: str, seconds: float) -> None:
+        """Another dispatcher holds every slot of `name` (its broker said so): place nothing there for
+        `seconds`, so the specs refused there go to the nodes that have room, not wait for this one."""
+        self.nodes[name].full_until = self.clock() + seconds
 
     def unpick(self, assignment: Assignment, delay: float = 0.0) -> None:
         """Give back an assignment that could not start (e.g. the machine's slots were taken)."""

@@ -111,14 +111,18 @@ class FairShare:
     def __init__(self, board: ShareBoard, run_id: str, slots: int, weight: float = 1.0) -> None:
         self.board, self.run_id, self.slots, self.weight = board, run_id, slots, weight
 
-    def allowed(self, demand: int, held: int) -> int:
-        """How many slots this run may hold now (its demand when no one else wants any)."""
+    def allowed(self, demand: int, held: int, releasing: int = 0) -> int:
+        """How many slots this run may hold now (its demand when no one else wants any).
+
+        `releasing`: slots this run gave back that are not free yet for the others (a release still on its
+        way to the server). While others want slots they count against this run's share: else it would
+        take slots beyond its share while the run entitled to them finds the nodes full."""
         self.board.publish(demand, held)
         wants = self.board.others()
         if not wants:
             return min(demand, self.slots)
         wants[self.run_id] = (demand, self.weight)
-        return fair_shares(wants, self.slots)[self.run_id]
+        return max(fair_shares(wants, self.slots)[self.run_id] - releasing, 0)
 
     def close(self) -> None:
         self.board.close()

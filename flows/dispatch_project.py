@@ -60,7 +60,7 @@ LISTENERS: list[Callable[[str, str, dict], None]] = []
 # Called with the flow run's id once it exists (the CLI prints where to watch it in the UI).
 ON_FLOW_RUN: list[Callable[[str], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
-_BUSY_RETRY = 0.2  # seconds before retrying a spec whose machine slot another dispatcher holds
+_BUSY_RETRY = 0.2  # seconds before asking again for a node whose slots another dispatcher holds
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
 _SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
 _ESTIMATE_INTERVAL = 0.5  # seconds between two estimates of the time left (one is O(specs + dependencies))
@@ -358,13 +358,23 @@ class ProjectRun:
         """The assignments this run may start within its fair share of the slots; the rest wait a moment."""
         running = len(self.scheduler.running)  # the new assignments included
         held = running - len(assignments)
-        room = max(self.share.allowed(running + self.scheduler.due(), held) - held, 0)
+        allowed = self.share.allowed(running + self.scheduler.due(), held, releasing=self.runtime.brokers.releasing())
+        room = max(allowed - held, 0)
         for assignment in assignments[room:]:
             self.scheduler.unpick(assignment, delay=_SHARE_RETRY)
         return assignments[:room]
 
     def _dispatch(self) -> None:
         self._fail_unplaceable()
+        # A node another dispatcher filled is set aside for a moment and the specs refused there are picked
+        # again at once for the other nodes: each round that repeats sets aside one more node.
+        for _ in range(len(self.scheduler.nodes) + 1):
+            if not self._dispatch_round():
+                break
+
+    def _dispatch_round(self) -> bool:
+        """Start what the order picks now; whether a node was found full by its broker (pick again)."""
+        refused = False
         for assignment in self._within_share(self.scheduler.pick()):
             chain, free_at = self._usable_chain(assignment.task_id)
             if not chain and free_at is None:
@@ -381,9 +391,15 @@ class ProjectRun:
                 if why:
                     self._wait_for_budget(assignment, why)
                     continue
+            if self.scheduler.nodes[assignment.node].full_until > self.scheduler.clock():
+                self.scheduler.unpick(assignment)  # placed before its node was found full in this round
+                refused = True
+                continue
             held = self.runtime.brokers.try_acquire(assignment.node)
             if held is None:  # another dispatcher holds this node's slots right now
-                self.scheduler.unpick(assignment, delay=_BUSY_RETRY)
+                self.scheduler.node_full(assignment.node, _BUSY_RETRY)
+                self.scheduler.unpick(assignment)
+                refused = True
                 continue
             modifies = self.project.specs[assignment.task_id].modifies
             if self.server_locks is not None and modifies:  # after the slot, asked off this loop (HTTP)
@@ -391,6 +407,7 @@ class ProjectRun:
                 self._lock_requests.submit(self._ask_locks, assignment.task_id, modifies)
                 continue
             self._submit(assignment, held, chain)
+        return refused
 
     def _wait_for_budget(self, assignment: Assignment, why: str) -> None:
         """Hold a spec back that would start past a daily budget: it looks again each minute (another

@@ -720,3 +720,20 @@ def test_ready_specs_whose_every_fitting_node_is_drained_are_named_not_failed() 
     scheduler.set_drained({"n1"})
     assert [(a.task_id, a.node) for a in scheduler.pick()] == [("S01", "n2")]
     assert scheduler.drained_waiting() == {}  # S02 waits for n2's slot, not for a drained node
+
+
+def test_a_node_another_dispatcher_filled_is_set_aside_and_its_specs_go_elsewhere() -> None:
+    clock = FakeClock()
+    project = _project(_spec("S01"), _spec("S02"))
+    scheduler = _scheduler(project, [NodeSlots("big", 4), NodeSlots("small", 1)], clock=clock)
+
+    [first, second] = scheduler.pick()
+    assert (first.node, second.node) == ("big", "big")  # by this run's own count, the node with most room
+    scheduler.node_full("big", 0.2)  # its broker said another dispatcher holds every slot
+    scheduler.unpick(first)
+    scheduler.unpick(second)
+    assert [(a.task_id, a.node) for a in scheduler.pick()] == [("S01", "small")]
+    assert scheduler.next_wakeup() == pytest.approx(clock.now + 0.2)  # S02 waits for big to be asked again
+    clock.advance(0.2)
+    assert [(a.task_id, a.node) for a in scheduler.pick()] == [("S02", "big")]
+    assert scheduler.next_wakeup() is None

@@ -49,6 +49,19 @@ def test_two_runs_on_one_machine_see_each_others_demand(tmp_path: Path) -> None:
     assert big_share.allowed(demand=300, held=4) == 9
 
 
+def test_slots_still_being_released_count_against_the_share_only_while_others_want_slots(tmp_path: Path) -> None:
+    big = MachineShares(tmp_path, "big", project="big", user="alice")
+    big_share = FairShare(big, "big", 9)
+
+    assert big_share.allowed(demand=300, held=8, releasing=1) == 9  # alone: a release on its way costs nothing
+    small_share = FairShare(MachineShares(tmp_path, "small", project="small", user="bob"), "small", 9)
+    small_share.allowed(demand=5, held=0)
+    big._read_at = 0.0
+    assert big_share.allowed(demand=300, held=4, releasing=1) == 3  # its share is 4, one of them not free yet
+    big._read_at = 0.0
+    assert big_share.allowed(demand=300, held=0, releasing=6) == 0
+
+
 def test_a_dead_runs_share_no_longer_counts(tmp_path: Path) -> None:
     code = ("import sys, os; from pathlib import Path; from dispatch.shares import MachineShares;"
             "board = MachineShares(Path(sys.argv[1]), 'gone', project='p', user='u');"
