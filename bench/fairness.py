@@ -1,9 +1,12 @@
 """Team fairness: a small project started beside a large one, against the same small project alone.
 
     .venv/bin/python bench/fairness.py [--slots 3,3,3] [--big 300] [--small 5] [--small-seconds 2] [--code DIR]
+                                       [--team]
 
 Starts the loopback cluster (3 nodes of 3 slots: 9), and on the embedded default (one DISPATCH_HOME, so both
-dispatchers meet in this machine's slot and share files):
+dispatchers meet in this machine's slot and share files), or with `--team` in team mode (a Prefect server on
+PostgreSQL started for the run, and two DISPATCH_HOMEs, as two users on two machines: they meet only through
+the server's slot limits and share variables):
 1. the small project alone (`--small` shell specs of `--small-seconds`, no dependencies);
 2. the large project (bench/workload.py, `--big` specs of 1-4 s), and once every slot is busy, the small one.
 The small project's span is its first spec's start to its last spec's end (the specs' own timestamps). The
@@ -15,11 +18,13 @@ slots to free: running specs are never stopped). `--code DIR` runs both dispatch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +36,8 @@ from measures import read_runs, write_result  # noqa: E402
 from servers import stop_home_server  # noqa: E402
 from workload import generate, shell_script, write_project  # noqa: E402
 
+from dispatch.localserver import PostgresCluster, TeamServer  # noqa: E402
+
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
 
 
@@ -41,6 +48,24 @@ def write_small(specs_dir: Path, count: int, seconds: float, timeline: Path) -> 
         script = shell_script(type("Spec", (), {"task_id": task_id, "seconds": seconds})(), timeline)
         (specs_dir / f"{task_id}.md").write_text(f"---\ntask_id: {task_id}\nkind: shell\n---\n## Goal\nsmall\n\n"
                                                  f"```bash\n{script}```\n")
+
+
+@contextlib.contextmanager
+def _prefect(team: bool, directory: Path) -> Iterator[TeamServer | None]:
+    """Team mode: a Prefect server on a PostgreSQL cluster of its own, both stopped at the end; else None."""
+    if not team:
+        yield None
+        return
+    postgres = PostgresCluster()
+    try:
+        server = TeamServer(postgres.start(), directory)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        postgres.stop()
 
 
 def span(timeline: Path) -> dict:
@@ -59,19 +84,31 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=5)
     parser.add_argument("--small-seconds", type=float, default=2.0)
     parser.add_argument("--code", type=Path, default=None, help="run the dispatchers from this checkout")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "fairness.json")
+    parser.add_argument("--team", action="store_true", help="two users through a Prefect server (team mode)")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/out/fairness[-team].json")
     args = parser.parse_args()
+    out = args.out or ROOT / "bench" / "out" / ("fairness-team.json" if args.team else "fairness.json")
     with tempfile.TemporaryDirectory(prefix="dispatch-fairness-") as tmp, \
-            start_cluster(parse_slots(args.slots), Path(tmp) / "cluster") as cluster:
+            start_cluster(parse_slots(args.slots), Path(tmp) / "cluster") as cluster, \
+            _prefect(args.team, Path(tmp) / "server") as server:
         base = Path(tmp)
-        home, specs = base / "home", base / "specs"
-        home.mkdir()
-        (home / "nodes.json").write_text(cluster.nodes_json.read_text())
-        env = {**os.environ, "DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
-               "DISPATCH_PROJECTS": str(base / "projects"), "DISPATCH_RETRY_DELAY": "0.5"}
-        env.pop("PREFECT_API_URL", None)
-        if args.code:
-            env["PYTHONPATH"] = str(args.code.resolve())
+        specs = base / "specs"
+        envs = {}
+        for user in ("big", "small"):
+            home = base / ("home" if server is None else f"home-{user}")  # embedded: one home for both
+            home.mkdir(exist_ok=True)
+            (home / "nodes.json").write_text(cluster.nodes_json.read_text())
+            env = {**os.environ} if server is None else server.env()
+            env.update({"DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
+                        "DISPATCH_PROJECTS": str(base / "projects"), "DISPATCH_RETRY_DELAY": "0.5"})
+            if server is None:
+                env.pop("PREFECT_API_URL", None)
+            if args.code:
+                env["PYTHONPATH"] = str(args.code.resolve())
+            envs[user] = env
+        if server is not None:  # the nodes' slot limits on the server, as an operator makes them
+            subprocess.run([DISPATCH, "nodes", "sync"], env=envs["big"], capture_output=True, check=True)
+        env = envs["small"]
         write_small(specs / "small-alone", args.small, args.small_seconds, base / "alone.timeline")
         alone = subprocess.run([DISPATCH, "start", "small-alone"], env=env, capture_output=True, text=True)
         if alone.returncode != 0:
@@ -81,8 +118,8 @@ def main() -> int:
         write_project(workload, specs / "big", base / "big.timeline")
         write_small(specs / "small", args.small, args.small_seconds, base / "small.timeline")
         with open(base / "big.log", "wb") as log:
-            big = subprocess.Popen([DISPATCH, "start", "big"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+            big = subprocess.Popen([DISPATCH, "start", "big"], env=envs["big"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
             total = sum(n["slots"] for n in cluster.nodes)
             deadline = time.monotonic() + 300
@@ -92,22 +129,24 @@ def main() -> int:
             beside = subprocess.run([DISPATCH, "start", "small"], env=env, capture_output=True, text=True)
             big_running = big.poll() is None
         finally:
-            subprocess.run([DISPATCH, "stop", "big"], env=env, capture_output=True, timeout=120)
+            subprocess.run([DISPATCH, "stop", "big"], env=envs["big"], capture_output=True, timeout=120)
             big.wait(timeout=120)
-            stop_home_server(env)
+            for each in envs.values():
+                stop_home_server(each)
         if beside.returncode != 0:
             print(beside.stdout[-2000:], beside.stderr[-2000:], file=sys.stderr)
             return 1
         alone_span, beside_span = span(base / "alone.timeline"), span(base / "small.timeline")
         longest = max(s.seconds for s in workload.specs)
         target = 1.3 * alone_span["span_s"] + longest
-        result = {"slots": parse_slots(args.slots), "small_specs": args.small, "small_seconds": args.small_seconds,
+        result = {"mode": "team" if server is not None else "embedded", "slots": parse_slots(args.slots),
+                  "small_specs": args.small, "small_seconds": args.small_seconds,
                   "big_specs": args.big, "alone": alone_span, "beside": beside_span,
                   "big_still_running_when_small_ended": big_running, "longest_big_spec_s": longest,
                   "target_s": round(target, 2), "met": beside_span["span_s"] <= target,
                   "small_start_up_s": round(beside_span["first_start"] - small_started, 2),
                   "code": str(args.code or ROOT)}
-    write_result(args.out, result)
+    write_result(out, result)
     return 0
 
 

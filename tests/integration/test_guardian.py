@@ -273,7 +273,11 @@ import sys, time
 from dispatch.brokers import ServerSlots
 slots = ServerSlots({"leak": sys.argv[1]}, lease_seconds=3600)
 lease = slots.try_acquire("leak")
-slots._releaser.submit(lambda: None).result()  # its record is written
+from prefect.variables import Variable
+from dispatch.brokers import lease_record
+deadline = time.monotonic() + 60
+while Variable.get(lease_record(lease)) is None and time.monotonic() < deadline:  # written off this thread
+    time.sleep(0.05)
 print(lease, flush=True)
 time.sleep(600)
 """
