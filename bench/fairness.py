@@ -18,13 +18,11 @@ slots to free: running specs are never stopped). `--code DIR` runs both dispatch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +31,8 @@ sys.path.insert(1, str(ROOT / "bench"))
 
 from cluster import parse_slots, start_cluster  # noqa: E402
 from measures import read_runs, write_result  # noqa: E402
-from servers import stop_home_server  # noqa: E402
+from servers import stop_home_server, throwaway_server  # noqa: E402
 from workload import generate, shell_script, write_project  # noqa: E402
-
-from dispatch.localserver import PostgresCluster, TeamServer  # noqa: E402
 
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
 
@@ -48,24 +44,6 @@ def write_small(specs_dir: Path, count: int, seconds: float, timeline: Path) -> 
         script = shell_script(type("Spec", (), {"task_id": task_id, "seconds": seconds})(), timeline)
         (specs_dir / f"{task_id}.md").write_text(f"---\ntask_id: {task_id}\nkind: shell\n---\n## Goal\nsmall\n\n"
                                                  f"```bash\n{script}```\n")
-
-
-@contextlib.contextmanager
-def _prefect(team: bool, directory: Path) -> Iterator[TeamServer | None]:
-    """Team mode: a Prefect server on a PostgreSQL cluster of its own, both stopped at the end; else None."""
-    if not team:
-        yield None
-        return
-    postgres = PostgresCluster()
-    try:
-        server = TeamServer(postgres.start(), directory)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        postgres.stop()
 
 
 def span(timeline: Path) -> dict:
@@ -90,23 +68,24 @@ def main() -> int:
     out = args.out or ROOT / "bench" / "out" / ("fairness-team.json" if args.team else "fairness.json")
     with tempfile.TemporaryDirectory(prefix="dispatch-fairness-") as tmp, \
             start_cluster(parse_slots(args.slots), Path(tmp) / "cluster") as cluster, \
-            _prefect(args.team, Path(tmp) / "server") as server:
+            throwaway_server("postgres" if args.team else None, Path(tmp)) as api_url:
         base = Path(tmp)
         specs = base / "specs"
         envs = {}
         for user in ("big", "small"):
-            home = base / ("home" if server is None else f"home-{user}")  # embedded: one home for both
+            home = base / (f"home-{user}" if args.team else "home")  # embedded: one home for both
             home.mkdir(exist_ok=True)
             (home / "nodes.json").write_text(cluster.nodes_json.read_text())
-            env = {**os.environ} if server is None else server.env()
-            env.update({"DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
-                        "DISPATCH_PROJECTS": str(base / "projects"), "DISPATCH_RETRY_DELAY": "0.5"})
-            if server is None:
+            env = {**os.environ, "DISPATCH_HOME": str(home), "DISPATCH_SPECS": str(specs),
+                   "DISPATCH_PROJECTS": str(base / "projects"), "DISPATCH_RETRY_DELAY": "0.5"}
+            if args.team:
+                env["PREFECT_API_URL"] = api_url
+            else:
                 env.pop("PREFECT_API_URL", None)
             if args.code:
                 env["PYTHONPATH"] = str(args.code.resolve())
             envs[user] = env
-        if server is not None:  # the nodes' slot limits on the server, as an operator makes them
+        if args.team:  # the nodes' slot limits on the server, as an operator makes them
             subprocess.run([DISPATCH, "nodes", "sync"], env=envs["big"], capture_output=True, check=True)
         env = envs["small"]
         write_small(specs / "small-alone", args.small, args.small_seconds, base / "alone.timeline")
@@ -139,7 +118,7 @@ def main() -> int:
         alone_span, beside_span = span(base / "alone.timeline"), span(base / "small.timeline")
         longest = max(s.seconds for s in workload.specs)
         target = 1.3 * alone_span["span_s"] + longest
-        result = {"mode": "team" if server is not None else "embedded", "slots": parse_slots(args.slots),
+        result = {"mode": "team" if args.team else "embedded", "slots": parse_slots(args.slots),
                   "small_specs": args.small, "small_seconds": args.small_seconds,
                   "big_specs": args.big, "alone": alone_span, "beside": beside_span,
                   "big_still_running_when_small_ended": big_running, "longest_big_spec_s": longest,

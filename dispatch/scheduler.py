@@ -393,6 +393,10 @@ class Scheduler:
         `seconds`, so the specs refused there go to the nodes that have room, not wait for this one."""
         self.nodes[name].full_until = self.clock() + seconds
 
+    def set_aside(self, name: str) -> bool:
+        """Whether `node_full` still keeps specs off `name`."""
+        return self.nodes[name].full_until > self.clock()
+
     def unpick(self, assignment: Assignment, delay: float = 0.0) -> None:
         """Give back an assignment that could not start (e.g. the machine's slots were taken)."""
         self._release(assignment.task_id)

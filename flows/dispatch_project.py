@@ -391,7 +391,7 @@ class ProjectRun:
                 if why:
                     self._wait_for_budget(assignment, why)
                     continue
-            if self.scheduler.nodes[assignment.node].full_until > self.scheduler.clock():
+            if self.scheduler.set_aside(assignment.node):
                 self.scheduler.unpick(assignment)  # placed before its node was found full in this round
                 refused = True
                 continue
