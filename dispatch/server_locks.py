@@ -195,6 +195,7 @@ class _Table:
             self.dropping.discard(name)
 
     def shutdown(self) -> None:
+        """Release what is held, wait for the deletes under way, close the client (the owner's `close()`)."""
         self.stop.set()
         with self.lock:
             names = list(self.held)
@@ -203,8 +204,17 @@ class _Table:
         self.deleter.shutdown(wait=True)
         try:
             self.client.__exit__(None, None, None)
-        except Exception:  # closing at interpreter exit: nothing left to do
-            pass
+        except Exception as exc:  # the locks are released or expire by their lease: nothing left to do
+            logger.debug("closing the lock table's client: %s", exc)
+
+    def abandon(self) -> None:
+        """The owner was collected without `close()`: stop renewing, so its locks expire by their lease.
+
+        Runs as a GC callback, so it only sets an event: no network I/O, no lock, no join. A callback that
+        deleted the variables deadlocked a run: the collector ran it on a thread that was inside the same
+        HTTP client's connection pool, and the delete waited for that pool forever (issue 19).
+        """
+        self.stop.set()
 
 
 class ServerLocks:
@@ -216,7 +226,9 @@ class ServerLocks:
         lease_seconds: how long a lock outlives its holder's last renewal (a dead dispatcher's locks return).
         client: a started `SyncPrefectClient`; default: one for the current Prefect settings.
 
-    Locks still held are released by `close()`, when the object is collected, or at interpreter exit.
+    Close it explicitly (`close()`, or use it as a context manager): that releases the locks still held.
+    One that is never closed stops renewing when collected, and its locks expire by their lease; nothing is
+    sent from a finalizer.
     """
 
     def __init__(self, scope: str, *, project: str, run_id: str, holder: str, lease_seconds: float = 60.0,
@@ -234,7 +246,14 @@ class ServerLocks:
         self.api_calls = 0  # Prefect API calls made by try_acquire (for the figures in docs/team-mode.md)
         self._table = _Table(client, lease_seconds)
         self._contended: dict[str, str] = {}  # spec refused last time -> its candidate: the next try reads first
-        self._closer = weakref.finalize(self, _Table.shutdown, self._table)
+        self._closed = False
+        weakref.finalize(self, _Table.abandon, self._table)  # sets an event only: see `_Table.abandon`
+
+    def __enter__(self) -> ServerLocks:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def try_acquire(self, task_id: str, patterns: Iterable[str]) -> Grant:
         """Take every lock of `patterns` for `task_id`, or none; never waits for a holder to finish."""
@@ -285,8 +304,10 @@ class ServerLocks:
             return dict(self._table.held)
 
     def close(self) -> None:
-        """Release every lock still held and stop renewing."""
-        self._closer()
+        """Release every lock still held, stop renewing and close the client (once; later calls do nothing)."""
+        if not self._closed:
+            self._closed = True
+            self._table.shutdown()
 
     # -- the table -----------------------------------------------------------------------------
     def _value(self, task_id: str, patterns: list[str]) -> dict:

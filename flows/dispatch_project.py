@@ -610,8 +610,11 @@ class ProjectRun:
         return self._conclude()
 
     def close(self) -> None:
-        """Wait for lock requests still out (their answers go unread), then close the nodes' connections."""
+        """Wait for lock requests still out (their answers go unread), give back the server's file locks, then
+        close the nodes' connections."""
         self._lock_requests.shutdown(wait=True)
+        if self.server_locks is not None:  # explicitly: a collected table only stops renewing (server_locks.py)
+            self.server_locks.close()
         self.drain.close()
         self.share.close()
         self.runtime.close()
