@@ -91,6 +91,14 @@ class Deploy(_Model):
 
     _timeout = field_validator("timeout", mode="before")(classmethod(lambda cls, v: _seconds(v)))
 
+    @field_validator("dir")
+    @classmethod
+    def _own_dir(cls, value: str | None, info) -> str | None:
+        """Not a system or credential directory (dispatch/pipeline/deploy.py, checked again at deploy time)."""
+        from dispatch.pipeline.deploy import validate_dir
+
+        return value if value is None else validate_dir(value, info.data.get("target", "local"))
+
 
 class Models(_Model):
     """The model chains of the agent layers; `implement` and `verify` go into the specs L1 and L5 write

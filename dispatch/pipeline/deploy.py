@@ -5,7 +5,10 @@ live URL, automatic rollback, the last N releases kept. Locally or on a node ove
 <dir>/releases/<revision>/    one copy of the code per revision (no venvs, caches or .git)
 <dir>/current -> releases/<revision>    switched by renaming a new link over it (rename is atomic)
 ```
-Nothing outside `<dir>/releases` is ever removed; a pruned name must look like a revision.
+Nothing outside `<dir>/releases` is ever removed; a pruned entry is a real directory (not a link) named
+exactly as L6 names a release (12 lowercase hex digits), and a `releases` that is a symbolic link is refused.
+`deploy.dir` may not be, or resolve into, a system or credential directory (checked when pipeline.yaml is
+read, and on the target before anything is written).
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ from typing import Protocol
 
 import httpx
 
-from dispatch.errors import ConfigError
+from dispatch.errors import ConfigError, cut
 from dispatch.pipeline.workspace import SKIP_DIRS, copy_code
 
-REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_FORBIDDEN = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/opt", "/proc", "/root", "/run", "/sbin",
-              "/srv", "/sys", "/tmp", "/usr", "/var"}
+REVISION = re.compile(r"[0-9a-f]{12}")  # flows/layers/deploy.py: code_digest(code)[:12]
+# Refused as the directory itself (and anything only one level deep, like /srv or /data).
+_FORBIDDEN = {"/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var"}
+# Refused with everything under them; /lib, /lib64, /libx32... by the pattern below.
+_SYSTEM_TREES = tuple(PurePosixPath(p) for p in ("/bin", "/boot", "/dev", "/etc", "/proc", "/sbin", "/sys", "/usr",
+                                                 "/var/spool", "/var/mail"))
+_SYSTEM_LIB = re.compile(r"lib[\w.-]*")
+# Refused anywhere (any user's home, on this machine or a node): where keys and credentials live.
+_CREDENTIAL_DIRS = {".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store"}
+_CREDENTIAL_PAIRS = {(".config", "gcloud")}
+_EXAMPLE = "e.g. /srv/shop or ${DISPATCH_HOME}/deploy/shop"
 _POLL = 0.3
 
 
@@ -93,8 +104,56 @@ class NodeTarget:
         return output
 
 
+def _absolute(path: str) -> PurePosixPath:
+    """`path` normalised, with a POSIX `//` start made `/` (`//etc` is `/etc`)."""
+    return PurePosixPath(os.path.normpath("/" + path.lstrip("/") if path.startswith("/") else path))
+
+
+def unsafe_dir(path: str) -> str | None:
+    """Why an absolute deploy directory may not be used (a system or credential directory), or None.
+
+    Examples:
+        >>> unsafe_dir("/tmp/../etc/x")
+        'is under /etc, a system directory'
+        >>> unsafe_dir("/srv/shop") is None
+        True
+    """
+    normal = _absolute(path)
+    parts = normal.parts
+    if str(normal) in _FORBIDDEN or len(parts) < 3:
+        return "is a system or top-level directory, not a directory of its own"
+    for tree in _SYSTEM_TREES:
+        if normal.is_relative_to(tree):
+            return f"is under {tree}, a system directory"
+    if _SYSTEM_LIB.fullmatch(parts[1]):
+        return f"is under /{parts[1]}, a system directory"
+    for index, part in enumerate(parts):
+        if part in _CREDENTIAL_DIRS or tuple(parts[index:index + 2]) in _CREDENTIAL_PAIRS:
+            return f"is under {PurePosixPath(*parts[:index + 1])}, where credentials live"
+    return None
+
+
+def _expand(value: str, *, local: bool, home: str | None) -> str:
+    if local:
+        return os.path.expanduser(os.path.expandvars(value))
+    return home.rstrip("/") + value[1:] if home and value.startswith("~/") else value
+
+
+def _problem(expanded: str, *, local: bool) -> str | None:
+    """`unsafe_dir` of the path as written and, on this machine, as it resolves (`..`, symbolic links)."""
+    problem = unsafe_dir(expanded)
+    if problem is None and local:
+        resolved = os.path.realpath(expanded)
+        problem = unsafe_dir(resolved)
+        if problem is None and resolved == os.path.realpath(os.path.expanduser("~")):
+            problem = "is your home directory, not a directory of its own"
+        if problem and resolved != str(_absolute(expanded)):
+            problem = f"resolves to {resolved}, which {problem}"
+    return problem
+
+
 def check_dir(value: str, *, local: bool, home: str | None = None) -> str:
-    """The deploy directory as an absolute path; refuses a system directory or a relative path.
+    """The deploy directory as an absolute path; refuses a system or credential directory or a relative path.
 
     Args:
         value: `deploy.dir`.
@@ -104,15 +163,33 @@ def check_dir(value: str, *, local: bool, home: str | None = None) -> str:
     Raises:
         ConfigError: naming `deploy.dir` and what to give instead.
     """
-    if local:
-        expanded = os.path.expanduser(os.path.expandvars(value))
-    else:
-        expanded = home.rstrip("/") + value[1:] if home and value.startswith("~/") else value
-    path = PurePosixPath(os.path.normpath(expanded))
-    if not path.is_absolute() or "$" in expanded or str(path) in _FORBIDDEN or len(path.parts) < 3:
-        raise ConfigError(f"deploy.dir: {value[:120]!r} must be an absolute directory of its own "
-                          "(e.g. /srv/shop or ${DISPATCH_HOME}/deploy/shop), not a system directory")
-    return str(path)
+    expanded = _expand(value, local=local, home=home)
+    if not expanded.startswith("/") or "$" in expanded:
+        raise ConfigError(f"deploy.dir: {cut(value, 120)} must be an absolute directory of its own ({_EXAMPLE})")
+    problem = _problem(expanded, local=local)
+    if problem:
+        raise ConfigError(f"deploy.dir: {cut(value, 120)} {problem}; give a directory of its own ({_EXAMPLE})")
+    return str(_absolute(expanded))
+
+
+def validate_dir(value: str, target: str) -> str:
+    """pipeline.yaml's check of `deploy.dir` (for `target`): refuses what is or resolves into a system or
+    credential directory. A directory that cannot be judged yet (a `${VAR}` not set here, a node's `~`) is
+    checked again at deploy time (`check_dir`, then `Deployer` on the target).
+
+    Raises:
+        ValueError: what is wrong, for the validation error of `deploy.dir`.
+    """
+    local = target == "local"
+    # On a node, `~` is its login's home, unknown here: what follows it is checked under a stand-in home.
+    stand_in = "/home/node-login"
+    expanded = _expand(value, local=local, home=None if local else stand_in)
+    if expanded.startswith("/") and "$" not in expanded:
+        problem = _problem(expanded, local=local)
+        if problem:
+            problem = problem.replace(stand_in, "~") if not local else problem
+            raise ValueError(f"{cut(value, 120)} {problem}; give a directory of its own ({_EXAMPLE})")
+    return value
 
 
 @dataclass
@@ -184,13 +261,46 @@ class Deployer:
                "REVISION": revision, "PREVIOUS_REVISION": previous or ""}
         return self._step(f"restart ({revision})", f"cd {self.q(self.dir + '/current')} && {command}", env=env)
 
+    def check_target(self) -> None:
+        """On the target, before anything is written: the deploy directory as it resolves there (symbolic
+        links, `..`) is not a system or credential directory, and `releases` is not a symbolic link.
+
+        Raises:
+            ConfigError: naming `deploy.dir`, what it resolves to and what to do.
+        """
+        # The longest existing ancestor resolved physically, plus the part not made yet (which has no links).
+        script = (f'd={self.q(self.dir)}; rest=; while [ ! -e "$d" ] && [ "$d" != / ]; do '
+                  f'rest="/$(basename "$d")$rest"; d=$(dirname "$d"); done; '
+                  f'cd -P -- "$d" && printf "%s%s\\n" "$(pwd -P)" "$rest" && '
+                  f'if [ -L {self.q(self.dir + "/releases")} ]; then echo releases-is-a-link; fi')
+        code, output = self.target.sh(script, timeout=30)
+        lines = output.strip().splitlines()
+        if code != 0 or not lines or not lines[0].startswith("/"):
+            raise ConfigError(f"deploy.dir: cannot resolve {self.dir} on {self.target.name}: "
+                              f"{output.strip()[-200:] or f'exit {code}'}")
+        problem = unsafe_dir(lines[0])
+        if problem:
+            raise ConfigError(f"deploy.dir: {self.dir} resolves to {lines[0]} on {self.target.name}, which "
+                              f"{problem}; give a directory of its own ({_EXAMPLE})")
+        if "releases-is-a-link" in lines[1:]:
+            raise ConfigError(f"deploy.dir: {self.dir}/releases on {self.target.name} is a symbolic link; L6 writes "
+                              "and prunes only a releases directory of its own: remove the link (or move the "
+                              "directory it points to there), or choose another deploy.dir")
+
     def prune(self, keep: int, protect: set[str]) -> list[str]:
-        """Remove the oldest releases beyond `keep` (never a protected one, never a name that is not a revision)."""
-        code, output = self.target.sh(f"ls -1t {self.q(self.dir + '/releases')}", timeout=30)
-        names = [n for n in output.split() if REVISION.fullmatch(n)] if code == 0 else []
+        """Remove the oldest releases beyond `keep`: only real directories (not links) named as L6 names a
+        release, never a protected one, never through a `releases` that is a symbolic link."""
+        releases = self.q(self.dir + "/releases")
+        code, output = self.target.sh(
+            f"[ ! -L {releases} ] && cd -P -- {releases} && ls -1t | while IFS= read -r n; do "
+            '[ -d "$n" ] && [ ! -L "$n" ] && printf "%s\\n" "$n"; done', timeout=30)
+        names = [n for n in output.splitlines() if REVISION.fullmatch(n)] if code == 0 else []
         doomed = [n for n in names[keep:] if n not in protect]
         for name in doomed:
-            self._step(f"remove release {name}", f"rm -rf -- {self.q(self.dir + '/releases/' + name)}")
+            path = self.q(f"{self.dir}/releases/{name}")
+            # Checked again at the moment of removal: a link put there since the listing is left alone.
+            self._step(f"remove release {name}", f"[ ! -L {releases} ] && [ ! -L {path} ] && [ -d {path} ] && "
+                                                 f"rm -rf -- {path}")
         return doomed
 
     def deploy(self, code_dir: Path, revision: str, *, restart: str | None, health: str | None, keep: int,
@@ -198,6 +308,7 @@ class Deployer:
         """Copy, switch, restart, check; roll back to the previous release when the check fails; prune."""
         if not REVISION.fullmatch(revision):
             raise ConfigError(f"revision {revision[:80]!r} cannot name a release directory")
+        self.check_target()
         self.outcome = outcome = DeployOutcome(ok=False, message="", revision=revision)
         release = f"{self.dir}/releases/{revision}"
         previous = self.current()
