@@ -17,10 +17,8 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from dispatch.agents import BUILTIN_MODELS, PROMPT, ModelSpec
+from dispatch.agents import ANTHROPIC_BASE_URL, BUILTIN_MODELS, PROMPT, ModelSpec, endpoint_settings
 from dispatch.errors import ConfigError
-
-_BASE_URL_ENV = "ANTHROPIC_BASE_URL"
 
 
 class AgentModel(Block):
@@ -42,7 +40,8 @@ class AgentModel(Block):
     key_env: str | None = Field(
         default=None, description="The environment variable the key goes into, e.g. ANTHROPIC_AUTH_TOKEN.")
     base_url: str | None = Field(
-        default=None, description="Convenience: the endpoint, set as ANTHROPIC_BASE_URL (wins over env).")
+        default=None, description="The endpoint, given to the CLI the way it reads one: ANTHROPIC_BASE_URL for "
+                                  "Claude Code (wins over env), a `-c model_providers...` provider for Codex.")
     install_hint: str = Field(default="", description="How to install the CLI, shown when a node lacks it.")
 
     @field_validator("command")
@@ -64,13 +63,11 @@ class AgentModel(Block):
 
     def to_model_spec(self) -> ModelSpec:
         """The model as `dispatch.agents` runs it (no key in it: that comes from `secret_env()`)."""
-        env = dict(self.env)
-        if self.base_url:
-            env[_BASE_URL_ENV] = self.base_url
+        env, base_url = endpoint_settings(self.command, self.env, self.base_url)
         builtin = BUILTIN_MODELS.get(self.name)  # a block of a built-in model keeps how its CLI reads the prompt
         return ModelSpec(self.name, tuple(self.command), env, key_env=self.key_env, install_hint=self.install_hint,
                          prompt_arg=builtin.prompt_arg if builtin else None,
-                         source_env=builtin.source_env if builtin else None)
+                         source_env=builtin.source_env if builtin else None, base_url=base_url)
 
     def secret_env(self) -> dict[str, str]:
         """The key as the CLI wants it, `{key_env: key}`; empty without a key. Never log the result.
@@ -97,6 +94,6 @@ class AgentModel(Block):
             raise ConfigError(f"no built-in model {name!r}; built-in models: {', '.join(sorted(BUILTIN_MODELS))}"
                               ) from None
         env = dict(spec.env)
-        base_url = env.pop(_BASE_URL_ENV, None)
+        base_url = env.pop(ANTHROPIC_BASE_URL, None) or spec.base_url
         return cls(name=spec.name, command=list(spec.argv), env=env, key_env=spec.key_env, base_url=base_url,
                    install_hint=spec.install_hint)

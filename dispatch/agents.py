@@ -10,10 +10,19 @@ The prompt never goes in argv (one argument is capped at 128 KiB: longer prompts
 command only marks where the prompt used to go; it is dropped (or replaced by `-`, for `codex exec -`).
 Claude Code runs with `--output-format stream-json --verbose` and Codex with `--json`: their structured
 output tells a failed run from one that only talks about limits (dispatch/ratelimits.py).
+
+Each CLI gets what it needs to run headless and to leave retries to us (`cli_environment`, `codex_endpoint`):
+Claude Code `IS_SANDBOX=1` (it refuses `--dangerously-skip-permissions` as root otherwise; the dispatcher
+cannot know a node's uid, and the variable changes nothing for other users) and `CLAUDE_CODE_MAX_RETRIES`
+(0 when another model follows: the chain moves on at once; a few for the chain's last model), and an
+endpoint (`ModelSpec.base_url`) the way each CLI reads one: `ANTHROPIC_BASE_URL` for Claude Code, a
+`-c model_providers.dispatch...` provider for Codex (it ignores `OPENAI_BASE_URL`), with its own retries off.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +47,8 @@ class ModelSpec:
         prompt_arg: what `{prompt}` becomes in argv (None: nothing), e.g. `-` for `codex exec`.
         source_env: the variable of the dispatcher's (or worker's) own environment that may hold this
             model's key when no `AgentModel` block does; it reaches this model only, as `key_env`.
+        base_url: an endpoint its CLI does not read from the environment (Codex): set in argv at each run.
+            Claude Code's endpoint is `ANTHROPIC_BASE_URL` in `env` (`endpoint_settings` decides which).
     """
 
     name: str
@@ -47,10 +58,73 @@ class ModelSpec:
     install_hint: str = ""
     prompt_arg: str | None = None
     source_env: str | None = None
+    base_url: str | None = None
 
     @property
     def cli(self) -> str:
         return self.argv[0]
+
+    @property
+    def family(self) -> str:
+        """Which CLI this is ("claude", "codex", "opencode" or "other"), from its command's name."""
+        return cli_family(self.argv)
+
+
+ANTHROPIC_BASE_URL = "ANTHROPIC_BASE_URL"
+CODEX_PROVIDER = "dispatch"  # the `model_providers.<id>` a Codex step with its own endpoint uses
+# The chain's last model may retry a transient error itself this often; a model with another after it
+# never does: the next model starts at once and the node runner shows what happened.
+LAST_MODEL_CLI_RETRIES = 2
+
+
+def cli_family(argv: tuple[str, ...] | list[str]) -> str:
+    """The CLI a command runs: "claude", "codex", "opencode" or "other", from its executable's name."""
+    name = os.path.basename(argv[0]) if argv else ""
+    return name if name in ("claude", "codex", "opencode") else "other"
+
+
+def endpoint_settings(argv: tuple[str, ...] | list[str], env: dict[str, str], base_url: str | None,
+                      ) -> tuple[dict[str, str], str | None]:
+    """Where a model's endpoint goes for its CLI: (its env, the `ModelSpec.base_url` to set in argv).
+
+    Claude Code (and any CLI we do not know) reads `ANTHROPIC_BASE_URL`; Codex ignores every variable and
+    takes a provider from `-c` options, so its URL stays in `base_url` for `codex_endpoint`.
+    """
+    env = dict(env)
+    if not base_url:
+        return env, None
+    if cli_family(argv) == "codex":
+        return env, base_url
+    env[ANTHROPIC_BASE_URL] = base_url
+    return env, None
+
+
+def codex_endpoint(base_url: str, key_env: str | None) -> list[str]:
+    """`-c` options that point Codex at `base_url` (Responses API) as provider `dispatch`, key from `key_env`,
+    with its own retries off (the node runner moves on to the next model instead)."""
+    prefix = f"model_providers.{CODEX_PROVIDER}"
+    settings = [f"model_provider={json.dumps(CODEX_PROVIDER)}", f"{prefix}.name={json.dumps(CODEX_PROVIDER)}",
+                f"{prefix}.base_url={json.dumps(base_url)}", f'{prefix}.wire_api="responses"',
+                f"{prefix}.request_max_retries=0", f"{prefix}.stream_max_retries=0"]
+    if key_env:
+        settings.append(f"{prefix}.env_key={json.dumps(key_env)}")
+    return [part for setting in settings for part in ("-c", setting)]
+
+
+def cli_environment(argv: tuple[str, ...] | list[str], *, last: bool) -> dict[str, str]:
+    """What a CLI needs in its environment to run headless under the node runner (the model's env wins).
+
+    Args:
+        argv: the model's command.
+        last: whether it is the last model of its chain (it may retry a transient error itself, briefly).
+    """
+    if cli_family(argv) != "claude":
+        return {}
+    env = {"CLAUDE_CODE_MAX_RETRIES": str(LAST_MODEL_CLI_RETRIES if last else 0), "DISABLE_AUTOUPDATER": "1",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    if "--dangerously-skip-permissions" in argv:
+        env["IS_SANDBOX"] = "1"  # as root it refuses the flag otherwise (exit 1 in 0.6 s)
+    return env
 
 
 _CLAUDE = ("claude", "-p", "--output-format", "stream-json", "--verbose", "--dangerously-skip-permissions", PROMPT)
@@ -63,7 +137,8 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
                          key_env="ANTHROPIC_AUTH_TOKEN", install_hint=_CLAUDE_HINT, source_env="MINIMAX_API_KEY"),
     "claude": ModelSpec("claude", _CLAUDE, key_env="ANTHROPIC_API_KEY", install_hint=_CLAUDE_HINT,
                         source_env="ANTHROPIC_API_KEY"),
-    "codex": ModelSpec("codex", ("codex", "exec", "--json", "--full-auto", PROMPT), key_env="OPENAI_API_KEY",
+    "codex": ModelSpec("codex", ("codex", "exec", "--json", "--sandbox", "workspace-write", "--skip-git-repo-check",
+                                 PROMPT), key_env="OPENAI_API_KEY",
                        install_hint="install Codex CLI (npm install -g @openai/codex)", prompt_arg="-",
                        source_env="OPENAI_API_KEY"),
     "opencode": ModelSpec("opencode", ("opencode", "run", PROMPT),
@@ -84,6 +159,12 @@ def model_spec(name: str, catalog: dict[str, ModelSpec] | None = None) -> ModelS
         raise ConfigError(
             f"unknown model {name!r}; known models: {', '.join(sorted(catalog))} "
             "(add one with an AgentModel block)") from None
+
+
+def model_variables(catalog: dict[str, ModelSpec]) -> frozenset[str]:
+    """The variables the models of `catalog` set or take their key from (a spec's `env:` may set none)."""
+    return frozenset(name for model in catalog.values() for name in (*model.env, model.key_env, model.source_env)
+                     if name)
 
 
 def environment_keys(names: list[str], catalog: dict[str, ModelSpec], secrets: dict[str, dict[str, str]],
@@ -148,7 +229,7 @@ def build_steps(spec: Spec, prompt: str, *, skip: set[str] | None = None,
     if spec.kind == "shell":
         return [{"name": "shell", "script": spec.script or ""}]
     chain = [m for m in spec.model_chain if m not in (skip or set())] or spec.model_chain[-1:]
-    return [_model_step(name, prompt, catalog) for name in chain]
+    return [_model_step(name, prompt, catalog, last=index == len(chain) - 1) for index, name in enumerate(chain)]
 
 
 def build_verify_steps(spec: Spec, *, skip: set[str] | None = None,
@@ -165,11 +246,16 @@ def build_verify_steps(spec: Spec, *, skip: set[str] | None = None,
         return []
     chain = [m for m in spec.verify if m not in (skip or set())] or spec.verify[-1:]
     prompt = build_verify_prompt(spec)
-    return [_model_step(name, prompt, catalog, DISPATCH_STEP_KIND="verify") for name in chain]
+    return [_model_step(name, prompt, catalog, last=index == len(chain) - 1, DISPATCH_STEP_KIND="verify")
+            for index, name in enumerate(chain)]
 
 
-def _model_step(name: str, prompt: str, catalog: dict[str, ModelSpec] | None, **env: str) -> dict:
+def _model_step(name: str, prompt: str, catalog: dict[str, ModelSpec] | None, *, last: bool = True,
+                **env: str) -> dict:
     model = model_spec(name, catalog)
     argv = [model.prompt_arg if part == PROMPT else part for part in model.argv]
+    if model.base_url and model.family == "codex":
+        argv[1:1] = codex_endpoint(model.base_url, model.key_env)  # before `exec`: codex's own options
     return {"name": name, "argv": [part for part in argv if part is not None], "stdin": prompt,
-            "env": {**model.env, "DISPATCH_MODEL": name, **env}, "install_hint": model.install_hint}
+            "env": {**cli_environment(model.argv, last=last), **model.env, "DISPATCH_MODEL": name, **env},
+            "install_hint": model.install_hint}
