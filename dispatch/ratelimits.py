@@ -24,9 +24,18 @@ as a JSON error body that starts there; never a bare "429", "quota" or "rate lim
 says it is retrying by itself are skipped; the last message wins. So code, diffs, logs, test output and an
 agent's summary quoting a limit never decide: they are neither an error result nor the final error region.
 
-Kinds: "transient" (retry in seconds, next model now), "quota" (cool down until the reset: at least
-`MIN_COOLDOWN_SECONDS`, 5 h when none is given), "billing" (balance, plan or account: blocked until a
-person clears it), "auth" (report, next model), "failure", "ok".
+Claude Code prints a provider's answer behind its own label, ``API Error: Request rejected (429) · <message>``:
+the label is decoration, so GLM's 5-hour cap (1308), arrears (1113) and MiniMax's 2056 behind it are a quota
+or billing, not the bare 429 around them.
+
+Kinds: "transient" (retry in seconds, next model now; also an endpoint that cannot be reached), "quota"
+(cool down until the reset: at least `MIN_COOLDOWN_SECONDS`, 5 h when none is given), "billing" (balance,
+plan or account: blocked until a person clears it), "auth" (report, next model), "config" (the CLI refused
+to start: an unknown flag, root, an untrusted directory; report the fix, next model), "failure", "ok".
+
+`retry_notice` reads one line of a running CLI: when it says the CLI is retrying by itself (Claude Code's
+``system``/``api_retry`` event, Codex's "Reconnecting... 2/5"), a short text for the log ("429, retrying
+2/10"); the node runner shows it and does not count it as progress.
 
 Examples:
     >>> classify("API Error: Rate limit reached", 1).kind
@@ -51,10 +60,13 @@ except ImportError:  # pragma: no cover - exercised on nodes with python3.8
     ZoneInfo = None  # type: ignore[assignment,misc]
     ZoneInfoNotFoundError = KeyError  # type: ignore[assignment,misc]
 
-__all__ = ["BILLING_BLOCK_SECONDS", "MIN_COOLDOWN_SECONDS", "Verdict", "classify", "cooldown_until"]
+__all__ = ["BILLING_BLOCK_SECONDS", "MIN_COOLDOWN_SECONDS", "TRANSIENT_COOLDOWN_SECONDS", "Verdict", "classify",
+           "cooldown_until", "retry_notice"]
 
 MIN_COOLDOWN_SECONDS = 300.0  # a quota whose reset has passed (or is a second away) still cools this long
 BILLING_BLOCK_SECONDS = 365 * 86400.0  # "until a person clears it" (`dispatch models reset <model>`)
+TRANSIENT_COOLDOWN_SECONDS = 30.0  # a transient limit cools its model team-wide this long, or its retry-after
+_TRANSIENT_COOLDOWN_MAX = 3600.0
 _TAIL_CHARS = 256 * 1024
 _FINAL_LINES = 12
 _MATCHED_MAX = 200
@@ -62,7 +74,7 @@ _MAX_MATCHES_PER_LINE = 20
 _DEFAULT_QUOTA_SECONDS = 5 * 3600
 _CHINA = timezone(timedelta(hours=8))
 _UTC = timezone.utc  # noqa: UP017 - nodes may run a Python older than 3.11 (3.9 at least, for zoneinfo)
-_RANK = {"billing": 4, "quota": 3, "auth": 2, "transient": 1}
+_RANK = {"billing": 4, "quota": 3, "auth": 2, "config": 2, "transient": 1}
 _CODEX_EVENTS = ("thread.started", "turn.started", "turn.completed", "turn.failed", "item.started",
                  "item.updated", "item.completed", "error")
 
@@ -74,7 +86,8 @@ class Verdict:
     Attributes:
         kind: "ok", "transient" (retry in seconds), "quota" (cool the model down until ``reset_at``),
             "billing" (balance, plan or account: block the model until a person clears it), "auth" (the
-            model is misconfigured: report it, do not retry) or "failure".
+            model is misconfigured: report it, do not retry), "config" (its CLI refused to start; the
+            reason names the fix) or "failure".
         reason: short human text, e.g. "GLM 1308: 5-hour cap"; never contains secrets.
         reset_at: Unix time the quota resets (quota only; now + 5 h when the message gives none).
         retry_after: seconds to wait before retrying a transient limit, when the message says.
@@ -105,6 +118,7 @@ _CODE_WORDS = re.compile(r"(?i)\b(?:assert|def|return|print|echo|raise|expect|co
 _ERROR_LABEL = re.compile(r"(?i)error|status|http|fail|exception|too many requests|\b[45]\d\d\b")
 _LABEL_END = re.compile(r"(?::|\b[45]\d\d)\s*$")
 _TIMESTAMP = re.compile(r"[\dTZ:.,+/ -]*")
+_CLAUDE_API_LABEL = re.compile(r"(?i)api error\s*:?\s*(?:request rejected\s*)?\(\s*[45]\d\d\s*\)\s*[·•∙:\-–]?")
 # ..."message":" (the keys that hold an error's text in the providers' bodies and Claude Code's result)
 _JSON_KEY_BEFORE = re.compile(r'(?P<q>\\*)"(?:message|error|result|status_msg|msg|detail)(?P=q)"\s*:\s*(?P=q)"$', re.I)
 
@@ -180,15 +194,69 @@ def cooldown_until(verdict: Verdict, now: float) -> float | None:
     Returns:
         For "quota", its reset time, but at least `MIN_COOLDOWN_SECONDS` from ``now`` (a reset already
         passed still means the provider refused this run; no reset at all means 5 h); for "billing",
-        `BILLING_BLOCK_SECONDS` from now (a person clears it); None for every other kind: transient limits
-        are retried after ``retry_after`` and auth errors are reported, neither cools the model down.
+        `BILLING_BLOCK_SECONDS` from now (a person clears it); for "transient", its ``retry_after`` but at
+        least `TRANSIENT_COOLDOWN_SECONDS` (so the next spec starts on the next model at once, and no
+        spec waits out the same limit again); None for every other kind (auth and config errors are
+        reported, they cool nothing).
     """
     if verdict.kind == "billing":
         return now + BILLING_BLOCK_SECONDS
+    if verdict.kind == "transient":
+        wait = min(max(verdict.retry_after or 0.0, TRANSIENT_COOLDOWN_SECONDS), _TRANSIENT_COOLDOWN_MAX)
+        return now + wait
     if verdict.kind != "quota":
         return None
     reset_at = verdict.reset_at if verdict.reset_at is not None else now + _DEFAULT_QUOTA_SECONDS
     return max(reset_at, now + MIN_COOLDOWN_SECONDS)
+
+
+def retry_notice(line: str) -> str | None:
+    """When one line of a running CLI says it is retrying by itself, a short text for the log, else None.
+
+    Examples:
+        >>> retry_notice('{"type":"system","subtype":"api_retry","attempt":2,"max_retries":10,"error_status":429}')
+        '429, retrying 2/10'
+        >>> retry_notice('{"type":"error","message":"Reconnecting... 1/5 (stream disconnected before completion)"}')
+        'reconnecting 1/5: stream disconnected before completion'
+        >>> retry_notice("Reading the retry logic in client.py") is None
+        True
+    """
+    lowered = line.lower()
+    if "api_retry" in lowered:
+        event = _json_object(line)
+        if event and event.get("type") == "system" and event.get("subtype") == "api_retry":
+            status = event.get("error_status")
+            what = str(status) if isinstance(status, int) else str(event.get("error") or "connection error")[:40]
+            delay = event.get("retry_delay_ms")
+            wait = f" in {delay / 1000:.3g}s" if isinstance(delay, (int, float)) and delay > 0 else ""
+            return f"{what}, retrying {event.get('attempt', '?')}/{event.get('max_retries', '?')}{wait}"
+        return None
+    if "reconnecting" not in lowered and "retrying" not in lowered and "waiting for network" not in lowered:
+        return None
+    text = line
+    if line.lstrip().startswith("{"):
+        event = _json_object(line)
+        if not event or event.get("type") != "error" or not isinstance(event.get("message"), str):
+            return None  # an agent's message or a tool's output that mentions retrying is not the CLI's
+        text = event["message"]
+    text = _ANSI.sub("", text).strip()
+    found = _RECONNECTING.match(text)
+    if found is not None:
+        count = f" {found.group('count')}" if found.group("count") else ""
+        detail = _SECRET.sub("[redacted]", found.group("detail").strip(" ()….·-"))[:120]
+        return f"reconnecting{count}{': ' + detail if detail else ''}"
+    found = _CLAUDE_RETRYING.match(text)
+    if found is not None:
+        return f"{found.group('status') or 'API error'}, retrying {found.group('attempt') or ''}".rstrip()
+    return None
+
+
+def _json_object(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # --- structured output ---------------------------------------------------------------------------------
@@ -333,6 +401,10 @@ def _plain(rest: str) -> bool:
     """Whether text before a message is decoration, a timestamp or an error label ("API Error: 429 ",
     "ERROR: ", "Error running remote compact task: "), not code or prose that mentions the message."""
     rest = rest[_LEAD.match(rest).end() :]  # type: ignore[union-attr]  # _LEAD matches the empty string
+    label = _CLAUDE_API_LABEL.match(rest)
+    if label:  # "API Error: Request rejected (429) · ": Claude Code's label before the provider's message
+        rest = rest[label.end() :]
+        rest = rest[_LEAD.match(rest).end() :]  # type: ignore[union-attr]
     if not rest or _TIMESTAMP.fullmatch(rest):
         return True
     if len(rest) > 160 or _CODE_CHARS.search(rest) or _CODE_WORDS.search(rest):
@@ -627,6 +699,39 @@ def _auth_text(match: re.Match[str], text: str, now: float) -> Verdict:
     return Verdict("auth", f"authentication failed ({said}): check the model's API key or login")
 
 
+def _unreachable(match: re.Match[str], text: str, now: float) -> Verdict:
+    cause = match.group("cause") or "connection error"
+    return Verdict("transient", f"endpoint unreachable ({cause}): check the model's base URL and that its "
+                                "provider is up")
+
+
+_CLI_REFUSALS = (  # (words, fix) for the ways a CLI refuses to start at all (AGENT_CLIS.md)
+    ("root/sudo", "Claude Code refuses --dangerously-skip-permissions as root: give the model IS_SANDBOX=1 "
+                  "(`dispatch models set NAME --env IS_SANDBOX=1`; the built-in models have it) or run the "
+                  "node's runner as an unprivileged user"),
+    ("trusted directory", "codex refuses a working directory outside a git repository: add "
+                          "--skip-git-repo-check to the model's command (the built-in codex has it)"),
+)
+
+
+def _cli_refused(match: re.Match[str], text: str, now: float) -> Verdict:
+    found = match.group(0).lower()
+    flag = match.group("flag")
+    if flag:
+        return Verdict("config", f"the CLI does not take {flag[:40]} (its flags changed with its version): fix "
+                                 "the model's command (`dispatch models set NAME --command ...`) or install the "
+                                 "version agents/package.json pins")
+    for words, fix in _CLI_REFUSALS:
+        if words in found:
+            return Verdict("config", fix)
+    return Verdict("config", "the CLI refused to start")
+
+
+def _missing_key(match: re.Match[str], text: str, now: float) -> Verdict:
+    return Verdict("auth", f"the model's key {match.group('var')[:40]} is not set: give it one "
+                           "(`dispatch models set NAME --key-env VAR`)")
+
+
 def _http_status(match: re.Match[str], text: str, now: float) -> Verdict:
     code = match.group("code") or match.group("code2")
     if code == "529" or match.group(0).lower().endswith("overloaded"):
@@ -658,7 +763,8 @@ _MINIMAX_BASE_RESP = re.compile(_Q + r'base_resp(?P=q)"\s*:\s*\{[^{}]*?(?P=q)"st
 _BILLING = re.compile(
     r"quota exceeded\.?\s*check your plan and billing|you exceeded your current quota"
     r"|(?:your )?credit balance is too low|您的账户已欠费"
-    r"|your account (?:is in arrears|has been locked|is currently inactive)",
+    r"|your account (?:is in arrears|has been locked|is currently inactive)"
+    r"|insufficient balance or no resource package|余额不足或无可用资源包",
     re.I,
 )
 _RATE_LIMIT_EVENT = re.compile(r'(?<!\\)"rate_limit_info"\s*:\s*\{(?P<info>[^{}]{0,2000})\}')
@@ -674,6 +780,22 @@ _AUTH = re.compile(
     r"|unexpected status 401\b|not logged in\b.{0,20}/login|please run /login",
     re.I,
 )
+# A CLI's own retry line, at the start of what it printed: Codex's "Reconnecting... 2/5 (<why>)" and its
+# "waiting for network", Claude Code's "API Error (429 ...) · Retrying in 5 seconds… (attempt 1/10)".
+_RECONNECTING = re.compile(r"(?i)[■⚠•●*>\s-]*(?:error\s*:\s*)?reconnecting\b[.…\s]*(?P<count>\d+/\d+)?(?P<detail>.*)")
+_CLAUDE_RETRYING = re.compile(
+    r"(?i)[■⚠•●⎿*>\s-]*api error\s*\(?\s*(?P<status>[45]\d\d)?\b.{0,300}?\bretrying in\b.*?"
+    r"(?:\(attempt (?P<attempt>\d+/\d+)\))?\s*$"
+)
+_UNREACHABLE = re.compile(
+    r"api error\s*:\s*(?:unable to connect to api\b(?:\s*\((?P<cause>\w{1,40})\))?|connection error\b)", re.I)
+_CLI_REFUSED = re.compile(
+    r"--dangerously-skip-permissions cannot be used with root/sudo privileges"
+    r"|not inside a trusted directory"
+    r"|(?:unexpected argument|unknown option) '(?P<flag>-[^'\s]{1,60})'(?: found)?",
+    re.I,
+)
+_MISSING_KEY = re.compile(r"(?i:missing environment variable):?\s*`?(?P<var>[A-Z][A-Z0-9_]{1,60})`?")
 _CLAUDE_API_RATE_LIMIT = re.compile(r"api error\s*:\s*rate limit(?:ed| reached)", re.I)
 _OPENAI_RATE_LIMIT = re.compile(r"rate limit reached for (?!requests\b)\S+ in organization\b", re.I)
 _GLM_TRANSIENT = re.compile(
@@ -706,7 +828,8 @@ _RULES: list[tuple[tuple[str, ...], re.Pattern[str], str, _Handler]] = [
     (('"1',), _GLM_CODE_BODY, _BODY, _glm_code),
     (("base_resp",), _MINIMAX_BASE_RESP, _BODY, _minimax_base_resp),
     (
-        ("quota exceeded", "current quota", "credit balance", "your account", "欠费"),
+        ("quota exceeded", "current quota", "credit balance", "your account", "欠费", "insufficient balance",
+         "余额不足"),
         _BILLING,
         _TEXT,
         _billing_text,
@@ -720,6 +843,10 @@ _RULES: list[tuple[tuple[str, ...], re.Pattern[str], str, _Handler]] = [
         _TEXT,
         _auth_text,
     ),
+    (("root/sudo", "trusted directory", "unexpected argument", "unknown option"), _CLI_REFUSED, _TEXT,
+     _cli_refused),
+    (("missing environment variable",), _MISSING_KEY, _TEXT, _missing_key),
+    (("unable to connect", "connection error"), _UNREACHABLE, _TEXT, _unreachable),
     (("rate limit",), _CLAUDE_API_RATE_LIMIT, _TEXT, _claude_api_rate_limit),
     (("in organization",), _OPENAI_RATE_LIMIT, _TEXT, _openai_rate_limit),
     (

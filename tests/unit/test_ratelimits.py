@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
 import pytest
 
-from dispatch.ratelimits import BILLING_BLOCK_SECONDS, MIN_COOLDOWN_SECONDS, Verdict, classify, cooldown_until
+from dispatch.ratelimits import (
+    BILLING_BLOCK_SECONDS,
+    MIN_COOLDOWN_SECONDS,
+    TRANSIENT_COOLDOWN_SECONDS,
+    Verdict,
+    classify,
+    cooldown_until,
+    retry_notice,
+)
 
 NOW = datetime(2026, 5, 15, 12, 0, tzinfo=UTC).timestamp()  # a Friday, 12:00 UTC
 FIVE_HOURS = 5 * 3600
@@ -298,7 +307,7 @@ def test_glm_1302_is_never_a_five_hour_cooldown() -> None:
     verdict = classify('API Error: 429 {"error":{"code":"1302","message":"Rate limit reached for requests"}}', 1)
     assert verdict.kind == "transient"
     assert "1302" in verdict.reason
-    assert cooldown_until(verdict, NOW) is None
+    assert cooldown_until(verdict, NOW) == NOW + TRANSIENT_COOLDOWN_SECONDS  # seconds, not 5 hours
 
 
 def test_glm_1308_reason_names_the_five_hour_cap() -> None:
@@ -532,9 +541,12 @@ def test_cooldown_is_at_least_the_minimum_when_the_reset_has_passed() -> None:
     assert cooldown_until(verdict, NOW) == NOW + MIN_COOLDOWN_SECONDS
 
 
-def test_transient_and_failures_have_no_cooldown() -> None:
-    assert cooldown_until(classify(OPENAI_TPM, 1, now=NOW), NOW) is None
+def test_a_transient_limit_cools_for_its_retry_after_at_least_a_short_floor_and_failures_not_at_all() -> None:
+    assert cooldown_until(classify(OPENAI_TPM, 1, now=NOW), NOW) == NOW + TRANSIENT_COOLDOWN_SECONDS  # 1.574 s
+    assert cooldown_until(Verdict("transient", "429", retry_after=90), NOW) == NOW + 90
+    assert cooldown_until(Verdict("transient", "429", retry_after=10**9), NOW) <= NOW + 3600
     assert cooldown_until(classify("boom", 1, now=NOW), NOW) is None
+    assert cooldown_until(Verdict("config", "unknown flag"), NOW) is None
 
 
 def test_missing_reset_still_gives_at_least_the_minimum_cooldown() -> None:
@@ -707,3 +719,115 @@ def test_glm_authentication_codes_are_auth_not_billing(code: str) -> None:
 def test_minimax_base_resp_codes(code: str, kind: str) -> None:
     output = f'API Error: 400 {{"id":"x","base_resp":{{"status_code":{code},"status_msg":"msg"}}}}'
     assert classify(output, 1, now=NOW).kind == kind
+
+
+# --- what the real CLIs print (AGENT_CLIS.md): Claude Code's "API Error: Request rejected (429) · <message>" ---
+
+REJECTED = "API Error: Request rejected (429) · "
+GLM_1308_EN = "Usage limit reached for 5 hour. Your limit will reset at 2026-05-15 20:00:00"
+
+
+def _claude_error(text: str) -> str:
+    """Claude Code's stream-json output of a run that ended on an API error."""
+    return "\n".join(json.dumps(event, ensure_ascii=False) for event in (
+        {"type": "system", "subtype": "init", "session_id": "s", "tools": []},
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}},
+        {"type": "result", "subtype": "success", "is_error": True, "result": text, "total_cost_usd": 0},
+    )) + "\n"
+
+
+@pytest.mark.parametrize(("message", "kind", "reset_at"), [
+    ("已达到 5 小时的使用上限。您的限额将在 2026-05-15 23:00:00 重置。", "quota", utc("2026-05-15T15:00:00")),
+    (GLM_1308_EN, "quota", utc("2026-05-15T12:00:00")),
+    ("usage limit exceeded, 5-hour usage limit reached for Token Plan Starter (0/0 used), resets at "
+     "2026-05-15T15:00:00Z (2056)", "quota", utc("2026-05-15T15:00:00")),
+    ("您的账户已欠费，请充值后重试。", "billing", None),
+    ("Insufficient balance or no resource package. Please recharge.", "billing", None),
+    ("余额不足或无可用资源包,请充值。", "billing", None),
+    ("Rate limit reached for requests", "transient", None),
+    ("This request would exceed your account's rate limit. Please try again later.", "transient", None),
+])
+@pytest.mark.parametrize("form", ["text", "stream-json"])
+def test_a_providers_message_behind_claude_codes_request_rejected_label_decides(
+        message: str, kind: str, reset_at: float | None, form: str) -> None:
+    text = REJECTED + message
+    output = _claude_error(text) if form == "stream-json" else "\n".join(["Working...", text])
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == kind, verdict
+    if reset_at is not None:
+        assert verdict.reset_at == reset_at
+
+
+def test_the_request_rejected_label_in_an_agents_own_output_is_not_a_limit() -> None:
+    quoted = f'print("{REJECTED}已达到 5 小时的使用上限")'
+    assert classify(_claude_error("x").replace('"is_error": true', '"is_error": false'), 0).kind == "ok"
+    assert classify(f"Running tests\n{quoted}\nTraceback: boom", 1, now=NOW).kind == "failure"
+    ok = json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": REJECTED + GLM_1308_EN})
+    assert classify(ok, 0, now=NOW).kind == "ok"  # the agent summarised a log: its run finished
+
+
+@pytest.mark.parametrize("form", ["text", "stream-json"])
+def test_a_refused_connection_is_a_reason_to_move_on(form: str) -> None:
+    text = "API Error: Unable to connect to API (ConnectionRefused)"
+    verdict = classify(_claude_error(text) if form == "stream-json" else text, 1, now=NOW)
+    assert verdict.kind == "transient" and "ConnectionRefused" in verdict.reason and "unreachable" in verdict.reason
+    assert cooldown_until(verdict, NOW) == NOW + TRANSIENT_COOLDOWN_SECONDS
+
+
+@pytest.mark.parametrize(("output", "fix"), [
+    ("error: unexpected argument '--full-auto' found\n\n  tip: to pass '--full-auto' as a value, use "
+     "'-- --full-auto'\n\nUsage: codex exec [OPTIONS] [PROMPT]\n\nFor more information, try '--help'.", "--full-auto"),
+    ("Not inside a trusted directory and --skip-git-repo-check was not specified.", "--skip-git-repo-check"),
+    ("--dangerously-skip-permissions cannot be used with root/sudo privileges for security reasons", "IS_SANDBOX=1"),
+    ("error: unknown option '--bogus'", "--bogus"),
+])
+def test_a_cli_refusing_to_start_is_a_config_error_naming_the_fix(output: str, fix: str) -> None:
+    verdict = classify(output, 1 if "--full-auto" not in output else 2, now=NOW)
+    assert verdict.kind == "config" and fix in verdict.reason
+    assert cooldown_until(verdict, NOW) is None
+
+
+def test_codex_without_its_key_is_an_auth_error_naming_the_variable() -> None:
+    output = ('{"type":"thread.started","thread_id":"t"}\n'
+              '{"type":"error","message":"Missing environment variable: `OPENAI_API_KEY`."}\n')
+    verdict = classify(output, 1, now=NOW)
+    assert verdict.kind == "auth" and "OPENAI_API_KEY" in verdict.reason
+
+
+def test_codex_json_error_events_carry_the_providers_answer() -> None:
+    def run(message: str) -> str:
+        return "\n".join(json.dumps(e) for e in (
+            {"type": "thread.started", "thread_id": "t"}, {"type": "turn.started"},
+            {"type": "error", "message": message}, {"type": "turn.failed", "error": {"message": message}})) + "\n"
+
+    usage = ('unexpected status 429 Too Many Requests: {"error":{"type":"usage_limit_reached","message":"The usage '
+             'limit has been reached","resets_in_seconds":3600}}')
+    assert classify(run(usage), 1, now=NOW).kind == "quota"
+    assert classify(run(usage), 1, now=NOW).reset_at == NOW + 3600
+    quota = ('unexpected status 429 Too Many Requests: {"error":{"message":"You exceeded your current quota, please '
+             'check your plan and billing details.","type":"insufficient_quota","code":"insufficient_quota"}}')
+    assert classify(run(quota), 1, now=NOW).kind == "billing"
+    assert classify(run("unexpected status 429 Too Many Requests"), 1, now=NOW).kind == "transient"
+
+
+@pytest.mark.parametrize(("line", "notice"), [
+    ('{"type":"system","subtype":"api_retry","attempt":2,"max_retries":10,"retry_delay_ms":1000,'
+     '"error_status":429,"error":"rate_limit"}', "429, retrying 2/10 in 1s"),
+    ('{"type":"system","subtype":"api_retry","attempt":1,"max_retries":10,"error_status":null,'
+     '"error":"connection_error"}', "connection_error, retrying 1/10"),
+    ('{"type":"error","message":"Reconnecting... 2/5 (stream disconnected before completion)"}',
+     "reconnecting 2/5: stream disconnected before completion"),
+    ("Reconnecting... waiting for network", "reconnecting: waiting for network"),
+    ("  ⎿  API Error (429 rate limited) · Retrying in 5 seconds… (attempt 3/10)", "429, retrying 3/10"),
+])
+def test_a_clis_own_retry_lines_are_read_as_they_come(line: str, notice: str) -> None:
+    assert retry_notice(line) == notice
+
+
+@pytest.mark.parametrize("line", [
+    '{"type":"item.completed","item":{"type":"agent_message","text":"Reconnecting... 1/5"}}',
+    '{"type":"assistant","message":{"content":[{"type":"text","text":"the api_retry event"}]}}',
+    "I am retrying the flaky test now", "def reconnect(): pass  # Reconnecting... 1/5",
+])
+def test_an_agent_talking_about_retries_is_not_a_retry(line: str) -> None:
+    assert retry_notice(line) is None
