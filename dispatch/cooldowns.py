@@ -2,11 +2,14 @@
 
 A quota verdict (dispatch/ratelimits.py) puts its model on cool-down until the provider's reset time (at
 least `MIN_COOLDOWN_SECONDS`, even when the reset has passed); a billing verdict blocks it for a year, in
-practice until a person fixes the account and runs `dispatch models reset <model>`. One Variable per
-model, `dispatch_cooldown_<model>` = {"model", "kind": "quota"|"billing", "until": <unix time>, "since",
-"reason", "by": <user@host>}. Every dispatcher against the same Prefect API (the team's server, or this
-machine's embedded database) reads them, at most every `refresh` seconds, and leaves cooling models out
-of a spec's chain. Transient limits (seconds) and auth errors put no model on cool-down.
+practice until a person fixes the account and runs `dispatch models reset <model>`; a transient limit (a
+429 or 529 that passes in seconds, or an endpoint that cannot be reached) cools it for the provider's
+retry-after, at least `TRANSIENT_COOLDOWN_SECONDS`, so that the next spec starts on the next model at once
+instead of paying the same limit again. One Variable per model, `dispatch_cooldown_<model>` = {"model",
+"kind": "quota"|"billing"|"transient", "until": <unix time>, "since", "reason", "by": <user@host>}. Every
+dispatcher against the same Prefect API (the team's server, or this machine's embedded database) reads
+them, at most every `refresh` seconds, and leaves cooling models out of a spec's chain. Auth and config
+errors (a key or a command to fix) put no model on cool-down.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import httpx
 from dispatch.ratelimits import Verdict, cooldown_until
 
 logger = logging.getLogger(__name__)
+COOLING_KINDS = ("quota", "billing", "transient")  # verdicts that put their model on cool-down
 _PREFIX = "dispatch_cooldown_"
 # What a failed Prefect API call raises: no server, a refused or failed request, a bad Variable name.
 API_ERRORS = (httpx.HTTPError, OSError, RuntimeError, ValueError)
@@ -102,14 +106,16 @@ class Cooldowns:
     def record_attempts(self, attempts: list, task_id: str, by: str, log: logging.Logger | logging.LoggerAdapter,
                         ) -> None:
         """Cool down the models of `attempts` (a result's) that hit their quota, until their reset (at least a
-        few minutes, even when it has passed), and block those with a billing error until a person clears
-        them; said loudly on `log`. A server that cannot be told is a warning: the spec's fallback happened."""
+        few minutes, even when it has passed), or a transient limit (its retry-after, at least 30 s), and block
+        those with a billing error until a person clears them; said loudly on `log`. A server that cannot be
+        told is a warning: the spec's fallback happened."""
         for attempt in attempts:
-            if attempt.verdict not in ("quota", "billing") or not attempt.model:
+            if attempt.verdict not in COOLING_KINDS or not attempt.model:
                 continue
             reason = attempt.reason or attempt.verdict
             try:
-                self.record(attempt.model, attempt.verdict, attempt.reset_at, reason, by)
+                self.record(attempt.model, attempt.verdict, attempt.reset_at, reason, by,
+                            retry_after=getattr(attempt, "retry_after", None))
             except API_ERRORS as exc:
                 log.warning("could not record the cool-down of %s: %s", attempt.model, exc)
             if attempt.verdict == "billing":
@@ -117,13 +123,15 @@ class Cooldowns:
                           "Prefect API will use it until a person fixes the account and runs `dispatch models "
                           "reset %s`", attempt.model, reason, task_id, attempt.model)
 
-    def record(self, model: str, kind: str, reset_at: float | None, reason: str, by: str) -> float | None:
-        """Cool `model` down after a "quota" verdict, or block it after a "billing" one.
+    def record(self, model: str, kind: str, reset_at: float | None, reason: str, by: str, *,
+               retry_after: float | None = None) -> float | None:
+        """Cool `model` down after a "quota" or "transient" verdict, or block it after a "billing" one.
 
         Args:
             model: the model's name.
-            kind: the verdict's kind; others than "quota" and "billing" change nothing.
+            kind: the verdict's kind; others than `COOLING_KINDS` change nothing.
             reset_at: the quota's reset time, if the provider gave one (past ones still cool down).
+            retry_after: a transient limit's retry-after, if the provider gave one.
             reason: the verdict's reason, kept (cut to 200 characters) for `dispatch models`.
             by: who saw it, "user@host".
 
@@ -133,7 +141,7 @@ class Cooldowns:
         Raises:
             httpx.HTTPError: the Prefect API cannot be reached or refused the request.
         """
-        until = cooldown_until(Verdict(kind, reason, reset_at), self._clock())
+        until = cooldown_until(Verdict(kind, reason, reset_at, retry_after), self._clock())
         if until is not None:
             self.set(model, until, reason, by, kind=kind)
         return until
@@ -150,8 +158,9 @@ class Cooldowns:
         Variable.set(variable_name(model), value, overwrite=True)
         with self._lock:
             self._cache[model] = value
-        logger.warning("model %s %s until %s: %s", model, "blocked for billing" if kind == "billing" else
-                       "on cool-down", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), reason)
+        logger.log(logging.INFO if kind == "transient" else logging.WARNING, "model %s %s until %s: %s", model,
+                   "blocked for billing" if kind == "billing" else "on cool-down",
+                   time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)), reason)
 
     def clear(self, model: str) -> bool:
         """End `model`'s cool-down or billing block; returns whether it had one (even an expired one)."""
