@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from dispatch.cooldowns import API_ERRORS
-from dispatch.usage import LEDGER_NAME, figure, ledger_path, next_utc_midnight, parse_ledger, utc_day
+from dispatch.usage import LEDGER_NAME, figure, ledger_path, next_utc_midnight, parse_ledger, total_figure, utc_day
 
 _ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one
 _REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
@@ -217,7 +217,7 @@ class Budgets:
                 continue  # this machine's own spend is its ledger's, always current
             for key in ("model", "user"):
                 for name, cost in (value.get(key) or {}).items():
-                    if (cost := figure(cost)) is not None:
+                    if (cost := total_figure(cost)) is not None:  # finite and bound: never inf
                         others[(key, str(name), day)] = others.get((key, str(name), day), 0.0) + cost
         self._others = others
         return others

@@ -152,7 +152,7 @@ def monitor(
             probe.close()
         snapshot = _snapshot(probe)
         if as_json:
-            console.print_json(data=snapshot.to_json())
+            console.print_json(data=snapshot.to_json(), allow_nan=False)  # strict JSON, never Infinity
         else:
             console.print(render(snapshot))
         return

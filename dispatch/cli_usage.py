@@ -53,7 +53,7 @@ def usage(
     today = totals(settings) if start is not None else found
     budgets = budget_use(settings, today)
     if as_json:
-        console.print_json(data={**found, "budgets": budgets})
+        console.print_json(data={**found, "budgets": budgets}, allow_nan=False)  # strict JSON
         return
     first = utc_day(found["since"])
     console.print(f"usage since {first} (UTC): {money(found['cost_usd'])} reported over {found['attempts']} "

@@ -31,8 +31,8 @@ The snapshot (`take_snapshot(...).to_json()`, printed by `dispatch monitor --onc
 - `notes`: what could not be read, for a person.
 
 `cost_usd` is the place for the spend of the agent attempts: filled from a row's or result's `cost_usd` (or
-the sum of its attempts' `cost_usd`, on them or on their `usage`) when the records carry it, null otherwise;
-nothing is estimated here.
+the sum of its attempts' `cost_usd`, on them or on their `usage`) when the records carry it, null otherwise
+(and for a figure that is no finite number: the JSON never holds `Infinity` or `NaN`); nothing is estimated here.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from typing import Any
 from dispatch.cluster import Node, load_nodes
 from dispatch.results import ProjectState, load_all_states, pid_alive
 from dispatch.settings import DispatchSettings
+from dispatch.usage import total_figure
 
 QUEUED = ("waiting", "ready", "retrying")
 _TIMEOUT = 5.0  # seconds per REST call (as `dispatch status`): the view keeps refreshing when the server is away
@@ -76,13 +77,12 @@ class Snapshot:
 
 def cost_usd(record: Any) -> float | None:
     """The spend recorded on a row or result (`cost_usd`, else the sum of its attempts'), or None when none is."""
-    direct = getattr(record, "cost_usd", None)
-    if isinstance(direct, (int, float)):
-        return float(direct)
+    direct = total_figure(getattr(record, "cost_usd", None))  # never inf or NaN: the JSON must stay JSON
+    if direct is not None:
+        return direct
     attempts = getattr(record, "attempts", None)  # a result's list of Attempt; a state row's is a count
-    costs = [_attempt_cost(a) for a in attempts] if isinstance(attempts, list) else []
-    costs = [c for c in costs if isinstance(c, (int, float))]
-    return float(sum(costs)) if costs else None
+    costs = [total_figure(_attempt_cost(a)) for a in attempts] if isinstance(attempts, list) else []
+    return _sum_costs(costs)
 
 
 def _attempt_cost(attempt: Any) -> Any:
@@ -93,7 +93,7 @@ def _attempt_cost(attempt: Any) -> Any:
 
 def _sum_costs(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
-    return float(sum(known)) if known else None
+    return total_figure(float(sum(known))) if known else None  # a sum past float's range is unknown
 
 
 def _api(settings: DispatchSettings) -> str | None:
@@ -329,7 +329,8 @@ class LoadProbe:
         try:
             run = pool.run(node_target(node, connect_timeout=self._timeout), "cat /proc/loadavg",
                            timeout=self._timeout + 5, check=False)
-            return [round(float(x), 2) for x in run.stdout.split()[:3]] if run.exit_code == 0 else None
+            loads = [round(float(x), 2) for x in run.stdout.split()[:3]] if run.exit_code == 0 else None
+            return loads if loads and all(0 <= x < float("inf") for x in loads) else None  # never nan/inf in JSON
         except (DispatchError, ValueError):
             return None
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from dispatch.paths import check_name, local_path, name_problem
-from dispatch.usage import Usage, agent_ran
+from dispatch.usage import Usage, agent_ran, total_figure
 
 # Final spec statuses written by the node runner, plus the dispatcher's own.
 SUCCEEDED = "succeeded"
@@ -147,9 +147,16 @@ class SpecRow(BaseModel):
     output_tokens: int | None = None
     attempts_without_cost: int = Field(default=0, description="agent attempts that reported no cost (unknown)")
 
+    @field_validator("cost_usd", "input_tokens", "output_tokens", mode="before")
+    @classmethod
+    def _sum(cls, value: Any, info: ValidationInfo) -> float | int | None:
+        # a state file of an older dispatcher may hold inf (its sums of unchecked figures): unknown, never a crash
+        return total_figure(value, whole=info.field_name != "cost_usd")
+
     def add_usage(self, attempts: list[Attempt]) -> None:
         """Count one result's agent attempts in (figures no agent reported stay None)."""
-        total = Usage(cost_usd=self.cost_usd, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+        total = Usage.model_construct(cost_usd=self.cost_usd, input_tokens=self.input_tokens,
+                                      output_tokens=self.output_tokens)
         for attempt in attempts:
             if not agent_ran(attempt):
                 continue

@@ -8,6 +8,11 @@ not print stays unknown (None), never 0. The dispatcher appends one line per att
 a spec from starting when its model's or its user's spend today (UTC) would pass `DISPATCH_BUDGET_MODEL` /
 `DISPATCH_BUDGET_USER`.
 
+An agent's figures are its own output, so untrusted: a cost that is not a finite number from 0 to $10,000 per
+attempt, or a token count that is not a whole number from 0 to 10^10 (`node_runner.USAGE_MAX_*`), is recorded
+as unknown with a warning, by the runner (in task.log) and again here (a node may run an older runner), and a
+ledger line with one counts it as unknown: no total, budget or `--json` output ever holds `inf` or `NaN`.
+
 Token counts are what each CLI calls them: Claude's `input_tokens` leave out cache reads, Codex's include
 them. Claude Code prices GLM and MiniMax (through `ANTHROPIC_BASE_URL`) at Anthropic's list prices.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import math
 import os
 import time
@@ -24,17 +30,21 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ValidationInfo, field_validator
+
+from dispatch.runner.node_runner import usage_figure
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 LEDGER_NAME = "usage.jsonl"
+MAX_SUM_COST_USD = 1e9  # a sum of attempts' costs (a spec's, a machine's day on one model): more is a bug
+MAX_SUM_TOKENS = 10**15
+logger = logging.getLogger(__name__)
 
 
-def figure(value: Any) -> float | None:
-    """A usage figure: a finite, non-negative number; anything else is unknown (None)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        return None
-    return value
+def figure(value: Any, name: str = "cost_usd") -> float | int | None:
+    """A usage figure of one attempt (`cost_usd` or a `*_tokens`) as counted: within its bound
+    (`node_runner.usage_figure`); anything else is unknown (None)."""
+    return usage_figure(name, value)[0]
 
 
 class Usage(BaseModel):
@@ -51,14 +61,12 @@ class Usage(BaseModel):
 
     @field_validator("cost_usd", *_TOKEN_FIELDS, mode="before")
     @classmethod
-    def figure(cls, value: Any) -> float | None:
+    def figure(cls, value: Any, info: ValidationInfo) -> float | int | None:
         # a result.json from an older or odd runner must not fail the whole result: no figure is unknown
-        return figure(value)
-
-    @field_validator(*_TOKEN_FIELDS, mode="after")
-    @classmethod
-    def _whole(cls, value: int | None) -> int | None:
-        return None if value is None else int(value)
+        checked, problem = usage_figure(info.field_name, value)
+        if problem:
+            logger.warning("an agent reported %s; recorded as unknown", problem)
+        return checked
 
     def plus(self, other: Usage | None) -> Usage:
         """The sum of two usages; a figure unknown in both stays unknown."""
@@ -68,7 +76,20 @@ class Usage(BaseModel):
         for name in ("cost_usd", *_TOKEN_FIELDS):
             mine, theirs = getattr(self, name), getattr(other, name)
             summed[name] = None if mine is None and theirs is None else (mine or 0) + (theirs or 0)
-        return Usage(**summed)
+        return Usage.model_construct(**summed)  # checked figures summed: a sum may pass one attempt's bound
+
+
+def total_figure(value: Any, whole: bool = False) -> float | int | None:
+    """A sum of usage figures as read back (a state file's row, a machine's published day): a finite number
+    from 0 to `MAX_SUM_COST_USD` (`whole`: an integer from 0 to `MAX_SUM_TOKENS`), else unknown (None). A sum is
+    bound far above one attempt's figures, but bound: an older dispatcher may have summed unchecked ones."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if not 0 <= value <= (MAX_SUM_TOKENS if whole else MAX_SUM_COST_USD) or (whole and value != int(value)):
+        return None
+    return int(value) if whole else float(value)
 
 
 def utc_day(ts: float) -> str:
@@ -173,7 +194,7 @@ def summarize(records: Iterable[dict], by: tuple[str, ...] = ("model", "user", "
     groups: dict[str, dict[str, dict[str, Any]]] = {f"by_{key}": {} for key in by}
     for record in records:
         cost = figure(record.get("cost_usd"))
-        tokens = [int(figure(record.get(name)) or 0) for name in _TOKEN_FIELDS]
+        tokens = [figure(record.get(name), name) or 0 for name in _TOKEN_FIELDS]
         _add(total, cost, tokens)
         for key in by:
             _add(groups[f"by_{key}"].setdefault(str(record.get(key) or "-"), _empty()), cost, tokens)

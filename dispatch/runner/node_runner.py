@@ -746,10 +746,10 @@ def render_event(line: str, event: dict | None = None) -> list[str] | None:
             return [f"=== agent session {str(event.get('session_id', ''))[:8]}, model {event.get('model', '?')} ==="]
         return []
     if kind == "result":
-        cost = event.get("total_cost_usd")
+        cost, _ = usage_figure("cost_usd", event.get("total_cost_usd"))  # UsageMeter warns of a bad one
         figures = [f"{event.get('num_turns')} turns" if event.get("num_turns") is not None else "",
                    f"{event['duration_ms'] / 1000:.1f} s" if isinstance(event.get("duration_ms"), (int, float)) else "",
-                   f"${cost:.4f}" if isinstance(cost, (int, float)) else ""]
+                   f"${cost:.4f}" if cost is not None else ""]
         head = "error" if event.get("is_error") else "result"
         summary = ", ".join([str(event.get("subtype", "")), *(f for f in figures if f)])
         return [f"=== agent {head}: {summary} ===", *_shown(event.get("result") or "").splitlines()]
@@ -769,11 +769,32 @@ def render_event(line: str, event: dict | None = None) -> list[str] | None:
     return None
 
 
-def _count(value: Any) -> float | None:
-    """A usage figure the agent printed: a finite, non-negative number (bools and text are no figures)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        return None
-    return value
+# An agent's usage figures are its own output, so untrusted: past these bounds (one attempt) a figure is a bug
+# or a forged event, recorded as unknown with a warning. Both sides check (dispatch/usage.py imports these).
+USAGE_MAX_COST_USD = 10_000.0
+USAGE_MAX_TOKENS = 10**10  # of one kind (input, output, cache...); a long session is ~10^7
+
+
+def usage_figure(name: str, value: Any) -> tuple[float | int | None, str]:
+    """A usage figure an agent printed, as recorded: `cost_usd` a finite number from 0 to USAGE_MAX_COST_USD,
+    a token count a whole number from 0 to USAGE_MAX_TOKENS.
+
+    Returns:
+        (the figure, ""); (None, why it is no figure) for anything else, which is recorded as unknown;
+        (None, "") when nothing was printed (None).
+    """
+    if value is None:
+        return None, ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"{name} is a {type(value).__name__}, not a number"
+    cost = name == "cost_usd"
+    bound = USAGE_MAX_COST_USD if cost else USAGE_MAX_TOKENS
+    if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= bound:
+        shown = f"{value:.6g}" if isinstance(value, float) or abs(value) < 10**15 else "a number of many digits"
+        return None, f"{name} {shown} is not a finite number from 0 to {bound:,.0f}"
+    if not cost and value != int(value):
+        return None, f"{name} {value:g} is not a whole number"
+    return (float(value) if cost else int(value)), ""
 
 
 class UsageMeter:
@@ -791,44 +812,56 @@ class UsageMeter:
 
     def __init__(self) -> None:
         self._usage: dict[str, Any] = {}
+        self._unknown: set[str] = set()  # figures the agent printed that are no figures (`usage_figure`)
         self._agent_model = ""
 
-    def _set(self, source: str, figures: dict[str, Any], add: bool = False) -> None:
-        found = {k: v for k, v in ((k, _count(v)) for k, v in figures.items()) if v is not None}
-        if not found:
-            return
-        if not add or self._usage.get("source") != source:
-            self._usage = {"source": source}
+    def _set(self, source: str, figures: dict[str, Any], add: bool = False) -> list[str]:
+        checked = {key: usage_figure(key, value) for key, value in figures.items()}
+        found = {key: value for key, (value, _) in checked.items() if value is not None}
+        refused = {key: problem for key, (_, problem) in checked.items() if problem}
+        warnings = [f"=== runner: WARNING: {source} reported {problem}; recorded as unknown ==="
+                    for problem in refused.values()]
+        fresh = not add or self._usage.get("source") != source
+        if not found and (fresh or not refused):  # nothing believable: nothing recorded (or added to)
+            return warnings
+        if fresh:
+            self._usage, self._unknown = {"source": source}, set()
+        self._unknown |= set(refused)  # a sum with one bad step in it is unknown too
         for key, value in found.items():
             self._usage[key] = self._usage.get(key, 0) + value if add else value
+        return warnings
 
-    def add(self, event: Any) -> None:
-        """Take one parsed JSON event of the agent's output (others are ignored)."""
+    def add(self, event: Any) -> list[str]:
+        """Take one parsed JSON event of the agent's output (others are ignored); returns the warnings for
+        task.log about figures in it that are no figures (`usage_figure`: recorded as unknown)."""
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "system" and event.get("subtype") == "init" and isinstance(event.get("model"), str):
             self._agent_model = event["model"][:100]
         elif kind == "result":
             usage = event.get("usage") if isinstance(event.get("usage"), dict) else {}
             figures = {name: usage.get(key) for key, name in self._CLAUDE.items()}
-            self._set("claude", {"cost_usd": event.get("total_cost_usd"), **figures})
+            return self._set("claude", {"cost_usd": event.get("total_cost_usd"), **figures})
         elif kind == "turn.completed" and isinstance(event.get("usage"), dict):
-            self._set("codex", {name: event["usage"].get(key) for key, name in self._CODEX.items()})
+            return self._set("codex", {name: event["usage"].get(key) for key, name in self._CODEX.items()})
         elif kind == "step_finish" and isinstance(event.get("part"), dict):
             part = event["part"]
             tokens = part.get("tokens") if isinstance(part.get("tokens"), dict) else {}
             cache = tokens.get("cache") if isinstance(tokens.get("cache"), dict) else {}
-            self._set("opencode", {"cost_usd": part.get("cost"), "input_tokens": tokens.get("input"),
-                                   "output_tokens": tokens.get("output"), "reasoning_tokens": tokens.get("reasoning"),
-                                   "cache_read_tokens": cache.get("read"), "cache_write_tokens": cache.get("write")},
-                      add=True)
+            return self._set("opencode", {
+                "cost_usd": part.get("cost"), "input_tokens": tokens.get("input"),
+                "output_tokens": tokens.get("output"), "reasoning_tokens": tokens.get("reasoning"),
+                "cache_read_tokens": cache.get("read"), "cache_write_tokens": cache.get("write")}, add=True)
+        return []
 
     def usage(self) -> dict[str, Any] | None:
-        """The attempt's usage (`source`, `cost_usd`, `*_tokens`, `agent_model`: only what was printed), or None."""
+        """The attempt's usage (`source`, `cost_usd`, `*_tokens`, `agent_model`: only what was printed, and
+        believable), or None."""
         if not self._usage:
             return None
-        if self._agent_model and self._usage.get("source") == "claude":
-            return {**self._usage, "agent_model": self._agent_model}
-        return dict(self._usage)
+        usage = {key: value for key, value in self._usage.items() if key not in self._unknown}
+        if self._agent_model and usage.get("source") == "claude":
+            return {**usage, "agent_model": self._agent_model}
+        return usage
 
 
 def base_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -1140,7 +1173,8 @@ class Runner:
         """Write one line of a step's output; returns it masked, as printed (what the classifier reads)."""
         event = parse_event(text) if render else None
         if event is not None and self._meter is not None:
-            self._meter.add(event)
+            for warning in self._meter.add(event):
+                self.log.line(warning)
         shown = render_event(text, event) if event is not None else None
         if shown is None:
             return self.log.line(text)
