@@ -25,6 +25,7 @@ from prefect.states import Completed, Failed, State
 
 from dispatch.pipeline import app as apps
 from dispatch.pipeline.config import CONFIG_NAME, PipelineConfig, load_pipeline_config
+from dispatch.pipeline.masking import pipeline_masker
 from dispatch.pipeline.results import LAYER_NAMES, LayerResult, Status
 from dispatch.pipeline.runs import (
     LayerCache,
@@ -40,7 +41,6 @@ from dispatch.pipeline.runs import (
     write_report,
 )
 from dispatch.pipeline.workspace import code_digest, working_copy
-from dispatch.secrets import Masker
 from dispatch.settings import get_settings
 from flows.layers import resolve
 from flows.layers.build import build
@@ -65,7 +65,8 @@ class PipelineRun:
                  sub: list[str] | None, force: bool) -> None:
         self.project, self.config, self.code_dir, self.run_dir = project, config, code_dir, run_dir
         self.layers, self.sub, self.force = layers, sub, force
-        self.masker = Masker(get_settings().secret_values())
+        # the one Masker of every pipeline sink (dispatch/pipeline/masking.py), told the keys of its models too
+        self.masker = pipeline_masker(m for chain in config.models.model_dump().values() for m in chain)
         self.cache = LayerCache(run_dir.parent)
         self.latest: dict[str, LayerResult] = {}
         self.record = RunRecord(project=project, run_id=run_dir.name, code_dir=str(code_dir),
@@ -104,7 +105,7 @@ class PipelineRun:
                          f" (cycle {result.cycle})" if result.cycle else "", result.status.value,
                          " (cached)" if result.cached else "", result.reason)
         for listener in LISTENERS:
-            listener("end", row.model_dump())
+            listener("end", self.masker.mask_data(row.model_dump()))
         return result
 
     def _artifacts(self, result: LayerResult) -> None:

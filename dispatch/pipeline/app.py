@@ -3,7 +3,8 @@
 L3 starts it and registers it under the pipeline run's directory; L4 tests it; the pipeline stops it
 (its whole process group, never "whatever listens on the port") when it leaves L4, on success, failure and
 cancellation. A server is a process that must outlive the step that starts it, so it is a `Popen` of
-ours (its output in `<run_dir>/L3/app.log`) rather than a prefect-shell step.
+ours rather than a shell step. Its output reaches its log (`<run_dir>/L3/backend.log`) through a thread of
+ours that masks every line with the pipeline's `Masker` first: a key the app prints is never written.
 
 A process group left behind by a dispatcher that was killed outright is found by the pid file each app
 leaves in its run directory and stopped by the next run of the same project (`reap_orphans`), after
@@ -25,6 +26,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from dispatch.errors import ConfigError
+from dispatch.pipeline.masking import pipeline_masker
+from dispatch.pipeline.shell import masked_lines, signal_group, stop_group
 from dispatch.results import pid_alive
 
 MARKER = "DISPATCH_PIPELINE_APP"
@@ -74,15 +77,24 @@ class AppProcess:
     def __init__(self, command: str, *, cwd: Path, env: dict[str, str], port: int, log_path: Path,
                  marker: str) -> None:
         self.command, self.port, self.log_path = command, port, log_path
+        self.masker = pipeline_masker()
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd,
-                                            env={**env, "PORT": str(port), MARKER: marker},
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd,
+                                        env={**env, "PORT": str(port), MARKER: marker},
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self.pgid = self.process.pid  # start_new_session: the leader's pid is the group's id
+        self._relay = threading.Thread(target=self._write_log, daemon=True, name=f"app-log-{port}")
+        self._relay.start()
         self.url = f"http://127.0.0.1:{port}"
         (log_path.parent / "app.pid").write_text(f"{self.pgid}\n{marker}\n{os.getpid()}\n", encoding="utf-8")
+
+    def _write_log(self) -> None:
+        """Copy the app's output into its log, line by line, masked (ends when the app's group is gone)."""
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            for line in masked_lines(self.process.stdout, self.masker):
+                log.write(line + "\n")
+                log.flush()
 
     def exit_code(self) -> int | None:
         """Its exit status once it has exited, else None."""
@@ -112,34 +124,21 @@ class AppProcess:
         return False, f"{url} did not answer 200 within {timeout:.0f}s (last: {last})"
 
     def log_tail(self, lines: int = 40, max_bytes: int = 64 * 1024) -> list[str]:
-        """The last `lines` lines of its log."""
+        """The last `lines` lines of its log (all of it once the app has exited), masked."""
+        if self.exit_code() is not None:
+            self._relay.join(_STOP_GRACE)
         try:
             with open(self.log_path, "rb") as handle:
                 handle.seek(max(0, os.fstat(handle.fileno()).st_size - max_bytes))
-                return handle.read().decode(errors="replace").splitlines()[-lines:]
+                return [self.masker.mask(line) for line in handle.read().decode(errors="replace").splitlines()[-lines:]]
         except OSError:
             return []
 
     def stop(self) -> None:
         """End its process group: TERM, then KILL after a grace period. Safe to call twice."""
-        _signal_group(self.pgid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=_STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(self.pgid, signal.SIGKILL)  # children that ignored TERM or outlived the leader
-        try:
-            self.process.wait(timeout=_STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(self.process, _STOP_GRACE)
+        self._relay.join(_STOP_GRACE)  # its last lines reach the log
         (self.log_path.parent / "app.pid").unlink(missing_ok=True)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def register(run_dir: str, app: AppProcess) -> None:
@@ -188,9 +187,9 @@ def reap_orphans(project_dir: Path) -> list[int]:
         except (OSError, ValueError):
             carries = False
         if carries:
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
             time.sleep(0.5)
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
             stopped.append(pgid)
         pid_file.unlink(missing_ok=True)
     return stopped

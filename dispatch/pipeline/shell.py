@@ -1,19 +1,23 @@
-"""The pipeline's shell steps (install, build, test commands) through prefect-shell, bounded by a timeout.
+"""The pipeline's shell steps (install, build, test commands): exactly the environment given, output masked and
+streamed into the run's logs, bounded by a timeout that ends the step's whole process group.
 
-`ShellOperation` streams each line into the run's logs but has no timeout of its own: the step waits in a
-thread and, past its time, `close()` ends the step's whole process group (TERM, then KILL). Its stderr is
-merged into its stdout (`exec 2>&1`) so the tail we report holds both, in order.
+A step is a `bash -c` of ours in its own session, with `env` as its whole environment (never this process's
+with names removed: a name a shell cannot `unset`, such as `MY-API-KEY`, would slip through). Callers build
+that environment from the node runner's step allow-list (`workspace.step_environment`). Its stderr is merged
+into its stdout, so the tail we report holds both in order; every line goes through the pipeline's `Masker`
+(`masking.pipeline_masker`) before it is logged or kept.
 
-The step's environment is built by us: `ShellOperation` starts from this process's environment, so the
-step's script first unsets every variable outside the step allow-list (agent keys and tokens never reach
-an install or a test command), then sets ours.
+prefect-shell's `ShellOperation` did this until it could not: it always starts from this process's
+environment, and it logs each line before we can mask it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import re
 import shlex
+import signal
+import subprocess
 import threading
 import time
 from collections import deque
@@ -21,8 +25,13 @@ from contextvars import copy_context
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dispatch.pipeline.masking import pipeline_masker
+from dispatch.secrets import Masker
+
 _TAIL_LINES = 40
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_LINE = 64 * 1024
+_STOP_GRACE = 5.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,12 +56,48 @@ class StepResult:
         return f"{self.name}: `{self.command}` exited {self.exit_code} in {self.duration:.1f}s"
 
 
-def _unset_line(env: dict[str, str]) -> str:
-    names = sorted(n for n in os.environ if n not in env and _IDENTIFIER.fullmatch(n))
-    return f"unset {' '.join(names)}" if names else ":"
+def signal_group(pgid: int, sig: int) -> None:
+    """Send `sig` to process group `pgid`, if it still exists."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
-def run_step(name: str, command: str, *, cwd: Path, env: dict[str, str], timeout: float) -> StepResult:
+def stop_group(process: subprocess.Popen, grace: float = _STOP_GRACE) -> None:
+    """End `process`'s group (it leads its own session): TERM, then KILL after `grace` seconds. Safe twice."""
+    signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    signal_group(process.pid, signal.SIGKILL)  # children that ignored TERM or outlived the leader
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
+
+def masked_lines(stream, masker: Masker):
+    """The lines of a binary `stream`, decoded, right-stripped and masked (empty ones skipped)."""
+    for raw in iter(lambda: stream.readline(_MAX_LINE), b""):
+        line = masker.mask(raw.decode(errors="replace").rstrip())
+        if line:
+            yield line
+
+
+def run_step(name: str, command: str, *, cwd: Path, env: dict[str, str], timeout: float,
+             masker: Masker | None = None) -> StepResult:
     """Run `command` under bash in `cwd` with exactly `env` (plus what bash sets), streaming its output.
 
     Args:
@@ -61,34 +106,39 @@ def run_step(name: str, command: str, *, cwd: Path, env: dict[str, str], timeout
         cwd: its working directory.
         env: its whole environment.
         timeout: seconds; past them the step's process group is ended.
+        masker: what masks its output (default: the pipeline's).
 
     Returns:
-        The exit code (None when killed by the timeout), the duration and the last lines of output.
+        The exit code (None when killed by the timeout), the duration and the last lines of output, masked.
     """
-    from prefect_shell import ShellOperation
-
+    masker = masker if masker is not None else pipeline_masker()
+    log = _run_logger()
     started = time.monotonic()
-    outcome: dict[str, object] = {}
-    script = ["exec 2>&1", _unset_line(env), "set -o pipefail", command]
-    operation = ShellOperation(commands=script, env=env, working_dir=cwd, log_prefix=f"{name}: ")
-    with operation:
-        process = operation.trigger()
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    process = subprocess.Popen(["bash", "-c", f"set -o pipefail\n{command}"], cwd=cwd, env=dict(env),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
 
-        def wait() -> None:
-            try:
-                process.wait_for_completion()
-            except RuntimeError as exc:  # prefect-shell's "failed with return code N"
-                outcome["error"] = str(exc)
+    def pump() -> None:
+        for line in masked_lines(process.stdout, masker):
+            tail.append(line)
+            log.info("%s: %s", name, line)
 
-        waiter = threading.Thread(target=copy_context().run, args=(wait,), daemon=True, name=f"step-{name}")
-        waiter.start()
-        waiter.join(timeout)
-        timed_out = waiter.is_alive()
-        # leaving the block closes the operation: the step's process group gets TERM, then KILL
-    waiter.join(10)
-    lines = deque((line for line in process.fetch_result() if line), maxlen=_TAIL_LINES)
-    return StepResult(name=name, command=command, exit_code=None if timed_out else process.return_code,
-                      duration=time.monotonic() - started, timed_out=timed_out, tail=list(lines))
+    reader = threading.Thread(target=copy_context().run, args=(pump,), daemon=True, name=f"step-{name}")
+    reader.start()
+    timed_out = False
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        # the whole group, also after a normal exit: a background child must not outlive its step
+        stop_group(process)
+        reader.join(10)
+        if not reader.is_alive():  # else a detached child still holds the pipe: closing would block on the read
+            process.stdout.close()
+    return StepResult(name=name, command=command, exit_code=None if timed_out else process.returncode,
+                      duration=time.monotonic() - started, timed_out=timed_out, tail=list(tail))
 
 
 def quote(value: str | Path) -> str:
