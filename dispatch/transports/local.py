@@ -140,8 +140,8 @@ class LocalTransport:
             on_line("recovered the result of this attempt, which finished while no dispatcher watched")
             return self._result(run_dir, request, None)
         else:
-            if status:  # a runner of an edited spec: it must not keep editing files
-                self._kill_pid(int(status["runner_pid"]))
+            if status:  # a runner of an edited spec: it must not keep editing files, and it must be gone (with
+                self._kill_runner(run_dir)  # its lock) before its files are rotated and a new runner starts
             self._rotate(run_dir)
             write_json(run_dir / "task.json", request.task_json())
             argv = [sys.executable, str(RUNNER_PATH), "run", str(run_dir)] + (["--secrets-stdin"] if secrets else [])
@@ -218,6 +218,19 @@ class LocalTransport:
             log.rename(run_dir / f"task.log.{n}")
         for name in ("status.json", "result.json"):
             (run_dir / name).unlink(missing_ok=True)
+
+    @staticmethod
+    def _kill_runner(run_dir: Path) -> None:
+        """Stop the runner of `run_dir` and wait until it has gone (the runner's `kill`: SIGTERM, its grace, then
+        SIGKILL, and its step's process group), as an SSH node does."""
+        try:
+            done = subprocess.run([sys.executable, str(RUNNER_PATH), "kill", str(run_dir)], capture_output=True,
+                                  text=True, timeout=60, stdin=subprocess.DEVNULL,
+                                  env=base_environment(dict(os.environ)))
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"the runner of {run_dir} did not stop within 60 s") from exc
+        if done.returncode != 0:
+            raise RuntimeError(f"could not stop the runner of {run_dir}: {done.stderr.strip()[-500:]}")
 
     @staticmethod
     def _kill_pid(pid: int) -> None:
