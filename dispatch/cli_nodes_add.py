@@ -29,9 +29,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dispatch.cluster import Node, load_nodes, parse_node
-from dispatch.errors import ConfigError, DispatchError, NodeError
+from dispatch.cluster import Node, load_nodes, node_name_problem, parse_node
+from dispatch.errors import ConfigError, DispatchError, NodeError, cut
 from dispatch.runner import SHIPPED_FILES, runner_checksum
+from dispatch.safeload import load_json, loads_json
 from dispatch.settings import DispatchSettings, get_settings
 
 if TYPE_CHECKING:
@@ -41,8 +42,6 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
-NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-"""A node name: it becomes a work pool, a systemd instance and a path component on the node."""
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 AGENTS = ("claude", "codex", "opencode")
 _BOOTSTRAP_TIMEOUT = 1800.0  # apt and npm on a fresh machine
@@ -105,9 +104,8 @@ def _new_entry(settings: DispatchSettings, name: str, ssh_host: str, slots: int,
                port: int | None, key: Path | None, known_hosts: Path | None) -> tuple[dict[str, Any], Node]:
     """The nodes.json entry for the new node, checked as nodes.json itself is; refuses a bad or taken name."""
     path = settings.home / "nodes.json"
-    if not NODE_NAME.fullmatch(name):
-        raise _Refused(f"node name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or "
-                       "digit (it names the work pool, the worker unit and paths on the node)", EXIT_INVALID)
+    if problem := node_name_problem(name):
+        raise _Refused(f"node name {cut(name)}: {problem}", EXIT_INVALID)
     if name == "local":
         raise _Refused("node name 'local' is the dispatcher's own machine (the embedded node); pick another name",
                        EXIT_INVALID)
@@ -235,9 +233,12 @@ def _runner_version(pool: SSHPool, target: SSHTarget, node: Node, timeout: float
     done = pool.run(target, f"{shlex.quote(node.python)} {shlex.quote(script)} version", timeout=timeout + 20,
                     check=False)
     try:
-        return json.loads(done.stdout).get("runner_version") if done.exit_code == 0 else None
-    except ValueError:
+        data = loads_json(done.stdout, f"node {node.name}: the runner's version output") if done.exit_code == 0 \
+            else None
+    except ConfigError:
         return None
+    version = data.get("runner_version") if isinstance(data, dict) else None
+    return version if isinstance(version, str) else None
 
 
 # --- writing -------------------------------------------------------------------------------------------------
@@ -279,9 +280,11 @@ def _append_entry(settings: DispatchSettings, entry: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"nodes": []}
-        except (OSError, ValueError) as exc:
-            raise _Refused(f"{path}: cannot read it again to add the node: {exc}", EXIT_INVALID) from None
+            data = load_json(path) if path.exists() else {"nodes": []}
+        except ConfigError as exc:
+            raise _Refused(f"{exc} (read again to add the node)", EXIT_INVALID) from None
+        if not isinstance(data, dict) or not isinstance(data.get("nodes", []), list):
+            raise _Refused(f'{path}: must be an object {{"nodes": [...]}}; nothing changed', EXIT_INVALID)
         if any(isinstance(n, dict) and n.get("name") == entry["name"] for n in data.get("nodes", [])):
             raise _Refused(f"{path}: a node named {entry['name']!r} was added meanwhile; nothing changed",
                            EXIT_INVALID)

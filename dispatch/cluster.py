@@ -18,13 +18,14 @@ the node, e.g. a `PATH` that holds the agent CLIs: SSH commands get no login she
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dispatch.errors import ConfigError
+from dispatch.errors import ConfigError, cut
+from dispatch.safeload import load_json
 from dispatch.scheduler import ORDERS
 from dispatch.settings import DispatchSettings
 
@@ -38,6 +39,13 @@ _NODE_FIELDS = {
 }
 _PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch", "order", "weight"}
 MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # a project's fair-share weight (dispatch/shares.py)
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""A node name (a full match): it becomes a work pool, a systemd instance and a path component on the node."""
+_TEXT_FIELDS = ("ssh_host", "host", "user", "key_path", "known_hosts", "ssh_config")
+_MAX_FIELD = 4096  # characters of one string field
+_MAX_SLOTS = 1024
+_MAX_FILE_BYTES = 4 << 20  # nodes.json, projects.json
+_MAX_DEPTH = 16  # {"nodes": [{"env": {...}}]} nests 3
 
 
 @dataclass
@@ -104,19 +112,41 @@ def local_node(settings: DispatchSettings) -> Node:
 
 
 def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    return load_json(path, max_bytes=_MAX_FILE_BYTES, max_depth=_MAX_DEPTH)
+
+
+def node_name_problem(name: object) -> str | None:
+    """Why `name` is no node name (`NODE_NAME`), or None when it is one."""
+    if isinstance(name, str) and NODE_NAME.fullmatch(name):
+        return None
+    return ("must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit (it names the "
+            "node's work pool, its worker unit and paths on the node)")
 
 
 def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(f"{path}: {where}: must be {what}, got {value!r}")
+        raise ConfigError(f"{path}: {where}: must be {what}, got {cut(value)}")
     if not isinstance(value, kind):
-        raise ConfigError(f"{path}: {where}: must be {what}, got {value!r}")
+        raise ConfigError(f"{path}: {where}: must be {what}, got {cut(value)}")
+    return value
+
+
+def _text(path: Path, where: str, raw: dict, key: str, default: str | None = None) -> str | None:
+    """An optional one-line string field (None or `default` when absent)."""
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    _expect(path, f"{where}.{key}", value, str, "a string")
+    if not value or len(value) > _MAX_FIELD or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{path}: {where}.{key}: must be a non-empty line of at most {_MAX_FIELD} characters "
+                          f"without control characters, got {cut(value)}")
+    return value
+
+
+def _strings(path: Path, where: str, value: Any, what: str) -> list[str]:
+    _expect(path, where, value, list, what)
+    for item in value:
+        _expect(path, where, item, str, what)
     return value
 
 
@@ -129,39 +159,47 @@ def parse_node(path: Path, index: int, raw: Any, settings: DispatchSettings) -> 
     where = f"nodes[{index}]"
     _expect(path, where, raw, dict, "an object with name, ssh_host and slots")
     name = _expect(path, f"{where}.name", raw.get("name"), str, "the node's name")
+    if problem := node_name_problem(name):
+        raise ConfigError(f"{path}: {where}.name: {cut(name)} {problem}")
     where = f"nodes[{index}] ({name})"
-    slots = _expect(path, f"{where}.slots", raw.get("slots"), int, "a whole number of slots >= 1")
-    if slots < 1:
-        raise ConfigError(f"{path}: {where}.slots: must be >= 1, got {slots}")
     transport = raw.get("transport", "local" if name == "local" else "ssh")
     if transport not in TRANSPORTS:
-        raise ConfigError(f"{path}: {where}.transport: must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
-    if transport == "ssh" and not (raw.get("ssh_host") or raw.get("host")):
+        raise ConfigError(f"{path}: {where}.transport: must be one of {', '.join(TRANSPORTS)}, got {cut(transport)}")
+    if transport == "local" and "slots" not in raw:
+        slots = settings.local_slots  # as the embedded local node: DISPATCH_LOCAL_SLOTS, else the CPU count
+    else:
+        slots = _expect(path, f"{where}.slots", raw.get("slots"), int, "a whole number of slots >= 1")
+    if not 1 <= slots <= _MAX_SLOTS:
+        raise ConfigError(f"{path}: {where}.slots: must be from 1 to {_MAX_SLOTS}, got {slots}")
+    text = {key: _text(path, where, raw, key) for key in _TEXT_FIELDS}
+    if transport == "ssh" and not (text["ssh_host"] or text["host"]):
         raise ConfigError(f"{path}: {where}.ssh_host: an ssh node needs ssh_host (a host or ~/.ssh/config alias)")
-    if transport == "local" and name == "local" and "slots" not in raw:
-        slots = settings.local_slots
-    labels = raw.get("labels", [])
-    _expect(path, f"{where}.labels", labels, list, "a list of strings")
+    labels = _strings(path, f"{where}.labels", raw.get("labels", []), "a list of strings")
     models = raw.get("models")
     if models is not None:
-        _expect(path, f"{where}.models", models, list, "a list of model names")
+        _strings(path, f"{where}.models", models, "a list of model names")
     priority = _expect(path, f"{where}.priority", raw.get("priority", 0), int, "a whole number")
     env = raw.get("env", {})
     _expect(path, f"{where}.env", env, dict, "an object of environment variables")
+    if bad := [k for k, v in env.items() if not isinstance(v, str | int | float) or isinstance(v, bool)]:
+        raise ConfigError(f"{path}: {where}.env.{cut(bad[0])}: must be a string, got {cut(env[bad[0]])}")
     port = raw.get("port")
-    if port is not None:
-        _expect(path, f"{where}.port", port, int, "a TCP port number")
+    if port is not None and not 1 <= _expect(path, f"{where}.port", port, int, "a TCP port number") <= 65535:
+        raise ConfigError(f"{path}: {where}.port: must be a TCP port from 1 to 65535, got {port}")
+    trust = _expect(path, f"{where}.trust_on_first_use", raw.get("trust_on_first_use", False), bool,
+                    "true or false (JSON booleans, not strings)")
     unknown = {k: v for k, v in raw.items() if k not in _NODE_FIELDS}
     if unknown:
-        logger.warning("%s: %s: unknown fields kept as options: %s", path, where, ", ".join(sorted(unknown)))
+        logger.warning("%s: %s: unknown fields kept as options: %s", path, where, ", ".join(sorted(map(cut, unknown))))
     options = {k: raw[k] for k in ("api_mode", "executor") if k in raw} | unknown
     return Node(
-        name=name, slots=slots, transport=transport, labels=frozenset(map(str, labels)), priority=priority,
-        models=frozenset(map(str, models)) if models is not None else None, ssh_host=raw.get("ssh_host"),
-        host=raw.get("host"), port=port, user=raw.get("user"), key_path=raw.get("key_path"),
-        known_hosts=raw.get("known_hosts"), trust_on_first_use=bool(raw.get("trust_on_first_use", False)),
-        ssh_config=raw.get("ssh_config"), remote_root=str(raw.get("remote_root", "dispatch")),
-        python=str(raw.get("python", "python3")), env={str(k): str(v) for k, v in env.items()}, options=options,
+        name=name, slots=slots, transport=transport, labels=frozenset(labels), priority=priority,
+        models=frozenset(models) if models is not None else None, ssh_host=text["ssh_host"], host=text["host"],
+        port=port, user=text["user"], key_path=text["key_path"], known_hosts=text["known_hosts"],
+        trust_on_first_use=trust, ssh_config=text["ssh_config"],
+        remote_root=_text(path, where, raw, "remote_root", "dispatch") or "dispatch",
+        python=_text(path, where, raw, "python", "python3") or "python3",
+        env={str(k): str(v) for k, v in env.items()}, options=options,
     )
 
 

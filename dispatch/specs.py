@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ import yaml
 
 from dispatch.errors import SpecError, UnsafePath, cut
 from dispatch.paths import NAME_RULE, name_problem, read_bounded
-
-# libyaml's loader when PyYAML has it (88% of parsing time in pure Python; 5,000 specs: 7.3 s -> 2.9 s).
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from dispatch.safeload import AliasFound, parse_yaml
 
 MAX_SPEC_BYTES = 1 << 20
 """A spec (or context) file larger than this is refused, and never read whole."""
 MAX_FRONT_MATTER_BYTES = 64 << 10
 """A front matter larger than this is refused before it is parsed."""
+MAX_FRONT_MATTER_DEPTH = 32
+"""Nesting levels a front matter may use (its fields are lists and one mapping deep)."""
 
 SPEC_NAME = re.compile(r"^[SPF]\d+.*\.md$")
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)^---[ \t]*\r?$\n?", re.DOTALL | re.MULTILINE)
@@ -104,8 +105,39 @@ class Spec:
         return self.models or [self.executor]
 
 
+def env_problem(names: Iterable[str], model_variables: Iterable[str] = ()) -> str | None:
+    """Why a spec's `env:` may not set these names, or None.
+
+    Refused: DISPATCH_* (ours), what decides which program runs or where an agent sends its key
+    (`node_runner.protected_env`: the one list, which the runner applies too; suffixes such as `*_BASE_URL`
+    and `*_TOKEN` in any case, since some tools read lower-case variants), and the variables of the built-in
+    models and of `model_variables` (the configured models', `dispatch.agents.model_variables`).
+    """
+    # imported here: the runner module takes ~50 ms to import and most specs set no env; agents imports us
+    from dispatch.agents import BUILTIN_MODELS
+    from dispatch.agents import model_variables as variables_of
+    from dispatch.runner.node_runner import protected_env
+
+    names, models = list(names), {*model_variables, *variables_of(BUILTIN_MODELS)}
+    if ours := [name for name in names if name.startswith("DISPATCH_")]:
+        return f"{', '.join(ours)}: DISPATCH_* variables are set by the dispatcher; use another name"
+    if refused := [name for name in names if protected_env(name) or name in models]:
+        return (f"may not set {', '.join(refused)}: these decide which program runs or where an agent sends its "
+                "key; set endpoints and keys in the model's settings: dispatch models / AgentModel (and PATH in "
+                "the node's env)")
+    return None
+
+
+def model_env_errors(specs: Iterable[Spec], model_variables: Iterable[str]) -> list[SpecError]:
+    """An `env` error for each spec whose `env:` sets a configured model's variable (known once the run has
+    read the AgentModel blocks; `parse_spec` already refused the protected names)."""
+    models = set(model_variables)
+    return [SpecError(str(spec.path), "env", problem) for spec in specs
+            if spec.env and (problem := env_problem(spec.env, models))]
+
+
 def _env(value: Any) -> tuple[dict[str, str], str | None]:
-    """`env:` as {NAME: text}, or why it is wrong. Scalars become text; DISPATCH_* are ours."""
+    """`env:` as {NAME: text}, or why it is wrong. Scalars become text; `env_problem` names are refused."""
     if value is None:
         return {}, None
     if not isinstance(value, dict):
@@ -116,11 +148,11 @@ def _env(value: Any) -> tuple[dict[str, str], str | None]:
     for name, item in value.items():
         if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             return {}, f"{cut(name)} is not a variable name (letters, digits and _, not starting with a digit)"
-        if name.startswith("DISPATCH_"):
-            return {}, f"{name}: DISPATCH_* variables are set by the dispatcher; use another name"
         if isinstance(item, dict | list) or item is None or (isinstance(item, str) and "\0" in item):
             return {}, f"{name} must be a text, number or true/false, got {cut(item)}"
         env[name] = str(item).lower() if isinstance(item, bool) else str(item)
+    if problem := env_problem(env):
+        return {}, problem
     return env, None
 
 
@@ -129,11 +161,15 @@ def is_spec_file(path: Path) -> bool:
     return bool(SPEC_NAME.match(path.name))
 
 
-def parse_duration(value: Any) -> float:
+MAX_DURATION = 7 * 24 * 3600.0
+"""The longest duration `parse_duration` accepts (a week): beyond it a timeout overflows dates and timers."""
+
+
+def parse_duration(value: Any, maximum: float = MAX_DURATION) -> float:
     """Parse `45m`, `1h30m`, `90s`, `90` (seconds) into seconds.
 
     Raises:
-        ValueError: when the value is not a positive duration.
+        ValueError: when the value is not a positive duration of at most `maximum` seconds.
     """
     if isinstance(value, bool):
         raise ValueError(value)
@@ -145,7 +181,7 @@ def parse_duration(value: Any) -> float:
             raise ValueError(value)
         hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
         seconds = hours * 3600 + minutes * 60 + secs
-    if not 0 < seconds < float("inf"):  # also rejects NaN
+    if not 0 < seconds <= maximum:  # also rejects NaN and infinity
         raise ValueError(value)
     return seconds
 
@@ -161,40 +197,17 @@ def _string_list(value: Any) -> list[str] | None:
     return None
 
 
-class _AliasFound(Exception):
-    pass
+_AliasFound = AliasFound
 
 
 def _load_yaml(text: str) -> Any:
-    """The front matter's data; `_AliasFound` when it uses an alias (checked before anything is built).
+    """The front matter's data (dispatch/safeload.py: no alias, bounded depth, checked before it is built).
 
-    libyaml's composer turns an alias into a second reference to its anchor's node, so a node met twice in
-    the graph is an alias (a merge key is one too). The graph itself stays small (a billion laughs is
-    ~90 nodes); what explodes is whatever walks the constructed value, such as a repr() in an error.
+    Raises:
+        AliasFound: it uses an alias.
+        yaml.YAMLError: it is no YAML, nests too deep, or holds a value that cannot be built.
     """
-    loader = _YAML_LOADER(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if "*" not in text:  # no alias without its indicator: skip the walk (most front matter)
-            return loader.construct_document(node)
-        seen: set[int] = set()
-        stack = [node]
-        while stack:
-            current = stack.pop()
-            if id(current) in seen:
-                raise _AliasFound
-            seen.add(id(current))
-            if isinstance(current, yaml.SequenceNode):
-                stack.extend(current.value)
-            elif isinstance(current, yaml.MappingNode):
-                stack.extend(item for pair in current.value for item in pair)
-        return loader.construct_document(node)
-    except ValueError as exc:  # a scalar the constructor cannot build, e.g. an int past Python's digit limit
-        raise yaml.YAMLError(f"a value cannot be read: {exc}") from exc
-    finally:
-        loader.dispose()
+    return parse_yaml(text, "front matter", max_depth=MAX_FRONT_MATTER_DEPTH)
 
 
 def modifies_problem(entry: str) -> str | None:
@@ -380,7 +393,8 @@ def parse_spec(path: Path) -> tuple[Spec | None, list[SpecError]]:
         try:
             spec.timeout = parse_duration(meta["timeout"])
         except ValueError:
-            error("timeout", f"must be a duration such as 45m, 1h30m or 90s, got {cut(meta['timeout'])}")
+            error("timeout", f"must be a duration such as 45m, 1h30m or 90s, at most 168h (a week), "
+                             f"got {cut(meta['timeout'])}")
 
     retries = meta.get("retries")
     if retries is not None:

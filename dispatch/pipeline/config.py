@@ -15,14 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dispatch.errors import ConfigError
+from dispatch.safeload import load_yaml
 from dispatch.specs import parse_duration
 
 CONFIG_NAME = "pipeline.yaml"
 _MAX_BYTES = 256 * 1024
+_MAX_DEPTH = 32  # the schema nests 4 levels (layers.L3.timeout, api.flows[0].steps)
 _DEFAULT_ATTEMPTS = {"L1": 1, "L2": 2, "L3": 3, "L4": 1, "L5": 2, "L6": 2}
 _DEFAULT_TIMEOUTS = {"L1": 600.0, "L2": 7200.0, "L3": 900.0, "L4": 1200.0, "L5": 7200.0, "L6": 600.0}
 
@@ -31,7 +32,8 @@ def _seconds(value: Any) -> float:
     try:
         return parse_duration(value)
     except ValueError:
-        raise ValueError(f"must be a duration such as 60s, 10m or 1h30m, got {str(value)[:80]!r}") from None
+        raise ValueError(f"must be a duration such as 60s, 10m or 1h30m, at most 168h (a week), "
+                         f"got {str(value)[:80]!r}") from None
 
 
 class _Model(BaseModel):
@@ -189,21 +191,7 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
         ConfigError: the file is missing, unreadable, too large, not YAML, or a field is wrong; the message
             names the file and every field at fault.
     """
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_MAX_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
-    if len(raw) > _MAX_BYTES:
-        raise ConfigError(f"{path}: larger than {_MAX_BYTES // 1024} KiB; a pipeline configuration is much smaller")
-    try:
-        data = yaml.safe_load(raw.decode("utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: bad YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    data = load_yaml(path, max_bytes=_MAX_BYTES, max_depth=_MAX_DEPTH) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must be a YAML mapping (backend: ..., pages: [...])")
     try:
