@@ -15,8 +15,10 @@ it, whoever logged it (a layer's own message quoting an app's log, a step's outp
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 from dispatch.errors import DispatchError
 from dispatch.secrets import Masker
@@ -85,3 +87,23 @@ def pipeline_masker(models: Iterable[str] = ()) -> Masker:
             _MASKER.add(value for values in keys.values() for value in values.values())
     _install_filter()
     return _MASKER
+
+
+def mask_file(path: Path, masker: Masker | None = None) -> bool:
+    """Rewrite a text file a project's command left as evidence (a JUnit report, a log) with its secrets masked.
+
+    Returns:
+        Whether it held one.
+    """
+    masker = masker if masker is not None else pipeline_masker()
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return False
+    masked = masker.mask(text)
+    if masked == text:
+        return False
+    temporary = path.with_name(f".{path.name}.masking")
+    temporary.write_text(masked, encoding="utf-8", errors="surrogateescape")
+    os.replace(temporary, path)
+    return True

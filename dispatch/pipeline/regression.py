@@ -4,8 +4,9 @@ last passing baseline (`DISPATCH_HOME/pipeline/<project>/baseline.json`).
 Coverage is measured whatever the command is (`pytest -q`, `make test`, `tox`): a directory put first on
 the command's PYTHONPATH holds only `coverage` (the dispatcher's own) and a `sitecustomize` that starts it
 in every Python process the command runs (coverage's documented subprocess support). pytest's per-test
-outcomes come from `--junitxml`, added through PYTEST_ADDOPTS. The combined data becomes coverage.py's
-JSON report in the layer's directory.
+outcomes come from `--junitxml`, added through PYTEST_ADDOPTS (the report keeps the tests' output: it is
+masked like every file the pipeline keeps). The combined data becomes coverage.py's JSON report in the
+layer's directory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from dispatch.pipeline.masking import mask_file
 from dispatch.pipeline.shell import StepResult, run_step
 
 _RC = """[run]
@@ -125,6 +127,7 @@ def run_regression(code_dir: Path, command: str, out_dir: Path, env: dict[str, s
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(tools), env.get("PYTHONPATH")])),
                 "PYTEST_ADDOPTS": f"--junitxml={junit} -p no:cacheprovider {env.get('PYTEST_ADDOPTS', '')}".strip()}
     step = run_step("regression", command, cwd=code_dir, env=step_env, timeout=timeout)
+    mask_file(junit)  # it holds the tests' output: kept as evidence, so masked like every other
     total, report = _combine(out_dir, rcfile)
     return RegressionRun(step=step, tests=read_junit(junit), coverage=total, report=report)
 
