@@ -32,8 +32,11 @@ class RunRequest(BaseModel):
     stall_timeout: float
     heartbeat: float = 2.0
     acceptance: list[str] = Field(default_factory=list)
+    acceptance_timeout: float = Field(default=300.0, description="seconds each acceptance command may take")
     verify: list[dict] = Field(default_factory=list, description="the verifier chain's steps (`verify:`)")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="the spec's env (the runner drops what "
+                                                                   "it may not set: node_runner.protected_env)")
+    node_env: dict[str, str] = Field(default_factory=dict, description="the node's configured env (PATH...)")
     git: dict | None = Field(default=None, description="git mode: repo_url, main_branch, dependencies")
     fresh: bool = Field(default=False, description="run it even if a finished result of the same attempt is on "
                                                    "the node (--force, --from): never taken back")
@@ -43,6 +46,11 @@ class RunRequest(BaseModel):
         """The attempt's task run name: the spec's id, with the attempt number after the first."""
         return self.task_id if self.attempt == 1 else f"{self.task_id} (attempt {self.attempt})"
 
+    def longest(self, grace: float) -> float:
+        """How long the attempt may take on its node at most, plus `grace`: the chain's and the verifiers' time
+        (`timeout`) and each acceptance command's own, which runs outside that deadline."""
+        return self.timeout + len(self.acceptance) * self.acceptance_timeout + grace
+
     def task_json(self) -> dict:
         """The node runner's `task.json` (no secrets: those travel on the runner's stdin)."""
         return {
@@ -50,7 +58,9 @@ class RunRequest(BaseModel):
             "timeout": self.timeout, "stall_timeout": self.stall_timeout, "heartbeat": self.heartbeat,
             "env": {**self.env, "DISPATCH_PROJECT": self.project, "DISPATCH_TASK_ID": self.task_id,
                     "DISPATCH_ATTEMPT": str(self.attempt), "DISPATCH_NODE": self.node},
-            "steps": self.steps, "acceptance": self.acceptance, "verify": self.verify,
+            "node_env": self.node_env,
+            "steps": self.steps, "acceptance": self.acceptance, "acceptance_timeout": self.acceptance_timeout,
+            "verify": self.verify,
             "cache_key": self.cache_key, "run_id": self.run_id, "attempt": self.attempt, "fresh": self.fresh,
         }
 

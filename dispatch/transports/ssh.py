@@ -124,7 +124,7 @@ class SSHTransport:
             if not needs_sync:  # the usual case: one line to the node's agent, which starts and watches it
                 try:
                     data = self.agent.run(run_dir, request.task_json(), secrets, on_line,
-                                          timeout=request.timeout + _FOLLOW_GRACE)
+                                          timeout=request.longest(_FOLLOW_GRACE))
                 except AgentLost as exc:  # the runner carries on without the agent: re-attach the long way
                     logger.info("%s %s: %s; re-attaching", self.node.name, request.task_id, exc)
                     data = None
@@ -173,7 +173,7 @@ class SSHTransport:
                 on_line(line)
 
         self.pool.run(self.target, f"{command}; echo; echo {marker}; cat {shlex.quote(run_dir)}/result.json",
-                      timeout=request.timeout + _FOLLOW_GRACE, check=False, on_line=route)
+                      timeout=request.longest(_FOLLOW_GRACE), check=False, on_line=route)
         data = json.loads("\n".join(result_lines[1:]) or "null")
         if not isinstance(data, dict):
             raise ValueError(f"no result.json in {run_dir} after the runner ended")

@@ -285,3 +285,18 @@ def test_the_node_agent_refuses_a_run_directory_outside_its_root(transport: SSHT
         with pytest.raises(NodeError, match="outside the agent's run root"):
             transport.agent.run(run_dir, escaping.task_json(), None, lambda _: None, timeout=30)
     assert not (transport.local_root.parent / "outside").exists()
+
+
+def test_a_late_success_with_long_acceptance_is_waited_for_not_lost(transport: SSHTransport, monkeypatch):
+    """Acceptance commands run outside the attempt's deadline (each has its own): the wait for the result
+    counts them, so a spec whose acceptance outlasts `timeout` + the grace is not reported lost (and run twice)."""
+    import dispatch.transports.ssh as ssh_transport
+
+    monkeypatch.setattr(ssh_transport, "_FOLLOW_GRACE", 1.0)
+    request = _request(transport, "LATE", "echo changed > late.txt").model_copy(
+        update={"timeout": 2.0, "acceptance": ["sleep 5 && test -f late.txt"]})
+    lines: list[str] = []
+
+    result = transport.run(request, lines.append)
+
+    assert result.status == "succeeded", (result.status, result.reason, lines[-5:])
