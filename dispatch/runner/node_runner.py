@@ -20,7 +20,8 @@ Commands:
         own session. --secrets-stdin reads a JSON object of secrets: "<model>:NAME" is env var NAME of
         that model's agent step only, a plain "NAME" goes to every agent step, "mask:<n>" to no step;
         every value is masked wherever the runner writes. A step's own environment is an allow-list
-        (STEP_ENV_ALLOW, LC_*) of the runner's, plus task.json's env and its step's env.
+        (STEP_ENV_ALLOW, LC_*) of the runner's, plus task.json's node_env, its env (less PATH, keys,
+        endpoints and the rest of `protected_env`: dropped) and its step's env.
     python3 node_runner.py status <run_dir>                 status.json + "alive", as one JSON line
     python3 node_runner.py kill <run_dir>                   stop the run; exit 0 even if none runs
     python3 node_runner.py tail <run_dir> [--from-byte N]   task.log from byte N (N < 0: from the end)
@@ -123,9 +124,24 @@ STEP_ENV_ALLOW = (
     "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
 )  # fmt: skip
+# What decides which program a step runs or where its agent connects and sends its key. A spec's `env:` never
+# sets these (dispatch/specs.py refuses them; this runner drops them from task.json's `env`): the node's own
+# `env` (task.json's `node_env`) and the model's settings (its step's env and key) do. Names are case-sensitive
+# on Linux, but the suffixes match in any case (`anthropic_base_url`, `https_proxy`): some tools read those too.
+# Beyond the issue's list: proxies and TLS trust (a proxy the spec trusts sees the key), agent config dirs.
+PROTECTED_ENV_NAMES = frozenset({
+    "PATH", "HOME", "NODE_OPTIONS", "NODE_PATH", "BASH_ENV", "IS_SANDBOX", "XDG_CONFIG_HOME",
+    "CLAUDE_CONFIG_DIR", "CODEX_HOME", "OPENCODE_CONFIG", "OPENCODE_CONFIG_DIR",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "NODE_TLS_REJECT_UNAUTHORIZED", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+})  # fmt: skip
+PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "DISPATCH_")
+PROTECTED_ENV_SUFFIXES = ("_BASE_URL", "_API_KEY", "_TOKEN", "_PROXY")  # any case; `_TOKEN` covers `_AUTH_TOKEN`
 MASK_ONLY = "mask"  # secrets named "mask:<n>" are values to mask that no step is given
 _FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed", "rejected")
-_RATE_KINDS = ("quota", "billing", "transient", "auth")  # the chain moves on to the next model at once
+# the chain moves on to the next model at once ("config": its CLI refused to start, the reason names the fix)
+_RATE_KINDS = ("quota", "billing", "transient", "auth", "config")
+_RETRY_LIMIT = 30.0  # seconds an agent may retry by itself with no progress before the chain moves on
 _RUNNER_NAME = os.path.basename(__file__).encode()
 RUNNER_PROCESS_NAME = b"dispatch-runner"  # a detached runner's process name (`ps -e`, /proc/<pid>/comm)
 
@@ -161,8 +177,10 @@ class Task:
     steps: list[Step]
     timeout: float | None = 3600.0
     stall_timeout: float | None = 900.0
+    retry_limit: float | None = _RETRY_LIMIT  # an agent retrying by itself this long is passed over
     heartbeat: float = 2.0
     env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[str, str] = field(default_factory=dict)  # the node's configured env: may set PATH (the CLIs)
     skip_models: list[str] = field(default_factory=list)
     acceptance: list[str] = field(default_factory=list)
     acceptance_timeout: float = 300.0
@@ -183,6 +201,8 @@ class Outcome:
     survivors: bool = False  # some process of its group outlived SIGKILL
     leftovers: str = ""  # "killed N leftover processes: pid cmd, ..." (detached descendants), or ""
     usage: dict | None = None  # what an agent step said it used (UsageMeter), None when it printed nothing
+    retries: int = 0  # lines where the agent CLI said it retries by itself (ratelimits.retry_notice)
+    last_retry: str = ""  # the last of them, e.g. "429, retrying 2/10"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,8 +289,10 @@ def load_task(run_dir: str) -> Task:
         steps=[_parse_step(raw, i) for i, raw in enumerate(steps)],
         timeout=_seconds(data, "timeout", 3600.0),
         stall_timeout=_seconds(data, "stall_timeout", 900.0),
+        retry_limit=_seconds(data, "retry_limit", _RETRY_LIMIT),
         heartbeat=_seconds(data, "heartbeat", 2.0, allow_none=False) or 2.0,
         env=_str_map(data.get("env"), "task.json: env"),
+        node_env=_str_map(data.get("node_env"), "task.json: node_env"),
         skip_models=lists["skip_models"],
         acceptance=lists["acceptance"],
         acceptance_timeout=_seconds(data, "acceptance_timeout", 300.0, allow_none=False) or 300.0,
@@ -869,6 +891,13 @@ def base_environment(environ: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k in STEP_ENV_ALLOW or k.startswith("LC_")}
 
 
+def protected_env(name: str) -> bool:
+    """Whether a spec's `env:` may not set `name` (PROTECTED_ENV_*): it decides which program runs or where an
+    agent sends its key. A bare suffix counts too (`TOKEN`, `API_KEY`)."""
+    return (name in PROTECTED_ENV_NAMES or name.startswith(PROTECTED_ENV_PREFIXES)
+            or ("_" + name.upper()).endswith(PROTECTED_ENV_SUFFIXES))
+
+
 def _cut(data: bytes, keep: int) -> tuple[bytes, bytes]:
     """Split masked `data` into a piece to write and the last `keep` bytes (or more, to end on a whole
     UTF-8 character), which may hold the start of a secret that the next read completes."""
@@ -1046,6 +1075,9 @@ class Runner:
             verdict, reason = attempt["verdict"], attempt["reason"]
             if verdict == "ok":
                 return "succeeded", f"{step.name}: {reason}", model, exit_code
+            if verdict == "stalled" and step is not self.task.steps[-1] and step.argv is not None:
+                passed_over.append(f"{step.name}: {reason}")  # a hang with no progress: try the next model
+                continue
             if verdict in ("timeout", "stalled", "killed"):
                 return verdict, f"{step.name}: {reason}", model, exit_code
             if not fall_through:
@@ -1056,14 +1088,22 @@ class Runner:
         return "failed", "no model left to try; " + "; ".join(passed_over), model, exit_code
 
     def _child_env(self, step: Step | None) -> dict[str, str]:
-        """A step's environment: the allow-list of ours, the task's env, then its model's own env and key.
+        """A step's environment: the allow-list of ours, the node's env, the task's env without what it may not
+        set (`protected_env`: dropped, and named in task.log), then its model's own env and key.
 
         Shell steps and acceptance commands get no secret at all; an agent step gets `<model>:NAME` of its
         own model only (glm and minimax both take ANTHROPIC_AUTH_TOKEN, each its own), and a plain `NAME`
-        (given by hand to `run --secrets-stdin`; the dispatcher always names the model).
+        (given by hand to `run --secrets-stdin`; the dispatcher always names the model). The DISPATCH_* of
+        the task's env are the dispatcher's own (DISPATCH_ATTEMPT, DISPATCH_NODE, DISPATCH_SPEC_FILE).
         """
         env = base_environment(os.environ)
-        env.update(self.task.env)
+        env.update(self.task.node_env)
+        dropped = sorted(k for k in self.task.env if protected_env(k) and not k.startswith("DISPATCH_"))
+        if dropped:  # a spec's env that validation refused (an older or hostile dispatcher): names, no values
+            self.log.line(f"=== runner: the task's env may not set {', '.join(dropped)} (which program runs, "
+                          "where an agent sends its key): dropped; set them in the node's env or the model's "
+                          "settings ===")
+        env.update((k, v) for k, v in self.task.env.items() if k not in dropped)
         env["DISPATCH_RUN_DIR"] = self.run_dir
         env["DISPATCH_PROJECT"], env["DISPATCH_TASK_ID"] = self.task.project, self.task.task_id
         if step is not None:
@@ -1108,7 +1148,7 @@ class Runner:
             attempt["ended_at"] = time.time()
             self.log.line(f"=== runner: {attempt['reason']} ===")
             return attempt, True
-        self._write_status(step=step.name, step_pid=None, attempt=number)
+        self._write_status(step=step.name, step_pid=None, attempt=number, retrying=None)
         stdin_path = None
         if step.stdin is not None:  # a prompt in argv is capped at 128 KiB; a file is not
             stdin_path = self._path("prompt.txt")
@@ -1124,8 +1164,11 @@ class Runner:
             on_start=lambda pid: self._write_status(step_pid=pid),
             stdin_path=stdin_path,
             render=step.argv is not None,
+            name=step.name,
         )
         attempt["started_at"], attempt["ended_at"] = outcome.started_at, outcome.ended_at
+        if outcome.retries:
+            attempt["retries"], attempt["last_retry"] = outcome.retries, self.log.mask(outcome.last_retry)
         attempt["exit_code"] = outcome.returncode
         if step.script is None:
             attempt["answer"] = _final_message(outcome.output)[-_ANSWER_CAP:]
@@ -1158,6 +1201,13 @@ class Runner:
         for key in ("reset_at", "retry_after", "matched"):
             attempt[key] = getattr(verdict, key, attempt[key])
         attempt["verdict"], attempt["reason"] = verdict.kind, self.log.mask(str(verdict.reason))
+        if outcome.reason == "retrying":  # it retried by itself past the limit: that model is done for now
+            limit = f"gave up after {self.task.retry_limit:g}s of its own retries, last: {outcome.last_retry}"
+            if verdict.kind not in _RATE_KINDS:
+                attempt["verdict"], attempt["reason"] = "transient", self.log.mask(limit)
+            else:
+                attempt["reason"] += f" ({self.log.mask(limit)})"
+            return attempt, True
         if outcome.reason == "stalled":
             if verdict.kind in _RATE_KINDS:  # it hung on a limit: that model is done, try the next
                 attempt["reason"] += f" ({self._stall_reason()})"
@@ -1190,10 +1240,14 @@ class Runner:
         on_start: Any = None,
         stdin_path: str | None = None,
         render: bool = False,
+        name: str = "",
     ) -> Outcome:
         """Run argv in its own session, stream its output to task.log, enforce the limits, reap it all.
 
-        With `render` (agent steps), JSON events are written to task.log readably and to events.jsonl whole.
+        With `render` (agent steps), JSON events are written to task.log readably and to events.jsonl whole,
+        and the lines where the CLI says it retries by itself (`retry_notice`) are shown as "=== runner:
+        <name>: 429, retrying 2/10 ===" and in status.json (`retrying`), count as no progress for the stall
+        check, and end the step once they have gone on for `retry_limit` seconds without progress.
         """
         outcome = Outcome(started_at=time.time())
         self._meter = UsageMeter() if render else None
@@ -1225,6 +1279,9 @@ class Runner:
         pending = b""
         longest = _EVENT_LINE_MAX if render else _CHUNK
         last_output = time.monotonic()
+        retrying_since: float | None = None  # when the CLI began retrying by itself, until its next progress
+        notice_of = _retry_reader() if render else None
+        retry_limit = self.task.retry_limit
         exited_at = term_at = gone_at = None
         eof = sent_kill = False
         while True:
@@ -1240,6 +1297,9 @@ class Runner:
                         outcome.reason, why = "timeout", "hard timeout reached"
                     elif stall_timeout is not None and now - last_output >= stall_timeout:
                         outcome.reason, why = "stalled", f"no output for {stall_timeout:g}s"
+                    elif retrying_since is not None and retry_limit is not None and now - retrying_since >= retry_limit:
+                        outcome.reason = "retrying"
+                        why = f"{name} retried by itself for {retry_limit:g}s without progress; moving on"
                 elif not eof and now - exited_at >= _LEFTOVER_GRACE:
                     why = "step exited but its background processes hold its output"
                 if why is not None:
@@ -1267,14 +1327,29 @@ class Runner:
             if not data:
                 eof = True
                 continue
-            last_output = time.monotonic()
             pending += data
             *lines, pending = pending.split(b"\n")
             if len(pending) >= longest:  # a long line goes in pieces; a secret across a cut is kept whole
                 piece, pending = _cut(self.log.mask_bytes(pending), self.log.overlap)
                 lines.append(piece)
+            progressed = not lines  # part of a line is output all the same
             for raw in lines:
-                tail.add(self._record(raw.decode("utf-8", "replace"), render))
+                text = raw.decode("utf-8", "replace")
+                notice = notice_of(text) if notice_of is not None else None
+                tail.add(self._record(text, render))
+                if notice is None:
+                    progressed = True
+                    continue
+                outcome.retries += 1
+                outcome.last_retry = notice
+                retrying_since = retrying_since or time.monotonic()
+                self._write_status(retrying=self.log.mask(f"{name}: {notice}"))
+                self.log.line(f"=== runner: {name}: {notice} ===")
+            if progressed:
+                last_output = time.monotonic()
+                if retrying_since is not None:
+                    retrying_since = None
+                    self._write_status(retrying=None)
         if pending:
             tail.add(self._record(pending.decode("utf-8", "replace"), render))
         proc.stdout.close()
@@ -1470,6 +1545,12 @@ class _ExitVerdict:
     reset_at: float | None = None
     retry_after: float | None = None
     matched: str = ""
+
+
+def _retry_reader() -> Any:
+    """The classifier's `retry_notice` (None when no classifier imports, or an older copy lacks it)."""
+    classifier, _ = _classifier()
+    return getattr(classifier, "retry_notice", None)
 
 
 def _classify(output: str, exit_code: int | None) -> Any:

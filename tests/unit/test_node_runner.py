@@ -400,7 +400,7 @@ def test_a_300_kib_prompt_reaches_the_agent_whole_on_stdin(tmp_path: Path) -> No
     steps = build_steps(Spec(task_id="S30", path=tmp_path / "S30.md", body="", models=["claude"]), prompt)
     assert all(prompt not in part for part in steps[0]["argv"])
     run_dir, log = tmp_path / "S30", tmp_path / "fake.jsonl"
-    _write_task(run_dir, steps, env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_AGENT_LOG": str(log)})
+    _write_task(run_dir, steps, node_env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}, env={"FAKE_AGENT_LOG": str(log)})
     done = _runner("run", str(run_dir))
     assert done.returncode == 0, (run_dir / "task.log").read_text()[-2000:]
     received = json.loads(log.read_text(encoding="utf-8").splitlines()[-1])
@@ -647,3 +647,62 @@ def test_a_runner_outside_a_run_root_writes_nothing_above_its_directory(tmp_path
     assert _runner("run", str(run_dir)).returncode == 0
     assert _json(run_dir / "status.json")["state"] == "succeeded"
     assert not list(tmp_path.rglob(".live"))
+
+
+# -- the CLIs' own retries, refusals and hangs: the chain moves on in seconds (issue 20) ----------------------
+
+API_RETRY = ('{"type":"system","subtype":"api_retry","attempt":%d,"max_retries":10,"retry_delay_ms":30000,'
+             '"error_status":429,"error":"rate_limit","session_id":"s"}')  # Claude Code 2.1 stream-json
+
+
+def test_an_agent_retrying_by_itself_is_shown_and_passed_over_after_the_retry_limit(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S40"
+    events = "; ".join(f"echo {shlex.quote(API_RETRY % n)}" for n in (1, 2))
+    _write_task(run_dir, [_agent("glm", f"{events}; sleep 60"), _agent("claude", "echo done")],
+                stall_timeout=20, retry_limit=1.5)
+    began = time.monotonic()
+    assert _runner("run", str(run_dir)).returncode == 0
+    assert time.monotonic() - began < 10  # not the 20 s stall, nor glm's own 10 retries
+    result = _json(run_dir / "result.json")
+    glm, claude = result["attempts"]
+    assert (glm["verdict"], claude["verdict"], result["model"]) == ("transient", "ok", "claude")
+    assert glm["retries"] == 2 and glm["last_retry"] == "429, retrying 2/10 in 30s"
+    assert "gave up after 1.5s of its own retries" in glm["reason"]
+    log = (run_dir / "task.log").read_text(encoding="utf-8")
+    assert "=== runner: glm: 429, retrying 1/10 in 30s ===" in log and "retrying 2/10" in log
+
+
+def test_reconnecting_lines_are_not_progress_for_the_stall_check(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S41"
+    # codex with its endpoint unreachable never exits: it says this every ~35 s (here every 0.2 s)
+    waiting = "while true; do echo 'Reconnecting... waiting for network'; sleep 0.2; done"
+    _write_task(run_dir, [_agent("codex", waiting), _agent("claude", "echo done")], timeout=15, stall_timeout=20,
+                retry_limit=1)
+    assert _runner("run", str(run_dir), timeout=40).returncode == 0
+    result = _json(run_dir / "result.json")
+    assert [(a["model"], a["verdict"]) for a in result["attempts"]] == [("codex", "transient"), ("claude", "ok")]
+    assert "waiting for network" in result["attempts"][0]["reason"]
+
+
+def test_a_cli_refusing_to_start_names_the_fix_and_the_chain_moves_on(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S42"
+    refusal = "error: unexpected argument '--full-auto' found\n\nUsage: codex exec [OPTIONS] [PROMPT]"
+    root = "--dangerously-skip-permissions cannot be used with root/sudo privileges for security reasons"
+    _write_task(run_dir, [_agent("codex", _says(refusal, 2)), _agent("glm", _says(root, 1)),
+                          _agent("claude", "echo done")])
+    assert _runner("run", str(run_dir)).returncode == 0
+    codex, glm, claude = _json(run_dir / "result.json")["attempts"]
+    assert (codex["verdict"], glm["verdict"], claude["verdict"]) == ("config", "config", "ok")
+    assert "--full-auto" in codex["reason"] and "IS_SANDBOX=1" in glm["reason"]
+
+
+def test_an_agent_that_hangs_with_no_output_falls_back_unless_it_is_the_last_model(tmp_path: Path) -> None:
+    run_dir = tmp_path / "S43"
+    _write_task(run_dir, [_agent("glm", "sleep 60"), _agent("claude", "echo done")], stall_timeout=1)
+    assert _runner("run", str(run_dir)).returncode == 0
+    result = _json(run_dir / "result.json")
+    assert [(a["model"], a["verdict"]) for a in result["attempts"]] == [("glm", "stalled"), ("claude", "ok")]
+    last = tmp_path / "S44"
+    _write_task(last, [_agent("glm", "sleep 60")], stall_timeout=1)
+    assert _runner("run", str(last)).returncode == 1
+    assert _json(last / "result.json")["status"] == "stalled"
