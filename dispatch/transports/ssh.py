@@ -206,7 +206,11 @@ class SSHTransport:
             return None
         previous = self.pool.run(self.target, f"cat {quoted}/task.json", timeout=_COMMAND_TIMEOUT,
                                  check=False).stdout
-        same = request.cache_key in previous
+        try:  # the same attempt only when its task.json names exactly this cache key (not one containing it)
+            task = json.loads(previous or "{}")
+        except ValueError:
+            task = {}
+        same = isinstance(task, dict) and task.get("cache_key") == request.cache_key
         if status.get("alive") or status.get("pid_alive"):  # a late heartbeat under load is still alive
             if same:
                 return int(status["runner_pid"])

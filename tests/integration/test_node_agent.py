@@ -300,3 +300,15 @@ def test_a_late_success_with_long_acceptance_is_waited_for_not_lost(transport: S
     result = transport.run(request, lines.append)
 
     assert result.status == "succeeded", (result.status, result.reason, lines[-5:])
+
+
+def test_an_attempt_is_recovered_only_by_its_own_cache_key_not_one_that_contains_it(transport: SSHTransport):
+    done = transport.run(_request(transport, "KEYS", "true", key="k1-edited"), lambda line: None)
+    assert done.status == "succeeded"
+    run_dir = transport.run_dir("agent", "KEYS")
+
+    found = transport._attach(transport.runner(), run_dir, _request(transport, "KEYS", "true", key="k1"))
+
+    assert found is None, "k1 is another attempt than k1-edited: its result must not be taken for k1's"
+    assert isinstance(transport._attach(transport.runner(), run_dir,
+                                        _request(transport, "KEYS", "true", key="k1-edited")), dict)
