@@ -64,6 +64,8 @@ class ClusterNode(Block):
         default=None, description="Models whose CLI the node has (glm, claude, codex, ...); unset: any model.")
     remote_root: str = Field(default="dispatch", description="The node's run root; relative to the login's home.")
     python: str = Field(default="python3", description="The node's Python 3, for the node runner.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment for every spec on the node, e.g. PATH (no secrets).")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Other nodes.json fields, kept as they were (api_mode, executor, ...).")
 
@@ -79,7 +81,7 @@ class ClusterNode(Block):
             priority=self.priority, models=frozenset(self.models) if self.models is not None else None,
             ssh_host=self.ssh_host, host=self.host, port=self.port, user=self.user, key_path=self.key_path,
             known_hosts=self.known_hosts, trust_on_first_use=self.trust_on_first_use, ssh_config=self.ssh_config,
-            remote_root=self.remote_root, python=self.python, options=dict(self.options),
+            remote_root=self.remote_root, python=self.python, env=dict(self.env), options=dict(self.options),
         )
 
     @classmethod
@@ -99,7 +101,7 @@ class ClusterNode(Block):
             private_key=SecretStr(key) if isinstance(key, str) else key, known_hosts=node.known_hosts,
             trust_on_first_use=node.trust_on_first_use, ssh_config=node.ssh_config, labels=sorted(node.labels),
             priority=node.priority, models=sorted(node.models) if node.models is not None else None,
-            remote_root=node.remote_root, python=node.python, options=options,
+            remote_root=node.remote_root, python=node.python, env=dict(node.env), options=options,
         )
 
     def ssh_target(self, *, connect_timeout: float = 10.0) -> SSHTarget:
