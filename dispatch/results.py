@@ -44,6 +44,7 @@ class AcceptanceCheck(BaseModel):
     passed: bool
     exit_code: int | None = None
     output_tail: str = ""
+    duration: float | None = Field(default=None, description="seconds the command took on the node")
 
 
 class Verification(BaseModel):
@@ -82,6 +83,11 @@ class SpecResult(BaseModel):
     node_fault: bool = False
     branch: str = Field(default="", description="git mode: the spec's branch")
     commit: str = Field(default="", description="git mode: the commit pushed to it")
+    skipped_models: list[str] = Field(default_factory=list, description="models of the chain the runner passed "
+                                                                        "over without running them (cool-down)")
+    runner_version: str = Field(default="", description="the node runner's sha256 that ran it")
+    hostname: str = Field(default="", description="the node's host name, as the node itself says")
+    workdir: str = Field(default="", description="where the spec worked on the node")
 
     @classmethod
     def from_runner(cls, data: dict, *, project: str, task_id: str, **overrides) -> SpecResult:

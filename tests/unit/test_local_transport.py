@@ -38,3 +38,15 @@ def test_an_edited_spec_waits_for_the_old_runner_to_stop_before_its_own_starts(t
     assert result.status == "succeeded", (result.status, result.reason, lines)
     assert "edited" in "\n".join(lines)
     assert old["result"].status != "succeeded", "the edited spec's old runner must not finish its work"
+
+
+def test_the_result_keeps_what_the_runner_reports(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    request = _request(root, "k", ["true"]).model_copy(update={"acceptance": ["true"]})
+
+    result = LocalTransport(root).run(request, lambda line: None)
+
+    assert result.status == "succeeded", result.reason
+    assert len(result.runner_version) == 64 and result.hostname and result.workdir == request.workdir
+    assert result.acceptance[0].duration is not None and result.acceptance[0].duration >= 0
+    assert result.skipped_models == []
