@@ -11,6 +11,8 @@ import getpass
 import io
 import logging
 import os
+import re
+import shlex
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _TCP_USER_TIMEOUT_MS = 60_000
+_MAX_SSH_CONFIG = 1 << 20
+_SETTING = re.compile(r"(\w+)(?:\s*=\s*|\s+)(.+)")  # paramiko's SSHConfig.SETTINGS_REGEX
+_NEVER_MATCHES = "Match host !*"
 _known_hosts_lock = threading.Lock()
 
 
@@ -90,7 +95,7 @@ def resolve_target(name: str, ssh_host: str, *, host: str | None = None, port: i
     config_file = Path(ssh_config_path or "~/.ssh/config").expanduser()
     entry: dict[str, Any] = {}
     if config_file.is_file():
-        entry = dict(paramiko.SSHConfig.from_path(str(config_file)).lookup(alias))
+        entry = dict(read_ssh_config(config_file).lookup(alias))
     elif ssh_config_path is not None:
         raise ConfigError(f"node {name}: ssh config {config_file} does not exist (fix ssh_config_path)")
     identities = [os.path.expanduser(str(path)) for path in entry.get("identityfile", [])]
@@ -107,6 +112,49 @@ def resolve_target(name: str, ssh_host: str, *, host: str | None = None, port: i
         trust_on_first_use=trust_on_first_use,
         connect_timeout=connect_timeout,
     )
+
+
+def _match_runs_a_command(line: str) -> bool:
+    """Whether an ssh config line is a `Match` with an `exec` criterion (paramiko runs it during lookup)."""
+    found = _SETTING.match(line.strip())
+    if not found or found.group(1).lower() != "match":
+        return False
+    try:
+        words = shlex.split(found.group(2))
+    except ValueError:
+        words = found.group(2).split()
+    return any(word.lower().lstrip("!") == "exec" for word in words)
+
+
+def read_ssh_config(path: Path) -> paramiko.SSHConfig:
+    """An ssh config, read so that looking a host up never runs a command.
+
+    paramiko's `SSHConfig.lookup` runs a `Match exec "..."` criterion's command (through invoke) to decide
+    whether the block applies; a block with one is read as matching no host, and a warning names the line.
+    `ProxyCommand`, `LocalCommand` and `KnownHostsCommand` are never run: `connect_client` opens the TCP
+    connection itself and uses only HostName, Port, User, IdentityFile and UserKnownHostsFile.
+
+    Raises:
+        ConfigError: the file cannot be read, is larger than 1 MiB, or is no ssh config.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_MAX_SSH_CONFIG + 1)
+    except OSError as exc:
+        raise ConfigError(f"ssh config {path}: cannot read it: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_SSH_CONFIG:
+        raise ConfigError(f"ssh config {path}: larger than {_MAX_SSH_CONFIG >> 20} MiB; point ssh_config at a "
+                          "smaller file")
+    lines = raw.decode("utf-8", "replace").splitlines()
+    for number, line in enumerate(lines):
+        if _match_runs_a_command(line):
+            logger.warning("ssh config %s line %d: a Match with exec is skipped (dispatch runs no command from an "
+                           "ssh config): %s", path, number + 1, line.strip()[:200])
+            lines[number] = _NEVER_MATCHES
+    try:
+        return paramiko.SSHConfig.from_text("\n".join(lines))
+    except (paramiko.ConfigParseError, ValueError) as exc:
+        raise ConfigError(f"ssh config {path}: cannot be read: {str(exc)[:200]}") from None
 
 
 class _UnknownHostKey(paramiko.SSHException):
