@@ -351,11 +351,24 @@ def _codex(events: list[dict], exit_code: int | None, now: float) -> Verdict | N
             message = event.get("message")
     if not isinstance(message, str) or not message.strip():
         return Verdict("ok", "Codex turn completed, exit code 0") if exit_code == 0 else None
+    retrying = _RECONNECTING.match(_ANSI.sub("", message).strip())
+    if retrying is not None:  # it was stopped while retrying by itself: the retry says why
+        return _codex_retrying(retrying.group("detail").strip(" ()….·-"), now)
     verdict = _scan(message.split("\n"), now, None)
     if verdict is not None:
         return verdict
     said = _SECRET.sub("[redacted]", message.strip().split("\n")[0])[:120]
     return Verdict("failure", f"Codex turn failed: {said}")
+
+
+def _codex_retrying(detail: str, now: float) -> Verdict:
+    """A Codex run stopped while it said "Reconnecting... <detail>": what the detail says, else unreachable."""
+    verdict = _scan([detail], now, None)
+    if verdict is not None:
+        return verdict
+    said = _SECRET.sub("[redacted]", detail)[:100]
+    return Verdict("transient", f"endpoint unreachable (codex kept reconnecting: {said or 'waiting for network'}): "
+                                "check the model's base URL and that its provider is up")
 
 
 def _scan(lines: list[str], now: float, earlier_reset: float | None) -> Verdict | None:
@@ -700,7 +713,7 @@ def _auth_text(match: re.Match[str], text: str, now: float) -> Verdict:
 
 
 def _unreachable(match: re.Match[str], text: str, now: float) -> Verdict:
-    cause = match.group("cause") or "connection error"
+    cause = match.group("cause") or match.group("code") or "connection refused"
     return Verdict("transient", f"endpoint unreachable ({cause}): check the model's base URL and that its "
                                 "provider is up")
 
@@ -787,8 +800,11 @@ _CLAUDE_RETRYING = re.compile(
     r"(?i)[■⚠•●⎿*>\s-]*api error\s*\(?\s*(?P<status>[45]\d\d)?\b.{0,300}?\bretrying in\b.*?"
     r"(?:\(attempt (?P<attempt>\d+/\d+)\))?\s*$"
 )
-_UNREACHABLE = re.compile(
-    r"api error\s*:\s*(?:unable to connect to api\b(?:\s*\((?P<cause>\w{1,40})\))?|connection error\b)", re.I)
+_UNREACHABLE = re.compile(  # Claude Code 2.1.332: "API Error: Connection refused — a firewall ... (ECONNREFUSED)"
+    r"api error\s*:\s*(?:unable to connect to api\b(?:\s*\((?P<cause>\w{1,40})\))?"
+    r"|connection (?:refused|error)\b(?:.{0,160}?\((?P<code>E[A-Z]{2,20})\))?)",
+    re.I,
+)
 _CLI_REFUSED = re.compile(
     r"--dangerously-skip-permissions cannot be used with root/sudo privileges"
     r"|not inside a trusted directory"
@@ -846,7 +862,7 @@ _RULES: list[tuple[tuple[str, ...], re.Pattern[str], str, _Handler]] = [
     (("root/sudo", "trusted directory", "unexpected argument", "unknown option"), _CLI_REFUSED, _TEXT,
      _cli_refused),
     (("missing environment variable",), _MISSING_KEY, _TEXT, _missing_key),
-    (("unable to connect", "connection error"), _UNREACHABLE, _TEXT, _unreachable),
+    (("unable to connect", "connection error", "connection refused"), _UNREACHABLE, _TEXT, _unreachable),
     (("rate limit",), _CLAUDE_API_RATE_LIMIT, _TEXT, _claude_api_rate_limit),
     (("in organization",), _OPENAI_RATE_LIMIT, _TEXT, _openai_rate_limit),
     (

@@ -831,3 +831,23 @@ def test_a_clis_own_retry_lines_are_read_as_they_come(line: str, notice: str) ->
 ])
 def test_an_agent_talking_about_retries_is_not_a_retry(line: str) -> None:
     assert retry_notice(line) is None
+
+
+def test_claude_code_2_1_332s_refused_connection_is_unreachable() -> None:
+    text = "API Error: Connection refused — a firewall or proxy may be blocking it (ECONNREFUSED)"  # agent_facts
+    verdict = classify(_claude_error(text), 1, now=NOW)
+    assert verdict.kind == "transient" and "ECONNREFUSED" in verdict.reason
+
+
+def test_codex_stopped_while_reconnecting_is_unreachable_or_what_its_retry_says() -> None:
+    def stopped(message: str) -> str:  # codex 0.171 never exits on its own here: only these events, then a kill
+        return "\n".join(json.dumps({"type": "error", "message": message}) for _ in range(3)) + "\n"
+
+    waiting = "Reconnecting... waiting for network (Connection failed: error sending request)"
+    verdict = classify(stopped(waiting), None, now=NOW)
+    assert verdict.kind == "transient" and "unreachable" in verdict.reason
+    limited = "Reconnecting... 1/5 (exceeded retry limit, last status: 429 Too Many Requests)"
+    assert classify(stopped(limited), None, now=NOW).reason == "rate limited (429)"
+    unauthorized = ("Reconnecting... 1/5 (unexpected status 401 Unauthorized: Incorrect API key provided: sk-abc***, "
+                    "url: http://127.0.0.1:9/v1/responses)")
+    assert classify(stopped(unauthorized), None, now=NOW).kind == "auth"
