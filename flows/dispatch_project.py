@@ -32,14 +32,14 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import build_prompt, build_steps, build_verify_steps
+from dispatch.agents import build_prompt, build_steps, build_verify_steps, model_variables
 from dispatch.budgets import Budgets
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
 from dispatch.dag import Project, select
 from dispatch.drain_watch import RunDrain
 from dispatch.durations import DurationHistory, first_model
-from dispatch.errors import DispatchError
+from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
 from dispatch.nodes_admin import SERVER_ERRORS
@@ -50,6 +50,7 @@ from dispatch.runtime import ClusterRuntime
 from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.shares import FairShare, MachineShares, ServerShares
+from dispatch.specs import model_env_errors
 from dispatch.transports import RunRequest
 from dispatch.transports.agent import NODE_FULL
 from dispatch.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
@@ -148,6 +149,8 @@ class ProjectRun:
                         if project.specs[t].kind == "agent"}
         self.reviews: dict[str, str] = {}  # task id -> the review of the verifier that rejected its last attempt
         self.catalog, self.model_secrets = self._agent_models()
+        if errors := model_env_errors(self._selected_specs.values(), model_variables(self.catalog)):
+            raise ProjectInvalid(project.name, errors)  # a spec's env: sets a configured model's variable
         # values to mask that no step is given: this process's credentials (the local node's steps could read
         # them from /proc; remote nodes never see them)
         self.mask_only = settings.secret_values()
@@ -281,7 +284,8 @@ class ProjectRun:
             steps=steps, verify=verify,
             timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
             heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
-            env={**self.nodes[assignment.node].env, **spec.env, "DISPATCH_SPEC_FILE": spec.path.name}, git=git)
+            env={**spec.env, "DISPATCH_SPEC_FILE": spec.path.name}, node_env=self.nodes[assignment.node].env,
+            git=git)
 
     def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
         """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""
@@ -528,6 +532,9 @@ class ProjectRun:
         if not cached and not self.stop_reason:
             self._record_duration(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
+        row.fallback = result.fallback()
+        if row.fallback and not cached:
+            self.logger.info("%s: models passed over: %s", task_id, row.fallback)
         row.duration, row.cached = result.duration, cached
         if cached:
             row.started_at, row.ended_at, row.node = result.started_at, result.ended_at, result.node

@@ -23,7 +23,7 @@ def _run(tmp_path: Path, steps: list[dict]) -> tuple[Path, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     task = {"project": "demo", "task_id": "S01", "workdir": str(tmp_path / "work"), "timeout": 60,
             "stall_timeout": 30, "heartbeat": 0.5, "steps": steps,
-            "env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
+            "node_env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
     (run_dir / "task.json").write_text(json.dumps(task), encoding="utf-8")
     subprocess.run([sys.executable, "-S", str(RUNNER_PATH), "run", str(run_dir)], capture_output=True, timeout=60,
                    stdin=subprocess.DEVNULL)

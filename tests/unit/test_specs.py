@@ -544,3 +544,55 @@ def test_a_longer_fence_is_closed_only_by_a_fence_as_long(tmp_path: Path) -> Non
     text = ("---\nkind: agent\n---\n## Reproduce\n````text\n```\n## Acceptance criteria\n- [ ] `rm -rf ~`\n```\n"
             "````\n\n## Acceptance criteria\n- [ ] `pytest -q`\n")
     assert _parse_ok(tmp_path, "S01-a.md", text).acceptance == ["pytest -q"]
+
+
+# Names a spec's env may not set: which program runs, or where an agent sends its key (issue 19, item 2).
+# Env names are case-sensitive on Linux; the suffixes are refused in any case (some tools read lower-case ones).
+@pytest.mark.parametrize("name", [
+    "PATH", "HOME", "LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "NODE_OPTIONS", "PYTHONPATH",
+    "PYTHONSTARTUP", "ANTHROPIC_BASE_URL", "anthropic_base_url", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY",
+    "openai_api_key", "ANTHROPIC_AUTH_TOKEN", "GITHUB_TOKEN", "Github_Token", "IS_SANDBOX", "HTTPS_PROXY",
+    "https_proxy", "NODE_EXTRA_CA_CERTS", "CODEX_HOME", "CLAUDE_CONFIG_DIR", "TOKEN",
+])
+def test_a_spec_env_may_not_set_what_decides_where_an_agent_runs_or_sends_its_key(tmp_path: Path,
+                                                                                  name: str) -> None:
+    path = _write(tmp_path, "S01-x.md", f"---\nenv: {{APP_ENV: test, {name}: x}}\n---\n## Goal\nx\n")
+    spec, errors = parse_spec(path)
+    assert [e.field for e in errors] == ["env"], errors
+    assert f"may not set {name}:" in errors[0].message and str(path) in str(errors[0])
+    assert "dispatch models / AgentModel" in errors[0].message, "the message says where endpoints and keys go"
+
+
+def test_a_spec_env_naming_several_protected_variables_is_refused_naming_each(tmp_path: Path) -> None:
+    text = ("---\nexecutor: claude\nenv: {ANTHROPIC_BASE_URL: 'http://169.254.169.254/steal', "
+            "NODE_OPTIONS: '--require ./x.js', APP_ENV: test}\n---\n## Goal\nx\n")
+    spec, errors = parse_spec(_write(tmp_path, "S01-x.md", text))
+    assert [e.field for e in errors] == ["env"]
+    assert "ANTHROPIC_BASE_URL, NODE_OPTIONS" in errors[0].message and "169.254" not in errors[0].message
+
+
+@pytest.mark.parametrize("name", ["NODE_ENV", "APP_ENV", "DATABASE_URL", "LANG_CODE", "PY_VERSION", "TOKENS_MAX"])
+def test_a_spec_env_keeps_ordinary_project_variables(tmp_path: Path, name: str) -> None:
+    assert _parse_ok(tmp_path, "S01-x.md", f"---\nenv: {{{name}: x}}\n---\n## Goal\nx\n").env == {name: "x"}
+
+
+def test_every_variable_of_a_built_in_model_is_refused_in_a_spec_env(tmp_path: Path) -> None:
+    from dispatch.agents import BUILTIN_MODELS, model_variables
+    from dispatch.specs import env_problem
+
+    names = model_variables(BUILTIN_MODELS)
+    assert {"ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ZAI_API_KEY", "OPENAI_API_KEY"} <= names
+    assert all(env_problem([name]) for name in names)
+
+
+def test_a_configured_models_variables_are_refused_once_the_run_knows_them(tmp_path: Path) -> None:
+    from dispatch.agents import ModelSpec, model_variables
+    from dispatch.specs import model_env_errors
+
+    bedrock = ModelSpec("bedrock", ("claude", "-p"), {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": "eu-west-1"},
+                        key_env="AWS_SECRET_ACCESS_KEY")
+    plain = _parse_ok(tmp_path, "S01-x.md", "---\nenv: {AWS_REGION: us-east-1}\n---\n## Goal\nx\n")
+    other = _parse_ok(tmp_path, "S02-y.md", "---\nenv: {APP_ENV: test}\n---\n## Goal\nx\n")
+    errors = model_env_errors([plain, other], model_variables({"bedrock": bedrock}))
+    assert [(e.path, e.field) for e in errors] == [(str(plain.path), "env")]
+    assert "may not set AWS_REGION" in errors[0].message

@@ -64,7 +64,7 @@ def _run(tmp_path: Path, steps: list[dict]) -> dict:
     run_dir = tmp_path / "tasks" / "S01"
     run_dir.mkdir(parents=True)
     task = {"project": "demo", "task_id": "S01", "workdir": str(tmp_path / "work"), "timeout": 60,
-            "stall_timeout": 30, "heartbeat": 0.5, "steps": steps, "env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
+            "stall_timeout": 30, "heartbeat": 0.5, "steps": steps, "node_env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
     (run_dir / "task.json").write_text(json.dumps(task), encoding="utf-8")
     subprocess.run([sys.executable, "-S", str(RUNNER_PATH), "run", str(run_dir)], capture_output=True, timeout=60,
                    stdin=subprocess.DEVNULL)
@@ -230,7 +230,7 @@ def test_usage_is_read_by_the_runner_under_the_oldest_python_a_node_may_have(tmp
     run_dir.mkdir(parents=True)
     task = {"project": "demo", "task_id": "S01", "workdir": str(tmp_path / "work"), "timeout": 60,
             "steps": [{"name": "claude", "argv": CLAUDE, "stdin": "FAKE: mode=ok cost=0.04\n"}],
-            "env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
+            "node_env": {"PATH": f"{bin_dir}:/usr/bin:/bin"}}
     (run_dir / "task.json").write_text(json.dumps(task), encoding="utf-8")
     done = subprocess.run([python, "-S", str(RUNNER_PATH), "run", str(run_dir)], capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
