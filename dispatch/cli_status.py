@@ -15,7 +15,7 @@ from rich.table import Table
 
 from dispatch.cli_common import EXIT_INVALID, MARK, checked, console, err
 from dispatch.monitor import local_slot_use
-from dispatch.report import money, render_markdown, table_rows, usage_line
+from dispatch.report import model_text, money, render_markdown, table_rows, usage_line
 from dispatch.results import load_all_states, load_state, pid_alive
 from dispatch.settings import get_settings
 from dispatch.usage import run_usage
@@ -94,13 +94,13 @@ def status(
         console.print(f"  usage: {usage_line(state)}", soft_wrap=True)
         if not project:
             continue
-        table = Table("spec", "state", "node", "attempts", "duration", "cost", "reason")
+        table = Table("spec", "state", "node", "model", "attempts", "duration", "cost", "reason")
         for task_id, row in state.specs.items():
             duration = f"{row.duration:.1f}s" if row.duration is not None else (
                 f"{time.time() - row.started_at:.0f}s…" if row.state == "running" and row.started_at else "-")
             label = f"{MARK.get(row.state, '')} {row.state}" + (" (cached)" if row.cached else "")
-            table.add_row(task_id, label, row.node or "-", str(row.attempts), duration, money(row.cost_usd),
-                          row.reason[:80])
+            table.add_row(task_id, label, row.node or "-", escape(model_text(row)), str(row.attempts), duration,
+                          money(row.cost_usd), escape(row.reason[:80]))
         console.print(table)
     if team is not None:
         _print_team_runs(settings, team)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from dispatch.results import ProjectState
+from dispatch.results import ProjectState, SpecRow
 
 _TAIL_LINES = 20
 
@@ -41,6 +41,21 @@ def money(cost: float | None) -> str:
     return f"${cost:.4f}" if cost is not None else "-"
 
 
+def total_money(costs: list[float | None]) -> float | None:
+    """The total of costs as they are shown (each to $0.0001), so that a total agrees with the rows above it;
+    None when none is known."""
+    known = [round(cost, 4) for cost in costs if cost is not None]
+    return round(sum(known), 4) if known else None
+
+
+def model_text(row: SpecRow) -> str:
+    """The model that did the work, and the ones passed over before it: `claude (after glm: quota until 14:05)`."""
+    if not row.fallback:
+        return row.model or "-"
+    passed, _, _ = row.fallback.partition(" -> ")
+    return f"{row.model or '-'} (after {passed})"
+
+
 def _tokens(value: int | None) -> str:
     return f"{value:,}" if value is not None else "-"
 
@@ -50,7 +65,8 @@ def table_rows(state: ProjectState) -> list[dict]:
     the spec reported; None where no agent reported it)."""
     return [
         {"spec": task_id, "state": row.state + (" (cached)" if row.cached else ""), "node": row.node or "-",
-         "model": row.model or "-", "attempts": row.attempts, "duration_s": round(row.duration or 0.0, 2),
+         "model": row.model or "-", "fallback": row.fallback, "attempts": row.attempts,
+         "duration_s": round(row.duration or 0.0, 2),
          "cost_usd": row.cost_usd, "input_tokens": row.input_tokens, "output_tokens": row.output_tokens,
          "exit_code": row.exit_code, "reason": row.reason}
         for task_id, row in state.specs.items()
@@ -60,7 +76,7 @@ def table_rows(state: ProjectState) -> list[dict]:
 def usage_line(state: ProjectState) -> str:
     """`$0.0800 reported, 2,400 tokens in / 400 out; 1 attempt(s) reported no cost`: this run's usage."""
     rows = state.specs.values()
-    cost = sum(r.cost_usd for r in rows if r.cost_usd is not None)
+    cost = total_money([r.cost_usd for r in rows])
     tokens_in = sum(r.input_tokens or 0 for r in rows)
     tokens_out = sum(r.output_tokens or 0 for r in rows)
     unknown = sum(r.attempts_without_cost for r in rows)
@@ -114,7 +130,8 @@ def render_markdown(state: ProjectState, runs_dir: Path | None = None, ui_links:
         reason = (row["reason"] or "").replace("|", "\\|").replace("\n", " ")[:120]
         task_run = state.specs[row["spec"]].task_run_id if ui_links else None
         spec = f"[{row['spec']}](/runs/task-run/{task_run})" if task_run else row["spec"]
-        lines.append(f"| {spec} | {row['state']} | {row['node']} | {row['model']} | {row['attempts']} | "
+        model = model_text(state.specs[row["spec"]]).replace("|", "\\|")
+        lines.append(f"| {spec} | {row['state']} | {row['node']} | {model} | {row['attempts']} | "
                      f"{row['duration_s']:.1f}s | {money(row['cost_usd'])} | {_tokens(row['input_tokens'])}/"
                      f"{_tokens(row['output_tokens'])} | {row['exit_code'] if row['exit_code'] is not None else '-'} | "
                      f"{reason} |")

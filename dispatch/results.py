@@ -101,6 +101,19 @@ class SpecResult(BaseModel):
     def succeeded(self) -> bool:
         return self.status == SUCCEEDED
 
+    def fallback(self) -> str:
+        """Which models of the chain were passed over and why, and which one did the work ('' when the first
+        model ran alone), e.g. `glm: quota until 14:05; minimax: CLI missing -> claude`."""
+        agents = [a for a in self.attempts if not a.role]
+        passed = [f"{model}: on cool-down" for model in self.skipped_models]
+        passed += [f"{a.model}: {_passed_over(a)}" for a in agents[:-1] if a.verdict != "ok"]
+        if not passed:
+            return ""
+        last = agents[-1].model if agents else ""
+        done = f" -> {last}" if last and self.succeeded else (f" -> {last} ({_passed_over(agents[-1])})" if last
+                                                              else "")
+        return "; ".join(passed) + done
+
     def usage(self) -> Usage | None:
         """The summed usage of its attempts that reported one (None when none did)."""
         total = None
@@ -108,6 +121,26 @@ class SpecResult(BaseModel):
             if attempt.usage is not None:
                 total = attempt.usage if total is None else total.plus(attempt.usage)
         return total
+
+
+def _passed_over(attempt: Attempt) -> str:
+    """Why a model's attempt did not do the work, in a few words (`dispatch status`, the report)."""
+    reason = attempt.reason.strip()
+    if attempt.verdict == "quota":
+        until = time.strftime("%H:%M", time.localtime(attempt.reset_at)) if attempt.reset_at else "its reset"
+        return f"quota until {until}"
+    if attempt.verdict == "billing":
+        return "billing (blocked until `dispatch models reset`)"
+    if attempt.verdict == "transient":
+        lowered = reason.lower()
+        if "refused" in lowered or "unable to connect" in lowered or "unreachable" in lowered:
+            return "connection refused"
+        return f"limited ({reason[:60] or 'rate limit'})"
+    if attempt.verdict == "failure" and "on PATH" in reason:
+        return "CLI missing"
+    if attempt.verdict in ("auth", "config"):
+        return f"{attempt.verdict}: {reason[:80]}"
+    return f"{attempt.verdict or 'failed'}" + (f": {reason[:60]}" if reason else "")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -152,6 +185,8 @@ class SpecRow(BaseModel):
     input_tokens: int | None = None
     output_tokens: int | None = None
     attempts_without_cost: int = Field(default=0, description="agent attempts that reported no cost (unknown)")
+    fallback: str = Field(default="", description="the models passed over and why, then the one that did the work "
+                                                  "(SpecResult.fallback); '' when the first model ran alone")
 
     @field_validator("cost_usd", "input_tokens", "output_tokens", mode="before")
     @classmethod

@@ -532,6 +532,9 @@ class ProjectRun:
         if not cached and not self.stop_reason:
             self._record_duration(result)
         row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
+        row.fallback = result.fallback()
+        if row.fallback and not cached:
+            self.logger.info("%s: models passed over: %s", task_id, row.fallback)
         row.duration, row.cached = result.duration, cached
         if cached:
             row.started_at, row.ended_at, row.node = result.started_at, result.ended_at, result.node

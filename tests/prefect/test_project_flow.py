@@ -216,6 +216,8 @@ def test_billing_error_moves_on_blocks_the_model_and_says_so_loudly(run_project,
                "## Goal\nWrite again.\n")
     state, summary = run_project("billing")
     assert summary.specs["S01-first"].state == "succeeded" and summary.specs["S01-first"].model == "claude"
+    fallback = summary.specs["S01-first"].fallback  # what `dispatch status` and the report show
+    assert fallback.startswith("glm: billing") and fallback.endswith(" -> claude"), fallback
     blocked = Variable.get("dispatch_cooldown_glm")
     assert blocked["kind"] == "billing" and "1113" in blocked["reason"]
     assert blocked["until"] > time.time() + 300 * 86400, "a billing block lasts until a person clears it"
