@@ -216,7 +216,10 @@ class Budgets:
             if machine == machine_key(self._settings):
                 continue  # this machine's own spend is its ledger's, always current
             for key in ("model", "user"):
-                for name, cost in (value.get(key) or {}).items():
+                group = value.get(key) if isinstance(value, dict) else None
+                if not isinstance(group, dict):  # another machine's value is hostile input too: skip what is no map
+                    continue
+                for name, cost in group.items():
                     if (cost := total_figure(cost)) is not None:  # finite and bound: never inf
                         others[(key, str(name), day)] = others.get((key, str(name), day), 0.0) + cost
         self._others = others

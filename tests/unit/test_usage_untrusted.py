@@ -149,6 +149,19 @@ def test_a_forged_spend_published_by_other_machines_does_not_block_a_budget(isol
     assert budgets.check(["claude"], "alice", []) == (["claude"], "")
 
 
+def test_spend_of_other_machines_that_is_no_map_is_skipped_not_a_crash(isolated_home: Path, monkeypatch):
+    from dispatch import budgets as budgets_module
+    from dispatch.settings import get_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # team mode; never called (team_spend below)
+    monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
+    get_settings.cache_clear()
+    published = {"m1": {"model": ["claude", 30], "user": "alice"}, "m2": "junk", "m3": {"model": {"claude": 25}}}
+    monkeypatch.setattr(budgets_module, "team_spend", lambda day: published)
+    allowed, why = budgets_module.Budgets(get_settings()).check(["claude"], "alice", [])
+    assert allowed == [] and "claude" in why, "m3's well-formed spend still counts"
+
+
 def test_monitor_json_is_strict_json_with_an_older_state_files_infinite_cost(isolated_home: Path, monkeypatch):
     from typer.testing import CliRunner
 
