@@ -20,7 +20,7 @@ import yaml
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.generated import slug
 from dispatch.pipeline.results import LAYER_NAMES, Bug
-from dispatch.pipeline.workspace import VENV_DIR
+from dispatch.pipeline.workspace import in_venv
 
 _ORDER = {"S1": 0, "S2": 1, "S3": 2}
 _PRIORITY = {"S1": 1, "S2": 2, "S3": 3}
@@ -76,11 +76,10 @@ def _render(task_id: str, bug: Bug, config: PipelineConfig, cycle: int) -> str:
     reproduce = bug.reproduce.strip()
     # the project's own commands run in the workspace venv L3 made (<code>/.venv, where the app's packages are)
     # when the node has one
-    in_venv = f'PATH="$PWD/{VENV_DIR}/bin:$PATH"'
     if bug.layer == "L4d" and "\n" not in reproduce and "`" not in reproduce and _COMMAND.match(reproduce):
-        acceptance.append(f"- [ ] `{in_venv} {reproduce}`")
+        acceptance.append(f"- [ ] `{in_venv(reproduce)}`")
     if config.regression.command and "`" not in config.regression.command:
-        acceptance.append(f"- [ ] `{in_venv} {config.regression.command}`")
+        acceptance.append(f"- [ ] `{in_venv(config.regression.command)}`")
     acceptance.append("- [ ] the reproduction above no longer shows the defect (the pipeline's L4 runs it again "
                       "after this spec)")
     again = (f" This is fix cycle {cycle}: the fix of the previous cycle did not remove the defect, so look "

@@ -4,7 +4,7 @@ A batch is up to `BATCH_FILES` files of one top-level folder, in path order. Eac
 `modifies` = its files, `depends_on` the batches whose files its files import (Python imports, JS relative
 imports; never a cycle), `model` = the `implement` models and `verify` = the `verify` models of pipeline.yaml,
 and the sections an agent acts on: goal, findings, concrete changes, constraints, acceptance criteria (runnable
-commands: compile, grep that the markers are gone, the project's test command), do not do.
+commands: compile, grep that the markers are gone, the project's test command in the workspace venv), do not do.
 
 Files whose names cannot be quoted plainly in a spec (spaces, quotes, backticks, `$`) are left out and named.
 """
@@ -22,6 +22,7 @@ import yaml
 from dispatch.pipeline.analyze import Finding
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.generated import slug
+from dispatch.pipeline.workspace import in_venv
 
 BATCH_FILES, MAX_SPECS, MAX_LISTED = 3, 50, 40
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9_./@+-]*$")
@@ -167,7 +168,8 @@ def _render(draft: DraftSpec, config: PipelineConfig) -> str:
         if marked:
             acceptance.append(f"- [ ] `! grep -nE '{pattern}' {' '.join(marked)}`")
     if config.regression.command and "`" not in config.regression.command:
-        acceptance.append(f"- [ ] `{config.regression.command}`")
+        # in the workspace venv, with the project's packages: L2 builds it before its specs run
+        acceptance.append(f"- [ ] `{in_venv(config.regression.command)}`")
     acceptance.append("- [ ] every finding listed above is resolved in the code, not hidden or renamed")
     needs = f" It builds on the work of {', '.join(draft.depends_on)}." if draft.depends_on else ""
     body = "\n".join([

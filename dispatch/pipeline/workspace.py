@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from dispatch.errors import ConfigError
 from dispatch.paths import local_path
+from dispatch.pipeline.config import Backend
+from dispatch.pipeline.shell import StepResult, run_step
 from dispatch.runner.node_runner import base_environment
 from dispatch.settings import BUNDLED_EXAMPLES
 
@@ -123,6 +125,30 @@ def ensure_venv(code_dir: Path, *, inherit_packages: bool) -> Path:
     elif pth.exists():
         pth.unlink()
     return venv
+
+
+def in_venv(command: str) -> str:
+    """`command` as a spec's acceptance item runs it: with the workspace venv (`$PWD/.venv`, the workdir being
+    the code) first on PATH, so `python`, `pytest` and the project's packages are the project's. A node
+    without that venv falls back to its own PATH."""
+    return f'PATH="$PWD/{VENV_DIR}/bin:$PATH" {command}'
+
+
+def build_environment(code_dir: Path, backend: Backend, timeout: float) -> StepResult | None:
+    """Make the workspace venv and run `backend.install` in it, as L3 does, for the specs that run before L3
+    (L2's): their acceptance commands (`in_venv`) need the project's packages.
+
+    Returns:
+        The install step; None when `backend.install` is not set (the venv alone, or nothing at all when the
+        pipeline starts no app: then L3 makes no venv either).
+    """
+    if not (backend.install or backend.start):
+        return None
+    ensure_venv(code_dir, inherit_packages=backend.inherit_packages)
+    if not backend.install:
+        return None
+    return run_step("install", backend.install, cwd=code_dir, env=step_environment(code_dir, backend.env),
+                    timeout=timeout)
 
 
 def step_environment(code_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

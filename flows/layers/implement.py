@@ -2,8 +2,10 @@
 
 The specs live in the project's generated-spec directory (dispatch/pipeline/generated.py) and run as the
 project `<project>.pipeline`: same slots, locks, model chain, retries and nodes as `dispatch start`, with the
-pipeline's code directory. No generated spec is a PASS ("nothing to implement"); a spec that fails fails the
-layer; no agent CLI for a spec's models (when every node is this machine) is NOT RUN with the install command.
+pipeline's code directory, once the project's environment is built as L3 builds it (the workspace venv and
+`backend.install`: the specs' acceptance runs the project's tests in it). No generated spec is a PASS
+("nothing to implement"); a failing install or spec fails the layer; no agent CLI for a spec's models (when
+every node is this machine) is NOT RUN with the install command.
 
 Run it alone: `python -m flows.layers.implement <project> <code_dir> <run_dir>`; the pipeline flow runs it as L2.
 """
@@ -22,6 +24,7 @@ from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.dispatching import missing_clis, result_of_run
 from dispatch.pipeline.generated import generated_dir, load_specs, run_key
 from dispatch.pipeline.results import LayerResult, Status
+from dispatch.pipeline.workspace import build_environment
 from dispatch.results import load_state, state_path
 from dispatch.settings import get_settings
 from dispatch.specs import spec_files
@@ -29,7 +32,7 @@ from flows.dispatch_project import dispatch_project
 
 
 def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir: str, evidence_dir: Path,
-                       force: bool) -> LayerResult:
+                       force: bool, config: PipelineConfig | None = None) -> LayerResult:
     """Run some generated specs through the project flow (as a subflow) and judge the layer by their results.
 
     Args:
@@ -39,6 +42,8 @@ def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir:
         code_dir: the code they work on.
         evidence_dir: where the run's state file is copied (`run_dir/<layer>/...`).
         force: run them even when an unchanged spec already succeeded (L5: the bug is still there).
+        config: when given, the project's environment is built first from its `backend` (L2: L3 has not
+            built it yet).
     """
     started = time.time()
     settings = get_settings()
@@ -61,6 +66,13 @@ def dispatch_generated(project: str, layer: str, files: list[Path], *, code_dir:
     if why := missing_clis(proj, ids, load_nodes(settings)):
         return ended(LayerResult(layer=layer, status=Status.NOT_RUN, reason=why,
                                  evidence={"specs": [str(p) for p in files]}))
+    if config is not None:
+        timeout = config.layer("L3").timeout or 900.0
+        install = build_environment(Path(code_dir), config.backend, timeout)
+        if install is not None and not install.ok:
+            return ended(LayerResult(layer=layer, status=Status.FAIL, evidence={"log_tail": install.tail},
+                                     reason="the project's environment, which the specs' acceptance needs, could "
+                                            f"not be built: {install.describe()}"))
     state = dispatch_project(project, only=ids, force=force, generated=True, code_dir=code_dir, return_state=True)
     summary = load_state(settings.state_dir, key)
     if summary is not None and summary.flow_run_id != str(state.state_details.flow_run_id):
@@ -89,7 +101,7 @@ def implement(project: str, code_dir: str, run_dir: str, config: PipelineConfig)
         return LayerResult(layer="L2", status=Status.PASS, started_at=time.time(), ended_at=time.time(),
                            reason=f"nothing to implement: no generated S* spec in {directory}")
     return dispatch_generated(project, "L2", files, code_dir=code_dir, evidence_dir=Path(run_dir) / "L2",
-                              force=False)
+                              force=False, config=config)
 
 
 if __name__ == "__main__":

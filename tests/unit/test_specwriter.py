@@ -75,7 +75,8 @@ def test_acceptance_commands_run_fail_on_the_gaps_and_pass_once_they_are_fixed(t
                 for c in project.specs[task_id].acceptance]
 
     assert project.specs["S02-d"].acceptance == ["python3 -m py_compile app/d.py",
-                                                 "! grep -nE 'NotImplemented' app/d.py", config.regression.command]
+                                                 "! grep -nE 'NotImplemented' app/d.py",
+                                                 'PATH="$PWD/.venv/bin:$PATH" ' + config.regression.command]
     assert results("S02-d")[1] != 0 and results("S03-app-util")[0] != 0, "the gaps are still there"
     (code / "app" / "d.py").write_text("def helper():\n    return 1\n")
     (code / "web" / "app.js").write_text("import { get } from './util.js'\nconst API = process.env.APP_URL\n")
@@ -88,3 +89,18 @@ def test_files_whose_names_cannot_be_quoted_are_left_out_and_named(tmp_path: Pat
     drafts, notes = draft_specs(scan_code(code).findings, code, PipelineConfig())
     assert all("we`ird" not in d.text for d in drafts)
     assert len(notes) == 1 and "left out" in notes[0]
+
+
+def test_the_test_command_runs_with_the_projects_venv_not_the_nodes_python(tmp_path: Path, code: Path) -> None:
+    # L2 builds <code>/.venv (backend.install) before its specs run; their acceptance must use it
+    venv_bin = code / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text("#!/bin/sh\necho the venv python \"$@\"\n")
+    (venv_bin / "python").chmod(0o755)
+    config = PipelineConfig.model_validate({"regression": {"command": "python -m pytest -q"}})
+    drafts, _ = draft_specs(scan_code(code).findings, code, config)
+    project = load_project("shop.pipeline", _write(tmp_path, drafts))
+    test_command = project.specs["S02-d"].acceptance[-1]
+    ran = subprocess.run(["/bin/bash", "-c", test_command], cwd=code, capture_output=True, text=True,
+                         env={"PATH": "/nonexistent"})  # the node's PATH has no python at all
+    assert ran.returncode == 0 and ran.stdout == "the venv python -m pytest -q\n", ran.stderr
