@@ -1,7 +1,7 @@
 """`dispatch snapshot` and `dispatch restore`: the scheduler's history into one archive, and back.
 
     dispatch snapshot [--dest DIR] [--keep N] [--json]   the Prefect database + DISPATCH_HOME's history, checksummed
-    dispatch restore <archive> [--json]                   all or nothing; refused while a dispatcher runs
+    dispatch restore <archive> [--json] [--trust]         all or nothing; refused while a dispatcher runs
 
 Exit codes: 0 done; 1 refused (something still runs) or the database copy failed; 2 invalid input (a damaged,
 tampered or unsafe archive, a missing checksum file, a bad setting). Neither imports Prefect.
@@ -60,6 +60,10 @@ def snapshot(
 def restore(
     archive: Annotated[Path, typer.Argument(help="An archive written by `dispatch snapshot` (its .sha256 beside it).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    trust: Annotated[bool, typer.Option(
+        "--trust", help="Accept settings of the archive that run commands (an ssh_config with Match exec or "
+                        "ProxyCommand, a node's python with shell syntax, ...); without it they are refused.")]
+    = False,
 ):
     """Bring back a snapshot: the Prefect database (runs, states) and DISPATCH_HOME's state, reports and cache.
 
@@ -71,7 +75,7 @@ def restore(
 
     settings = get_settings()
     try:
-        done = restore_archive(settings, archive.expanduser())
+        done = restore_archive(settings, archive.expanduser(), trust=trust)
     except (ArchiveInvalid, ConfigError) as exc:
         raise _fail(exc, EXIT_INVALID) from None
     except RestoreRefused as exc:
@@ -80,8 +84,11 @@ def restore(
         console.print_json(data={"archive": str(done.archive), "created_at": done.created_at,
                                  "database": done.database, "areas": done.areas, "files": done.files,
                                  "stopped_server": done.stopped_server, "seconds": round(done.seconds, 3),
+                                 "trusted": done.trusted,
                                  "restart_server": done.database.startswith("PostgreSQL")})
         return
+    for line in done.trusted:
+        console.print(f"[yellow]trusted (--trust), will run:[/] {escape(line)}", soft_wrap=True)
     if done.stopped_server:
         console.print(f"stopped the local Prefect server (pid {', '.join(map(str, done.stopped_server))}); the next "
                       "command starts it again")

@@ -9,7 +9,8 @@ In this order, so that a damaged archive, or a refusal, changes nothing:
 3. every member checked before anything is extracted: only directories and regular files, names under
    `home/<area>/`, `database/` or `manifest.json`, no absolute path, no `..`, no link, bounded count and size;
 4. extracted into a staging directory inside DISPATCH_HOME, each file's sha256 and size checked against the
-   manifest, the SQLite copy checked by SQLite;
+   manifest, the SQLite copy checked by SQLite; the restored nodes.json and projects.json refused when they
+   hold settings that run commands (dispatch/restore_trust.py), unless `--trust` accepts them;
 5. then the local server is stopped (embedded mode), the database replaced (pg_restore in one transaction),
    and each area of the home swapped for the archive's by renames (the old ones removed afterwards).
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tarfile
@@ -26,8 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dispatch.errors import DispatchError
+from dispatch.errors import ConfigError, DispatchError
+from dispatch.restore_trust import command_settings
 from dispatch.results import load_all_states, pid_alive
+from dispatch.safeload import loads_json
 from dispatch.settings import DispatchSettings
 from dispatch.snapshot import AREAS, FILES, FORMAT, MANIFEST, sha256_file
 from dispatch.snapshot_db import Database, DatabaseCopyFailed, check_sqlite, copy_in, locate
@@ -59,6 +61,7 @@ class Restored:
     created_at: str
     stopped_server: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    trusted: list[str] = field(default_factory=list)
 
 
 def verify_checksum(archive: Path) -> str:
@@ -138,11 +141,13 @@ def _read_manifest(tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict:
         raise ArchiveInvalid(f"{MANIFEST} is larger than {_MAX_MANIFEST} bytes; nothing was restored")
     handle = tar.extractfile(member)
     try:
-        manifest = json.loads(handle.read(_MAX_MANIFEST + 1)) if handle else None
-    except ValueError as exc:
-        raise ArchiveInvalid(f"{MANIFEST} is no JSON ({exc}); nothing was restored") from exc
+        manifest = loads_json(handle.read(_MAX_MANIFEST + 1), f"the archive's {MANIFEST}") if handle else None
+    except ConfigError as exc:
+        raise ArchiveInvalid(f"{exc}; nothing was restored") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("database"), dict):
+            or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("database"), dict) \
+            or not isinstance(manifest["database"].get("member"), str) \
+            or not isinstance(manifest.get("areas", []), list):
         raise ArchiveInvalid(f"{MANIFEST} is not a format-{FORMAT} dispatch snapshot manifest; nothing was restored")
     return manifest
 
@@ -278,16 +283,35 @@ def _swap(settings: DispatchSettings, staging: Path, areas: list[str]) -> None:
         raise
 
 
-def restore(settings: DispatchSettings, archive: Path, database: Database | None = None) -> Restored:
+def _commands(settings: DispatchSettings, staging: Path, areas: list[str], trust: bool) -> list[str]:
+    """The archive's settings that run commands; refused unless `trust`."""
+    try:
+        found = command_settings(settings.home, staging / "home", areas)
+    except ConfigError as exc:
+        raise ArchiveInvalid(f"{exc}; nothing was restored") from exc
+    if found and not trust:
+        shown = "".join(f"\n  - {line}" for line in found[:20])
+        more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
+        raise ArchiveInvalid(f"the archive holds settings that run commands (on this machine, or on nodes):{shown}"
+                             f"{more}\nnothing was restored; if you trust where the archive came from, restore it "
+                             "with --trust")
+    return found
+
+
+def restore(settings: DispatchSettings, archive: Path, database: Database | None = None, *,
+            trust: bool = False) -> Restored:
     """Bring back a snapshot's database and home (see the module's docstring for the order of checks).
 
     Args:
         settings: whose home and database.
         archive: the `.tar.gz` written by `dispatch snapshot`, its `.sha256` beside it.
         database: the database to replace; default the one `snapshot_db.locate` finds.
+        trust: accept settings of the archive that run commands (dispatch/restore_trust.py); they are
+            listed in `Restored.trusted`.
 
     Raises:
-        ArchiveInvalid: damaged, tampered with, unsafe, or of another kind of database (exit 2).
+        ArchiveInvalid: damaged, tampered with, unsafe, of another kind of database, or (without `trust`)
+            carrying settings that run commands (exit 2).
         RestoreRefused: a dispatcher, runner or flow run still runs, or pg_restore failed (exit 1).
         ConfigError: team mode without the database's URL, or pg_restore missing.
     """
@@ -323,7 +347,8 @@ def restore(settings: DispatchSettings, archive: Path, database: Database | None
                 check_sqlite(copy)
             except DatabaseCopyFailed as exc:
                 raise ArchiveInvalid(str(exc)) from exc
-        areas = [a for a in manifest.get("areas", []) if a in AREAS or a in FILES]
+        areas = [a for a in manifest.get("areas", []) if isinstance(a, str) and (a in AREAS or a in FILES)]
+        trusted = _commands(settings, staging, areas, trust)
         with _ServerLock(settings):
             _refuse_if_busy(settings)
             if settings.embedded:
@@ -346,5 +371,5 @@ def restore(settings: DispatchSettings, archive: Path, database: Database | None
         if database.kind == "sqlite" and database.path is not None:
             (database.path.parent / f".{database.path.name}.restoring").unlink(missing_ok=True)
     return Restored(archive=archive, database=database.describe(), areas=areas, files=count,
-                    created_at=str(manifest.get("created_at", "")), stopped_server=stopped,
-                    seconds=time.monotonic() - began)
+                    created_at=str(manifest.get("created_at", ""))[:100], stopped_server=stopped,
+                    seconds=time.monotonic() - began, trusted=trusted)
