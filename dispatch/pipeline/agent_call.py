@@ -4,7 +4,7 @@ L1's optional plan (the `analyze` models) and L4c's page scores (the `review` mo
 It runs the node runner locally (dispatch/transports/local.py), so a question gets what a spec gets: the prompt
 on stdin, an allow-list environment with only the running model's key, rate-limit classification with the
 next model on a limit, masking, a timeout. Models whose CLI is missing, that are unknown, or that are cooling
-down are left out beforehand, each with its reason; a quota or billing verdict cools the model down for the
+down are left out beforehand, each with its reason; a quota, billing or transient verdict cools the model for the
 team, as in the project flow. The answer is the model's final message (Claude Code's `result`, Codex's last
 agent message, else its output).
 """
@@ -74,14 +74,15 @@ def usable_models(models: list[str], catalog: dict[str, ModelSpec] | None = None
 
 
 def _record_limits(attempts: list[dict]) -> None:
-    from dispatch.cooldowns import API_ERRORS, Cooldowns
+    from dispatch.cooldowns import API_ERRORS, COOLING_KINDS, Cooldowns
 
     who = f"{getpass.getuser()}@{socket.gethostname()}"
-    for attempt in attempts:
-        if attempt.get("verdict") in ("quota", "billing") and attempt.get("model"):
+    for attempt in attempts:  # as a spec's attempts cool their models (Cooldowns.record_attempts), transient too
+        if attempt.get("verdict") in COOLING_KINDS and attempt.get("model"):
             try:
                 Cooldowns().record(attempt["model"], attempt["verdict"], attempt.get("reset_at"),
-                                   attempt.get("reason") or attempt["verdict"], who)
+                                   attempt.get("reason") or attempt["verdict"], who,
+                                   retry_after=attempt.get("retry_after"))
             except API_ERRORS:  # the answer (or the next model's) stands; the cool-down is a courtesy
                 pass
 

@@ -27,7 +27,7 @@ from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.generated import slug
 from dispatch.pipeline.results import Check, LayerResult, PageCapture, Status
 
-_RATE_KINDS = {"quota", "billing", "transient", "auth"}
+_RATE_KINDS = {"quota", "billing", "transient", "auth", "config"}  # the runner's: the next model is asked
 _PARALLEL = 4
 
 

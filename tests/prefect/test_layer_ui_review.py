@@ -94,3 +94,17 @@ def test_no_capture_is_not_run(prefect_api, run_dir: Path):
 
     result = ui_review("shop", str(run_dir), PipelineConfig(), [])
     assert result.status is Status.NOT_RUN and "L4b" in result.reason
+
+
+def test_a_transient_limit_in_a_layers_question_cools_the_model_for_the_team(prefect_api, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    from dispatch.cooldowns import Cooldowns
+    from dispatch.pipeline.agent_call import _record_limits
+
+    keeper = Cooldowns(refresh=0)
+    try:
+        _record_limits([{"model": "minimax", "verdict": "transient", "reason": "429 rate limit", "retry_after": 45}])
+        cooling = keeper.load().get("minimax")
+        assert cooling is not None and cooling["kind"] == "transient", cooling
+    finally:
+        keeper.clear("minimax")
