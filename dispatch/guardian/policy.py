@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dispatch.drain import drain, drained_nodes, undrain
+from dispatch.errors import ConfigError
 from dispatch.health import SERVER, Check
 from dispatch.results import write_json
+from dispatch.safeload import load_json
 from dispatch.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
@@ -50,8 +52,8 @@ def load_state(settings: DispatchSettings) -> dict[str, dict]:
     """`{target: {"failures": int, "failing": [check names], "drained": bool}}` (empty when none yet)."""
     if settings.embedded:
         try:
-            raw = json.loads(_file(settings).read_text())
-        except (OSError, ValueError):
+            raw = load_json(_file(settings), max_bytes=1 << 20)
+        except ConfigError:
             raw = {}
     else:
         from prefect.variables import Variable
@@ -137,13 +139,15 @@ def apply_policy(settings: DispatchSettings, checks: list[Check], drain_after: i
     return alerts, drained_now, undrained_now
 
 
-def send_alerts(settings: DispatchSettings, alerts: list[Alert]) -> tuple[str, list[str]]:
-    """Send each alert through the notification block `DISPATCH_ALERT_BLOCK` (secrets masked).
+def send_alerts(settings: DispatchSettings, alerts: list[Alert], block_name: str | None = None,
+                ) -> tuple[str, list[str]]:
+    """Send each alert through the notification block `block_name` (default `DISPATCH_ALERT_BLOCK`), secrets
+    masked.
 
     Returns:
         (where alerts go, for the report; the errors of alerts that could not be sent).
     """
-    name = settings.alert_block
+    name = block_name or settings.alert_block
     if not name:
         return "the log only (DISPATCH_ALERT_BLOCK is not set)", []
     if not alerts:
