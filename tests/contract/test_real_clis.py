@@ -1,0 +1,149 @@
+"""The contract tier: the pinned real agent CLIs (agents/package-lock.json) run specs through `dispatch start`,
+on the local node and on an SSH loopback node, against the fake model API (tests/fixtures/fake_provider.py).
+
+What the fake agent (tests/fixtures/fake_agent.py) stands in for in the fast tiers is proved here: each CLI
+starts with the argv and environment dispatch gives it (as root too), reaches the endpoint its model names with
+its own key, does a real tool round trip that writes hello.txt, reports its tokens (and Claude Code its cost),
+and a limited or unreachable model passes the spec to the next model in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.contract.conftest import (
+    KEYS,
+    SYSTEM_PATH,
+    agent_spec,
+    dispatch_start,
+    node_agent_bin,
+    result_attempts,
+    task_log,
+)
+from tests.fixtures.fake_provider import USAGE, WRITTEN_TEXT, FakeProvider, key_hash
+
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+
+FALLBACK_SECONDS = 15.0  # from a limited or unreachable first model's start to the next model's first request
+
+
+def _asked(provider: FakeProvider, model: str) -> list[dict]:
+    """The model API requests made with `model`'s key (each model has its own, conftest.KEYS)."""
+    return [r for r in provider.seen() if r["key"] == key_hash(KEYS[model]) and r["path"].endswith(
+        ("/messages", "/responses"))]
+
+
+def _explain(started, task_id: str) -> str:
+    row = started.state.specs.get(task_id) if started.state else None
+    attempts = json.dumps(result_attempts(row), indent=1)[-2000:] if row else ""
+    return f"{started.output[-3000:]}\n--- attempts\n{attempts}\n--- task.log\n{task_log(row) if row else ''}"
+
+
+def _wrote(project_dir: Path) -> str:
+    path = project_dir / "hello.txt"
+    return path.read_text() if path.is_file() else f"(no {path})"
+
+
+def test_claude_code_writes_the_file_and_reports_tokens_and_cost(point_models, provider: FakeProvider,
+                                                                  isolated_home: Path):
+    point_models(claude=provider.url("success"))
+    agent_spec(isolated_home / "specs" / "cc", "S01-hello", ["claude"])
+    started = dispatch_start("cc", isolated_home)
+    assert started.returncode == 0, _explain(started, "S01-hello")
+    row = started.row("S01-hello")
+    assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
+    assert _wrote(isolated_home / "projects" / "cc") == WRITTEN_TEXT
+    asked = _asked(provider, "claude")
+    assert [r["tool_result"] for r in asked] == [False, True], "one Write call, then its result, then the end"
+    assert "Write" in asked[0]["tools"]
+    assert (row.input_tokens, row.output_tokens) == (2 * USAGE["input_tokens"], 2 * USAGE["output_tokens"])
+    assert row.cost_usd is not None and row.cost_usd > 0, "Claude Code's result event carries total_cost_usd"
+
+
+def test_codex_writes_the_file_and_reports_tokens(point_models, provider: FakeProvider, isolated_home: Path):
+    point_models(codex=provider.url("success") + "/v1")
+    agent_spec(isolated_home / "specs" / "cx", "S01-hello", ["codex"])
+    started = dispatch_start("cx", isolated_home)
+    assert started.returncode == 0, _explain(started, "S01-hello")
+    row = started.row("S01-hello")
+    assert (row.state, row.model) == ("succeeded", "codex"), _explain(started, "S01-hello")
+    assert _wrote(isolated_home / "projects" / "cx") == WRITTEN_TEXT
+    asked = _asked(provider, "codex")
+    assert [r["tool_result"] for r in asked] == [False, True], "one shell call, then its output, then the end"
+    assert (row.input_tokens, row.output_tokens) == (2 * USAGE["input_tokens"], 2 * USAGE["output_tokens"])
+
+
+def test_a_rate_limited_glm_passes_to_claude_in_seconds_and_cools_down_for_the_next_spec(
+        point_models, provider: FakeProvider, isolated_home: Path):
+    point_models(glm=provider.url("429_retry_after"), claude=provider.url("success"))
+    specs = isolated_home / "specs" / "limited"
+    agent_spec(specs, "S01-first", ["glm", "claude"])
+    agent_spec(specs, "S02-second", ["glm", "claude"], depends_on=["S01"])
+    started = dispatch_start("limited", isolated_home)
+    assert started.returncode == 0, _explain(started, "S01-first")
+    assert {t: (r.state, r.model) for t, r in started.state.specs.items()} == {
+        "S01-first": ("succeeded", "claude"), "S02-second": ("succeeded", "claude")}, _explain(started, "S01-first")
+    glm, claude = _asked(provider, "glm"), _asked(provider, "claude")
+    assert glm and all(r["scenario"] == "429_retry_after" for r in glm)
+    assert claude[0]["time"] - glm[0]["time"] <= FALLBACK_SECONDS, \
+        f"claude started {claude[0]['time'] - glm[0]['time']:.1f} s after glm's first 429"
+    assert len(glm) == 1, "glm answered 429: S01 must not retry it, and S02 must start on claude (cool-down)"
+    assert _wrote(isolated_home / "projects" / "limited") == WRITTEN_TEXT
+
+
+def test_an_unreachable_glm_passes_to_claude_in_seconds(point_models, provider: FakeProvider, refused_url: str,
+                                                        isolated_home: Path):
+    point_models(glm=refused_url, claude=provider.url("success"))
+    agent_spec(isolated_home / "specs" / "refused", "S01-hello", ["glm", "claude"])
+    started = dispatch_start("refused", isolated_home)
+    assert started.returncode == 0, _explain(started, "S01-hello")
+    row = started.row("S01-hello")
+    assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
+    attempts = result_attempts(row)
+    glm = [a for a in attempts if a.get("model") == "glm"]
+    assert glm and glm[0]["ended_at"] - glm[0]["started_at"] <= FALLBACK_SECONDS, json.dumps(attempts)[-2000:]
+    assert _wrote(isolated_home / "projects" / "refused") == WRITTEN_TEXT
+
+
+@pytest.fixture
+def ssh_node(loopback_cluster, isolated_home: Path, node_shared: Path, monkeypatch: pytest.MonkeyPatch):
+    """DISPATCH_HOME/nodes.json with one loopback node (its own login user as root) whose PATH has the pinned
+    CLIs; no server slots (the session's SQLite server cannot hold them: see test_cluster_flow.py)."""
+    monkeypatch.setenv("DISPATCH_SERVER_SLOTS", "false")
+    agents = node_agent_bin(node_shared / "agents")
+    node = {**loopback_cluster.node("loop1"), "env": {"PATH": f"{agents}:{SYSTEM_PATH}"}}
+    (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [node]}))
+    return node
+
+
+def test_claude_code_and_codex_work_on_an_ssh_node(point_models, provider: FakeProvider, ssh_node: dict,
+                                                   isolated_home: Path):
+    point_models(claude=provider.url("success"), codex=provider.url("success") + "/v1")
+    specs = isolated_home / "specs" / "remote"
+    agent_spec(specs, "S01-claude", ["claude"])
+    agent_spec(specs, "S02-codex", ["codex"], depends_on=["S01"])
+    started = dispatch_start("remote", isolated_home)
+    assert started.returncode == 0, _explain(started, "S01-claude") + _explain(started, "S02-codex")
+    rows = started.state.specs
+    assert {t: (r.state, r.model, r.node) for t, r in rows.items()} == {
+        "S01-claude": ("succeeded", "claude", ssh_node["name"]), "S02-codex": ("succeeded", "codex", ssh_node["name"])}
+    assert [r["tool_result"] for r in _asked(provider, "claude")] == [False, True]
+    assert [r["tool_result"] for r in _asked(provider, "codex")] == [False, True]
+    assert rows["S01-claude"].cost_usd and rows["S02-codex"].output_tokens == 2 * USAGE["output_tokens"]
+    assert _wrote(isolated_home / "projects" / "remote") == WRITTEN_TEXT
+
+
+def test_a_rate_limited_glm_passes_to_claude_on_an_ssh_node(point_models, provider: FakeProvider, ssh_node: dict,
+                                                            isolated_home: Path):
+    point_models(glm=provider.url("glm_1302"), claude=provider.url("success"))
+    agent_spec(isolated_home / "specs" / "remote-limited", "S01-hello", ["glm", "claude"])
+    started = dispatch_start("remote-limited", isolated_home)
+    assert started.returncode == 0, _explain(started, "S01-hello")
+    row = started.row("S01-hello")
+    assert (row.state, row.model, row.node) == ("succeeded", "claude", ssh_node["name"]), \
+        _explain(started, "S01-hello")
+    glm, claude = _asked(provider, "glm"), _asked(provider, "claude")
+    assert glm and claude and claude[0]["time"] - glm[0]["time"] <= FALLBACK_SECONDS
