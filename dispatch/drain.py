@@ -14,13 +14,14 @@ two (the guardian's next cycle drains its node again); it never drains a node no
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from dispatch.errors import ConfigError
 from dispatch.paths import check_name
 from dispatch.results import write_json
+from dispatch.safeload import load_json
 from dispatch.settings import DispatchSettings
 
 VARIABLE = "dispatch_drained"
@@ -51,8 +52,8 @@ def drained_nodes(settings: DispatchSettings) -> dict[str, dict]:
     """
     if settings.embedded:
         try:
-            return parse_stored(json.loads(_file(settings).read_text()))
-        except (OSError, ValueError):
+            return parse_stored(load_json(_file(settings), max_bytes=1 << 20))
+        except ConfigError:  # missing, unreadable, or no (bounded) JSON: nothing drained
             return {}
     from prefect.variables import Variable
 

@@ -16,7 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from dispatch.errors import ConfigError
 from dispatch.paths import check_name, local_path, name_problem
+from dispatch.safeload import load_json, loads_json
 from dispatch.usage import Usage, agent_ran, total_figure
 
 # Final spec statuses written by the node runner, plus the dispatcher's own.
@@ -157,10 +159,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any | None:
-    """The JSON in `path`, or None when it is missing or unreadable (a run may be writing it)."""
+    """The JSON in `path`, or None when it is missing, unreadable (a run may be writing it), over 64 MiB or
+    nested too deep (dispatch/safeload.py: nodes and agents write some of these files)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_json(path, max_bytes=64 << 20)
+    except ConfigError:
         return None
 
 
@@ -287,8 +290,8 @@ def cached_results(cache_dir: Path, project: str) -> list[Path]:
         result = record.get("result") if isinstance(record, dict) else None
         if isinstance(result, str):  # the serializer's JSON text of the SpecResult
             try:
-                result = json.loads(result)
-            except ValueError:
+                result = loads_json(result, str(path))
+            except ConfigError:
                 continue
         if isinstance(result, dict) and isinstance(result.get("data"), dict):  # {"__class__": ..., "data": {...}}
             result = result["data"]

@@ -8,11 +8,11 @@ over the dispatcher's SSH pool, or locally for the `local` node.
 
 from __future__ import annotations
 
-import json
 import shlex
 from typing import Any
 
-from dispatch.errors import NodeError
+from dispatch.errors import ConfigError, NodeError
+from dispatch.safeload import loads_json
 
 MAX_OUTPUT = 1_000_000  # a node's answer is hostile input: bounded before it is parsed
 MAX_RUNS = 2000  # run directories reported per node
@@ -105,8 +105,8 @@ def parse_probe(node: str, output: str) -> dict[str, Any]:
         raise NodeError(node, f"the probe's answer is {len(output)} characters, over {MAX_OUTPUT}: refused")
     lines = output.strip().splitlines()
     try:
-        data = json.loads(lines[-1]) if lines else None
-    except ValueError:
+        data = loads_json(lines[-1], f"node {node}: the probe's answer") if lines else None
+    except ConfigError:
         data = None
     if not isinstance(data, dict):
         raise NodeError(node, f"the probe printed no JSON object: {output.strip()[-300:]!r}")

@@ -89,6 +89,7 @@ def _huge_spec(root: Path) -> None:
 def _home_file(name: str, text: str) -> Callable[[Path], None]:
     """Set-up: `home/<name>` holds `text`."""
     def setup(root: Path) -> None:
+        (root / "home" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "home" / name).write_text(text, encoding="utf-8")
     return setup
 
@@ -229,6 +230,11 @@ CASES = [
     Case("node-user-number", ("nodes",), _OK_SPEC, ("nodes.json", "gpu1", "user", "a string"), setup=_nodes(user=5)),
     Case("local-node-without-slots-uses-the-cpu-count", ("nodes", "--json"), _OK_SPEC, ('"box"', '"slots"'),
          exit_code=0, setup=_home_file("nodes.json", json.dumps({"nodes": [{"name": "box", "transport": "local"}]}))),
+    # -- files of ours in the home that nodes, the guardian or a snapshot write: damaged ones are ignored
+    Case("drained-json-nested-100000-is-ignored", ("nodes",), _OK_SPEC, ("local",), exit_code=0,
+         setup=_home_file("drained.json", "[" * 100_000 + "]" * 100_000)),
+    Case("guardian-state-nested-100000-is-ignored", ("guardian", "--once"), _OK_SPEC, ("checks in",), exit_code=0,
+         setup=_home_file("guardian/state.json", "[" * 100_000 + "]" * 100_000)),
     # -- pipeline.yaml
     Case("pipeline-yaml-nested-20000", ("pipeline", "run", "shop"), _OK_SPEC, ("pipeline.yaml", "nest"),
          setup=_pipeline_yaml("[" * 20_000 + "]" * 20_000 + "\n")),
