@@ -1,13 +1,16 @@
 """`dispatch pipeline run|status`: the six-layer pipeline from the command line.
 
 `run` checks the configuration and the layer selection before Prefect is imported (exit 2, nothing run),
-then runs the `pipeline` flow in this process with a line per layer as it ends. `status` reads the run's
+then runs the `pipeline` flow in this process with a line per layer as it ends, on the Prefect server
+`dispatch start` uses (embedded: this home's local server), and prints the flow run's page in the Prefect UI
+when it begins and in the summary. `status` reads the run's
 report files only (no Prefect), so it answers at once. Exit codes: 0 every layer run passed, 1 a layer
 FAIL or NOT RUN, 2 invalid configuration or options; `status` exits 1 only when there is no run to show.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -18,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dispatch.cli_server import connect_prefect
 from dispatch.errors import ConfigError
 from dispatch.pipeline.config import CONFIG_NAME, load_pipeline_config
 from dispatch.pipeline.results import LAYER_NAMES
@@ -48,9 +52,19 @@ def _row_line(row: dict) -> str:
             f"{escape(row['reason'][:300])}")
 
 
-def _listener(stream: Console):
+def _flow_run_page(ui: str | None, flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI, as `dispatch start` prints it (None: no UI to show it)."""
+    from dispatch.cli import _flow_run_url
+
+    return _flow_run_url(ui, flow_run_id) if ui and flow_run_id else None
+
+
+def _listener(stream: Console, ui: str | None):
     def listen(event: str, data: dict) -> None:
-        if event == "start":
+        if event == "flow_run":
+            if page := _flow_run_page(ui, data["id"]):
+                stream.print(f"  flow run in the Prefect UI: {page}", soft_wrap=True)
+        elif event == "start":
             cycle = f" (cycle {data['cycle']})" if data["cycle"] else ""
             stream.print(f"[cyan]    ...[/] {data['layer']} {LAYER_NAMES.get(data['layer'], '')}{cycle}")
         else:
@@ -59,7 +73,7 @@ def _listener(stream: Console):
     return listen
 
 
-def _summary(record: RunRecord) -> None:
+def _summary(record: RunRecord, ui: str | None) -> None:
     colour = "green" if record.exit_code == 0 else "red"
     took = (record.ended_at or time.time()) - record.started_at
     console.print(f"[{colour}]{record.project} {record.state}[/] in {took:.1f}s (run {record.run_id}): "
@@ -71,6 +85,8 @@ def _summary(record: RunRecord) -> None:
         console.print(f"  [red]{bug['severity']}[/] {bug['id']} {escape(bug['where'])}: {escape(bug['title'])}"
                       + (f" ({escape(bug['file'])})" if bug.get("file") else ""), soft_wrap=True)
     console.print(f"  reports: {escape(str(project_dir(get_settings().home, record.project) / record.run_id))}")
+    if page := _flow_run_page(ui, record.flow_run_id):
+        console.print(f"  in the Prefect UI: {page}", soft_wrap=True)
 
 
 @pipeline_app.command("run")
@@ -91,8 +107,9 @@ def run(
         load_pipeline_config(settings.specs_root_for(project) / CONFIG_NAME)
     except ConfigError as exc:
         raise _invalid(str(exc)) from None
-    os.environ.update(settings.prefect_environment(verbose=verbose))
-    if settings.embedded and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
+    # as `dispatch start`: the flow is imported while a local server this command starts comes up
+    ui = connect_prefect(settings, verbose=verbose, meanwhile=lambda: importlib.import_module("flows.pipeline"))
+    if settings.embedded and ui is None and sys.platform == "linux" and os.environ.get("PREFECT_HOME"):
         from dispatch.embedded import reap_orphaned_servers
 
         reap_orphaned_servers(os.environ["PREFECT_HOME"])
@@ -100,8 +117,9 @@ def run(
 
     stream = err if as_json else console
     stream.print(f"pipeline [bold]{escape(project)}[/] on "
-                 + ("embedded Prefect (SQLite under DISPATCH_HOME)" if settings.embedded else settings.prefect_api_url))
-    listener = _listener(stream)
+                 + (settings.prefect_api_url if not settings.embedded else f"the local Prefect server ({ui})" if ui
+                    else "a temporary Prefect server (SQLite under DISPATCH_HOME)"), soft_wrap=True)
+    listener = _listener(stream, ui)
     LISTENERS.append(listener)
     try:
         pipeline(project, from_layer=from_layer, to_layer=to_layer, only=only, force=force, return_state=True)
@@ -115,8 +133,10 @@ def run(
         raise typer.Exit(1)
     if as_json:
         console.print_json(data=record.model_dump(mode="json"))
+        if page := _flow_run_page(ui, record.flow_run_id):
+            err.print(f"  in the Prefect UI: {page}", soft_wrap=True)
     else:
-        _summary(record)
+        _summary(record, ui)
     raise typer.Exit(record.exit_code if record.exit_code is not None else 1)
 
 

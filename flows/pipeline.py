@@ -21,12 +21,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 
 from dispatch.pipeline import app as apps
+from dispatch.pipeline.browser_qa import screenshots_markdown
 from dispatch.pipeline.config import CONFIG_NAME, PipelineConfig, load_pipeline_config
 from dispatch.pipeline.masking import pipeline_masker
-from dispatch.pipeline.results import LAYER_NAMES, LayerResult, Status
+from dispatch.pipeline.results import LAYER_NAMES, LayerResult, Status, layer_run_name
 from dispatch.pipeline.runs import (
     LayerCache,
     LayerRow,
@@ -46,8 +48,10 @@ from flows.layers import resolve
 from flows.layers.build import build
 from flows.layers.deploy import deploy
 from flows.layers.test import run_tests
+from flows.layers.verdict import judged, result_of
 
-# Progress listeners of the CLI in this process: called with ("start", {"layer", "cycle"}) and ("end", row).
+# Progress listeners of the CLI in this process: called with ("flow_run", {"id"}) once the run has begun, then
+# ("start", {"layer", "cycle"}) and ("end", row) per layer.
 LISTENERS: list[Callable[[str, dict], None]] = []
 _SLICES = {"L1": ("models", "thresholds", "api", "pages"), "L2": ("models",), "L3": ("backend", "frontend"),
            "L4": ("backend", "frontend", "pages", "api", "browser_flows", "regression", "thresholds", "models"),
@@ -69,8 +73,10 @@ class PipelineRun:
         self.masker = pipeline_masker(m for chain in config.models.model_dump().values() for m in chain)
         self.cache = LayerCache(run_dir.parent)
         self.latest: dict[str, LayerResult] = {}
+        flow_run = get_run_context().flow_run
         self.record = RunRecord(project=project, run_id=run_dir.name, code_dir=str(code_dir),
-                                started_at=time.time(), selection=layers + (sub or []))
+                                started_at=time.time(), selection=layers + (sub or []),
+                                flow_run_id=str(flow_run.id) if flow_run else None)
         self.logger = get_run_logger()
 
     # --- keys, cache, reports -----------------------------------------------------------------------------
@@ -117,13 +123,10 @@ class PipelineRun:
                 description=self.masker.mask(f"**{item.layer} {LAYER_NAMES.get(item.layer, '')}: "
                                              f"{item.status.value}**{' (cached)' if result.cached else ''} "
                                              f"cycle {result.cycle}: {item.reason}\n\nreport: `{item.report_path}`"))
-            shots = item.evidence.get("screenshots") or {}
-            if shots:
-                lines = ["| page | viewport | screenshot |", "|---|---|---|"]
-                lines += [f"| {name.rsplit(' ', 1)[0]} | {name.rsplit(' ', 1)[1]} | [{Path(png).name}]"
-                          f"({Path(png).as_uri()}) |" for name, png in shots.items()]
-                create_markdown_artifact(markdown="\n".join(lines), key=_artifact_key(f"{self.project}-screenshots"),
-                                         description=f"L4b screenshots, kept in {self.run_dir / 'L4b'}")
+            if shots := item.evidence.get("screenshots") or {}:  # images in the artifact: any browser shows them
+                create_markdown_artifact(markdown=screenshots_markdown(shots),
+                                         key=_artifact_key(f"{self.project}-screenshots"),
+                                         description="L4b screenshots (the full-size PNGs stay with the run)")
         if result.layer == "L4" and result.bugs:
             create_table_artifact(table=self.masker.mask_data([b.model_dump(include={
                 "id", "severity", "layer", "where", "title", "file"}) for b in result.bugs]),
@@ -141,19 +144,12 @@ class PipelineRun:
             listener("start", {"layer": layer, "cycle": cycle})
         result = None
         for attempt in range(1, (settings.attempts or 1) + 1):
-            name = f"{self.project} {layer}" + (f" cycle {cycle}" if cycle else "") + \
-                   (f" attempt {attempt}" if attempt > 1 else "")
             started = time.time()
-            state = subflow.with_options(flow_run_name=name, timeout_seconds=settings.timeout)(
+            # the run ends in the state of its verdict; the verdict comes back here, never as an exception
+            state = judged(subflow, layer_run_name(self.project, layer, cycle, attempt), settings.timeout)(
                 **arguments, return_state=True)
-            value = state.result(raise_on_failure=False) if state.is_completed() else None
-            if isinstance(value, LayerResult):
-                result = value
-            else:
-                result = LayerResult(layer=layer, status=Status.FAIL,
-                                     reason=f"{state.name}: {state.message or 'no result'}"[:500])
-            result = result.model_copy(update={"attempts": attempt, "cycle": cycle, "started_at": started,
-                                               "ended_at": time.time()})
+            result = result_of(state, layer).model_copy(update={"attempts": attempt, "cycle": cycle,
+                                                                "started_at": started, "ended_at": time.time()})
             if result.status is not Status.FAIL:
                 break
             if attempt < (settings.attempts or 1):
@@ -317,6 +313,8 @@ def pipeline(project: str, from_layer: str | None = None, to_layer: str | None =
     run_dir.mkdir(parents=True)
     run = PipelineRun(project, config, code_dir, run_dir, layers, sub, force)
     save_run(run_dir, run.record, run.masker.mask_data)
+    for listener in LISTENERS:
+        listener("flow_run", {"id": run.record.flow_run_id})
     try:
         run.execute()
     except BaseException as exc:

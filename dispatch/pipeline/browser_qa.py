@@ -5,10 +5,15 @@ Playwright's sync API waits for load states and selectors itself, reports consol
 and failed requests as events, and needs no separate driver binary (Selenium would need Debian's
 chromium-driver in lock-step with the browser). No browser or no Playwright: `BrowserMissing`, which the
 layer reports as NOT RUN with the install command; never PASS.
+
+Each full-page PNG gets a small JPEG beside it (`thumbnail_path`), drawn by the same Chromium, which the
+pipeline embeds in its screenshots artifact (`screenshots_markdown`): the Prefect UI shows the images from
+the artifact itself, on any machine, where a `file://` link to the PNG is refused by the browser.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -25,6 +30,9 @@ INSTALL_HINT = "apt-get install chromium; pip install 'oyster-dispatch[pipeline]
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 _ACTION_MS = 5000
 _SETTLE_MS = 3000
+THUMBNAIL_WIDTH, THUMBNAIL_HEIGHT, THUMBNAIL_QUALITY = 480, 960, 70  # px at most (the page's top), JPEG quality
+EMBEDDED_MAX, EMBEDDED_BYTES = 12, 150_000  # images in one artifact, bytes of one image (before base64)
+_THUMBNAIL_SOURCE_BYTES = 20_000_000  # a larger PNG gets no thumbnail
 
 
 class BrowserMissing(Exception):
@@ -58,6 +66,59 @@ def _browser_own(url: str) -> bool:
 
 def _slug(index: int, path: str) -> str:
     return f"{index:02d}-{re.sub(r'[^A-Za-z0-9]+', '_', path).strip('_')[:40] or 'root'}"
+
+
+def thumbnail_path(png: Path) -> Path:
+    """The small JPEG beside a screenshot (`01-cart-375x812.png` -> `01-cart-375x812.thumb.jpg`)."""
+    return png.with_suffix(".thumb.jpg")
+
+
+def _thumbnail(browser, png: Path) -> None:
+    """Write `thumbnail_path(png)`: the PNG scaled by Chromium to at most THUMBNAIL_WIDTH px wide, its top
+    THUMBNAIL_HEIGHT px, as a JPEG. Best effort: a screenshot without a thumbnail is listed, not shown."""
+    if png.stat().st_size > _THUMBNAIL_SOURCE_BYTES:
+        return
+    context = browser.new_context(viewport={"width": THUMBNAIL_WIDTH, "height": THUMBNAIL_HEIGHT})
+    try:
+        page = context.new_page()
+        image = base64.b64encode(png.read_bytes()).decode("ascii")
+        page.set_content(f'<body style="margin:0;overflow:hidden"><img style="display:block;max-width:'
+                         f'{THUMBNAIL_WIDTH}px" src="data:image/png;base64,{image}"></body>', timeout=_ACTION_MS)
+        box = page.locator("img").bounding_box(timeout=_ACTION_MS)
+        if box and box["width"] >= 1 and box["height"] >= 1:
+            page.screenshot(path=str(thumbnail_path(png)), type="jpeg", quality=THUMBNAIL_QUALITY,
+                            clip={"x": 0, "y": 0, "width": box["width"], "height": min(box["height"],
+                                                                                      THUMBNAIL_HEIGHT)})
+    except Exception:  # Playwright's errors: no thumbnail, the PNG stays the evidence
+        pass
+    finally:
+        context.close()
+
+
+def _cell(text: str) -> str:
+    """`text` safe inside a markdown table cell."""
+    return re.sub(r"([|\\`*_\[\]<>])", r"\\\1", text.replace("\n", " "))
+
+
+def screenshots_markdown(shots: dict[str, str]) -> str:
+    """The screenshots artifact: a table row per screenshot (`shots`: "<page> <viewport>" -> PNG path) with
+    its thumbnail embedded as a `data:` image, at most EMBEDDED_MAX of at most EMBEDDED_BYTES each; the
+    others are named, with the folder that holds every full-size PNG."""
+    lines = ["| page | viewport | screenshot | file |", "|---|---|---|---|"]
+    shown = 0
+    for name, png in shots.items():
+        page, _, size = name.rpartition(" ")
+        thumbnail = thumbnail_path(Path(png))
+        image = "not shown"
+        if shown < EMBEDDED_MAX and thumbnail.is_file() and thumbnail.stat().st_size <= EMBEDDED_BYTES:
+            data = base64.b64encode(thumbnail.read_bytes()).decode("ascii")
+            image, shown = f"![{_cell(page)} at {size}](data:image/jpeg;base64,{data})", shown + 1
+        lines.append(f"| {_cell(page)} | {_cell(size)} | {image} | {_cell(Path(png).name)} |")
+    folders = sorted({str(Path(png).parent) for png in shots.values()})
+    lines.append(f"\n{shown} of {len(shots)} shown (at most {EMBEDDED_MAX}, {THUMBNAIL_WIDTH}x{THUMBNAIL_HEIGHT} px "
+                 f"and {EMBEDDED_BYTES // 1000} kB each); full-size PNGs on the dispatcher in "
+                 + ", ".join(f"`{folder}`" for folder in folders))
+    return "\n".join(lines)
 
 
 class BrowserQA:
@@ -130,6 +191,7 @@ class BrowserQA:
                 shot = self.out_dir / f"{_slug(index, path)}-{size}.png"
                 page.screenshot(path=str(shot), full_page=True)
                 capture.screenshots[size] = str(shot)
+                _thumbnail(browser, shot)
                 overflow = size == MOBILE and page.evaluate(
                     "document.documentElement.scrollWidth > window.innerWidth + 1")
                 if size == MOBILE:

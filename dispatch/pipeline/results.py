@@ -19,6 +19,13 @@ LAYER_NAMES = {"L1": "analyze", "L2": "implement", "L3": "build", "L4": "test", 
                "L4a": "api_qa", "L4b": "browser_qa", "L4c": "ui_review", "L4d": "regression"}
 
 
+def layer_run_name(project: str, layer: str, cycle: int = 0, attempt: int = 1) -> str:
+    """The name of a layer's Prefect run, as a person reads it: `shop L4a api_qa`, `shop L3 build cycle 1
+    attempt 2`."""
+    name = f"{project} {layer} {LAYER_NAMES.get(layer, '')}".rstrip()
+    return name + (f" cycle {cycle}" if cycle else "") + (f" attempt {attempt}" if attempt > 1 else "")
+
+
 class Status(StrEnum):
     """A layer's outcome. Only PASS is success."""
 
@@ -87,6 +94,9 @@ class LayerResult(BaseModel):
     ended_at: float | None = None
     cached: bool = False
     report_path: str = ""
+
+    def __repr__(self) -> str:  # short: Prefect logs the state a run ends in, with its data
+        return f"LayerResult({self.layer} {self.status.value}: {self.reason[:200]!r})"
 
     @property
     def name(self) -> str:

@@ -58,6 +58,7 @@ class RunRecord(BaseModel):
     exit_code: int | None = None
     message: str = ""
     pid: int = Field(default_factory=os.getpid)
+    flow_run_id: str | None = Field(default=None, description="the pipeline's Prefect flow run (its page in the UI)")
     selection: list[str] = Field(default_factory=list)
     layers: list[LayerRow] = Field(default_factory=list)
     open_bugs: list[dict[str, Any]] = Field(default_factory=list)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.flow_engine import FlowRunTimeoutError
+from prefect.runtime import task_run
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.pipeline.api_qa import run_api_qa
@@ -27,9 +28,10 @@ from dispatch.pipeline.regression import (
     run_regression,
     save_baseline,
 )
-from dispatch.pipeline.results import TEST_LAYERS, Bug, Check, LayerResult, PageCapture, Status
+from dispatch.pipeline.results import TEST_LAYERS, Bug, Check, LayerResult, PageCapture, Status, layer_run_name
 from dispatch.pipeline.workspace import locate_source, step_environment
 from flows.layers import resolve
+from flows.layers.verdict import judged, result_of, verdict_state
 
 
 def _summary(checks: list[Check]) -> tuple[int, int]:
@@ -133,24 +135,24 @@ def regression(project: str, code_dir: str, run_dir: str, config: PipelineConfig
 _LOCAL = {"L4a": api_qa, "L4b": browser_qa, "L4d": regression}
 
 
-@task(name="sub-layer", task_run_name="{layer}", cache_policy=NO_CACHE)
-def run_sublayer(layer: str, arguments: dict, timeout: float | None) -> LayerResult:
-    """Run one of L4a-d as a subflow; a crash or a timeout becomes its FAIL, a missing layer its NOT RUN."""
+def _sublayer_run_name() -> str:
+    return layer_run_name(task_run.parameters["arguments"]["project"], task_run.parameters["layer"])
+
+
+@task(name="sub-layer", task_run_name=_sublayer_run_name, cache_policy=NO_CACHE)
+def run_sublayer(layer: str, arguments: dict, timeout: float | None) -> State:
+    """Run one of L4a-d as a subflow; a crash or a timeout becomes its FAIL, a missing layer its NOT RUN.
+    The subflow and this task end in the state of the verdict, whose data is the `LayerResult`."""
     if layer in _LOCAL:
         subflow = _LOCAL[layer]
     else:
         subflow, why = resolve(layer)
         if subflow is None:
-            return LayerResult(layer=layer, status=Status.NOT_RUN, reason=f"no UI review available: {why}")
+            return verdict_state(LayerResult(layer=layer, status=Status.NOT_RUN,
+                                             reason=f"no UI review available: {why}"))
     started = time.time()
-    try:
-        result = subflow.with_options(timeout_seconds=timeout)(**arguments)
-    except FlowRunTimeoutError:
-        result = LayerResult(layer=layer, status=Status.FAIL, reason=f"timed out after {timeout:g}s")
-    except Exception as exc:  # the layer's own crash is its FAIL (logged with its traceback), not the pipeline's
-        get_run_logger().exception("%s crashed", layer)
-        result = LayerResult(layer=layer, status=Status.FAIL, reason=f"crashed: {type(exc).__name__}: {exc}"[:500])
-    return result.model_copy(update={"started_at": started, "ended_at": time.time()})
+    state = judged(subflow, layer_run_name(arguments["project"], layer), timeout)(**arguments, return_state=True)
+    return verdict_state(result_of(state, layer).model_copy(update={"started_at": started, "ended_at": time.time()}))
 
 
 def _locate(code_dir: Path, bugs: list[Bug]) -> list[Bug]:
@@ -201,10 +203,11 @@ def run_tests(project: str, code_dir: str, run_dir: str, config: PipelineConfig,
     if "L4c" in selected and "L4c" not in results:
         pages: list[PageCapture] = []
         if "L4b" in futures:
-            pages = [PageCapture.model_validate(p) for p in futures["L4b"].result().evidence.get("pages", [])]
+            pages = [PageCapture.model_validate(p) for p in
+                     futures["L4b"].result(raise_on_failure=False).evidence.get("pages", [])]
         futures["L4c"] = run_sublayer.submit("L4c", {**base, "pages": pages}, config.layer("L4c").timeout)
     for layer, future in futures.items():
-        results[layer] = future.result().model_copy(update={"cycle": cycle})
+        results[layer] = future.result(raise_on_failure=False).model_copy(update={"cycle": cycle})
     children = [results[layer] for layer in selected]
     bugs = sorted(_locate(Path(code_dir), [b for c in children for b in c.bugs]), key=lambda b: b.severity)
     status = gate(children, config)
