@@ -192,12 +192,18 @@ class ContractProvider:
     def url(self, scenario: str) -> str:
         return f"http://127.0.0.1:{self.port}/s/{scenario}"
 
-    def asked_with(self, key: str) -> list[dict]:
-        """The model API requests that carried `key` (the provider keeps a short hash of each key)."""
+    def asked_with(self, key: str, *, at_least: int = 0, wait: float = 3.0) -> list[dict]:
+        """The model API requests that carried `key` (the provider keeps a short hash of each key), waiting up to
+        `wait` seconds for `at_least` of them (the provider prints its records a moment after it answers)."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        with self._lock:
-            return [r for r in self.records if r.get("key") == digest
-                    and str(r.get("path", "")).endswith(("/messages", "/responses"))]
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                found = [r for r in self.records if r.get("key") == digest
+                         and str(r.get("path", "")).endswith(("/messages", "/responses"))]
+            if len(found) >= at_least or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self._process.poll() is None:
@@ -269,7 +275,7 @@ def run_scenario(scenario: Scenario, bin_dir: Path, provider: ContractProvider, 
         ok = verdict.kind == scenario.expect
         return ScenarioResult(scenario.name, ok, said if ok else f"expected {scenario.expect}; {said}; {tail}", seconds)
     written = (cwd / "hello.txt").is_file() and (cwd / "hello.txt").stat().st_size > 0
-    round_trip = [bool(r.get("tool_result")) for r in provider.asked_with(key)]
+    round_trip = [bool(r.get("tool_result")) for r in provider.asked_with(key, at_least=2 if written else 0)]
     ok = code == 0 and verdict.kind == "ok" and written and False in round_trip and True in round_trip
     detail = f"{said}; hello.txt {'written' if written else 'NOT written'}; tool round trip " \
              f"{'done' if False in round_trip and True in round_trip else f'not done ({len(round_trip)} requests)'}"
