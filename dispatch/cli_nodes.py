@@ -3,7 +3,8 @@
     dispatch nodes [--json]       nodes.json with transport, host, slots in use / total, labels
     dispatch nodes import         nodes.json -> ClusterNode blocks (+ AgentModel blocks for built-in models)
     dispatch nodes sync           a work pool and a global concurrency limit `node-<name>` per node
-    dispatch nodes check [NAME]   connect to each node; report Python and the agent CLIs it has
+    dispatch nodes check [NAME]   connect to each node; report Python, the agent CLIs it has and their versions
+                                  (flagging a version the contract tier has not passed)
     dispatch nodes drain NAME [--reason TEXT] / undrain NAME
                                   take a node out of service (running specs finish, no new one starts) / back
 
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dispatch.agent_versions import AcceptedVersions, parse_version
 from dispatch.agents import BUILTIN_MODELS
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError, DispatchError
@@ -41,6 +43,8 @@ err = Console(stderr=True, highlight=False)
 EXIT_FAILED, EXIT_INVALID = 1, 2
 AGENT_CLIS = ("claude", "codex", "opencode", "git")
 """The commands `check` looks for on each node."""
+VERSIONED_CLIS = ("claude", "codex", "opencode")
+"""The commands whose `--version` `check` reports (each bounded to 20 s on the node)."""
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -191,18 +195,34 @@ def sync() -> None:
 def _probe_script(python: str) -> str:
     clis = " ".join(AGENT_CLIS)
     return (f"v=$({shlex.quote(python)} -V 2>&1) && printf 'python=%s\\n' \"$v\"; "
-            f"for c in {clis}; do command -v \"$c\" >/dev/null 2>&1 && printf 'cli=%s\\n' \"$c\"; done; true")
+            f"for c in {clis}; do command -v \"$c\" >/dev/null 2>&1 && printf 'cli=%s\\n' \"$c\"; done; "
+            "t=; command -v timeout >/dev/null 2>&1 && t='timeout 20'; "
+            f"for c in {' '.join(VERSIONED_CLIS)}; do command -v \"$c\" >/dev/null 2>&1 || continue; "
+            "v=$($t \"$c\" --version </dev/null 2>&1 | head -n 1); printf 'version=%s %s\\n' \"$c\" \"$v\"; done; true")
 
 
-def _parse_probe(output: str) -> tuple[str | None, list[str]]:
-    python, clis = None, []
+def _parse_probe(output: str) -> tuple[str | None, list[str], dict[str, str]]:
+    python, clis, versions = None, [], {}
     for line in output.splitlines():
         key, _, value = line.partition("=")
         if key == "python" and value.strip():
             python = value.strip()
         elif key == "cli" and value.strip():
             clis.append(value.strip())
-    return python, clis
+        elif key == "version" and value.strip():
+            cli, _, answer = value.strip().partition(" ")
+            if cli in VERSIONED_CLIS:
+                versions[cli] = answer.strip()[:200]
+    return python, clis, versions
+
+
+def _local_version(path: str) -> str:
+    try:
+        done = subprocess.run([path, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(--version failed: {exc})"
+    return (done.stdout.strip().splitlines() or [""])[0][:200]
 
 
 def _probe_local(node: Node) -> dict[str, Any]:
@@ -211,33 +231,45 @@ def _probe_local(node: Node) -> dict[str, Any]:
         python = (done.stdout or done.stderr).strip() if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         python = None
-    return {"reachable": True, "python": python, "clis": [c for c in AGENT_CLIS if shutil.which(c)]}
+    found = {c: path for c in AGENT_CLIS if (path := shutil.which(c, path=node.env.get("PATH")))}
+    return {"reachable": True, "python": python, "clis": list(found),
+            "versions": {c: _local_version(path) for c, path in found.items() if c in VERSIONED_CLIS}}
 
 
-def _probe(pool: Any, node: Node, timeout: float) -> dict[str, Any]:
-    """Reachability, Python version and agent CLIs of one node (never raises)."""
+def _probe(pool: Any, node: Node, timeout: float, accepted: AcceptedVersions) -> dict[str, Any]:
+    """Reachability, Python version, agent CLIs and their versions of one node (never raises); `unproved`
+    names each CLI at a version the contract tier has not passed."""
     from dispatch.ssh_target import node_target
 
     result: dict[str, Any] = {"name": node.name, "transport": node.transport, "host": _host(node),
-                              "reachable": None, "python": None, "clis": [], "missing": [], "error": ""}
+                              "reachable": None, "python": None, "clis": [], "missing": [], "versions": {},
+                              "unproved": [], "error": ""}
     try:
         if node.transport == "local":
             result.update(_probe_local(node))
         elif node.transport == "worker" and not (node.ssh_host or node.host):
             result["error"] = "worker node without ssh_host: not probed (see its worker in the Prefect UI)"
-        else:
+        else:  # the node's env (its PATH) as its runner gets it: the CLIs found are the ones specs would run
             run = pool.run(node_target(node, connect_timeout=timeout), _probe_script(node.python),
-                           timeout=timeout + 20, check=False)
-            python, clis = _parse_probe(run.stdout)
-            result.update(reachable=True, python=python, clis=clis)
+                           timeout=timeout + 60, env=node.env or None, check=False)
+            python, clis, versions = _parse_probe(run.stdout)
+            result.update(reachable=True, python=python, clis=clis, versions=versions)
     except DispatchError as exc:
         result.update(reachable=False, error=str(exc))
     if result["reachable"]:
         needed = {BUILTIN_MODELS[m].cli: m for m in sorted(node.models or ()) if m in BUILTIN_MODELS}
         result["missing"] = [f"{cli} (for {model})" for cli, model in needed.items() if cli not in result["clis"]]
+        result["unproved"] = accepted.flags(result["versions"])
         if result["python"] is None:
             result["error"] = f"no working {node.python} on the node: the node runner needs Python 3"
     return result
+
+
+def _versions_cell(row: dict[str, Any]) -> str:
+    flagged = {line.split(" ", 1)[0].rstrip(":") for line in row["unproved"]}
+    cells = [escape(f"{cli} {parse_version(answer) or '?'}") + (" [yellow](not passed)[/]" if cli in flagged else "")
+             for cli, answer in sorted(row["versions"].items())]
+    return ", ".join(cells) or "-"
 
 
 @nodes_app.command()
@@ -258,22 +290,25 @@ def check(
             err.print(f"[red]error:[/] no node {escape(name)!r} in {settings.home / 'nodes.json'} (known: "
                       f"{escape(known)})", soft_wrap=True)
             raise typer.Exit(EXIT_INVALID)
+    accepted = AcceptedVersions.load(settings)  # pinned + recorded by the drift check (team mode: the server's)
     with SSHPool() as pool, ThreadPoolExecutor(max_workers=min(16, len(nodes))) as executor:
-        results = list(executor.map(lambda node: _probe(pool, node, timeout), nodes))
+        results = list(executor.map(lambda node: _probe(pool, node, timeout, accepted), nodes))
     unreachable = [r["name"] for r in results if r["reachable"] is False]
     if as_json:
         console.print_json(data={"nodes": results, "unreachable": unreachable})
     else:
-        table = Table("node", "transport", "host", "reachable", "python", "CLIs found", "missing")
+        table = Table("node", "transport", "host", "reachable", "python", "CLIs found", "CLI versions", "missing")
         marks = {True: "[green]✓[/]", False: "[red]✗[/]", None: "[yellow]skipped[/]"}
         for row in results:
             table.add_row(escape(row["name"]), row["transport"], escape(row["host"]), marks[row["reachable"]],
-                          escape(row["python"] or "-"), escape(", ".join(row["clis"]) or "-"),
+                          escape(row["python"] or "-"), escape(", ".join(row["clis"]) or "-"), _versions_cell(row),
                           escape(", ".join(row["missing"]) or "-"))
         console.print(table)
         for row in results:  # whole messages below the table: they say what to do, do not wrap them in a cell
             if row["error"]:
                 (err if row["reachable"] is False else console).print(escape(row["error"]), soft_wrap=True)
+            for line in row["unproved"]:
+                console.print(f"[yellow]warning:[/] {escape(row['name'])}: {escape(line)}", soft_wrap=True)
     if unreachable:
         if not as_json:
             err.print(f"[red]{len(unreachable)} node(s) unreachable:[/] {escape(', '.join(unreachable))}")

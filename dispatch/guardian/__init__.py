@@ -88,6 +88,7 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
     Raises:
         ConfigError: nodes.json is invalid.
     """
+    from dispatch.agent_versions import AcceptedVersions
     from dispatch.guardian.nodes import Limits, NodeContext, check_node
     from dispatch.guardian.policy import apply_policy, send_alerts
     from dispatch.guardian.server import SERVER_ERRORS, dispatchers, server_checks
@@ -106,7 +107,7 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
 
         pool = SSHPool()
     ctx = NodeContext(settings, pool, Limits.from_settings(settings), who.live, repair=repair,
-                      prefect=not settings.embedded, key_secrets=keys)
+                      prefect=not settings.embedded, key_secrets=keys, accepted=AcceptedVersions.load(settings))
     try:
         with ThreadPoolExecutor(max_workers=min(16, len(nodes)), thread_name_prefix="guardian") as executor:
             checks = [c for found in executor.map(lambda node: check_node(ctx, node), nodes) for c in found]

@@ -1,9 +1,11 @@
 """The guardian's checks of one node, and the safe repairs proven by a re-check.
 
 One probe command per node (`dispatch.guardian.probe`) answers reachable, disk, load, memory, python,
-runner, agents and the node's runs; a repair (re-ship the runner, kill an orphan runner, close the books
-of a runner that died) is followed by a second probe, and `Check.repaired` is True only when that
-second probe shows the check healthy. Worker nodes are also asked about their Prefect worker.
+runner, agents, agent_versions (a CLI at a version the contract tier has not passed: neither pinned nor passed
+by the agent-cli-drift check; it alerts, it never drains) and the node's runs; a repair (re-ship the runner,
+kill an orphan runner, close the books of a runner that died) is followed by a second probe, and
+`Check.repaired` is True only when that second probe shows the check healthy. Worker nodes are also asked
+about their Prefect worker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from dispatch.agent_versions import PACKAGES, AcceptedVersions, parse_version
 from dispatch.agents import BUILTIN_MODELS
 from dispatch.cluster import Node
 from dispatch.errors import DispatchError, NodeError, UnsafePath
@@ -29,8 +32,8 @@ from dispatch.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
 
-NODE_CHECKS = ("reachable", "disk", "load", "memory", "python", "runner", "agents", "worker", "orphans",
-               "heartbeats")
+NODE_CHECKS = ("reachable", "disk", "load", "memory", "python", "runner", "agents", "agent_versions", "worker",
+               "orphans", "heartbeats")
 _PROBE_TIMEOUT = 60.0
 _MIN_PYTHON = (3, 8)
 _WORKER_UNIT = "prefect-worker@{name}.service"
@@ -68,6 +71,7 @@ class NodeContext:
     repair: bool = True
     prefect: bool = False  # the worker check asks the Prefect server (team mode)
     key_secrets: dict[str, str] = field(default_factory=dict)
+    accepted: AcceptedVersions = field(default_factory=AcceptedVersions)  # the agent CLI versions proved
 
 
 class _Shell:
@@ -106,7 +110,7 @@ class _Shell:
         return result.exit_code, result.stdout, result.stderr
 
     def probe(self) -> dict[str, Any]:
-        clis = sorted({BUILTIN_MODELS[m].cli for m in (self.node.models or ()) if m in BUILTIN_MODELS})
+        clis = sorted({BUILTIN_MODELS[m].cli for m in (self.node.models or ()) if m in BUILTIN_MODELS} | set(PACKAGES))
         code, out, err = self.run(probe_command(self.node.python, self.root_arg, self.runner_dir_arg, clis))
         if code != 0 and not out.strip():
             raise NodeError(self.node.name, f"the probe failed with {self.node.python} (exit {code}): "
@@ -191,7 +195,18 @@ def _healthy_checks(node: Node, data: dict[str, Any], limits: Limits, shell: _Sh
                              (f"missing on PATH: {', '.join(missing)}" if missing else
                               f"found {', '.join(sorted(clis)) or 'none needed'}"
                               + ("" if node.models is not None else " (models not listed: none required)")))
+    checks["agent_versions"] = _versions_check(node, data.get("cli_versions") or {}, shell.ctx.accepted)
     return checks
+
+
+def _versions_check(node: Node, versions: dict[str, str], accepted: AcceptedVersions) -> Check:
+    """Each agent CLI's version on the node, failing for one the contract tier has not passed."""
+    flags = accepted.flags(versions)
+    shown = ", ".join(f"{cli} {parse_version(answer) or '?'}" for cli, answer in sorted(versions.items()))
+    if flags:
+        return Check(node.name, "agent_versions", False, "; ".join(flags))
+    return Check(node.name, "agent_versions", True,
+                 f"{shown}: claude and codex at versions the contract tier passed" if shown else "no agent CLI found")
 
 
 def _age(seconds: float | None) -> str:

@@ -27,6 +27,8 @@ from dispatch.settings import DispatchSettings
 logger = logging.getLogger(__name__)
 
 VARIABLE = "dispatch_guardian_state"
+ADVISORY_CHECKS = frozenset({"agent_versions"})
+"""Checks whose failure is told (once) but never counts towards draining the node."""
 BY = "guardian"
 _MAX_STATE_CHARS = 4800  # Prefect refuses Variable values whose JSON passes 5000 characters
 
@@ -104,12 +106,13 @@ def apply_policy(settings: DispatchSettings, checks: list[Check], drain_after: i
         names = sorted(c.name for c in failing)
         entry = {"failures": 0, "failing": names, "drained": bool(before.get("drained"))}
         if failing:
-            entry["failures"] = int(before.get("failures", 0)) + 1
+            counted = [c for c in failing if c.name not in ADVISORY_CHECKS]
+            entry["failures"] = int(before.get("failures", 0)) + 1 if counted else 0
             new = [c for c in failing if c.name not in set(before.get("failing", []))]
             if new:
                 alerts.append(Alert(target, "failure", f"[dispatch guardian] {target}: {', '.join(c.name for c in new)}"
                                     " failing", "\n".join(_line(c) for c in new)))
-            if (target != SERVER and entry["failures"] >= drain_after and target not in drained
+            if (target != SERVER and counted and entry["failures"] >= drain_after and target not in drained
                     and drain(settings, target, reason=f"failed {', '.join(names)} {entry['failures']} guardian "
                               f"cycles in a row", by=BY)):
                 entry["drained"] = True

@@ -1,9 +1,9 @@
 """One command per node: a small standard-library Python probe that prints one JSON object.
 
 It reports the node's Python, the free space of its run root, load, memory, the checksum of the shipped
-runner, which agent CLIs are on its PATH, systemd, and every run directory whose runner holds its
-`.runner.lock` or whose `status.json` still says running. Run by the node's own `python3` (3.8 or newer)
-over the dispatcher's SSH pool, or locally for the `local` node.
+runner, which agent CLIs are on its PATH and what their `--version` answers (each bounded), systemd, and every
+run directory whose runner holds its `.runner.lock` or whose `status.json` still says running. Run by the node's
+own `python3` (3.8 or newer) over the dispatcher's SSH pool, or locally for the `local` node.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dispatch.safeload import loads_json
 
 MAX_OUTPUT = 1_000_000  # a node's answer is hostile input: bounded before it is parsed
 MAX_RUNS = 2000  # run directories reported per node
+VERSION_TIMEOUT = 20  # seconds one agent CLI's `--version` may take on the node
 
 SCRIPT = r'''
-import fcntl, glob, hashlib, json, os, shutil, sys, time
+import fcntl, glob, hashlib, json, os, shutil, signal, subprocess, sys, time
 root, runner_dir, clis = sys.argv[1], sys.argv[2], sys.argv[3:]
 out = {"python": sys.version.split()[0], "cpus": os.cpu_count() or 1, "time": time.time()}
 probe_dir = root
@@ -51,6 +52,24 @@ try:
 except OSError:
     out["runner"] = None
 out["clis"] = [c for c in clis if shutil.which(c)]
+def version_of(cli):
+    try:
+        proc = subprocess.Popen([shutil.which(cli), "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return "(--version failed: %s)" % exc
+    try:
+        text = proc.communicate(timeout=__VERSION_TIMEOUT__)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            text = proc.communicate(timeout=5)[0]
+        except subprocess.TimeoutExpired:
+            text = b""
+        return "(--version did not answer within __VERSION_TIMEOUT__ s)"
+    lines = text.decode("utf-8", "replace").strip().splitlines()
+    return lines[0][:200] if lines else ""
+out["cli_versions"] = {c: version_of(c) for c in out["clis"] if c in ("claude", "codex", "opencode")}
 out["systemd"] = bool(shutil.which("systemctl")) and os.path.isdir("/run/systemd/system")
 def held(run_dir):
     try:
@@ -85,7 +104,7 @@ for path in sorted(glob.glob(pattern))[:__MAX_RUNS__]:
                  "heartbeat": status.get("heartbeat") or 2.0, "pid": status.get("runner_pid")})
 out["runs"] = runs
 print(json.dumps(out))
-'''.replace("__MAX_RUNS__", str(MAX_RUNS))
+'''.replace("__MAX_RUNS__", str(MAX_RUNS)).replace("__VERSION_TIMEOUT__", str(VERSION_TIMEOUT))
 
 
 def probe_command(python: str, root: str, runner_dir: str, clis: list[str]) -> str:
@@ -110,6 +129,9 @@ def parse_probe(node: str, output: str) -> dict[str, Any]:
         data = None
     if not isinstance(data, dict):
         raise NodeError(node, f"the probe printed no JSON object: {output.strip()[-300:]!r}")
+    versions = data.get("cli_versions")
+    data["cli_versions"] = ({str(k): str(v)[:200] for k, v in versions.items()} if isinstance(versions, dict)
+                            else {})
     runs = data.get("runs")
     data["runs"] = [r for r in runs if isinstance(r, dict)][:MAX_RUNS] if isinstance(runs, list) else []
     return data
