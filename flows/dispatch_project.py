@@ -288,7 +288,8 @@ class ProjectRun:
             git=git)
 
     def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
-        """Process-local options of an attempt: the machine slot to inherit, scp-mode paths."""
+        """Process-local options of an attempt: the machine slot to inherit, scp-mode paths, where its retry notes
+        go (the events queue: the row's reason while it runs)."""
         options: dict = {}
         spec = self.project.specs[assignment.task_id]
         models = [*(spec.model_chain if spec.kind == "agent" else []), *spec.verify]
@@ -298,6 +299,7 @@ class ProjectRun:
             secrets.update({f"mask:{number}": value for number, value in enumerate(self.mask_only)})
         if secrets:
             options["secrets"] = secrets
+        options["on_note"] = lambda note, t=assignment.task_id: self.events.put(("note", (t, note)))
         if self.runtime.is_local(assignment.node):
             if held is not None and held[0] == "machine":
                 options["slot_fd"] = held[1]
@@ -608,6 +610,8 @@ class ProjectRun:
                 self.logger.info("node %s is back", data)
             elif kind == "drained":  # data: the drained nodes now
                 self.drain.changed(data)
+            elif kind == "note" and self.state.specs[data[0]].state == "running":  # data: (task id, note)
+                self.state.specs[data[0]].reason = data[1]  # e.g. "glm: 429, retrying 2/10", "" once it goes on
             elif kind == "stop":
                 self._stop()
             if not self.stop_reason:

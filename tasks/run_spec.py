@@ -8,7 +8,9 @@ the dispatcher sees the log tail, exit code and model attempts of failures too.
 
 from __future__ import annotations
 
+import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -20,9 +22,15 @@ from dispatch.transports import RunRequest, Transport
 
 # The transports of the running dispatcher, by node name (set by the project flow; process-local).
 TRANSPORTS: dict[str, Transport] = {}
-# Per-attempt options that must not be task parameters (secrets, lock descriptors, local paths),
-# keyed by (project, task_id, attempt); set by the flow before it submits the attempt.
+# Per-attempt options that must not be task parameters (secrets, lock descriptors, local paths; `on_note`, called
+# with what the spec's row should say while it runs), keyed by (project, task_id, attempt); set by the flow
+# before it submits the attempt.
 RUN_OPTIONS: dict[tuple[str, str, int], dict[str, Any]] = {}
+# The runner's line while an agent CLI retries by itself ("=== runner: glm: 429, retrying 2/10 in 30s ===") and the
+# lines that start a step: what a running spec's row shows (its reason) comes and goes with them.
+_RETRY_LINE = re.compile(r"^=== runner: (?P<note>[\w.-]+: .*?\b(?:retrying|reconnecting)\b.*?)"
+                         r"(?: in [\d.e+]+m?s)? ===$")
+_STEP_LINES = ("=== step ", "=== acceptance ", "=== verify: ")
 # Every secret the dispatcher knows (agent keys, credentials of its environment), masked in every line and
 # result this task writes to Prefect (logs, the cached result, state messages); the flow adds to it.
 MASKER = Masker()
@@ -30,6 +38,43 @@ MASKER = Masker()
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["request"].cache_key
+
+
+def retry_note(line: str, shown: str) -> str | None:
+    """What a running spec's row should say after this line of its log, when that changes, else None.
+
+    The runner's retry line sets it ("glm: 429, retrying 2/10"); a step starting, or a line of the agent's own
+    output (it makes progress again), clears a note `shown` before.
+
+    Examples:
+        >>> retry_note("=== runner: glm: 429, retrying 2/10 in 30s ===", "")
+        'glm: 429, retrying 2/10'
+        >>> retry_note("=== step claude (attempt 2) ===", "glm: 429, retrying 2/10")
+        ''
+        >>> retry_note("=== runner: WARNING: no rate-limit classifier ===", "") is None
+        True
+    """
+    found = _RETRY_LINE.match(line)
+    if found is not None:
+        return found.group("note") if found.group("note") != shown else None
+    if shown and (line.startswith(_STEP_LINES) or (line.strip() and not line.startswith("==="))):
+        return ""
+    return None
+
+
+def _line_sink(logger, prefix: str, on_note: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Each line of the attempt's log to the task's log (masked), and its retry notes to `on_note`."""
+    shown = ""
+
+    def sink(line: str) -> None:
+        nonlocal shown
+        line = MASKER.mask(line)
+        logger.info("%s %s", prefix, line)
+        if on_note is not None and (note := retry_note(line, shown)) is not None:
+            shown = note
+            on_note(note)
+
+    return sink
 
 
 def missing_agent_clis(request: RunRequest) -> str | None:
@@ -75,8 +120,9 @@ def run_spec(request: RunRequest) -> SpecResult | State:
     git_here = bool(request.git) and not getattr(transport, "runs_git_on_node", False)
     if git_here and (failure := prepare_branch(request, transport, logger, prefix)):
         return Failed(message=f"{request.task_id}: {failure.reason}", data=failure)
-    options = RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {})
-    result = transport.run(request, lambda line: logger.info("%s %s", prefix, MASKER.mask(line)), **options)
+    options = dict(RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {}))
+    on_note = options.pop("on_note", None)  # the flow's: what the spec's row says while it runs
+    result = transport.run(request, _line_sink(logger, prefix, on_note), **options)
     if MASKER:
         result = SpecResult.model_validate(MASKER.mask_data(result.model_dump()))
     if result.succeeded and git_here:
