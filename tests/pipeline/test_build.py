@@ -1,4 +1,4 @@
-"""L3 Build on the real example app: a venv in the workspace, prefect-shell steps, a real server process on
+"""L3 Build on the real example app: a venv in the workspace, shell steps, a real server process on
 loopback in its own process group, stopped as a group; failures carry the log tail."""
 
 from __future__ import annotations
