@@ -22,61 +22,11 @@ from pathlib import Path
 import pytest
 
 from dispatch.results import pid_alive
+from tests.fixtures.local_server import LocalHome, headless_page, marked_servers
 from tests.fixtures.postgres import free_port
 from tests.fixtures.projects import DISPATCH, shell_spec
 
 pytestmark = [pytest.mark.prefect, pytest.mark.integration]
-
-
-def _marked_servers(home: Path) -> list[int]:
-    """Pids of every process carrying this home's local-server mark (a server, or one left behind)."""
-    mark = f"DISPATCH_LOCAL_SERVER={home}\0".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                    if mark in handle.read() and pid_alive(int(entry.name)):
-                        found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-class LocalHome:
-    """A DISPATCH_HOME for `dispatch` subprocesses in embedded mode, and what its server looks like."""
-
-    def __init__(self, root: Path) -> None:
-        self.home, self.specs = root / "home", root / "specs"
-        self.specs.mkdir(parents=True)
-        self.port = free_port()
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DISPATCH_"))}
-        return {**env, "DISPATCH_HOME": str(self.home), "DISPATCH_SPECS": str(self.specs),
-                "DISPATCH_SERVER_PORT": str(self.port), "COLUMNS": "250", **extra}
-
-    def run(self, *args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([DISPATCH, *args], env=self.env(**extra), capture_output=True, text=True,
-                              timeout=timeout)
-
-    def ui(self) -> str:
-        """`dispatch ui`: the UI's address (the server started if needed)."""
-        result = self.run("ui")
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout.strip()
-
-    def state(self) -> dict:
-        return json.loads((self.home / "local-server.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def local_home(tmp_path_factory) -> LocalHome:
-    home = LocalHome(tmp_path_factory.mktemp("local-server"))
-    yield home
-    home.run("server", "stop", timeout=120)
-    for pid in _marked_servers(home.home):  # the test failed before its server was stopped
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -103,7 +53,7 @@ def test_commands_share_one_local_server_whose_ui_points_at_it(local_home: Local
     data = json.loads(status.stdout)
     assert data["running"] and data["pid"] == pid and data["ui_url"] == url
     assert _get(f"{url}/ui-settings")[1] and json.loads(_get(f"{url}/ui-settings")[1])["api_url"] == f"{url}/api"
-    assert _marked_servers(local_home.home) == [pid]
+    assert marked_servers(local_home.home) == [pid]
     environ = Path(f"/proc/{pid}/environ").read_bytes()
     assert b"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem" in environ
     assert b"PREFECT_SERVER_ANALYTICS_ENABLED=false" in environ
@@ -138,7 +88,7 @@ def test_a_killed_server_is_replaced(local_home: LocalHome):
     new = local_home.state()["pid"]
     assert new != old and pid_alive(new)
     assert _get(f"{url}/api/health")[0] == 200
-    assert _marked_servers(local_home.home) == [new]
+    assert marked_servers(local_home.home) == [new]
 
 
 class _Impostor(BaseHTTPRequestHandler):
@@ -179,7 +129,7 @@ def test_a_port_taken_by_another_program_is_left_to_it(local_home: LocalHome):
         assert new["port"] != old["port"] and url == f"http://127.0.0.1:{new['port']}"
         assert json.loads(_get(f"{url}/ui-settings")[1])["api_url"] == f"{url}/api"
         assert _get(f"http://127.0.0.1:{old['port']}/api/health")[1] == b"true", "the other program lost its port"
-        assert _marked_servers(local_home.home) == [new["pid"]]
+        assert marked_servers(local_home.home) == [new["pid"]]
     finally:
         impostor.shutdown()
         impostor.server_close()
@@ -193,7 +143,7 @@ def test_another_prefect_version_replaces_the_server(local_home: LocalHome):
     new = local_home.state()
     assert new["pid"] != state["pid"] and new["prefect_version"] != "3.0.0"
     _wait_dead(state["pid"])  # stopped, not left running beside the new one
-    assert _marked_servers(local_home.home) == [new["pid"]]
+    assert marked_servers(local_home.home) == [new["pid"]]
 
 
 def test_a_recorded_pid_and_port_now_of_other_programs_are_neither_used_nor_stopped(local_home: LocalHome):
@@ -218,14 +168,14 @@ def test_a_recorded_pid_and_port_now_of_other_programs_are_neither_used_nor_stop
 
 def test_two_commands_at_once_start_one_server(local_home: LocalHome):
     assert local_home.run("server", "stop").returncode == 0
-    assert _marked_servers(local_home.home) == []
+    assert marked_servers(local_home.home) == []
     procs = [subprocess.Popen([DISPATCH, "ui"], env=local_home.env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
     assert len({out.strip() for out, _ in outputs}) == 1, outputs
     assert sum("started the local Prefect server" in err for _, err in outputs) == 1, outputs
-    assert _marked_servers(local_home.home) == [local_home.state()["pid"]]
+    assert marked_servers(local_home.home) == [local_home.state()["pid"]]
 
 
 def test_server_stop_stops_it(local_home: LocalHome):
@@ -234,7 +184,7 @@ def test_server_stop_stops_it(local_home: LocalHome):
     stopped = local_home.run("server", "stop")
     assert stopped.returncode == 0 and f"pid {pid}" in stopped.stdout, stopped.stdout + stopped.stderr
     assert not pid_alive(pid) and not (local_home.home / "local-server.json").exists()
-    assert _marked_servers(local_home.home) == []
+    assert marked_servers(local_home.home) == []
     status = local_home.run("server", "status")
     assert status.returncode == 1 and "no local Prefect server" in status.stdout
     again = local_home.run("server", "stop")
@@ -294,7 +244,7 @@ def test_the_ephemeral_setting_keeps_a_temporary_server(tmp_path: Path):
     result = home.run("start", "brief", DISPATCH_SERVER="ephemeral")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "brief completed" in result.stdout and "/runs/flow-run/" not in result.stdout
-    assert not (home.home / "local-server.json").exists() and _marked_servers(home.home) == []
+    assert not (home.home / "local-server.json").exists() and marked_servers(home.home) == []
     ui = home.run("ui", DISPATCH_SERVER="ephemeral")
     assert ui.returncode == 2 and "DISPATCH_SERVER=ephemeral" in ui.stderr
 
@@ -323,34 +273,22 @@ def test_team_server_start_serves_a_ui_that_points_at_its_own_port(tmp_path: Pat
 
 def test_the_browser_shows_the_demos_spec_runs_and_report(local_home: LocalHome):
     """Real headless Chromium (Debian's package) on the demo's flow run page in the local server's UI."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("playwright is not installed: pip install -e '.[test]'")
-    assert Path("/usr/bin/chromium").exists(), "Chromium is missing: apt-get install -y chromium"
     env_specs = {k: v for k, v in local_home.env().items() if k != "DISPATCH_SPECS"}  # the bundled demo
     result = subprocess.run([DISPATCH, "start", "demo"], env=env_specs, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     url = re.search(r"http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}", result.stdout).group(0)
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
     specs = ["S01-setup", "S02-api", "S03-db", "S04-docs", "S05-lint", "S06-tests", "S07-package"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.get_by_text("Task Runs", exact=True).first.click()
-            for spec in specs:
-                page.get_by_text(spec, exact=True).first.wait_for(timeout=30_000)
-            assert "Can't connect" not in page.inner_text("body")
-            page.get_by_text("Artifacts", exact=True).first.click()
-            page.get_by_text("report-demo", exact=True).first.click()
-            page.get_by_text("Oyster Dispatch report: demo").first.wait_for(timeout=30_000)
-            links = page.locator("a[href*='/runs/task-run/']")
-            assert sorted(links.all_inner_texts()) == specs
-        finally:
-            browser.close()
+    with headless_page() as page:
+        page.goto(url)
+        page.get_by_text("Task Runs", exact=True).first.click()
+        for spec in specs:
+            page.get_by_text(spec, exact=True).first.wait_for(timeout=30_000)
+        assert "Can't connect" not in page.inner_text("body")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("report-demo", exact=True).first.click()
+        page.get_by_text("Oyster Dispatch report: demo").first.wait_for(timeout=30_000)
+        links = page.locator("a[href*='/runs/task-run/']")
+        assert sorted(links.all_inner_texts()) == specs
 
 
 def test_the_monitor_reads_cool_downs_from_the_running_local_server_and_starts_none(local_home: LocalHome):
@@ -374,4 +312,4 @@ def test_the_monitor_reads_cool_downs_from_the_running_local_server_and_starts_n
     stopped = local_home.run("monitor", "--once", "--json")
     assert stopped.returncode == 0, stopped.stderr
     assert json.loads(stopped.stdout)["cooldowns"] is None
-    assert not _marked_servers(local_home.home), "a read-only view starts no server"
+    assert not marked_servers(local_home.home), "a read-only view starts no server"

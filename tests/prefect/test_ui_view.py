@@ -1,6 +1,8 @@
 """A project's run as the Prefect UI shows it, read through Prefect's real API: task runs named by spec id (and
 `S02 (attempt 2)`), the DAG's edges, each spec's log lines in its own task run (secrets masked), and the
-report artifact with the table of specs linking to their task runs' logs."""
+report artifact with the table of specs linking to their task runs' logs. A pipeline run's page in the real UI,
+in headless Chromium: the failed layer shown failed, a layer that did not run not shown as done, and L4b's
+screenshots shown as images."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.local_server import LocalHome, headless_page
 from tests.fixtures.projects import shell_spec
+from tests.fixtures.shop import Shop
 
 pytestmark = pytest.mark.prefect
 
@@ -70,3 +74,38 @@ def test_a_run_reads_well_in_the_prefect_ui(run_project, isolated_home: Path, mo
                      "S02-flaky": str(task_runs["S02-flaky (attempt 2)"].id),
                      "S03-last": str(task_runs["S03-last"].id)}, report.data
     assert any(a.key == "specs-uiview" and a.type == "table" for a in artifacts)
+
+
+def _badge(page, run_name: str) -> str:
+    """The state shown beside the subflow run `run_name` on a flow run's Subflow Runs tab."""
+    item = page.locator(".state-list-item", has_text=run_name).first
+    item.wait_for(timeout=30_000)
+    return item.locator(".state-badge").first.inner_text().strip()
+
+
+def test_a_pipeline_runs_page_shows_the_failed_layer_failed_and_the_screenshots(local_home: LocalHome):
+    shop = Shop(local_home.root)  # the example, in this home's DISPATCH_SPECS; L4 fails on its defects
+    shop.save(layers={"L4a": {"enabled": False}, "L4d": {"enabled": False}})  # L4b alone fails it, sooner
+    done = local_home.run("pipeline", "run", "shop", "--from", "L3", "--to", "L4", timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    url = re.search(r"http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}", done.stdout)
+    assert url, f"no UI address printed:\n{done.stdout}"
+    with headless_page() as page:
+        page.goto(url.group(0))
+        page.get_by_text("Subflow Runs", exact=True).first.click()
+        assert _badge(page, "shop L4 test") == "Failed"
+        assert _badge(page, "shop L3 build") == "Completed"
+        assert "Can't connect" not in page.inner_text("body")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("shop-screenshots", exact=True).first.click()
+        images = page.locator("img[src^='data:image/jpeg;base64,']")
+        images.first.wait_for(timeout=30_000)
+        sizes = [image.evaluate("i => [i.complete, i.naturalWidth, i.naturalHeight]") for image in images.all()]
+        assert len(sizes) == 4 and all(ok and 0 < w <= 480 and 0 < h <= 960 for ok, w, h in sizes), sizes
+        assert "file://" not in page.content()
+        page.go_back()  # the L4 subflow's own page: the sub-layer that failed, and the one that did not run
+        page.get_by_text("Subflow Runs", exact=True).first.click()
+        page.locator(".state-list-item", has_text="shop L4 test").first.get_by_text("shop L4 test").click()
+        page.get_by_text("Subflow Runs", exact=True).first.click()
+        assert _badge(page, "shop L4b browser_qa") == "Failed"
+        assert _badge(page, "shop L4c ui_review") == "NotRun"
