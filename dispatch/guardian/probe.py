@@ -54,8 +54,8 @@ except OSError:
 out["clis"] = [c for c in clis if shutil.which(c)]
 def version_of(cli):
     try:
-        proc = subprocess.Popen([shutil.which(cli), "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([shutil.which(cli) or cli, "--version"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         return "(--version failed: %s)" % exc
     try:
