@@ -102,10 +102,41 @@ def test_an_unreachable_glm_passes_to_claude_in_seconds(point_models, provider: 
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
-    attempts = result_attempts(row)
-    glm = [a for a in attempts if a.get("model") == "glm"]
-    assert glm and glm[0]["ended_at"] - glm[0]["started_at"] <= FALLBACK_SECONDS, json.dumps(attempts)[-2000:]
+    assert _first_attempt_seconds(row, "glm") <= FALLBACK_SECONDS, _explain(started, "S01-hello")
     assert _wrote(isolated_home / "projects" / "refused") == WRITTEN_TEXT
+
+
+def _first_attempt_seconds(row, model: str) -> float:
+    attempts = [a for a in result_attempts(row) if a.get("model") == model]
+    assert attempts, f"no attempt of {model}: {json.dumps(result_attempts(row))[-2000:]}"
+    return attempts[0]["ended_at"] - attempts[0]["started_at"]
+
+
+def test_an_unreachable_codex_passes_to_claude_though_it_says_it_is_reconnecting(
+        point_models, provider: FakeProvider, refused_url: str, isolated_home: Path):
+    """Codex never gives up on an endpoint it cannot reach: it prints "Reconnecting... waiting for network"
+    after 0, 5, 15, 35 s, then about every 35 s. Those lines are no progress: the stall limit (30 s here) must
+    end it ~30 s after it started, not ~65 s (30 s after the last such line) or never."""
+    point_models(codex=refused_url + "/v1", claude=provider.url("success"))
+    agent_spec(isolated_home / "specs" / "cx-refused", "S01-hello", ["codex", "claude"])
+    started = dispatch_start("cx-refused", isolated_home, env={"DISPATCH_STALL_TIMEOUT": "30"})
+    assert started.returncode == 0, _explain(started, "S01-hello")
+    row = started.row("S01-hello")
+    assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
+    assert _first_attempt_seconds(row, "codex") <= 45, _explain(started, "S01-hello")
+
+
+def test_a_hanging_glm_passes_to_claude_at_the_stall_limit(point_models, provider: FakeProvider,
+                                                           isolated_home: Path):
+    """The endpoint accepts and never answers: the CLI prints nothing; the stall limit ends it and the chain
+    moves on (a hang is a reason to fall back, not a failure of the spec)."""
+    point_models(glm=provider.url("hang"), claude=provider.url("success"))
+    agent_spec(isolated_home / "specs" / "hang", "S01-hello", ["glm", "claude"])
+    started = dispatch_start("hang", isolated_home, env={"DISPATCH_STALL_TIMEOUT": "8"})
+    assert started.returncode == 0, _explain(started, "S01-hello")
+    row = started.row("S01-hello")
+    assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
+    assert _first_attempt_seconds(row, "glm") <= 8 + FALLBACK_SECONDS, _explain(started, "S01-hello")
 
 
 @pytest.fixture
@@ -146,4 +177,6 @@ def test_a_rate_limited_glm_passes_to_claude_on_an_ssh_node(point_models, provid
     assert (row.state, row.model, row.node) == ("succeeded", "claude", ssh_node["name"]), \
         _explain(started, "S01-hello")
     glm, claude = _asked(provider, "glm"), _asked(provider, "claude")
-    assert glm and claude and claude[0]["time"] - glm[0]["time"] <= FALLBACK_SECONDS
+    assert glm and claude, _explain(started, "S01-hello")
+    assert claude[0]["time"] - glm[0]["time"] <= FALLBACK_SECONDS, \
+        f"claude started {claude[0]['time'] - glm[0]['time']:.1f} s after glm's first 429 ({len(glm)} glm requests)"
