@@ -209,8 +209,11 @@ def start(
     try:
         # the flow tags its own run with the user (a tags() context would tag every task run)
         with progress, _engine_settings(settings):
-            dispatch_project(project, only=only, start_from=start_from, force=force, started_by=f"{user}@{host}",
-                             return_state=True)
+            final = dispatch_project(project, only=only, start_from=start_from, force=force,
+                                     started_by=f"{user}@{host}", return_state=True)
+        # invalid input the flow found (a spec's env sets a configured model's variable): exit 2 as above
+        if final.is_failed() and isinstance(found := final.result(raise_on_failure=False), ProjectInvalid):
+            raise found
     except DispatchError as exc:
         raise invalid(exc) from None
     finally:

@@ -8,6 +8,7 @@ the dispatcher sees the log tail, exit code and model attempts of failures too.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -78,13 +79,15 @@ def _line_sink(logger, prefix: str, on_note: Callable[[str], None] | None) -> Ca
 
 
 def missing_agent_clis(request: RunRequest) -> str | None:
-    """On the local node: why no step of the model chain (or of the verifier chain) can start, or None."""
+    """On the local node: why no step of the model chain (or of the verifier chain) can start, or None. CLIs
+    are looked up as the runner will: on the node's configured PATH (nodes.json `env`), else this process's."""
+    path = request.node_env.get("PATH", os.environ.get("PATH", os.defpath))
     problems = []
     for role, steps in (("agent", request.steps), ("verifier", request.verify)):
         hints = []
         for step in steps:
             argv = step.get("argv")
-            if not argv or shutil.which(argv[0]):
+            if not argv or shutil.which(argv[0], path=path):
                 hints = []
                 break
             hints.append(f"no {role} CLI '{argv[0]}' on PATH for model {step['name']}: "
