@@ -120,12 +120,18 @@ def env_problem(names: Iterable[str], model_variables: Iterable[str] = ()) -> st
 
     names, models = list(names), {*model_variables, *variables_of(BUILTIN_MODELS)}
     if ours := [name for name in names if name.startswith("DISPATCH_")]:
-        return f"{', '.join(ours)}: DISPATCH_* variables are set by the dispatcher; use another name"
+        return f"{_names(ours)}: DISPATCH_* variables are set by the dispatcher; use another name"
     if refused := [name for name in names if protected_env(name) or name in models]:
-        return (f"may not set {', '.join(refused)}: these decide which program runs or where an agent sends its "
+        return (f"may not set {_names(refused)}: these decide which program runs or where an agent sends its "
                 "key; set endpoints and keys in the model's settings: dispatch models / AgentModel (and PATH in "
                 "the node's env)")
     return None
+
+
+def _names(names: list[str], shown: int = 8) -> str:
+    """Names for a message: the first `shown` of them (each at most 128 characters), then how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def model_env_errors(specs: Iterable[Spec], model_variables: Iterable[str]) -> list[SpecError]:

@@ -596,3 +596,10 @@ def test_a_configured_models_variables_are_refused_once_the_run_knows_them(tmp_p
     errors = model_env_errors([plain, other], model_variables({"bedrock": bedrock}))
     assert [(e.path, e.field) for e in errors] == [(str(plain.path), "env")]
     assert "may not set AWS_REGION" in errors[0].message
+
+
+def test_a_spec_env_refusing_many_names_keeps_its_message_short(tmp_path: Path) -> None:
+    names = ", ".join(f"V{i}_{'X' * 100}_TOKEN: x" for i in range(64))
+    spec, errors = parse_spec(_write(tmp_path, "S01-x.md", f"---\nenv: {{{names}}}\n---\n## Goal\nx\n"))
+    assert [e.field for e in errors] == ["env"] and "and 56 more" in errors[0].message
+    assert len(errors[0].message) < 1500
