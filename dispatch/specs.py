@@ -113,7 +113,7 @@ def env_problem(names: Iterable[str], model_variables: Iterable[str] = ()) -> st
     and `*_TOKEN` in any case, since some tools read lower-case variants), and the variables of the built-in
     models and of `model_variables` (the configured models', `dispatch.agents.model_variables`).
     """
-    # imported here: the runner module takes ~50 ms to import and most specs set no env; agents imports us
+    # imported here: the runner module takes 50-100 ms to import and most specs set no env; agents imports us
     from dispatch.agents import BUILTIN_MODELS
     from dispatch.agents import model_variables as variables_of
     from dispatch.runner.node_runner import protected_env
