@@ -147,19 +147,31 @@ def result_attempts(row) -> list[dict]:
     return json.loads(path.read_text()).get("attempts", [])
 
 
-def node_agent_bin(directory: Path) -> Path:
-    """`directory` with the pinned CLIs, for the nodes' login users: links to them when every directory above
-    them can be entered by other users, else links into a copy of agents/node_modules (a checkout in a 0700
-    `mktemp -d` cannot be entered)."""
+@pytest.fixture(scope="session")
+def node_agents(loopback_cluster) -> Path:
+    """A directory with the pinned CLIs that the loopback nodes' login users can run, made once a session:
+    links to them when every directory above them can be entered by other users, else links into a copy of
+    agents/node_modules (a checkout in a 0700 `mktemp -d` cannot be entered)."""
     bin_dir = require_clis()
-    modules = bin_dir.parent
-    directory.mkdir(mode=0o755, exist_ok=True)
+    modules = bin_dir.parent.resolve()
+    directory = loopback_cluster.base_dir / "agents"
+    if directory.exists():
+        return directory
+    directory.mkdir(mode=0o755)
     for cli in CLIS:
         target = (bin_dir / cli).resolve()
         if not all(os.stat(parent).st_mode & 0o001 for parent in target.parents):
             copy = directory / "node_modules"
             if not copy.exists():
-                shutil.copytree(modules, copy, symlinks=True)
-            target = copy / target.relative_to(modules.resolve())
+                shutil.copytree(modules, copy, symlinks=True, copy_function=_link_or_copy)
+            target = copy / target.relative_to(modules)
         (directory / cli).symlink_to(target)
     return directory
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link (the same file system: instant, no space), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -19,7 +19,6 @@ from tests.contract.conftest import (
     SYSTEM_PATH,
     agent_spec,
     dispatch_start,
-    node_agent_bin,
     result_attempts,
     task_log,
 )
@@ -140,12 +139,11 @@ def test_a_hanging_glm_passes_to_claude_at_the_stall_limit(point_models, provide
 
 
 @pytest.fixture
-def ssh_node(loopback_cluster, isolated_home: Path, node_shared: Path, monkeypatch: pytest.MonkeyPatch):
+def ssh_node(loopback_cluster, node_agents: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch):
     """DISPATCH_HOME/nodes.json with one loopback node (its own login user as root) whose PATH has the pinned
     CLIs; no server slots (the session's SQLite server cannot hold them: see test_cluster_flow.py)."""
     monkeypatch.setenv("DISPATCH_SERVER_SLOTS", "false")
-    agents = node_agent_bin(node_shared / "agents")
-    node = {**loopback_cluster.node("loop1"), "env": {"PATH": f"{agents}:{SYSTEM_PATH}"}}
+    node = {**loopback_cluster.node("loop1"), "env": {"PATH": f"{node_agents}:{SYSTEM_PATH}"}}
     (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [node]}))
     return node
 
