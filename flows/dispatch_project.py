@@ -82,6 +82,16 @@ class ProjectRun:
     def __init__(self, project: Project, settings: DispatchSettings, selected: set[str], *,
                  force: set[str], nodes: list[Node], config: ProjectConfig | None = None,
                  started_by: str | None = None, code_dir: Path | None = None, base: str | None = None) -> None:
+        try:
+            self._set_up(project, settings, selected, force=force, nodes=nodes, config=config,
+                         started_by=started_by, code_dir=code_dir, base=base)
+        except BaseException:  # refused part-way (an invalid model, a node key): give back what was taken
+            self.close()
+            raise
+
+    def _set_up(self, project: Project, settings: DispatchSettings, selected: set[str], *,
+                force: set[str], nodes: list[Node], config: ProjectConfig | None,
+                started_by: str | None, code_dir: Path | None, base: str | None) -> None:
         self.project = project
         self.settings = settings
         self.selected = selected
@@ -622,13 +632,13 @@ class ProjectRun:
 
     def close(self) -> None:
         """Wait for lock requests still out (their answers go unread), give back the server's file locks, then
-        close the nodes' connections."""
-        self._lock_requests.shutdown(wait=True)
-        if self.server_locks is not None:  # explicitly: a collected table only stops renewing (server_locks.py)
-            self.server_locks.close()
-        self.drain.close()
-        self.share.close()
-        self.runtime.close()
+        close the nodes' connections. Closes what a run refused part-way has opened, too."""
+        if (requests := getattr(self, "_lock_requests", None)) is not None:
+            requests.shutdown(wait=True)
+        # explicitly: a collected lock table only stops renewing (server_locks.py)
+        for part in ("server_locks", "drain", "share", "runtime"):
+            if (opened := getattr(self, part, None)) is not None:
+                opened.close()
 
     def _stop(self) -> None:
         self.logger.warning("stopping %s: %s", self.project.name, self.stop_reason)

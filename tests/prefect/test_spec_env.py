@@ -51,3 +51,22 @@ def test_start_of_a_spec_setting_a_configured_models_variable_exits_2_before_any
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"{spec}: env: may not set AWS_REGION" in done.stderr.replace("\n", "")
     assert not (isolated_home / "home" / "runs" / "bedrock").exists(), "nothing of the project ran"
+
+
+def test_a_run_refused_while_it_sets_up_closes_what_it_opened(run_project, isolated_home: Path, monkeypatch) -> None:
+    from blocks.agent_model import AgentModel
+    from dispatch.runtime import ClusterRuntime
+
+    closed: list[str] = []
+    real_close = ClusterRuntime.close
+    monkeypatch.setattr(ClusterRuntime, "close", lambda self: (closed.append("runtime"), real_close(self)))
+    AgentModel(name="bedrock", command=["claude", "-p", "{prompt}"], env={"AWS_REGION": "eu-west-1"}).save(
+        "bedrock", overwrite=True)
+    write_spec(isolated_home / "specs" / "refused", "S01-a.md",
+               {"task_id": "S01-a", "model": ["bedrock"], "env": {"AWS_REGION": "us-east-1"}}, "## Goal\nx\n")
+    try:
+        state, _ = run_project("refused")
+    finally:
+        AgentModel.delete("bedrock")
+    assert state.is_failed()
+    assert closed == ["runtime"], "the nodes' connections opened before the refusal must be closed"
