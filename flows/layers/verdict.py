@@ -50,8 +50,8 @@ def judged(subflow: Flow, run_name: str, timeout: float | None = None) -> Flow:
     # layer's (string) annotations in its own
     run.__signature__ = inspect.signature(layer, eval_str=True)  # type: ignore[attr-defined]
 
-    return Flow(run, name=subflow.name, description=subflow.description, flow_run_name=run_name,
-                task_runner=subflow.task_runner, log_prints=subflow.log_prints,
+    return Flow(run, name=subflow.name, version=subflow.version, description=subflow.description,
+                flow_run_name=run_name, task_runner=subflow.task_runner, log_prints=subflow.log_prints,
                 timeout_seconds=timeout if timeout is not None else subflow.timeout_seconds)
 
 
