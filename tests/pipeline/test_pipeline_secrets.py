@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ def test_a_key_printed_by_install_and_start_is_masked_everywhere_the_pipeline_wr
     shop.save(backend={"install": 'echo "install sees $(cat token.txt)"; env | cut -d= -f1',
                        "start": "sh -c 'echo \"start sees $(cat token.txt)\"; sleep 600'", "timeout": "2s"},
               layers={"L3": {"attempts": 1}})
-    since = datetime.now(timezone.utc)
+    since = datetime.now(UTC)
     with caplog.at_level(logging.INFO):
         state, record = _run(from_layer="L3", to_layer="L3")
 
