@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, console, err, invalid
+from dispatch.cli_common import EXIT_FAILED, EXIT_INVALID, MARK, checked, console, err, flow_run_url, invalid
 from dispatch.cli_guardian import guardian
 from dispatch.cli_models import models_app
 from dispatch.cli_monitor import monitor
@@ -200,7 +200,7 @@ def start(
 
     def show_flow_run(flow_run_id: str) -> None:
         if ui:
-            progress.console.print(f"  flow run in the Prefect UI: {_flow_run_url(ui, flow_run_id)}", soft_wrap=True)
+            progress.console.print(f"  flow run in the Prefect UI: {flow_run_url(ui, flow_run_id)}", soft_wrap=True)
 
     LISTENERS.append(listener)
     ON_FLOW_RUN.append(show_flow_run)
@@ -226,7 +226,7 @@ def start(
     colour = {"completed": "green", "failed": "red"}.get(state.state, "yellow")
     console.print(f"[{colour}]{project} {state.state}[/]: {state.message} in {time.monotonic() - started:.1f}s")
     if ui and state.flow_run_id:
-        console.print(f"  in the Prefect UI: {_flow_run_url(ui, state.flow_run_id)}", soft_wrap=True)
+        console.print(f"  in the Prefect UI: {flow_run_url(ui, state.flow_run_id)}", soft_wrap=True)
     raise typer.Exit(0 if state.state == "completed" else EXIT_FAILED)
 
 
@@ -241,11 +241,6 @@ def _engine_settings(settings):
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
-
-def _flow_run_url(ui: str, flow_run_id: str) -> str:
-    """The flow run's page in the Prefect UI (the address Prefect's own `url_for` gives)."""
-    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
 def _start_in_background(settings, project: str, only: list[str] | None, start_from: list[str] | None,

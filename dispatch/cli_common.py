@@ -37,3 +37,8 @@ def checked(project: str) -> str:
         return check_name(project, "project name")
     except UnsafePath as exc:
         raise invalid(exc) from None
+
+
+def flow_run_url(ui: str, flow_run_id: str) -> str:
+    """The flow run's page in the Prefect UI (the address Prefect's own `url_for` gives)."""
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"

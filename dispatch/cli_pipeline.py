@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dispatch.cli_common import flow_run_url
 from dispatch.cli_server import connect_prefect
 from dispatch.errors import ConfigError
 from dispatch.pipeline.config import CONFIG_NAME, load_pipeline_config
@@ -54,9 +55,7 @@ def _row_line(row: dict) -> str:
 
 def _flow_run_page(ui: str | None, flow_run_id: str | None) -> str | None:
     """The flow run's page in the Prefect UI, as `dispatch start` prints it (None: no UI to show it)."""
-    from dispatch.cli import _flow_run_url
-
-    return _flow_run_url(ui, flow_run_id) if ui and flow_run_id else None
+    return flow_run_url(ui, flow_run_id) if ui and flow_run_id else None
 
 
 def _listener(stream: Console, ui: str | None):
