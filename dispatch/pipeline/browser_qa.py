@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from dispatch.pipeline.masking import pipeline_masker
 from dispatch.pipeline.results import Bug, Check, PageCapture
 
 VIEWPORTS = {"1920x1080": (1920, 1080), "375x812": (375, 812)}
@@ -135,6 +136,7 @@ class BrowserQA:
         self.checks: list[Check] = []
         self.bugs: list[Bug] = []
         self.captures: list[PageCapture] = []
+        self.masker = pipeline_masker()  # a page may show a key the app was given: what we keep of it is masked
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def _bug(self, where: str, title: str, severity: str, reproduce: str, evidence: str = "") -> None:
@@ -198,7 +200,7 @@ class BrowserQA:
                     capture.overflow = bool(overflow)
                 else:
                     html = self.out_dir / f"{_slug(index, path)}.html"
-                    html.write_text(page.content()[:2_000_000], encoding="utf-8")
+                    html.write_text(self.masker.mask(page.content()[:2_000_000]), encoding="utf-8")
                     capture.html_file, capture.load_time_s = str(html), round(load_time, 3)
                 problems = self._judge(path, url, size, load_time, seen, bool(overflow))
                 capture.console_errors = sorted(set(capture.console_errors) | set(seen["console"]))
