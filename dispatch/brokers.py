@@ -30,7 +30,7 @@ import httpx
 from dispatch.cluster import Node
 from dispatch.errors import ConfigError
 from dispatch.locks import SlotLocks
-from dispatch.nodes_admin import SERVER_ERRORS
+from dispatch.prefect_errors import SERVER_ERRORS
 
 logger = logging.getLogger(__name__)
 

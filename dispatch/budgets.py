@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from dispatch.cooldowns import API_ERRORS
+from dispatch.prefect_errors import API_ERRORS
 from dispatch.usage import LEDGER_NAME, figure, ledger_path, next_utc_midnight, parse_ledger, total_figure, utc_day
 
 _ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one

@@ -130,7 +130,8 @@ def list_models(ctx: typer.Context,
         return
     settings = get_settings()
     _connect(settings)
-    from dispatch.cooldowns import API_ERRORS, Cooldowns, model_state
+    from dispatch.cooldowns import Cooldowns, model_state
+    from dispatch.prefect_errors import API_ERRORS
 
     try:
         blocks = _block_documents()
@@ -164,7 +165,8 @@ def reset_model(model: Annotated[str, typer.Argument(help="The model to make ava
     """Clear a model's cool-down or billing block (after fixing its account), for every user of this API."""
     settings = get_settings()
     _connect(settings)
-    from dispatch.cooldowns import API_ERRORS, Cooldowns
+    from dispatch.cooldowns import Cooldowns
+    from dispatch.prefect_errors import API_ERRORS
 
     keeper = Cooldowns(refresh=0)
     try:
@@ -222,7 +224,7 @@ def set_model(
 
     from blocks.agent_model import AgentModel
     from blocks.cluster_node import block_name
-    from dispatch.cooldowns import API_ERRORS
+    from dispatch.prefect_errors import API_ERRORS
 
     try:
         saved = model in _block_documents()

@@ -21,15 +21,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
+from dispatch.prefect_errors import API_ERRORS
 from dispatch.ratelimits import Verdict, cooldown_until
 
 logger = logging.getLogger(__name__)
 COOLING_KINDS = ("quota", "billing", "transient")  # verdicts that put their model on cool-down
 _PREFIX = "dispatch_cooldown_"
-# What a failed Prefect API call raises: no server, a refused or failed request, a bad Variable name.
-API_ERRORS = (httpx.HTTPError, OSError, RuntimeError, ValueError)
 
 
 def variable_name(model: str) -> str:

@@ -14,16 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import httpx
-
 from dispatch.drain import drained_nodes
+from dispatch.prefect_errors import API_ERRORS
 from dispatch.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
 DRAINED_WAIT = "waiting: node(s) drained"
 _CHECK_INTERVAL = 0.5  # seconds between two looks for ready specs that wait only on drained nodes
-# What a failed read raises: no server, a refused or failed request, a damaged answer.
-_READ_ERRORS = (httpx.HTTPError, OSError, RuntimeError, ValueError)
 
 
 def read_drained(settings: DispatchSettings, log: logging.Logger | logging.LoggerAdapter | None = None,
@@ -31,7 +28,7 @@ def read_drained(settings: DispatchSettings, log: logging.Logger | logging.Logge
     """The drained nodes now, or None (said on `log`) when they cannot be read."""
     try:
         return drained_nodes(settings)
-    except _READ_ERRORS as exc:
+    except API_ERRORS as exc:
         (log or logger).warning("could not read the drained nodes: %s", exc)
         return None
 
@@ -62,7 +59,7 @@ class DrainWatch:
         while not self._stopped.wait(self._interval):
             try:
                 drained = drained_nodes(self._settings)
-            except _READ_ERRORS as exc:
+            except API_ERRORS as exc:
                 if not self._failing:  # once per outage, not every few seconds
                     logger.warning("could not read the drained nodes (keeping the last known): %s", exc)
                 self._failing = True

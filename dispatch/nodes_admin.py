@@ -25,11 +25,8 @@ from pydantic import SecretStr
 
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError
+from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.settings import DispatchSettings
-
-SERVER_ERRORS = (httpx.HTTPError, OSError)
-"""What a call to an unreachable or failing Prefect server raises (PrefectHTTPStatusError is an httpx error);
-anything else is a bug and must not be taken for a server that is down."""
 
 if TYPE_CHECKING:
     from dispatch.agents import ModelSpec

@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 from dispatch.cluster import MAX_WEIGHT, MIN_WEIGHT
 from dispatch.locks import held_by_a_process
-from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.paths import local_path
+from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.results import read_json, write_json
 
 logger = logging.getLogger(__name__)

@@ -42,8 +42,8 @@ from dispatch.durations import DurationHistory, first_model
 from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
-from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.pipeline.generated import load_specs, run_key
+from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.report import render_markdown, table_rows
 from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
 from dispatch.runtime import ClusterRuntime

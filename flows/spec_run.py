@@ -27,8 +27,8 @@ from prefect.states import Completed, Failed, State
 
 from dispatch.cluster import Node
 from dispatch.errors import ConfigError, UnsafePath
-from dispatch.nodes_admin import SERVER_ERRORS
 from dispatch.paths import contained, local_path, run_dir_parts
+from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.results import SpecResult
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest

@@ -91,7 +91,8 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
     from dispatch.agent_versions import AcceptedVersions
     from dispatch.guardian.nodes import Limits, NodeContext, check_node
     from dispatch.guardian.policy import apply_policy, send_alerts
-    from dispatch.guardian.server import SERVER_ERRORS, dispatchers, server_checks
+    from dispatch.guardian.server import dispatchers, server_checks
+    from dispatch.prefect_errors import SERVER_ERRORS
 
     started, clock = time.time(), time.monotonic()
     nodes = load_nodes(settings)

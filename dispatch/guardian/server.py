@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from dispatch.health import SERVER, Check
+from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.results import load_all_states, pid_alive
 from dispatch.settings import DispatchSettings
 
@@ -28,7 +29,6 @@ OUR_FLOWS = ("dispatch-project", "pipeline", "nightly-regression")
 """Flows whose runs are dispatchers (their pid and flow run are in this machine's state files)."""
 LEASE_PREFIX = "dispatch_lease_"
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
-SERVER_ERRORS = (httpx.HTTPError, OSError)
 
 
 @dataclass

@@ -74,7 +74,8 @@ def usable_models(models: list[str], catalog: dict[str, ModelSpec] | None = None
 
 
 def _record_limits(attempts: list[dict]) -> None:
-    from dispatch.cooldowns import API_ERRORS, COOLING_KINDS, Cooldowns
+    from dispatch.cooldowns import COOLING_KINDS, Cooldowns
+    from dispatch.prefect_errors import API_ERRORS
 
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     for attempt in attempts:  # as a spec's attempts cool their models (Cooldowns.record_attempts), transient too

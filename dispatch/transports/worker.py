@@ -27,7 +27,7 @@ import httpx
 
 from dispatch.cluster import Node
 from dispatch.errors import NodeError
-from dispatch.nodes_admin import SERVER_ERRORS
+from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.results import SpecResult
 from dispatch.transports import LineSink, RunRequest
 
