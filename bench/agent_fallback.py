@@ -43,7 +43,8 @@ sys.path.insert(1, str(ROOT / "bench"))
 
 from servers import stop_home_server  # noqa: E402
 
-from tests.fixtures.fake_provider import FakeProvider, free_port, key_hash  # noqa: E402
+from dispatch.net import free_port  # noqa: E402
+from tests.fixtures.fake_provider import FakeProvider, key_hash  # noqa: E402
 
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
 AGENT_BIN = ROOT / "agents" / "node_modules" / ".bin"

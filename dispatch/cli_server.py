@@ -35,6 +35,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from dispatch.net import health_status
 from dispatch.settings import DispatchSettings, get_settings
 
 server_app = typer.Typer(help="The local Prefect server of the embedded default (status, stop), and a server for "
@@ -126,7 +127,7 @@ def check(url: Annotated[str | None, typer.Option(help="API URL to check; defaul
                   "http://gateway:4200/api) or pass --url; without it dispatch runs embedded on SQLite", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID)
     try:
-        status, _ = _get(f"{api}/health", None)
+        status = health_status(api, _TIMEOUT)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         err.print(f"[red]error:[/] cannot reach the Prefect server at {escape(api)} (tried {escape(api)}/health: "

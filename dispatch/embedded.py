@@ -32,13 +32,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dispatch.errors import DispatchError
+from dispatch.net import free_port, healthy, wait_healthy
 from dispatch.results import pid_alive
 from dispatch.settings import DispatchSettings
 
@@ -49,7 +48,6 @@ _HOME_MARK = "DISPATCH_LOCAL_SERVER"
 _LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 _START_TIMEOUT = 180.0  # a fresh database is migrated first (~10-30 s on a loaded 2-core machine)
 _LOCK_TIMEOUT = _START_TIMEOUT + 30
-_HEALTH_TIMEOUT = 2.0
 _STOP_TIMEOUT = 20.0
 # what the server may inherit besides PREFECT_*: no agent keys or other credentials of ours
 _PASS_THROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
@@ -119,14 +117,6 @@ def _is_ours(pid: int, settings: DispatchSettings) -> bool:
     return f"{_HOME_MARK}={settings.home}\0".encode() in _environ_of(pid)
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=_HEALTH_TIMEOUT) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
-
-
 def _problem(server: LocalServer | None, settings: DispatchSettings) -> str | None:
     """Why the recorded server cannot be used (None: it can)."""
     if server is None:
@@ -136,7 +126,7 @@ def _problem(server: LocalServer | None, settings: DispatchSettings) -> str | No
     if server.prefect_version != prefect_version() or server.python_prefix != sys.prefix:
         return (f"it runs Prefect {server.prefect_version} of {server.python_prefix}, this is Prefect "
                 f"{prefect_version()} of {sys.prefix}")
-    if not _healthy(server.port):
+    if not healthy(server.api_url):
         return f"it does not answer on port {server.port}"
     return None
 
@@ -209,12 +199,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_environment(settings: DispatchSettings, port: int) -> dict[str, str]:
     """The environment of this home's local server: PREFECT_* of ours but no API URL, and no credential."""
     env = {k: v for k, v in os.environ.items()
@@ -231,7 +215,7 @@ def server_environment(settings: DispatchSettings, port: int) -> dict[str, str]:
 
 def _start(settings: DispatchSettings, on_spawned: Callable[[LocalServer], None] | None) -> LocalServer:
     """Start a server (the caller holds the start lock) and wait until it answers."""
-    port = settings.server_port if _port_free(settings.server_port) else _free_port()
+    port = settings.server_port if _port_free(settings.server_port) else free_port()
     log = log_path(settings)
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -246,17 +230,14 @@ def _start(settings: DispatchSettings, on_spawned: Callable[[LocalServer], None]
     _write_state(settings, server)  # first: a command killed while it waits leaves no unnamed server
     if on_spawned is not None:
         on_spawned(server)
-    deadline = time.monotonic() + _START_TIMEOUT
-    while not _healthy(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_pid(proc.pid)
-            state_path(settings).unlink(missing_ok=True)
-            tail = log.read_text(errors="replace")[-2000:]
-            why = f"exited with {proc.returncode}" if proc.returncode is not None else \
-                f"did not answer within {_START_TIMEOUT:.0f}s"
-            raise LocalServerError(f"the local Prefect server on 127.0.0.1:{port} {why}; its log ({log}) ends:\n"
-                                   f"{tail}\nset DISPATCH_SERVER=ephemeral to run without it")
-        time.sleep(0.1)
+    if not wait_healthy(server.api_url, _START_TIMEOUT, 0.1, alive=lambda: proc.poll() is None):
+        _stop_pid(proc.pid)
+        state_path(settings).unlink(missing_ok=True)
+        tail = log.read_text(errors="replace")[-2000:]
+        why = f"exited with {proc.returncode}" if proc.returncode is not None else \
+            f"did not answer within {_START_TIMEOUT:.0f}s"
+        raise LocalServerError(f"the local Prefect server on 127.0.0.1:{port} {why}; its log ({log}) ends:\n"
+                               f"{tail}\nset DISPATCH_SERVER=ephemeral to run without it")
     return server
 
 

@@ -17,27 +17,18 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dispatch import net
 
 PG_USER = "dispatchpg"
 DB_USER, DB_NAME = "dispatch", "prefect"
 INSTALL_HINT = ("PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: apt-get install -y "
                 "postgresql-15 (or any postgresql-NN), or put their directory on PATH")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pg_bin_dir() -> Path:
@@ -73,16 +64,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, log: Path, timeout: fl
     Raises:
         RuntimeError: with the log's tail, when the process dies or time runs out.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.3)
+    if net.wait_healthy(url, timeout, 0.3, alive=None if proc is None else lambda: proc.poll() is None):
+        return
     tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
     raise RuntimeError(f"Prefect server at {url} did not come up; log tail:\n{tail}")
 
@@ -94,7 +77,7 @@ class PostgresCluster:
         self.bin_dir = pg_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="dispatch-pg-"))
         self.data = self.root / "data"
-        self.port = free_port()
+        self.port = net.free_port()
         self.url = f"postgresql+asyncpg://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
 
     def start(self) -> str:
@@ -137,7 +120,7 @@ class TeamServer:
     database_url: str | None
     home: Path
     auth_string: str | None = None
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=net.free_port)
     proc: subprocess.Popen | None = None
 
     @property

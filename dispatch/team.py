@@ -18,8 +18,6 @@ import getpass
 import os
 import socket
 import time
-import urllib.error
-import urllib.request
 from base64 import b64encode
 from datetime import datetime
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from dispatch.errors import DispatchError
+from dispatch.net import health_status
 
 FLOW_NAME = "dispatch-project"
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
@@ -93,15 +92,14 @@ def _check_reachable(api_url: str, timeout: float) -> None:
     """One GET of `<api>/health` (no auth needed): fail fast, before importing Prefect, when the server is away."""
     api = api_url.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{api}/health", timeout=timeout) as response:
-            response.read()
-    except urllib.error.HTTPError as exc:
-        raise TeamServerError(f"the Prefect server at {api} answered HTTP {exc.code} on /health: is "
-                              f"PREFECT_API_URL a Prefect API URL (it ends in /api)?") from exc
+        status = health_status(api, timeout)
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TeamServerError(f"cannot reach the Prefect server at {api} ({reason}); check PREFECT_API_URL or "
                               f"run `dispatch server check`") from exc
+    if not 200 <= status < 300:
+        raise TeamServerError(f"the Prefect server at {api} answered HTTP {status} on /health: is "
+                              f"PREFECT_API_URL a Prefect API URL (it ends in /api)?")
 
 
 def _http_failure(api_url: str, exc: Exception) -> TeamServerError:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from dispatch.net import free_port, wait_healthy
 
 pytest_plugins = ["tests.fixtures.sshd", "tests.fixtures.postgres"]  # sshd cluster, PostgreSQL + team server
 
@@ -29,17 +28,11 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="dispatch-tests-"))
 _SERVER: dict = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Point Prefect at a session server before anything imports Prefect, and start that server."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return  # the controller of `pytest -n N` runs no test: its workers start their own servers
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         "PREFECT_API_URL": url,
@@ -73,16 +66,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def prefect_api() -> str:
     """The session's Prefect API URL, once the server answers its health check."""
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if _SERVER["proc"].poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"{_SERVER['url']}/health", timeout=2) as response:
-                if response.status == 200:
-                    return _SERVER["url"]
-        except OSError:
-            time.sleep(0.5)
+    if wait_healthy(_SERVER["url"], 180, 0.5, alive=lambda: _SERVER["proc"].poll() is None):
+        return _SERVER["url"]
     log = (_SESSION_DIR / "prefect-server.log").read_text(errors="replace")[-3000:]
     pytest.fail(f"the test Prefect server did not start; its log:\n{log}")
 

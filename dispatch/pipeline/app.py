@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -35,13 +34,6 @@ _POLL = 0.2
 _STOP_GRACE = 5.0
 _running: dict[str, list[AppProcess]] = {}
 _lock = threading.Lock()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the app binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def health_url(health: str, port: int) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from dispatch.errors import ConfigError
+from dispatch.net import free_port
 from dispatch.paths import within
 from dispatch.pipeline import app as apps
 from dispatch.pipeline.config import PipelineConfig
@@ -38,7 +39,7 @@ def _build_key(code: Path, config: PipelineConfig) -> str:
 
 def _start(name: str, command: str, code: Path, env: dict[str, str], run_dir: str, health: str,
            timeout: float) -> tuple[apps.AppProcess | None, Check, list[str]]:
-    port = apps.free_port()
+    port = free_port()
     started = time.monotonic()
     app = apps.AppProcess(command.replace("{port}", str(port)), cwd=code, env=env, port=port,
                           log_path=Path(run_dir, "L3", f"{name}.log"), marker=run_dir)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.net import free_port
 from dispatch.results import ProjectState, load_state
-from tests.fixtures.fake_provider import FakeProvider, free_port
+from tests.fixtures.fake_provider import FakeProvider
 from tests.fixtures.projects import DISPATCH, write_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -140,7 +140,7 @@ def test_wrong_auth_is_refused(team_server: TeamServer) -> None:
 
 
 def test_unreachable_server_names_the_url(team_server: TeamServer) -> None:
-    from tests.fixtures.postgres import free_port  # after pytest registered the module as a plugin
+    from dispatch.net import free_port
 
     url = f"http://127.0.0.1:{free_port()}/api"
     result = _dispatch_server(["check"], team_server.env(PREFECT_API_URL=url))
@@ -310,7 +310,7 @@ def test_a_server_that_does_not_answer_a_slot_request_delays_the_spec_instead_of
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from dispatch.brokers import ServerSlots
-    from tests.fixtures.postgres import free_port
+    from dispatch.net import free_port
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         slots = ServerSlots({"gone": "node-gone"})

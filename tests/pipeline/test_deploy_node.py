@@ -10,7 +10,7 @@ import signal
 import httpx
 import pytest
 
-from dispatch.pipeline import app as apps
+from dispatch.net import free_port
 from dispatch.pipeline.results import Status
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -22,7 +22,7 @@ def test_deploy_to_a_node_over_ssh_switches_restarts_checks_and_prunes(loopback_
     shutil.copy(loopback_cluster.nodes_json, shop.home / "nodes.json")
     node = loopback_cluster.node("loop1")
     deploy_dir = loopback_cluster.home("loop1") / "apps" / "shop"  # deploy.dir ~/apps/shop: under the login's home
-    port = apps.free_port()
+    port = free_port()
     restart = (f"kill -TERM -$(cat {deploy_dir}/http.pid) 2>/dev/null; sleep 0.3; "
                f"setsid python3 -m http.server {port} --bind {node['host']} --directory {deploy_dir}/current "
                f">/dev/null 2>&1 </dev/null & echo $! > {deploy_dir}/http.pid")

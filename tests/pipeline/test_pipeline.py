@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.net import free_port
 from dispatch.pipeline import app as apps
 from tests.fixtures.shop import group_alive
 
@@ -41,7 +42,7 @@ def _top(record):
 def deployed(shop):
     """A local deploy section for the shop (the example's restart script on a free port); the live app
     it starts is stopped after the test through its pid file."""
-    port = apps.free_port()
+    port = free_port()
     deploy_dir = shop.home / "deploy" / "shop"
     shop.save(deploy={"target": "local", "dir": "${DISPATCH_HOME}/deploy/shop", "restart": "sh deploy/restart.sh",
                       "health": f"http://127.0.0.1:{port}/healthz", "keep": 2, "timeout": "20s"},

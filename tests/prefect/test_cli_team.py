@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.net import free_port
 from dispatch.results import load_state, pid_alive
-from tests.fixtures.postgres import free_port
 from tests.fixtures.projects import DISPATCH, read_timeline, shell_spec
 
 pytestmark = pytest.mark.prefect

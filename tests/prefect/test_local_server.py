@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.net import free_port
 from dispatch.results import pid_alive
 from tests.fixtures.local_server import LocalHome, headless_page, marked_servers
-from tests.fixtures.postgres import free_port
 from tests.fixtures.projects import DISPATCH, shell_spec
 
 pytestmark = [pytest.mark.prefect, pytest.mark.integration]
