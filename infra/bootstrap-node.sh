@@ -8,7 +8,7 @@
 #                     [--worker NODE --package PACKAGE --api-url URL]
 #
 #   --user NAME        the login user the dispatcher connects as (default dispatch, home /var/lib/oyster-dispatch)
-#   --runner-dir DIR   where node_runner.py and ratelimits.py are (default: beside this script, else the
+#   --runner-dir DIR   where node_runner.py, ratelimits.py, protocol.py are (default: beside this script, else the
 #                      checkout's dispatch/ directory); installed as ~NAME/dispatch/.runner/<checksum>/
 #   --agents LIST      npm install -g the agent CLIs (Node.js from apt if missing); nothing is fetched without it
 #   --authorized-key K a public key appended to ~NAME/.ssh/authorized_keys when missing
@@ -121,12 +121,14 @@ if [ -z "$runner_dir" ]; then
 fi
 runner=$(find "${runner_dir:-/nonexistent}" -maxdepth 2 -name node_runner.py -print -quit 2>/dev/null || true)
 limits=$(find "${runner_dir:-/nonexistent}" -maxdepth 2 -name ratelimits.py -print -quit 2>/dev/null || true)
-if [ -n "$runner" ] && [ -n "$limits" ]; then
-  # the checksum the dispatcher computes (dispatch/runner/__init__.py): sha256 of node_runner.py then ratelimits.py
-  checksum=$(cat "$runner" "$limits" | sha256sum | cut -c1-16)
+protocol=${runner:+$(dirname "$runner")/protocol.py}  # always beside node_runner.py, which imports it
+if [ -n "$runner" ] && [ -n "$limits" ] && [ -f "$protocol" ]; then
+  # the checksum the dispatcher computes (dispatch/runner/protocol.py): sha256 of node_runner.py, ratelimits.py,
+  # protocol.py, in that order
+  checksum=$(cat "$runner" "$limits" "$protocol" | sha256sum | cut -c1-16)
   make_dir "$home/dispatch/.runner" 0755
   make_dir "$home/dispatch/.runner/$checksum" 0755
-  for file in "$runner" "$limits"; do
+  for file in "$runner" "$limits" "$protocol"; do
     dest=$home/dispatch/.runner/$checksum/$(basename "$file")
     if cmp -s "$file" "$dest"; then
       ok "$dest is current"
@@ -136,7 +138,7 @@ if [ -n "$runner" ] && [ -n "$limits" ]; then
     fi
   done
 elif [ -n "$runner_dir" ]; then
-  die "--runner-dir $runner_dir: no node_runner.py and ratelimits.py there"
+  die "--runner-dir $runner_dir: no node_runner.py, ratelimits.py and protocol.py there"
 else
   ok "no runner given (--runner-dir): the dispatcher ships it on first use"
 fi

@@ -9,17 +9,21 @@ own `python3` (3.8 or newer) over the dispatcher's SSH pool, or locally for the 
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 from dispatch.errors import ConfigError, NodeError
+from dispatch.runner import protocol
 from dispatch.safeload import loads_json
 
 MAX_OUTPUT = 1_000_000  # a node's answer is hostile input: bounded before it is parsed
 MAX_RUNS = 2000  # run directories reported per node
 VERSION_TIMEOUT = 20  # seconds one agent CLI's `--version` may take on the node
 
-SCRIPT = r'''
-import fcntl, glob, hashlib, json, os, shutil, signal, subprocess, sys, time
+# The probe is the runner's protocol module (the checksum, the liveness test), then the lines below: one script,
+# as the node may hold no runner yet, or another version of it.
+_PROBE = r'''
+import glob, json, os, shutil, signal, subprocess, sys, time
 root, runner_dir, clis = sys.argv[1], sys.argv[2], sys.argv[3:]
 out = {"python": sys.version.split()[0], "cpus": os.cpu_count() or 1, "time": time.time()}
 probe_dir = root
@@ -43,12 +47,8 @@ try:
     out["mem_available"], out["mem_total"] = info.get("MemAvailable"), info.get("MemTotal")
 except (OSError, ValueError, IndexError):
     pass
-digest = hashlib.sha256()
 try:
-    for name in ("node_runner.py", "ratelimits.py"):
-        with open(os.path.join(runner_dir, name), "rb") as handle:
-            digest.update(handle.read())
-    out["runner"] = digest.hexdigest()
+    out["runner"] = checksum(shipped_paths(runner_dir))
 except OSError:
     out["runner"] = None
 out["clis"] = [c for c in clis if shutil.which(c)]
@@ -71,20 +71,8 @@ def version_of(cli):
     return lines[0][:200] if lines else ""
 out["cli_versions"] = {c: version_of(c) for c in out["clis"] if c in ("claude", "codex", "opencode")}
 out["systemd"] = bool(shutil.which("systemctl")) and os.path.isdir("/run/systemd/system")
-def held(run_dir):
-    try:
-        fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 runs = []
-pattern = os.path.join(glob.escape(root), "*", "tasks", "*", "status.json")
+pattern = os.path.join(glob.escape(root), "*", "tasks", "*", STATUS_FILE)
 for path in sorted(glob.glob(pattern))[:__MAX_RUNS__]:
     run_dir = os.path.dirname(path)
     try:
@@ -94,7 +82,7 @@ for path in sorted(glob.glob(pattern))[:__MAX_RUNS__]:
         status = {}
     if not isinstance(status, dict):
         status = {}
-    alive = held(run_dir)
+    alive = runner_alive(run_dir)
     if not alive and status.get("state") != "running":
         continue
     beat = status.get("heartbeat_at")
@@ -105,6 +93,7 @@ for path in sorted(glob.glob(pattern))[:__MAX_RUNS__]:
 out["runs"] = runs
 print(json.dumps(out))
 '''.replace("__MAX_RUNS__", str(MAX_RUNS)).replace("__VERSION_TIMEOUT__", str(VERSION_TIMEOUT))
+SCRIPT = Path(protocol.__file__).read_text(encoding="utf-8") + _PROBE
 
 
 def probe_command(python: str, root: str, runner_dir: str, clis: list[str]) -> str:

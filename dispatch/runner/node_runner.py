@@ -34,7 +34,6 @@ import argparse
 import collections
 import errno
 import fcntl
-import hashlib
 import importlib.util
 import json
 import math
@@ -50,6 +49,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
+
+if __package__:  # imported as dispatch.runner.node_runner (the dispatcher's side)
+    from . import protocol
+else:  # run as a script, shipped to a node or in the repo: protocol.py lies beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import protocol  # type: ignore[no-redef]
+    finally:
+        sys.path.pop(0)
 
 
 def _import_ratelimits() -> tuple[Any, str]:
@@ -335,20 +343,12 @@ def _read_json(path: str) -> dict | None:
 
 
 def runner_version() -> str:
-    """sha256 of this file then ratelimits.py: equal to ``dispatch.runner.runner_checksum()``.
+    """sha256 of the shipped files (`protocol.checksum`): equal to ``dispatch.runner.runner_checksum()``.
 
     Hashes the ratelimits.py that is shipped with the runner even if this python cannot import it.
     """
-    here = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    with open(os.path.join(here, os.path.basename(__file__)), "rb") as handle:
-        digest.update(handle.read())
-    for candidate in (os.path.join(here, "ratelimits.py"), os.path.join(os.path.dirname(here), "ratelimits.py")):
-        if os.path.isfile(candidate):
-            with open(candidate, "rb") as handle:
-                digest.update(handle.read())
-            break
-    return digest.hexdigest()
+    paths = protocol.shipped_paths(os.path.dirname(os.path.abspath(__file__)))
+    return protocol.checksum(path for path in paths if os.path.isfile(path))
 
 
 def _in_git_checkout(path: str) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.agents import build_steps
-from dispatch.runner import RATELIMITS_PATH, RUNNER_PATH, runner_checksum
+from dispatch.runner import RUNNER_PATH, SHIPPED_FILES, runner_checksum
 from dispatch.specs import Spec
 
 FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"
@@ -557,7 +557,7 @@ def test_shipped_copy_runs_beside_its_classifier_under_the_oldest_python(tmp_pat
     """Copied as the dispatcher ships it; run by python3.8 when this machine has one."""
     ship = tmp_path / "ship"
     ship.mkdir()
-    for source in (RUNNER_PATH, RATELIMITS_PATH):
+    for source in SHIPPED_FILES:
         shutil.copy(source, ship / source.name)
     run_dir = tmp_path / "S23"
     _write_task(run_dir, [_shell("echo on the node")])
@@ -572,8 +572,8 @@ def test_shipped_copy_runs_beside_its_classifier_under_the_oldest_python(tmp_pat
 
 def test_shipped_classifier_imports_under_python_3_8(tmp_path: Path) -> None:
     python = _oldest_python() or sys.executable
-    shutil.copy(RUNNER_PATH, tmp_path / RUNNER_PATH.name)
-    shutil.copy(RATELIMITS_PATH, tmp_path / RATELIMITS_PATH.name)
+    for source in SHIPPED_FILES:
+        shutil.copy(source, tmp_path / source.name)
     version = json.loads(_runner("version", python=python, runner=tmp_path / RUNNER_PATH.name).stdout)
     assert version["ratelimits"] == str(tmp_path / "ratelimits.py")
 
