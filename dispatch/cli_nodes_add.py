@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from dispatch.cluster import Node, load_nodes, node_name_problem, parse_node
 from dispatch.errors import ConfigError, DispatchError, NodeError, cut
-from dispatch.runner import SHIPPED_FILES, runner_checksum
+from dispatch.runner import SHIPPED_FILES, runner_checksum, runner_dir_parts
 from dispatch.safeload import load_json, loads_json
 from dispatch.settings import DispatchSettings, get_settings
 
@@ -229,7 +229,7 @@ def bootstrap(pool: SSHPool, target: SSHTarget, args: list[str], *, worker: bool
 
 def _runner_version(pool: SSHPool, target: SSHTarget, node: Node, timeout: float) -> str | None:
     """The checksum the node's copy of this runner version reports, None when it has none."""
-    script = f"{node.remote_root.removeprefix('~/')}/.runner/{runner_checksum()[:16]}/node_runner.py"
+    script = "/".join([node.remote_root.removeprefix("~/"), *runner_dir_parts(), "node_runner.py"])
     done = pool.run(target, f"{shlex.quote(node.python)} {shlex.quote(script)} version", timeout=timeout + 20,
                     check=False)
     try:

@@ -27,7 +27,7 @@ from dispatch.errors import DispatchError, NodeError, UnsafePath
 from dispatch.guardian.probe import parse_probe, probe_command
 from dispatch.health import Check
 from dispatch.paths import check_name, remote_arg
-from dispatch.runner import SHIPPED_FILES, runner_checksum
+from dispatch.runner import SHIPPED_FILES, runner_checksum, runner_dir_parts
 from dispatch.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class _Shell:
 
             self.root = node.remote_root.removeprefix("~/").rstrip("/") or "."
             self.root_arg = remote_arg(self.root)
-            self.runner_dir_arg = remote_arg(self.root, ".runner", runner_checksum()[:16])
+            self.runner_dir_arg = remote_arg(self.root, *runner_dir_parts())
             self.runner = f"{shlex.quote(node.python)} {self.runner_dir_arg}/node_runner.py"
             self.target = node_target(node, key_secret=ctx.key_secrets.get(node.name), connect_timeout=10.0)
 
@@ -118,13 +118,13 @@ class _Shell:
         return parse_probe(self.node.name, out)
 
     def ship_runner(self) -> None:
-        """Copy node_runner.py and ratelimits.py into the node's versioned runner directory (temporary names,
+        """Copy the shipped files (SHIPPED_FILES) into the node's versioned runner directory (temporary names,
         then renamed, as the SSH transport does)."""
         directory = self.runner_dir_arg
         suffix = f".guardian{os.getpid()}-{threading.get_ident()}"
         from dispatch.paths import remote_path
 
-        plain = remote_path(self.root, ".runner", runner_checksum()[:16])
+        plain = remote_path(self.root, *runner_dir_parts())
         for path in SHIPPED_FILES:
             self.ctx.pool.put_file(self.target, path, f"{plain}/{path.name}{suffix}", mode=0o755)
         code, _, err = self.run(" && ".join(f"mv -f {directory}/{p.name}{suffix} {directory}/{p.name}"
@@ -187,7 +187,8 @@ def _healthy_checks(node: Node, data: dict[str, Any], limits: Limits, shell: _Sh
         found, wanted = data.get("runner"), runner_checksum()
         detail = ("current copy" if found == wanted else "missing" if found is None
                   else f"checksum {str(found)[:16]}, expected {wanted[:16]} (tampered or damaged)")
-        checks["runner"] = Check(name, "runner", found == wanted, f"{shell.root}/.runner/{wanted[:16]}: {detail}")
+        where = "/".join([shell.root, *runner_dir_parts()])
+        checks["runner"] = Check(name, "runner", found == wanted, f"{where}: {detail}")
     clis = set(data.get("clis") or [])
     needed = {BUILTIN_MODELS[m].cli: m for m in sorted(node.models or ()) if m in BUILTIN_MODELS}
     missing = [f"{cli} (for {model})" for cli, model in needed.items() if cli not in clis]

@@ -25,7 +25,7 @@ from dispatch.cluster import Node
 from dispatch.errors import DispatchError, NodeError, UnsafePath
 from dispatch.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.results import SpecResult
-from dispatch.runner import SHIPPED_FILES, runner_checksum
+from dispatch.runner import SHIPPED_FILES, runner_dir_parts
 from dispatch.ssh import SSHPool
 from dispatch.ssh_target import node_target
 from dispatch.transports import LineSink, RunRequest
@@ -85,8 +85,8 @@ class SSHTransport:
         """The command that starts the node runner, shipping it first if this node lacks this version."""
         with self._ship_lock:
             if self._runner is None:
-                directory = remote_path(self.root, ".runner", runner_checksum()[:16])
-                quoted = remote_arg(self.root, ".runner", runner_checksum()[:16])
+                directory = remote_path(self.root, *runner_dir_parts())
+                quoted = remote_arg(self.root, *runner_dir_parts())
                 present = self.pool.run(
                     self.target, " && ".join(f"test -f {quoted}/{p.name}" for p in SHIPPED_FILES),
                     timeout=_COMMAND_TIMEOUT, check=False).exit_code == 0
