@@ -1026,27 +1026,27 @@ class Runner:
         beat.join(timeout=5)
         ended = time.time()
         self.log.line(f"=== runner: {status}: {reason} ===")
-        result = {
-            "project": self.task.project,
-            "task_id": self.task.task_id,
-            "status": status,
-            "reason": reason,
-            "model": model,
-            "attempts": self.attempts,
-            "skipped_models": self.skipped,
-            "exit_code": exit_code,
-            "started_at": self.started_at,
-            "ended_at": ended,
-            "duration": round(ended - self.started_at, 3),
-            "workdir": self.task.workdir,
-            "files_changed": files,
-            "acceptance": acceptance,
-            "verification": verification,
-            "log_tail": self.log.tail(),
-            "runner_version": runner_version(),
-            "runner_pid": os.getpid(),
-            "hostname": socket.gethostname(),
-        }
+        result = protocol.result_record(
+            project=self.task.project,
+            task_id=self.task.task_id,
+            status=status,
+            reason=reason,
+            model=model,
+            attempts=self.attempts,
+            skipped_models=self.skipped,
+            exit_code=exit_code,
+            started_at=self.started_at,
+            ended_at=ended,
+            duration=round(ended - self.started_at, 3),
+            workdir=self.task.workdir,
+            files_changed=files,
+            acceptance=acceptance,
+            verification=verification,
+            log_tail=self.log.tail(),
+            runner_version=runner_version(),
+            runner_pid=os.getpid(),
+            hostname=socket.gethostname(),
+        )
         _write_json(self._path("result.json"), self.log.mask_all(result), sync=True)
         self._write_status(state=status, step=None, step_pid=None, ended_at=ended)
         self.log.close()
@@ -1624,25 +1624,18 @@ def _fail_before_start(run_dir: str, message: str) -> int:
     """task.json or stdin is unusable: say so on stderr and in result.json, exit 2."""
     print(f"node_runner: {message}", file=sys.stderr)
     now = time.time()
-    result = {
-        "project": None,
-        "task_id": os.path.basename(run_dir),
-        "status": "failed",
-        "reason": message,
-        "model": None,
-        "attempts": [],
-        "skipped_models": [],
-        "exit_code": None,
-        "started_at": now,
-        "ended_at": now,
-        "duration": 0.0,
-        "files_changed": [],
-        "acceptance": [],
-        "log_tail": "",
-        "runner_version": runner_version(),
-        "runner_pid": os.getpid(),
-        "hostname": socket.gethostname(),
-    }
+    result = protocol.result_record(
+        project=None,
+        task_id=os.path.basename(run_dir),
+        status="failed",
+        reason=message,
+        started_at=now,
+        ended_at=now,
+        duration=0.0,
+        runner_version=runner_version(),
+        runner_pid=os.getpid(),
+        hostname=socket.gethostname(),
+    )
     try:
         _write_json(os.path.join(run_dir, "result.json"), result, sync=True)
         _write_json(
@@ -1962,23 +1955,17 @@ def cmd_kill(run_dir: str) -> int:
         if not os.path.exists(os.path.join(run_dir, "result.json")):
             _write_json(
                 os.path.join(run_dir, "result.json"),
-                {
-                    "project": status.get("project"),
-                    "task_id": status.get("task_id"),
-                    "status": "killed",
-                    "reason": "killed; the runner had died, so this result was written by `kill`",
-                    "model": status.get("step"),
-                    "attempts": [],
-                    "skipped_models": [],
-                    "exit_code": None,
-                    "started_at": status.get("started_at"),
-                    "ended_at": now,
-                    "duration": None,
-                    "files_changed": [],
-                    "acceptance": [],
-                    "log_tail": "",
-                    "runner_version": runner_version(),
-                },
+                protocol.result_record(
+                    project=status.get("project"),
+                    task_id=status.get("task_id"),
+                    status="killed",
+                    reason="killed; the runner had died, so this result was written by `kill`",
+                    model=status.get("step"),
+                    started_at=status.get("started_at"),
+                    ended_at=now,
+                    duration=None,
+                    runner_version=runner_version(),
+                ),
                 sync=True,
             )
     report["state"] = status.get("state", "absent")
