@@ -118,7 +118,7 @@ class Started:
         return self.state.specs[task_id]
 
 
-def dispatch_start(project: str, home: Path, *, timeout: float = 300, env: dict[str, str] | None = None) -> Started:
+def dispatch_start(project: str, *, timeout: float = 300, env: dict[str, str] | None = None) -> Started:
     """Run `dispatch start <project>` to its end (bounded), as a user would."""
     from dispatch.settings import get_settings
 

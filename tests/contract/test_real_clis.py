@@ -50,7 +50,7 @@ def test_claude_code_writes_the_file_and_reports_tokens_and_cost(point_models, p
                                                                   isolated_home: Path):
     point_models(claude=provider.url("success"))
     agent_spec(isolated_home / "specs" / "cc", "S01-hello", ["claude"])
-    started = dispatch_start("cc", isolated_home)
+    started = dispatch_start("cc")
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
@@ -65,7 +65,7 @@ def test_claude_code_writes_the_file_and_reports_tokens_and_cost(point_models, p
 def test_codex_writes_the_file_and_reports_tokens(point_models, provider: FakeProvider, isolated_home: Path):
     point_models(codex=provider.url("success") + "/v1")
     agent_spec(isolated_home / "specs" / "cx", "S01-hello", ["codex"])
-    started = dispatch_start("cx", isolated_home)
+    started = dispatch_start("cx")
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model) == ("succeeded", "codex"), _explain(started, "S01-hello")
@@ -81,7 +81,7 @@ def test_a_rate_limited_glm_passes_to_claude_in_seconds_and_cools_down_for_the_n
     specs = isolated_home / "specs" / "limited"
     agent_spec(specs, "S01-first", ["glm", "claude"])
     agent_spec(specs, "S02-second", ["glm", "claude"], depends_on=["S01"])
-    started = dispatch_start("limited", isolated_home)
+    started = dispatch_start("limited")
     assert started.returncode == 0, _explain(started, "S01-first")
     assert {t: (r.state, r.model) for t, r in started.state.specs.items()} == {
         "S01-first": ("succeeded", "claude"), "S02-second": ("succeeded", "claude")}, _explain(started, "S01-first")
@@ -97,7 +97,7 @@ def test_an_unreachable_glm_passes_to_claude_in_seconds(point_models, provider: 
                                                         isolated_home: Path):
     point_models(glm=refused_url, claude=provider.url("success"))
     agent_spec(isolated_home / "specs" / "refused", "S01-hello", ["glm", "claude"])
-    started = dispatch_start("refused", isolated_home)
+    started = dispatch_start("refused")
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
@@ -118,7 +118,7 @@ def test_an_unreachable_codex_passes_to_claude_though_it_says_it_is_reconnecting
     end it ~30 s after it started, not ~65 s (30 s after the last such line) or never."""
     point_models(codex=refused_url + "/v1", claude=provider.url("success"))
     agent_spec(isolated_home / "specs" / "cx-refused", "S01-hello", ["codex", "claude"])
-    started = dispatch_start("cx-refused", isolated_home, env={"DISPATCH_STALL_TIMEOUT": "30"})
+    started = dispatch_start("cx-refused", env={"DISPATCH_STALL_TIMEOUT": "30"})
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
@@ -131,7 +131,7 @@ def test_a_hanging_glm_passes_to_claude_at_the_stall_limit(point_models, provide
     moves on (a hang is a reason to fall back, not a failure of the spec)."""
     point_models(glm=provider.url("hang"), claude=provider.url("success"))
     agent_spec(isolated_home / "specs" / "hang", "S01-hello", ["glm", "claude"])
-    started = dispatch_start("hang", isolated_home, env={"DISPATCH_STALL_TIMEOUT": "8"})
+    started = dispatch_start("hang", env={"DISPATCH_STALL_TIMEOUT": "8"})
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model) == ("succeeded", "claude"), _explain(started, "S01-hello")
@@ -154,7 +154,7 @@ def test_claude_code_and_codex_work_on_an_ssh_node(point_models, provider: FakeP
     specs = isolated_home / "specs" / "remote"
     agent_spec(specs, "S01-claude", ["claude"])
     agent_spec(specs, "S02-codex", ["codex"], depends_on=["S01"])
-    started = dispatch_start("remote", isolated_home)
+    started = dispatch_start("remote")
     assert started.returncode == 0, _explain(started, "S01-claude") + _explain(started, "S02-codex")
     rows = started.state.specs
     assert {t: (r.state, r.model, r.node) for t, r in rows.items()} == {
@@ -169,7 +169,7 @@ def test_a_rate_limited_glm_passes_to_claude_on_an_ssh_node(point_models, provid
                                                             isolated_home: Path):
     point_models(glm=provider.url("glm_1302"), claude=provider.url("success"))
     agent_spec(isolated_home / "specs" / "remote-limited", "S01-hello", ["glm", "claude"])
-    started = dispatch_start("remote-limited", isolated_home)
+    started = dispatch_start("remote-limited")
     assert started.returncode == 0, _explain(started, "S01-hello")
     row = started.row("S01-hello")
     assert (row.state, row.model, row.node) == ("succeeded", "claude", ssh_node["name"]), \
