@@ -146,7 +146,7 @@ PROTECTED_ENV_NAMES = frozenset({
 PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "PYTHON", "DISPATCH_")
 PROTECTED_ENV_SUFFIXES = ("_BASE_URL", "_API_KEY", "_TOKEN", "_PROXY")  # any case; `_TOKEN` covers `_AUTH_TOKEN`
 MASK_ONLY = "mask"  # secrets named "mask:<n>" are values to mask that no step is given
-_FINAL_STATES = ("succeeded", "failed", "timeout", "stalled", "killed", "acceptance_failed", "rejected")
+_FINAL_STATES = protocol.FINAL_STATES
 # the chain moves on to the next model at once ("config": its CLI refused to start, the reason names the fix)
 _RATE_KINDS = ("quota", "billing", "transient", "auth", "config")
 _RETRY_LIMIT = 30.0  # seconds an agent may retry by itself with no progress before the chain moves on
@@ -268,7 +268,7 @@ def load_task(run_dir: str) -> Task:
     Raises:
         TaskError: the file is missing, is not JSON, or a field is wrong (the message names it).
     """
-    path = os.path.join(run_dir, "task.json")
+    path = os.path.join(run_dir, protocol.TASK_FILE)
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -604,14 +604,6 @@ def _find_executable(exe: str, path: str, cwd: str) -> str | None:
         full = exe if os.path.isabs(exe) else os.path.join(cwd, exe)
         return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
     return shutil.which(exe, path=path)
-
-
-def _lock_holder(run_dir: str) -> int | None:
-    try:
-        with open(os.path.join(run_dir, ".runner.lock"), encoding="ascii") as handle:
-            return int(handle.read().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -980,7 +972,7 @@ class Runner:
                 self._status["log_bytes"] = os.path.getsize(self._path("task.log"))
             except OSError:
                 self._status["log_bytes"] = 0
-            _write_json(self._path("status.json"), self._status)
+            _write_json(self._path(protocol.STATUS_FILE), self._status)
 
     def _heartbeat(self) -> None:
         while not self._beat_stop.wait(self.task.heartbeat):
@@ -1047,7 +1039,7 @@ class Runner:
             runner_pid=os.getpid(),
             hostname=socket.gethostname(),
         )
-        _write_json(self._path("result.json"), self.log.mask_all(result), sync=True)
+        _write_json(self._path(protocol.RESULT_FILE), self.log.mask_all(result), sync=True)
         self._write_status(state=status, step=None, step_pid=None, ended_at=ended)
         self.log.close()
         _unregister_live(self.run_dir)
@@ -1637,9 +1629,9 @@ def _fail_before_start(run_dir: str, message: str) -> int:
         hostname=socket.gethostname(),
     )
     try:
-        _write_json(os.path.join(run_dir, "result.json"), result, sync=True)
+        _write_json(os.path.join(run_dir, protocol.RESULT_FILE), result, sync=True)
         _write_json(
-            os.path.join(run_dir, "status.json"),
+            os.path.join(run_dir, protocol.STATUS_FILE),
             {
                 "state": "failed",
                 "runner_pid": os.getpid(),
@@ -1705,14 +1697,14 @@ def _unregister_live(run_dir: str) -> None:
 
 def _claim(run_dir: str) -> tuple[int | None, dict | None]:
     """Take the run directory's lock: (lock fd, None), or (None, why not) when a runner or its orphan holds it."""
-    lock_fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock_fd = os.open(os.path.join(run_dir, protocol.LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(lock_fd)
         if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
-        holder = _lock_holder(run_dir)
+        holder = protocol.lock_holder(run_dir)
         return None, {
             "pid": holder,
             "run_dir": run_dir,
@@ -1882,9 +1874,8 @@ def _become_runner(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, st
 
 
 def cmd_status(run_dir: str) -> int:
-    status = _read_json(os.path.join(run_dir, "status.json")) or {"state": "absent"}
-    pid = _lock_holder(run_dir) or status.get("runner_pid")
-    pid_alive = _pid_alive(pid)
+    status = _read_json(os.path.join(run_dir, protocol.STATUS_FILE)) or {"state": "absent"}
+    pid_alive = protocol.runner_alive(run_dir)  # the runner's process lives: it holds the run directory's lock
     beat = status.get("heartbeat_at")
     interval = status.get("heartbeat") or 2.0
     age = time.time() - beat if isinstance(beat, (int, float)) else None
@@ -1898,7 +1889,7 @@ def cmd_status(run_dir: str) -> int:
         stale=status.get("state") == "running" and not alive,
     )
     if status.get("state") in _FINAL_STATES or not alive:
-        result = _read_json(os.path.join(run_dir, "result.json"))
+        result = _read_json(os.path.join(run_dir, protocol.RESULT_FILE))
         if result is not None:
             out["result"] = result
     _print_json(out)
@@ -1923,16 +1914,16 @@ def _belongs_to_run(pgid: int, run_dir: str) -> bool:
 
 def _orphan_step(run_dir: str) -> int | None:
     """The process group of this run's step if it outlived its runner, else None."""
-    step_pid = (_read_json(os.path.join(run_dir, "status.json")) or {}).get("step_pid")
+    step_pid = (_read_json(os.path.join(run_dir, protocol.STATUS_FILE)) or {}).get("step_pid")
     if isinstance(step_pid, int) and step_pid > 0 and _group_alive(step_pid) and _belongs_to_run(step_pid, run_dir):
         return step_pid
     return None
 
 
 def cmd_kill(run_dir: str) -> int:
-    status_path = os.path.join(run_dir, "status.json")
+    status_path = os.path.join(run_dir, protocol.STATUS_FILE)
     status = _read_json(status_path) or {}
-    pid = _lock_holder(run_dir) or status.get("runner_pid")
+    pid = protocol.lock_holder(run_dir) or status.get("runner_pid")
     report: dict[str, Any] = {"run_dir": run_dir, "runner_pid": pid, "was_running": False}
     if _pid_alive(pid):
         report["was_running"] = True
@@ -1952,9 +1943,9 @@ def cmd_kill(run_dir: str) -> int:
         now = time.time()
         status.update(state="killed", step_pid=None, ended_at=now)
         _write_json(status_path, status)
-        if not os.path.exists(os.path.join(run_dir, "result.json")):
+        if not os.path.exists(os.path.join(run_dir, protocol.RESULT_FILE)):
             _write_json(
-                os.path.join(run_dir, "result.json"),
+                os.path.join(run_dir, protocol.RESULT_FILE),
                 protocol.result_record(
                     project=status.get("project"),
                     task_id=status.get("task_id"),
@@ -1992,21 +1983,6 @@ def cmd_tail(run_dir: str, from_byte: int) -> int:
     return 0
 
 
-def _runner_gone(run_dir: str) -> bool:  # used by `live`
-    """Whether no runner holds the run directory's lock (the kernel frees it at exit, zombie or not)."""
-    try:
-        fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDONLY)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
 def cmd_live(tasks_dir: str, finished: bool = False) -> int:
     """Print [[task_id, cache_key, "running"], ...] for the run directories under `tasks_dir` whose runner is
     alive; with `finished`, also [task_id, cache_key, "succeeded"] for those whose runner ended in success."""
@@ -2014,15 +1990,15 @@ def cmd_live(tasks_dir: str, finished: bool = False) -> int:
     names = sorted(os.listdir(tasks_dir)) if os.path.isdir(tasks_dir) else []
     for name in names:
         run_dir = os.path.join(tasks_dir, name)
-        if not os.path.exists(os.path.join(run_dir, ".runner.lock")):
+        if not os.path.exists(os.path.join(run_dir, protocol.LOCK_FILE)):
             continue
-        if not _runner_gone(run_dir):
+        if protocol.runner_alive(run_dir):
             state = "running"
-        elif finished and (_read_json(os.path.join(run_dir, "result.json")) or {}).get("status") == "succeeded":
+        elif finished and (_read_json(os.path.join(run_dir, protocol.RESULT_FILE)) or {}).get("status") == "succeeded":
             state = "succeeded"
         else:
             continue
-        found.append([name, (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key"), state])
+        found.append([name, (_read_json(os.path.join(run_dir, protocol.TASK_FILE)) or {}).get("cache_key"), state])
     print(json.dumps(found))
     return 0
 
@@ -2041,14 +2017,8 @@ def cmd_follow(run_dir: str, from_byte: int) -> int:
 
     def wait_for_exit() -> None:
         try:
-            fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDONLY)
-        except OSError:
-            gone.set()
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            protocol.wait_runner_gone(run_dir)
         finally:
-            os.close(fd)
             gone.set()
 
     threading.Thread(target=wait_for_exit, daemon=True).start()
@@ -2095,7 +2065,7 @@ class _Watched:
                 self.pidfd = None
 
     def ended(self) -> bool:
-        return _runner_gone(self.run_dir)
+        return not protocol.runner_alive(self.run_dir)
 
     def read_lines(self, final: bool = False) -> tuple[list[str], bool]:
         """The log lines written since the last read, at most `_SERVE_READ` bytes of them (at the end, also a
@@ -2156,9 +2126,9 @@ class _Agent:
                 os.makedirs(os.path.join(self.root, LIVE_DIR), exist_ok=True)
             except OSError:
                 pass
-            pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", ".runner.lock")
+            pattern = os.path.join(glob.escape(self.root), "*", "tasks", "*", protocol.LOCK_FILE)
             for lock in glob.glob(pattern):
-                if not _runner_gone(os.path.dirname(lock)):
+                if protocol.runner_alive(os.path.dirname(lock)):
                     _register_live(os.path.dirname(lock))
             self.scanned = True
         registry = os.path.join(self.root, LIVE_DIR)
@@ -2176,14 +2146,14 @@ class _Agent:
             except OSError:
                 continue  # removed meanwhile
             ours = _live_entry(run_dir) == entry  # else not a runner's entry: removed, and nothing else is
-            if ours and not _runner_gone(run_dir):
+            if ours and protocol.runner_alive(run_dir):
                 live += 1
                 continue
             try:
                 os.unlink(entry)  # this very entry, inside the registry
             except OSError:
                 pass
-            if ours and not _runner_gone(run_dir):  # claimed again between the look and the removal
+            if ours and protocol.runner_alive(run_dir):  # claimed again between the look and the removal
                 _register_live(run_dir)
                 live += 1
         return live
@@ -2244,17 +2214,18 @@ class _Agent:
     def run(self, rid: Any, request: dict) -> None:
         run_dir = self._inside_root(on_node(request["run_dir"]))
         task = request["task"]
-        if os.path.exists(os.path.join(run_dir, "status.json")):  # a run was here: this attempt's, or older
-            same = (_read_json(os.path.join(run_dir, "task.json")) or {}).get("cache_key") == task.get("cache_key")
-            if not _runner_gone(run_dir):
+        if os.path.exists(os.path.join(run_dir, protocol.STATUS_FILE)):  # a run was here: this attempt's, or older
+            previous = _read_json(os.path.join(run_dir, protocol.TASK_FILE)) or {}
+            same = previous.get("cache_key") == task.get("cache_key")
+            if protocol.runner_alive(run_dir):
                 if not same:  # an edited spec's runner: the dispatcher's long way kills it first
                     self.emit(rid, "earlier")
                     return
-                pid = _lock_holder(run_dir)
+                pid = protocol.lock_holder(run_dir)
                 self.emit(rid, "attached", pid=pid)
                 self.watch(rid, run_dir, pid)
                 return
-            result = _read_json(os.path.join(run_dir, "result.json"))
+            result = _read_json(os.path.join(run_dir, protocol.RESULT_FILE))
             if same and not task.get("fresh") and result is not None and result.get("status") == "succeeded":
                 self.emit(rid, "recovered", result=result)
                 return
@@ -2270,7 +2241,7 @@ class _Agent:
             os.makedirs(run_dir, exist_ok=True)
             old_umask = os.umask(0o077)
             try:
-                _write_json(os.path.join(run_dir, "task.json"), task)
+                _write_json(os.path.join(run_dir, protocol.TASK_FILE), task)
             finally:
                 os.umask(old_umask)
             lock_fd, refused = _claim(run_dir)
@@ -2285,7 +2256,7 @@ class _Agent:
         except TaskError as exc:
             os.close(lock_fd)
             _fail_before_start(run_dir, str(exc))
-            self.emit(rid, "result", result=_read_json(os.path.join(run_dir, "result.json")))
+            self.emit(rid, "result", result=_read_json(os.path.join(run_dir, protocol.RESULT_FILE)))
             return
         pid = _fork_runner(run_dir, lock_fd, loaded, secrets)
         self.emit(rid, "started", pid=pid)
@@ -2326,8 +2297,8 @@ class _Agent:
             lines, more = watched.read_lines(final=True)
             if lines:
                 self.emit(watched.rid, "log", lines=lines)
-        result = _read_json(os.path.join(watched.run_dir, "result.json"))
-        if result is None and not os.path.isfile(os.path.join(watched.run_dir, "status.json")):
+        result = _read_json(os.path.join(watched.run_dir, protocol.RESULT_FILE))
+        if result is None and not os.path.isfile(os.path.join(watched.run_dir, protocol.STATUS_FILE)):
             self.emit(watched.rid, "error", message=f"the detached runner did not start: "
                       f"{_last_line(os.path.join(watched.run_dir, 'runner.err'))} (see {watched.run_dir}/runner.err)")
             return
