@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dispatch.paths import check_name, local_path, run_dir_parts
 from dispatch.results import SpecResult, pid_alive, read_json, write_json
-from dispatch.runner import RUNNER_PATH
+from dispatch.runner import RUNNER_PATH, protocol
 from dispatch.runner.node_runner import base_environment
 from dispatch.transports import LineSink, RunRequest
 
@@ -74,13 +74,15 @@ def _tasks_dir(root: Path, project: str) -> Path:
 
 
 def live_runner(run_dir: Path, stale_after: float = 30.0) -> dict | None:
-    """The runner's status when a runner for this directory is still alive, else None."""
-    status = read_json(run_dir / "status.json")
-    if not status or status.get("state") != "running" or not pid_alive(int(status.get("runner_pid") or 0)):
+    """The runner's status when a runner holds this directory's lock (`protocol.runner_alive`), has started (its
+    status.json says running) and beat its heart within `stale_after` seconds, else None. Its `runner_pid` is
+    the lock's holder."""
+    status = read_json(run_dir / protocol.STATUS_FILE)
+    if not status or status.get("state") != "running" or not protocol.runner_alive(str(run_dir)):
         return None
     if time.time() - float(status.get("heartbeat_at") or 0) > stale_after:
         return None
-    return status
+    return {**status, "runner_pid": protocol.lock_holder(str(run_dir)) or status.get("runner_pid")}
 
 
 class LocalTransport:
@@ -129,9 +131,9 @@ class LocalTransport:
         run_dir.mkdir(parents=True, exist_ok=True)
         key = (request.project, request.task_id)
         status = live_runner(run_dir)
-        previous = read_json(run_dir / "task.json") or {}
+        previous = read_json(run_dir / protocol.TASK_FILE) or {}
         proc: subprocess.Popen | None = None
-        finished = read_json(run_dir / "result.json") if not status else None
+        finished = read_json(run_dir / protocol.RESULT_FILE) if not status else None
         if status and previous.get("cache_key") == request.cache_key:
             on_line(f"re-attached to the running attempt (runner pid {status.get('runner_pid')})")
             pid = int(status["runner_pid"])
@@ -143,7 +145,7 @@ class LocalTransport:
             if status:  # a runner of an edited spec: it must not keep editing files, and it must be gone (with
                 self._kill_runner(run_dir)  # its lock) before its files are rotated and a new runner starts
             self._rotate(run_dir)
-            write_json(run_dir / "task.json", request.task_json())
+            write_json(run_dir / protocol.TASK_FILE, request.task_json())
             argv = [sys.executable, str(RUNNER_PATH), "run", str(run_dir)] + (["--secrets-stdin"] if secrets else [])
             with open(run_dir / "runner.err", "wb") as err:  # the runner gets the allow-list, as its steps do:
                 proc = subprocess.Popen(  # keys of ours in its environ would be readable in /proc by a step
@@ -168,7 +170,7 @@ class LocalTransport:
         return self._result(run_dir, request, proc)
 
     def _follow(self, run_dir: Path, pid: int, proc: subprocess.Popen | None, on_line: LineSink) -> None:
-        log = run_dir / "task.log"
+        log = run_dir / protocol.LOG_FILE
         offset, pending = 0, b""
         exited = _ExitWaiter(pid, proc)
         try:
@@ -192,8 +194,8 @@ class LocalTransport:
             on_line(pending.decode("utf-8", "replace"))
 
     def _result(self, run_dir: Path, request: RunRequest, proc: subprocess.Popen | None) -> SpecResult:
-        data = read_json(run_dir / "result.json")
-        extra = {"node": self.node, "run_dir": str(run_dir), "log_path": str(run_dir / "task.log"),
+        data = read_json(run_dir / protocol.RESULT_FILE)
+        extra = {"node": self.node, "run_dir": str(run_dir), "log_path": str(run_dir / protocol.LOG_FILE),
                  "cache_key": request.cache_key, "run_id": request.run_id, "attempt": request.attempt}
         if not data:
             err_file = run_dir / "runner.err"
@@ -210,13 +212,13 @@ class LocalTransport:
     @staticmethod
     def _rotate(run_dir: Path) -> None:
         """Keep an earlier attempt's log as `task.log.<n>`; drop its status and result."""
-        log = run_dir / "task.log"
+        log = run_dir / protocol.LOG_FILE
         if log.exists():
             n = 1
             while (run_dir / f"task.log.{n}").exists():
                 n += 1
             log.rename(run_dir / f"task.log.{n}")
-        for name in ("status.json", "result.json"):
+        for name in (protocol.STATUS_FILE, protocol.RESULT_FILE):
             (run_dir / name).unlink(missing_ok=True)
 
     @staticmethod
@@ -257,10 +259,10 @@ class LocalTransport:
         live: dict[str, str | None] = {}
         finished: dict[str, str | None] = {}
         for run_dir in sorted(_tasks_dir(self.root, project).glob("*")):
-            key = (read_json(run_dir / "task.json") or {}).get("cache_key")
+            key = (read_json(run_dir / protocol.TASK_FILE) or {}).get("cache_key")
             if live_runner(run_dir, stale_after=float("inf")):
                 live[run_dir.name] = key
-            elif (read_json(run_dir / "result.json") or {}).get("status") == "succeeded":
+            elif (read_json(run_dir / protocol.RESULT_FILE) or {}).get("status") == "succeeded":
                 finished[run_dir.name] = key
         return live, finished
 

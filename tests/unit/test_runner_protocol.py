@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from dispatch.runner import PROTOCOL_PATH, RUNNER_PATH, SHIPPED_FILES, protocol, runner_checksum, runner_dir_parts
 from dispatch.runner.node_runner import load_task
 from dispatch.transports import RunRequest
+from dispatch.transports.local import LocalTransport, live_runner, run_dir_for
 
 
 def test_protocol_source_is_standard_library_python_3_8() -> None:
@@ -97,3 +99,21 @@ def test_a_shipped_runner_without_its_protocol_module_fails_loudly(tmp_path: Pat
     done = subprocess.run([sys.executable, "-S", str(tmp_path / RUNNER_PATH.name), "version"], capture_output=True,
                           text=True, timeout=60, cwd="/")
     assert done.returncode != 0 and "protocol" in done.stderr
+
+
+def test_a_live_process_holding_no_run_lock_is_no_runner_and_is_never_signalled(tmp_path: Path) -> None:
+    """The local node's liveness is the run directory's lock: a pid in status.json alone (the runner died
+    without closing its books, its pid since reused by another process) is no runner."""
+    root = tmp_path / "runs"
+    run_dir = run_dir_for(root, "shop", "S01")
+    run_dir.mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (run_dir / protocol.STATUS_FILE).write_text(json.dumps({"state": "running", "runner_pid": other.pid,
+                                                                "heartbeat_at": time.time()}))
+        assert live_runner(run_dir) is None
+        assert LocalTransport(root).kill_project("shop") == 0
+        assert other.poll() is None, "an unrelated process was signalled"
+    finally:
+        other.kill()
+        other.wait()

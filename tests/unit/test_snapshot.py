@@ -272,13 +272,17 @@ def test_restore_is_refused_while_a_runner_lives_or_the_local_server_is_being_st
     archive = _snapshot(tmp_path, tmp_path / "snaps")
     runner = subprocess.Popen(["sleep", "60"])
     status = home / "runs" / "demo" / "tasks" / "S01" / "status.json"
+    lock = os.open(status.with_name(".runner.lock"), os.O_RDWR | os.O_CREAT)  # held as a live runner holds it
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.write(lock, f"{runner.pid}\n".encode())
         status.write_text(json.dumps({"state": "running", "runner_pid": runner.pid, "heartbeat_at": time.time()}))
         now = _tree(home)
         done = _dispatch(tmp_path, "restore", str(archive))
         assert done.returncode == 1 and "runner of demo/S01" in done.stderr, done.stdout + done.stderr
         assert _tree(home) == now
     finally:
+        os.close(lock)
         runner.kill()
         runner.wait()
     lock = home / "locks" / "local-server.lock"
