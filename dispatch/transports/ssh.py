@@ -25,7 +25,7 @@ from dispatch.cluster import Node
 from dispatch.errors import DispatchError, NodeError, UnsafePath
 from dispatch.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.results import SpecResult
-from dispatch.runner import SHIPPED_FILES, runner_dir_parts
+from dispatch.runner import SHIPPED_FILES, protocol, runner_dir_parts
 from dispatch.ssh import SSHPool
 from dispatch.ssh_target import node_target
 from dispatch.transports import LineSink, RunRequest
@@ -145,7 +145,7 @@ class SSHTransport:
                 if len(task) <= _INLINE_TASK_BYTES:  # one round trip: write task.json and start the runner
                     start = f"{_write_task(quoted, task)} && {start}"
                 else:
-                    self.pool.put_file(self.target, task, f"{run_dir}/task.json", mode=0o600)
+                    self.pool.put_file(self.target, task, f"{run_dir}/{protocol.TASK_FILE}", mode=0o600)
                 out = self._command(start, stdin_data=json.dumps(secrets or {}))
                 pid = int(json.loads(out.strip().splitlines()[-1])["pid"])
             else:
@@ -172,7 +172,7 @@ class SSHTransport:
             else:
                 on_line(line)
 
-        self.pool.run(self.target, f"{command}; echo; echo {marker}; cat {shlex.quote(run_dir)}/result.json",
+        self.pool.run(self.target, f"{command}; echo; echo {marker}; cat {shlex.quote(run_dir)}/{protocol.RESULT_FILE}",
                       timeout=request.longest(_FOLLOW_GRACE), check=False, on_line=route)
         data = json.loads("\n".join(result_lines[1:]) or "null")
         if not isinstance(data, dict):
@@ -182,8 +182,8 @@ class SSHTransport:
     def _result(self, data: dict, request: RunRequest, run_dir: str, sync_back: Path | None) -> SpecResult:
         result = SpecResult.from_runner(
             data, project=request.project, task_id=request.task_id, node=self.node.name, run_dir=run_dir,
-            log_path=f"{self.node.name}:{run_dir}/task.log", cache_key=request.cache_key, run_id=request.run_id,
-            attempt=request.attempt)
+            log_path=f"{self.node.name}:{run_dir}/{protocol.LOG_FILE}", cache_key=request.cache_key,
+            run_id=request.run_id, attempt=request.attempt)
         if result.succeeded and sync_back is not None:
             try:
                 self._copy_back(request.workdir, result.files_changed, sync_back)
@@ -200,11 +200,12 @@ class SSHTransport:
         (recover it, do not run it again), or None (start it). A stale runner of an edited spec is killed.
         """
         quoted = shlex.quote(run_dir)
-        status = json.loads(self._command(f"[ -e {quoted}/status.json ] && {runner} status {quoted} || echo '{{}}'")
+        status = json.loads(self._command(f"[ -e {quoted}/{protocol.STATUS_FILE} ] && {runner} status {quoted} || "
+                                          "echo '{}'")
                             or "{}")
         if not status:
             return None
-        previous = self.pool.run(self.target, f"cat {quoted}/task.json", timeout=_COMMAND_TIMEOUT,
+        previous = self.pool.run(self.target, f"cat {quoted}/{protocol.TASK_FILE}", timeout=_COMMAND_TIMEOUT,
                                  check=False).stdout
         try:  # the same attempt only when its task.json names exactly this cache key (not one containing it)
             task = json.loads(previous or "{}")
@@ -296,4 +297,4 @@ class SSHTransport:
 def _write_task(quoted_run_dir: str, task: bytes) -> str:
     """A shell command writing `task` as the run directory's task.json (0600), inline in the command line."""
     return (f"mkdir -p {quoted_run_dir} && (umask 077; printf %s {base64.b64encode(task).decode()} | "
-            f"base64 -d > {quoted_run_dir}/task.json)")
+            f"base64 -d > {quoted_run_dir}/{protocol.TASK_FILE})")
