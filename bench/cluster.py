@@ -4,7 +4,7 @@
 
 Default shape: the team's cluster, 7 nodes with 8, 8, 8, 8, 20, 40, 48 slots (140 slots). Stays in the
 foreground until Ctrl-C or SIGTERM, printing the path of nodes.json (a thin CLI over
-`python -m dispatch.loopback_cluster up`). The other benchmarks start their own cluster with
+`python -m rigs.loopback_cluster up`). The other benchmarks start their own cluster with
 `start_cluster()` below unless given `--nodes <nodes.json>`.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dispatch.loopback_cluster import LoopbackCluster, _main  # noqa: E402
+from rigs.loopback_cluster import LoopbackCluster, _main  # noqa: E402
 
 DEFAULT_SLOTS = "8,8,8,8,20,40,48"
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cluster_latency.py --specs 100 --seconds 0.5 --slots 2,3,4 [--layers 4]
 
-Starts the nodes (dispatch/loopback_cluster.py), writes a project of N shell specs in `--layers`
+Starts the nodes (rigs/loopback_cluster.py), writes a project of N shell specs in `--layers`
 dependency layers (each spec depends on one of the previous layer), runs `dispatch start` on the
 embedded default (or on PREFECT_API_URL when set), and prints, from the timestamps the specs record
 themselves: wall time, makespan of the flow, ready->running latency (median, p95, max), the gap
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from measures import write_result  # noqa: E402
 from servers import stop_home_server  # noqa: E402
 
-from dispatch.loopback_cluster import LoopbackCluster  # noqa: E402
+from rigs.loopback_cluster import LoopbackCluster  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float:

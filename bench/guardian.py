@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/guardian.py [--slots 8,8,8,8,20,40,48] [--cycles 5] [--out bench/results/guardian.json]
 
-Starts the nodes (dispatch/loopback_cluster.py), writes their nodes.json into a fresh DISPATCH_HOME and runs
+Starts the nodes (rigs/loopback_cluster.py), writes their nodes.json into a fresh DISPATCH_HOME and runs
 `dispatch.guardian.run_cycle` in embedded mode (no server checks: set PREFECT_API_URL to include them) the
 given number of times. The first cycle ships the runner to every node (a repair); the rest are the steady
 state a scheduled guardian sees. Prints the first cycle's time and the steady cycles' median and max, and
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
 from measures import write_result  # noqa: E402
 
-from dispatch.loopback_cluster import LoopbackCluster  # noqa: E402
+from rigs.loopback_cluster import LoopbackCluster  # noqa: E402
 
 
 def main() -> int:

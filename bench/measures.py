@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from dispatch.intervals import max_concurrency
+from rigs.intervals import max_concurrency
 
 
 def percentile(values: list[float], q: float) -> float | None:

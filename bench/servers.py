@@ -1,4 +1,4 @@
-"""`--server sqlite|postgres` for the benchmarks: a throwaway `prefect server` on 127.0.0.1 (dispatch/localserver.py).
+"""`--server sqlite|postgres` for the benchmarks: a throwaway `prefect server` on 127.0.0.1 (rigs/localserver.py).
 
 `postgres` also starts a throwaway PostgreSQL cluster (team mode's backend); `sqlite` is the server's default.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dispatch.localserver import PostgresCluster, TeamServer
+from rigs.localserver import PostgresCluster, TeamServer
 
 KINDS = ("sqlite", "postgres")
 

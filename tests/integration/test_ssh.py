@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from dispatch.errors import NodeError, RemoteCommandFailed
-from dispatch.loopback_cluster import LoopbackCluster
 from dispatch.ssh import CommandTimeout, SSHPool, resolve_target
+from rigs.loopback_cluster import LoopbackCluster
 
 # the fixtures `loopback_cluster` and `ssh_pool` (tests/conftest.py may also import them)
 pytestmark = pytest.mark.integration
@@ -272,8 +272,9 @@ def test_cluster_refuses_a_port_in_use_and_cli_stops_on_sigterm(
         other.start([1], tmp_path / "other", port=loopback_cluster.port)
 
     cli = subprocess.Popen(
-        [sys.executable, "-m", "dispatch.loopback_cluster", "up", "--slots", "1,2", "--dir",
-         str(cluster_base / "cli"), "--port", "0"], stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "rigs.loopback_cluster", "up", "--slots", "1,2", "--dir",
+         str(cluster_base / "cli"), "--port", "0"], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[2])  # rigs/ is imported from the repository root
     try:
         nodes_json = Path(cli.stdout.readline().strip())  # type: ignore[union-attr]
         assert nodes_json.name == "nodes.json"

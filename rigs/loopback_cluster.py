@@ -19,7 +19,7 @@ same host key.
 
 Run a cluster for a benchmark (stays in the foreground until Ctrl-C or SIGTERM)::
 
-    python -m dispatch.loopback_cluster up --slots 2,3,4 --dir /tmp/cluster [--port 2222] [--login-users]
+    python -m rigs.loopback_cluster up --slots 2,3,4 --dir /tmp/cluster [--port 2222] [--login-users]
 
 Needs the `openssh-server` package (`apt-get install -y openssh-server`, which brings `sftp-server`), and
 `ssh-keygen`; `useradd`/`userdel` for login users.
@@ -43,10 +43,11 @@ from types import TracebackType
 from typing import Any
 
 from dispatch.errors import NodeError
-from dispatch.loopback_host import (
+from dispatch.ssh import SSHTarget
+from rigs.loopback_host import (
     address as loopback_address,
 )
-from dispatch.loopback_host import (
+from rigs.loopback_host import (
     check_reachable,
     die_with_parent,
     find_free_port,
@@ -61,7 +62,6 @@ from dispatch.loopback_host import (
     user_exists,
     user_processes,
 )
-from dispatch.ssh import SSHTarget
 
 __all__ = ["LoopbackCluster", "find_free_port"]
 
@@ -388,7 +388,7 @@ class LoopbackCluster:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dispatch.loopback_cluster", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m rigs.loopback_cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start a cluster and keep it up until Ctrl-C or SIGTERM")

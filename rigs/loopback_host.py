@@ -1,4 +1,4 @@
-"""What a loopback cluster (dispatch/loopback_cluster.py) needs from this machine: the sshd and sftp-server
+"""What a loopback cluster (rigs/loopback_cluster.py) needs from this machine: the sshd and sftp-server
 binaries, host keys, free ports on the loopback addresses, login users, and the process table (to find
 and kill what a node started, wherever it went).
 """
