@@ -334,7 +334,7 @@ class ProjectRun:
         row = self.state.specs[task_id]
         if spec.kind == "agent" and chain:
             self._running_models[task_id] = chain[0]
-        if row.reason.startswith("budget reached"):
+        if row.state != "retrying":  # why it waited (budget, cool-down, locks) is over; a retry keeps why it failed
             row.reason = ""
         row.task_run_id = str(future.task_run_id)
         row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt

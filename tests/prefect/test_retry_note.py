@@ -63,3 +63,22 @@ def test_the_runners_retry_line_is_the_running_rows_reason_until_the_agent_goes_
 ])
 def test_retry_note_reads_the_runners_lines(line: str, shown: str, note: str | None) -> None:
     assert retry_note(line, shown) == note
+
+
+def test_a_spec_that_waited_for_a_cool_down_runs_without_the_old_reason(run_project, fake_agents, isolated_home):
+    import time
+
+    from dispatch.cooldowns import Cooldowns
+    from dispatch.results import state_path
+    from dispatch.settings import get_settings
+
+    get_settings.cache_clear()
+    state_file = state_path(get_settings().state_dir, "cooled")
+    seen = isolated_home / "running.json"
+    Cooldowns().set("claude", time.time() + 3, "429 rate limit", "test@host", kind="transient")
+    write_spec(isolated_home / "specs" / "cooled", "S01-after.md", {"task_id": "S01-after", "model": ["claude"]},
+               f"## Goal\nWrite.\n\nFAKE: write out.txt ok\n\n## Acceptance criteria\n- [ ] `cp {state_file} {seen}`\n")
+    state, summary = run_project("cooled")
+    assert state.is_completed(), state.message
+    running = json.loads(seen.read_text())["specs"]["S01-after"]
+    assert (running["state"], running["reason"]) == ("running", ""), "why it waited is over once it runs"
