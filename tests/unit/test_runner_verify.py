@@ -30,7 +30,7 @@ def _verify_task(tmp_path: Path, name: str, plan: str, *, acceptance: list[str] 
     run_dir, log = tmp_path / name, tmp_path / "fake.jsonl"
     workdir = _write_task(run_dir, [_agent("glm", "echo 'price = price * discount' > total.py")],
                           acceptance=spec.acceptance, verify=build_verify_steps(spec),
-                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_AGENT_LOG": str(log)})
+                          env={"FAKE_AGENT_LOG": str(log)}, node_env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     if git:
         workdir.mkdir(parents=True)
         (workdir / "total.py").write_text("price = price\n")
