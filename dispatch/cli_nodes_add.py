@@ -156,7 +156,9 @@ def _check_node(node: Node, bootstrap_args: list[str] | None, timeout: float) ->
     """Bootstrap the node with these arguments (None: not at all), then probe it; raises _Refused on failure.
 
     The bootstrap's `--user` is the SSH login: the user the dispatcher will connect as."""
+    from dispatch.agent_versions import AcceptedVersions
     from dispatch.cli_nodes import _probe
+    from dispatch.settings import get_settings
     from dispatch.ssh import SSHPool
     from dispatch.ssh_target import node_target
 
@@ -166,7 +168,7 @@ def _check_node(node: Node, bootstrap_args: list[str] | None, timeout: float) ->
             if bootstrap_args is not None:
                 login = pool.run(target, "id -un", timeout=timeout + 20).stdout.strip()
                 bootstrap(pool, target, ["--user", login, *bootstrap_args], worker=node.transport == "worker")
-            probe = _probe(pool, node, timeout)
+            probe = _probe(pool, node, timeout, AcceptedVersions.load(get_settings()))
             runner = _runner_version(pool, target, node, timeout) if probe["reachable"] else None
         except ConfigError as exc:
             raise _Refused(str(exc), EXIT_INVALID) from None
