@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 
 from dispatch.errors import ConfigError, NodeError
+from dispatch.safeload import read_bounded_bytes
 
 if TYPE_CHECKING:
     from dispatch.cluster import Node
@@ -137,14 +138,7 @@ def read_ssh_config(path: Path) -> paramiko.SSHConfig:
     Raises:
         ConfigError: the file cannot be read, is larger than 1 MiB, or is no ssh config.
     """
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_MAX_SSH_CONFIG + 1)
-    except OSError as exc:
-        raise ConfigError(f"ssh config {path}: cannot read it: {exc.strerror or exc}") from None
-    if len(raw) > _MAX_SSH_CONFIG:
-        raise ConfigError(f"ssh config {path}: larger than {_MAX_SSH_CONFIG >> 20} MiB; point ssh_config at a "
-                          "smaller file")
+    raw = read_bounded_bytes(path, f"ssh config {path}", max_bytes=_MAX_SSH_CONFIG)
     lines = raw.decode("utf-8", "replace").splitlines()
     for number, line in enumerate(lines):
         if _match_runs_a_command(line):
