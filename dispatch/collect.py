@@ -25,9 +25,7 @@ from dispatch.gitsync import CollectReport, collect_branches
 from dispatch.paths import check_name, local_path
 from dispatch.results import ProjectState, cached_results, read_json, state_path
 from dispatch.settings import DispatchSettings
-from dispatch.ssh import SSHPool
-from dispatch.transports.local import LocalTransport
-from dispatch.transports.ssh import SSHTransport
+from dispatch.transports.build import NodeTransports, local_transport
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +51,8 @@ def remote_transports(settings: DispatchSettings, nodes: list[Node] | None = Non
         from dispatch.nodes_admin import ssh_key_secrets
 
         keys = ssh_key_secrets(nodes, logger)
-    with SSHPool() as pool:
-        yield {n.name: SSHTransport(n, pool, keys.get(n.name)) for n in nodes}
+    with NodeTransports(settings.runs_dir, bool(settings.prefect_api_url), keys) as built:
+        yield {n.name: built.for_node(n) for n in nodes}
 
 
 def collect_outputs(settings: DispatchSettings, state: ProjectState, config: ProjectConfig,
@@ -123,7 +121,7 @@ def copy_changed_files(code_dir: Path, files_dir: Path, files: object) -> list[s
 def kill_everywhere(settings: DispatchSettings, project: str) -> int:
     """Kill the project's runners here and on every ssh node, and cancel its spec-run flow runs on worker
     nodes (team mode); returns how many ran."""
-    killed = LocalTransport(settings.runs_dir).kill_project(project)
+    killed = local_transport(settings.runs_dir).kill_project(project)
     with remote_transports(settings) as remote:
         for name, transport in remote.items():
             try:
@@ -132,17 +130,12 @@ def kill_everywhere(settings: DispatchSettings, project: str) -> int:
                 logger.warning("node %s: could not kill %s's runners: %s", name, project, exc)
     workers = [n for n in load_nodes(settings) if n.transport == "worker"] if settings.prefect_api_url else []
     if workers:
-        from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
-
-        watcher = FlowRunWatcher()
-        try:
+        with NodeTransports(settings.runs_dir, team_mode=True) as built:
             for node in workers:
                 try:
-                    killed += WorkerTransport(node, watcher).kill_project(project)
+                    killed += built.for_node(node).kill_project(project)
                 except (DispatchError, httpx.HTTPError, OSError) as exc:
                     logger.warning("node %s: could not cancel %s's flow runs: %s", node.name, project, exc)
-        finally:
-            watcher.close()
     return killed
 
 

@@ -17,12 +17,11 @@ from dispatch.brokers import Brokers, MachineSlots, ServerSlots, server_limits
 from dispatch.cluster import Node
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.settings import DispatchSettings
+from dispatch.transports.build import NodeTransports
 from dispatch.transports.local import LocalTransport
-from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
 
 if TYPE_CHECKING:
-    from dispatch.ssh import SSHPool
-    from dispatch.transports.ssh import SSHTransport
+    from dispatch.transports.build import NodeTransport
 
 logger = logging.getLogger(__name__)
 _PROBE_INTERVAL = 5.0
@@ -46,26 +45,12 @@ class ClusterRuntime:
                  key_secrets: dict[str, str] | None = None,
                  log: logging.Logger | logging.LoggerAdapter = logger) -> None:
         self.nodes = {node.name: node for node in nodes}
-        self.pool: SSHPool | None = None  # only with ssh nodes: importing paramiko takes 0.05-0.1 s of every start
-        self.watcher: FlowRunWatcher | None = None
-        self.transports: dict[str, LocalTransport | SSHTransport | WorkerTransport] = {}
-        for node in nodes:
-            if node.transport == "local":
-                self.transports[node.name] = LocalTransport(settings.runs_dir, node.name)
-            elif node.transport == "ssh":
-                from dispatch.ssh import SSHPool
-                from dispatch.transports.ssh import SSHTransport
-
-                self.pool = self.pool or SSHPool()
-                self.transports[node.name] = SSHTransport(node, self.pool, (key_secrets or {}).get(node.name))
-            elif not settings.prefect_api_url:
-                raise ConfigError(f"node {node.name}: transport 'worker' needs team mode (PREFECT_API_URL set to "
-                                  "the team's Prefect server, a worker on the node's pool); use transport ssh or "
-                                  "local without a server")
-            else:
-                if self.watcher is None:
-                    self.watcher = FlowRunWatcher()
-                self.transports[node.name] = WorkerTransport(node, self.watcher)
+        self._built = NodeTransports(settings.runs_dir, bool(settings.prefect_api_url), key_secrets)
+        try:
+            self.transports: dict[str, NodeTransport] = {node.name: self._built.for_node(node) for node in nodes}
+        except ConfigError:
+            self._built.close()
+            raise
         limits: dict[str, str] = {}
         if settings.prefect_api_url and settings.server_slots:
             try:
@@ -82,7 +67,7 @@ class ClusterRuntime:
     @property
     def connections_opened(self) -> int:
         """SSH connections opened so far (0 without ssh nodes)."""
-        return self.pool.connections_opened if self.pool is not None else 0
+        return self._built.connections_opened
 
     def is_local(self, node: str) -> bool:
         return isinstance(self.transports[node], LocalTransport)
@@ -116,14 +101,5 @@ class ClusterRuntime:
 
     def close(self) -> None:
         self._closed.set()
-        if self.pool is not None:
-            from dispatch.transports.ssh import SSHTransport
-
-            for transport in self.transports.values():
-                if isinstance(transport, SSHTransport):
-                    transport.close()
         self.brokers.close()
-        if self.pool is not None:
-            self.pool.close()
-        if self.watcher is not None:
-            self.watcher.close()
+        self._built.close()

@@ -51,7 +51,7 @@ from dispatch.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.settings import DispatchSettings, get_settings
 from dispatch.shares import FairShare, MachineShares, ServerShares
 from dispatch.specs import model_env_errors
-from dispatch.transports import RunRequest
+from dispatch.transports import RunRequest, failure
 from dispatch.transports.agent import NODE_FULL
 from dispatch.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
 from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
@@ -528,8 +528,8 @@ class ProjectRun:
             result = exc
         row = self.state.specs[task_id]
         if not isinstance(result, SpecResult):
-            result = SpecResult(project=self.project.name, task_id=task_id, status="lost", node=row.node,
-                                reason=f"the task crashed: {result!r}")
+            result = failure(self.project.name, task_id, f"the task crashed: {result!r}", status="lost",
+                             node=row.node)
         RUN_OPTIONS.pop((self.project.name, task_id, self.scheduler.attempts(task_id)), None)
         if result.status == NODE_FULL and not self.stop_reason:  # nothing ran: not an attempt, not a fault
             self.logger.info("%s %s: %s", row.node, task_id, result.reason)

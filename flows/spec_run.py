@@ -32,6 +32,7 @@ from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.results import SpecResult
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest
+from dispatch.transports.build import local_transport
 from dispatch.transports.local import LocalTransport
 from dispatch.transports.worker import (
     HEARTBEAT_LABEL,
@@ -94,7 +95,7 @@ def spec_run(request: RunRequest) -> State:
     logger = get_run_logger()
     root = _on_node(request.root) if request.root else get_settings().runs_dir
     request = request.model_copy(update={"root": str(root), "workdir": str(_on_node(request.workdir))})
-    transport = LocalTransport(root, request.node)
+    transport = local_transport(root, request.node)
     prefix = f"{request.node} {request.task_id}:"
     flow_run = get_run_context().flow_run
     stop = threading.Event()
@@ -119,13 +120,9 @@ def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str
         local_path(transport.root, *run_dir_parts(request.project, request.task_id), what="run directory")
         contained(transport.root, Path(request.workdir), "workdir")
     except UnsafePath as exc:
-        return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
-                          reason=f"refused on the node: {exc}", retryable=False, cache_key=request.cache_key,
-                          run_id=request.run_id, attempt=request.attempt)
+        return request.failure(f"refused on the node: {exc}", retryable=False)
     if missing := missing_agent_clis(request):
-        return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
-                          reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,
-                          attempt=request.attempt)
+        return request.failure(missing, retryable=False)
     if request.git and (failure := prepare_branch(request, transport, logger, prefix)):
         return failure
     try:

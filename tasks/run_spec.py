@@ -113,9 +113,7 @@ def run_spec(request: RunRequest) -> SpecResult | State:
     from dispatch.transports.local import LocalTransport
 
     if isinstance(transport, LocalTransport) and (missing := missing_agent_clis(request)):
-        result = SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
-                            reason=missing, retryable=False, cache_key=request.cache_key, run_id=request.run_id,
-                            attempt=request.attempt)
+        result = request.failure(missing, retryable=False)
         logger.error("%s %s", prefix, missing)
         return Failed(message=missing, data=result)
     logger.info("%s attempt %d started", prefix, request.attempt)
@@ -138,9 +136,7 @@ def run_spec(request: RunRequest) -> SpecResult | State:
 
 
 def _git_failure(request: RunRequest, reason: str, retryable: bool, node_fault: bool = False) -> SpecResult:
-    return SpecResult(project=request.project, task_id=request.task_id, status="failed", node=request.node,
-                      reason=reason, retryable=retryable, node_fault=node_fault, cache_key=request.cache_key,
-                      run_id=request.run_id, attempt=request.attempt)
+    return request.failure(reason, retryable=retryable, node_fault=node_fault)
 
 
 def prepare_branch(request: RunRequest, transport: Transport, logger, prefix: str) -> SpecResult | None:

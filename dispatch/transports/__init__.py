@@ -2,12 +2,16 @@
 
 Every transport runs the same node runner (dispatch/runner/node_runner.py) in a run directory
 `<root>/<project>/tasks/<task_id>/` and hands back its `result.json` as a `SpecResult`.
+
+An attempt that did not succeed and has no runner result of its own (lost, refused, a git step failed, the
+task crashed) is built by `failure` (or `RunRequest.failure`), and every unsuccessful result gets its missing
+reason from one rule, `explained`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -51,6 +55,13 @@ class RunRequest(BaseModel):
         (`timeout`) and each acceptance command's own, which runs outside that deadline."""
         return self.timeout + len(self.acceptance) * self.acceptance_timeout + grace
 
+    def failure(self, reason: str, *, status: str = "failed", retryable: bool = True, node_fault: bool = False,
+                **fields: Any) -> SpecResult:
+        """This attempt's result when it did not succeed and the runner gave none (`failure`)."""
+        return failure(self.project, self.task_id, reason, status=status, retryable=retryable,
+                       node_fault=node_fault, **{"node": self.node, "cache_key": self.cache_key,
+                                                 "run_id": self.run_id, "attempt": self.attempt, **fields})
+
     def task_json(self) -> dict:
         """The node runner's `task.json` (no secrets: those travel on the runner's stdin)."""
         return {
@@ -80,3 +91,27 @@ class Transport(Protocol):
     @property
     def root_path(self) -> str:
         """The node's run root (where `<project>/tasks/` and `<project>/worktrees/` live)."""
+
+
+def failure(project: str, task_id: str, reason: str, *, status: str = "failed", retryable: bool = True,
+            node_fault: bool = False, **fields: Any) -> SpecResult:
+    """The result of an attempt that did not succeed and has no runner result: `status` (failed, lost, ...)
+    and why; `fields` are any other `SpecResult` fields (node, run_dir, exit_code, ...). An empty `reason`
+    follows the rule of `explained`."""
+    return explained(SpecResult(project=project, task_id=task_id, status=status, reason=reason,
+                                retryable=retryable, node_fault=node_fault, **fields))
+
+
+def explained(result: SpecResult) -> SpecResult:
+    """`result`, with a reason when it did not succeed and has none: the status, with the last model
+    attempt's reason or else the exit code when there is one (`failed: 429 quota`, `lost (exit code 3)`)."""
+    if result.succeeded or result.reason:
+        return result
+    last = result.attempts[-1].reason if result.attempts else ""
+    if last:
+        result.reason = f"{result.status}: {last}"
+    elif result.exit_code is not None:
+        result.reason = f"{result.status} (exit code {result.exit_code})"
+    else:
+        result.reason = result.status
+    return result

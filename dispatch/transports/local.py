@@ -22,7 +22,7 @@ from dispatch.paths import check_name, local_path, run_dir_parts
 from dispatch.results import SpecResult, pid_alive, read_json, write_json
 from dispatch.runner import RUNNER_PATH, protocol
 from dispatch.runner.node_runner import base_environment
-from dispatch.transports import LineSink, RunRequest
+from dispatch.transports import LineSink, RunRequest, explained, failure
 
 logger = logging.getLogger(__name__)
 _POLL = 0.25  # seconds between two reads of a running spec's log (its end is noticed at once)
@@ -201,13 +201,10 @@ class LocalTransport:
             err_file = run_dir / "runner.err"
             err = err_file.read_text(errors="replace")[-2000:] if err_file.exists() else ""
             code = proc.returncode if proc is not None else None
-            return SpecResult(project=request.project, task_id=request.task_id, status="lost", exit_code=code,
-                              reason=f"the node runner exited ({code}) without a result.json: {err.strip()}",
-                              **extra)
-        result = SpecResult.from_runner(data, project=request.project, task_id=request.task_id, **extra)
-        if result.status != "succeeded" and not result.reason:
-            result.reason = _failure_reason(result)
-        return result
+            return failure(request.project, request.task_id,
+                           f"the node runner exited ({code}) without a result.json: {err.strip()}", status="lost",
+                           exit_code=code, **extra)
+        return explained(SpecResult.from_runner(data, project=request.project, task_id=request.task_id, **extra))
 
     @staticmethod
     def _rotate(run_dir: Path) -> None:
@@ -277,11 +274,3 @@ class LocalTransport:
         return killed
 
 
-def _failure_reason(result: SpecResult) -> str:
-    if result.attempts:
-        last = result.attempts[-1]
-        if last.reason:
-            return f"{result.status}: {last.reason}"
-    if result.exit_code is not None:
-        return f"{result.status} (exit code {result.exit_code})"
-    return result.status

@@ -28,7 +28,7 @@ from dispatch.results import SpecResult
 from dispatch.runner import SHIPPED_FILES, protocol, runner_dir_parts
 from dispatch.ssh import SSHPool
 from dispatch.ssh_target import node_target
-from dispatch.transports import LineSink, RunRequest
+from dispatch.transports import LineSink, RunRequest, explained
 from dispatch.transports.agent import AgentLost, NodeAgent
 
 logger = logging.getLogger(__name__)
@@ -189,9 +189,7 @@ class SSHTransport:
                 self._copy_back(request.workdir, result.files_changed, sync_back)
             except (NodeError, OSError) as exc:
                 return self._lost(request, run_dir, f"could not copy the results back: {exc}", node_fault=True)
-        if not result.succeeded and not result.reason:
-            result.reason = result.status
-        return result
+        return explained(result)
 
     def _attach(self, runner: str, run_dir: str, request: RunRequest) -> int | dict | None:
         """What is on the node already for this very attempt (same cache key):
@@ -255,9 +253,7 @@ class SSHTransport:
 
     def _lost(self, request: RunRequest, run_dir: str, reason: str, node_fault: bool) -> SpecResult:
         logger.warning("%s %s: %s", self.node.name, request.task_id, reason)
-        return SpecResult(project=request.project, task_id=request.task_id, status="lost", node=self.node.name,
-                          reason=reason, node_fault=node_fault, retryable=True, run_dir=run_dir,
-                          cache_key=request.cache_key, run_id=request.run_id, attempt=request.attempt)
+        return request.failure(reason, status="lost", node_fault=node_fault, node=self.node.name, run_dir=run_dir)
 
     # -- control -------------------------------------------------------------------------------
     def cancel(self, project: str, task_id: str) -> None:

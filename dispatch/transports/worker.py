@@ -369,9 +369,8 @@ class WorkerTransport:
         return None
 
     def _lost(self, request: RunRequest, reason: str, node_fault: bool, status: str = "lost") -> SpecResult:
-        return SpecResult(project=request.project, task_id=request.task_id, status=status, node=self.node.name,
-                          reason=reason, retryable=status == "lost", node_fault=node_fault,
-                          cache_key=request.cache_key, run_id=request.run_id, attempt=request.attempt)
+        return request.failure(reason, status=status, retryable=status == "lost", node_fault=node_fault,
+                               node=self.node.name)
 
     def cancel(self, project: str, task_id: str) -> None:
         """Ask the worker to cancel the attempt's flow run (its spec-run flow kills the runner)."""
