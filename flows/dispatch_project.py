@@ -54,7 +54,8 @@ from dispatch.specs import model_env_errors
 from dispatch.transports import RunRequest, failure
 from dispatch.transports.agent import NODE_FULL
 from dispatch.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
-from tasks.run_spec import MASKER, RUN_OPTIONS, TRANSPORTS, run_spec, skip_spec
+from tasks import run_inputs
+from tasks.run_spec import run_spec, skip_spec
 
 # Progress listeners of the CLI in this process: called with (event, task_id, details).
 LISTENERS: list[Callable[[str, str, dict], None]] = []
@@ -107,7 +108,9 @@ class ProjectRun:
         self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
         self.nodes = {node.name: node for node in nodes}
         self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes), log=self.logger)
-        TRANSPORTS.update(self.runtime.transports)
+        # what the attempts need that cannot be task parameters, found by run_spec under this run's id
+        self.inputs = run_inputs.RunInputs(self.runtime.transports)
+        run_inputs.register(self.run_id, self.inputs)
         # durations measured by earlier runs (and this one, as it goes): the order's and the progress view's
         self.history = DurationHistory.load(settings.results_dir, project.name)
         self._selected_specs = {t: project.specs[t] for t in project.order if t in selected}
@@ -164,7 +167,7 @@ class ProjectRun:
         # values to mask that no step is given: this process's credentials (the local node's steps could read
         # them from /proc; remote nodes never see them)
         self.mask_only = settings.secret_values()
-        MASKER.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
+        self.inputs.masker.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
         # drained nodes (dispatch/drain.py): read once now, then by a background thread
         self.drain = RunDrain(settings, self.scheduler, set(self.nodes), self.logger,
                               lambda drained: self.events.put(("drained", drained)), self._emit)
@@ -322,7 +325,7 @@ class ProjectRun:
         task_id = assignment.task_id
         spec = self.project.specs[task_id]
         deps = [self.futures[d] for d in spec.depends_on if d in self.futures]
-        RUN_OPTIONS[(self.project.name, task_id, assignment.attempt)] = self._options(assignment, held)
+        self.inputs.set_options(task_id, assignment.attempt, self._options(assignment, held))
         if held is not None:
             self.held_slots[task_id] = held
         # one task for every spec, named per run by its request: a `with_options` copy per spec costs
@@ -530,7 +533,7 @@ class ProjectRun:
         if not isinstance(result, SpecResult):
             result = failure(self.project.name, task_id, f"the task crashed: {result!r}", status="lost",
                              node=row.node)
-        RUN_OPTIONS.pop((self.project.name, task_id, self.scheduler.attempts(task_id)), None)
+        self.inputs.drop_options(task_id, self.scheduler.attempts(task_id))
         if result.status == NODE_FULL and not self.stop_reason:  # nothing ran: not an attempt, not a fault
             self.logger.info("%s %s: %s", row.node, task_id, result.reason)
             self.scheduler.unpick(Assignment(task_id, row.node, self.scheduler.attempts(task_id)),
@@ -639,6 +642,8 @@ class ProjectRun:
         for part in ("server_locks", "drain", "share", "runtime"):
             if (opened := getattr(self, part, None)) is not None:
                 opened.close()
+        if getattr(self, "inputs", None) is not None:
+            run_inputs.unregister(self.run_id)
 
     def _stop(self) -> None:
         self.logger.warning("stopping %s: %s", self.project.name, self.stop_reason)

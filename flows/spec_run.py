@@ -30,6 +30,7 @@ from dispatch.errors import ConfigError, UnsafePath
 from dispatch.paths import contained, local_path, run_dir_parts
 from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.results import SpecResult
+from dispatch.secrets import Masker
 from dispatch.settings import get_settings
 from dispatch.transports import RunRequest
 from dispatch.transports.build import local_transport
@@ -40,7 +41,7 @@ from dispatch.transports.worker import (
     deployment_name,
     heartbeat_interval,
 )
-from tasks.run_spec import MASKER, missing_agent_clis, prepare_branch, push_branch
+from tasks.run_spec import missing_agent_clis, prepare_branch, push_branch
 
 
 def _run_name() -> str:
@@ -70,10 +71,10 @@ def _on_node(path: str) -> Path:
     return resolved if resolved.is_absolute() else Path.home() / resolved
 
 
-def _secrets(request: RunRequest) -> dict[str, str]:
+def _secrets(request: RunRequest, masker: Masker) -> dict[str, str]:
     """`model:ENV` -> key for the agent steps of this attempt, from the node's view of the `AgentModel` blocks
-    (else the model's own variable in the worker's environment); every value is also masked in what this
-    flow writes to Prefect."""
+    (else the model's own variable in the worker's environment); every value is also added to `masker`, which
+    masks what this flow writes to Prefect."""
     names = sorted({step["name"] for step in [*request.steps, *request.verify] if step.get("argv")})
     if not names:
         return {}
@@ -81,7 +82,7 @@ def _secrets(request: RunRequest) -> dict[str, str]:
 
     _, secrets = models_and_keys(names, get_settings(), get_run_logger())
     flat = {f"{model}:{env}": value for model, values in secrets.items() for env, value in values.items()}
-    MASKER.add(flat.values())
+    masker.add(flat.values())
     return flat
 
 
@@ -125,23 +126,24 @@ def _attempt(request: RunRequest, transport: LocalTransport, logger, prefix: str
         return request.failure(missing, retryable=False)
     if request.git and (failure := prepare_branch(request, transport, logger, prefix)):
         return failure
+    masker = Masker()  # every secret this attempt knows, masked in what it writes to Prefect
     try:
-        secrets = _secrets(request)
+        secrets = _secrets(request, masker)
     except ConfigError as exc:  # an invalid block: the agent fails with an auth error the runner classifies
         logger.warning("%s could not read the AgentModel blocks' keys: %s", prefix, exc)
         secrets = {}
     own = get_settings().secret_values()  # the worker's credentials: no step gets them, the runner masks them
-    MASKER.add(own)
+    masker.add(own)
     secrets.update({f"mask:{number}": value for number, value in enumerate(own)})
     try:
-        result = transport.run(request, lambda line: logger.info("%s %s", prefix, MASKER.mask(line)),
+        result = transport.run(request, lambda line: logger.info("%s %s", prefix, masker.mask(line)),
                                secrets=secrets or None)
     except BaseException:  # cancelled (the worker's SIGTERM) or crashed: the spec must not run on alone
         transport.cancel(request.project, request.task_id)
         raise
     if result.succeeded and request.git:
         push_branch(request, transport, result, logger, prefix)
-    return SpecResult.model_validate(MASKER.mask_data(result.model_dump())) if MASKER else result
+    return SpecResult.model_validate(masker.mask_data(result.model_dump())) if masker else result
 
 
 def sync_deployments(nodes: list[Node]) -> list[str]:

@@ -4,6 +4,11 @@ Its cache key is the spec's key (content, dependencies' keys, project revision),
 `SpecResult`) is persisted as JSON, so a later run of an unchanged spec is a cache hit that never
 touches a node. A failed attempt returns a `Failed` state that still carries its `SpecResult`, so
 the dispatcher sees the log tail, exit code and model attempts of failures too.
+
+Its only parameter is the `RunRequest` (plain data: what the UI shows and the task run stores). What cannot
+be a parameter (the transports, secrets, a slot descriptor, the note callback, the run's masker) the project
+run registers as one `RunInputs` under its run id (tasks/run_inputs.py), and the task finds it by
+`request.run_id`.
 """
 
 from __future__ import annotations
@@ -20,21 +25,13 @@ from prefect.states import Failed, State
 from dispatch.results import SpecResult
 from dispatch.secrets import Masker
 from dispatch.transports import RunRequest, Transport
+from tasks.run_inputs import inputs_of
 
-# The transports of the running dispatcher, by node name (set by the project flow; process-local).
-TRANSPORTS: dict[str, Transport] = {}
-# Per-attempt options that must not be task parameters (secrets, lock descriptors, local paths; `on_note`, called
-# with what the spec's row should say while it runs), keyed by (project, task_id, attempt); set by the flow
-# before it submits the attempt.
-RUN_OPTIONS: dict[tuple[str, str, int], dict[str, Any]] = {}
 # The runner's line while an agent CLI retries by itself ("=== runner: glm: 429, retrying 2/10 in 30s ===") and the
 # lines that start a step: what a running spec's row shows (its reason) comes and goes with them.
 _RETRY_LINE = re.compile(r"^=== runner: (?P<note>[\w.-]+: .*?\b(?:retrying|reconnecting)\b.*?)"
                          r"(?: in [\d.e+]+m?s)? ===$")
 _STEP_LINES = ("=== step ", "=== acceptance ", "=== verify: ")
-# Every secret the dispatcher knows (agent keys, credentials of its environment), masked in every line and
-# result this task writes to Prefect (logs, the cached result, state messages); the flow adds to it.
-MASKER = Masker()
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -63,13 +60,14 @@ def retry_note(line: str, shown: str) -> str | None:
     return None
 
 
-def _line_sink(logger, prefix: str, on_note: Callable[[str], None] | None) -> Callable[[str], None]:
+def _line_sink(logger, prefix: str, masker: Masker,
+               on_note: Callable[[str], None] | None) -> Callable[[str], None]:
     """Each line of the attempt's log to the task's log (masked), and its retry notes to `on_note`."""
     shown = ""
 
     def sink(line: str) -> None:
         nonlocal shown
-        line = MASKER.mask(line)
+        line = masker.mask(line)
         logger.info("%s %s", prefix, line)
         if on_note is not None and (note := retry_note(line, shown)) is not None:
             shown = note
@@ -105,10 +103,11 @@ def run_spec(request: RunRequest) -> SpecResult | State:
 
     Args:
         request: what to run, where, with which limits. Secrets and other process-local options
-            travel beside it in `RUN_OPTIONS`, never as task parameters.
+            travel beside it in its run's `RunInputs` (found by `request.run_id`), never as task parameters.
     """
     logger = get_run_logger()
-    transport = TRANSPORTS[request.node]
+    inputs = inputs_of(request.run_id)
+    transport = inputs.transports[request.node]
     prefix = f"{request.node} {request.task_id}:"
     from dispatch.transports.local import LocalTransport
 
@@ -121,11 +120,10 @@ def run_spec(request: RunRequest) -> SpecResult | State:
     git_here = bool(request.git) and not getattr(transport, "runs_git_on_node", False)
     if git_here and (failure := prepare_branch(request, transport, logger, prefix)):
         return Failed(message=f"{request.task_id}: {failure.reason}", data=failure)
-    options = dict(RUN_OPTIONS.get((request.project, request.task_id, request.attempt), {}))
-    on_note = options.pop("on_note", None)  # the flow's: what the spec's row says while it runs
-    result = transport.run(request, _line_sink(logger, prefix, on_note), **options)
-    if MASKER:
-        result = SpecResult.model_validate(MASKER.mask_data(result.model_dump()))
+    options, on_note = inputs.options(request.task_id, request.attempt)  # on_note: what the row says meanwhile
+    result = transport.run(request, _line_sink(logger, prefix, inputs.masker, on_note), **options)
+    if inputs.masker:  # every secret the run knows, masked in what this task writes to Prefect
+        result = SpecResult.model_validate(inputs.masker.mask_data(result.model_dump()))
     if result.succeeded and git_here:
         push_branch(request, transport, result, logger, prefix)
     if result.succeeded:
