@@ -17,8 +17,8 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from dispatch.agents import ANTHROPIC_BASE_URL, BUILTIN_MODELS, PROMPT, ModelSpec, endpoint_settings
 from dispatch.errors import ConfigError
+from dispatch.model_catalog import ANTHROPIC_BASE_URL, BUILTIN_MODELS, PROMPT, ModelSpec, endpoint_settings
 
 
 class AgentModel(Block):

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dispatch.agent_versions import AGENTS_DIR, PACKAGES, parse_version, pinned_versions, record_results
-from dispatch.agents import BUILTIN_MODELS, build_steps, cli_environment, endpoint_settings
+from dispatch.agents import build_steps
 from dispatch.errors import DispatchError
+from dispatch.model_catalog import BUILTIN_MODELS, cli_environment, endpoint_settings
 from dispatch.ratelimits import classify
 from dispatch.settings import DispatchSettings
 from dispatch.specs import Spec

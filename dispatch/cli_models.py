@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dispatch.agents import BUILTIN_MODELS
 from dispatch.errors import ConfigError, UnsafePath
+from dispatch.model_catalog import BUILTIN_MODELS
 from dispatch.paths import check_name
 from dispatch.settings import DispatchSettings, get_settings
 

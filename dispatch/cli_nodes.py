@@ -29,9 +29,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatch.agent_versions import AcceptedVersions, parse_version
-from dispatch.agents import BUILTIN_MODELS
 from dispatch.cluster import Node, load_nodes
 from dispatch.errors import ConfigError, DispatchError
+from dispatch.model_catalog import BUILTIN_MODELS
 from dispatch.monitor import local_slot_use
 from dispatch.settings import DispatchSettings, get_settings
 

@@ -29,7 +29,7 @@ from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.settings import DispatchSettings
 
 if TYPE_CHECKING:
-    from dispatch.agents import ModelSpec
+    from dispatch.model_catalog import ModelSpec
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -80,7 +80,7 @@ def import_nodes(settings: DispatchSettings, *, embed_keys: bool = False) -> lis
     """
     from blocks.agent_model import AgentModel
     from blocks.cluster_node import ClusterNode, block_name
-    from dispatch.agents import BUILTIN_MODELS
+    from dispatch.model_catalog import BUILTIN_MODELS
 
     nodes = load_nodes(settings)
     by_slug: dict[str, str] = {}
@@ -250,11 +250,11 @@ def models_and_keys(names: list[str], settings: DispatchSettings,
                     log: logging.Logger | logging.LoggerAdapter | None = None,
                     ) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
     """Every model (built-ins, overridden by `AgentModel` blocks) and the keys of `names`: from their blocks,
-    else each from its own variable of this process's environment (`dispatch.agents.environment_keys`).
+    else each from its own variable of this process's environment (`dispatch.model_catalog.environment_keys`).
 
     A server that cannot be asked leaves the built-ins (said on `log`); an invalid block raises ConfigError.
     """
-    from dispatch.agents import BUILTIN_MODELS, environment_keys
+    from dispatch.model_catalog import BUILTIN_MODELS, environment_keys
 
     blocks: dict[str, ModelSpec] = {}
     secrets: dict[str, dict[str, str]] = {}
@@ -270,7 +270,7 @@ def models_and_keys(names: list[str], settings: DispatchSettings,
 def agent_models(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
     """The `AgentModel` blocks of these models: their specs (overriding the built-ins) and secret env.
 
-    Models without a block keep their built-in spec and get no secret here (`dispatch.agents.environment_keys`
+    Models without a block keep their built-in spec and get no secret here (`dispatch.model_catalog.environment_keys`
     then looks for the model's own variable, e.g. ZAI_API_KEY for glm, in the caller's environment). The
     keys are unwrapped here, only to be handed to the node runner's stdin.
 

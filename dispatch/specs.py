@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 
 from dispatch.errors import SpecError, UnsafePath, cut
+from dispatch.model_catalog import BUILTIN_MODELS
+from dispatch.model_catalog import model_variables as variables_of
 from dispatch.paths import NAME_RULE, name_problem, read_bounded
 from dispatch.safeload import AliasFound, parse_yaml
 
@@ -111,11 +113,9 @@ def env_problem(names: Iterable[str], model_variables: Iterable[str] = ()) -> st
     Refused: DISPATCH_* (ours), what decides which program runs or where an agent sends its key
     (`node_runner.protected_env`: the one list, which the runner applies too; suffixes such as `*_BASE_URL`
     and `*_TOKEN` in any case, since some tools read lower-case variants), and the variables of the built-in
-    models and of `model_variables` (the configured models', `dispatch.agents.model_variables`).
+    models and of `model_variables` (the configured models', `dispatch.model_catalog.model_variables`).
     """
-    # imported here: the runner module takes 50-100 ms to import and most specs set no env; agents imports us
-    from dispatch.agents import BUILTIN_MODELS
-    from dispatch.agents import model_variables as variables_of
+    # imported here: the runner module takes 50-100 ms to import and most specs set no env
     from dispatch.runner.node_runner import protected_env
 
     names, models = list(names), {*model_variables, *variables_of(BUILTIN_MODELS)}

@@ -32,7 +32,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import build_prompt, build_steps, build_verify_steps, model_variables
+from dispatch.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.budgets import Budgets
 from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cooldowns import Cooldowns
@@ -42,6 +42,7 @@ from dispatch.durations import DurationHistory, first_model
 from dispatch.errors import DispatchError, ProjectInvalid
 from dispatch.gitsync import worktree_path
 from dispatch.locks import ProcessLock
+from dispatch.model_catalog import model_variables
 from dispatch.pipeline.generated import load_specs, run_key
 from dispatch.prefect_errors import SERVER_ERRORS
 from dispatch.report import render_markdown, table_rows

@@ -21,11 +21,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dispatch.agent_versions import PACKAGES, AcceptedVersions, parse_version
-from dispatch.agents import BUILTIN_MODELS
 from dispatch.cluster import Node
 from dispatch.errors import DispatchError, NodeError, UnsafePath
 from dispatch.guardian.probe import parse_probe, probe_command
 from dispatch.health import Check
+from dispatch.model_catalog import BUILTIN_MODELS
 from dispatch.paths import check_name, remote_arg
 from dispatch.runner import SHIPPED_FILES, runner_checksum, runner_dir_parts
 from dispatch.settings import DispatchSettings

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch.agents import BUILTIN_MODELS, ModelSpec, build_steps
+from dispatch.agents import build_steps
+from dispatch.model_catalog import BUILTIN_MODELS, ModelSpec
 from dispatch.results import read_json
 from dispatch.settings import get_settings
 from dispatch.specs import Spec

@@ -8,9 +8,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dispatch.agents import BUILTIN_MODELS, ModelSpec
 from dispatch.cluster import Node
 from dispatch.dag import Project
+from dispatch.model_catalog import BUILTIN_MODELS, ModelSpec
 from dispatch.pipeline.results import Check, LayerResult, Status
 from dispatch.results import ProjectState
 

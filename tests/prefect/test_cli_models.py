@@ -131,7 +131,7 @@ def test_models_set_saves_a_block_with_its_key_from_a_variable_and_never_prints_
 def test_models_set_of_a_built_in_starts_from_its_command_and_key_variable(saved_models, isolated_home):
     from blocks.agent_model import AgentModel
     from blocks.cluster_node import block_name
-    from dispatch.agents import BUILTIN_MODELS
+    from dispatch.model_catalog import BUILTIN_MODELS
 
     saved_models.append("minimax")
     done = subprocess.run([DISPATCH, "models", "set", "minimax", "--key-env", "MM"], capture_output=True, text=True,

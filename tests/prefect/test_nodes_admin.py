@@ -72,7 +72,7 @@ def test_import_saves_blocks_that_load_back_equal_and_never_show_the_key(
         prefect_objects, isolated_home: Path, caplog: pytest.LogCaptureFixture):
     from blocks.agent_model import AgentModel
     from blocks.cluster_node import ClusterNode, block_name
-    from dispatch.agents import BUILTIN_MODELS
+    from dispatch.model_catalog import BUILTIN_MODELS
     from dispatch.nodes_admin import import_nodes, node_keys
 
     home = isolated_home / "home"

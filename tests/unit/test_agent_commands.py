@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.agents import BUILTIN_MODELS, ModelSpec, build_steps, build_verify_steps
+from dispatch.agents import build_steps, build_verify_steps
+from dispatch.model_catalog import BUILTIN_MODELS, ModelSpec
 from dispatch.specs import parse_spec
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatch.agents import BUILTIN_MODELS, environment_keys
+from dispatch.model_catalog import BUILTIN_MODELS, environment_keys
 from dispatch.secrets import Masker, credential_values
 
 

@@ -577,7 +577,7 @@ def test_a_spec_env_keeps_ordinary_project_variables(tmp_path: Path, name: str) 
 
 
 def test_every_variable_of_a_built_in_model_is_refused_in_a_spec_env(tmp_path: Path) -> None:
-    from dispatch.agents import BUILTIN_MODELS, model_variables
+    from dispatch.model_catalog import BUILTIN_MODELS, model_variables
     from dispatch.specs import env_problem
 
     names = model_variables(BUILTIN_MODELS)
@@ -586,7 +586,7 @@ def test_every_variable_of_a_built_in_model_is_refused_in_a_spec_env(tmp_path: P
 
 
 def test_a_configured_models_variables_are_refused_once_the_run_knows_them(tmp_path: Path) -> None:
-    from dispatch.agents import ModelSpec, model_variables
+    from dispatch.model_catalog import ModelSpec, model_variables
     from dispatch.specs import model_env_errors
 
     bedrock = ModelSpec("bedrock", ("claude", "-p"), {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": "eu-west-1"},
