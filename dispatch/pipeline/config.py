@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dispatch.errors import ConfigError
+from dispatch.pipeline.deploy_dir import validate_dir
 from dispatch.safeload import load_yaml
 from dispatch.specs import parse_duration
 
@@ -96,9 +97,7 @@ class Deploy(_Model):
     @field_validator("dir")
     @classmethod
     def _own_dir(cls, value: str | None, info) -> str | None:
-        """Not a system or credential directory (dispatch/pipeline/deploy.py, checked again at deploy time)."""
-        from dispatch.pipeline.deploy import validate_dir
-
+        """Not a system or credential directory (dispatch/pipeline/deploy_dir.py; checked again at deploy time)."""
         return value if value is None else validate_dir(value, info.data.get("target", "local"))
 
 

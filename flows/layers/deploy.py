@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger
 
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.pipeline.config import PipelineConfig
-from dispatch.pipeline.deploy import Deployer, LocalTarget, NodeTarget, check_dir
+from dispatch.pipeline.deploy import Deployer, LocalTarget, NodeTarget
+from dispatch.pipeline.deploy_dir import check_dir
 from dispatch.pipeline.results import Check, LayerResult, Status
 from dispatch.pipeline.workspace import code_digest, step_environment, venv_python
 

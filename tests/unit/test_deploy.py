@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from dispatch.errors import ConfigError
-from dispatch.pipeline.deploy import Deployer, LocalTarget, check_dir
+from dispatch.pipeline.deploy import Deployer, LocalTarget
+from dispatch.pipeline.deploy_dir import check_dir
 from dispatch.pipeline.workspace import code_digest
 
 
