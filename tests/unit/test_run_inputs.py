@@ -23,11 +23,15 @@ def test_inputs_are_found_by_run_id_until_unregistered() -> None:
 def test_options_are_per_attempt_and_on_note_travels_apart() -> None:
     inputs = run_inputs.RunInputs({})
     notes: list[str] = []
-    inputs.set_options("S01", 2, {"secrets": {"glm:KEY": "k"}, "on_note": notes.append})
+
+    def note(text: str) -> None:
+        notes.append(text)
+
+    inputs.set_options("S01", 2, {"secrets": {"glm:KEY": "k"}, "on_note": note})
     options, on_note = inputs.options("S01", 2)
     assert options == {"secrets": {"glm:KEY": "k"}}
-    assert on_note is notes.append
-    assert inputs.options("S01", 2)[1] is notes.append  # a copy was handed out: the stored options are whole
+    assert on_note is note
+    assert inputs.options("S01", 2)[1] is note  # a copy was handed out: the stored options are whole
     assert inputs.options("S01", 1) == ({}, None)
     inputs.drop_options("S01", 2)
     assert inputs.options("S01", 2) == ({}, None)
