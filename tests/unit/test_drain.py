@@ -39,17 +39,3 @@ def test_damaged_file_counts_as_nothing_drained_and_bad_names_are_refused(embedd
     assert list(drained_nodes(settings)) == ["n2"]
     with pytest.raises(UnsafePath):
         drain(settings, "../etc", reason="x", by="y")
-
-
-def test_team_mode_keeps_the_drained_nodes_on_the_server(prefect_api, isolated_home):
-    from prefect.variables import Variable
-
-    settings = get_settings()
-    assert not settings.embedded
-    Variable.unset("dispatch_drained")
-    assert drain(settings, "n7", reason="disk full", by="bob@gw") is True
-    assert Variable.get("dispatch_drained")["n7"]["reason"] == "disk full"
-    assert not (settings.home / "drained.json").exists()
-    assert list(drained_nodes(settings)) == ["n7"]
-    assert undrain(settings, "n7") is True
-    assert drained_nodes(settings) == {}
