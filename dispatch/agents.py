@@ -1,8 +1,4 @@
-"""The agent models a spec can name, and how each becomes a step of the node runner's model chain.
-
-Built-in models: `glm` and `minimax` (Claude Code pointed at their Anthropic-compatible endpoints
-with `ANTHROPIC_BASE_URL` and the model's token), `claude`, `codex` (`codex exec`) and `opencode`.
-The `AgentModel` block (blocks/agent_model.py) overrides these per team, with API keys as secrets.
+"""How a spec's model chain becomes steps of the node runner: the prompt, the agent steps, the verifiers.
 
 The prompt never goes in argv (one argument is capped at 128 KiB: longer prompts failed every model with
 "Argument list too long"): a step carries it as `stdin`, which the node runner writes to
@@ -11,12 +7,8 @@ command only marks where the prompt used to go; it is dropped (or replaced by `-
 Claude Code runs with `--output-format stream-json --verbose` and Codex with `--json`: their structured
 output tells a failed run from one that only talks about limits (dispatch/ratelimits.py).
 
-Each CLI gets what it needs to run headless and to leave retries to us (`cli_environment`, `codex_endpoint`):
-Claude Code `IS_SANDBOX=1` (it refuses `--dangerously-skip-permissions` as root otherwise; the dispatcher
-cannot know a node's uid, and the variable changes nothing for other users) and `CLAUDE_CODE_MAX_RETRIES`
-(0 when another model follows: the chain moves on at once; a few for the chain's last model), and an
-endpoint (`ModelSpec.base_url`) the way each CLI reads one: `ANTHROPIC_BASE_URL` for Claude Code, a
-`-c model_providers.dispatch...` provider for Codex (it ignores `OPENAI_BASE_URL`), with its own retries off.
+The models themselves (each one's CLI command, endpoint, key variable, and what each CLI needs to run
+headless and leave retries to us) are the catalog's: dispatch/model_catalog.py.
 """
 
 from __future__ import annotations
