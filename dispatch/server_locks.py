@@ -137,6 +137,7 @@ class _Table:
         self.held: dict[str, dict] = {}  # our granted variables: name -> value
         self.dropping: set[str] = set()  # ours, being deleted (released or refused): ignored when we read
         self.stop = threading.Event()
+        self.abandoned = False  # the owner was collected unclosed (set by a GC callback: a plain assignment)
         self.renewer: threading.Thread | None = None
         self.deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-lock-release")
 
@@ -151,7 +152,7 @@ class _Table:
         """Renew every held variable each lease/3; the thread ends when nothing is held."""
         from prefect.client.schemas.actions import VariableUpdate
 
-        while not self.stop.wait(self.lease_seconds / 3):
+        while not self.stop.wait(self.lease_seconds / 3) and not self.abandoned:
             with self.lock:
                 if not self.held:
                     self.renewer = None
@@ -210,11 +211,12 @@ class _Table:
     def abandon(self) -> None:
         """The owner was collected without `close()`: stop renewing, so its locks expire by their lease.
 
-        Runs as a GC callback, so it only sets an event: no network I/O, no lock, no join. A callback that
-        deleted the variables deadlocked a run: the collector ran it on a thread that was inside the same
-        HTTP client's connection pool, and the delete waited for that pool forever (issue 19).
+        Runs as a GC callback, anywhere, even inside a lock: it only assigns a flag (no network I/O, no lock, not
+        even an Event's, no join); the renewer sees it at its next wake-up and ends. A callback that deleted the
+        variables deadlocked a run: the collector ran it on a thread that was inside the same HTTP client's
+        connection pool, and the delete waited for that pool forever (issue 19).
         """
-        self.stop.set()
+        self.abandoned = True
 
 
 class ServerLocks:
@@ -247,7 +249,7 @@ class ServerLocks:
         self._table = _Table(client, lease_seconds)
         self._contended: dict[str, str] = {}  # spec refused last time -> its candidate: the next try reads first
         self._closed = False
-        weakref.finalize(self, _Table.abandon, self._table)  # sets an event only: see `_Table.abandon`
+        weakref.finalize(self, _Table.abandon, self._table)  # assigns a flag only: see `_Table.abandon`
 
     def __enter__(self) -> ServerLocks:
         return self

@@ -56,7 +56,7 @@ def test_a_collected_table_sends_nothing_and_joins_nothing_even_inside_the_clien
         gc.collect()
     assert not client.stuck.is_set(), "the finalizer waited for the client's pool: the run would hang"
     assert client.calls == [], "a finalizer must not talk to the server"
-    assert table.stop.is_set(), "a collected table stops renewing, so its locks expire by their lease"
+    assert table.abandoned, "a collected table stops renewing, so its locks expire by their lease"
 
 
 def test_the_renewer_of_a_collected_table_ends_and_renews_no_more() -> None:
