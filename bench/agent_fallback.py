@@ -18,7 +18,7 @@ which model asked.
 3. `codex`: `model: [codex]` answers: the spec succeeds, with its tokens from `dispatch report --json`.
 
 The times come from each spec's result.json (the runner's start, each model step's start) and, as a check, from
-the provider's records (glm's first request to claude's first). `--code DIR` runs `python -m dispatch.cli` from
+the provider's records (glm's first request to claude's first). `--code DIR` runs `python -m dispatch.cli.main` from
 another checkout (DIR first on PYTHONPATH, this virtualenv's packages), e.g. the code before a change:
 `git archive <commit> | tar -x -C DIR`; each `dispatch start` is stopped after `--timeout` seconds.
 `--model-env K=V` gives every model's CLI a variable (through its block's env), e.g. `IS_SANDBOX=1` for a code
@@ -46,7 +46,7 @@ sys.path.insert(1, str(ROOT / "bench"))
 
 from servers import stop_home_server  # noqa: E402
 
-from dispatch.net import free_port  # noqa: E402
+from dispatch.core.net import free_port  # noqa: E402
 from tests.fixtures.fake_provider import FakeProvider, key_hash  # noqa: E402
 
 DISPATCH = str(Path(sys.executable).with_name("dispatch"))
@@ -60,8 +60,8 @@ SPEC_BODY = ("## Goal\nCreate the file hello.txt in the working directory.\n\n"
 # a code without `dispatch models set` (before issue 20): the model's AgentModel block, saved from Python
 _SAVE_BLOCKS = """
 import json, os, sys
-from dispatch.embedded import prepare_prefect
-from dispatch.settings import get_settings
+from dispatch.prefect.embedded import prepare_prefect
+from dispatch.core.settings import get_settings
 prepare_prefect(get_settings())
 from blocks.agent_model import AgentModel
 for name, (url, key_var) in json.loads(sys.argv[1]).items():
@@ -103,7 +103,7 @@ def environment(base: Path, code: Path | None) -> dict[str, str]:
 
 
 def dispatch_argv(code: Path | None) -> list[str]:
-    return [sys.executable, "-m", "dispatch.cli"] if code is not None else [DISPATCH]
+    return [sys.executable, "-m", "dispatch.cli.main"] if code is not None else [DISPATCH]
 
 
 def configure(models: dict[str, str], env: dict[str, str], code: Path | None, cwd: Path,

@@ -5,7 +5,7 @@
 
 Per round and mode (the modes alternate, so all see the same machine load), in a fresh DISPATCH_HOME with no
 PREFECT_* variable (the embedded default, as on a fresh machine) and `DISPATCH_SERVER=<mode>`; mode `before`
-runs the code in DIR (`python -m dispatch.cli` with DIR first on PYTHONPATH, this virtualenv's packages):
+runs the code in DIR (`python -m dispatch.cli.main` with DIR first on PYTHONPATH, this virtualenv's packages):
 
 1. `dispatch start demo`: first run on a fresh home (database created; in `local` mode the server started);
 2. `dispatch start demo` again: every spec cached;
@@ -76,7 +76,7 @@ def one_round(mode: str, base: Path, project: str, before: Path | None) -> dict:
     home.mkdir(parents=True)
     shutil.copytree(ROOT / "examples" / project / "specs", specs / project)
     env, log = _environment(home, specs, mode, before), base / mode / "commands.log"
-    dispatch = [sys.executable, "-m", "dispatch.cli"] if mode == "before" else [DISPATCH]
+    dispatch = [sys.executable, "-m", "dispatch.cli.main"] if mode == "before" else [DISPATCH]
     row: dict = {}
     try:
         row["first_wall"], began = _timed([*dispatch, "start", project], env, log)

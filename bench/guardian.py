@@ -3,7 +3,7 @@
     .venv/bin/python bench/guardian.py [--slots 8,8,8,8,20,40,48] [--cycles 5] [--out bench/results/guardian.json]
 
 Starts the nodes (rigs/loopback_cluster.py), writes their nodes.json into a fresh DISPATCH_HOME and runs
-`dispatch.guardian.run_cycle` in embedded mode (no server checks: set PREFECT_API_URL to include them) the
+`dispatch.ops.guardian.run_cycle` in embedded mode (no server checks: set PREFECT_API_URL to include them) the
 given number of times. The first cycle ships the runner to every node (a repair); the rest are the steady
 state a scheduled guardian sees. Prints the first cycle's time and the steady cycles' median and max, and
 the `dispatch guardian --once` wall time (a fresh process: imports and SSH connections included). Only
@@ -47,8 +47,8 @@ def main() -> int:
         os.environ["DISPATCH_HOME"] = str(home)
         # every loopback node is this machine: its load (other jobs on a shared box) is not what is measured
         os.environ.setdefault("DISPATCH_GUARDIAN_MAX_LOAD", "1000")
-        from dispatch.guardian import run_cycle
-        from dispatch.settings import get_settings
+        from dispatch.core.settings import get_settings
+        from dispatch.ops.guardian import run_cycle
 
         get_settings.cache_clear()
         settings = get_settings()

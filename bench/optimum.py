@@ -29,7 +29,7 @@ sys.path.insert(1, str(ROOT / "bench"))
 from policy_sim import run_policy  # noqa: E402
 from workload import generate_named, write_project  # noqa: E402
 
-from dispatch.dag import load_project  # noqa: E402
+from dispatch.core.dag import load_project  # noqa: E402
 
 _SCALE = 100  # hundredths of a second
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(_code_root(sys.argv)))
 sys.path.insert(1, str(ROOT / "bench"))
 
 # dispatch before bench/cluster.py, which imports dispatch from this checkout: --code's would be ignored
-from dispatch.dag import load_project  # noqa: E402, I001
-from dispatch.scheduler import NodeSlots, Scheduler  # noqa: E402
+from dispatch.core.dag import load_project  # noqa: E402, I001
+from dispatch.core.scheduler import NodeSlots, Scheduler  # noqa: E402
 
 from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
 from workload import PROFILES, generate_named, write_project  # noqa: E402

@@ -30,8 +30,8 @@ from cluster import DEFAULT_SLOTS, parse_slots  # noqa: E402
 from measures import write_result  # noqa: E402
 from workload import generate, write_project  # noqa: E402
 
-from dispatch.dag import load_project  # noqa: E402
-from dispatch.scheduler import NodeSlots, Scheduler  # noqa: E402
+from dispatch.core.dag import load_project  # noqa: E402
+from dispatch.core.scheduler import NodeSlots, Scheduler  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--slots", default=DEFAULT_SLOTS)
     parser.add_argument("--cyaml", action="store_true",
-                        help="what-if: make dispatch.specs parse front matter with libyaml's CSafeLoader")
+                        help="what-if: make dispatch.core.specs parse front matter with libyaml's CSafeLoader")
     parser.add_argument("--sim", action=argparse.BooleanOptionalAction, default=True,
                         help="also simulate the full pick/succeed run (default on)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale.json")
@@ -48,8 +48,8 @@ def main() -> int:
     if args.cyaml:  # benchmark-only patch of the parser's YAML loader (dispatch/ is not changed)
         import yaml
 
-        import dispatch.specs
-        dispatch.specs.yaml = type("yaml_c", (), {"safe_load": staticmethod(
+        import dispatch.core.specs
+        dispatch.core.specs.yaml = type("yaml_c", (), {"safe_load": staticmethod(
             lambda text: yaml.load(text, Loader=yaml.CSafeLoader)), "YAMLError": yaml.YAMLError})
     workload = generate(args.specs, args.seed)
     durations = {s.task_id: s.seconds for s in workload.specs}

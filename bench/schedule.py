@@ -64,7 +64,7 @@ def phases(state_file: Path, timeline_runs: dict) -> dict:
 
 
 def write_history(directory: Path, workload) -> None:
-    """`durations.json` as an earlier run of the drawn project would have left it (dispatch/durations.py)."""
+    """`durations.json` as an earlier run of the drawn project would have left it (dispatch/core/durations.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     runs = {s.task_id: [{"seconds": s.seconds, "succeeded": True, "model": "shell", "at": 0}] for s in workload.specs}
     (directory / "durations.json").write_text(json.dumps({"version": 1, "specs": runs}))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cluster import start_cluster  # noqa: E402
 from measures import summary, write_result  # noqa: E402
 
-from dispatch.ssh import SSHPool  # noqa: E402
+from dispatch.cluster.ssh import SSHPool  # noqa: E402
 
 
 def main() -> int:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from dispatch.errors import ConfigError
-from dispatch.model_catalog import ANTHROPIC_BASE_URL, BUILTIN_MODELS, PROMPT, ModelSpec, endpoint_settings
+from dispatch.core.errors import ConfigError
+from dispatch.core.model_catalog import ANTHROPIC_BASE_URL, BUILTIN_MODELS, PROMPT, ModelSpec, endpoint_settings
 
 
 class AgentModel(Block):
@@ -62,7 +62,7 @@ class AgentModel(Block):
         return self
 
     def to_model_spec(self) -> ModelSpec:
-        """The model as `dispatch.agents` runs it (no key in it: that comes from `secret_env()`)."""
+        """The model as `dispatch.core.agents` runs it (no key in it: that comes from `secret_env()`)."""
         env, base_url = endpoint_settings(self.command, self.env, self.base_url)
         builtin = BUILTIN_MODELS.get(self.name)  # a block of a built-in model keeps how its CLI reads the prompt
         return ModelSpec(self.name, tuple(self.command), env, key_env=self.key_env, install_hint=self.install_hint,

@@ -1,7 +1,7 @@
 """`ClusterNode`: one node of the cluster as a Prefect block, so the UI can edit it.
 
 `dispatch nodes import` turns each `nodes.json` entry into one of these (document name: the node's name,
-slugified); `to_node()` gives the scheduler's `dispatch.cluster.Node` back. A node's SSH private key can
+slugified); `to_node()` gives the scheduler's `dispatch.cluster.config.Node` back. A node's SSH private key can
 live here as a secret (`private_key`) instead of in a file on every dispatcher's machine; it is unwrapped
 only by `ssh_target()`, the one way to get a connection target for the node.
 
@@ -18,8 +18,8 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr
 
-from dispatch.cluster import Node
-from dispatch.ssh_target import SSHTarget
+from dispatch.cluster.config import Node
+from dispatch.cluster.ssh_target import SSHTarget
 
 _NOT_SLUG = re.compile(r"[^a-z0-9-]+")
 
@@ -89,7 +89,7 @@ class ClusterNode(Block):
         """A block holding `node` (an unsaved one: `block.save(block.document_name, overwrite=True)`).
 
         Args:
-            node: the node, e.g. from `dispatch.cluster.load_nodes`.
+            node: the node, e.g. from `dispatch.cluster.config.load_nodes`.
             private_key: the node's private key text, kept as a secret.
         """
         options = dict(node.options)
@@ -110,7 +110,7 @@ class ClusterNode(Block):
         Raises:
             ConfigError: the node's `ssh_config` file does not exist.
         """
-        from dispatch.ssh_target import node_target
+        from dispatch.cluster.ssh_target import node_target
 
         key = self.private_key.get_secret_value() if self.private_key is not None else None
         return node_target(self.to_node(), key_secret=key, connect_timeout=connect_timeout)

@@ -3,7 +3,7 @@
 Deployed by `prefect deploy --all` (prefect.yaml, `agent-cli-drift`, cron 02:00 UTC, active). By hand:
 `prefect deployment run 'agent-cli-drift/agent-cli-drift'`, or `python flows/agent_cli_drift.py [claude|codex]`.
 
-What it runs is dispatch/agent_drift.py: each scenario (Claude Code and Codex: success with the file written
+What it runs is dispatch/ops/agent_drift.py: each scenario (Claude Code and Codex: success with the file written
 through the tool round trip, 429 classified transient) against the pinned CLIs (agents/) and the newest npm
 versions, installed into a throwaway prefix under DISPATCH_HOME. A newer CLI breaking a scenario the pinned one
 passes is an alert through the guardian's notification block (`DISPATCH_ALERT_BLOCK`, or `notify`: a Prefect
@@ -16,8 +16,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dispatch.agent_drift import run_drift
-from dispatch.settings import get_settings
+from dispatch.core.settings import get_settings
+from dispatch.ops.agent_drift import run_drift
 
 
 @flow(name="agent-cli-drift")

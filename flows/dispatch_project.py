@@ -3,7 +3,7 @@
 Run it with `dispatch start demo` (embedded: no server, no keys), or deploy it with
 `prefect deploy --all` and run `prefect deployment run 'dispatch-project/dispatch-project' --param project=demo`.
 
-The flow keeps its own ready queue, slot and lock accounting (dispatch/scheduler.py) and submits a
+The flow keeps its own ready queue, slot and lock accounting (dispatch/core/scheduler.py) and submits a
 spec's task run the moment its dependencies are done and a slot and its locks are free; Prefect's
 tag or global concurrency limits are not used for this (on SQLite they stall, and waiters poll).
 Each spec's task run is submitted with `wait_for=` its dependencies' task runs, so the UI's graph is
@@ -32,29 +32,29 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.agents import build_prompt, build_steps, build_verify_steps
-from dispatch.budgets import Budgets
-from dispatch.cluster import Node, ProjectConfig, load_nodes, load_project_config
-from dispatch.cooldowns import Cooldowns
-from dispatch.dag import Project, select
-from dispatch.drain_watch import RunDrain
-from dispatch.durations import DurationHistory, first_model
-from dispatch.errors import DispatchError, ProjectInvalid
-from dispatch.gitsync import worktree_path
-from dispatch.locks import ProcessLock
-from dispatch.model_catalog import model_variables
+from dispatch.cluster.config import Node, ProjectConfig, load_nodes, load_project_config
+from dispatch.cluster.drain_watch import RunDrain
+from dispatch.cluster.gitsync import worktree_path
+from dispatch.cluster.runtime import ClusterRuntime
+from dispatch.cluster.transports import RunRequest, failure
+from dispatch.cluster.transports.agent import NODE_FULL
+from dispatch.core.agents import build_prompt, build_steps, build_verify_steps
+from dispatch.core.budgets import Budgets
+from dispatch.core.cooldowns import Cooldowns
+from dispatch.core.dag import Project, select
+from dispatch.core.durations import DurationHistory, first_model
+from dispatch.core.errors import DispatchError, ProjectInvalid
+from dispatch.core.locks import ProcessLock
+from dispatch.core.model_catalog import model_variables
+from dispatch.core.report import render_markdown, table_rows
+from dispatch.core.results import ProjectState, SpecResult, SpecRow, save_state
+from dispatch.core.scheduler import Assignment, NodeSlots, Scheduler
+from dispatch.core.settings import DispatchSettings, get_settings
+from dispatch.core.shares import FairShare, MachineShares, ServerShares
+from dispatch.core.specs import model_env_errors
+from dispatch.core.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
 from dispatch.pipeline.generated import load_specs, run_key
-from dispatch.prefect_errors import SERVER_ERRORS
-from dispatch.report import render_markdown, table_rows
-from dispatch.results import ProjectState, SpecResult, SpecRow, save_state
-from dispatch.runtime import ClusterRuntime
-from dispatch.scheduler import Assignment, NodeSlots, Scheduler
-from dispatch.settings import DispatchSettings, get_settings
-from dispatch.shares import FairShare, MachineShares, ServerShares
-from dispatch.specs import model_env_errors
-from dispatch.transports import RunRequest, failure
-from dispatch.transports.agent import NODE_FULL
-from dispatch.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
+from dispatch.prefect.errors import SERVER_ERRORS
 from tasks import run_inputs
 from tasks.run_spec import run_spec, skip_spec
 
@@ -138,7 +138,7 @@ class ProjectRun:
         # Team mode: `modifies` locks also go through the server's table, shared with other users' runs.
         self.server_locks = None
         if settings.prefect_api_url and any(project.specs[t].modifies for t in selected):
-            from dispatch.server_locks import ServerLocks, lock_scope
+            from dispatch.prefect.server_locks import ServerLocks, lock_scope
 
             self.server_locks = ServerLocks(lock_scope(base, self.config.repo_url), project=project.name,
                                             run_id=self.run_id, holder=self.who)
@@ -169,7 +169,7 @@ class ProjectRun:
         # them from /proc; remote nodes never see them)
         self.mask_only = settings.secret_values()
         self.inputs.masker.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
-        # drained nodes (dispatch/drain.py): read once now, then by a background thread
+        # drained nodes (dispatch/core/drain.py): read once now, then by a background thread
         self.drain = RunDrain(settings, self.scheduler, set(self.nodes), self.logger,
                               lambda drained: self.events.put(("drained", drained)), self._emit)
         self.share = self._fair_share(nodes)  # last: nothing after it can fail and leave its entry behind
@@ -178,7 +178,7 @@ class ProjectRun:
         """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
         from prefect.client.orchestration import get_client
 
-        from dispatch.team import user_tags
+        from dispatch.prefect.team import user_tags
 
         wanted = set(user_tags(user, host))
         if wanted <= set(flow_run.tags or []):
@@ -190,9 +190,9 @@ class ProjectRun:
             self.logger.warning("could not tag the flow run with its user: %s", exc)
 
     def _fair_share(self, nodes: list[Node]) -> FairShare:
-        """This run's fair share of the cluster's slots against other runs (dispatch/shares.py): through the
+        """This run's fair share of the cluster's slots against other runs (dispatch/core/shares.py): through the
         server in team mode when nodes are shared with other machines, else through this machine's files."""
-        from dispatch.brokers import SHARED_TRANSPORTS
+        from dispatch.core.brokers import SHARED_TRANSPORTS
 
         details = {"project": self.project.name, "user": self.who, "weight": self.config.weight}
         if self.settings.prefect_api_url and any(n.transport in SHARED_TRANSPORTS for n in nodes):
@@ -203,13 +203,13 @@ class ProjectRun:
 
     def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
         """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
-        from dispatch.nodes_admin import ssh_key_secrets
+        from dispatch.prefect.nodes_admin import ssh_key_secrets
 
         return ssh_key_secrets(nodes, self.logger)
 
     def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
         """Models (built-in, overridden by `AgentModel` blocks) and the keys of the agent specs' models."""
-        from dispatch.nodes_admin import models_and_keys
+        from dispatch.prefect.nodes_admin import models_and_keys
 
         names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain}
                        | {m for t in self.selected for m in self.project.specs[t].verify})
@@ -454,7 +454,7 @@ class ProjectRun:
     def _ask_locks(self, task_id: str, modifies: list[str]) -> None:
         """In a helper thread: ask the server's lock table; the dispatch loop gets the answer as an event
         (always: a lost answer would leave the spec holding its slot for ever)."""
-        from dispatch.server_locks import Grant
+        from dispatch.prefect.server_locks import Grant
 
         try:
             grant = self.server_locks.try_acquire(task_id, modifies)

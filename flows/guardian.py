@@ -10,8 +10,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dispatch.guardian import run_cycle
-from dispatch.settings import get_settings
+from dispatch.core.settings import get_settings
+from dispatch.ops.guardian import run_cycle
 
 ARTIFACT_KEY = "guardian"
 

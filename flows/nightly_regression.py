@@ -17,11 +17,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
+from dispatch.core.settings import get_settings
 from dispatch.pipeline import nightly
 from dispatch.pipeline.config import load_pipeline_config
 from dispatch.pipeline.runs import latest_run, project_dir
-from dispatch.settings import get_settings
 from flows.pipeline import config_path_for, pipeline
 
 

@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 
+from dispatch.core.settings import get_settings
 from dispatch.pipeline import app as apps
 from dispatch.pipeline.browser_qa import screenshots_markdown
 from dispatch.pipeline.config import CONFIG_NAME, PipelineConfig, load_pipeline_config
@@ -43,7 +44,6 @@ from dispatch.pipeline.runs import (
     write_report,
 )
 from dispatch.pipeline.workspace import code_digest, working_copy
-from dispatch.settings import get_settings
 from flows.layers import resolve
 from flows.layers.build import build
 from flows.layers.deploy import deploy

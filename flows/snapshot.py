@@ -4,8 +4,8 @@ Deployed by `prefect deploy --all` (prefect.yaml, `snapshot`, cron 03:00 UTC, ac
 run its worker where the team server's `server.env` is loaded, so that `PREFECT_API_DATABASE_CONNECTION_URL`
 names the PostgreSQL database for `pg_dump` (or set `DISPATCH_SNAPSHOT_DATABASE_URL`). By hand:
 `prefect deployment run 'snapshot/snapshot' --param keep=30`, `python flows/snapshot.py [DEST]`, or simply
-`dispatch snapshot` (no Prefect needed). What goes in, retention and restore: dispatch/snapshot.py,
-dispatch/restore.py, the README's "Snapshots and restore".
+`dispatch snapshot` (no Prefect needed). What goes in, retention and restore: dispatch/ops/snapshot.py,
+dispatch/ops/restore.py, the README's "Snapshots and restore".
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from dispatch.settings import get_settings
-from dispatch.snapshot import take_snapshot
+from dispatch.core.settings import get_settings
+from dispatch.ops.snapshot import take_snapshot
 
 
 @flow(name="snapshot")

@@ -25,17 +25,17 @@ from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
-from dispatch.cluster import Node
-from dispatch.errors import ConfigError, UnsafePath
-from dispatch.paths import contained, local_path, run_dir_parts
-from dispatch.prefect_errors import SERVER_ERRORS
-from dispatch.results import SpecResult
-from dispatch.secrets import Masker
-from dispatch.settings import get_settings
-from dispatch.transports import RunRequest
-from dispatch.transports.build import local_transport
-from dispatch.transports.local import LocalTransport
-from dispatch.transports.worker import (
+from dispatch.cluster.config import Node
+from dispatch.cluster.transports import RunRequest
+from dispatch.cluster.transports.build import local_transport
+from dispatch.cluster.transports.local import LocalTransport
+from dispatch.core.errors import ConfigError, UnsafePath
+from dispatch.core.paths import contained, local_path, run_dir_parts
+from dispatch.core.results import SpecResult
+from dispatch.core.secrets import Masker
+from dispatch.core.settings import get_settings
+from dispatch.prefect.errors import SERVER_ERRORS
+from dispatch.prefect.worker_transport import (
     HEARTBEAT_LABEL,
     RESULT_ARTIFACT_DESCRIPTION,
     deployment_name,
@@ -78,7 +78,7 @@ def _secrets(request: RunRequest, masker: Masker) -> dict[str, str]:
     names = sorted({step["name"] for step in [*request.steps, *request.verify] if step.get("argv")})
     if not names:
         return {}
-    from dispatch.nodes_admin import models_and_keys
+    from dispatch.prefect.nodes_admin import models_and_keys
 
     _, secrets = models_and_keys(names, get_settings(), get_run_logger())
     flat = {f"{model}:{env}": value for model, values in secrets.items() for env, value in values.items()}

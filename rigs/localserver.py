@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch import net
+from dispatch.core import net
 
 PG_USER = "dispatchpg"
 DB_USER, DB_NAME = "dispatch", "prefect"

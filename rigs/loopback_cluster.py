@@ -42,8 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dispatch.errors import NodeError
-from dispatch.ssh import SSHTarget
+from dispatch.cluster.ssh import SSHTarget
+from dispatch.core.errors import NodeError
 from rigs.loopback_host import (
     address as loopback_address,
 )

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dispatch.errors import NodeError
+from dispatch.core.errors import NodeError
 
 _PR_SET_PDEATHSIG = 1
 _SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/lib/sftp-server",

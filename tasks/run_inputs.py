@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatch.secrets import Masker
-from dispatch.transports import Transport
+from dispatch.cluster.transports import Transport
+from dispatch.core.secrets import Masker
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.states import Failed, State
 
-from dispatch.results import SpecResult
-from dispatch.secrets import Masker
-from dispatch.transports import RunRequest, Transport
+from dispatch.cluster.transports import RunRequest, Transport
+from dispatch.core.results import SpecResult
+from dispatch.core.secrets import Masker
 from tasks.run_inputs import inputs_of
 
 # The runner's line while an agent CLI retries by itself ("=== runner: glm: 429, retrying 2/10 in 30s ===") and the
@@ -109,7 +109,7 @@ def run_spec(request: RunRequest) -> SpecResult | State:
     inputs = inputs_of(request.run_id)
     transport = inputs.transports[request.node]
     prefix = f"{request.node} {request.task_id}:"
-    from dispatch.transports.local import LocalTransport
+    from dispatch.cluster.transports.local import LocalTransport
 
     if isinstance(transport, LocalTransport) and (missing := missing_agent_clis(request)):
         result = request.failure(missing, retryable=False)
@@ -139,8 +139,8 @@ def _git_failure(request: RunRequest, reason: str, retryable: bool, node_fault: 
 
 def prepare_branch(request: RunRequest, transport: Transport, logger, prefix: str) -> SpecResult | None:
     """git mode: the spec's worktree on branch dispatch/<project>/<task_id>, with its dependencies merged."""
-    from dispatch import gitsync
-    from dispatch.errors import NodeError
+    from dispatch.cluster.config import gitsync
+    from dispatch.core.errors import NodeError
 
     script = gitsync.prepare_script(project=request.project, task_id=request.task_id,
                                     repo_url=request.git["repo_url"], main_branch=request.git["main_branch"],
@@ -161,8 +161,8 @@ def prepare_branch(request: RunRequest, transport: Transport, logger, prefix: st
 
 def push_branch(request: RunRequest, transport: Transport, result: SpecResult, logger, prefix: str) -> None:
     """git mode: commit the spec's changes and push its branch; a failure fails the attempt (retryable)."""
-    from dispatch import gitsync
-    from dispatch.errors import NodeError
+    from dispatch.cluster.config import gitsync
+    from dispatch.core.errors import NodeError
 
     script = gitsync.finish_script(project=request.project, task_id=request.task_id, root=transport.root_path,
                                    message=f"{request.task_id}: {result.model or 'dispatch'} (oyster dispatch)")

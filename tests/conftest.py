@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.net import wait_healthy
+from dispatch.core.net import wait_healthy
 
 # sshd cluster, PostgreSQL + team server, fake node transports
 pytest_plugins = ["tests.fixtures.sshd", "tests.fixtures.postgres", "tests.fixtures.fake_transport"]
@@ -136,7 +136,7 @@ def prefect_database(prefect_api: str) -> list[Path]:
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh DISPATCH_HOME/SPECS/PROJECTS and HOME per test; settings re-read."""
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
 
     for name in ("home", "specs", "projects", "user-home"):
         (tmp_path / name).mkdir()
@@ -148,7 +148,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     get_settings.cache_clear()
     yield tmp_path
     if (tmp_path / "home" / "locks" / "local-server.lock").exists():  # a command started the home's local server
-        from dispatch.embedded import stop_strays
+        from dispatch.prefect.embedded import stop_strays
 
         stop_strays(get_settings())
     get_settings.cache_clear()
@@ -157,8 +157,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def run_project(prefect_api, monkeypatch):
     """Run a project's flow in this process; returns (final Prefect state, our ProjectState)."""
-    from dispatch.results import load_state
-    from dispatch.settings import get_settings
+    from dispatch.core.results import load_state
+    from dispatch.core.settings import get_settings
     from flows.dispatch_project import dispatch_project
 
     def run(project: str, slots: int = 2, **options):

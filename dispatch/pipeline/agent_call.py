@@ -1,7 +1,7 @@
 """Ask a model chain one question on this machine, for the layers that need an answer rather than a change:
 L1's optional plan (the `analyze` models) and L4c's page scores (the `review` models).
 
-It runs the node runner locally (dispatch/transports/local.py), so a question gets what a spec gets: the prompt
+It runs the node runner locally (dispatch/cluster/transports/local.py), so a question gets what a spec gets: the prompt
 on stdin, an allow-list environment with only the running model's key, rate-limit classification with the
 next model on a limit, masking, a timeout. Models whose CLI is missing, that are unknown, or that are cooling
 down are left out beforehand, each with its reason; a quota, billing or transient verdict cools the model for the
@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch.agents import build_steps
-from dispatch.model_catalog import BUILTIN_MODELS, ModelSpec
-from dispatch.results import read_json
-from dispatch.settings import get_settings
-from dispatch.specs import Spec
+from dispatch.core.agents import build_steps
+from dispatch.core.model_catalog import BUILTIN_MODELS, ModelSpec
+from dispatch.core.results import read_json
+from dispatch.core.settings import get_settings
+from dispatch.core.specs import Spec
 
 
 @dataclass
@@ -42,13 +42,13 @@ class Answer:
 
 def _catalog(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str, str]]]:
     """Models (built-ins, overridden by `AgentModel` blocks) and their keys, as the project flow reads them."""
-    from dispatch.nodes_admin import models_and_keys
+    from dispatch.prefect.nodes_admin import models_and_keys
 
     return models_and_keys(names, get_settings())
 
 
 def _cooling() -> dict[str, dict]:
-    from dispatch.cooldowns import Cooldowns
+    from dispatch.core.cooldowns import Cooldowns
 
     return Cooldowns(refresh=0).active()
 
@@ -75,8 +75,8 @@ def usable_models(models: list[str], catalog: dict[str, ModelSpec] | None = None
 
 
 def _record_limits(attempts: list[dict]) -> None:
-    from dispatch.cooldowns import COOLING_KINDS, Cooldowns
-    from dispatch.prefect_errors import API_ERRORS
+    from dispatch.core.cooldowns import COOLING_KINDS, Cooldowns
+    from dispatch.prefect.errors import API_ERRORS
 
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     for attempt in attempts:  # as a spec's attempts cool their models (Cooldowns.record_attempts), transient too
@@ -102,8 +102,8 @@ def ask(models: list[str], prompt: str, *, name: str, workdir: Path, evidence_di
         timeout: hard limit in seconds.
         on_line: receives each line of the agent's log.
     """
-    from dispatch.transports import RunRequest
-    from dispatch.transports.local import LocalTransport
+    from dispatch.cluster.transports import RunRequest
+    from dispatch.cluster.transports.local import LocalTransport
 
     catalog, secrets = _catalog(list(dict.fromkeys(models)))
     usable, why = usable_models(models, catalog)

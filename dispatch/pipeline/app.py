@@ -24,10 +24,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
+from dispatch.core.results import pid_alive
 from dispatch.pipeline.masking import pipeline_masker
 from dispatch.pipeline.shell import masked_lines, signal_group, stop_group
-from dispatch.results import pid_alive
 
 MARKER = "DISPATCH_PIPELINE_APP"
 _POLL = 0.2

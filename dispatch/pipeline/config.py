@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
+from dispatch.core.safeload import load_yaml
+from dispatch.core.specs import parse_duration
 from dispatch.pipeline.deploy_dir import validate_dir
-from dispatch.safeload import load_yaml
-from dispatch.specs import parse_duration
 
 CONFIG_NAME = "pipeline.yaml"
 _MAX_BYTES = 256 * 1024

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import httpx
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
 from dispatch.pipeline.deploy_dir import EXAMPLE, unsafe_dir
 from dispatch.pipeline.workspace import SKIP_DIRS, copy_code
 
@@ -75,7 +75,7 @@ class NodeTarget:
         self.pool, self.target, self.name = pool, target, target.name
 
     def sh(self, command: str, *, timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[int, str]:
-        from dispatch.errors import RemoteCommandFailed
+        from dispatch.core.errors import RemoteCommandFailed
 
         try:
             result = self.pool.run(self.target, command, timeout=timeout, env=env, check=False)

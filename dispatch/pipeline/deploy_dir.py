@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import PurePosixPath
 
-from dispatch.errors import ConfigError, cut
+from dispatch.core.errors import ConfigError, cut
 
 # Refused as the directory itself (and anything only one level deep, like /srv or /data).
 _FORBIDDEN = {"/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var"}

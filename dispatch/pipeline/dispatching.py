@@ -8,11 +8,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dispatch.cluster import Node
-from dispatch.dag import Project
-from dispatch.model_catalog import BUILTIN_MODELS, ModelSpec
+from dispatch.cluster.config import Node
+from dispatch.core.dag import Project
+from dispatch.core.model_catalog import BUILTIN_MODELS, ModelSpec
+from dispatch.core.results import ProjectState
 from dispatch.pipeline.results import Check, LayerResult, Status
-from dispatch.results import ProjectState
 
 
 def missing_clis(project: Project, task_ids: list[str], nodes: list[Node],

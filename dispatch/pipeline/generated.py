@@ -22,10 +22,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispatch.dag import Project, load_project
-from dispatch.errors import ConfigError, DispatchError
-from dispatch.settings import DispatchSettings
-from dispatch.specs import context_files
+from dispatch.core.dag import Project, load_project
+from dispatch.core.errors import ConfigError, DispatchError
+from dispatch.core.settings import DispatchSettings
+from dispatch.core.specs import context_files
 
 GENERATED_DIR = "generated"
 RUN_SUFFIX = ".pipeline"

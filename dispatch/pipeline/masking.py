@@ -20,9 +20,9 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from dispatch.errors import DispatchError
-from dispatch.secrets import Masker
-from dispatch.settings import get_settings
+from dispatch.core.errors import DispatchError
+from dispatch.core.secrets import Masker
+from dispatch.core.settings import get_settings
 
 logger = logging.getLogger(__name__)
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
@@ -77,7 +77,7 @@ def pipeline_masker(models: Iterable[str] = ()) -> Masker:
     settings = get_settings()
     _MASKER.add(settings.secret_values())
     if names := sorted(set(models)):
-        from dispatch.nodes_admin import models_and_keys
+        from dispatch.prefect.nodes_admin import models_and_keys
 
         try:
             _, keys = models_and_keys(names, settings, logger)

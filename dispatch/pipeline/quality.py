@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from dispatch.specs import Spec, fence_closes
+from dispatch.core.specs import Spec, fence_closes
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})")

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
 from dispatch.pipeline.results import LAYERS, TEST_LAYERS, LayerResult, Status
 
 _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

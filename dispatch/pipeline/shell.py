@@ -25,8 +25,8 @@ from contextvars import copy_context
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dispatch.core.secrets import Masker
 from dispatch.pipeline.masking import pipeline_masker
-from dispatch.secrets import Masker
 
 _TAIL_LINES = 40
 _MAX_LINE = 64 * 1024

@@ -133,7 +133,7 @@ STEP_ENV_ALLOW = (
     "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
 )  # fmt: skip
 # What decides which program a step runs or where its agent connects and sends its key. A spec's `env:` never
-# sets these (dispatch/specs.py refuses them; this runner drops them from task.json's `env`): the node's own
+# sets these (dispatch/core/specs.py refuses them; this runner drops them from task.json's `env`): the node's own
 # `env` (task.json's `node_env`) and the model's settings (its step's env and key) do. Names are case-sensitive
 # on Linux, but the suffixes match in any case (`anthropic_base_url`, `https_proxy`): some tools read those too.
 # Beyond the list: proxies and TLS trust (a proxy the spec trusts sees the key), agent config dirs.
@@ -784,7 +784,7 @@ def render_event(line: str, event: dict | None = None) -> list[str] | None:
 
 
 # An agent's usage figures are its own output, so untrusted: past these bounds (one attempt) a figure is a bug
-# or a forged event, recorded as unknown with a warning. Both sides check (dispatch/usage.py imports these).
+# or a forged event, recorded as unknown with a warning. Both sides check (dispatch/core/usage.py imports these).
 USAGE_MAX_COST_USD = 10_000.0
 USAGE_MAX_TOKENS = 10**10  # of one kind (input, output, cache...); a long session is ~10^7
 

@@ -20,7 +20,8 @@ from urllib.parse import urljoin
 
 from prefect import flow, get_run_logger
 
-from dispatch.errors import ConfigError, ProjectInvalid
+from dispatch.core.errors import ConfigError, ProjectInvalid
+from dispatch.core.settings import get_settings
 from dispatch.pipeline import analyze as scanner
 from dispatch.pipeline.agent_call import ask
 from dispatch.pipeline.config import PipelineConfig
@@ -28,7 +29,6 @@ from dispatch.pipeline.generated import GeneratedSpecs, generated_dir, run_key
 from dispatch.pipeline.quality import average, score_spec
 from dispatch.pipeline.results import Check, LayerResult, Status
 from dispatch.pipeline.specwriter import DraftSpec, draft_specs
-from dispatch.settings import get_settings
 
 _MAX_CHECKS = 500  # finding rows in the table artifact; findings.json holds them all
 _PLAN_FINDINGS = 200
@@ -77,7 +77,7 @@ def _plan(project: str, code: Path, evidence: Path, config: PipelineConfig, scan
 
 def _gate(project: str, config: PipelineConfig) -> tuple[list, list[Path], str | None]:
     """Score every generated S* spec: (scores, spec files, why the gate stops L2 or None)."""
-    from dispatch.dag import load_project
+    from dispatch.core.dag import load_project
 
     directory = generated_dir(get_settings(), project)
     try:

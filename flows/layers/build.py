@@ -13,9 +13,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from dispatch.errors import ConfigError
-from dispatch.net import free_port
-from dispatch.paths import within
+from dispatch.core.errors import ConfigError
+from dispatch.core.net import free_port
+from dispatch.core.paths import within
 from dispatch.pipeline import app as apps
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.results import Check, LayerResult, Status

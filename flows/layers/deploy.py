@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from dispatch.errors import ConfigError, DispatchError
+from dispatch.core.errors import ConfigError, DispatchError
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.deploy import Deployer, LocalTarget, NodeTarget
 from dispatch.pipeline.deploy_dir import check_dir
@@ -19,10 +19,10 @@ from dispatch.pipeline.workspace import code_digest, step_environment, venv_pyth
 
 
 def _node_target(name: str):
-    from dispatch.cluster import load_nodes
-    from dispatch.settings import get_settings
-    from dispatch.ssh import SSHPool
-    from dispatch.ssh_target import node_target
+    from dispatch.cluster.config import load_nodes
+    from dispatch.cluster.ssh import SSHPool
+    from dispatch.cluster.ssh_target import node_target
+    from dispatch.core.settings import get_settings
 
     nodes = {node.name: node for node in load_nodes(get_settings())}
     if name not in nodes:

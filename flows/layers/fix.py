@@ -16,12 +16,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
+from dispatch.core.settings import get_settings
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.fixes import fix_specs
 from dispatch.pipeline.generated import GeneratedSpecs, generated_dir
 from dispatch.pipeline.results import Bug, LayerResult, Status
-from dispatch.settings import get_settings
 from flows.layers.implement import dispatch_generated
 
 

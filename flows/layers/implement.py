@@ -18,16 +18,16 @@ from pathlib import Path
 
 from prefect import flow
 
-from dispatch.cluster import load_nodes
-from dispatch.errors import DispatchError, ProjectInvalid
+from dispatch.cluster.config import load_nodes
+from dispatch.core.errors import DispatchError, ProjectInvalid
+from dispatch.core.results import load_state, state_path
+from dispatch.core.settings import get_settings
+from dispatch.core.specs import spec_files
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.dispatching import missing_clis, result_of_run
 from dispatch.pipeline.generated import generated_dir, load_specs, run_key
 from dispatch.pipeline.results import LayerResult, Status
 from dispatch.pipeline.workspace import build_environment
-from dispatch.results import load_state, state_path
-from dispatch.settings import get_settings
-from dispatch.specs import spec_files
 from flows.dispatch_project import dispatch_project
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.net import free_port
-from dispatch.results import ProjectState, load_state
+from dispatch.core.net import free_port
+from dispatch.core.results import ProjectState, load_state
 from tests.fixtures.fake_provider import FakeProvider
 from tests.fixtures.projects import DISPATCH, write_spec
 
@@ -120,7 +120,7 @@ class Started:
 
 def dispatch_start(project: str, *, timeout: float = 300, env: dict[str, str] | None = None) -> Started:
     """Run `dispatch start <project>` to its end (bounded), as a user would."""
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
 
     began = time.monotonic()
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.agent_drift import PINNED_BIN, check_drift
-from dispatch.agent_versions import pinned_versions
-from dispatch.settings import get_settings
+from dispatch.core.agent_versions import pinned_versions
+from dispatch.core.settings import get_settings
+from dispatch.ops.agent_drift import PINNED_BIN, check_drift
 from tests.integration.test_guardian import Receiver
 
 pytestmark = pytest.mark.integration
@@ -99,8 +99,8 @@ def test_the_drift_flow_alerts_through_the_guardians_block_and_records_the_versi
         pinned, webhook_block, monkeypatch):
     from prefect.variables import Variable
 
-    from dispatch import agent_drift
-    from dispatch.agent_versions import VARIABLE
+    from dispatch.core.agent_versions import VARIABLE
+    from dispatch.ops import agent_drift
     from flows.agent_cli_drift import agent_cli_drift
 
     receiver, block = webhook_block

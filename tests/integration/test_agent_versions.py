@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.agent_versions import VARIABLE, AcceptedVersions, pinned_versions
-from dispatch.health import Check
-from dispatch.settings import get_settings
+from dispatch.core.agent_versions import VARIABLE, AcceptedVersions, pinned_versions
+from dispatch.core.settings import get_settings
+from dispatch.ops.health import Check
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_nodes_check_shows_each_cli_version_and_flags_one_the_contract_tier_has_
 
 
 def test_the_guardian_reports_the_versions_and_flags_an_unpassed_one(versioned_node):
-    from dispatch.guardian import run_cycle
+    from dispatch.ops.guardian import run_cycle
 
     pinned = versioned_node
     report = run_cycle(get_settings(), repair=False, alert=False)
@@ -98,8 +98,8 @@ def test_the_guardian_reports_the_versions_and_flags_an_unpassed_one(versioned_n
 
 
 def test_an_unpassed_cli_version_is_told_once_and_never_drains_the_node(isolated_home, monkeypatch):
-    from dispatch.drain import drained_nodes
-    from dispatch.guardian.policy import apply_policy
+    from dispatch.core.drain import drained_nodes
+    from dispatch.ops.guardian.policy import apply_policy
 
     monkeypatch.delenv("PREFECT_API_URL")
     get_settings.cache_clear()

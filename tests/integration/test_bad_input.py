@@ -1,6 +1,6 @@
 """Bad input through the real `dispatch` command, one table row per case.
 
-Each case runs `python -m dispatch.cli ...` in a subprocess (DISPATCH_HOME, DISPATCH_SPECS and
+Each case runs `python -m dispatch.cli.main ...` in a subprocess (DISPATCH_HOME, DISPATCH_SPECS and
 DISPATCH_PROJECTS in a temporary tree, no Prefect server) under a 1 GiB address-space cap, so a resource
 bomb that comes back fails its case instead of eating the machine. Every case checks: the exit code, that
 the output names the file (or the argument) and the field, that nothing changed in the tree outside
@@ -269,8 +269,8 @@ def _cap_memory() -> None:
 
 
 def _dispatch(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m dispatch.cli argv` under the memory cap; its whole process group is killed on timeout."""
-    proc = subprocess.Popen([sys.executable, "-m", "dispatch.cli", *argv], env=env, cwd=cwd, text=True,
+    """`python -m dispatch.cli.main argv` under the memory cap; its whole process group is killed on timeout."""
+    proc = subprocess.Popen([sys.executable, "-m", "dispatch.cli.main", *argv], env=env, cwd=cwd, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=_cap_memory, start_new_session=True)
     try:
@@ -336,8 +336,8 @@ def _home_env(home: Path, specs: Path, projects: Path) -> dict[str, str]:
 
 
 def test_cleanup_refuses_while_a_runner_of_the_project_lives(tree: Path) -> None:
+    from dispatch.cluster.transports.local import live_runner
     from dispatch.runner import RUNNER_PATH
-    from dispatch.transports.local import live_runner
 
     home = tree / "home"
     run_dir = home / "runs" / "shop" / "tasks" / "S01-a"
@@ -365,7 +365,7 @@ def test_cleanup_refuses_while_a_runner_of_the_project_lives(tree: Path) -> None
 
 def test_cleanup_all_removes_only_the_cached_results_of_its_own_project(tree: Path, run_project) -> None:
     """Project `a`'s cache keys start `a--`, and so do those of project `a--b`: only `a`'s go."""
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
     from tests.fixtures.projects import shell_spec
 
     settings = get_settings()  # the isolated home of conftest: the flows run in this process
@@ -396,10 +396,10 @@ def loop1(loopback_cluster, ssh_pool):
     regression that lets `..` through removes at most the sandbox, never the node's home."""
     import dataclasses
 
-    from dispatch.cluster import parse_node
-    from dispatch.paths import remote_arg
-    from dispatch.settings import get_settings
-    from dispatch.transports.ssh import SSHTransport
+    from dispatch.cluster.config import parse_node
+    from dispatch.cluster.transports.ssh import SSHTransport
+    from dispatch.core.paths import remote_arg
+    from dispatch.core.settings import get_settings
 
     node = parse_node(loopback_cluster.nodes_json, 0, loopback_cluster.node("loop1"), get_settings())
     sandbox = f"{node.remote_root.rstrip('/')}/sandbox-{uuid.uuid4().hex[:8]}"
@@ -421,8 +421,8 @@ def _on_node(transport, script: str) -> str:
 
 
 def test_remote_cleanup_removes_only_its_project_and_refuses_names_that_are_no_names(loop1) -> None:
-    from dispatch.errors import UnsafePath
-    from dispatch.paths import remote_arg
+    from dispatch.core.errors import UnsafePath
+    from dispatch.core.paths import remote_arg
 
     shop, keep = remote_arg(loop1.root, "shop", "tasks", "S01"), remote_arg(loop1.root, "other", "tasks", "S01")
     _on_node(loop1, f"mkdir -p {shop} {keep} && touch {shop}/task.log {keep}/task.log")
@@ -437,7 +437,7 @@ def test_remote_cleanup_removes_only_its_project_and_refuses_names_that_are_no_n
 
 
 def test_copy_back_takes_no_files_changed_entry_out_of_the_code_directory(loop1, tmp_path: Path) -> None:
-    from dispatch.paths import remote_arg
+    from dispatch.core.paths import remote_arg
 
     workdir = loop1.workdir("shop", "S01")
     quoted = remote_arg(loop1.root, "shop", "tasks", "S01", "work")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.cli_nodes_add import bootstrap
+from dispatch.cli.nodes_add import bootstrap
+from dispatch.cluster.ssh import SSHPool
 from dispatch.runner import runner_checksum
-from dispatch.ssh import SSHPool
 from rigs.loopback_cluster import LoopbackCluster, find_free_port
 from tests.fixtures.projects import DISPATCH, shell_spec, write_spec
 from tests.fixtures.sshd import agent_bin_for_nodes

@@ -333,10 +333,10 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
         run_project, cluster, isolated_home: Path, monkeypatch):
     import threading
 
-    from dispatch.drain import drain, undrain
-    from dispatch.drain_watch import DRAINED_WAIT
-    from dispatch.results import load_state
-    from dispatch.settings import get_settings
+    from dispatch.cluster.drain_watch import DRAINED_WAIT
+    from dispatch.core.drain import drain, undrain
+    from dispatch.core.results import load_state
+    from dispatch.core.settings import get_settings
     from flows.dispatch_project import LISTENERS
 
     monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")

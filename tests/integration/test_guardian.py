@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.cluster import parse_node
-from dispatch.drain import drained_nodes, undrain
-from dispatch.guardian import run_cycle
+from dispatch.cluster.config import parse_node
+from dispatch.cluster.ssh import SSHPool
+from dispatch.cluster.transports.ssh import SSHTransport
+from dispatch.core.drain import drained_nodes, undrain
+from dispatch.core.settings import get_settings
+from dispatch.ops.guardian import run_cycle
 from dispatch.runner import runner_checksum
-from dispatch.settings import get_settings
-from dispatch.ssh import SSHPool
-from dispatch.transports.ssh import SSHTransport
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ def test_a_dead_node_alerts_once_is_drained_after_n_cycles_and_recovers_with_one
 
 
 def test_a_persons_drain_is_left_alone_and_no_block_means_log_only(guarded):
-    from dispatch.drain import drain
+    from dispatch.core.drain import drain
 
     cluster, settings = guarded, get_settings()
     assert settings.alert_block is None
@@ -182,7 +182,7 @@ def _alive(transport: SSHTransport, run_dir: str) -> bool:
 
 
 def test_an_orphan_runner_is_killed_and_a_watched_one_is_left_running(guarded, isolated_home: Path):
-    from dispatch.results import ProjectState, save_state
+    from dispatch.core.results import ProjectState, save_state
 
     settings = get_settings()
     save_state(settings.state_dir, ProjectState(project="watched", pid=os.getpid()))  # a live dispatcher
@@ -255,7 +255,7 @@ def test_a_flow_run_stuck_running_with_a_dead_dispatcher_is_marked_crashed(guard
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
 
-    from dispatch.results import ProjectState, save_state
+    from dispatch.core.results import ProjectState, save_state
 
     with get_client(sync_client=True) as client:
         run = _running_dispatcher(client, "stuckproj")
@@ -270,11 +270,11 @@ def test_a_flow_run_stuck_running_with_a_dead_dispatcher_is_marked_crashed(guard
 
 LEASE_HOLDER = """
 import sys, time
-from dispatch.brokers import ServerSlots
+from dispatch.core.brokers import ServerSlots
 slots = ServerSlots({"leak": sys.argv[1]}, lease_seconds=3600)
 lease = slots.try_acquire("leak")
 from prefect.variables import Variable
-from dispatch.brokers import lease_record
+from dispatch.core.brokers import lease_record
 deadline = time.monotonic() + 60
 while Variable.get(lease_record(lease)) is None and time.monotonic() < deadline:  # written off this thread
     time.sleep(0.05)
@@ -313,7 +313,7 @@ def test_a_live_holders_lease_is_recorded_left_alone_and_its_record_removed_with
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.variables import Variable
 
-    from dispatch.brokers import ServerSlots, lease_record
+    from dispatch.core.brokers import ServerSlots, lease_record
 
     limit = f"node-live{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
@@ -344,7 +344,7 @@ def test_released_slots_are_counted_as_releasing_until_the_server_has_them_and_l
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.variables import Variable
 
-    from dispatch.brokers import ServerSlots, lease_record
+    from dispatch.core.brokers import ServerSlots, lease_record
 
     limit = f"node-rel{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
@@ -474,7 +474,7 @@ def test_restarting_the_worker_of_a_node_without_systemd_is_not_run_with_the_rea
 
 
 def test_alerts_carry_no_secret_of_the_environment(webhook, monkeypatch):
-    from dispatch.guardian.policy import Alert, send_alerts
+    from dispatch.ops.guardian.policy import Alert, send_alerts
 
     secret = "sk-guardian-" + uuid.uuid4().hex
     monkeypatch.setenv("OPS_API_KEY", secret)
@@ -501,7 +501,7 @@ def test_a_run_whose_flow_run_heartbeats_stopped_is_crashed_and_a_beating_one_le
     from prefect.client.schemas.objects import StateType
     from prefect.states import Completed
 
-    from dispatch.guardian.server import _silence
+    from dispatch.ops.guardian.server import _silence
 
     with get_client(sync_client=True) as client:
         quiet, beating = _running_dispatcher(client, "quietproj"), _running_dispatcher(client, "beatproj")
@@ -523,7 +523,7 @@ def test_a_run_whose_flow_run_heartbeats_stopped_is_crashed_and_a_beating_one_le
 
 
 def test_a_missing_alert_block_is_reported_not_raised(prefect_api, monkeypatch):
-    from dispatch.guardian.policy import Alert, send_alerts
+    from dispatch.ops.guardian.policy import Alert, send_alerts
 
     monkeypatch.setenv("DISPATCH_ALERT_BLOCK", "custom-webhook/no-such-block")
     get_settings.cache_clear()

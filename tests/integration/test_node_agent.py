@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.cluster import parse_node
-from dispatch.errors import NodeError
+from dispatch.cluster.config import parse_node
+from dispatch.cluster.ssh import SSHPool
+from dispatch.cluster.transports import RunRequest
+from dispatch.cluster.transports.ssh import SSHTransport
+from dispatch.core.errors import NodeError
+from dispatch.core.settings import get_settings
 from dispatch.runner.node_runner import RUNNER_PROCESS_NAME
-from dispatch.settings import get_settings
-from dispatch.ssh import SSHPool
-from dispatch.transports import RunRequest
-from dispatch.transports.ssh import SSHTransport
 
 pytestmark = pytest.mark.integration
 
@@ -290,7 +290,7 @@ def test_the_node_agent_refuses_a_run_directory_outside_its_root(transport: SSHT
 def test_a_late_success_with_long_acceptance_is_waited_for_not_lost(transport: SSHTransport, monkeypatch):
     """Acceptance commands run outside the attempt's deadline (each has its own): the wait for the result
     counts them, so a spec whose acceptance outlasts `timeout` + the grace is not reported lost (and run twice)."""
-    import dispatch.transports.ssh as ssh_transport
+    import dispatch.cluster.transports.ssh as ssh_transport
 
     monkeypatch.setattr(ssh_transport, "_FOLLOW_GRACE", 1.0)
     request = _request(transport, "LATE", "echo changed > late.txt").model_copy(

@@ -1,4 +1,4 @@
-"""The server's file-lock table (dispatch/server_locks.py) against a real Prefect server on PostgreSQL.
+"""The server's file-lock table (dispatch/prefect/server_locks.py) against a real Prefect server on PostgreSQL.
 
 Against the table itself: overlapping locks refused while held and granted after release, disjoint ones both
 granted, a killed holder's locks back after its lease, two racing dispatchers never both holding overlapping
@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dispatch.locks import conflicts
-from dispatch.results import load_state
-from dispatch.server_locks import ServerLocks, held_locks, lock_scope
+from dispatch.core.locks import conflicts
+from dispatch.core.results import load_state
+from dispatch.prefect.server_locks import ServerLocks, held_locks, lock_scope
 from tests.fixtures.projects import overlap, read_timeline, shell_spec
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def test_disjoint_locks_and_other_repositories_are_granted_together(team_api) ->
 
 _HOLDER = """
 import sys, time
-from dispatch.server_locks import ServerLocks
+from dispatch.prefect.server_locks import ServerLocks
 locks = ServerLocks(sys.argv[1], project="crashy", run_id="r1", holder="carol@crashed",
                     lease_seconds=float(sys.argv[2]))
 grant = locks.try_acquire("S09-crash", ["src/**"])
@@ -217,8 +217,8 @@ _REPO_URLS = {"api-alice": "ssh://git@127.0.0.1/team/api.git", "api-bob": "git@1
 
 
 def test_two_users_never_run_overlapping_specs_of_one_repository_at_once(team_api, tmp_path: Path) -> None:
-    from dispatch.cluster import Node
-    from dispatch.nodes_admin import sync_pools
+    from dispatch.cluster.config import Node
+    from dispatch.prefect.nodes_admin import sync_pools
 
     assert lock_scope("api-alice", _REPO_URLS["api-alice"]) == lock_scope("api-bob", _REPO_URLS["api-bob"])
     scope = lock_scope("api-alice", _REPO_URLS["api-alice"])
@@ -239,7 +239,7 @@ def test_two_users_never_run_overlapping_specs_of_one_repository_at_once(team_ap
     sync_pools(nodes)  # `dispatch nodes sync`: the nodes' slots are server limits too, as in team mode
 
     logs = {project: tmp_path / f"{project}.log" for project in envs}
-    runs = {project: subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", project], env=env,
+    runs = {project: subprocess.Popen([sys.executable, "-m", "dispatch.cli.main", "start", project], env=env,
                                       stdout=logs[project].open("wb"), stderr=subprocess.STDOUT)
             for project, env in envs.items()}
     reasons: set[str] = set()

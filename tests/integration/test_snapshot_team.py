@@ -57,7 +57,7 @@ def _client(server: TeamServer) -> httpx.Client:
 
 
 def _dispatch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dispatch.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dispatch.cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.errors import NodeError, RemoteCommandFailed
-from dispatch.ssh import CommandTimeout, SSHPool, resolve_target
+from dispatch.cluster.ssh import CommandTimeout, SSHPool, resolve_target
+from dispatch.core.errors import NodeError, RemoteCommandFailed
 from rigs.loopback_cluster import LoopbackCluster
 
 # the fixtures `loopback_cluster` and `ssh_pool` (tests/conftest.py may also import them)

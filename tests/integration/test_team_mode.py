@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dispatch.results import load_state
+from dispatch.core.results import load_state
 
 if TYPE_CHECKING:
     from tests.fixtures.postgres import TeamServer
@@ -39,7 +39,7 @@ def _run(argv: list[str], env: dict[str, str], timeout: float = 120, **kwargs) -
 
 def _dispatch_server(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """`dispatch server <args>` (the sub-app directly, so this works before and after the lead mounts it)."""
-    code = "from dispatch.cli_server import server_app; server_app(prog_name='dispatch server')"
+    code = "from dispatch.cli.server import server_app; server_app(prog_name='dispatch server')"
     return _run([sys.executable, "-c", code, *args], {**env, "COLUMNS": "250"}, timeout=30)
 
 
@@ -140,7 +140,7 @@ def test_wrong_auth_is_refused(team_server: TeamServer) -> None:
 
 
 def test_unreachable_server_names_the_url(team_server: TeamServer) -> None:
-    from dispatch.net import free_port
+    from dispatch.core.net import free_port
 
     url = f"http://127.0.0.1:{free_port()}/api"
     result = _dispatch_server(["check"], team_server.env(PREFECT_API_URL=url))
@@ -165,7 +165,7 @@ def test_server_restart_mid_run_reruns_no_finished_spec(team_server: TeamServer,
     home = tmp_path / "team-home"
     env = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / "specs"),
                           DISPATCH_LOCAL_SLOTS="2")
-    dispatch = [sys.executable, "-m", "dispatch.cli", "start", "slow"]
+    dispatch = [sys.executable, "-m", "dispatch.cli.main", "start", "slow"]
     first = subprocess.Popen(dispatch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -213,9 +213,9 @@ def test_two_users_share_the_nodes_slots_through_the_server(team_server: TeamSer
             shell_spec(tmp_path / user / "specs" / f"{user}-proj", f"S{i:02d}-{user}", timeline, seconds=1.5)
         homes[user] = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / user / "specs"),
                                       DISPATCH_PROJECTS=str(tmp_path / user / "projects"))
-    synced = _run([sys.executable, "-m", "dispatch.cli", "nodes", "sync"], homes["alice"], timeout=180)
+    synced = _run([sys.executable, "-m", "dispatch.cli.main", "nodes", "sync"], homes["alice"], timeout=180)
     assert synced.returncode == 0, synced.stdout + synced.stderr
-    runs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", f"{user}-proj"], env=env,
+    runs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli.main", "start", f"{user}-proj"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for user, env in homes.items()]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
@@ -270,7 +270,7 @@ def test_two_users_without_nodes_sync_never_overfill_a_node(team_server: TeamSer
             shell_spec(tmp_path / user / "specs" / f"{user}-proj", f"S{i:02d}-{user}", timeline, seconds=1.5)
         envs[user] = team_server.env(DISPATCH_HOME=str(home), DISPATCH_SPECS=str(tmp_path / user / "specs"),
                                      DISPATCH_PROJECTS=str(tmp_path / user / "projects"))
-    runs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", f"{user}-proj"], env=env,
+    runs = [subprocess.Popen([sys.executable, "-m", "dispatch.cli.main", "start", f"{user}-proj"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for user, env in envs.items()]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
@@ -287,10 +287,10 @@ def test_an_inactive_node_limit_is_refused_with_the_command_to_enable_it(prefect
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from dispatch.cluster import Node
-    from dispatch.errors import ConfigError
-    from dispatch.runtime import ClusterRuntime
-    from dispatch.settings import get_settings
+    from dispatch.cluster.config import Node
+    from dispatch.cluster.runtime import ClusterRuntime
+    from dispatch.core.errors import ConfigError
+    from dispatch.core.settings import get_settings
 
     with get_client(sync_client=True) as client:
         try:
@@ -309,8 +309,8 @@ def test_a_server_that_does_not_answer_a_slot_request_delays_the_spec_instead_of
     requeued), never an exception out of the loop and never a placement without the shared count."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dispatch.brokers import ServerSlots
-    from dispatch.net import free_port
+    from dispatch.core.brokers import ServerSlots
+    from dispatch.core.net import free_port
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         slots = ServerSlots({"gone": "node-gone"})
@@ -342,11 +342,11 @@ def test_a_small_project_of_another_user_gets_its_share_through_the_server(team_
                                      DISPATCH_PROJECTS=str(tmp_path / user / "projects"))
     log = tmp_path / "alice.log"
     with open(log, "w") as out:
-        alice = subprocess.Popen([sys.executable, "-m", "dispatch.cli", "start", "alice-share"], env=envs["alice"],
+        alice = subprocess.Popen([sys.executable, "-m", "dispatch.cli.main", "start", "alice-share"], env=envs["alice"],
                                  stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_starts(timelines["alice"], 12, log, timeout=180)
-        bob = _run([sys.executable, "-m", "dispatch.cli", "start", "bob-share"], envs["bob"], timeout=300)
+        bob = _run([sys.executable, "-m", "dispatch.cli.main", "start", "bob-share"], envs["bob"], timeout=300)
         assert bob.returncode == 0, bob.stdout + bob.stderr
         assert alice.wait(timeout=300) == 0, log.read_text()
     finally:

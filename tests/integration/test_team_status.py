@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dispatch.results import load_state
+from dispatch.core.results import load_state
 from tests.fixtures.projects import read_timeline, shell_spec
 from tests.integration.test_team_mode import _run, _worker_env, deploy_from_repo, gateway_worker
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 
-_DISPATCH = [sys.executable, "-m", "dispatch.cli"]
+_DISPATCH = [sys.executable, "-m", "dispatch.cli.main"]
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dispatch.results import load_state, read_json
+from dispatch.core.results import load_state, read_json
 from tests.fixtures.projects import max_concurrency, read_timeline, runs_by_node, shell_spec
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.integration
 _PREFECT = [sys.executable, "-m", "prefect", "--no-prompt"]
-_DISPATCH = [sys.executable, "-m", "dispatch.cli"]
+_DISPATCH = [sys.executable, "-m", "dispatch.cli.main"]
 
 
 class Worker:
@@ -226,9 +226,9 @@ def _node_processes(home: Path, root: Path, project: str | None = None) -> list[
 
 def test_a_worker_node_without_worker_or_deployment_raises_node_errors(prefect_api: str) -> None:
     """The failures a worker node reports are `NodeError`s naming the node and the fix (a TypeError before)."""
-    from dispatch.cluster import Node
-    from dispatch.errors import NodeError
-    from dispatch.transports.worker import FlowRunWatcher, WorkerTransport
+    from dispatch.cluster.config import Node
+    from dispatch.core.errors import NodeError
+    from dispatch.prefect.worker_transport import FlowRunWatcher, WorkerTransport
 
     watcher = FlowRunWatcher()
     try:

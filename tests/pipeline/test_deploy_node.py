@@ -10,7 +10,7 @@ import signal
 import httpx
 import pytest
 
-from dispatch.net import free_port
+from dispatch.core.net import free_port
 from dispatch.pipeline.results import Status
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]

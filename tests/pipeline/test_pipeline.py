@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.net import free_port
+from dispatch.core.net import free_port
 from dispatch.pipeline import app as apps
 from tests.fixtures.shop import group_alive
 
 pytestmark = pytest.mark.prefect
 
 def _run(project: str = "shop", **options):
+    from dispatch.core.settings import get_settings
     from dispatch.pipeline.runs import latest_run
-    from dispatch.settings import get_settings
     from flows.pipeline import pipeline
 
     get_settings.cache_clear()

@@ -52,8 +52,8 @@ def _task_runs(flow_run_id) -> list:
 
 
 def test_each_layer_subflow_ends_in_the_state_of_its_verdict_under_a_readable_name(shop, prefect_api):
+    from dispatch.core.settings import get_settings
     from dispatch.pipeline.runs import latest_run
-    from dispatch.settings import get_settings
     from flows.pipeline import pipeline
 
     get_settings.cache_clear()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.net import free_port
+from dispatch.core.net import free_port
 from tests.fixtures.projects import DISPATCH, read_timeline, shell_spec, start_in_background, write_spec
 
 pytestmark = pytest.mark.prefect

@@ -22,7 +22,7 @@ def dispatch(*args: str) -> subprocess.CompletedProcess:
 def cooldowns(prefect_api, monkeypatch):
     """Cool-downs set through the code the flow uses, on the session's server; removed afterwards."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    from dispatch.cooldowns import Cooldowns
+    from dispatch.core.cooldowns import Cooldowns
 
     keeper = Cooldowns(refresh=0)
     yield keeper
@@ -131,7 +131,7 @@ def test_models_set_saves_a_block_with_its_key_from_a_variable_and_never_prints_
 def test_models_set_of_a_built_in_starts_from_its_command_and_key_variable(saved_models, isolated_home):
     from blocks.agent_model import AgentModel
     from blocks.cluster_node import block_name
-    from dispatch.model_catalog import BUILTIN_MODELS
+    from dispatch.core.model_catalog import BUILTIN_MODELS
 
     saved_models.append("minimax")
     done = subprocess.run([DISPATCH, "models", "set", "minimax", "--key-env", "MM"], capture_output=True, text=True,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.net import free_port
-from dispatch.results import load_state, pid_alive
+from dispatch.core.net import free_port
+from dispatch.core.results import load_state, pid_alive
 from tests.fixtures.projects import DISPATCH, read_timeline, shell_spec
 
 pytestmark = pytest.mark.prefect
@@ -29,7 +29,7 @@ def _embedded_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def test_status_in_embedded_mode_never_imports_prefect(isolated_home: Path) -> None:
-    code = ("import sys\nfrom dispatch.cli import app\ntry:\n    app(['status'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom dispatch.cli.main import app\ntry:\n    app(['status'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
     result = subprocess.run([sys.executable, "-c", code], env=_embedded_env(isolated_home / "home"),
                             capture_output=True, text=True, timeout=60)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dispatch.drain import drain, drained_nodes, undrain
-from dispatch.settings import get_settings
+from dispatch.core.drain import drain, drained_nodes, undrain
+from dispatch.core.settings import get_settings
 
 pytestmark = pytest.mark.prefect
 

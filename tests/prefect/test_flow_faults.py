@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.errors import NodeError
+from dispatch.core.errors import NodeError
 from tests.fixtures.fake_transport import lost, node_fault, node_full, raises, slow, succeed
 from tests.fixtures.projects import shell_spec
 

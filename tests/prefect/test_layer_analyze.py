@@ -31,7 +31,7 @@ def _layout(isolated_home: Path, code_files: dict[str, str] = CODE) -> tuple[Pat
 
 
 def test_the_scan_writes_specs_that_validate_and_pass_the_gate(prefect_api, isolated_home: Path, monkeypatch):
-    from dispatch.dag import load_project
+    from dispatch.core.dag import load_project
     from flows.layers.analyze import analyze
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no analyze model: the scan alone is the layer's work
@@ -120,8 +120,8 @@ def test_routes_come_from_the_apps_openapi_schema(prefect_api, isolated_home: Pa
 
 
 def test_an_analyze_model_makes_a_plan_that_becomes_context_for_l2(fake_agents, isolated_home: Path):
+    from dispatch.core.settings import get_settings
     from dispatch.pipeline.generated import load_specs
-    from dispatch.settings import get_settings
     from flows.layers.analyze import analyze
 
     generated, code, run_dir = _layout(isolated_home)

@@ -38,9 +38,9 @@ def test_no_bug_is_a_pass(prefect_api, isolated_home: Path):
 
 
 def test_fix_specs_repair_the_code_through_the_project_flow(fake_agents, isolated_home: Path):
-    from dispatch.dag import load_project
-    from dispatch.results import load_state
-    from dispatch.settings import get_settings
+    from dispatch.core.dag import load_project
+    from dispatch.core.results import load_state
+    from dispatch.core.settings import get_settings
     from flows.layers.fix import fix
 
     generated, code, run_dir = _layout(isolated_home)

@@ -43,8 +43,8 @@ def test_no_generated_spec_is_a_pass_with_nothing_to_implement(prefect_api, isol
 def test_generated_specs_run_through_the_project_flow_apart_from_the_projects_own(fake_agents, isolated_home: Path):
     from prefect.client.orchestration import get_client
 
-    from dispatch.results import load_state
-    from dispatch.settings import get_settings
+    from dispatch.core.results import load_state
+    from dispatch.core.settings import get_settings
     from flows.layers.implement import implement
 
     specs, code, run_dir = _layout(isolated_home)

@@ -98,7 +98,7 @@ def test_no_capture_is_not_run(prefect_api, run_dir: Path):
 
 def test_a_transient_limit_in_a_layers_question_cools_the_model_for_the_team(prefect_api, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    from dispatch.cooldowns import Cooldowns
+    from dispatch.core.cooldowns import Cooldowns
     from dispatch.pipeline.agent_call import _record_limits
 
     keeper = Cooldowns(refresh=0)

@@ -1,4 +1,4 @@
-"""The embedded default's local Prefect server (dispatch/embedded.py), as users meet it through `dispatch`.
+"""The embedded default's local Prefect server (dispatch/prefect/embedded.py), as users meet it through `dispatch`.
 
 Real `dispatch` processes with no PREFECT_* in their environment, a real `prefect server start` in the
 background. The module shares one DISPATCH_HOME (a fresh database is migrated once); every test first makes
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.net import free_port
-from dispatch.results import pid_alive
+from dispatch.core.net import free_port
+from dispatch.core.results import pid_alive
 from tests.fixtures.local_server import LocalHome, headless_page, marked_servers
 from tests.fixtures.projects import DISPATCH, shell_spec
 

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from dispatch.drain import drain
-from dispatch.monitor import cost_usd, take_snapshot
-from dispatch.results import ProjectState, SpecRow, save_state
-from dispatch.settings import get_settings
+from dispatch.core.drain import drain
+from dispatch.core.results import ProjectState, SpecRow, save_state
+from dispatch.core.settings import get_settings
+from dispatch.ops.monitor import cost_usd, take_snapshot
 from tests.fixtures.prefect_free import run_without_prefect
 from tests.fixtures.projects import DISPATCH, shell_spec, start_in_background, write_spec
 
@@ -36,7 +36,7 @@ def _monitor_json(server: bool = True) -> dict:
 def test_once_json_shows_a_running_spec_a_drained_node_a_cooldown_and_a_failure(fake_agents, isolated_home: Path):
     from prefect.variables import Variable
 
-    from dispatch.cooldowns import Cooldowns
+    from dispatch.core.cooldowns import Cooldowns
 
     specs = isolated_home / "specs" / "watched"
     write_spec(specs, "S01.md", {"task_id": "S01", "model": ["claude"]},
@@ -97,7 +97,7 @@ def test_embedded_snapshot_reads_the_state_files_and_never_imports_prefect(isola
     save_state(settings.state_dir, ProjectState(project="dead", pid=2**22 + 12345, specs={
         "S01": SpecRow(state="running", node="local")}))
     drain(settings, "local", reason="disk", by="ann@box")
-    [output] = run_without_prefect("dispatch.cli", "app", ["monitor", "--once", "--json"])
+    [output] = run_without_prefect("dispatch.cli.main", "app", ["monitor", "--once", "--json"])
     data = json.loads(output)
     assert data["mode"] == "embedded" and data["team_runs"] is None
     assert data["cooldowns"] is None and "local Prefect server is not running" in data["notes"][0]
@@ -117,8 +117,8 @@ def test_team_slot_use_comes_from_the_servers_node_limits(prefect_api, isolated_
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
-    from dispatch.cluster import load_nodes
-    from dispatch.nodes_admin import sync_pools
+    from dispatch.cluster.config import load_nodes
+    from dispatch.prefect.nodes_admin import sync_pools
 
     name = f"mon-{uuid.uuid4().hex[:8]}"
     (isolated_home / "home" / "nodes.json").write_text(json.dumps({"nodes": [
@@ -200,7 +200,7 @@ def test_load_of_remote_nodes_is_read_over_ssh_and_an_unreachable_node_has_none(
 
 
 def test_usage_today_sums_the_ledger_per_model_and_user_beside_the_budgets(isolated_home: Path, monkeypatch):
-    from dispatch.usage import append_ledger, utc_day
+    from dispatch.core.usage import append_ledger, utc_day
 
     monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 5}')
@@ -216,7 +216,7 @@ def test_usage_today_sums_the_ledger_per_model_and_user_beside_the_budgets(isola
         {**base, "ts": now - 3 * 86400, "day": utc_day(now - 3 * 86400), "user": "ann@box", "model": "claude",
          "cost_usd": 9.0},  # an earlier day: not today's
     ], settings.usage_ledger_bytes)
-    [output] = run_without_prefect("dispatch.cli", "app", ["monitor", "--once", "--json"])
+    [output] = run_without_prefect("dispatch.cli.main", "app", ["monitor", "--once", "--json"])
     today = json.loads(output)["usage_today"]
     assert today["attempts"] == 2 and today["attempts_without_cost"] == 1
     assert today["cost_usd"] == pytest.approx(0.25)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.cluster import Node, load_nodes
-from dispatch.results import ProjectState, save_state
-from dispatch.settings import get_settings
+from dispatch.cluster.config import Node, load_nodes
+from dispatch.core.results import ProjectState, save_state
+from dispatch.core.settings import get_settings
 from tests.fixtures.prefect_free import run_without_prefect
 
 pytestmark = pytest.mark.prefect
@@ -72,8 +72,8 @@ def test_import_saves_blocks_that_load_back_equal_and_never_show_the_key(
         prefect_objects, isolated_home: Path, caplog: pytest.LogCaptureFixture):
     from blocks.agent_model import AgentModel
     from blocks.cluster_node import ClusterNode, block_name
-    from dispatch.model_catalog import BUILTIN_MODELS
-    from dispatch.nodes_admin import import_nodes, node_keys
+    from dispatch.core.model_catalog import BUILTIN_MODELS
+    from dispatch.prefect.nodes_admin import import_nodes, node_keys
 
     home = isolated_home / "home"
     secret = f"SECRET-KEY-MATERIAL-{uuid.uuid4().hex}"
@@ -151,7 +151,7 @@ def test_sync_matches_pools_and_limits_to_slots_without_resetting_held_slots(pre
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
-    from dispatch.nodes_admin import node_load, sync_pools
+    from dispatch.prefect.nodes_admin import node_load, sync_pools
 
     names = [unique("sync-a"), unique("sync-b")]
     prefect_objects += names
@@ -184,7 +184,7 @@ def test_sync_matches_pools_and_limits_to_slots_without_resetting_held_slots(pre
 def test_nodes_json_lists_slots_in_use_from_state_files_and_the_server(prefect_objects, isolated_home: Path):
     from prefect.concurrency.sync import concurrency
 
-    from dispatch.nodes_admin import sync_pools
+    from dispatch.prefect.nodes_admin import sync_pools
 
     home = isolated_home / "home"
     busy, shared, idle = unique("busy"), unique("shared"), unique("idle")
@@ -264,4 +264,4 @@ def test_check_of_an_unknown_node_names_the_known_ones(isolated_home: Path):
 
 def test_listing_and_checking_never_import_prefect_without_a_server(isolated_home: Path):
     write_nodes(isolated_home / "home", [{"name": "local", "transport": "local", "slots": 2}])
-    run_without_prefect("dispatch.cli_nodes", "nodes_app", ["--json"], ["check", "--json"])
+    run_without_prefect("dispatch.cli.nodes", "nodes_app", ["--json"], ["check", "--json"])

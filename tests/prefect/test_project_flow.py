@@ -261,8 +261,8 @@ def test_force_runs_every_spec_again_even_with_its_last_result_on_disk(run_proje
 def test_measured_durations_are_kept_and_order_the_next_run(run_project, isolated_home: Path):
     import shutil
 
-    from dispatch.durations import DurationHistory
-    from dispatch.settings import get_settings
+    from dispatch.core.durations import DurationHistory
+    from dispatch.core.settings import get_settings
 
     specs, timeline = isolated_home / "specs" / "timed", isolated_home / "timeline"
     shell_spec(specs, "S01-long", timeline, seconds=1.2)

@@ -25,8 +25,8 @@ def _watch(state_file: Path, task_id: str, wanted: str, copy: Path, *, present: 
 
 
 def test_the_runners_retry_line_is_the_running_rows_reason_until_the_agent_goes_on(run_project, isolated_home):
-    from dispatch.results import state_path
-    from dispatch.settings import get_settings
+    from dispatch.core.results import state_path
+    from dispatch.core.settings import get_settings
 
     get_settings.cache_clear()
     state_file = state_path(get_settings().state_dir, "retrynote")
@@ -68,9 +68,9 @@ def test_retry_note_reads_the_runners_lines(line: str, shown: str, note: str | N
 def test_a_spec_that_waited_for_a_cool_down_runs_without_the_old_reason(run_project, fake_agents, isolated_home):
     import time
 
-    from dispatch.cooldowns import Cooldowns
-    from dispatch.results import state_path
-    from dispatch.settings import get_settings
+    from dispatch.core.cooldowns import Cooldowns
+    from dispatch.core.results import state_path
+    from dispatch.core.settings import get_settings
 
     get_settings.cache_clear()
     state_file = state_path(get_settings().state_dir, "cooled")

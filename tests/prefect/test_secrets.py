@@ -27,7 +27,7 @@ def test_keys_reach_only_their_model_and_no_file_database_or_report_holds_them(
     from prefect.logging.handlers import APILogHandler
 
     from blocks.agent_model import AgentModel
-    from dispatch.cli import app
+    from dispatch.cli.main import app
 
     fakebin = isolated_home / "fakebin"
     fakebin.mkdir()

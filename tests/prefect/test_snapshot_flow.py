@@ -16,7 +16,7 @@ def test_the_snapshot_flow_writes_an_archive_prunes_and_reports_it(prefect_api, 
                                                                    monkeypatch) -> None:
     from prefect.artifacts import Artifact
 
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
     from flows.snapshot import snapshot
 
     database = isolated_home / "server-db" / "prefect.db"  # a team server's database on SQLite, named by URL

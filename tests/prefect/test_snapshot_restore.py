@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatch.net import free_port
+from dispatch.core.net import free_port
 from tests.fixtures.projects import DISPATCH
 
 pytestmark = [pytest.mark.prefect, pytest.mark.integration]

@@ -55,7 +55,7 @@ def test_start_of_a_spec_setting_a_configured_models_variable_exits_2_before_any
 
 def test_a_run_refused_while_it_sets_up_closes_what_it_opened(run_project, isolated_home: Path, monkeypatch) -> None:
     from blocks.agent_model import AgentModel
-    from dispatch.runtime import ClusterRuntime
+    from dispatch.cluster.runtime import ClusterRuntime
 
     closed: list[str] = []
     real_close = ClusterRuntime.close

@@ -21,8 +21,8 @@ def no_team_spend(prefect_api: str):
     server is shared, and budgets count what every other machine spent today."""
     from prefect.variables import Variable
 
-    from dispatch.budgets import team_spend
-    from dispatch.usage import utc_day
+    from dispatch.core.budgets import team_spend
+    from dispatch.core.usage import utc_day
 
     def clear() -> None:
         day = utc_day(time.time())
@@ -40,10 +40,10 @@ def _agent_runs(log: Path) -> list[dict]:
 
 def test_budget_reached_holds_the_second_spec_back_before_it_spends(run_project, fake_agents, isolated_home: Path,
                                                                     monkeypatch) -> None:
-    from dispatch.cli import app
-    from dispatch.results import load_state
-    from dispatch.settings import get_settings
-    from dispatch.usage import totals
+    from dispatch.cli.main import app
+    from dispatch.core.results import load_state
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import totals
     from flows.dispatch_project import LISTENERS
 
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
@@ -88,9 +88,9 @@ def test_budget_reached_holds_the_second_spec_back_before_it_spends(run_project,
 
 def test_a_model_over_budget_falls_to_the_next_model_and_usage_reaches_report_and_status(
         run_project, fake_agents, isolated_home: Path, monkeypatch) -> None:
-    from dispatch.cli import app
-    from dispatch.settings import get_settings
-    from dispatch.usage import totals
+    from dispatch.cli.main import app
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import totals
 
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
     specs = isolated_home / "specs" / "fallback"
@@ -130,8 +130,8 @@ def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> N
     from prefect.artifacts import create_table_artifact
     from prefect.client.orchestration import get_client
 
-    from dispatch.results import SpecResult
-    from dispatch.transports.worker import RESULT_ARTIFACT_DESCRIPTION, WorkerTransport
+    from dispatch.core.results import SpecResult
+    from dispatch.prefect.worker_transport import RESULT_ARTIFACT_DESCRIPTION, WorkerTransport
 
     sent = SpecResult.model_validate({
         "project": "demo", "task_id": "S01", "status": "succeeded",
@@ -153,10 +153,10 @@ def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> N
 
 def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: str, isolated_home: Path,
                                                                  monkeypatch) -> None:
-    from dispatch.budgets import Budgets, machine_key, team_spend
-    from dispatch.results import SpecResult
-    from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_records, utc_day
+    from dispatch.core.budgets import Budgets, machine_key, team_spend
+    from dispatch.core.results import SpecResult
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_records, utc_day
 
     def machine(home: str):  # another DISPATCH_HOME is another machine's ledger
         (isolated_home / home).mkdir(exist_ok=True)

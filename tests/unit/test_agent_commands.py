@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.agents import build_steps, build_verify_steps
-from dispatch.model_catalog import BUILTIN_MODELS, ModelSpec
-from dispatch.specs import parse_spec
+from dispatch.core.agents import build_steps, build_verify_steps
+from dispatch.core.model_catalog import BUILTIN_MODELS, ModelSpec
+from dispatch.core.specs import parse_spec
 
 
 def _spec(tmp_path: Path, models: str, verify: str = "") -> object:

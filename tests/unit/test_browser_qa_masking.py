@@ -24,8 +24,8 @@ class _Page(http.server.BaseHTTPRequestHandler):
 
 
 def test_the_html_kept_of_a_page_showing_a_key_is_masked(tmp_path: Path, monkeypatch) -> None:
+    from dispatch.core.settings import get_settings
     from dispatch.pipeline.browser_qa import run_browser_qa
-    from dispatch.settings import get_settings
 
     monkeypatch.setenv("SHOP_SERVICE_TOKEN", KEY)  # a credential of this process: the masker knows it by name
     get_settings.cache_clear()

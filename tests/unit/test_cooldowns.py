@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from dispatch.cooldowns import Cooldowns
+from dispatch.core.cooldowns import Cooldowns
+from dispatch.core.results import Attempt
 from dispatch.ratelimits import TRANSIENT_COOLDOWN_SECONDS
-from dispatch.results import Attempt
 
 NOW = 1_800_000_000.0
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.dag import Project, load_project, select
-from dispatch.errors import ProjectInvalid
+from dispatch.core.dag import Project, load_project, select
+from dispatch.core.errors import ProjectInvalid
 
 
 def _spec(directory: Path, name: str, front: str = "", body: str = "Do the work.\n") -> Path:

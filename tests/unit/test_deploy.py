@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
 from dispatch.pipeline.deploy import Deployer, LocalTarget
 from dispatch.pipeline.deploy_dir import check_dir
 from dispatch.pipeline.workspace import code_digest

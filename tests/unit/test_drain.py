@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dispatch.drain import drain, drained_nodes, undrain
-from dispatch.errors import UnsafePath
-from dispatch.settings import get_settings
+from dispatch.core.drain import drain, drained_nodes, undrain
+from dispatch.core.errors import UnsafePath
+from dispatch.core.settings import get_settings
 
 
 @pytest.fixture

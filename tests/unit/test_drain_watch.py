@@ -4,9 +4,9 @@ import queue
 
 import pytest
 
-from dispatch.drain import drain, undrain
-from dispatch.drain_watch import DrainWatch, read_drained
-from dispatch.settings import get_settings
+from dispatch.cluster.drain_watch import DrainWatch, read_drained
+from dispatch.core.drain import drain, undrain
+from dispatch.core.settings import get_settings
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_a_failed_read_keeps_the_last_known_set(embedded, monkeypatch):
 
     import httpx
 
-    import dispatch.drain_watch as drain_watch
+    import dispatch.cluster.drain_watch as drain_watch
 
     settings = embedded
     changes: queue.Queue = queue.Queue()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.durations import DurationHistory, history_path
-from dispatch.errors import UnsafePath
-from dispatch.specs import Spec
+from dispatch.core.durations import DurationHistory, history_path
+from dispatch.core.errors import UnsafePath
+from dispatch.core.specs import Spec
 
 
 def _spec(task_id: str, **fields: object) -> Spec:
@@ -85,7 +85,7 @@ def test_a_damaged_history_is_ignored_not_an_error(tmp_path: Path, content: str)
 
 
 def test_an_oversized_history_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dispatch.durations as durations
+    import dispatch.core.durations as durations
 
     history = DurationHistory.load(tmp_path, "demo")
     history.record("S01", 3.0, succeeded=True)

@@ -1,4 +1,4 @@
-"""Orphaned temporary Prefect servers (dispatch/embedded.py), with real processes standing in for them."""
+"""Orphaned temporary Prefect servers (dispatch/prefect/embedded.py), with real processes standing in for them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from dispatch.embedded import orphaned_servers, reap_orphaned_servers
+from dispatch.prefect.embedded import orphaned_servers, reap_orphaned_servers
 
 # a process whose command line carries the server's marker; it only sleeps
 _FAKE_SERVER = [sys.executable, "-c", "import time; time.sleep(120)", "--factory",
@@ -61,7 +61,7 @@ def test_only_orphaned_servers_of_this_home_are_stopped(tmp_path: Path):
 
 def test_prefect_api_url_of_this_homes_local_server_is_still_embedded_mode(monkeypatch):
     """A dispatch process started by one that uses the local server inherits PREFECT_API_URL: not team mode."""
-    from dispatch.settings import DispatchSettings
+    from dispatch.core.settings import DispatchSettings
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     monkeypatch.setenv("DISPATCH_LOCAL_API_URL", "http://127.0.0.1:4200/api")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatch.results import Attempt, SpecResult
-from dispatch.transports import RunRequest, explained, failure
+from dispatch.cluster.transports import RunRequest, explained, failure
+from dispatch.core.results import Attempt, SpecResult
 
 
 def _request() -> RunRequest:

@@ -60,7 +60,7 @@ EXPECTED = {  # mode: (exit code, kind)
 # Plain text cannot tell Claude's exit-0 "API Error: Rate limit reached" from an agent quoting it: only the
 # structured forms (the built-in models' commands) catch it.
 TEXT_KIND = {"claude-api-rate-limit-exit0": "ok"}
-FORMATS = {  # how the built-in models run the CLIs (dispatch/agents.py), and plain text
+FORMATS = {  # how the built-in models run the CLIs (dispatch/core/agents.py), and plain text
     "text": ("-p", "do the task"),
     "stream-json": ("-p", "--output-format", "stream-json", "--verbose", "--dangerously-skip-permissions"),
     "codex-json": ("exec", "--json", "--full-auto", "-"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dispatch.dag import load_project
+from dispatch.core.dag import load_project
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.fixes import fix_specs
 from dispatch.pipeline.quality import score_spec

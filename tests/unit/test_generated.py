@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.errors import ConfigError
+from dispatch.core.errors import ConfigError
+from dispatch.core.settings import get_settings
 from dispatch.pipeline.generated import GeneratedSpecs, generated_dir, run_key, slug
-from dispatch.settings import get_settings
 
 
 def test_it_lives_beside_the_projects_specs_or_under_home_for_a_bundled_example(isolated_home: Path) -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.errors import DispatchError
-from dispatch.gitsync import (
+from dispatch.cluster.gitsync import (
     CONFLICT_EXIT_CODE,
     GIT_NAME,
     branch_name,
@@ -23,6 +22,7 @@ from dispatch.gitsync import (
     prepare_script,
     worktree_path,
 )
+from dispatch.core.errors import DispatchError
 
 PROJECT = "demo"
 # Only the test's own commits get this identity; the scripts must set theirs (HOME is isolated: no global one).

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from dispatch.cluster import Node
-from dispatch.errors import NodeError
-from dispatch.guardian.nodes import Limits, NodeContext, check_node
-from dispatch.guardian.probe import MAX_OUTPUT, parse_probe
-from dispatch.settings import get_settings
+from dispatch.cluster.config import Node
+from dispatch.core.errors import NodeError
+from dispatch.core.settings import get_settings
+from dispatch.ops.guardian.nodes import Limits, NodeContext, check_node
+from dispatch.ops.guardian.probe import MAX_OUTPUT, parse_probe
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The `local` transport (dispatch/transports/local.py) with the real node runner as its subprocess."""
+"""The `local` transport (dispatch/cluster/transports/local.py) with the real node runner as its subprocess."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import threading
 import time
 from pathlib import Path
 
-from dispatch.transports import RunRequest
-from dispatch.transports.local import LocalTransport, live_runner, run_dir_for
+from dispatch.cluster.transports import RunRequest
+from dispatch.cluster.transports.local import LocalTransport, live_runner, run_dir_for
 
 
 def _request(root: Path, cache_key: str, argv: list[str]) -> RunRequest:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.locks import LockTable, ProcessLock, SlotLocks, conflicts, normalize, overlaps, segments_meet
+from dispatch.core.locks import LockTable, ProcessLock, SlotLocks, conflicts, normalize, overlaps, segments_meet
 
 OVERLAPPING = [
     ("src/api.py", "src/api.py"),            # same file
@@ -135,7 +135,7 @@ def test_lock_table_ignores_the_given_holders() -> None:
 _HOLD_SLOTS = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dispatch.locks import SlotLocks
+    from dispatch.core.locks import SlotLocks
     slots = SlotLocks(Path(sys.argv[1]), 2)
     held = [slots.try_acquire(), slots.try_acquire()]
     assert None not in held, held
@@ -146,7 +146,7 @@ _HOLD_SLOTS = textwrap.dedent("""
 _HOLD_PROCESS_LOCK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dispatch.locks import ProcessLock
+    from dispatch.core.locks import ProcessLock
     assert ProcessLock(Path(sys.argv[1])).try_acquire()
     print("held", flush=True)
     time.sleep(60)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatch.model_catalog import BUILTIN_MODELS, environment_keys
-from dispatch.secrets import Masker, credential_values
+from dispatch.core.model_catalog import BUILTIN_MODELS, environment_keys
+from dispatch.core.secrets import Masker, credential_values
 
 
 def test_credentials_are_found_by_name_but_paths_words_and_short_values_are_not() -> None:

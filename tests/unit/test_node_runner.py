@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.agents import build_steps
+from dispatch.core.agents import build_steps
+from dispatch.core.specs import Spec
 from dispatch.runner import RUNNER_PATH, SHIPPED_FILES, runner_checksum
-from dispatch.specs import Spec
 
 FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"
 # The interpreter that runs the runner: set DISPATCH_TEST_NODE_PYTHON=python3.8 to check the oldest one.

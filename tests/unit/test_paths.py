@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.errors import DispatchError, UnsafePath, cut
-from dispatch.paths import (
+from dispatch.core.errors import DispatchError, UnsafePath, cut
+from dispatch.core.paths import (
     check_name,
     local_path,
     name_problem,
@@ -44,7 +44,7 @@ def test_names_outside_the_pattern_are_refused(name: str) -> None:
 def test_the_documented_pattern_and_the_check_agree() -> None:
     import re
 
-    from dispatch.paths import NAME_PATTERN
+    from dispatch.core.paths import NAME_PATTERN
 
     for name in ["S01", "a", "x" * 100, "x" * 101, ".a", "-a", "_a", "a.b-c_d", "a b", "a/b", "", "ü", "9"]:
         assert (name_problem(name) is None) == bool(re.fullmatch(NAME_PATTERN, name)), name
@@ -226,7 +226,7 @@ def test_cut_bounds_long_and_huge_nested_values_without_expanding_them() -> None
 
 @pytest.mark.parametrize("project", ["../other/specs", "..", ".", "-rf", "/etc", "a/b"])
 def test_settings_refuse_a_project_name_that_is_no_name(project: str) -> None:
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
 
     settings = get_settings()
     for build in (settings.specs_root_for, settings.code_dir_for, lambda p: settings.project_dir("runs", p)):
@@ -235,7 +235,7 @@ def test_settings_refuse_a_project_name_that_is_no_name(project: str) -> None:
 
 
 def test_settings_allow_a_spec_directory_linked_into_the_specs_root(isolated_home: Path) -> None:
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
 
     (isolated_home / "repo-specs").mkdir()
     (isolated_home / "specs" / "shop").symlink_to(isolated_home / "repo-specs")
@@ -244,7 +244,7 @@ def test_settings_allow_a_spec_directory_linked_into_the_specs_root(isolated_hom
 
 
 def test_a_runs_directory_linked_out_of_the_home_is_refused(isolated_home: Path) -> None:
-    from dispatch.settings import get_settings
+    from dispatch.core.settings import get_settings
 
     (isolated_home / "elsewhere").mkdir()
     (isolated_home / "home" / "runs").symlink_to(isolated_home / "elsewhere")
@@ -254,7 +254,7 @@ def test_a_runs_directory_linked_out_of_the_home_is_refused(isolated_home: Path)
 
 
 def test_state_files_are_named_by_checked_project_names(isolated_home: Path) -> None:
-    from dispatch.results import ProjectState, load_all_states, save_state, state_path
+    from dispatch.core.results import ProjectState, load_all_states, save_state, state_path
 
     state_dir = isolated_home / "home" / "state"
     with pytest.raises(UnsafePath):
@@ -268,7 +268,7 @@ def test_state_files_are_named_by_checked_project_names(isolated_home: Path) -> 
 @pytest.mark.parametrize(("project", "task_id"), [("shop", "../../../../x"), ("shop", "/tmp/x"), ("..", "S01"),
                                                   ("shop", "."), ("shop", "x" * 300)])
 def test_local_run_directories_refuse_names_that_are_no_names(tmp_path: Path, project: str, task_id: str) -> None:
-    from dispatch.transports.local import LocalTransport, run_dir_for
+    from dispatch.cluster.transports.local import LocalTransport, run_dir_for
 
     with pytest.raises(UnsafePath):
         run_dir_for(tmp_path, project, task_id)
@@ -280,9 +280,9 @@ def test_local_run_directories_refuse_names_that_are_no_names(tmp_path: Path, pr
 
 
 def test_remote_run_directories_are_checked_before_any_command(tmp_path: Path) -> None:
-    from dispatch.cluster import Node
-    from dispatch.ssh import SSHPool
-    from dispatch.transports.ssh import SSHTransport
+    from dispatch.cluster.config import Node
+    from dispatch.cluster.ssh import SSHPool
+    from dispatch.cluster.transports.ssh import SSHTransport
 
     # nothing listens on this address: any command would fail with NodeError, not UnsafePath
     node = Node(name="n1", slots=1, host="127.0.0.77", port=9, known_hosts=str(tmp_path / "known_hosts"))
@@ -299,7 +299,7 @@ def test_remote_run_directories_are_checked_before_any_command(tmp_path: Path) -
 
 
 def test_worktree_paths_are_built_from_checked_parts() -> None:
-    from dispatch.gitsync import worktree_path
+    from dispatch.cluster.gitsync import worktree_path
 
     assert worktree_path("~/dispatch", "shop", "S01") == "~/dispatch/shop/worktrees/S01"
     with pytest.raises(UnsafePath):
@@ -307,7 +307,7 @@ def test_worktree_paths_are_built_from_checked_parts() -> None:
 
 
 def test_collect_copies_changed_files_only_inside_code_and_results_directories(tmp_path: Path) -> None:
-    from dispatch.collect import copy_changed_files
+    from dispatch.cluster.collect import copy_changed_files
 
     code, files, outside = tmp_path / "code", tmp_path / "results" / "S01" / "files", tmp_path / "outside"
     (code / "src").mkdir(parents=True)
@@ -327,7 +327,7 @@ def test_collect_copies_changed_files_only_inside_code_and_results_directories(t
 
 
 def test_collect_never_writes_through_a_link_in_the_results_directory(tmp_path: Path) -> None:
-    from dispatch.collect import copy_changed_files
+    from dispatch.cluster.collect import copy_changed_files
 
     code, files, outside = tmp_path / "code", tmp_path / "files", tmp_path / "outside"
     (code / "docs").mkdir(parents=True)
@@ -343,8 +343,8 @@ def test_collect_never_writes_through_a_link_in_the_results_directory(tmp_path: 
 def test_the_spec_run_flow_refuses_a_workdir_outside_its_run_root(tmp_path: Path) -> None:
     import logging
 
-    from dispatch.transports import RunRequest
-    from dispatch.transports.local import LocalTransport
+    from dispatch.cluster.transports import RunRequest
+    from dispatch.cluster.transports.local import LocalTransport
     from flows.spec_run import _attempt
 
     root = tmp_path / "runs"
@@ -362,7 +362,7 @@ def test_the_spec_run_flow_refuses_a_workdir_outside_its_run_root(tmp_path: Path
 
 @pytest.mark.parametrize("relative", ["/etc", "../x", "a/../../x", "link/x", "a\0b"])
 def test_within_refuses_a_relative_path_that_leaves_its_root(tmp_path: Path, relative: str) -> None:
-    from dispatch.paths import within
+    from dispatch.core.paths import within
 
     root = tmp_path / "code"
     (root / "a").mkdir(parents=True)

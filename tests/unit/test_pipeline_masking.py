@@ -10,7 +10,7 @@ KEY = "fake-zai-model-key-0123456789"
 
 
 def test_the_keys_of_the_pipelines_models_are_masked_in_every_run_log_line(monkeypatch, caplog):
-    import dispatch.nodes_admin
+    import dispatch.prefect.nodes_admin
 
     asked = []
 
@@ -18,7 +18,7 @@ def test_the_keys_of_the_pipelines_models_are_masked_in_every_run_log_line(monke
         asked.append(names)
         return {}, {"glm": {"ZAI_API_KEY": KEY}}
 
-    monkeypatch.setattr(dispatch.nodes_admin, "models_and_keys", models_and_keys)
+    monkeypatch.setattr(dispatch.prefect.nodes_admin, "models_and_keys", models_and_keys)
     masker = pipeline_masker(["glm", "claude", "glm"])
     assert asked == [["claude", "glm"]]
     assert masker.mask(f"key={KEY}") == "key=***"

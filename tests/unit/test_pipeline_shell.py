@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from dispatch.core.results import pid_alive
 from dispatch.pipeline.shell import run_step
-from dispatch.results import pid_alive
 
 ENV = {"PATH": "/usr/bin:/bin"}
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from dispatch.cli import _progress_listener
-from dispatch.results import SpecResult
+from dispatch.cli.main import _progress_listener
+from dispatch.core.results import SpecResult
 
 
 def _rendered(events: list[tuple[str, str, dict]]) -> str:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dispatch.cluster import load_project_config
-from dispatch.errors import ConfigError
-from dispatch.settings import get_settings
+from dispatch.cluster.config import load_project_config
+from dispatch.core.errors import ConfigError
+from dispatch.core.settings import get_settings
 
 
 def _write(entry: dict) -> None:

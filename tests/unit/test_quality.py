@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.core.specs import parse_spec
 from dispatch.pipeline.quality import RULES, WEIGHTS, average, score_spec
-from dispatch.specs import parse_spec
 
 GOOD = """\
 ---

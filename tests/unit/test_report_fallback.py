@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from dispatch.report import model_text, render_markdown, total_money, usage_line
-from dispatch.results import Attempt, ProjectState, SpecResult, SpecRow
+from dispatch.core.report import model_text, render_markdown, total_money, usage_line
+from dispatch.core.results import Attempt, ProjectState, SpecResult, SpecRow
 
 
 def _result(*attempts: Attempt, status: str = "succeeded", skipped: list[str] | None = None) -> SpecResult:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.cluster.transports import RunRequest
+from dispatch.cluster.transports.local import LocalTransport, live_runner, run_dir_for
 from dispatch.runner import PROTOCOL_PATH, RUNNER_PATH, SHIPPED_FILES, protocol, runner_checksum, runner_dir_parts
 from dispatch.runner.node_runner import load_task
-from dispatch.transports import RunRequest
-from dispatch.transports.local import LocalTransport, live_runner, run_dir_for
 
 
 def test_protocol_source_is_standard_library_python_3_8() -> None:

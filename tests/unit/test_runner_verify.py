@@ -11,8 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from dispatch.agents import build_verify_steps
-from dispatch.specs import Spec
+from dispatch.core.agents import build_verify_steps
+from dispatch.core.specs import Spec
 from tests.unit.test_node_runner import FAKE_AGENT, _agent, _json, _runner, _write_task
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.dag import Project, load_project
-from dispatch.locks import conflicts
-from dispatch.scheduler import (
+from dispatch.core.dag import Project, load_project
+from dispatch.core.locks import conflicts
+from dispatch.core.scheduler import (
     CANCELLED,
     FAILED,
     NOT_RUN,
@@ -21,7 +21,7 @@ from dispatch.scheduler import (
     NodeSlots,
     Scheduler,
 )
-from dispatch.specs import Spec
+from dispatch.core.specs import Spec
 
 
 class FakeClock:

@@ -1,4 +1,5 @@
-"""Closing the server's lock table (dispatch/server_locks.py) without a server: a client of our own records calls.
+"""Closing the server's lock table (dispatch/prefect/server_locks.py) without a server: a client of our own records
+calls.
 
 A run hung forever in CI (issue 19): the garbage collector ran the table's finalizer on a thread that was
 inside the Prefect client's connection pool, and the finalizer's delete waited for that same pool. The table is
@@ -11,7 +12,7 @@ import gc
 import threading
 import time
 
-from dispatch.server_locks import ServerLocks
+from dispatch.prefect.server_locks import ServerLocks
 
 
 class _Client:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.shares import FairShare, MachineShares, fair_shares
+from dispatch.core.shares import FairShare, MachineShares, fair_shares
 
 
 @pytest.mark.parametrize(("wants", "slots", "expected"), [
@@ -63,7 +63,7 @@ def test_slots_still_being_released_count_against_the_share_only_while_others_wa
 
 
 def test_a_dead_runs_share_no_longer_counts(tmp_path: Path) -> None:
-    code = ("import sys, os; from pathlib import Path; from dispatch.shares import MachineShares;"
+    code = ("import sys, os; from pathlib import Path; from dispatch.core.shares import MachineShares;"
             "board = MachineShares(Path(sys.argv[1]), 'gone', project='p', user='u');"
             "board.publish(50, 3); os._exit(0)")  # dies without closing: its lock is released by the kernel
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env={**os.environ})

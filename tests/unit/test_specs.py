@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.specs import context_files, is_spec_file, parse_duration, parse_spec, spec_files
+from dispatch.core.specs import context_files, is_spec_file, parse_duration, parse_spec, spec_files
 
 OLD_SPEC = """\
 ---
@@ -577,8 +577,8 @@ def test_a_spec_env_keeps_ordinary_project_variables(tmp_path: Path, name: str) 
 
 
 def test_every_variable_of_a_built_in_model_is_refused_in_a_spec_env(tmp_path: Path) -> None:
-    from dispatch.model_catalog import BUILTIN_MODELS, model_variables
-    from dispatch.specs import env_problem
+    from dispatch.core.model_catalog import BUILTIN_MODELS, model_variables
+    from dispatch.core.specs import env_problem
 
     names = model_variables(BUILTIN_MODELS)
     assert {"ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ZAI_API_KEY", "OPENAI_API_KEY"} <= names
@@ -586,8 +586,8 @@ def test_every_variable_of_a_built_in_model_is_refused_in_a_spec_env(tmp_path: P
 
 
 def test_a_configured_models_variables_are_refused_once_the_run_knows_them(tmp_path: Path) -> None:
-    from dispatch.model_catalog import ModelSpec, model_variables
-    from dispatch.specs import model_env_errors
+    from dispatch.core.model_catalog import ModelSpec, model_variables
+    from dispatch.core.specs import model_env_errors
 
     bedrock = ModelSpec("bedrock", ("claude", "-p"), {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": "eu-west-1"},
                         key_env="AWS_SECRET_ACCESS_KEY")

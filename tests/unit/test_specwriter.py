@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.dag import load_project
+from dispatch.core.dag import load_project
 from dispatch.pipeline.analyze import scan_code
 from dispatch.pipeline.config import PipelineConfig
 from dispatch.pipeline.quality import score_spec

@@ -1,7 +1,7 @@
 """Untrusted JSON, YAML and ssh configs: bounded, refused with the file named, and never a command run.
 
-`dispatch.safeload` is the one reader of files a user, a node, an agent or an archive wrote;
-`dispatch.ssh_target.read_ssh_config` reads an ssh config so that a lookup never runs its `Match exec`.
+`dispatch.core.safeload` is the one reader of files a user, a node, an agent or an archive wrote;
+`dispatch.cluster.ssh_target.read_ssh_config` reads an ssh config so that a lookup never runs its `Match exec`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dispatch import safeload
-from dispatch.cluster import Node
-from dispatch.errors import ConfigError
-from dispatch.safeload import AliasFound, json_depth, load_json, load_yaml, loads_json, loads_yaml
-from dispatch.ssh_target import node_target, resolve_target
+from dispatch.cluster.config import Node
+from dispatch.cluster.ssh_target import node_target, resolve_target
+from dispatch.core import safeload
+from dispatch.core.errors import ConfigError
+from dispatch.core.safeload import AliasFound, json_depth, load_json, load_yaml, loads_json, loads_yaml
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "[" * 100_000, '{"a":' * 50_000 + "1"])
@@ -94,7 +94,7 @@ def test_nodes_check_with_a_match_exec_config_runs_no_command(tmp_path: Path) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "PREFECT_"))}
     env.update(DISPATCH_HOME=str(home), HOME=str(tmp_path))
 
-    done = subprocess.run([sys.executable, "-m", "dispatch.cli", "nodes", "check", "gpu1", "--timeout", "5"],
+    done = subprocess.run([sys.executable, "-m", "dispatch.cli.main", "nodes", "check", "gpu1", "--timeout", "5"],
                           env=env, capture_output=True, text=True, timeout=120)
 
     assert not pwned.exists(), done.stdout + done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.results import SpecResult
+from dispatch.core.results import SpecResult
 from dispatch.runner import RUNNER_PATH
 from dispatch.runner.node_runner import UsageMeter
 
@@ -114,8 +114,8 @@ def _result(task_id: str, *attempts: tuple[str, float | None], project: str = "d
 
 
 def test_ledger_totals_per_model_user_project_and_day(isolated_home: Path) -> None:
-    from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_records, totals
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_records, totals
 
     settings = get_settings()
     records = (ledger_records(_result("S01", ("glm", 0.01), ("claude", 0.04)), user="alice", run_id="r1")
@@ -135,8 +135,8 @@ def test_ledger_totals_per_model_user_project_and_day(isolated_home: Path) -> No
 
 
 def test_ledger_rotates_past_its_size_and_totals_read_both(isolated_home: Path) -> None:
-    from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_path, ledger_records, totals
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_path, ledger_records, totals
 
     settings = get_settings()
     record = ledger_records(_result("S01", ("claude", 0.01)), user="alice", run_id="r1")
@@ -149,9 +149,9 @@ def test_ledger_rotates_past_its_size_and_totals_read_both(isolated_home: Path) 
 
 
 def test_budget_over_for_one_model_falls_to_the_next_and_over_for_all_waits(isolated_home: Path, monkeypatch) -> None:
-    from dispatch.budgets import Budgets
-    from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_records
+    from dispatch.core.budgets import Budgets
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_records
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # this machine's ledger alone (team: tests/prefect)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05, "glm": 1}')
@@ -180,9 +180,9 @@ def test_budget_over_for_one_model_falls_to_the_next_and_over_for_all_waits(isol
 def test_usage_command_shows_totals_and_budgets_and_refuses_a_bad_day(isolated_home: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from dispatch.cli import app
-    from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_records
+    from dispatch.cli.main import app
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_records
 
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
     get_settings.cache_clear()
@@ -201,9 +201,9 @@ def test_usage_command_shows_totals_and_budgets_and_refuses_a_bad_day(isolated_h
 
 
 def test_budgets_read_only_new_ledger_lines_and_follow_a_rotation(isolated_home: Path, monkeypatch) -> None:
-    from dispatch.budgets import Budgets
-    from dispatch.settings import get_settings
-    from dispatch.usage import append_ledger, ledger_records
+    from dispatch.core.budgets import Budgets
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_records
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("DISPATCH_BUDGET_USER", '{"alice": 100}')

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.results import SpecResult
+from dispatch.core.results import SpecResult
 from dispatch.runner import RUNNER_PATH
 from dispatch.runner.node_runner import USAGE_MAX_COST_USD, USAGE_MAX_TOKENS, UsageMeter
 
@@ -75,7 +75,7 @@ def test_the_dispatcher_checks_the_figures_of_an_older_runner_too(caplog) -> Non
     older = {"project": "demo", "task_id": "S01", "status": "succeeded", "attempts": [
         {"model": "claude", "verdict": "ok", "exit_code": 0,
          "usage": {"source": "claude", "cost_usd": 1e308, "input_tokens": 1e308, "output_tokens": 7}}]}
-    with caplog.at_level(logging.WARNING, logger="dispatch.usage"):
+    with caplog.at_level(logging.WARNING, logger="dispatch.core.usage"):
         result = SpecResult.from_runner(older, project="demo", task_id="S01")  # was: int_parsing_size
     usage = result.attempts[0].usage
     assert (usage.cost_usd, usage.input_tokens, usage.output_tokens) == (None, None, 7)
@@ -83,8 +83,8 @@ def test_the_dispatcher_checks_the_figures_of_an_older_runner_too(caplog) -> Non
 
 
 def test_sums_of_checked_figures_are_not_bound_like_one_attempt() -> None:
-    from dispatch.results import Attempt, SpecRow
-    from dispatch.usage import Usage
+    from dispatch.core.results import Attempt, SpecRow
+    from dispatch.core.usage import Usage
 
     big = Usage(cost_usd=USAGE_MAX_COST_USD, input_tokens=USAGE_MAX_TOKENS)
     assert big.plus(big).cost_usd == 2 * USAGE_MAX_COST_USD and big.plus(big).input_tokens == 2 * USAGE_MAX_TOKENS
@@ -109,8 +109,8 @@ def _forged_ledger(settings, day_ts: float) -> None:
 def test_usage_json_is_strict_json_and_a_forged_cost_is_unknown(isolated_home: Path, monkeypatch) -> None:
     from typer.testing import CliRunner
 
-    from dispatch.cli import app
-    from dispatch.settings import get_settings
+    from dispatch.cli.main import app
+    from dispatch.core.settings import get_settings
 
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
     get_settings.cache_clear()
@@ -125,8 +125,8 @@ def test_usage_json_is_strict_json_and_a_forged_cost_is_unknown(isolated_home: P
 
 
 def test_a_forged_cost_does_not_spend_a_models_budget(isolated_home: Path, monkeypatch) -> None:
-    from dispatch.budgets import Budgets
-    from dispatch.settings import get_settings
+    from dispatch.core.budgets import Budgets
+    from dispatch.core.settings import get_settings
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
@@ -137,8 +137,8 @@ def test_a_forged_cost_does_not_spend_a_models_budget(isolated_home: Path, monke
 
 
 def test_a_forged_spend_published_by_other_machines_does_not_block_a_budget(isolated_home: Path, monkeypatch):
-    from dispatch import budgets as budgets_module
-    from dispatch.settings import get_settings
+    from dispatch.core import budgets as budgets_module
+    from dispatch.core.settings import get_settings
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # team mode; never called (team_spend below)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
@@ -150,8 +150,8 @@ def test_a_forged_spend_published_by_other_machines_does_not_block_a_budget(isol
 
 
 def test_spend_of_other_machines_that_is_no_map_is_skipped_not_a_crash(isolated_home: Path, monkeypatch):
-    from dispatch import budgets as budgets_module
-    from dispatch.settings import get_settings
+    from dispatch.core import budgets as budgets_module
+    from dispatch.core.settings import get_settings
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # team mode; never called (team_spend below)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
@@ -165,9 +165,9 @@ def test_spend_of_other_machines_that_is_no_map_is_skipped_not_a_crash(isolated_
 def test_monitor_json_is_strict_json_with_an_older_state_files_infinite_cost(isolated_home: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from dispatch.cli import app
-    from dispatch.results import state_path
-    from dispatch.settings import get_settings
+    from dispatch.cli.main import app
+    from dispatch.core.results import state_path
+    from dispatch.core.settings import get_settings
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     get_settings.cache_clear()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dispatch.core.settings import BUNDLED_EXAMPLES
 from dispatch.pipeline.workspace import code_digest, working_copy
-from dispatch.settings import BUNDLED_EXAMPLES
 
 
 def test_bundled_code_is_copied_once_under_the_home_and_other_code_is_used_in_place(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""`dispatch`: the command line (dispatch.cli.main:app)."""

@@ -1,0 +1,4 @@
+"""`python -m dispatch.cli`."""
+from dispatch.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The cluster: nodes and projects, how a spec reaches a node (transports, SSH), git mode, collecting."""

@@ -1,0 +1,269 @@
+"""Daily budgets per model and per user (USD per UTC day), against the usage ledger (dispatch/core/usage.py) and, in
+team mode, the other machines' spend, which each machine publishes in its own Prefect Variable
+`dispatch_usage_<yyyymmdd>_<machine>` (its whole day's sums: idempotent writes, no two writers of one Variable).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from dispatch.core.usage import LEDGER_NAME, figure, ledger_path, next_utc_midnight, parse_ledger, total_figure, utc_day
+from dispatch.prefect.errors import API_ERRORS
+
+_ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one
+_REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
+_TEAM_PREFIX = "dispatch_usage_"  # team mode: one Prefect Variable per machine (ledger) and UTC day
+_TEAM_REFRESH = 10.0  # seconds the other machines' spend is reused
+_TEAM_PUBLISH = 5.0  # seconds between two publications of this machine's spend (one HTTP call, in a thread)
+_TEAM_KEEP_DAYS = 7  # a machine's spend Variables of older days are deleted when it first publishes
+logger = logging.getLogger(__name__)
+
+
+def _team_prefix(day: str) -> str:
+    return f"{_TEAM_PREFIX}{day.replace('-', '')}_"
+
+
+def machine_key(settings: Any) -> str:
+    """This ledger's name among the team's: the host and a hash of DISPATCH_HOME (two homes, two ledgers)."""
+    host = re.sub(r"[^a-z0-9]", "_", socket.gethostname().lower())[:40]
+    return f"{host}_{hashlib.sha256(str(settings.home).encode()).hexdigest()[:8]}"
+
+
+def publish_spend(settings: Any, day: str, spent: dict[tuple[str, str, str], float]) -> None:
+    """Team mode: put this machine's spend of `day` (its whole ledger's, so writes are idempotent) in its Prefect
+    Variable `dispatch_usage_<yyyymmdd>_<machine>`, where every dispatcher's budgets read it.
+
+    Raises:
+        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+    """
+    from prefect.variables import Variable
+
+    value = {"day": day, "machine": machine_key(settings), "at": time.time(),
+             "model": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "model" and d == day},
+             "user": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "user" and d == day}}
+    Variable.set(_team_prefix(day) + machine_key(settings), value, overwrite=True)
+
+
+def prune_spend(settings: Any, today: str) -> list[str]:
+    """Team mode: delete this machine's spend Variables older than a week (one per machine and day would pile
+    up on the server); returns their names.
+
+    Raises:
+        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.variables import Variable
+
+    oldest = (dt.date.fromisoformat(today) - dt.timedelta(days=_TEAM_KEEP_DAYS)).strftime("%Y%m%d")
+    suffix, old = "_" + machine_key(settings), []
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/variables/filter", json={
+            "variables": {"name": {"like_": suffix}}, "limit": 200})
+        response.raise_for_status()
+        for variable in response.json():
+            name = str(variable.get("name", ""))
+            day = name[len(_TEAM_PREFIX):len(_TEAM_PREFIX) + 8]
+            if name.startswith(_TEAM_PREFIX) and name.endswith(suffix) and day.isdigit() and day < oldest:
+                old.append(name)
+    for name in old:
+        Variable.unset(name)
+    return old
+
+
+def team_spend(day: str) -> dict[str, dict]:
+    """Team mode: every machine's published spend of `day` (UTC, YYYY-MM-DD): machine -> {"model": {name: USD},
+    "user": {name: USD}, "at"}. What a monitor shows as the team's cost today.
+
+    Raises:
+        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+    """
+    from prefect.client.orchestration import get_client
+
+    prefix, found = _team_prefix(day), {}
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/variables/filter", json={
+            "variables": {"name": {"like_": prefix}}, "limit": 200})
+        response.raise_for_status()
+        for variable in response.json():  # `like_` treats `_` as a wildcard: checked exactly here
+            name, value = str(variable.get("name", "")), variable.get("value")
+            if name.startswith(prefix) and isinstance(value, dict):
+                found[name[len(prefix):]] = value
+    return found
+
+
+class Budgets:
+    """The daily budgets (USD per UTC day) per model and per user, against this machine's ledger.
+
+    A spec would start past a budget when the spend today plus the estimated cost of it and of the specs
+    this dispatcher has running on the same model or for the same user passes the limit; the estimate is the
+    mean cost of the model's recent attempts (0 while none reported a cost, so the first spec of a fresh
+    model always starts). A model over its budget is left out of a spec's chain (its next model runs, as for
+    a cool-down); a spec with no model left, or whose user is over budget, waits.
+    """
+
+    def __init__(self, settings: Any, clock: Callable[[], float] = time.time) -> None:
+        self.model_limits: dict[str, float] = dict(settings.budget_model)
+        self.user_limits: dict[str, float] = dict(settings.budget_user)
+        self._settings = settings
+        self._team = bool(settings.prefect_api_url)  # team mode: other machines' spend comes from the server
+        self._others: dict[tuple[str, str, str], float] = {}
+        self._others_at = float("-inf")
+        self._published_at = float("-inf")
+        self._pruned = False
+        self._unpublished = False
+        self._path = ledger_path(settings.results_dir)
+        self._clock = clock
+        self._read_at = float("-inf")
+        self._inode: int | None = None
+        self._offset = 0  # bytes of the ledger already counted: only what others append is read again
+        self._spent: dict[tuple[str, str, str], float] = {}  # ("model"|"user", name, UTC day) -> USD
+        self._costs: dict[str, collections.deque[float]] = {}  # model -> its latest reported costs
+        self._publisher: ThreadPoolExecutor | None = None  # team mode: publications off the dispatch loop
+        self._publishing: Future | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model_limits or self.user_limits)
+
+    def _count(self, records: list[dict]) -> None:
+        for record in records:
+            cost = figure(record.get("cost_usd"))
+            if cost is None:
+                continue
+            for key in ("model", "user"):
+                slot = (key, str(record.get(key) or ""), str(record.get("day") or ""))
+                self._spent[slot] = self._spent.get(slot, 0.0) + cost
+            self._costs.setdefault(str(record.get("model") or ""),
+                                   collections.deque(maxlen=_ESTIMATE_SAMPLES)).append(cost)
+
+    def _refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._read_at < _REREAD_SECONDS:
+            return
+        self._read_at = time.monotonic()
+        try:
+            with open(self._path, "rb") as handle:
+                inode = os.fstat(handle.fileno()).st_ino
+                if inode != self._inode or os.fstat(handle.fileno()).st_size < self._offset:  # new or rotated
+                    self._inode, self._offset, self._spent, self._costs = inode, 0, {}, {}
+                    rotated = self._path.with_name(LEDGER_NAME + ".1")
+                    self._count(parse_ledger(rotated.read_text("utf-8", "replace")) if rotated.exists() else [])
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return
+        whole = data[:data.rfind(b"\n") + 1]  # a line being appended is read once it is complete
+        self._offset += len(whole)
+        self._count(parse_ledger(whole.decode("utf-8", "replace")))
+
+    def refresh(self) -> None:
+        """Count what was appended to the ledger since the last read (this dispatcher's lines, and others'),
+        and in team mode publish this machine's spend today for the other machines' budgets (in a background
+        thread: the dispatch loop never waits on the server for it). Nothing to do without budgets or a team."""
+        if not (self.enabled or self._team):
+            return
+        self._refresh(force=True)
+        self._unpublished = True
+        if not self._team or time.monotonic() - self._published_at < _TEAM_PUBLISH:
+            return
+        if self._publishing is not None and not self._publishing.done():
+            return  # the last publication is still out; the next refresh sends the newer figures
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-publish")
+        self._publishing = self._publisher.submit(self.flush, dict(self._spent))  # a copy made on this thread
+
+    def flush(self, spent: dict[tuple[str, str, str], float] | None = None) -> None:
+        """Team mode: publish this machine's spend today (`spent`, default the current figures) now, if it
+        changed since the last publication."""
+        if not self._team or not self._unpublished:
+            return
+        self._published_at, self._unpublished = time.monotonic(), False
+        try:
+            publish_spend(self._settings, utc_day(self._clock()), self._spent if spent is None else spent)
+            if not self._pruned:
+                self._pruned = True
+                prune_spend(self._settings, utc_day(self._clock()))
+        except API_ERRORS as exc:  # the others count it late; this machine's budgets still hold
+            logger.warning("could not publish this machine's usage to the server: %s", exc)
+
+    def close(self) -> None:
+        """At the run's end: wait for a publication still out, then publish what is left."""
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
+        self.flush()
+
+    def _other_machines(self, day: str) -> dict[tuple[str, str, str], float]:
+        if not self._team or time.monotonic() - self._others_at < _TEAM_REFRESH:
+            return self._others
+        self._others_at = time.monotonic()
+        try:
+            published = team_spend(day)
+        except API_ERRORS as exc:  # no server: count what we knew
+            logger.warning("could not read the team's usage: %s", exc)
+            return self._others
+        others: dict[tuple[str, str, str], float] = {}
+        for machine, value in published.items():
+            if machine == machine_key(self._settings):
+                continue  # this machine's own spend is its ledger's, always current
+            for key in ("model", "user"):
+                group = value.get(key) if isinstance(value, dict) else None
+                if not isinstance(group, dict):  # another machine's value is hostile input too: skip what is no map
+                    continue
+                for name, cost in group.items():
+                    if (cost := total_figure(cost)) is not None:  # finite and bound: never inf
+                        others[(key, str(name), day)] = others.get((key, str(name), day), 0.0) + cost
+        self._others = others
+        return others
+
+    def _spent_on(self, key: str, value: str, day: str) -> float:
+        return self._spent.get((key, value, day), 0.0) + self._other_machines(day).get((key, value, day), 0.0)
+
+    def estimate(self, model: str) -> float:
+        costs = self._costs.get(model)
+        return sum(costs) / len(costs) if costs else 0.0
+
+    def _over(self, spent: float, estimate: float, running: int, limit: float) -> bool:
+        return spent >= limit or spent + estimate * (running + 1) > limit
+
+    def check(self, chain: list[str], user: str, running: list[str]) -> tuple[list[str], str]:
+        """The models of `chain` within their budgets, and why the spec must wait ('' when it may start).
+
+        Args:
+            chain: the spec's usable models, in order.
+            user: who the spec runs for.
+            running: the model each spec this dispatcher has running started with.
+        """
+        if not self.enabled or not chain:
+            return chain, ""
+        self._refresh()
+        now = self._clock()
+        day = utc_day(now)
+        allowed, spent_models = [], []
+        for model in chain:
+            limit = self.model_limits.get(model)
+            spent = self._spent_on("model", model, day) if limit is not None else 0.0
+            if limit is not None and self._over(spent, self.estimate(model), running.count(model), limit):
+                spent_models.append(f"{model} ${spent:.2f} of ${limit:g}")
+            else:
+                allowed.append(model)
+        until = dt.datetime.fromtimestamp(next_utc_midnight(now), dt.UTC).strftime("%Y-%m-%d 00:00 UTC")
+        if not allowed:
+            return [], (f"budget reached: {', '.join(spent_models)} today (UTC); waits until {until} "
+                        "or a raised DISPATCH_BUDGET_MODEL")
+        limit = self.user_limits.get(user)
+        if limit is not None:
+            spent = self._spent_on("user", user, day)
+            if self._over(spent, self.estimate(allowed[0]), len(running), limit):
+                return [], (f"budget reached: user {user} ${spent:.2f} of ${limit:g} today (UTC); waits until "
+                            f"{until} or a raised DISPATCH_BUDGET_USER")
+        return allowed, ""

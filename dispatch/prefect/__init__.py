@@ -1,0 +1,4 @@
+"""The Prefect wing: storage and coordination through the Prefect server.
+
+Slots, fair shares, file locks, team runs, node admin, the local server and the worker transport.
+"""
