@@ -50,11 +50,12 @@ from dispatch.core.report import render_markdown, table_rows
 from dispatch.core.results import ProjectState, SpecResult, SpecRow, save_state
 from dispatch.core.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.core.settings import DispatchSettings, get_settings
-from dispatch.core.shares import FairShare, MachineShares, ServerShares
+from dispatch.core.shares import FairShare, MachineShares
 from dispatch.core.specs import model_env_errors
 from dispatch.core.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
 from dispatch.pipeline.generated import load_specs, run_key
 from dispatch.prefect.errors import SERVER_ERRORS
+from dispatch.prefect.shares import ServerShares
 from tasks import run_inputs
 from tasks.run_spec import run_spec, skip_spec
 

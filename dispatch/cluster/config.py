@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from dispatch.core.errors import ConfigError, cut
+from dispatch.core.order import ORDERS
 from dispatch.core.safeload import load_json
-from dispatch.core.scheduler import ORDERS
 from dispatch.core.settings import DispatchSettings
+from dispatch.core.shares import MAX_WEIGHT, MIN_WEIGHT
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ _NODE_FIELDS = {
     "env",
 }
 _PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch", "order", "weight"}
-MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0  # a project's fair-share weight (dispatch/core/shares.py)
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 """A node name (a full match): it becomes a work pool, a systemd instance and a path component on the node."""
 _TEXT_FIELDS = ("ssh_host", "host", "user", "key_path", "known_hosts", "ssh_config")

@@ -16,9 +16,10 @@ import httpx
 from dispatch.cluster.config import Node
 from dispatch.cluster.transports.build import NodeTransports
 from dispatch.cluster.transports.local import LocalTransport
-from dispatch.core.brokers import Brokers, MachineSlots, ServerSlots, server_limits
+from dispatch.core.brokers import Brokers, MachineSlots
 from dispatch.core.errors import ConfigError, DispatchError
 from dispatch.core.settings import DispatchSettings
+from dispatch.prefect.slots import ServerSlots, server_limits
 
 if TYPE_CHECKING:
     from dispatch.cluster.transports.build import NodeTransport

@@ -6,35 +6,16 @@ another dispatcher holds the slot, and the spec waits (or goes to another node).
 
 - `MachineSlots`: `flock`ed slot files under `DISPATCH_HOME/locks/node-<name>/`: every dispatcher of
   this machine (the embedded default). The kernel frees a dead holder's slots.
-- `ServerSlots`: the Prefect server's global concurrency limit `node-<name>` (limit = slots, made by
-  `dispatch nodes sync`, or by `server_limits` when a team-mode dispatcher finds it missing), taken with
-  a lease that a background thread renews; a crashed holder's slots come back when its lease expires.
-  This is what makes two users on two machines share one count. Each lease is also recorded as a
-  Prefect Variable `dispatch_lease_<id>` (limit, host, pid, flow run) while it is held, because Prefect's
-  API cannot list a limit's leases: the guardian releases the lease of a holder that died.
+- a `SharedSlots` broker for the nodes other dispatchers reach too: in team mode the Prefect server's
+  concurrency limits (`dispatch.prefect.slots.ServerSlots`, chosen by `dispatch.cluster.runtime`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
-from dispatch.cluster.config import Node
-from dispatch.core.errors import ConfigError
 from dispatch.core.locks import SlotLocks
-from dispatch.prefect.errors import SERVER_ERRORS
-
-logger = logging.getLogger(__name__)
-
-_RELEASERS = 4  # threads that record and release leases: releases must not queue behind each other
 
 SHARED_TRANSPORTS = ("ssh", "worker")
 """Nodes other dispatchers reach too: their slots must be counted on the server in team mode (a `local` node
@@ -47,6 +28,16 @@ class SlotBroker(Protocol):
 
     def release(self, token: object) -> None:
         """Give a slot back."""
+
+
+class SharedSlots(SlotBroker, Protocol):
+    """A broker whose count other dispatchers share, and whose releases take a moment to be seen."""
+
+    def releasing(self) -> int:
+        """Slots given back that the others still count as held."""
+
+    def close(self) -> None:
+        """Give every held slot back and stop."""
 
 
 class MachineSlots:
@@ -62,138 +53,10 @@ class MachineSlots:
         SlotLocks.release(int(token))  # type: ignore[arg-type]
 
 
-class ServerSlots:
-    """Slots as leases on the Prefect server's global concurrency limits `node-<name>`.
-
-    Args:
-        limits: node name -> limit name, for nodes whose limit exists on the server.
-        lease_seconds: how long a lease lives without renewal (a dead dispatcher's slots return after it).
-    """
-
-    def __init__(self, limits: dict[str, str], lease_seconds: float = 60.0) -> None:
-        from prefect.client.orchestration import get_client
-
-        self._client = get_client(sync_client=True)
-        self._client.__enter__()
-        self._limits = limits
-        self._lease_seconds = lease_seconds
-        self._leases: set = set()
-        self._records: dict[object, Future] = {}  # lease -> the creation of its record, until released
-        self._releasing = 0  # releases asked for that the server has not answered yet
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._warned_at = 0.0
-        self._releaser = ThreadPoolExecutor(max_workers=_RELEASERS, thread_name_prefix="slot-lease-release")
-        self._renewer = threading.Thread(target=self._renew, name="slot-lease-renewer", daemon=True)
-        self._renewer.start()
-        from prefect.context import FlowRunContext
-
-        context = FlowRunContext.get()
-        self._holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                        "flow_run_id": str(context.flow_run.id) if context and context.flow_run else None}
-
-    def try_acquire(self, node: str) -> object | None:
-        try:
-            response = self._client.increment_concurrency_slots_with_lease(
-                names=[self._limits[node]], slots=1, mode="concurrency", lease_duration=self._lease_seconds)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:  # the limit is full: another dispatcher holds the slots
-                return None
-            self._warn(f"cannot take a slot of {self._limits[node]} from the server ({exc}); trying again shortly")
-            return None
-        except SERVER_ERRORS as exc:  # never place without the shared count: wait for the server
-            self._warn(f"cannot reach the server for a slot of {self._limits[node]} ({exc}); trying again shortly")
-            return None
-        lease_id = response.json()["lease_id"]
-        with self._lock:
-            self._leases.add(lease_id)
-            self._records[lease_id] = self._releaser.submit(self._record, lease_id, node)
-        return lease_id
-
-    def _record(self, lease_id: str, node: str) -> None:
-        from prefect.client.schemas.actions import VariableCreate
-
-        value = {"lease_id": str(lease_id), "limit": self._limits[node], "node": node, "since": time.time(),
-                 **self._holder}
-        try:
-            self._client.create_variable(VariableCreate(name=lease_record(lease_id), value=value,
-                                                        tags=["dispatch-lease"]))
-        except SERVER_ERRORS as exc:  # the lease still works; only the guardian cannot see it
-            logger.warning("could not record slot lease %s: %s", lease_id, exc)
-
-    def _warn(self, message: str) -> None:
-        """Say it at most every 30 s: the dispatch loop asks again every 0.2 s while the server is away."""
-        now = time.monotonic()
-        if now - self._warned_at >= 30.0:
-            self._warned_at = now
-            logger.warning("%s", message)
-
-    def releasing(self) -> int:
-        """Slots given back that the server still counts as held (their release not answered yet)."""
-        with self._lock:
-            return self._releasing
-
-    def release(self, token: object) -> None:
-        """Give the slot back in the background: the dispatch loop must not wait on the server.
-
-        The lease goes first and its record after: a release never waits behind records of other leases
-        (several threads), and a lease released before its record was written gets none."""
-        with self._lock:
-            self._leases.discard(token)
-            record = self._records.pop(token, None)
-            self._releasing += 1
-        if record is not None and record.cancel():
-            record = None  # never written: nothing to remove
-        self._releaser.submit(self._release_now, token, record)
-
-    def _release_now(self, token: object, record: Future | None) -> None:
-        try:
-            self._client.release_concurrency_slots_with_lease(lease_id=token)
-        except SERVER_ERRORS as exc:  # the lease expires by itself; say so and carry on
-            logger.warning("could not release slot lease %s: %s", token, exc)
-            return
-        finally:
-            with self._lock:
-                self._releasing -= 1
-        if record is None:
-            return
-        from prefect.exceptions import ObjectNotFound
-
-        record.result()  # being written by another thread (submitted first, so never still queued)
-        try:
-            self._client.delete_variable_by_name(lease_record(token))
-        except (ObjectNotFound, *SERVER_ERRORS) as exc:  # the guardian removes a record left behind
-            logger.debug("could not remove the record of slot lease %s: %s", token, exc)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self._lease_seconds / 3):
-            with self._lock:
-                leases = list(self._leases)
-            for lease_id in leases:
-                try:
-                    self._client.renew_concurrency_lease(lease_id=lease_id, lease_duration=self._lease_seconds)
-                except SERVER_ERRORS as exc:
-                    logger.warning("could not renew slot lease %s: %s", lease_id, exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        with self._lock:
-            leases = list(self._leases)
-        for lease_id in leases:
-            self.release(lease_id)
-        self._releaser.shutdown(wait=True)
-        self._client.__exit__(None, None, None)
-
-
-def lease_record(lease_id: object) -> str:
-    """The name of the Prefect Variable that records a held slot lease (`dispatch_lease_<uuid hex>`)."""
-    return "dispatch_lease_" + str(lease_id).replace("-", "")
-
-
 class Brokers:
     """Routes each node to its broker: the server's limit where one exists, else this machine's locks."""
 
-    def __init__(self, machine: MachineSlots, server: ServerSlots | None, server_nodes: set[str]) -> None:
+    def __init__(self, machine: MachineSlots, server: SharedSlots | None, server_nodes: set[str]) -> None:
         self.machine = machine
         self.server = server
         self.server_nodes = server_nodes
@@ -216,51 +79,3 @@ class Brokers:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
-
-
-def server_limits(nodes: list[Node], log: logging.Logger | logging.LoggerAdapter = logger) -> dict[str, str]:
-    """Node name -> limit name `node-<name>` on the Prefect server, for every node other dispatchers share
-    (ssh, worker): a missing limit is created from the node's slots (and `log` says so), because a node
-    placed on without it would be counted by this dispatcher alone.
-
-    Args:
-        nodes: the cluster's nodes.
-        log: where to say which limits were created (the flow passes its run logger).
-
-    Raises:
-        ConfigError: a node's limit exists but is inactive (not enforced); the message says how to enable it.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    found: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        for node in nodes:
-            if node.transport not in SHARED_TRANSPORTS:
-                continue
-            try:
-                limit = client.read_global_concurrency_limit_by_name(node.pool)
-            except ObjectNotFound:
-                try:
-                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=node.pool,
-                                                                                        limit=node.slots))
-                except ObjectAlreadyExists:  # another dispatcher made it a moment ago
-                    limit = client.read_global_concurrency_limit_by_name(node.pool)
-                else:
-                    log.warning("node %s had no concurrency limit %s on the Prefect server, so other dispatchers "
-                                "would not share its slot count: created it with limit %d (its slots); "
-                                "`dispatch nodes sync` keeps pools and limits in step with nodes.json",
-                                node.name, node.pool, node.slots)
-                    found[node.name] = node.pool
-                    continue
-            if not limit.active:
-                raise ConfigError(f"node {node.name}: its concurrency limit {node.pool} on the Prefect server is "
-                                  f"inactive, so slots would not be shared; enable it with `prefect "
-                                  f"global-concurrency-limit enable {node.pool}`")
-            if limit.limit != node.slots:
-                log.warning("node %s: concurrency limit %s allows %d at once but nodes.json says %d slots; "
-                            "`dispatch nodes sync` sets it to the slots", node.name, node.pool, limit.limit,
-                            node.slots)
-            found[node.name] = limit.name
-    return found

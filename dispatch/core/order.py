@@ -23,6 +23,10 @@ from itertools import groupby
 from dispatch.core.dag import Project
 from dispatch.core.locks import normalize, overlaps
 
+ORDERS = ("path", "priority")
+"""How a project's ready specs are ordered (projects.json's `order`): by how much the project waits on each, or
+strictly by `priority` first."""
+
 
 class LockGroups:
     """For each distinct `modifies` entry of a project, the specs whose entries overlap it.

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 
 from dispatch.core.dag import Project
 from dispatch.core.locks import LockTable
-from dispatch.core.order import LockGroups, compute_ranks, goes_ahead, hold_pays, promote_by_priority
+from dispatch.core.order import ORDERS, LockGroups, compute_ranks, goes_ahead, hold_pays, promote_by_priority
 
 WAITING, READY, RUNNING = "waiting", "ready", "running"
 SUCCEEDED, FAILED, NOT_RUN, CANCELLED = "succeeded", "failed", "not_run", "cancelled"
 FINAL = (SUCCEEDED, FAILED, NOT_RUN, CANCELLED)
-ORDERS = ("path", "priority")
 
 PRIORITY_MARGIN = 0.02
 """A spec of better `priority` goes ahead of a higher-ranked ready spec B only when B's slack (how much sooner

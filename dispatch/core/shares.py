@@ -11,9 +11,8 @@ Where the demands meet:
 - `MachineShares`: one small JSON file per run under `DISPATCH_HOME/locks/shares/`, beside a file the run
   holds `flock`ed while it lives (the embedded default: every dispatcher of this machine, like the slot
   files; a dead run's share is gone with its lock).
-- `ServerShares`: one Prefect Variable per run, `dispatch_share_<run id>`, renewed every few seconds and
-  read by every dispatcher of the team (team mode: other users on other machines); a variable not renewed
-  for `_SERVER_STALE` seconds by the server's clock counts no more, and is deleted by whoever sees it.
+- team mode (other users on other machines): the Prefect server's `dispatch.prefect.shares.ServerShares`,
+  chosen where the run is composed (flows/dispatch_project.py).
 
 A project's `weight` in projects.json (default 1) scales its share.
 """
@@ -24,25 +23,19 @@ import fcntl
 import logging
 import math
 import os
-import threading
 import time
-from datetime import datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from dispatch.cluster.config import MAX_WEIGHT, MIN_WEIGHT
 from dispatch.core.locks import held_by_a_process
 from dispatch.core.paths import local_path
 from dispatch.core.results import read_json, write_json
-from dispatch.prefect.errors import SERVER_ERRORS
 
 logger = logging.getLogger(__name__)
 
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 100.0
+"""The bounds of a project's fair-share weight (projects.json's `weight`)."""
 _MACHINE_INTERVAL = 0.1  # seconds between two reads (or writes) of the machine's share files
-_SERVER_INTERVAL = 1.0  # seconds between two reads of the server's share variables (in the background)
-_SERVER_STALE = 15.0  # a share variable not renewed for this long belongs to a dead dispatcher
-_PREFIX = "dispatch_share_"
 
 
 def fair_shares(wants: dict[str, tuple[int, float]], slots: int) -> dict[str, int]:
@@ -172,7 +165,7 @@ class MachineShares:
                 continue
             data = read_json(path)
             if isinstance(data, dict) and isinstance(data.get("demand"), int) and data["demand"] > 0:
-                found[run] = (data["demand"], _weight(data.get("weight")))
+                found[run] = (data["demand"], weight_of(data.get("weight")))
         self._others, self._read_at = found, now
         return dict(found)
 
@@ -193,121 +186,8 @@ class MachineShares:
             self._fd = None
 
 
-class ServerShares:
-    """The share board of a team: a Prefect Variable per run, published and read by a background thread (the
-    dispatch loop never waits on the server; it uses the last answer).
-
-    Args:
-        run_id: this run's id.
-        project, user, weight: as for `MachineShares`.
-        client: a Prefect sync client (default: a new one, closed by `close`).
-        interval: seconds between two reads (and renewals) of the board.
-    """
-
-    def __init__(self, run_id: str, *, project: str, user: str, weight: float = 1.0, client: Any = None,
-                 interval: float = _SERVER_INTERVAL) -> None:
-        if client is None:
-            from prefect.client.orchestration import get_client
-
-            client = get_client(sync_client=True)
-            client.__enter__()
-            self._own_client = True
-        else:
-            self._own_client = False
-        self.client, self.run_id, self.interval = client, run_id, interval
-        self.name = f"{_PREFIX}{run_id}"
-        self._entry = {"project": project, "user": user, "weight": weight, "run_id": run_id}
-        self._state = (0, 0)
-        self._written: tuple[int, int] | None = None
-        self._written_at = 0.0
-        self._others: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
-        self._changed = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="share-board", daemon=True)
-        self._thread.start()
-
-    def publish(self, demand: int, held: int) -> None:
-        with self._lock:
-            if (demand, held) != self._state:
-                self._state = (demand, held)
-                self._changed.set()
-
-    def others(self) -> dict[str, tuple[int, float]]:
-        with self._lock:
-            return dict(self._others)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._sync()
-            except SERVER_ERRORS as exc:  # the last answer stands; say so at debug level (it retries)
-                logger.debug("share board: %s", exc)
-            self._changed.wait(self.interval)
-            self._changed.clear()
-
-    def _sync(self) -> None:
-        from prefect.client.schemas.actions import VariableCreate, VariableUpdate
-
-        with self._lock:
-            state = self._state
-        now = time.monotonic()
-        if state != self._written or now - self._written_at >= _SERVER_STALE / 3:
-            value = {**self._entry, "demand": state[0], "held": state[1]}
-            if self._written is None:
-                self.client.create_variable(VariableCreate(name=self.name, value=value, tags=["dispatch-share"]))
-            else:
-                self.client.update_variable(VariableUpdate(name=self.name, value=value))
-            self._written, self._written_at = state, now
-        response = self.client.request("POST", "/variables/filter", json={
-            "variables": {"name": {"like_": _PREFIX}}, "limit": 200})
-        try:
-            server_now = parsedate_to_datetime(response.headers["date"]).timestamp()
-        except (KeyError, TypeError, ValueError):
-            server_now = time.time()
-        found: dict[str, tuple[int, float]] = {}
-        for raw in response.json():
-            name, value = raw.get("name", ""), raw.get("value")
-            if not name.startswith(_PREFIX) or name == self.name or not isinstance(value, dict):
-                continue
-            renewed = raw.get("updated") or raw.get("created")
-            try:
-                age = server_now - _timestamp(renewed)
-            except (TypeError, ValueError):
-                continue
-            if age > _SERVER_STALE:
-                self._delete(name)
-                continue
-            demand = value.get("demand")
-            if isinstance(demand, int) and not isinstance(demand, bool) and demand > 0:
-                found[name[len(_PREFIX):]] = (demand, _weight(value.get("weight")))
-        with self._lock:
-            self._others = found
-
-    def _delete(self, name: str) -> None:
-        try:
-            self.client.delete_variable_by_name(name)
-        except SERVER_ERRORS as exc:
-            logger.debug("share board: could not delete %s: %s", name, exc)
-
-    def close(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._changed.set()
-        self._thread.join(timeout=5)
-        if self._written is not None:
-            self._delete(self.name)
-        if self._own_client:
-            self.client.__exit__(None, None, None)
-
-
-def _weight(value: object) -> float:
+def weight_of(value: object) -> float:
     """A weight read from another run's entry, held to projects.json's bounds (nobody takes every slot by it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return 1.0
     return min(max(float(value), MIN_WEIGHT), MAX_WEIGHT)
-
-
-def _timestamp(text: str) -> float:
-    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()

@@ -270,11 +270,11 @@ def test_a_flow_run_stuck_running_with_a_dead_dispatcher_is_marked_crashed(guard
 
 LEASE_HOLDER = """
 import sys, time
-from dispatch.core.brokers import ServerSlots
+from dispatch.prefect.slots import ServerSlots
 slots = ServerSlots({"leak": sys.argv[1]}, lease_seconds=3600)
 lease = slots.try_acquire("leak")
 from prefect.variables import Variable
-from dispatch.core.brokers import lease_record
+from dispatch.prefect.slots import lease_record
 deadline = time.monotonic() + 60
 while Variable.get(lease_record(lease)) is None and time.monotonic() < deadline:  # written off this thread
     time.sleep(0.05)
@@ -313,7 +313,7 @@ def test_a_live_holders_lease_is_recorded_left_alone_and_its_record_removed_with
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.variables import Variable
 
-    from dispatch.core.brokers import ServerSlots, lease_record
+    from dispatch.prefect.slots import ServerSlots, lease_record
 
     limit = f"node-live{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:
@@ -344,7 +344,7 @@ def test_released_slots_are_counted_as_releasing_until_the_server_has_them_and_l
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.variables import Variable
 
-    from dispatch.core.brokers import ServerSlots, lease_record
+    from dispatch.prefect.slots import ServerSlots, lease_record
 
     limit = f"node-rel{uuid.uuid4().hex[:6]}"
     with get_client(sync_client=True) as client:

@@ -309,8 +309,8 @@ def test_a_server_that_does_not_answer_a_slot_request_delays_the_spec_instead_of
     requeued), never an exception out of the loop and never a placement without the shared count."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dispatch.core.brokers import ServerSlots
     from dispatch.core.net import free_port
+    from dispatch.prefect.slots import ServerSlots
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         slots = ServerSlots({"gone": "node-gone"})

@@ -81,7 +81,8 @@ def _eventually(condition, what: str, timeout: float = 30.0):
 def test_team_runs_meet_on_the_servers_share_board(prefect_api):
     from prefect.client.orchestration import get_client
 
-    from dispatch.core.shares import FairShare, ServerShares
+    from dispatch.core.shares import FairShare
+    from dispatch.prefect.shares import ServerShares
 
     with get_client(sync_client=True) as client:
         big = ServerShares("bigrun", project="big", user="alice@a", client=client, interval=0.05)
