@@ -40,7 +40,6 @@ from dispatch.cluster.transports import RunRequest, failure
 from dispatch.cluster.transports.agent import NODE_FULL
 from dispatch.core.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.core.budgets import Budgets
-from dispatch.core.cooldowns import Cooldowns
 from dispatch.core.dag import Project, select
 from dispatch.core.durations import DurationHistory, first_model
 from dispatch.core.errors import DispatchError, ProjectInvalid
@@ -54,6 +53,7 @@ from dispatch.core.shares import FairShare, MachineShares
 from dispatch.core.specs import model_env_errors
 from dispatch.core.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
 from dispatch.pipeline.generated import load_specs, run_key
+from dispatch.prefect.cooldowns import server_cooldowns
 from dispatch.prefect.errors import SERVER_ERRORS
 from dispatch.prefect.shares import ServerShares
 from tasks import run_inputs
@@ -125,7 +125,7 @@ class ProjectRun:
             [NodeSlots(n.name, n.slots, n.labels, n.priority, n.models) for n in nodes],
             retries=settings.retries, retry_delay=settings.retry_delay, estimates=estimates,
             order=self.config.order)
-        self.cooldowns = Cooldowns()
+        self.cooldowns = server_cooldowns()
         self.budgets = Budgets(settings)
         self._running_models: dict[str, str] = {}  # task id -> the model it started with (budget estimates)
         self.events: queue.Queue = queue.Queue()

@@ -130,12 +130,13 @@ def list_models(ctx: typer.Context,
         return
     settings = get_settings()
     _connect(settings)
-    from dispatch.core.cooldowns import Cooldowns, model_state
+    from dispatch.core.cooldowns import model_state
+    from dispatch.prefect.cooldowns import server_cooldowns
     from dispatch.prefect.errors import API_ERRORS
 
     try:
         blocks = _block_documents()
-        cooling = Cooldowns(refresh=0).load()
+        cooling = server_cooldowns(refresh=0).load()
     except API_ERRORS as exc:
         raise _api_failed(settings, exc) from None
     now = time.time()
@@ -165,10 +166,10 @@ def reset_model(model: Annotated[str, typer.Argument(help="The model to make ava
     """Clear a model's cool-down or billing block (after fixing its account), for every user of this API."""
     settings = get_settings()
     _connect(settings)
-    from dispatch.core.cooldowns import Cooldowns
+    from dispatch.prefect.cooldowns import server_cooldowns
     from dispatch.prefect.errors import API_ERRORS
 
-    keeper = Cooldowns(refresh=0)
+    keeper = server_cooldowns(refresh=0)
     try:
         known = set(BUILTIN_MODELS) | _block_models() | set(keeper.load())
     except API_ERRORS as exc:

@@ -1,48 +1,97 @@
-"""Model cool-downs and billing blocks, kept in Prefect Variables so every user's runs skip a limited model.
+"""Model cool-downs and billing blocks, shared by every dispatcher so that all users' runs skip a limited model.
 
-A quota verdict (dispatch/ratelimits.py) puts its model on cool-down until the provider's reset time (at
+A quota verdict (dispatch/runner/ratelimits.py) puts its model on cool-down until the provider's reset time (at
 least `MIN_COOLDOWN_SECONDS`, even when the reset has passed); a billing verdict blocks it for a year, in
 practice until a person fixes the account and runs `dispatch models reset <model>`; a transient limit (a
 429 or 529 that passes in seconds, or an endpoint that cannot be reached) cools it for the provider's
 retry-after, at least `TRANSIENT_COOLDOWN_SECONDS`, so that the next spec starts on the next model at once
-instead of paying the same limit again. One Variable per model, `dispatch_cooldown_<model>` = {"model",
-"kind": "quota"|"billing"|"transient", "until": <unix time>, "since", "reason", "by": <user@host>}. Every
-dispatcher against the same Prefect API (the team's server, or this machine's embedded database) reads
-them, at most every `refresh` seconds, and leaves cooling models out of a spec's chain. Auth and config
-errors (a key or a command to fix) put no model on cool-down.
+instead of paying the same limit again. A cool-down is {"model", "kind": "quota"|"billing"|"transient",
+"until": <unix time>, "since", "reason", "by": <user@host>}. Auth and config errors (a key or a command to
+fix) put no model on cool-down.
+
+Where they are kept is a `CooldownStore`: `FileCooldowns` (one JSON file, this machine's dispatchers) or the
+Prefect API's Variables `dispatch_cooldown_<model>` (`dispatch.prefect.cooldowns`, what every dispatcher
+against the same API reads: the team's server, or this machine's embedded database). `Cooldowns` reads the
+store at most every `refresh` seconds and leaves cooling models out of a spec's chain.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from dispatch.prefect.errors import API_ERRORS
-from dispatch.ratelimits import Verdict, cooldown_until
+from dispatch.core.errors import ConfigError
+from dispatch.core.results import write_json
+from dispatch.core.safeload import load_json
+from dispatch.runner.ratelimits import Verdict, cooldown_until
 
 logger = logging.getLogger(__name__)
 COOLING_KINDS = ("quota", "billing", "transient")  # verdicts that put their model on cool-down
-_PREFIX = "dispatch_cooldown_"
 
 
-def variable_name(model: str) -> str:
-    """The Prefect Variable that holds `model`'s cool-down."""
-    return _PREFIX + re.sub(r"[^a-z0-9_]", "_", model.lower())
+class CooldownStore(Protocol):
+    """Where the cool-downs are kept. `errors`: what its calls raise when the store, not our code, fails."""
+
+    errors: tuple[type[Exception], ...]
+
+    def load(self) -> dict[str, dict]:
+        """Every cool-down held, current or expired: model -> value (``kind`` defaults to quota)."""
+
+    def save(self, model: str, value: dict) -> None:
+        """Keep `value` as `model`'s cool-down (replacing any)."""
+
+    def remove(self, model: str) -> bool:
+        """Drop `model`'s cool-down; whether it had one (even an expired one)."""
+
+
+class FileCooldowns:
+    """The cool-downs of one machine's dispatchers: `{model: value}` in one JSON file, rewritten atomically.
+
+    A change is a read, then a write of the whole file: two dispatchers cooling different models in the same
+    instant may lose one (its next limit cools it again).
+    """
+
+    errors: tuple[type[Exception], ...] = (OSError,)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, dict]:
+        try:
+            raw = load_json(self.path, max_bytes=1 << 20)
+        except ConfigError:  # missing, unreadable, or no (bounded) JSON: no cool-down
+            return {}
+        if not isinstance(raw, dict):
+            return {}
+        return {str(model): {"kind": "quota", **value} for model, value in raw.items() if isinstance(value, dict)}
+
+    def save(self, model: str, value: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {**self.load(), model: value})
+
+    def remove(self, model: str) -> bool:
+        held = self.load()
+        if held.pop(model, None) is None:
+            return False
+        write_json(self.path, held)
+        return True
 
 
 class Cooldowns:
-    """Read and set model cool-downs through the Prefect API.
+    """Read and set model cool-downs in a store.
 
     Args:
-        refresh: seconds a read of the server's cool-downs is reused.
+        store: where the cool-downs are kept.
+        refresh: seconds a read of the store is reused.
         clock: wall clock (Unix time), injectable for tests.
     """
 
-    def __init__(self, refresh: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: CooldownStore, refresh: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
         self._refresh = refresh
         self._clock = clock
         self._cache: dict[str, dict] = {}
@@ -50,26 +99,12 @@ class Cooldowns:
         self._lock = threading.Lock()
 
     def load(self) -> dict[str, dict]:
-        """Every cool-down the API holds, current or expired: model -> value (``kind`` defaults to quota).
+        """Every cool-down the store holds, current or expired: model -> value (``kind`` defaults to quota).
 
         Raises:
-            httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+            Exception: one of the store's `errors` (the Prefect API cannot be reached or refused the request).
         """
-        from prefect.client.orchestration import get_client
-
-        found: dict[str, dict] = {}
-        with get_client(sync_client=True) as client:
-            # only ours, by name (`like_` is a substring match, `_` a wildcard: checked exactly below); reading
-            # every variable would page past them once the team's lock table grows
-            response = client.request("POST", "/variables/filter", json={
-                "variables": {"name": {"like_": _PREFIX}}, "limit": 200})
-            response.raise_for_status()
-            for variable in response.json():
-                value, name = variable.get("value"), str(variable.get("name", ""))
-                if name.startswith(_PREFIX) and isinstance(value, dict):
-                    value = {"kind": "quota", **value}
-                    found[str(value.get("model") or name[len(_PREFIX):])] = value
-        return found
+        return self.store.load()
 
     def active(self) -> dict[str, dict]:
         """Models on cool-down or blocked now: model -> {"until", "kind", "reason", "by", ...}."""
@@ -77,7 +112,7 @@ class Cooldowns:
             if time.monotonic() - self._read_at >= self._refresh:
                 try:
                     self._cache = self.load()
-                except API_ERRORS as exc:  # no API: keep what we knew, never block dispatching
+                except self.store.errors as exc:  # no store: keep what we knew, never block dispatching
                     logger.warning("could not read model cool-downs: %s", exc)
                 self._read_at = time.monotonic()
             now = self._clock()
@@ -113,7 +148,7 @@ class Cooldowns:
             try:
                 self.record(attempt.model, attempt.verdict, attempt.reset_at, reason, by,
                             retry_after=getattr(attempt, "retry_after", None))
-            except API_ERRORS as exc:
+            except self.store.errors as exc:
                 log.warning("could not record the cool-down of %s: %s", attempt.model, exc)
             if attempt.verdict == "billing":
                 log.error("model %s is blocked for billing (%s, seen by spec %s): no spec of any user of this "
@@ -136,7 +171,7 @@ class Cooldowns:
             Until when the model now waits, or None when the verdict sets no cool-down.
 
         Raises:
-            httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+            Exception: one of the store's `errors` (the Prefect API cannot be reached or refused the request).
         """
         until = cooldown_until(Verdict(kind, reason, reset_at, retry_after), self._clock())
         if until is not None:
@@ -145,14 +180,12 @@ class Cooldowns:
 
     def set(self, model: str, until: float, reason: str, by: str, *, kind: str = "quota") -> None:
         """Put `model` on cool-down until `until` (keeps a later cool-down, or a billing block, already set)."""
-        from prefect.variables import Variable
-
         current = self.active().get(model)
         if current and float(current["until"]) >= until:
             return
         value = {"model": model, "kind": kind, "until": until, "since": self._clock(), "reason": reason[:200],
                  "by": by}
-        Variable.set(variable_name(model), value, overwrite=True)
+        self.store.save(model, value)
         with self._lock:
             self._cache[model] = value
         logger.log(logging.INFO if kind == "transient" else logging.WARNING, "model %s %s until %s: %s", model,
@@ -161,21 +194,18 @@ class Cooldowns:
 
     def clear(self, model: str) -> bool:
         """End `model`'s cool-down or billing block; returns whether it had one (even an expired one)."""
-        from prefect.variables import Variable
-
-        existed = Variable.get(variable_name(model)) is not None
-        Variable.unset(variable_name(model))
+        existed = self.store.remove(model)
         with self._lock:
             self._cache.pop(model, None)
         return existed
 
 
 def model_state(model: str, cooldown: dict[str, Any] | None, now: float) -> dict[str, Any]:
-    """One row of `dispatch models`: the model's state from its cool-down Variable (None: none set).
+    """One row of `dispatch models`: the model's state from its cool-down (None: none set).
 
     Args:
         model: the model's name.
-        cooldown: the value of its `dispatch_cooldown_<model>` Variable, if any.
+        cooldown: its cool-down as kept in the store, if any.
         now: the current Unix time.
 
     Returns:

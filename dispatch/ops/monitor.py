@@ -147,7 +147,8 @@ def _server_limits(rest: _Rest) -> dict[str, dict[str, int]]:
 
 def _cooldowns(rest: _Rest, now: float) -> list[dict[str, Any]]:
     """Models cooling down or blocked now, from their `dispatch_cooldown_<model>` Variables."""
-    from dispatch.core.cooldowns import model_state, variable_name
+    from dispatch.core.cooldowns import model_state
+    from dispatch.prefect.cooldowns import variable_name
 
     prefix = variable_name("")
     rows = []

@@ -48,9 +48,9 @@ def _catalog(names: list[str]) -> tuple[dict[str, ModelSpec], dict[str, dict[str
 
 
 def _cooling() -> dict[str, dict]:
-    from dispatch.core.cooldowns import Cooldowns
+    from dispatch.prefect.cooldowns import server_cooldowns
 
-    return Cooldowns(refresh=0).active()
+    return server_cooldowns(refresh=0).active()
 
 
 def usable_models(models: list[str], catalog: dict[str, ModelSpec] | None = None,
@@ -75,14 +75,15 @@ def usable_models(models: list[str], catalog: dict[str, ModelSpec] | None = None
 
 
 def _record_limits(attempts: list[dict]) -> None:
-    from dispatch.core.cooldowns import COOLING_KINDS, Cooldowns
+    from dispatch.core.cooldowns import COOLING_KINDS
+    from dispatch.prefect.cooldowns import server_cooldowns
     from dispatch.prefect.errors import API_ERRORS
 
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     for attempt in attempts:  # as a spec's attempts cool their models (Cooldowns.record_attempts), transient too
         if attempt.get("verdict") in COOLING_KINDS and attempt.get("model"):
             try:
-                Cooldowns().record(attempt["model"], attempt["verdict"], attempt.get("reset_at"),
+                server_cooldowns().record(attempt["model"], attempt["verdict"], attempt.get("reset_at"),
                                    attempt.get("reason") or attempt["verdict"], who,
                                    retry_after=attempt.get("retry_after"))
             except API_ERRORS:  # the answer (or the next model's) stands; the cool-down is a courtesy

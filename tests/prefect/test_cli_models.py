@@ -22,9 +22,9 @@ def dispatch(*args: str) -> subprocess.CompletedProcess:
 def cooldowns(prefect_api, monkeypatch):
     """Cool-downs set through the code the flow uses, on the session's server; removed afterwards."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    from dispatch.core.cooldowns import Cooldowns
+    from dispatch.prefect.cooldowns import server_cooldowns
 
-    keeper = Cooldowns(refresh=0)
+    keeper = server_cooldowns(refresh=0)
     yield keeper
     for model in ("glm", "minimax", "claude", "codex", "opencode"):
         keeper.clear(model)

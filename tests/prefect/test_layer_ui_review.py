@@ -98,10 +98,10 @@ def test_no_capture_is_not_run(prefect_api, run_dir: Path):
 
 def test_a_transient_limit_in_a_layers_question_cools_the_model_for_the_team(prefect_api, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    from dispatch.core.cooldowns import Cooldowns
     from dispatch.pipeline.agent_call import _record_limits
+    from dispatch.prefect.cooldowns import server_cooldowns
 
-    keeper = Cooldowns(refresh=0)
+    keeper = server_cooldowns(refresh=0)
     try:
         _record_limits([{"model": "minimax", "verdict": "transient", "reason": "429 rate limit", "retry_after": 45}])
         cooling = keeper.load().get("minimax")

@@ -36,7 +36,7 @@ def _monitor_json(server: bool = True) -> dict:
 def test_once_json_shows_a_running_spec_a_drained_node_a_cooldown_and_a_failure(fake_agents, isolated_home: Path):
     from prefect.variables import Variable
 
-    from dispatch.core.cooldowns import Cooldowns
+    from dispatch.prefect.cooldowns import server_cooldowns
 
     specs = isolated_home / "specs" / "watched"
     write_spec(specs, "S01.md", {"task_id": "S01", "model": ["claude"]},
@@ -45,7 +45,7 @@ def test_once_json_shows_a_running_spec_a_drained_node_a_cooldown_and_a_failure(
     settings = get_settings()
     Variable.unset("dispatch_drained")
     reset = time.time() + 3600
-    Cooldowns().set("minimax", reset, "test: usage limit exceeded", "tester@test")
+    server_cooldowns().set("minimax", reset, "test: usage limit exceeded", "tester@test")
     log = isolated_home / "run.log"
     run = start_in_background("watched", log, env={**os.environ, "DISPATCH_LOCAL_SLOTS": "2"})
     try:
@@ -62,7 +62,7 @@ def test_once_json_shows_a_running_spec_a_drained_node_a_cooldown_and_a_failure(
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=60)
         Variable.unset("dispatch_drained")
-        Cooldowns().clear("minimax")
+        server_cooldowns().clear("minimax")
 
     assert data["mode"] == "team" and data["prefect_api_url"] == os.environ["PREFECT_API_URL"]
     [node] = data["nodes"]

@@ -68,14 +68,14 @@ def test_retry_note_reads_the_runners_lines(line: str, shown: str, note: str | N
 def test_a_spec_that_waited_for_a_cool_down_runs_without_the_old_reason(run_project, fake_agents, isolated_home):
     import time
 
-    from dispatch.core.cooldowns import Cooldowns
     from dispatch.core.results import state_path
     from dispatch.core.settings import get_settings
+    from dispatch.prefect.cooldowns import server_cooldowns
 
     get_settings.cache_clear()
     state_file = state_path(get_settings().state_dir, "cooled")
     seen = isolated_home / "running.json"
-    Cooldowns().set("claude", time.time() + 3, "429 rate limit", "test@host", kind="transient")
+    server_cooldowns().set("claude", time.time() + 3, "429 rate limit", "test@host", kind="transient")
     write_spec(isolated_home / "specs" / "cooled", "S01-after.md", {"task_id": "S01-after", "model": ["claude"]},
                f"## Goal\nWrite.\n\nFAKE: write out.txt ok\n\n## Acceptance criteria\n- [ ] `cp {state_file} {seen}`\n")
     state, summary = run_project("cooled")
