@@ -39,7 +39,6 @@ from dispatch.cluster.runtime import ClusterRuntime
 from dispatch.cluster.transports import RunRequest, failure
 from dispatch.cluster.transports.agent import NODE_FULL
 from dispatch.core.agents import build_prompt, build_steps, build_verify_steps
-from dispatch.core.budgets import Budgets
 from dispatch.core.dag import Project, select
 from dispatch.core.durations import DurationHistory, first_model
 from dispatch.core.errors import DispatchError, ProjectInvalid
@@ -56,6 +55,7 @@ from dispatch.pipeline.generated import load_specs, run_key
 from dispatch.prefect.cooldowns import server_cooldowns
 from dispatch.prefect.errors import SERVER_ERRORS
 from dispatch.prefect.shares import ServerShares
+from dispatch.prefect.spend import budgets_for
 from tasks import run_inputs
 from tasks.run_spec import run_spec, skip_spec
 
@@ -126,7 +126,7 @@ class ProjectRun:
             retries=settings.retries, retry_delay=settings.retry_delay, estimates=estimates,
             order=self.config.order)
         self.cooldowns = server_cooldowns()
-        self.budgets = Budgets(settings)
+        self.budgets = budgets_for(settings)
         self._running_models: dict[str, str] = {}  # task id -> the model it started with (budget estimates)
         self.events: queue.Queue = queue.Queue()
         self.futures: dict[str, PrefectFuture] = {}

@@ -1,6 +1,7 @@
 """Daily budgets per model and per user (USD per UTC day), against the usage ledger (dispatch/core/usage.py) and, in
-team mode, the other machines' spend, which each machine publishes in its own Prefect Variable
-`dispatch_usage_<yyyymmdd>_<machine>` (its whole day's sums: idempotent writes, no two writers of one Variable).
+team mode, the other machines' spend, which each machine publishes on a `SpendBoard` (its whole day's sums:
+idempotent writes, no two writers of one entry): the Prefect server's, `dispatch.prefect.spend`. Without a board
+(one machine) the ledger, which every dispatcher of the machine appends to, is the whole spend.
 """
 
 from __future__ import annotations
@@ -15,22 +16,15 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from dispatch.core.usage import LEDGER_NAME, figure, ledger_path, next_utc_midnight, parse_ledger, total_figure, utc_day
-from dispatch.prefect.errors import API_ERRORS
 
 _ESTIMATE_SAMPLES = 20  # a model's cost estimate: the mean of its last this many attempts that reported one
 _REREAD_SECONDS = 5.0  # Budgets re-reads a ledger that other dispatchers append to at most this often
-_TEAM_PREFIX = "dispatch_usage_"  # team mode: one Prefect Variable per machine (ledger) and UTC day
 _TEAM_REFRESH = 10.0  # seconds the other machines' spend is reused
 _TEAM_PUBLISH = 5.0  # seconds between two publications of this machine's spend (one HTTP call, in a thread)
-_TEAM_KEEP_DAYS = 7  # a machine's spend Variables of older days are deleted when it first publishes
 logger = logging.getLogger(__name__)
-
-
-def _team_prefix(day: str) -> str:
-    return f"{_TEAM_PREFIX}{day.replace('-', '')}_"
 
 
 def machine_key(settings: Any) -> str:
@@ -39,66 +33,29 @@ def machine_key(settings: Any) -> str:
     return f"{host}_{hashlib.sha256(str(settings.home).encode()).hexdigest()[:8]}"
 
 
-def publish_spend(settings: Any, day: str, spent: dict[tuple[str, str, str], float]) -> None:
-    """Team mode: put this machine's spend of `day` (its whole ledger's, so writes are idempotent) in its Prefect
-    Variable `dispatch_usage_<yyyymmdd>_<machine>`, where every dispatcher's budgets read it.
+class SpendBoard(Protocol):
+    """Where the machines of a team publish their spend of a UTC day (team mode; see `dispatch.prefect.spend`).
 
-    Raises:
-        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
+    `errors`: what its calls raise when the board, not our code, fails (the dispatcher then counts what it knew).
     """
-    from prefect.variables import Variable
 
-    value = {"day": day, "machine": machine_key(settings), "at": time.time(),
-             "model": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "model" and d == day},
-             "user": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "user" and d == day}}
-    Variable.set(_team_prefix(day) + machine_key(settings), value, overwrite=True)
+    errors: tuple[type[Exception], ...]
 
+    def publish(self, day: str, spent: dict[tuple[str, str, str], float]) -> None:
+        """Publish this machine's spend of `day` (its whole ledger's: writes are idempotent)."""
 
-def prune_spend(settings: Any, today: str) -> list[str]:
-    """Team mode: delete this machine's spend Variables older than a week (one per machine and day would pile
-    up on the server); returns their names.
+    def prune(self, today: str) -> list[str]:
+        """Delete this machine's publications older than a week; their names."""
 
-    Raises:
-        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.variables import Variable
-
-    oldest = (dt.date.fromisoformat(today) - dt.timedelta(days=_TEAM_KEEP_DAYS)).strftime("%Y%m%d")
-    suffix, old = "_" + machine_key(settings), []
-    with get_client(sync_client=True) as client:
-        response = client.request("POST", "/variables/filter", json={
-            "variables": {"name": {"like_": suffix}}, "limit": 200})
-        response.raise_for_status()
-        for variable in response.json():
-            name = str(variable.get("name", ""))
-            day = name[len(_TEAM_PREFIX):len(_TEAM_PREFIX) + 8]
-            if name.startswith(_TEAM_PREFIX) and name.endswith(suffix) and day.isdigit() and day < oldest:
-                old.append(name)
-    for name in old:
-        Variable.unset(name)
-    return old
+    def read(self, day: str) -> dict[str, dict]:
+        """Every machine's published spend of `day`: machine -> {"model": {name: USD}, "user": {...}, "at"}."""
 
 
-def team_spend(day: str) -> dict[str, dict]:
-    """Team mode: every machine's published spend of `day` (UTC, YYYY-MM-DD): machine -> {"model": {name: USD},
-    "user": {name: USD}, "at"}. What a monitor shows as the team's cost today.
-
-    Raises:
-        httpx.HTTPError: the Prefect API cannot be reached or refused the request.
-    """
-    from prefect.client.orchestration import get_client
-
-    prefix, found = _team_prefix(day), {}
-    with get_client(sync_client=True) as client:
-        response = client.request("POST", "/variables/filter", json={
-            "variables": {"name": {"like_": prefix}}, "limit": 200})
-        response.raise_for_status()
-        for variable in response.json():  # `like_` treats `_` as a wildcard: checked exactly here
-            name, value = str(variable.get("name", "")), variable.get("value")
-            if name.startswith(prefix) and isinstance(value, dict):
-                found[name[len(prefix):]] = value
-    return found
+def spend_value(settings: Any, day: str, spent: dict[tuple[str, str, str], float]) -> dict:
+    """What this machine publishes of its spend of `day`: `{"day", "machine", "at", "model", "user"}`."""
+    return {"day": day, "machine": machine_key(settings), "at": time.time(),
+            "model": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "model" and d == day},
+            "user": {n: round(c, 6) for (k, n, d), c in spent.items() if k == "user" and d == day}}
 
 
 class Budgets:
@@ -109,13 +66,19 @@ class Budgets:
     mean cost of the model's recent attempts (0 while none reported a cost, so the first spec of a fresh
     model always starts). A model over its budget is left out of a spec's chain (its next model runs, as for
     a cool-down); a spec with no model left, or whose user is over budget, waits.
+
+    Args:
+        settings: the process settings (budgets, results directory).
+        clock: wall clock (Unix time), injectable for tests.
+        team: the team's spend board (team mode), or None: this machine's ledger is the whole spend.
     """
 
-    def __init__(self, settings: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, settings: Any, clock: Callable[[], float] = time.time, team: SpendBoard | None = None,
+                 ) -> None:
         self.model_limits: dict[str, float] = dict(settings.budget_model)
         self.user_limits: dict[str, float] = dict(settings.budget_user)
         self._settings = settings
-        self._team = bool(settings.prefect_api_url)  # team mode: other machines' spend comes from the server
+        self._board = team  # team mode: other machines' spend comes from the board
         self._others: dict[tuple[str, str, str], float] = {}
         self._others_at = float("-inf")
         self._published_at = float("-inf")
@@ -169,11 +132,11 @@ class Budgets:
         """Count what was appended to the ledger since the last read (this dispatcher's lines, and others'),
         and in team mode publish this machine's spend today for the other machines' budgets (in a background
         thread: the dispatch loop never waits on the server for it). Nothing to do without budgets or a team."""
-        if not (self.enabled or self._team):
+        if not (self.enabled or self._board is not None):
             return
         self._refresh(force=True)
         self._unpublished = True
-        if not self._team or time.monotonic() - self._published_at < _TEAM_PUBLISH:
+        if self._board is None or time.monotonic() - self._published_at < _TEAM_PUBLISH:
             return
         if self._publishing is not None and not self._publishing.done():
             return  # the last publication is still out; the next refresh sends the newer figures
@@ -184,15 +147,16 @@ class Budgets:
     def flush(self, spent: dict[tuple[str, str, str], float] | None = None) -> None:
         """Team mode: publish this machine's spend today (`spent`, default the current figures) now, if it
         changed since the last publication."""
-        if not self._team or not self._unpublished:
+        board = self._board
+        if board is None or not self._unpublished:
             return
         self._published_at, self._unpublished = time.monotonic(), False
         try:
-            publish_spend(self._settings, utc_day(self._clock()), self._spent if spent is None else spent)
+            board.publish(utc_day(self._clock()), self._spent if spent is None else spent)
             if not self._pruned:
                 self._pruned = True
-                prune_spend(self._settings, utc_day(self._clock()))
-        except API_ERRORS as exc:  # the others count it late; this machine's budgets still hold
+                board.prune(utc_day(self._clock()))
+        except board.errors as exc:  # the others count it late; this machine's budgets still hold
             logger.warning("could not publish this machine's usage to the server: %s", exc)
 
     def close(self) -> None:
@@ -203,12 +167,13 @@ class Budgets:
         self.flush()
 
     def _other_machines(self, day: str) -> dict[tuple[str, str, str], float]:
-        if not self._team or time.monotonic() - self._others_at < _TEAM_REFRESH:
+        board = self._board
+        if board is None or time.monotonic() - self._others_at < _TEAM_REFRESH:
             return self._others
         self._others_at = time.monotonic()
         try:
-            published = team_spend(day)
-        except API_ERRORS as exc:  # no server: count what we knew
+            published = board.read(day)
+        except board.errors as exc:  # no server: count what we knew
             logger.warning("could not read the team's usage: %s", exc)
             return self._others
         others: dict[tuple[str, str, str], float] = {}

@@ -21,8 +21,8 @@ def no_team_spend(prefect_api: str):
     server is shared, and budgets count what every other machine spent today."""
     from prefect.variables import Variable
 
-    from dispatch.core.budgets import team_spend
     from dispatch.core.usage import utc_day
+    from dispatch.prefect.spend import team_spend
 
     def clear() -> None:
         day = utc_day(time.time())
@@ -153,10 +153,11 @@ def test_usage_travels_back_in_the_worker_result_artifact(prefect_api: str) -> N
 
 def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: str, isolated_home: Path,
                                                                  monkeypatch) -> None:
-    from dispatch.core.budgets import Budgets, machine_key, team_spend
+    from dispatch.core.budgets import machine_key
     from dispatch.core.results import SpecResult
     from dispatch.core.settings import get_settings
     from dispatch.core.usage import append_ledger, ledger_records, utc_day
+    from dispatch.prefect.spend import budgets_for, team_spend
 
     def machine(home: str):  # another DISPATCH_HOME is another machine's ledger
         (isolated_home / home).mkdir(exist_ok=True)
@@ -175,16 +176,16 @@ def test_team_mode_budgets_count_what_other_machines_spent_today(prefect_api: st
     recent = f"dispatch_usage_{time.strftime('%Y%m%d', time.gmtime(time.time() - 6 * 86400))}_{machine_key(first)}"
     for name in (stale, recent):
         Variable.set(name, {"model": {"claude": 1.0}}, overwrite=True)
-    budgets = Budgets(first)
+    budgets = budgets_for(first)
     budgets.refresh()  # what the flow does after each result: count it, and publish it in team mode (a thread)
     budgets.close()  # and at the run's end: the publication is out
     assert team_spend(utc_day(time.time()))[machine_key(first)]["model"] == {"claude": 0.05}
     assert Variable.get(stale) is None and Variable.get(recent) is not None, "a week of days is kept, no more"
     Variable.unset(recent)
     second = machine("machine-b")
-    chain, why = Budgets(second).check(["claude"], "bob", [])
+    chain, why = budgets_for(second).check(["claude"], "bob", [])
     assert chain == [] and why.startswith("budget reached: claude $0.05 of $0.05"), why
     monkeypatch.delenv("PREFECT_API_URL")
     get_settings.cache_clear()
-    assert Budgets(get_settings()).check(["claude"], "bob", []) == (["claude"], ""), \
+    assert budgets_for(get_settings()).check(["claude"], "bob", []) == (["claude"], ""), \
         "without the server only this machine's ledger counts"

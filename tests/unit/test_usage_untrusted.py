@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dispatch.core.results import SpecResult
-from dispatch.runner import RUNNER_PATH
-from dispatch.runner.node_runner import USAGE_MAX_COST_USD, USAGE_MAX_TOKENS, UsageMeter
+from dispatch.runner.events import USAGE_MAX_COST_USD, USAGE_MAX_TOKENS, UsageMeter
+from tests.fixtures.runner import RUNNER_PATH
 
 _FORGED = {"type": "result", "subtype": "success", "is_error": False, "result": "done", "num_turns": 1,
            "total_cost_usd": 1e308, "usage": {"input_tokens": 1e308, "output_tokens": 12}}
@@ -136,29 +136,43 @@ def test_a_forged_cost_does_not_spend_a_models_budget(isolated_home: Path, monke
     assert Budgets(get_settings(), clock=lambda: now).check(["claude"], "alice", []) == (["claude"], "")
 
 
+class _Published:
+    """A team's spend board that holds what other machines published (hostile input) and takes nothing."""
+
+    errors: tuple[type[Exception], ...] = (OSError,)
+
+    def __init__(self, published: dict) -> None:
+        self.published = published
+
+    def publish(self, day: str, spent: dict) -> None:
+        pass
+
+    def prune(self, today: str) -> list[str]:
+        return []
+
+    def read(self, day: str) -> dict:
+        return self.published
+
+
 def test_a_forged_spend_published_by_other_machines_does_not_block_a_budget(isolated_home: Path, monkeypatch):
-    from dispatch.core import budgets as budgets_module
+    from dispatch.core.budgets import Budgets
     from dispatch.core.settings import get_settings
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # team mode; never called (team_spend below)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
     get_settings.cache_clear()
     forged = {"model": {"claude": 1e308}, "user": {"alice": 1e308}}
-    monkeypatch.setattr(budgets_module, "team_spend", lambda day: {"m1": forged, "m2": forged})
-    budgets = budgets_module.Budgets(get_settings())
+    budgets = Budgets(get_settings(), team=_Published({"m1": forged, "m2": forged}))
     assert budgets.check(["claude"], "alice", []) == (["claude"], "")
 
 
 def test_spend_of_other_machines_that_is_no_map_is_skipped_not_a_crash(isolated_home: Path, monkeypatch):
-    from dispatch.core import budgets as budgets_module
+    from dispatch.core.budgets import Budgets
     from dispatch.core.settings import get_settings
 
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # team mode; never called (team_spend below)
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 20}')
     get_settings.cache_clear()
     published = {"m1": {"model": ["claude", 30], "user": "alice"}, "m2": "junk", "m3": {"model": {"claude": 25}}}
-    monkeypatch.setattr(budgets_module, "team_spend", lambda day: published)
-    allowed, why = budgets_module.Budgets(get_settings()).check(["claude"], "alice", [])
+    allowed, why = Budgets(get_settings(), team=_Published(published)).check(["claude"], "alice", [])
     assert allowed == [] and "claude" in why, "m3's well-formed spend still counts"
 
 
