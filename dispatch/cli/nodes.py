@@ -328,12 +328,13 @@ def _drained(settings: DispatchSettings) -> dict[str, dict]:
     import httpx
 
     from dispatch.core.drain import drained_nodes
+    from dispatch.prefect.drained import drained_store
 
     if settings.embedded:
-        return drained_nodes(settings)
+        return drained_nodes(drained_store(settings))
     _use_prefect(settings)
     try:
-        return drained_nodes(settings)
+        return drained_nodes(drained_store(settings))
     except (httpx.HTTPError, OSError) as exc:
         err.print(f"[yellow]warning:[/] cannot read the drained nodes from {escape(_where(settings))}: "
                   f"{escape(str(exc))}", soft_wrap=True)
@@ -368,12 +369,13 @@ def drain_node(
 ) -> None:
     """Take a node out of service: every dispatcher stops placing specs on it; specs running there finish."""
     from dispatch.core.drain import drain
+    from dispatch.prefect.drained import drained_store
     from dispatch.prefect.team import whoami
 
     settings = get_settings()
     _known_node(settings, name)
     user, host = whoami()
-    if _change_drain(settings, lambda: drain(settings, name, reason=reason, by=f"{user}@{host}")):
+    if _change_drain(settings, lambda: drain(drained_store(settings), name, reason=reason, by=f"{user}@{host}")):
         console.print(f"{escape(name)} drained: no new spec goes there; its running specs finish "
                       f"(`dispatch nodes undrain {escape(name)}` puts it back)", soft_wrap=True)
     else:
@@ -384,10 +386,11 @@ def drain_node(
 def undrain_node(name: Annotated[str, typer.Argument(help="The node (a name in nodes.json).")]) -> None:
     """Put a drained node back in service; running dispatchers use it again within a few seconds."""
     from dispatch.core.drain import undrain
+    from dispatch.prefect.drained import drained_store
 
     settings = get_settings()
     _known_node(settings, name)
-    if _change_drain(settings, lambda: undrain(settings, name)):
+    if _change_drain(settings, lambda: undrain(drained_store(settings), name)):
         console.print(f"{escape(name)} undrained: back in service")
     else:
         console.print(f"{escape(name)} was not drained")

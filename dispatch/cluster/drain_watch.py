@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from dispatch.core.drain import drained_nodes
 from dispatch.core.settings import DispatchSettings
+from dispatch.prefect.drained import drained_store
 from dispatch.prefect.errors import API_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def read_drained(settings: DispatchSettings, log: logging.Logger | logging.Logge
                  ) -> dict[str, dict] | None:
     """The drained nodes now, or None (said on `log`) when they cannot be read."""
     try:
-        return drained_nodes(settings)
+        return drained_nodes(drained_store(settings))
     except API_ERRORS as exc:
         (log or logger).warning("could not read the drained nodes: %s", exc)
         return None
@@ -46,7 +47,7 @@ class DrainWatch:
 
     def __init__(self, settings: DispatchSettings, known: dict[str, dict], on_change: Callable[[dict[str, dict]], None],
                  interval: float) -> None:
-        self._settings = settings
+        self._store = drained_store(settings)
         self._names = set(known)
         self._on_change = on_change
         self._interval = interval
@@ -58,7 +59,7 @@ class DrainWatch:
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
             try:
-                drained = drained_nodes(self._settings)
+                drained = drained_nodes(self._store)
             except API_ERRORS as exc:
                 if not self._failing:  # once per outage, not every few seconds
                     logger.warning("could not read the drained nodes (keeping the last known): %s", exc)

@@ -163,7 +163,8 @@ def _cooldowns(rest: _Rest, now: float) -> list[dict[str, Any]]:
 
 
 def _drained_on_server(rest: _Rest) -> dict[str, dict]:
-    from dispatch.core.drain import VARIABLE, parse_stored  # the store's own validation of a stored value
+    from dispatch.core.drain import parse_stored  # the store's own validation of a stored value
+    from dispatch.prefect.drained import VARIABLE
 
     found = rest.get(f"/variables/name/{VARIABLE}")
     return parse_stored(found.get("value") if isinstance(found, dict) else None)
@@ -255,6 +256,7 @@ def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
     import httpx
 
     from dispatch.core.drain import drained_nodes
+    from dispatch.prefect.drained import drained_store
 
     now = time.time()
     api = _api(settings)
@@ -264,7 +266,7 @@ def take_snapshot(settings: DispatchSettings, *, failures: int | None = None,
     snapshot.running, snapshot.projects, recent = _project_rows(states, now)
     snapshot.failures = recent[:failures or settings.monitor_failures]
     snapshot.usage_today = _usage_today(settings)
-    drained = drained_nodes(settings) if settings.embedded else {}
+    drained = drained_nodes(drained_store(settings)) if settings.embedded else {}
     limits: dict[str, dict[str, int]] = {}
     if api is None:
         snapshot.notes.append("cool-downs unknown: this home's local Prefect server is not running "

@@ -100,6 +100,7 @@ def test_the_guardian_reports_the_versions_and_flags_an_unpassed_one(versioned_n
 def test_an_unpassed_cli_version_is_told_once_and_never_drains_the_node(isolated_home, monkeypatch):
     from dispatch.core.drain import drained_nodes
     from dispatch.ops.guardian.policy import apply_policy
+    from dispatch.prefect.drained import drained_store
 
     monkeypatch.delenv("PREFECT_API_URL")
     get_settings.cache_clear()
@@ -111,7 +112,7 @@ def test_an_unpassed_cli_version_is_told_once_and_never_drains_the_node(isolated
         found, drained, _ = apply_policy(settings, [Check("loop1", "agent_versions", False, flag),
                                                     Check("loop1", "reachable", True, "ok")], drain_after=2)
         alerts += found
-        assert drained == [] and "loop1" not in drained_nodes(settings)
+        assert drained == [] and "loop1" not in drained_nodes(drained_store(settings))
     assert [a.subject for a in alerts] == ["[dispatch guardian] loop1: agent_versions failing"]
     _, drained, _ = apply_policy(settings, [Check("loop1", "reachable", False, "refused")], drain_after=2)
     assert drained == [], "an advisory failure counted no cycle towards draining"

@@ -337,12 +337,13 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     from dispatch.core.drain import drain, undrain
     from dispatch.core.results import load_state
     from dispatch.core.settings import get_settings
+    from dispatch.prefect.drained import drained_store
     from flows.dispatch_project import LISTENERS
 
     monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")
     get_settings.cache_clear()
     settings = get_settings()
-    undrain(settings, "loop2")  # the session server's variable: start from a clean slate
+    undrain(drained_store(settings), "loop2")  # the session server's variable: start from a clean slate
     specs, timeline = isolated_home / "specs" / "draining", cluster.timeline
     for i in range(18):
         shell_spec(specs, f"S{i:02d}", timeline, seconds=2.0)
@@ -362,7 +363,7 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
         while time.monotonic() < deadline and len(victim_runs()) < slots:  # every slot of the victim busy
             time.sleep(0.05)
         seen["before"] = victim_runs()
-        drain(settings, victim, reason="test: taken out of service", by="tester")
+        drain(drained_store(settings), victim, reason="test: taken out of service", by="tester")
         seen["drained_at"] = time.time()
         while time.monotonic() < deadline:  # its specs finish, and S99 says it waits for the drained node
             state = load_state(settings.state_dir, "draining")
@@ -373,7 +374,7 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
                 break
             time.sleep(0.05)
         seen["undrained_at"] = time.time()
-        undrain(settings, victim)
+        undrain(drained_store(settings), victim)
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
@@ -385,7 +386,7 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     finally:
         LISTENERS.remove(listener)
         thread.join(timeout=5)
-        undrain(settings, victim)
+        undrain(drained_store(settings), victim)
     assert state.is_completed(), state.message
     assert len(seen["before"]) == slots
     assert seen.get("reason") == f"{DRAINED_WAIT} ({victim})"

@@ -26,6 +26,7 @@ from dispatch.cluster.transports.ssh import SSHTransport
 from dispatch.core.drain import drained_nodes, undrain
 from dispatch.core.settings import get_settings
 from dispatch.ops.guardian import run_cycle
+from dispatch.prefect.drained import drained_store
 from dispatch.runner import runner_checksum
 
 pytestmark = pytest.mark.integration
@@ -111,12 +112,12 @@ def test_a_dead_node_alerts_once_is_drained_after_n_cycles_and_recovers_with_one
             assert reachable.status == "FAIL" and "loop2" in reachable.detail
             assert _check(report, "loop2", "disk").status == "NOT RUN"
             assert report.exit_code == 1
-            assert "loop2" not in drained_nodes(settings), f"drained after {cycle} cycle(s), before 3"
+            assert "loop2" not in drained_nodes(drained_store(settings)), f"drained after {cycle} cycle(s), before 3"
             assert [a["subject"] for a in webhook.about("loop2")] == ["[dispatch guardian] loop2: reachable failing"], (
                 report.alerts_to, report.alert_errors, webhook.received)
         report = run_cycle(settings)
         assert report.drained == ["loop2"]
-        assert drained_nodes(settings)["loop2"]["by"] == "guardian"
+        assert drained_nodes(drained_store(settings))["loop2"]["by"] == "guardian"
         subjects = [a["subject"] for a in webhook.about("loop2")]
         assert subjects == ["[dispatch guardian] loop2: reachable failing", "[dispatch guardian] loop2 drained"]
         assert "fix taken" in webhook.about("loop2")[0]["body"]
@@ -126,7 +127,7 @@ def test_a_dead_node_alerts_once_is_drained_after_n_cycles_and_recovers_with_one
         cluster.restart("loop2")
     report = run_cycle(settings)
     assert _check(report, "loop2", "reachable").ok is True
-    assert report.undrained == ["loop2"] and "loop2" not in drained_nodes(settings)
+    assert report.undrained == ["loop2"] and "loop2" not in drained_nodes(drained_store(settings))
     run_cycle(settings)
     recovered = [a for a in webhook.about("loop2") if a["subject"].endswith("recovered")]
     assert len(recovered) == 1 and len(webhook.about("loop2")) == 3
@@ -136,6 +137,7 @@ def test_a_dead_node_alerts_once_is_drained_after_n_cycles_and_recovers_with_one
 
 def test_a_persons_drain_is_left_alone_and_no_block_means_log_only(guarded):
     from dispatch.core.drain import drain
+    from dispatch.prefect.drained import drained_store
 
     cluster, settings = guarded, get_settings()
     assert settings.alert_block is None
@@ -145,17 +147,17 @@ def test_a_persons_drain_is_left_alone_and_no_block_means_log_only(guarded):
         assert report.alerts_to == "the log only (DISPATCH_ALERT_BLOCK is not set)"
         assert [a.subject for a in report.alerts if a.target == "loop3"] == ["[dispatch guardian] loop3: reachable "
                                                                               "failing"]
-        drain(settings, "loop3", reason="disk swap on Tuesday", by="alice")
+        drain(drained_store(settings), "loop3", reason="disk swap on Tuesday", by="alice")
         for _ in range(settings.guardian_drain_after):
             assert run_cycle(settings).drained == []
         cluster.restart("loop3")
         report = run_cycle(settings)
         assert [a.kind for a in report.alerts if a.target == "loop3"] == ["recovered"]
         assert "left drained by alice" in report.alerts[-1].body
-        assert report.undrained == [] and drained_nodes(settings)["loop3"]["by"] == "alice"
+        assert report.undrained == [] and drained_nodes(drained_store(settings))["loop3"]["by"] == "alice"
     finally:
         cluster.restart("loop3")
-        undrain(settings, "loop3")
+        undrain(drained_store(settings), "loop3")
 
 
 def _transport(cluster, name: str, pool: SSHPool) -> SSHTransport:

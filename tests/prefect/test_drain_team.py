@@ -7,6 +7,7 @@ import pytest
 
 from dispatch.core.drain import drain, drained_nodes, undrain
 from dispatch.core.settings import get_settings
+from dispatch.prefect.drained import drained_store
 
 pytestmark = pytest.mark.prefect
 
@@ -17,9 +18,9 @@ def test_team_mode_keeps_the_drained_nodes_on_the_server(prefect_api, isolated_h
     settings = get_settings()
     assert not settings.embedded
     Variable.unset("dispatch_drained")
-    assert drain(settings, "n7", reason="disk full", by="bob@gw") is True
+    assert drain(drained_store(settings), "n7", reason="disk full", by="bob@gw") is True
     assert Variable.get("dispatch_drained")["n7"]["reason"] == "disk full"
     assert not (settings.home / "drained.json").exists()
-    assert list(drained_nodes(settings)) == ["n7"]
-    assert undrain(settings, "n7") is True
-    assert drained_nodes(settings) == {}
+    assert list(drained_nodes(drained_store(settings))) == ["n7"]
+    assert undrain(drained_store(settings), "n7") is True
+    assert drained_nodes(drained_store(settings)) == {}

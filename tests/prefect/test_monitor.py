@@ -17,6 +17,7 @@ from dispatch.core.drain import drain
 from dispatch.core.results import ProjectState, SpecRow, save_state
 from dispatch.core.settings import get_settings
 from dispatch.ops.monitor import cost_usd, take_snapshot
+from dispatch.prefect.drained import drained_store
 from tests.fixtures.prefect_free import run_without_prefect
 from tests.fixtures.projects import DISPATCH, shell_spec, start_in_background, write_spec
 
@@ -56,7 +57,7 @@ def test_once_json_shows_a_running_spec_a_drained_node_a_cooldown_and_a_failure(
                 break
             assert run.poll() is None, log.read_text()
             time.sleep(0.2)
-        drain(settings, "local", reason="test: maintenance", by="tester@test")
+        drain(drained_store(settings), "local", reason="test: maintenance", by="tester@test")
         data = _monitor_json()
     finally:
         run.send_signal(signal.SIGTERM)
@@ -96,7 +97,7 @@ def test_embedded_snapshot_reads_the_state_files_and_never_imports_prefect(isola
         "S05": SpecRow(state="failed", node="local", ended_at=now - 50, reason="older")}))
     save_state(settings.state_dir, ProjectState(project="dead", pid=2**22 + 12345, specs={
         "S01": SpecRow(state="running", node="local")}))
-    drain(settings, "local", reason="disk", by="ann@box")
+    drain(drained_store(settings), "local", reason="disk", by="ann@box")
     [output] = run_without_prefect("dispatch.cli.main", "app", ["monitor", "--once", "--json"])
     data = json.loads(output)
     assert data["mode"] == "embedded" and data["team_runs"] is None

@@ -7,6 +7,7 @@ import pytest
 from dispatch.cluster.drain_watch import DrainWatch, read_drained
 from dispatch.core.drain import drain, undrain
 from dispatch.core.settings import get_settings
+from dispatch.prefect.drained import drained_store
 
 
 @pytest.fixture
@@ -21,13 +22,13 @@ def test_the_watch_reports_each_change_of_the_drained_set_once(embedded):
     changes: queue.Queue = queue.Queue()
     watch = DrainWatch(settings, read_drained(settings) or {}, changes.put, interval=0.05)
     try:
-        drain(settings, "n1", reason="disk", by="ann@box")
+        drain(drained_store(settings), "n1", reason="disk", by="ann@box")
         assert list(changes.get(timeout=10)) == ["n1"]
-        drain(settings, "n1", reason="again", by="bob@box")  # no change of the set: nothing reported
-        drain(settings, "n2", reason="fan", by="ann@box")
+        drain(drained_store(settings), "n1", reason="again", by="bob@box")  # no change of the set: nothing reported
+        drain(drained_store(settings), "n2", reason="fan", by="ann@box")
         assert sorted(changes.get(timeout=10)) == ["n1", "n2"]
-        undrain(settings, "n1")
-        undrain(settings, "n2")
+        undrain(drained_store(settings), "n1")
+        undrain(drained_store(settings), "n2")
         assert changes.get(timeout=10) == {}
     finally:
         watch.close()

@@ -23,6 +23,7 @@ from dispatch.core.results import write_json
 from dispatch.core.safeload import load_json
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.health import SERVER, Check
+from dispatch.prefect.drained import drained_store
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def apply_policy(settings: DispatchSettings, checks: list[Check], drain_after: i
     by_target: dict[str, list[Check]] = {}
     for check in checks:
         by_target.setdefault(check.target, []).append(check)
-    drained = drained_nodes(settings)
+    store = drained_store(settings)
+    drained = drained_nodes(store)
     alerts: list[Alert] = []
     drained_now: list[str] = []
     undrained_now: list[str] = []
@@ -113,7 +115,7 @@ def apply_policy(settings: DispatchSettings, checks: list[Check], drain_after: i
                 alerts.append(Alert(target, "failure", f"[dispatch guardian] {target}: {', '.join(c.name for c in new)}"
                                     " failing", "\n".join(_line(c) for c in new)))
             if (target != SERVER and counted and entry["failures"] >= drain_after and target not in drained
-                    and drain(settings, target, reason=f"failed {', '.join(names)} {entry['failures']} guardian "
+                    and drain(store, target, reason=f"failed {', '.join(names)} {entry['failures']} guardian "
                               f"cycles in a row", by=BY)):
                 entry["drained"] = True
                 drained_now.append(target)
@@ -125,7 +127,7 @@ def apply_policy(settings: DispatchSettings, checks: list[Check], drain_after: i
             note = ""
             info = drained.get(target)
             if info is not None and info.get("by") == BY:
-                undrain(settings, target)
+                undrain(store, target)
                 undrained_now.append(target)
                 note = "; undrained: it takes specs again"
             elif info is not None:
