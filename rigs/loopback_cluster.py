@@ -37,13 +37,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from dispatch.cluster.ssh import SSHTarget
 from dispatch.core.errors import NodeError
+from dispatch.core.net import port_free
+from dispatch.core.polling import attempts
+from dispatch.core.processes import carrying
 from rigs.loopback_host import (
     address as loopback_address,
 )
@@ -53,8 +55,6 @@ from rigs.loopback_host import (
     find_free_port,
     keygen,
     make_user,
-    marked_processes,
-    port_free,
     process_table,
     sftp_server_path,
     signal_all,
@@ -180,7 +180,7 @@ class LoopbackCluster:
         self.port = port = port or find_free_port(len(slots))
         for index in range(len(slots)):
             address = loopback_address(index)
-            if not port_free(address, port):
+            if not port_free(port, address):
                 raise NodeError(f"loop{index + 1}", f"{address}:{port} is already in use (another loopback "
                                 "cluster or sshd?): stop it or pick another port (--port, or 0 for a free one)")
         keygen(self.key_path, "dispatch-loopback-client")
@@ -287,8 +287,7 @@ class LoopbackCluster:
                                        start_new_session=True, preexec_fn=die_with_parent())
         with self._lock:
             self._processes[name] = process
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
+        for _ in attempts(_START_TIMEOUT, 0.02):
             if process.poll() is not None:
                 break
             try:
@@ -297,7 +296,7 @@ class LoopbackCluster:
                              node["host"], node["port"])
                 return
             except OSError:
-                time.sleep(0.02)
+                pass
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
         raise NodeError(name, f"sshd did not start listening on {node['host']}:{node['port']} "
                               f"(exit code {process.poll()}); {log}:\n{tail}")
@@ -331,7 +330,7 @@ class LoopbackCluster:
                     break
                 signal_all(found, signal.SIGSTOP)
                 victims |= found
-        victims |= marked_processes(f"{_ENV_MARKER}={node_dir}".encode())
+        victims |= set(carrying(_ENV_MARKER, str(node_dir)))
         uid = self._uids.get(name)
         while uid is not None:  # its user's processes, stopped until no new one appears
             found = user_processes(uid) - victims

@@ -6,18 +6,19 @@ and kill what a node started, wherever it went).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from dispatch.core.errors import NodeError
+from dispatch.core.net import free_port, port_free
 
 _PR_SET_PDEATHSIG = 1
 _SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/lib/sftp-server",
@@ -97,19 +98,6 @@ def keygen(path: Path, comment: str) -> None:
     )
 
 
-def port_free(address: str, port: int) -> bool:
-    """Whether `address:port` can be bound (a TIME_WAIT socket does not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT, as sshd does
-        try:
-            probe.bind((address, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            raise
-    return True
-
-
 def find_free_port(count: int) -> int:
     """A TCP port free on all of 127.0.0.2 .. 127.0.0.(1+count) (for tests running side by side).
 
@@ -120,10 +108,8 @@ def find_free_port(count: int) -> int:
         The port number.
     """
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((address(0), 0))
-            port = probe.getsockname()[1]
-        if all(port_free(address(i), port) for i in range(count)):
+        port = free_port(address(0))
+        if all(port_free(port, address(i)) for i in range(count)):
             return port
     raise OSError("no TCP port free on all loopback node addresses")
 
@@ -140,35 +126,14 @@ def die_with_parent() -> Callable[[], None] | None:
     return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _proc_files(name: str) -> Iterator[tuple[int, bytes]]:
-    """(pid, content of /proc/<pid>/<name>) for every process that can be read."""
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                yield int(entry.name), Path(entry.path, name).read_bytes()
-            except OSError:
-                continue
-
-
 def process_table() -> dict[int, int]:
-    """pid -> ppid for every process, read from /proc."""
-    # the command name (field 2) may hold spaces and parentheses: split after the last ")"
-    return {pid: int(stat.rpartition(b")")[2].split()[1]) for pid, stat in _proc_files("stat")}
-
-
-def marked_processes(marker: bytes) -> set[int]:
-    """Processes whose environment holds `marker` (started through the node, even if detached)."""
-    return {pid for pid, environ in _proc_files("environ") if pid != os.getpid() and marker in environ.split(b"\0")}
+    """pid -> ppid for every process that can be read."""
+    return {p.pid: p.info["ppid"] for p in psutil.process_iter(["ppid"]) if p.info["ppid"] is not None}
 
 
 def user_processes(uid: int) -> set[int]:
     """Processes whose real user is `uid` (a login-user node's, wherever they went)."""
-    found = set()
-    for pid, status in _proc_files("status"):
-        uids = next((line.split()[1:] for line in status.splitlines() if line.startswith(b"Uid:")), [])
-        if uids and int(uids[0]) == uid:
-            found.add(pid)
-    return found
+    return {p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] is not None and p.info["uids"].real == uid}
 
 
 def signal_all(pids: set[int], signum: int) -> None:

@@ -38,6 +38,7 @@ from dispatch.cli.usage import usage as usage_command
 from dispatch.core.dag import load_project, select
 from dispatch.core.errors import DispatchError, ProjectInvalid, cut
 from dispatch.core.paths import local_path
+from dispatch.core.polling import WaitTimeout, wait_until
 from dispatch.core.report import render_markdown
 from dispatch.core.results import load_state, pid_alive
 from dispatch.core.settings import get_settings
@@ -340,13 +341,12 @@ def stop(project: str, wait: Annotated[float, typer.Option(help="Seconds to wait
     stopped = False
     if state is not None and state.state == "running" and pid_alive(state.pid):
         os.kill(state.pid, signal.SIGTERM)
-        deadline = time.monotonic() + wait
-        while pid_alive(state.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
         stopped = True
-        if pid_alive(state.pid):
+        try:
+            wait_until(lambda: not pid_alive(state.pid), timeout=wait, interval=0.1, what="the dispatcher to stop")
+        except WaitTimeout:
             err.print(f"[red]the dispatcher (pid {state.pid}) did not stop within {wait:.0f}s[/]")
-            raise typer.Exit(EXIT_FAILED)
+            raise typer.Exit(EXIT_FAILED) from None
     orphans = kill_everywhere(settings, project)
     if stopped or orphans:
         console.print(f"stopped {project}" + (f" ({orphans} orphaned runner(s) killed)" if orphans else ""))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from dispatch.core.errors import ConfigError
@@ -266,16 +267,11 @@ def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone (a ZombieProcess error is one too)
         return False
-    except PermissionError:
+    except psutil.AccessDenied:  # another user's: it exists
         return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def cached_results(cache_dir: Path, project: str) -> list[Path]:

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
-
 from dispatch.core.errors import ConfigError
+from dispatch.core.processes import carries
 from dispatch.core.results import pid_alive
+from dispatch.pipeline.deploy import wait_healthy
 from dispatch.pipeline.masking import pipeline_masker
 from dispatch.pipeline.shell import masked_lines, signal_group, stop_group
 
@@ -98,22 +98,7 @@ class AppProcess:
         Returns:
             (healthy, what happened in one line).
         """
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        with httpx.Client(timeout=2.0, follow_redirects=False) as client:
-            while time.monotonic() < deadline:
-                if (code := self.exit_code()) is not None:
-                    return False, f"the app exited with code {code} before its health check answered"
-                try:
-                    response = client.get(url)
-                except httpx.HTTPError as exc:
-                    last = type(exc).__name__
-                else:
-                    if response.status_code == 200:
-                        return True, f"{url} answered 200"
-                    last = f"HTTP {response.status_code}"
-                time.sleep(_POLL)
-        return False, f"{url} did not answer 200 within {timeout:.0f}s (last: {last})"
+        return wait_healthy(url, timeout, interval=_POLL, exited=self.exit_code)
 
     def log_tail(self, lines: int = 40, max_bytes: int = 64 * 1024) -> list[str]:
         """The last `lines` lines of its log (all of it once the app has exited), masked."""
@@ -174,11 +159,10 @@ def reap_orphans(project_dir: Path) -> list[int]:
             pgid = int(pgid_text)
             if pid_alive(int(owner)):
                 continue
-            with open(f"/proc/{pgid}/environ", "rb") as handle:
-                carries = f"{MARKER}={marker}".encode() in handle.read().split(b"\0")
+            ours = carries(pgid, MARKER, marker)
         except (OSError, ValueError):
-            carries = False
-        if carries:
+            ours = False
+        if ours:
             signal_group(pgid, signal.SIGTERM)
             time.sleep(0.5)
             signal_group(pgid, signal.SIGKILL)

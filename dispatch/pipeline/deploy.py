@@ -18,6 +18,7 @@ import secrets
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -25,6 +26,7 @@ from typing import Protocol
 import httpx
 
 from dispatch.core.errors import ConfigError
+from dispatch.core.polling import attempts
 from dispatch.pipeline.deploy_dir import EXAMPLE, unsafe_dir
 from dispatch.pipeline.workspace import SKIP_DIRS, copy_code
 
@@ -106,21 +108,30 @@ class DeployOutcome:
     removed: list[str] = field(default_factory=list)
 
 
-def wait_healthy(url: str, timeout: float) -> tuple[bool, str]:
-    """GET `url` until it answers 200 or `timeout` passes."""
-    deadline, last = time.monotonic() + timeout, "no answer"
+def wait_healthy(url: str, timeout: float, *, interval: float = _POLL,
+                 exited: Callable[[], int | None] | None = None) -> tuple[bool, str]:
+    """GET `url` until it answers 200, `timeout` passes, or `exited()` gives the exit code of the app we started.
+
+    The pipeline's app (L3) and a deploy's health check (L6) both poll through here. No proxy and no redirect:
+    the answer must come from the app itself.
+
+    Returns:
+        (healthy, what happened in one line).
+    """
+    last = "no answer yet"
     with httpx.Client(timeout=2.0, follow_redirects=False, trust_env=False) as client:
-        while True:
+        for _ in attempts(timeout, interval):
+            if exited is not None and (code := exited()) is not None:
+                return False, f"the app exited with code {code} before its health check answered"
             try:
                 status = client.get(url).status_code
-                if status == 200:
-                    return True, f"{url} answered 200"
-                last = f"HTTP {status}"
             except httpx.HTTPError as exc:
                 last = type(exc).__name__
-            if time.monotonic() >= deadline:
-                return False, f"{url} did not answer 200 within {timeout:g}s (last: {last})"
-            time.sleep(_POLL)
+                continue
+            if status == 200:
+                return True, f"{url} answered 200"
+            last = f"HTTP {status}"
+    return False, f"{url} did not answer 200 within {timeout:g}s (last: {last})"
 
 
 class Deployer:

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,13 +36,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dispatch.core.errors import DispatchError
-from dispatch.core.net import free_port, healthy, wait_healthy
+from dispatch.core.net import free_port, healthy, port_free, wait_healthy
+from dispatch.core.polling import attempts
+from dispatch.core.processes import carries, carrying, parent_of
 from dispatch.core.results import pid_alive
 from dispatch.core.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)
 
-_SERVER_MARK = b"prefect.server.api.server:create_app"
+_SERVER_MARK = "prefect.server.api.server:create_app"
 _HOME_MARK = "DISPATCH_LOCAL_SERVER"
 _LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 _START_TIMEOUT = 180.0  # a fresh database is migrated first (~10-30 s on a loaded 2-core machine)
@@ -100,21 +101,9 @@ def recorded_server(settings: DispatchSettings) -> LocalServer | None:
         return None
 
 
-def _environ_of(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            return handle.read()
-    except OSError:  # gone, or not ours to read
-        return b""
-
-
 def _is_ours(pid: int, settings: DispatchSettings) -> bool:
     """Whether `pid` is a live local server of this home (not a process that got its pid later)."""
-    if not pid_alive(pid):
-        return False
-    if not Path("/proc/self/environ").exists():  # no procfs: trust the pid
-        return True
-    return f"{_HOME_MARK}={settings.home}\0".encode() in _environ_of(pid)
+    return pid_alive(pid) and carries(pid, _HOME_MARK, str(settings.home))
 
 
 def _problem(server: LocalServer | None, settings: DispatchSettings) -> str | None:
@@ -146,18 +135,16 @@ class _StartLock:
     def __enter__(self) -> _StartLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + _LOCK_TIMEOUT
-        while True:
+        for _ in attempts(_LOCK_TIMEOUT, 0.1):
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(self._fd)
-                    raise LocalServerError(f"another command has been starting the local Prefect server for "
-                                           f"{_LOCK_TIMEOUT:.0f}s (lock {self.path}); see {self.path.parent.parent}"
-                                           f"/logs/prefect-server.log") from None
-                time.sleep(0.1)
+                pass
+        os.close(self._fd)
+        raise LocalServerError(f"another command has been starting the local Prefect server for "
+                               f"{_LOCK_TIMEOUT:.0f}s (lock {self.path}); see {self.path.parent.parent}"
+                               f"/logs/prefect-server.log")
 
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)
@@ -189,16 +176,6 @@ def ensure_server(settings: DispatchSettings, on_spawned: Callable[[LocalServer]
         return _start(settings, on_spawned), True
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def server_environment(settings: DispatchSettings, port: int) -> dict[str, str]:
     """The environment of this home's local server: PREFECT_* of ours but no API URL, and no credential."""
     env = {k: v for k, v in os.environ.items()
@@ -215,7 +192,7 @@ def server_environment(settings: DispatchSettings, port: int) -> dict[str, str]:
 
 def _start(settings: DispatchSettings, on_spawned: Callable[[LocalServer], None] | None) -> LocalServer:
     """Start a server (the caller holds the start lock) and wait until it answers."""
-    port = settings.server_port if _port_free(settings.server_port) else free_port()
+    port = settings.server_port if port_free(settings.server_port) else free_port()
     log = log_path(settings)
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
@@ -276,26 +253,18 @@ def _stop_pid(pid: int) -> None:
             return
         except PermissionError:
             os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        for _ in attempts(wait, 0.05):
             try:  # reap it when it is our child (a server started by this same process)
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
             if not pid_alive(pid):
                 return
-            time.sleep(0.05)
 
 
 def stop_strays(settings: DispatchSettings) -> list[int]:
     """Stop every server process of this home (its environment carries the home's mark); returns their pids."""
-    if not Path("/proc/self/environ").exists():
-        server = recorded_server(settings)
-        candidates = [server.pid] if server and pid_alive(server.pid) else []
-    else:
-        mark = f"{_HOME_MARK}={settings.home}\0".encode()
-        candidates = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and int(e.name) != os.getpid()
-                      and mark in _environ_of(int(e.name))]
+    candidates = carrying(_HOME_MARK, str(settings.home))
     for pid in candidates:
         _stop_pid(pid)
     return candidates
@@ -353,37 +322,13 @@ def prepare_prefect(settings: DispatchSettings, verbose: bool = False, meanwhile
     return server.ui_url, server if started else None
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("PPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def orphaned_servers(prefect_home: str) -> list[int]:
     """Pids of temporary Prefect servers under `prefect_home` whose dispatcher is gone (parent PID 1).
 
     A server whose parent lives (another dispatcher's, or one under a subreaper) is never listed.
     """
-    marker = f"PREFECT_HOME={prefect_home}\0".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if _SERVER_MARK not in handle.read():
-                    continue
-        except OSError:  # gone, or not ours to read
-            continue
-        if marker in _environ_of(pid) and _parent(pid) == 1:
-            found.append(pid)
-    return found
+    servers = carrying("PREFECT_HOME", prefect_home, cmdline_has=_SERVER_MARK)
+    return [pid for pid in servers if parent_of(pid) == 1]
 
 
 def reap_orphaned_servers(prefect_home: str) -> list[int]:

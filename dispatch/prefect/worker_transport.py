@@ -28,6 +28,7 @@ import httpx
 from dispatch.cluster.config import Node
 from dispatch.cluster.transports import LineSink, RunRequest
 from dispatch.core.errors import NodeError
+from dispatch.core.polling import retry
 from dispatch.core.results import SpecResult
 from dispatch.prefect.errors import SERVER_ERRORS
 
@@ -281,21 +282,15 @@ class WorkerTransport:
         after the task started: until then the server refuses the child (HTTP 409, a foreign key). Retry for
         up to `_PARENT_WAIT` seconds; the idempotency key makes a retry of a request that did land harmless.
         """
-        import httpx
         from prefect.states import Scheduled
 
-        deadline = time.monotonic() + _PARENT_WAIT
-        while True:
-            try:
-                return self.client.create_flow_run_from_deployment(
-                    self._deployment(), parameters={"request": request.model_dump(mode="json")},
-                    state=Scheduled(), tags=[_TAG, f"project:{request.project}", f"spec:{request.task_id}"],
-                    parent_task_run_id=task_run.task_run.id if task_run else None,
-                    idempotency_key=f"{request.run_id}:{request.task_id}:{request.attempt}")
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code != 409 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        return retry(lambda: self.client.create_flow_run_from_deployment(
+            self._deployment(), parameters={"request": request.model_dump(mode="json")},
+            state=Scheduled(), tags=[_TAG, f"project:{request.project}", f"spec:{request.task_id}"],
+            parent_task_run_id=task_run.task_run.id if task_run else None,
+            idempotency_key=f"{request.run_id}:{request.task_id}:{request.attempt}"),
+            retry_if=lambda exc: isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 409,
+            timeout=_PARENT_WAIT, interval=0.2)
 
     def _stale_after(self, request: RunRequest) -> float:
         return self.stale_after or max(10.0, 6 * heartbeat_interval(request))
