@@ -161,6 +161,7 @@ def _check_node(node: Node, bootstrap_args: list[str] | None, timeout: float) ->
     from dispatch.cluster.ssh_target import node_target
     from dispatch.core.agent_versions import AcceptedVersions
     from dispatch.core.settings import get_settings
+    from dispatch.prefect.versions import passed_store
 
     with SSHPool() as pool:
         try:
@@ -168,7 +169,7 @@ def _check_node(node: Node, bootstrap_args: list[str] | None, timeout: float) ->
             if bootstrap_args is not None:
                 login = pool.run(target, "id -un", timeout=timeout + 20).stdout.strip()
                 bootstrap(pool, target, ["--user", login, *bootstrap_args], worker=node.transport == "worker")
-            probe = _probe(pool, node, timeout, AcceptedVersions.load(get_settings()))
+            probe = _probe(pool, node, timeout, AcceptedVersions.load(passed_store(get_settings())))
             runner = _runner_version(pool, target, node, timeout) if probe["reachable"] else None
         except ConfigError as exc:
             raise _Refused(str(exc), EXIT_INVALID) from None

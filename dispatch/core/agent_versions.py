@@ -2,12 +2,10 @@
 
 The pinned versions are `agents/package.json`'s (what `npm ci --prefix agents` installs and the contract tier in
 tests/contract runs). The drift check (dispatch/ops/agent_drift.py, the `agent-cli-drift` deployment) runs the same
-scenarios against the newest published versions and records the versions that passed every one:
-`{cli: [versions]}` in the Prefect Variable `dispatch_agent_cli_passed` (team mode) or
-`DISPATCH_HOME/agents/cli_passed.json` (embedded). `dispatch nodes check` and the guardian read them to flag a
-node whose CLI is at a version neither pinned nor passed.
-
-No Prefect import unless team mode asks the server.
+scenarios against the newest published versions and records the versions that passed every one, `{cli: [versions]}`,
+in a `PassedStore`: `PassedFile`, `DISPATCH_HOME/agents/cli_passed.json` (embedded), or the Prefect Variable
+`dispatch_agent_cli_passed` (team mode: `dispatch.prefect.versions`, whose `passed_store(settings)` picks one).
+`dispatch nodes check` and the guardian read them to flag a node whose CLI is at a version neither pinned nor passed.
 """
 
 from __future__ import annotations
@@ -16,13 +14,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-from dispatch.core.settings import DispatchSettings
+from dispatch.core.results import write_json
 
 AGENTS_DIR = Path(__file__).resolve().parents[2] / "agents"
 PACKAGES = {"claude": "@anthropic-ai/claude-code", "codex": "@openai/codex"}
 """The CLIs the contract tier proves, with their npm packages."""
-VARIABLE = "dispatch_agent_cli_passed"
 KEEP_VERSIONS = 30  # passed versions remembered per CLI (the newest ones)
 
 _VERSION = re.compile(r"(?<![\w.])v?(\d+\.\d+\.\d+(?:-[0-9A-Za-z.]+)?)(?![\w.])")
@@ -46,8 +44,31 @@ def pinned_versions(agents_dir: Path = AGENTS_DIR) -> dict[str, str]:
     return {cli: str(dependencies[package]) for cli, package in PACKAGES.items() if package in dependencies}
 
 
-def _file(settings: DispatchSettings) -> Path:
-    return settings.home / "agents" / "cli_passed.json"
+class PassedStore(Protocol):
+    """Where the drift check's record is kept (its calls may raise what its medium raises: OSError, HTTP errors)."""
+
+    def read(self) -> Any:
+        """The stored record as it is (checked by `load_passed`); {} when none."""
+
+    def write(self, passed: dict[str, list[str]]) -> None:
+        """Replace the stored record."""
+
+
+class PassedFile:
+    """The record of one machine: a JSON file (a missing or damaged file counts as no record)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> Any:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, passed: dict[str, list[str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, passed)
 
 
 def _clean(raw: object) -> dict[str, list[str]]:
@@ -57,38 +78,24 @@ def _clean(raw: object) -> dict[str, list[str]]:
             for cli, versions in raw.items() if isinstance(versions, list)}
 
 
-def load_passed(settings: DispatchSettings) -> dict[str, list[str]]:
+def load_passed(store: PassedStore) -> dict[str, list[str]]:
     """The recorded `{cli: [versions that passed]}` (empty when the drift check never ran).
 
     Raises:
         httpx.HTTPError, OSError: team mode and the Prefect server failed.
     """
-    if settings.embedded:
-        try:
-            return _clean(json.loads(_file(settings).read_text()))
-        except (OSError, ValueError):
-            return {}
-    from prefect.variables import Variable
-
-    return _clean(Variable.get(VARIABLE, default={}))
+    return _clean(store.read())
 
 
-def record_results(settings: DispatchSettings, results: dict[str, dict[str, bool]]) -> dict[str, list[str]]:
+def record_results(store: PassedStore, results: dict[str, dict[str, bool]]) -> dict[str, list[str]]:
     """Record the drift check's `{cli: {version: passed every scenario}}`: a passing version is added (newest
     last), a failing one removed. Returns the record as saved."""
-    passed = load_passed(settings)
+    passed = load_passed(store)
     for cli, versions in results.items():
         kept = [v for v in passed.get(cli, []) if v not in versions]
         kept += [v for v, ok in versions.items() if ok]
         passed[cli] = kept[-KEEP_VERSIONS:]
-    if settings.embedded:
-        from dispatch.core.results import write_json
-
-        write_json(_file(settings), passed)
-    else:
-        from prefect.variables import Variable
-
-        Variable.set(VARIABLE, passed, overwrite=True)
+    store.write(passed)
     return passed
 
 
@@ -107,12 +114,12 @@ class AcceptedVersions:
     note: str = ""
 
     @classmethod
-    def load(cls, settings: DispatchSettings) -> AcceptedVersions:
+    def load(cls, store: PassedStore) -> AcceptedVersions:
         """The pinned versions and the recorded ones; a server that fails leaves the pinned ones only."""
         import httpx
 
         try:
-            return cls(passed=load_passed(settings))
+            return cls(passed=load_passed(store))
         except (httpx.HTTPError, OSError) as exc:
             return cls(note=f"the passed versions could not be read ({exc}): only the pinned ones count")
 

@@ -45,6 +45,7 @@ from dispatch.core.errors import DispatchError
 from dispatch.core.model_catalog import BUILTIN_MODELS, cli_environment, endpoint_settings
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.specs import Spec
+from dispatch.prefect.versions import passed_store
 from dispatch.ratelimits import classify
 
 logger = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ def run_drift(settings: DispatchSettings, *, clis: list[str] | None = None, noti
     from dispatch.ops.guardian.policy import send_alerts
 
     report = check_drift(settings, clis=clis, latest=latest, install=install, pinned_bin=pinned_bin)
-    passed = record_results(settings, report.outcomes())
+    passed = record_results(passed_store(settings), report.outcomes())
     log.info("agent CLI versions passed: %s", json.dumps(passed))
     alerts = drift_alerts(report)
     for alert in alerts:

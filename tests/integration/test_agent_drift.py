@@ -99,8 +99,8 @@ def test_the_drift_flow_alerts_through_the_guardians_block_and_records_the_versi
         pinned, webhook_block, monkeypatch):
     from prefect.variables import Variable
 
-    from dispatch.core.agent_versions import VARIABLE
     from dispatch.ops import agent_drift
+    from dispatch.prefect.versions import VARIABLE
     from flows.agent_cli_drift import agent_cli_drift
 
     receiver, block = webhook_block

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.core.agent_versions import VARIABLE, AcceptedVersions, pinned_versions
+from dispatch.core.agent_versions import AcceptedVersions, pinned_versions
 from dispatch.core.settings import get_settings
 from dispatch.ops.health import Check
+from dispatch.prefect.versions import VARIABLE
 
 pytestmark = pytest.mark.integration
 

@@ -93,6 +93,7 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
     from dispatch.ops.guardian.policy import apply_policy, send_alerts
     from dispatch.ops.guardian.server import dispatchers, server_checks
     from dispatch.prefect.errors import SERVER_ERRORS
+    from dispatch.prefect.versions import passed_store
 
     started, clock = time.time(), time.monotonic()
     nodes = load_nodes(settings)
@@ -107,8 +108,9 @@ def run_cycle(settings: DispatchSettings, *, repair: bool = True, alert: bool = 
         from dispatch.cluster.ssh import SSHPool
 
         pool = SSHPool()
+    accepted = AcceptedVersions.load(passed_store(settings))
     ctx = NodeContext(settings, pool, Limits.from_settings(settings), who.live, repair=repair,
-                      prefect=not settings.embedded, key_secrets=keys, accepted=AcceptedVersions.load(settings))
+                      prefect=not settings.embedded, key_secrets=keys, accepted=accepted)
     try:
         with ThreadPoolExecutor(max_workers=min(16, len(nodes)), thread_name_prefix="guardian") as executor:
             checks = [c for found in executor.map(lambda node: check_node(ctx, node), nodes) for c in found]
