@@ -139,7 +139,7 @@ def _git_failure(request: RunRequest, reason: str, retryable: bool, node_fault: 
 
 def prepare_branch(request: RunRequest, transport: Transport, logger, prefix: str) -> SpecResult | None:
     """git mode: the spec's worktree on branch dispatch/<project>/<task_id>, with its dependencies merged."""
-    from dispatch.cluster.config import gitsync
+    from dispatch.cluster import gitsync
     from dispatch.core.errors import NodeError
 
     script = gitsync.prepare_script(project=request.project, task_id=request.task_id,
@@ -161,7 +161,7 @@ def prepare_branch(request: RunRequest, transport: Transport, logger, prefix: st
 
 def push_branch(request: RunRequest, transport: Transport, result: SpecResult, logger, prefix: str) -> None:
     """git mode: commit the spec's changes and push its branch; a failure fails the attempt (retryable)."""
-    from dispatch.cluster.config import gitsync
+    from dispatch.cluster import gitsync
     from dispatch.core.errors import NodeError
 
     script = gitsync.finish_script(project=request.project, task_id=request.task_id, root=transport.root_path,
