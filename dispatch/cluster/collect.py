@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 
 from dispatch.cluster.config import Node, ProjectConfig, load_nodes
-from dispatch.cluster.gitsync import CollectReport, collect_branches
+from dispatch.cluster.gitcollect import CollectReport, collect_branches
 from dispatch.cluster.transports.build import NodeTransports, local_transport
 from dispatch.core.errors import DispatchError, UnsafePath
 from dispatch.core.paths import check_name, local_path

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.cluster.gitcollect import collect_branches
 from dispatch.cluster.gitsync import (
     CONFLICT_EXIT_CODE,
     GIT_NAME,
     branch_name,
-    collect_branches,
     finish_script,
     prepare_script,
     worktree_path,
