@@ -11,14 +11,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import httpx
-
 from dispatch.cluster.config import Node
 from dispatch.cluster.transports.build import NodeTransports
 from dispatch.cluster.transports.local import LocalTransport
 from dispatch.core.brokers import Brokers, MachineSlots
 from dispatch.core.errors import ConfigError, DispatchError
 from dispatch.core.settings import DispatchSettings
+from dispatch.prefect.errors import SERVER_ERRORS
 from dispatch.prefect.slots import ServerSlots, server_limits
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ class ClusterRuntime:
         if settings.prefect_api_url and settings.server_slots:
             try:
                 limits = server_limits(nodes, log)
-            except (httpx.HTTPError, OSError) as exc:
+            except SERVER_ERRORS as exc:
                 raise DispatchError(f"cannot read or create the node limits on the Prefect server at "
                                     f"{settings.prefect_api_url}: {exc}") from exc
         self.brokers = Brokers(MachineSlots(settings.locks_dir, {n.name: n.slots for n in nodes}),

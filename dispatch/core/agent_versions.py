@@ -45,7 +45,9 @@ def pinned_versions(agents_dir: Path = AGENTS_DIR) -> dict[str, str]:
 
 
 class PassedStore(Protocol):
-    """Where the drift check's record is kept (its calls may raise what its medium raises: OSError, HTTP errors)."""
+    """Where the drift check's record is kept. `errors`: what its calls raise when the store, not our code, fails."""
+
+    errors: tuple[type[Exception], ...]
 
     def read(self) -> Any:
         """The stored record as it is (checked by `load_passed`); {} when none."""
@@ -56,6 +58,8 @@ class PassedStore(Protocol):
 
 class PassedFile:
     """The record of one machine: a JSON file (a missing or damaged file counts as no record)."""
+
+    errors: tuple[type[Exception], ...] = (OSError,)
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -82,7 +86,7 @@ def load_passed(store: PassedStore) -> dict[str, list[str]]:
     """The recorded `{cli: [versions that passed]}` (empty when the drift check never ran).
 
     Raises:
-        httpx.HTTPError, OSError: team mode and the Prefect server failed.
+        Exception: one of the store's `errors` (team mode: the Prefect server failed).
     """
     return _clean(store.read())
 
@@ -116,11 +120,9 @@ class AcceptedVersions:
     @classmethod
     def load(cls, store: PassedStore) -> AcceptedVersions:
         """The pinned versions and the recorded ones; a server that fails leaves the pinned ones only."""
-        import httpx
-
         try:
             return cls(passed=load_passed(store))
-        except (httpx.HTTPError, OSError) as exc:
+        except store.errors as exc:
             return cls(note=f"the passed versions could not be read ({exc}): only the pinned ones count")
 
     def flag(self, cli: str, answer: str | None) -> str | None:

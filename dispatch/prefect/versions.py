@@ -10,12 +10,15 @@ from typing import Any
 
 from dispatch.core.agent_versions import PassedFile, PassedStore
 from dispatch.core.settings import DispatchSettings
+from dispatch.prefect.errors import SERVER_ERRORS
 
 VARIABLE = "dispatch_agent_cli_passed"
 
 
 class PassedVariable:
-    """The `PassedStore` of the Prefect server this process talks to (raises httpx errors when it fails)."""
+    """The `PassedStore` of the Prefect server this process talks to."""
+
+    errors: tuple[type[Exception], ...] = SERVER_ERRORS
 
     def read(self) -> Any:
         from prefect.variables import Variable
