@@ -1,14 +1,15 @@
-"""A burst of run requests to one node agent (`node_runner.py serve`): how long until each is started.
+"""A burst of run requests to one node agent (`runner.pyz serve`): how long until each is started.
 
-    .venv/bin/python bench/agent_burst.py [--count 40] [--history 0] [--runner dispatch/runner/node_runner.py]
+    .venv/bin/python bench/agent_burst.py [--count 40] [--history 0] [--runner PATH/runner.pyz]
         [--rounds 3]
 
 Starts the agent as the SSH transport does (without SSH: its stdin and stdout are pipes), sends `--count` run
 requests of a shell spec at once, and reports the time from sending to the agent's "started" event and to the
 spec's own first line (it echoes a timestamp). A burst is what a node sees when a spec with many dependents
 ends, or at a project's start. `--history N` leaves N finished run directories under the root first, as a
-node that has run projects before has them. `--runner` takes another checkout's runner for a before/after
-figure.
+node that has run projects before has them. `--runner` takes another runner (a zipapp, or an older
+checkout's node_runner.py) for a before/after figure; by default this checkout's zipapp, written to a
+temporary directory.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--history", type=int, default=0, help="finished run directories under the root first")
-    parser.add_argument("--runner", type=Path, default=ROOT / "dispatch" / "runner" / "node_runner.py")
+    parser.add_argument("--runner", type=Path, default=None)
     args = parser.parse_args()
+    if args.runner is None:
+        from dispatch.runner.shipping import local_runner
+
+        args.runner = local_runner(Path(tempfile.mkdtemp(prefix="agent-burst-runner-")))
     for _ in range(args.rounds):
         print(json.dumps(burst(args.runner.resolve(), args.count, args.history)))
     return 0

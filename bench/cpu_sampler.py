@@ -23,13 +23,14 @@ OURS = {"dir": "", "port": ""}
 
 
 def kind(cmd: str) -> str:
-    if OURS["dir"] and "node_runner.py" in cmd and OURS["dir"] not in cmd:
+    runner = "runner.pyz" in cmd or "node_runner.py" in cmd
+    if OURS["dir"] and runner and OURS["dir"] not in cmd:
         return "other sessions"
     if OURS["port"] and "server" in cmd and "prefect" in cmd and f"--port {OURS['port']}" not in cmd:
         return "other sessions"
     if "pytest" in cmd:
         return "other sessions"
-    if "node_runner.py" in cmd:
+    if runner:
         for sub in (" run ", " follow ", " status "):
             if sub in cmd:
                 return "node_runner" + sub.strip()

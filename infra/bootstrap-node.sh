@@ -8,8 +8,8 @@
 #                     [--worker NODE --package PACKAGE --api-url URL]
 #
 #   --user NAME        the login user the dispatcher connects as (default dispatch, home /var/lib/oyster-dispatch)
-#   --runner-dir DIR   where node_runner.py, ratelimits.py, protocol.py are (default: beside this script, else the
-#                      checkout's dispatch/ directory); installed as ~NAME/dispatch/.runner/<checksum>/
+#   --runner-dir DIR   where the runner's zipapp runner.pyz is (default: beside this script, else built from the
+#                      checkout's dispatch/runner/); installed as ~NAME/dispatch/.runner/<checksum>/runner.pyz
 #   --agents LIST      npm install -g the agent CLIs (Node.js from apt if missing); nothing is fetched without it
 #   --authorized-key K a public key appended to ~NAME/.ssh/authorized_keys when missing
 #   --worker NODE      a Prefect worker for pool node-NODE as the unit prefect-worker@NODE (as user dispatch);
@@ -114,31 +114,30 @@ if [ -n "$authorized_key" ]; then
 fi
 
 # --- the node runner, where the dispatcher looks for it: ~/dispatch/.runner/<checksum>/ --------------------
-if [ -z "$runner_dir" ]; then
-  if [ -f "$script_dir/node_runner.py" ]; then runner_dir=$script_dir
-  elif [ -f "$script_dir/../dispatch/runner/node_runner.py" ]; then runner_dir=$script_dir/../dispatch
-  fi
+runner="" built=""
+if [ -n "$runner_dir" ]; then
+  [ -f "$runner_dir/runner.pyz" ] || die "--runner-dir $runner_dir: no runner.pyz there"
+  runner=$runner_dir/runner.pyz
+elif [ -f "$script_dir/runner.pyz" ]; then
+  runner=$script_dir/runner.pyz
+elif [ -f "$script_dir/../dispatch/runner/zipapp.py" ]; then  # a checkout: build the zipapp as the dispatcher does
+  runner=$(mktemp) built=$runner
+  PYTHONPATH="$script_dir/.." python3 -c \
+    'import sys; from dispatch.runner import zipapp; sys.stdout.buffer.write(zipapp.build().data)' > "$runner"
 fi
-runner=$(find "${runner_dir:-/nonexistent}" -maxdepth 2 -name node_runner.py -print -quit 2>/dev/null || true)
-limits=$(find "${runner_dir:-/nonexistent}" -maxdepth 2 -name ratelimits.py -print -quit 2>/dev/null || true)
-protocol=${runner:+$(dirname "$runner")/protocol.py}  # always beside node_runner.py, which imports it
-if [ -n "$runner" ] && [ -n "$limits" ] && [ -f "$protocol" ]; then
-  # the checksum the dispatcher computes (dispatch/runner/protocol.py): sha256 of node_runner.py, ratelimits.py,
-  # protocol.py, in that order
-  checksum=$(cat "$runner" "$limits" "$protocol" | sha256sum | cut -c1-16)
+if [ -n "$runner" ]; then
+  # the runner's version, as the dispatcher computes it (dispatch/runner/zipapp.py): the zipapp's sha256
+  checksum=$(sha256sum "$runner" | cut -c1-16)
   make_dir "$home/dispatch/.runner" 0755
   make_dir "$home/dispatch/.runner/$checksum" 0755
-  for file in "$runner" "$limits" "$protocol"; do
-    dest=$home/dispatch/.runner/$checksum/$(basename "$file")
-    if cmp -s "$file" "$dest"; then
-      ok "$dest is current"
-    else
-      install -m 0755 -o "$user" -g "$group" "$file" "$dest"
-      changed "installed $dest"
-    fi
-  done
-elif [ -n "$runner_dir" ]; then
-  die "--runner-dir $runner_dir: no node_runner.py, ratelimits.py and protocol.py there"
+  dest=$home/dispatch/.runner/$checksum/runner.pyz
+  if cmp -s "$runner" "$dest"; then
+    ok "$dest is current"
+  else
+    install -m 0644 -o "$user" -g "$group" "$runner" "$dest"
+    changed "installed $dest"
+  fi
+  [ -z "$built" ] || rm -f -- "$built"
 else
   ok "no runner given (--runner-dir): the dispatcher ships it on first use"
 fi

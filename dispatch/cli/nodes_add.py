@@ -33,7 +33,8 @@ from dispatch.cluster.config import Node, load_nodes, node_name_problem, parse_n
 from dispatch.core.errors import ConfigError, DispatchError, NodeError, cut
 from dispatch.core.safeload import load_json, loads_json
 from dispatch.core.settings import DispatchSettings, get_settings
-from dispatch.runner import SHIPPED_FILES, runner_checksum, runner_dir_parts
+from dispatch.runner import protocol, zipapp
+from dispatch.runner.shipping import node_runner
 
 if TYPE_CHECKING:
     from dispatch.cluster.ssh import SSHPool, SSHTarget
@@ -176,8 +177,9 @@ def _check_node(node: Node, bootstrap_args: list[str] | None, timeout: float) ->
         except DispatchError as exc:
             raise _Refused(f"{exc}\nnothing was written to nodes.json") from None
     problems = [probe["error"]] if probe["error"] else []
-    if bootstrap_args is not None and runner != runner_checksum():
-        problems.append(f"its node runner reports version {runner or 'none'}, not {runner_checksum()[:16]}")
+    wanted = zipapp.build().version
+    if bootstrap_args is not None and runner != wanted:
+        problems.append(f"its node runner reports version {runner or 'none'}, not {wanted[:16]}")
     if problems:
         raise _Refused(f"node {node.name} failed its check: {'; '.join(problems)}; nothing was written to nodes.json")
     console.print(f"node {escape(node.name)}: reachable, {escape(probe['python'] or '?')}, CLIs: "
@@ -199,7 +201,7 @@ def bootstrap(pool: SSHPool, target: SSHTarget, args: list[str], *, worker: bool
     Raises:
         NodeError: the login user cannot become root without a password, or the script failed.
     """
-    files = [INFRA / "bootstrap-node.sh", *SHIPPED_FILES] + ([INFRA / "prefect-worker@.service"] if worker else [])
+    files = [INFRA / "bootstrap-node.sh"] + ([INFRA / "prefect-worker@.service"] if worker else [])
     if missing := [str(f) for f in files if not f.is_file()]:
         raise ConfigError(f"cannot find {', '.join(missing)}: run `dispatch nodes add` from a checkout "
                           "(pip install -e .), which has infra/ beside dispatch/")
@@ -215,6 +217,7 @@ def bootstrap(pool: SSHPool, target: SSHTarget, args: list[str], *, worker: bool
     try:
         for path in files:
             pool.put_file(target, path, f"{directory}/{path.name}", mode=0o755)
+        pool.put_file(target, zipapp.build().data, f"{directory}/{protocol.RUNNER_FILE}", mode=0o644)
         sudo = "" if how == "root" else "sudo -n "
         command = f"{sudo}bash {shlex.quote(directory)}/bootstrap-node.sh {shlex.join(args)}"
         done = pool.run(target, command, timeout=_BOOTSTRAP_TIMEOUT, check=False,
@@ -232,9 +235,8 @@ def bootstrap(pool: SSHPool, target: SSHTarget, args: list[str], *, worker: bool
 
 def _runner_version(pool: SSHPool, target: SSHTarget, node: Node, timeout: float) -> str | None:
     """The checksum the node's copy of this runner version reports, None when it has none."""
-    script = "/".join([node.remote_root.removeprefix("~/"), *runner_dir_parts(), "node_runner.py"])
-    done = pool.run(target, f"{shlex.quote(node.python)} {shlex.quote(script)} version", timeout=timeout + 20,
-                    check=False)
+    runner = node_runner(node.remote_root.removeprefix("~/").rstrip("/") or ".", node.python)
+    done = pool.run(target, f"{runner.command} version", timeout=timeout + 20, check=False)
     try:
         data = loads_json(done.stdout, f"node {node.name}: the runner's version output") if done.exit_code == 0 \
             else None

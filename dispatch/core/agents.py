@@ -5,7 +5,7 @@ The prompt never goes in argv (one argument is capped at 128 KiB: longer prompts
 `<run_dir>/prompt.txt` (mode 0600) and opens as the agent's standard input. The `{prompt}` element of a
 command only marks where the prompt used to go; it is dropped (or replaced by `-`, for `codex exec -`).
 Claude Code runs with `--output-format stream-json --verbose` and Codex with `--json`: their structured
-output tells a failed run from one that only talks about limits (dispatch/ratelimits.py).
+output tells a failed run from one that only talks about limits (dispatch/runner/ratelimits.py).
 
 The models themselves (each one's CLI command, endpoint, key variable, and what each CLI needs to run
 headless and leave retries to us) are the catalog's: dispatch/core/model_catalog.py.

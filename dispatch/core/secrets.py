@@ -5,7 +5,7 @@ given. The dispatcher masks again what it writes itself (Prefect logs, the cache
 file, reports and artifacts), with every secret it knows: the agent keys of the `AgentModel` blocks and
 of its own environment, the Prefect API's auth string, and any variable of its environment whose name
 says it is a credential (`*KEY*`, `*TOKEN*`, `*SECRET*`, `*PASSWORD*`, `*CREDENTIAL*`, `*AUTH*`), even
-though no step is given those (dispatch/runner/node_runner.py: steps get an allow-list environment).
+though no step is given those (dispatch/runner/run.py: steps get an allow-list environment).
 
 Examples:
     >>> masker = Masker(["fake-ant-0123456789"])

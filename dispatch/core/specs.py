@@ -111,12 +111,12 @@ def env_problem(names: Iterable[str], model_variables: Iterable[str] = ()) -> st
     """Why a spec's `env:` may not set these names, or None.
 
     Refused: DISPATCH_* (ours), what decides which program runs or where an agent sends its key
-    (`node_runner.protected_env`: the one list, which the runner applies too; suffixes such as `*_BASE_URL`
+    (`runner.task.protected_env`: the one list, which the runner applies too; suffixes such as `*_BASE_URL`
     and `*_TOKEN` in any case, since some tools read lower-case variants), and the variables of the built-in
     models and of `model_variables` (the configured models', `dispatch.core.model_catalog.model_variables`).
     """
     # imported here: the runner module takes 50-100 ms to import and most specs set no env
-    from dispatch.runner.node_runner import protected_env
+    from dispatch.runner.task import protected_env
 
     names, models = list(names), {*model_variables, *variables_of(BUILTIN_MODELS)}
     if ours := [name for name in names if name.startswith("DISPATCH_")]:

@@ -1,7 +1,7 @@
 """Usage and cost per attempt, as the agents report it: the model, the ledger and its totals.
 
 The node runner reads what each agent CLI prints (Claude Code's `result` event, Codex's `turn.completed`,
-opencode's `step_finish`: `node_runner.UsageMeter`) into each attempt of `result.json`; a figure an agent did
+opencode's `step_finish`: `runner.events.UsageMeter`) into each attempt of `result.json`; a figure an agent did
 not print stays unknown (None), never 0. The dispatcher appends one line per attempt to the ledger,
 `<home>/results/usage.jsonl` (rotated to `usage.jsonl.1` past `DISPATCH_USAGE_LEDGER_BYTES`), from which
 `totals()` sums cost and tokens per model, user, project and UTC day, and `dispatch.core.budgets.Budgets` keeps
@@ -9,7 +9,7 @@ a spec from starting when its model's or its user's spend today (UTC) would pass
 `DISPATCH_BUDGET_USER`.
 
 An agent's figures are its own output, so untrusted: a cost that is not a finite number from 0 to $10,000 per
-attempt, or a token count that is not a whole number from 0 to 10^10 (`node_runner.USAGE_MAX_*`), is recorded
+attempt, or a token count that is not a whole number from 0 to 10^10 (`runner.events.USAGE_MAX_*`), is recorded
 as unknown with a warning, by the runner (in task.log) and again here (a node may run an older runner), and a
 ledger line with one counts it as unknown: no total, budget or `--json` output ever holds `inf` or `NaN`.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationInfo, field_validator
 
-from dispatch.runner.node_runner import usage_figure
+from dispatch.runner.events import usage_figure
 
 _TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 LEDGER_NAME = "usage.jsonl"
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 def figure(value: Any, name: str = "cost_usd") -> float | int | None:
     """A usage figure of one attempt (`cost_usd` or a `*_tokens`) as counted: within its bound
-    (`node_runner.usage_figure`); anything else is unknown (None)."""
+    (`runner.events.usage_figure`); anything else is unknown (None)."""
     return usage_figure(name, value)[0]
 
 

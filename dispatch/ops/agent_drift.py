@@ -5,7 +5,7 @@ The CLIs change their flags every few weeks (codex-cli dropped `--full-auto`), s
 dispatch gives a model (`dispatch.core.agents.build_steps`) against the contract provider on 127.0.0.1:
 
     claude-success  Claude Code writes hello.txt through the Write tool round trip and exits 0
-    claude-429      Claude Code answered 429 is classified transient (dispatch.ratelimits.classify)
+    claude-429      Claude Code answered 429 is classified transient (dispatch.runner.ratelimits.classify)
     codex-success   Codex writes hello.txt through a shell call round trip and exits 0
     codex-429       Codex answered 429 is classified transient
 
@@ -46,7 +46,7 @@ from dispatch.core.model_catalog import BUILTIN_MODELS, cli_environment, endpoin
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.specs import Spec
 from dispatch.prefect.versions import passed_store
-from dispatch.ratelimits import classify
+from dispatch.runner.ratelimits import classify
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dispatch.core.paths import local_path
 from dispatch.core.settings import BUNDLED_EXAMPLES
 from dispatch.pipeline.config import Backend
 from dispatch.pipeline.shell import StepResult, run_step
-from dispatch.runner.node_runner import base_environment
+from dispatch.runner.task import base_environment
 
 SKIP_DIRS = frozenset({".git", ".hg", ".venv", "venv", "node_modules", "__pycache__", ".pytest_cache",
                        ".mypy_cache", ".ruff_cache", "dist", "build", ".tox", ".dispatch"})

@@ -1,8 +1,7 @@
 """The protocol between the dispatcher and its node runner, written once for both sides.
 
-Standard library only, Python 3.8 or newer: it is shipped to every node beside ``node_runner.py``, which
-imports it from beside itself, and the dispatcher's side (the transports, the guardian's probe) imports it
-as ``dispatch.runner.protocol``. It holds:
+Standard library only, Python 3.8 or newer: it is shipped to every node inside the runner's zipapp, and the
+dispatcher's side (the transports, the guardian's probe) imports it as ``dispatch.runner.protocol``. It holds:
 
 - a run directory's files (``<root>/<project>/tasks/<task_id>/``) and the fields of each: the task the
   dispatcher writes, the status and result the runner writes, the events ``serve`` answers with;
@@ -10,8 +9,8 @@ as ``dispatch.runner.protocol``. It holds:
   ``kill`` closing the books of a runner that died);
 - the liveness test: a runner lives exactly while it holds its run directory's ``flock`` (the kernel drops
   it when the runner exits, even as a zombie or after SIGKILL);
-- the runner's version: the sha256 of the shipped files, and where a node keeps that version
-  (``<root>/.runner/<first 16 hex digits>/``).
+- the runner's version: the sha256 of its zipapp, and where a node keeps that version
+  (``<root>/.runner/<first 16 hex digits>/runner.pyz``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterable
 from typing import Any
 
 # -- a run directory ------------------------------------------------------------------------------------------
@@ -60,7 +58,7 @@ RESULT_FIELDS = (
 """result.json's keys, in the order `result_record` writes them."""
 
 SERVE_EVENTS = ("started", "attached", "log", "result", "recovered", "earlier", "full", "error")
-"""The events `node_runner.py serve` answers a request with (node_runner._Agent says what each carries)."""
+"""The events `runner.pyz serve` answers a request with (`serve._Agent` says what each carries)."""
 
 
 def result_record(
@@ -136,38 +134,26 @@ def lock_holder(run_dir: str) -> int | None:
 
 # -- the runner's version and where a node keeps it -----------------------------------------------------------
 
-SHIPPED_NAMES = ("node_runner.py", "ratelimits.py", "protocol.py")
-"""The files shipped to a node, into one directory, in the order their checksum hashes them."""
+RUNNER_FILE = "runner.pyz"
+"""The runner as shipped: one zipapp (`dispatch/runner/zipapp.py`), run as ``python3 runner.pyz <command>``."""
 
 RUNNER_DIR = ".runner"
-"""Under a node's run root: one directory per runner version, `.runner/<version_dir(checksum)>/`."""
+"""Under a node's run root: one directory per runner version, `.runner/<version_dir(version)>/runner.pyz`."""
 
 
-def shipped_paths(runner_dir: str) -> list[str]:
-    """The shipped files as seen from the directory of ``node_runner.py``: all beside it (on a node), or
-    ratelimits.py one directory up (in the repo: ``dispatch/ratelimits.py`` beside ``dispatch/runner/``)."""
-    paths = []
-    for name in SHIPPED_NAMES:
-        path = os.path.join(runner_dir, name)
-        if not os.path.isfile(path) and name == "ratelimits.py":
-            path = os.path.join(os.path.dirname(runner_dir), name)
-        paths.append(path)
-    return paths
-
-
-def checksum(paths: Iterable[str]) -> str:
-    """sha256 over the files' bytes in the given order: the runner's version (`runner_version`).
+def checksum(path: str) -> str:
+    """sha256 of a file's bytes: of the runner's zipapp, the runner's version (`runner_version`).
 
     Raises:
-        OSError: a file cannot be read.
+        OSError: the file cannot be read.
     """
     digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            digest.update(handle.read())
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 16), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def version_dir(runner_checksum: str) -> tuple[str, str]:
+def version_dir(runner_version: str) -> tuple[str, str]:
     """The parts of a runner version's directory under a node's run root: (".runner", first 16 hex digits)."""
-    return RUNNER_DIR, runner_checksum[:16]
+    return RUNNER_DIR, runner_version[:16]

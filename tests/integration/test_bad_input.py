@@ -337,7 +337,7 @@ def _home_env(home: Path, specs: Path, projects: Path) -> dict[str, str]:
 
 def test_cleanup_refuses_while_a_runner_of_the_project_lives(tree: Path) -> None:
     from dispatch.cluster.transports.local import live_runner
-    from dispatch.runner import RUNNER_PATH
+    from tests.fixtures.runner import RUNNER_PATH
 
     home = tree / "home"
     run_dir = home / "runs" / "shop" / "tasks" / "S01-a"

@@ -23,7 +23,7 @@ import pytest
 
 from dispatch.cli.nodes_add import bootstrap
 from dispatch.cluster.ssh import SSHPool
-from dispatch.runner import runner_checksum
+from dispatch.runner import zipapp
 from rigs.loopback_cluster import LoopbackCluster, find_free_port
 from tests.fixtures.projects import DISPATCH, shell_spec, write_spec
 from tests.fixtures.sshd import agent_bin_for_nodes
@@ -81,16 +81,15 @@ def test_bootstrap_twice_makes_the_user_and_runner_then_changes_nothing(sudo_nod
         first = _bootstrap(sudo_node, args, capsys)
         assert f"changed: created user {user}" in first, first
         home = Path(pwd.getpwnam(user).pw_dir)
-        runner_dir = home / "dispatch" / ".runner" / runner_checksum()[:16]
-        assert (runner_dir / "node_runner.py").read_bytes() == (
-            Path(__file__).parents[2] / "dispatch" / "runner" / "node_runner.py").read_bytes()
+        runner_dir = home / "dispatch" / ".runner" / zipapp.build().version[:16]
+        assert (runner_dir / "runner.pyz").read_bytes() == zipapp.build().data
         assert (home / ".ssh" / "authorized_keys").read_text().splitlines() == [public_key]
         assert (home / "dispatch").stat().st_uid == pwd.getpwnam(user).pw_uid
         assert (home / "dispatch").stat().st_mode & 0o777 == 0o700
         assert first[-1].endswith("change(s)"), first
-        version = subprocess.run(["python3", str(runner_dir / "node_runner.py"), "version"], capture_output=True,
+        version = subprocess.run(["python3", str(runner_dir / "runner.pyz"), "version"], capture_output=True,
                                  text=True, check=True)
-        assert json.loads(version.stdout)["runner_version"] == runner_checksum()
+        assert json.loads(version.stdout)["runner_version"] == zipapp.build().version
 
         before, passwd = _tree(home), pwd.getpwnam(user)
         second = _bootstrap(sudo_node, args, capsys)

@@ -27,7 +27,7 @@ from dispatch.core.drain import drained_nodes, undrain
 from dispatch.core.settings import get_settings
 from dispatch.ops.guardian import run_cycle
 from dispatch.prefect.drained import drained_store
-from dispatch.runner import runner_checksum
+from dispatch.runner import zipapp
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +212,7 @@ def test_an_orphan_runner_is_killed_and_a_watched_one_is_left_running(guarded, i
 def test_a_tampered_runner_is_reshipped_and_rechecked(guarded):
     settings = get_settings()
     run_cycle(settings)  # the runner is on every node now
-    shipped = guarded.run_root("loop3") / ".runner" / runner_checksum()[:16] / "node_runner.py"
+    shipped = guarded.run_root("loop3") / ".runner" / zipapp.build().version[:16] / "runner.pyz"
     original = shipped.read_bytes()
     shipped.write_bytes(original + b"\nimport os; os.system('echo owned')\n")
     report = run_cycle(settings)

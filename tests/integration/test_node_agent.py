@@ -1,4 +1,4 @@
-"""The node agent (`node_runner.py serve`) behind the SSH transport, on a real sshd node.
+"""The node agent (`runner.pyz serve`) behind the SSH transport, on a real sshd node.
 
 Judged from what the specs record themselves and from the node's process table.
 """
@@ -20,7 +20,7 @@ from dispatch.cluster.transports import RunRequest
 from dispatch.cluster.transports.ssh import SSHTransport
 from dispatch.core.errors import NodeError
 from dispatch.core.settings import get_settings
-from dispatch.runner.node_runner import RUNNER_PROCESS_NAME
+from dispatch.runner.procs import RUNNER_PROCESS_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def _processes(marker: str, transport: SSHTransport) -> list[tuple[int, str]]:
 def _serving(transport: SSHTransport) -> list[int]:
     """The node's agents: the runners they fork share their command line (renamed once started; a fork still
     starting has an agent or a fork for its parent)."""
-    found = {pid for pid, _ in _processes("node_runner.py serve", transport)}
+    found = {pid for pid, _ in _processes("runner.pyz serve", transport)}
     agents = []
     for pid in found:
         try:
@@ -94,7 +94,7 @@ def test_concurrent_attempts_share_one_agent_and_get_their_own_logs(transport: S
     deadline = time.monotonic() + 60
     while any(thread.is_alive() for thread in threads) and time.monotonic() < deadline:
         serving.update(_serving(transport))
-        followers.update(cmd for _, cmd in _processes("node_runner.py follow", transport))
+        followers.update(cmd for _, cmd in _processes("runner.pyz follow", transport))
         time.sleep(0.1)
     for thread in threads:
         thread.join(timeout=60)

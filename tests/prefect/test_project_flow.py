@@ -230,7 +230,7 @@ def test_billing_error_moves_on_blocks_the_model_and_says_so_loudly(run_project,
 def test_quota_whose_reset_has_passed_still_cools_the_model_down(run_project, fake_agents, isolated_home: Path):
     from prefect.variables import Variable
 
-    from dispatch.ratelimits import MIN_COOLDOWN_SECONDS
+    from dispatch.runner.ratelimits import MIN_COOLDOWN_SECONDS
 
     specs = isolated_home / "specs" / "pastreset"
     write_spec(specs, "S01-first.md", {"task_id": "S01-first", "model": ["claude", "codex"]},

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dispatch.runner import RUNNER_PATH
+from tests.fixtures.runner import RUNNER_PATH
 
 FAKE_AGENT = Path(__file__).parent.parent / "fixtures" / "fake_agent.py"
 CLAUDE = ["claude", "-p", "--output-format", "stream-json", "--verbose"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("dispatch", "flows", "tasks", "blocks")
-_OURS = {*PACKAGES, "ratelimits", "protocol", "__future__"}  # the runner's shipped siblings of node_runner.py
+_OURS = {*PACKAGES, "__future__"}
 
 
 def _normalise(name: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.ratelimits import classify
+from dispatch.runner.ratelimits import classify
 
 FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"
 PYTHON = (sys.executable, "-S")  # the fake is standard library only; skipping site keeps 30 starts cheap

@@ -1,4 +1,4 @@
-"""The node-side runner, run as the nodes run it: a real `python3 node_runner.py ...` subprocess per call.
+"""The node-side runner, run as the nodes run it: a real `python3 runner.pyz ...` subprocess per call.
 
 Steps are tiny bash scripts; agent steps `echo` the providers' real messages (PROVIDER_MESSAGES.md).
 """
@@ -23,7 +23,8 @@ import pytest
 
 from dispatch.core.agents import build_steps
 from dispatch.core.specs import Spec
-from dispatch.runner import RUNNER_PATH, SHIPPED_FILES, runner_checksum
+from dispatch.runner import zipapp
+from tests.fixtures.runner import RUNNER_PATH, RUNNER_VERSION
 
 FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"
 # The interpreter that runs the runner: set DISPATCH_TEST_NODE_PYTHON=python3.8 to check the oldest one.
@@ -160,7 +161,7 @@ def test_shell_step_success_writes_log_status_and_result(tmp_path: Path) -> None
     assert result["files_changed"] == ["made.txt"] and (workdir / "made.txt").exists()
     assert result["ended_at"] >= result["started_at"] and result["duration"] >= 0
     assert "done" in result["log_tail"] and result["acceptance"] == []
-    assert result["runner_version"] == runner_checksum()
+    assert result["runner_version"] == RUNNER_VERSION
     status = _json(run_dir / "status.json")
     assert status["state"] == "succeeded" and status["log_bytes"] == (run_dir / "task.log").stat().st_size
 
@@ -536,7 +537,9 @@ def test_git_workdir_reports_changed_files(tmp_path: Path) -> None:
 
 
 def test_runner_source_parses_as_python_3_8() -> None:
-    ast.parse(RUNNER_PATH.read_text(encoding="utf-8"), feature_version=(3, 8))
+    sources = Path(zipapp.__file__).parent
+    for name in zipapp.sources():
+        ast.parse((sources / name).read_text(encoding="utf-8"), filename=name, feature_version=(3, 8))
 
 
 def _oldest_python() -> str | None:
@@ -557,32 +560,30 @@ def test_shipped_copy_runs_beside_its_classifier_under_the_oldest_python(tmp_pat
     """Copied as the dispatcher ships it; run by python3.8 when this machine has one."""
     ship = tmp_path / "ship"
     ship.mkdir()
-    for source in SHIPPED_FILES:
-        shutil.copy(source, ship / source.name)
+    (ship / "runner.pyz").write_bytes(zipapp.build().data)
     run_dir = tmp_path / "S23"
     _write_task(run_dir, [_shell("echo on the node")])
     python = _oldest_python() or sys.executable
-    done = _runner("run", str(run_dir), python=python, runner=ship / "node_runner.py", site=True)
+    done = _runner("run", str(run_dir), python=python, runner=ship / "runner.pyz", site=True)
     assert done.returncode == 0, done.stderr
     result = _json(run_dir / "result.json")
-    assert result["status"] == "succeeded" and result["runner_version"] == runner_checksum()
-    version = json.loads(_runner("version", runner=ship / "node_runner.py", site=True).stdout)
-    assert version["ratelimits"] == str(ship / "ratelimits.py")
+    assert result["status"] == "succeeded" and result["runner_version"] == RUNNER_VERSION
+    version = json.loads(_runner("version", runner=ship / "runner.pyz", site=True).stdout)
+    assert version["ratelimits"] == str(ship / "runner.pyz" / "dispatch_runner" / "ratelimits.py")
 
 
 def test_shipped_classifier_imports_under_python_3_8(tmp_path: Path) -> None:
     python = _oldest_python() or sys.executable
-    for source in SHIPPED_FILES:
-        shutil.copy(source, tmp_path / source.name)
+    shutil.copy(RUNNER_PATH, tmp_path / RUNNER_PATH.name)
     version = json.loads(_runner("version", python=python, runner=tmp_path / RUNNER_PATH.name).stdout)
-    assert version["ratelimits"] == str(tmp_path / "ratelimits.py")
+    assert version["ratelimits"] == str(tmp_path / RUNNER_PATH.name / "dispatch_runner" / "ratelimits.py")
 
 
 # -- the node agent's slot count -------------------------------------------------------------------------------
 
 
 class _Agent:
-    """A `node_runner.py serve` on a run root, spoken to as the SSH transport does (JSON lines)."""
+    """A `runner.pyz serve` on a run root, spoken to as the SSH transport does (JSON lines)."""
 
     def __init__(self, root: Path, slots: int) -> None:
         self.proc = subprocess.Popen([NODE_PYTHON, "-S", str(RUNNER_PATH), "serve", "--root", str(root),

@@ -18,7 +18,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dispatch.ratelimits import classify
+from dispatch.runner.ratelimits import classify
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "fixtures" / "ratelimit_corpus"
@@ -32,7 +32,7 @@ OWN_FILES = [
     ROOT / "README.md",
     ROOT / "tests" / "unit" / "test_ratelimits.py",
     ROOT / "tests" / "unit" / "test_ratelimit_corpus.py",
-    ROOT / "dispatch" / "ratelimits.py",
+    ROOT / "dispatch" / "runner" / "ratelimits.py",
     ROOT / "tests" / "fixtures" / "fake_agent.py",
 ]
 _MENTIONS = re.compile(r"(?i)limit|quota|429|529|401|billing|balance|欠费|余额|上限|速率|api key|overloaded")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dispatch.ratelimits import (
+from dispatch.runner.ratelimits import (
     BILLING_BLOCK_SECONDS,
     MIN_COOLDOWN_SECONDS,
     TRANSIENT_COOLDOWN_SECONDS,

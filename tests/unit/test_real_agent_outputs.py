@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dispatch.ratelimits import classify
+from dispatch.runner.ratelimits import classify
 from tests.fixtures.capture_real_outputs import CAPTURES, OUT
 from tests.fixtures.fake_provider import RESET_SECONDS
 

@@ -1,9 +1,12 @@
-"""The node protocol (dispatch/runner/protocol.py): one result shape, one liveness test, one checksum, shipped."""
+"""The node protocol (dispatch/runner/protocol.py): one result shape, one liveness test, one version, shipped as
+one reproducible zipapp (dispatch/runner/zipapp.py)."""
 
 from __future__ import annotations
 
 import ast
 import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -11,23 +14,30 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from dispatch.cluster.transports import RunRequest
 from dispatch.cluster.transports.local import LocalTransport, live_runner, run_dir_for
-from dispatch.runner import PROTOCOL_PATH, RUNNER_PATH, SHIPPED_FILES, protocol, runner_checksum, runner_dir_parts
-from dispatch.runner.node_runner import load_task
+from dispatch.runner import protocol, zipapp
+from dispatch.runner.shipping import node_runner
+from dispatch.runner.task import load_task
+from tests.fixtures.runner import RUNNER_PATH, RUNNER_VERSION
+
+PACKAGE = Path(zipapp.__file__).parent
 
 
-def test_protocol_source_is_standard_library_python_3_8() -> None:
-    tree = ast.parse(PROTOCOL_PATH.read_text(encoding="utf-8"), feature_version=(3, 8))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+def test_the_shipped_sources_are_standard_library_python_3_8_importing_each_other_relatively() -> None:
+    assert "protocol.py" in zipapp.sources() and "shipping.py" not in zipapp.sources()
+    for name in zipapp.sources():
+        tree = ast.parse((PACKAGE / name).read_text(encoding="utf-8"), filename=name, feature_version=(3, 8))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"}, (name, imported)
 
 
 def test_every_result_record_has_every_field_in_order_and_refuses_unknown_ones() -> None:
@@ -49,7 +59,7 @@ def test_runner_written_results_have_the_protocol_shape(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     result = json.loads((refused / "result.json").read_text())
-    assert sorted(result) == sorted(protocol.RESULT_FIELDS) and result["runner_version"] == runner_checksum()
+    assert sorted(result) == sorted(protocol.RESULT_FIELDS) and result["runner_version"] == RUNNER_VERSION
 
 
 def test_the_task_the_dispatcher_writes_names_only_protocol_fields(tmp_path: Path) -> None:
@@ -80,25 +90,46 @@ def test_a_runner_is_alive_exactly_while_it_holds_its_run_directory_lock(tmp_pat
     assert not protocol.runner_alive(str(tmp_path))
 
 
-def test_the_checksum_covers_every_shipped_file_and_the_shipped_copy_reports_it(tmp_path: Path) -> None:
-    assert [path.name for path in SHIPPED_FILES] == list(protocol.SHIPPED_NAMES)
-    assert runner_checksum() == protocol.checksum(map(str, SHIPPED_FILES))
-    assert runner_dir_parts() == (".runner", runner_checksum()[:16])
-    for source in SHIPPED_FILES:
-        shutil.copy(source, tmp_path / source.name)
-    shipped = tmp_path / RUNNER_PATH.name
-    version = subprocess.run([sys.executable, "-S", str(shipped), "version"], capture_output=True, text=True,
-                             timeout=60, cwd="/")
-    assert json.loads(version.stdout)["runner_version"] == runner_checksum(), version.stderr
-    (tmp_path / "protocol.py").write_text(PROTOCOL_PATH.read_text(encoding="utf-8") + "\n# changed\n")
-    assert protocol.checksum(protocol.shipped_paths(str(tmp_path))) != runner_checksum()
+def test_the_zipapp_is_reproducible_and_its_sha256_is_the_version_the_shipped_copy_reports(tmp_path: Path) -> None:
+    first = zipapp.build().data
+    zipapp._BUILT.clear()  # a second build from the sources, not the cached one
+    second = zipapp.build()
+    assert first == second.data and hashlib.sha256(first).hexdigest() == second.version
+    with zipfile.ZipFile(io.BytesIO(first)) as archive:
+        infos = archive.infolist()
+    names = [info.filename for info in infos]
+    assert names == sorted(names) and "__main__.py" in names and "dispatch_runner/ratelimits.py" in names
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+    assert {(info.date_time, info.external_attr >> 16, info.compress_type) for info in infos} == {
+        ((1980, 1, 1, 0, 0, 0), 0o100644, zipfile.ZIP_STORED)}
+    shipped = tmp_path / "elsewhere" / protocol.RUNNER_FILE  # no checkout, no dispatch package beside it
+    shipped.parent.mkdir()
+    shipped.write_bytes(first)
+    version = subprocess.run([sys.executable, "-I", "-S", str(shipped), "version"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")})
+    assert version.returncode == 0, version.stderr
+    assert json.loads(version.stdout)["runner_version"] == second.version == protocol.checksum(str(shipped))
 
 
-def test_a_shipped_runner_without_its_protocol_module_fails_loudly(tmp_path: Path) -> None:
-    shutil.copy(RUNNER_PATH, tmp_path / RUNNER_PATH.name)
-    done = subprocess.run([sys.executable, "-S", str(tmp_path / RUNNER_PATH.name), "version"], capture_output=True,
-                          text=True, timeout=60, cwd="/")
-    assert done.returncode != 0 and "protocol" in done.stderr
+def test_every_source_of_the_package_changes_the_version(tmp_path: Path) -> None:
+    built = zipapp.build()
+    shutil.copytree(PACKAGE, tmp_path / "runner", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "runner" / "protocol.py").write_text((PACKAGE / "protocol.py").read_text() + "\n# changed\n")
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); from runner import zipapp; print(zipapp.build().version)"
+    changed = subprocess.run([sys.executable, "-I", "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                             timeout=60)
+    assert changed.returncode == 0, changed.stderr
+    assert len(changed.stdout.strip()) == 64 and changed.stdout.strip() != built.version
+
+
+def test_a_node_keeps_the_runner_under_its_version_and_runs_it_with_its_python() -> None:
+    runner = node_runner("~/dispatch", "/opt/py/bin/python3")
+    short = zipapp.build().version[:16]
+    assert runner.version == zipapp.build().version
+    assert runner.path == f"~/dispatch/.runner/{short}/runner.pyz"
+    assert runner.directory == f"~/dispatch/.runner/{short}"
+    assert runner.command == f'/opt/py/bin/python3 "$HOME"/dispatch/.runner/{short}/runner.pyz'
+    assert RUNNER_PATH.parent.name == short and RUNNER_PATH.read_bytes() == zipapp.build().data
 
 
 def test_a_live_process_holding_no_run_lock_is_no_runner_and_is_never_signalled(tmp_path: Path) -> None:

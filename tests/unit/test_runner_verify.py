@@ -1,6 +1,6 @@
 """Verification in the node runner: after the agent and its acceptance commands, the verifier reviews the change.
 
-The runner runs as nodes run it (a real `python3 node_runner.py run` subprocess) and the verifier is the fake
+The runner runs as nodes run it (a real `python3 runner.pyz run` subprocess) and the verifier is the fake
 agent CLI in Codex's `exec --json` form, as `verify: [codex]` runs it.
 """
 

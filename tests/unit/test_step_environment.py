@@ -1,6 +1,6 @@
 """What environment a step gets, and that every known secret is masked in what the runner writes.
 
-The runner runs as nodes run it: a real `python3 node_runner.py run` subprocess, with the caller's
+The runner runs as nodes run it: a real `python3 runner.pyz run` subprocess, with the caller's
 environment holding keys a step must never see.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.runner import RUNNER_PATH
+from tests.fixtures.runner import RUNNER_PATH
 
 CALLER_KEY = "fake-ant-caller-0123456789abcdef"  # in the dispatcher's environment: no step may see it
 GLM_KEY = "glm-token-fedcba9876543210"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dispatch.core.results import SpecResult
-from dispatch.runner import RUNNER_PATH
-from dispatch.runner.node_runner import UsageMeter
+from dispatch.runner.events import UsageMeter
+from tests.fixtures.runner import RUNNER_PATH
 
 SHAPES = Path(__file__).resolve().parents[1] / "fixtures" / "agent_output"
 FAKE_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "fake_agent.py"

@@ -1,6 +1,6 @@
 """How a spec reaches a node: `local` (subprocesses here), `ssh` (paramiko, push), `worker` (pull).
 
-Every transport runs the same node runner (dispatch/runner/node_runner.py) in a run directory
+Every transport runs the same node runner (the zipapp of dispatch/runner/) in a run directory
 `<root>/<project>/tasks/<task_id>/` and hands back its `result.json` as a `SpecResult`.
 
 An attempt that did not succeed and has no runner result of its own (lost, refused, a git step failed, the
@@ -39,7 +39,7 @@ class RunRequest(BaseModel):
     acceptance_timeout: float = Field(default=300.0, description="seconds each acceptance command may take")
     verify: list[dict] = Field(default_factory=list, description="the verifier chain's steps (`verify:`)")
     env: dict[str, str] = Field(default_factory=dict, description="the spec's env (the runner drops what "
-                                                                   "it may not set: node_runner.protected_env)")
+                                                                   "it may not set: runner.task.protected_env)")
     node_env: dict[str, str] = Field(default_factory=dict, description="the node's configured env (PATH...)")
     git: dict | None = Field(default=None, description="git mode: repo_url, main_branch, dependencies")
     fresh: bool = Field(default=False, description="run it even if a finished result of the same attempt is on "

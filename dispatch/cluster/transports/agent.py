@@ -1,4 +1,4 @@
-"""One `node_runner.py serve` per node, shared by every attempt the dispatcher runs there.
+"""One `runner.pyz serve` per node, shared by every attempt the dispatcher runs there.
 
 Instead of one SSH command and two Python start-ups per attempt (start the runner, follow its log),
 each attempt is one JSON line on the agent's stdin. The agent forks the runner into its own session (it
@@ -40,7 +40,7 @@ class AgentLost(NodeError):
 
 
 class Stream(Protocol):
-    """A started `node_runner.py serve`: its stdin and its output lines."""
+    """A started `runner.pyz serve`: its stdin and its output lines."""
 
     def send(self, data: bytes) -> None: ...
 
@@ -54,7 +54,7 @@ class NodeAgent:
 
     Args:
         node: the node's name (for errors).
-        start: opens a new stream running `node_runner.py serve` on the node (raises NodeError).
+        start: opens a new stream running `runner.pyz serve` on the node (raises NodeError).
     """
 
     def __init__(self, node: str, start: Callable[[], Stream]) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 from dispatch.cluster.transports import LineSink, RunRequest, explained, failure
 from dispatch.core.paths import check_name, local_path, run_dir_parts
 from dispatch.core.results import SpecResult, pid_alive, read_json, write_json
-from dispatch.runner import RUNNER_PATH, protocol
-from dispatch.runner.node_runner import base_environment
+from dispatch.runner import protocol
+from dispatch.runner.shipping import local_runner
+from dispatch.runner.task import base_environment
 
 logger = logging.getLogger(__name__)
 _POLL = 0.25  # seconds between two reads of a running spec's log (its end is noticed at once)
@@ -146,7 +147,8 @@ class LocalTransport:
                 self._kill_runner(run_dir)  # its lock) before its files are rotated and a new runner starts
             self._rotate(run_dir)
             write_json(run_dir / protocol.TASK_FILE, request.task_json())
-            argv = [sys.executable, str(RUNNER_PATH), "run", str(run_dir)] + (["--secrets-stdin"] if secrets else [])
+            argv = [sys.executable, str(local_runner(self.root)), "run", str(run_dir)]
+            argv += ["--secrets-stdin"] if secrets else []
             with open(run_dir / "runner.err", "wb") as err:  # the runner gets the allow-list, as its steps do:
                 proc = subprocess.Popen(  # keys of ours in its environ would be readable in /proc by a step
                     argv, stdin=subprocess.PIPE if secrets else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -223,7 +225,8 @@ class LocalTransport:
         """Stop the runner of `run_dir` and wait until it has gone (the runner's `kill`: SIGTERM, its grace, then
         SIGKILL, and its step's process group), as an SSH node does."""
         try:
-            done = subprocess.run([sys.executable, str(RUNNER_PATH), "kill", str(run_dir)], capture_output=True,
+            runner = local_runner(run_dir.parents[2])  # <root>/<project>/tasks/<task_id>
+            done = subprocess.run([sys.executable, str(runner), "kill", str(run_dir)], capture_output=True,
                                   text=True, timeout=60, stdin=subprocess.DEVNULL,
                                   env=base_environment(dict(os.environ)))
         except subprocess.TimeoutExpired as exc:

@@ -1,7 +1,7 @@
 """The `ssh` transport: run a spec on a remote node over one reused paramiko connection.
 
-The node runner is shipped once per version (checksum in its path). Each attempt is then one JSON line
-to the node's agent (`node_runner.py serve`, one per node on one channel, dispatch/cluster/transports/agent.py),
+The node runner is shipped once per version (`runner.pyz`, its sha256 in its path). Each attempt is then one JSON line
+to the node's agent (`runner.pyz serve`, one per node on one channel, dispatch/cluster/transports/agent.py),
 which writes `task.json`, forks the runner detached (secrets in the request only, never on disk),
 streams `task.log` back and answers with `result.json` when the runner exits. The long way, one
 command per step, remains for what the agent leaves to it: scp mode (copy the project into the run
@@ -29,7 +29,8 @@ from dispatch.cluster.transports.agent import AgentLost, NodeAgent
 from dispatch.core.errors import DispatchError, NodeError, UnsafePath
 from dispatch.core.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.core.results import SpecResult
-from dispatch.runner import SHIPPED_FILES, protocol, runner_dir_parts
+from dispatch.runner import protocol
+from dispatch.runner.shipping import node_runner, ship
 
 logger = logging.getLogger(__name__)
 _COMMAND_TIMEOUT = 60.0
@@ -85,20 +86,13 @@ class SSHTransport:
         """The command that starts the node runner, shipping it first if this node lacks this version."""
         with self._ship_lock:
             if self._runner is None:
-                directory = remote_path(self.root, *runner_dir_parts())
-                quoted = remote_arg(self.root, *runner_dir_parts())
-                present = self.pool.run(
-                    self.target, " && ".join(f"test -f {quoted}/{p.name}" for p in SHIPPED_FILES),
-                    timeout=_COMMAND_TIMEOUT, check=False).exit_code == 0
-                if not present:  # written under temporary names, then renamed: another dispatcher shipping the
-                    # same version at the same moment never runs a half-written file
-                    logger.info("node %s: shipping the node runner to %s", self.node.name, directory)
-                    suffix = f".tmp{os.getpid()}-{threading.get_ident()}"
-                    for path in SHIPPED_FILES:
-                        self.pool.put_file(self.target, path, f"{directory}/{path.name}{suffix}", mode=0o755)
-                    self._command(" && ".join(f"mv -f {quoted}/{p.name}{suffix} {quoted}/{p.name}"
-                                              for p in SHIPPED_FILES))
-                self._runner = f"{shlex.quote(self.node.python)} {quoted}/node_runner.py"
+                runner = node_runner(self.root, self.node.python)
+                present = self.pool.run(self.target, f"test -f {runner.path_arg}", timeout=_COMMAND_TIMEOUT,
+                                        check=False).exit_code == 0
+                if not present:
+                    logger.info("node %s: shipping the node runner to %s", self.node.name, runner.directory)
+                    ship(self.pool, self.target, runner)
+                self._runner = runner.command
             return self._runner
 
     # -- one attempt ---------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import logging
 import os
 import shlex
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from dispatch.cluster.config import Node
@@ -28,7 +28,7 @@ from dispatch.core.paths import check_name, remote_arg
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.guardian.probe import parse_probe, probe_command
 from dispatch.ops.health import Check
-from dispatch.runner import SHIPPED_FILES, runner_checksum, runner_dir_parts
+from dispatch.runner.shipping import local_runner, node_runner, ship
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +81,16 @@ class _Shell:
         self.node, self.ctx = node, ctx
         self.local = node.transport == "local"
         if self.local:
-            from dispatch.runner import RUNNER_PATH
-
             self.root = str(ctx.settings.runs_dir)
             self.root_arg = shlex.quote(self.root)
-            self.runner_dir_arg = shlex.quote(str(RUNNER_PATH.parent))
-            self.runner = f"{shlex.quote(node.python)} {shlex.quote(str(RUNNER_PATH))}"
+            self.shipped = node_runner(self.root, node.python)
             self.target = None
         else:
             from dispatch.cluster.ssh_target import node_target
 
             self.root = node.remote_root.removeprefix("~/").rstrip("/") or "."
             self.root_arg = remote_arg(self.root)
-            self.runner_dir_arg = remote_arg(self.root, *runner_dir_parts())
-            self.runner = f"{shlex.quote(node.python)} {self.runner_dir_arg}/node_runner.py"
+            self.shipped = node_runner(self.root, node.python)
             self.target = node_target(node, key_secret=ctx.key_secrets.get(node.name), connect_timeout=10.0)
 
     def run(self, command: str, timeout: float = _PROBE_TIMEOUT) -> tuple[int, str, str]:
@@ -111,26 +107,15 @@ class _Shell:
 
     def probe(self) -> dict[str, Any]:
         clis = sorted({BUILTIN_MODELS[m].cli for m in (self.node.models or ()) if m in BUILTIN_MODELS} | set(PACKAGES))
-        code, out, err = self.run(probe_command(self.node.python, self.root_arg, self.runner_dir_arg, clis))
+        code, out, err = self.run(probe_command(self.node.python, self.root_arg, self.shipped.directory_arg, clis))
         if code != 0 and not out.strip():
             raise NodeError(self.node.name, f"the probe failed with {self.node.python} (exit {code}): "
                                             f"{err.strip()[-300:]}")
         return parse_probe(self.node.name, out)
 
     def ship_runner(self) -> None:
-        """Copy the shipped files (SHIPPED_FILES) into the node's versioned runner directory (temporary names,
-        then renamed, as the SSH transport does)."""
-        directory = self.runner_dir_arg
-        suffix = f".guardian{os.getpid()}-{threading.get_ident()}"
-        from dispatch.core.paths import remote_path
-
-        plain = remote_path(self.root, *runner_dir_parts())
-        for path in SHIPPED_FILES:
-            self.ctx.pool.put_file(self.target, path, f"{plain}/{path.name}{suffix}", mode=0o755)
-        code, _, err = self.run(" && ".join(f"mv -f {directory}/{p.name}{suffix} {directory}/{p.name}"
-                                            for p in SHIPPED_FILES))
-        if code != 0:
-            raise NodeError(self.node.name, f"could not put the runner in place: {err.strip()[-300:]}")
+        """Put this runner version in place on the node (`shipping.ship`: a temporary name, then renamed)."""
+        ship(self.ctx.pool, self.target, self.shipped)
 
     def kill_run(self, project: str, task_id: str) -> None:
         if self.local:
@@ -139,9 +124,11 @@ class _Shell:
         else:
             run_dir = remote_arg(self.root, check_name(project, "project name"), "tasks",
                                  check_name(task_id, "task_id"))
-        code, _, err = self.run(f"{self.runner} kill {run_dir}", timeout=60)
+        if self.local:
+            local_runner(Path(self.root))
+        code, _, err = self.run(f"{self.shipped.command} kill {run_dir}", timeout=60)
         if code != 0:
-            raise NodeError(self.node.name, f"`node_runner.py kill` failed (exit {code}): {err.strip()[-300:]}")
+            raise NodeError(self.node.name, f"`runner.pyz kill` failed (exit {code}): {err.strip()[-300:]}")
 
 
 def _gib(value: float) -> str:
@@ -182,13 +169,12 @@ def _healthy_checks(node: Node, data: dict[str, Any], limits: Limits, shell: _Sh
     checks["python"] = Check(name, "python", parsed >= _MIN_PYTHON,
                              f"{node.python} is Python {version or '?'} (the runner needs 3.8 or newer)")
     if shell.local:
-        checks["runner"] = Check(name, "runner", True, "runs in place from this checkout")
+        checks["runner"] = Check(name, "runner", True, f"{shell.shipped.path}: written by the dispatcher as it runs")
     else:
-        found, wanted = data.get("runner"), runner_checksum()
+        found, wanted = data.get("runner"), shell.shipped.version
         detail = ("current copy" if found == wanted else "missing" if found is None
                   else f"checksum {str(found)[:16]}, expected {wanted[:16]} (tampered or damaged)")
-        where = "/".join([shell.root, *runner_dir_parts()])
-        checks["runner"] = Check(name, "runner", found == wanted, f"{where}: {detail}")
+        checks["runner"] = Check(name, "runner", found == wanted, f"{shell.shipped.path}: {detail}")
     clis = set(data.get("clis") or [])
     needed = {BUILTIN_MODELS[m].cli: m for m in sorted(node.models or ()) if m in BUILTIN_MODELS}
     missing = [f"{cli} (for {model})" for cli, model in needed.items() if cli not in clis]
@@ -339,7 +325,7 @@ def _repair(ctx: NodeContext, node: Node, shell: _Shell, checks: dict[str, Check
         except DispatchError as exc:
             runner.repaired, runner.repair = False, f"re-shipping the runner failed: {exc}"
     for kind, runs, what in (("orphans", orphans, "killed the orphan runner(s)"),
-                             ("heartbeats", dead, "closed the books of the dead runner(s) (`node_runner.py kill`)")):
+                             ("heartbeats", dead, "closed the books of the dead runner(s) (`runner.pyz kill`)")):
         if not runs:
             continue
         if checks["runner"].ok is False and not tried:

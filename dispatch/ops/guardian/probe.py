@@ -48,7 +48,7 @@ try:
 except (OSError, ValueError, IndexError):
     pass
 try:
-    out["runner"] = checksum(shipped_paths(runner_dir))
+    out["runner"] = checksum(os.path.join(runner_dir, RUNNER_FILE))
 except OSError:
     out["runner"] = None
 out["clis"] = [c for c in clis if shutil.which(c)]

@@ -1,0 +1,206 @@
+"""The runner's commands on one run directory: run, status, kill, tail, follow, live.
+
+Standard library only, Python 3.8+ (shipped to nodes in the runner's zipapp).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from . import protocol
+from .procs import KILL_GRACE, POLL, orphan_step, pid_alive, terminate_group
+from .run import Runner
+from .rundir import CHUNK, read_json, write_json
+from .start import claim, fail_before_start, record_lock_holder, spawn_detached
+from .task import TaskError, load_task, read_secrets
+from .zipapp import runner_version
+
+
+def print_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_run(run_dir: str, *, detach: bool, secrets_stdin: bool) -> int:
+    if not os.path.isdir(run_dir):
+        print(
+            f"runner: run dir {run_dir} does not exist: the dispatcher creates it with task.json", file=sys.stderr
+        )
+        return 2
+    lock_fd, refused = claim(run_dir)
+    if lock_fd is None:
+        message = refused.pop("message")
+        print_json(refused)
+        print(f"runner: {message}", file=sys.stderr)
+        return 3
+    try:
+        task = load_task(run_dir)
+        secrets = read_secrets(sys.stdin.read()) if secrets_stdin else {}
+    except TaskError as exc:
+        os.close(lock_fd)
+        return fail_before_start(run_dir, str(exc))
+    if detach:
+        pid = spawn_detached(run_dir, lock_fd, task, secrets)
+        if pid is None:
+            print(f"runner: the detached runner did not start; see {run_dir}/runner.err", file=sys.stderr)
+            return 1
+        print_json({"pid": pid, "run_dir": run_dir})
+        return 0
+    record_lock_holder(lock_fd)
+    runner = Runner(run_dir, task, secrets, echo=True)
+    runner.start()
+    return runner.run()
+
+
+def cmd_status(run_dir: str) -> int:
+    status = read_json(os.path.join(run_dir, protocol.STATUS_FILE)) or {"state": "absent"}
+    pid_alive = protocol.runner_alive(run_dir)  # the runner's process lives: it holds the run directory's lock
+    beat = status.get("heartbeat_at")
+    interval = status.get("heartbeat") or 2.0
+    age = time.time() - beat if isinstance(beat, (int, float)) else None
+    alive = pid_alive and age is not None and age <= 3 * interval
+    out = dict(status)
+    out.update(
+        run_dir=run_dir,
+        alive=alive,
+        pid_alive=pid_alive,
+        heartbeat_age=age,
+        stale=status.get("state") == "running" and not alive,
+    )
+    if status.get("state") in protocol.FINAL_STATES or not alive:
+        result = read_json(os.path.join(run_dir, protocol.RESULT_FILE))
+        if result is not None:
+            out["result"] = result
+    print_json(out)
+    return 0
+
+
+def cmd_kill(run_dir: str) -> int:
+    status_path = os.path.join(run_dir, protocol.STATUS_FILE)
+    status = read_json(status_path) or {}
+    pid = protocol.lock_holder(run_dir) or status.get("runner_pid")
+    report: dict[str, Any] = {"run_dir": run_dir, "runner_pid": pid, "was_running": False}
+    if pid_alive(pid):
+        report["was_running"] = True
+        os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + KILL_GRACE + 12
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(POLL)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+    orphan = orphan_step(run_dir)
+    if orphan is not None:
+        report["was_running"] = True
+        report["orphans_left"] = not terminate_group(orphan)
+    status = read_json(status_path) or {}
+    if status.get("state") == "running":  # the runner died without finishing: close the books
+        now = time.time()
+        status.update(state="killed", step_pid=None, ended_at=now)
+        write_json(status_path, status)
+        if not os.path.exists(os.path.join(run_dir, protocol.RESULT_FILE)):
+            write_json(
+                os.path.join(run_dir, protocol.RESULT_FILE),
+                protocol.result_record(
+                    project=status.get("project"),
+                    task_id=status.get("task_id"),
+                    status="killed",
+                    reason="killed; the runner had died, so this result was written by `kill`",
+                    model=status.get("step"),
+                    started_at=status.get("started_at"),
+                    ended_at=now,
+                    duration=None,
+                    runner_version=runner_version(),
+                ),
+                sync=True,
+            )
+    report["state"] = status.get("state", "absent")
+    print_json(report)
+    return 0
+
+
+def cmd_tail(run_dir: str, from_byte: int) -> int:
+    try:
+        handle = open(os.path.join(run_dir, "task.log"), "rb")
+    except OSError:
+        return 0
+    with handle:
+        if from_byte < 0:
+            handle.seek(0, os.SEEK_END)
+            from_byte = max(0, handle.tell() + from_byte)
+        handle.seek(from_byte)
+        while True:
+            data = handle.read(CHUNK)
+            if not data:
+                break
+            sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_live(tasks_dir: str, finished: bool = False) -> int:
+    """Print [[task_id, cache_key, "running"], ...] for the run directories under `tasks_dir` whose runner is
+    alive; with `finished`, also [task_id, cache_key, "succeeded"] for those whose runner ended in success."""
+    found = []
+    names = sorted(os.listdir(tasks_dir)) if os.path.isdir(tasks_dir) else []
+    for name in names:
+        run_dir = os.path.join(tasks_dir, name)
+        if not os.path.exists(os.path.join(run_dir, protocol.LOCK_FILE)):
+            continue
+        if protocol.runner_alive(run_dir):
+            state = "running"
+        elif finished and (read_json(os.path.join(run_dir, protocol.RESULT_FILE)) or {}).get("status") == "succeeded":
+            state = "succeeded"
+        else:
+            continue
+        found.append([name, (read_json(os.path.join(run_dir, protocol.TASK_FILE)) or {}).get("cache_key"), state])
+    print(json.dumps(found))
+    return 0
+
+
+def cmd_follow(run_dir: str, from_byte: int) -> int:
+    """Stream task.log from `from_byte` as it grows, until the runner has exited; then print the rest.
+
+    The dispatcher follows a detached run with this. The runner's end is its lock being released (a
+    blocking flock in a thread: no polling, and no waiting for anyone to reap the runner, which a
+    container's PID 1 may leave a zombie for a while). The log is read every 0.05 s while it grows,
+    backing off to 1 s while it is quiet, so a long silent agent costs next to no CPU.
+    """
+    import threading
+
+    gone = threading.Event()
+
+    def wait_for_exit() -> None:
+        try:
+            protocol.wait_runner_gone(run_dir)
+        finally:
+            gone.set()
+
+    threading.Thread(target=wait_for_exit, daemon=True).start()
+    path = os.path.join(run_dir, "task.log")
+    offset, delay = max(0, from_byte), 0.05
+    while True:
+        ended = gone.is_set()
+        grew = False
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                while True:
+                    data = handle.read(CHUNK)
+                    if not data:
+                        break
+                    offset += len(data)
+                    grew = True
+                    sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        except OSError:
+            pass
+        if ended:
+            return 0
+        delay = 0.05 if grew else min(1.0, delay * 2)
+        gone.wait(delay)
