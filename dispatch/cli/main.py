@@ -362,7 +362,7 @@ def cleanup(project: str,
     Refused while the project runs: its dispatcher is alive, or runners of it still live under `runs/`.
     Every path removed is built by `dispatch.core.paths` and proven inside DISPATCH_HOME.
     """
-    from dispatch.cluster.transports.local import LocalTransport
+    from dispatch.cluster.transports.build import local_transport
 
     project = checked(project)
     settings = get_settings()
@@ -370,7 +370,7 @@ def cleanup(project: str,
     if state is not None and state.state == "running" and pid_alive(state.pid):
         err.print(f"{project} is running (pid {state.pid}); stop it first with `dispatch stop {project}`")
         raise typer.Exit(EXIT_FAILED)
-    live, _ = LocalTransport(settings.runs_dir).adoptable_runs(project)
+    live, _ = local_transport(settings.runs_dir).adoptable_runs(project)
     if live:
         err.print(f"{project} still has {len(live)} live runner(s) here ({escape(', '.join(sorted(live)[:10]))}); "
                   f"stop them first with `dispatch stop {project}`", soft_wrap=True)

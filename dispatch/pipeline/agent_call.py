@@ -104,7 +104,7 @@ def ask(models: list[str], prompt: str, *, name: str, workdir: Path, evidence_di
         on_line: receives each line of the agent's log.
     """
     from dispatch.cluster.transports import RunRequest
-    from dispatch.cluster.transports.local import LocalTransport
+    from dispatch.cluster.transports.build import local_transport
 
     catalog, secrets = _catalog(list(dict.fromkeys(models)))
     usable, why = usable_models(models, catalog)
@@ -116,7 +116,7 @@ def ask(models: list[str], prompt: str, *, name: str, workdir: Path, evidence_di
                          run_id=uuid.uuid4().hex, workdir=str(workdir), steps=steps, timeout=timeout,
                          stall_timeout=min(timeout, settings.stall_timeout), heartbeat=settings.heartbeat)
     keys = {f"{model}:{env}": value for model in usable for env, value in secrets.get(model, {}).items()}
-    result = LocalTransport(evidence_dir).run(request, on_line, secrets=keys or None)
+    result = local_transport(evidence_dir).run(request, on_line, secrets=keys or None)
     data = read_json(Path(result.run_dir) / "result.json") or {}
     attempts = [a for a in data.get("attempts", []) if isinstance(a, dict)]
     _record_limits(attempts)
