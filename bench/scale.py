@@ -31,7 +31,8 @@ from measures import write_result  # noqa: E402
 from workload import generate, write_project  # noqa: E402
 
 from dispatch.core.dag import load_project  # noqa: E402
-from dispatch.core.scheduler import NodeSlots, Scheduler  # noqa: E402
+from dispatch.core.placement import NodeSlots  # noqa: E402
+from dispatch.core.scheduler import Scheduler  # noqa: E402
 
 
 def main() -> int:

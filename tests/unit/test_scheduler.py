@@ -9,18 +9,9 @@ import pytest
 
 from dispatch.core.dag import Project, load_project
 from dispatch.core.locks import conflicts
-from dispatch.core.scheduler import (
-    CANCELLED,
-    FAILED,
-    NOT_RUN,
-    READY,
-    RUNNING,
-    SUCCEEDED,
-    WAITING,
-    Assignment,
-    NodeSlots,
-    Scheduler,
-)
+from dispatch.core.placement import NodeSlots
+from dispatch.core.scheduler import Assignment, Scheduler
+from dispatch.core.spec_state import CANCELLED, FAILED, NOT_RUN, READY, RUNNING, SUCCEEDED, WAITING
 from dispatch.core.specs import Spec
 
 
