@@ -7,7 +7,8 @@ The flow keeps its own ready queue, slot and lock accounting (dispatch/core/sche
 spec's task run the moment its dependencies are done and a slot and its locks are free; Prefect's
 tag or global concurrency limits are not used for this (on SQLite they stall, and waiters poll).
 Each spec's task run is submitted with `wait_for=` its dependencies' task runs, so the UI's graph is
-the spec DAG.
+the spec DAG. Between a pick and its start stands the admission step (dispatch/core/admission.py); the state
+file `dispatch status` reads is derived from the scheduler by the state view (dispatch/core/state_view.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -32,25 +35,27 @@ from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dispatch.cluster.attempts import AttemptInputs
 from dispatch.cluster.config import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cluster.drain_watch import RunDrain
-from dispatch.cluster.gitsync import worktree_path
 from dispatch.cluster.runtime import ClusterRuntime
-from dispatch.cluster.transports import RunRequest, failure
+from dispatch.cluster.transports import failure
 from dispatch.cluster.transports.agent import NODE_FULL
-from dispatch.core.agents import build_prompt, build_steps, build_verify_steps
+from dispatch.core.admission import Admission, Decision
+from dispatch.core.agents import build_prompt
 from dispatch.core.dag import Project, select
 from dispatch.core.durations import DurationHistory, first_model
 from dispatch.core.errors import DispatchError, ProjectInvalid
 from dispatch.core.locks import ProcessLock
 from dispatch.core.model_catalog import model_variables
 from dispatch.core.report import render_markdown, table_rows
-from dispatch.core.results import ProjectState, SpecResult, SpecRow, save_state
+from dispatch.core.results import ProjectState, SpecResult, save_state
 from dispatch.core.scheduler import Assignment, NodeSlots, Scheduler
 from dispatch.core.settings import DispatchSettings, get_settings
 from dispatch.core.shares import FairShare, MachineShares
 from dispatch.core.specs import model_env_errors
-from dispatch.core.usage import append_ledger, ledger_records, next_utc_midnight, run_usage
+from dispatch.core.state_view import StateView
+from dispatch.core.usage import append_ledger, ledger_records, run_usage
 from dispatch.pipeline.generated import load_specs, run_key
 from dispatch.prefect.cooldowns import server_cooldowns
 from dispatch.prefect.errors import SERVER_ERRORS
@@ -59,15 +64,39 @@ from dispatch.prefect.spend import budgets_for
 from tasks import run_inputs
 from tasks.run_spec import run_spec, skip_spec
 
-# Progress listeners of the CLI in this process: called with (event, task_id, details).
-LISTENERS: list[Callable[[str, str, dict], None]] = []
-# Called with the flow run's id once it exists (the CLI prints where to watch it in the UI).
-ON_FLOW_RUN: list[Callable[[str], None]] = []
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
-_BUSY_RETRY = 0.2  # seconds before asking again for a node whose slots another dispatcher holds
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
-_SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
 _ESTIMATE_INTERVAL = 0.5  # seconds between two estimates of the time left (one is O(specs + dependencies))
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Who follows a project run in this process (the CLI's progress view).
+
+    Args:
+        on_event: called with (event, task_id, details) on every spec event; details["progress"] holds the
+            counts and the estimated time left.
+        on_flow_run: called with the flow run's id once it exists (the CLI prints where to see it in the UI).
+    """
+
+    on_event: Callable[[str, str, dict], None] | None = None
+    on_flow_run: Callable[[str], None] | None = None
+
+
+# A flow's parameters are serialized (the UI shows them, the server stores them): a callable cannot be one, so the
+# caller hands its Watch over for the flow calls made inside `watching` (this context only, other threads and
+# runs unaffected), and the flow passes it to its ProjectRun.
+_WATCH: ContextVar[Watch | None] = ContextVar("dispatch_project_watch", default=None)
+
+
+@contextmanager
+def watching(watch: Watch) -> Iterator[Watch]:
+    """Project runs started by `dispatch_project` in this block report to `watch`."""
+    token = _WATCH.set(watch)
+    try:
+        yield watch
+    finally:
+        _WATCH.reset(token)
 
 
 def _git_revision(code_dir: Path) -> str:
@@ -84,7 +113,9 @@ class ProjectRun:
 
     def __init__(self, project: Project, settings: DispatchSettings, selected: set[str], *,
                  force: set[str], nodes: list[Node], config: ProjectConfig | None = None,
-                 started_by: str | None = None, code_dir: Path | None = None, base: str | None = None) -> None:
+                 started_by: str | None = None, code_dir: Path | None = None, base: str | None = None,
+                 watch: Watch | None = None) -> None:
+        self.watch = watch or Watch()
         try:
             self._set_up(project, settings, selected, force=force, nodes=nodes, config=config,
                          started_by=started_by, code_dir=code_dir, base=base)
@@ -95,21 +126,19 @@ class ProjectRun:
     def _set_up(self, project: Project, settings: DispatchSettings, selected: set[str], *,
                 force: set[str], nodes: list[Node], config: ProjectConfig | None,
                 started_by: str | None, code_dir: Path | None, base: str | None) -> None:
-        self.project = project
-        self.settings = settings
-        self.selected = selected
-        self.force = force
+        self.project, self.settings, self.selected = project, settings, selected
         self.config = config or ProjectConfig()
         self.logger = get_run_logger()
         self.run_id = uuid.uuid4().hex[:12]
         base = base or project.name  # generated specs (<project>.pipeline) work on <project>'s code and locks
-        self.code_dir = code_dir or (Path(self.config.repo_local) if self.config.repo_local
-                                     else settings.code_dir_for(base))
-        self.code_dir.mkdir(parents=True, exist_ok=True)
-        # The same spec against another code directory or revision is other work: its own cache key.
-        self.keys = project.cache_keys(f"{self.code_dir}@{_git_revision(self.code_dir)}")
+        code_dir = code_dir or (Path(self.config.repo_local) if self.config.repo_local
+                                else settings.code_dir_for(base))
+        code_dir.mkdir(parents=True, exist_ok=True)
         self.nodes = {node.name: node for node in nodes}
-        self.runtime = ClusterRuntime(settings, nodes, key_secrets=self._node_keys(nodes), log=self.logger)
+        from dispatch.prefect.nodes_admin import models_and_keys, ssh_key_secrets
+
+        self.runtime = ClusterRuntime(settings, nodes, key_secrets=ssh_key_secrets(nodes, self.logger),
+                                      log=self.logger)
         # what the attempts need that cannot be task parameters, found by run_spec under this run's id
         self.inputs = run_inputs.RunInputs(self.runtime.transports)
         run_inputs.register(self.run_id, self.inputs)
@@ -127,10 +156,8 @@ class ProjectRun:
             order=self.config.order)
         self.cooldowns = server_cooldowns()
         self.budgets = budgets_for(settings)
-        self._running_models: dict[str, str] = {}  # task id -> the model it started with (budget estimates)
         self.events: queue.Queue = queue.Queue()
         self.futures: dict[str, PrefectFuture] = {}
-        self.held_slots: dict[str, tuple[str, object]] = {}
         self.stop_reason = ""
         self._last_write = 0.0
         user, _, host = (started_by or "").partition("@")  # "alice@laptop": who asked, not who runs it
@@ -143,37 +170,39 @@ class ProjectRun:
 
             self.server_locks = ServerLocks(lock_scope(base, self.config.repo_url), project=project.name,
                                             run_id=self.run_id, holder=self.who)
-        self.held_locks: dict[str, str] = {}
-        # specs holding a slot while their server locks are asked for: task id -> (assignment, slot, chain)
-        self._asking_locks: dict[str, tuple[Assignment, object, list[str]]] = {}
-        self._lock_requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks")
         self._run_spec_refresh = run_spec.with_options(refresh_cache=True)
         flow_run = get_run_context().flow_run
-        if flow_run is not None:
-            for hook in ON_FLOW_RUN:
-                hook(str(flow_run.id))
+        if flow_run is not None and self.watch.on_flow_run is not None:
+            self.watch.on_flow_run(str(flow_run.id))
         if flow_run is not None and started_by:
             self._tag_flow_run(flow_run, user, host)
-        self.state = ProjectState(
+        self.view = StateView(self.scheduler, ProjectState(
             project=project.name, run_id=self.run_id, flow_run_id=str(flow_run.id) if flow_run else None,
             api_url=settings.prefect_api_url, pid=os.getpid(), user=user, host=host,
-            nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes},
-            specs={t: SpecRow(state="waiting") for t in project.order if t in selected})
-        self.context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
-        self.prompts = {t: build_prompt(project.specs[t], self.context) for t in selected
-                        if project.specs[t].kind == "agent"}
-        self.reviews: dict[str, str] = {}  # task id -> the review of the verifier that rejected its last attempt
-        self.catalog, self.model_secrets = self._agent_models()
-        if errors := model_env_errors(self._selected_specs.values(), model_variables(self.catalog)):
+            nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes}))
+        context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
+        prompts = {t: build_prompt(project.specs[t], context) for t in selected if project.specs[t].kind == "agent"}
+        models = sorted({m for t in prompts for m in project.specs[t].model_chain}
+                        | {m for t in selected for m in project.specs[t].verify})
+        catalog, model_secrets = models_and_keys(models, settings, self.logger)
+        if errors := model_env_errors(self._selected_specs.values(), model_variables(catalog)):
             raise ProjectInvalid(project.name, errors)  # a spec's env: sets a configured model's variable
         # values to mask that no step is given: this process's credentials (the local node's steps could read
         # them from /proc; remote nodes never see them)
-        self.mask_only = settings.secret_values()
-        self.inputs.masker.add([*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())])
+        mask_only = settings.secret_values()
+        self.inputs.masker.add([*mask_only, *(v for keys in model_secrets.values() for v in keys.values())])
+        # The same spec against another code directory or revision is other work: its own cache key.
+        self.attempts = AttemptInputs(
+            project, settings, self.config, self.run_id, code_dir,
+            project.cache_keys(f"{code_dir}@{_git_revision(code_dir)}"), force, self.nodes, self.runtime.transports,
+            catalog, model_secrets, mask_only, self.runtime.is_local, context, prompts)
         # drained nodes (dispatch/core/drain.py): read once now, then by a background thread
         self.drain = RunDrain(settings, self.scheduler, set(self.nodes), self.logger,
                               lambda drained: self.events.put(("drained", drained)), self._emit)
-        self.share = self._fair_share(nodes)  # last: nothing after it can fail and leave its entry behind
+        self.share = self._fair_share(nodes)  # nothing after it can fail and leave its entry behind
+        self.admission = Admission(self.scheduler, project.specs, cooldowns=self.cooldowns, budgets=self.budgets,
+                                   brokers=self.runtime.brokers, share=self.share, locks=self.server_locks,
+                                   user=user, post=lambda kind, data: self.events.put((kind, data)))
 
     def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
         """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
@@ -202,41 +231,26 @@ class ProjectRun:
             board = MachineShares(self.settings.locks_dir / "shares", self.run_id, **details)
         return FairShare(board, self.run_id, sum(n.slots for n in nodes), self.config.weight)
 
-    def _node_keys(self, nodes: list[Node]) -> dict[str, str]:
-        """Private keys kept in `ClusterNode` blocks (for nodes whose key is no file here), unwrapped for paramiko."""
-        from dispatch.prefect.nodes_admin import ssh_key_secrets
-
-        return ssh_key_secrets(nodes, self.logger)
-
-    def _agent_models(self) -> tuple[dict, dict[str, dict[str, str]]]:
-        """Models (built-in, overridden by `AgentModel` blocks) and the keys of the agent specs' models."""
-        from dispatch.prefect.nodes_admin import models_and_keys
-
-        names = sorted({m for t in self.prompts for m in self.project.specs[t].model_chain}
-                       | {m for t in self.selected for m in self.project.specs[t].verify})
-        return models_and_keys(names, self.settings, self.logger)
-
     # -- events --------------------------------------------------------------------------------
     def _emit(self, event: str, task_id: str, **details) -> None:
-        if not LISTENERS:
+        if self.watch.on_event is None:
             return
         details["progress"] = self._progress()
-        for listener in LISTENERS:
-            try:
-                listener(event, task_id, details)
-            except Exception:  # a broken progress display must not break the run
-                pass
+        try:
+            self.watch.on_event(event, task_id, details)
+        except Exception:  # a broken progress display must not break the run
+            pass
 
     def _progress(self) -> dict:
         """Counts for the progress view, and the estimated seconds left (None until something was measured):
         the critical path of what is left through dependencies and locks, by the estimates."""
-        counts = self.state.counts()
+        counts = self.view.counts()
         done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "not_run", "cancelled"))
         now = time.monotonic()
         at, left = self._remaining
         if self.estimated and (left is None or now - at >= _ESTIMATE_INTERVAL):
             self._remaining = at, left = now, self.scheduler.remaining()
-        return {"total": len(self.state.specs), "done": done, "running": counts.get("running", 0),
+        return {"total": len(self.scheduler.entries), "done": done, "running": counts.get("running", 0),
                 "failed": counts.get("failed", 0) + counts.get("not_run", 0),
                 "remaining_s": max(left - (now - at), 0.0) if left is not None else None}
 
@@ -262,224 +276,150 @@ class ProjectRun:
         except OSError as exc:  # only a hint for later runs' order
             self.logger.warning("could not save the duration history %s: %s", self.history.path, exc)
 
-    def _write_state(self, force: bool = False) -> None:
+    def _write_state(self, force: bool = False) -> ProjectState | None:
         now = time.monotonic()
-        if force or now - self._last_write >= _STATE_WRITE_INTERVAL:
-            for name, node in self.scheduler.nodes.items():
-                self.state.nodes[name]["used"] = node.used
-            self.state.ssh_connections = self.runtime.connections_opened
-            save_state(self.settings.state_dir, self.state)
-            self._last_write = now
-
-    def request_stop(self, reason: str) -> None:
-        self.stop_reason = reason
-        self.events.put(("stop", None))
-
-    # -- dispatch ------------------------------------------------------------------------------
-    def _request(self, assignment: Assignment, chain: list[str]) -> RunRequest:
-        spec = self.project.specs[assignment.task_id]
-        transport = self.runtime.transports[assignment.node]
-        git = None
-        if self.config.sync_mode == "git":
-            git = {"repo_url": self.config.repo_url, "main_branch": self.config.main_branch,
-                   "dependencies": list(spec.depends_on)}
-            workdir = worktree_path(transport.root_path, self.project.name, spec.task_id)
-        else:
-            workdir = transport.workdir(self.project.name, spec.task_id) or str(self.code_dir)
-        prompt = self.prompts.get(spec.task_id, "")
-        if spec.task_id in self.reviews and spec.kind == "agent":  # the verifier's review of the last attempt
-            prompt = build_prompt(spec, self.context, self.reviews[spec.task_id])
-        steps = build_steps(spec, prompt, skip=set(spec.model_chain) - set(chain), catalog=self.catalog)
-        verify = build_verify_steps(spec, skip=set(self.cooldowns.active()) if spec.verify else None,
-                                    catalog=self.catalog)
-        return RunRequest(
-            project=self.project.name, task_id=spec.task_id, node=assignment.node, attempt=assignment.attempt,
-            cache_key=self.keys[spec.task_id], run_id=self.run_id, workdir=workdir, root=transport.root_path,
-            fresh=spec.task_id in self.force,
-            steps=steps, verify=verify,
-            timeout=spec.timeout or self.settings.timeout, stall_timeout=self.settings.stall_timeout,
-            heartbeat=self.settings.heartbeat, acceptance=spec.acceptance,
-            env={**spec.env, "DISPATCH_SPEC_FILE": spec.path.name}, node_env=self.nodes[assignment.node].env,
-            git=git)
-
-    def _options(self, assignment: Assignment, held: tuple[str, object] | None) -> dict:
-        """Process-local options of an attempt: the machine slot to inherit, scp-mode paths, where its retry notes
-        go (the events queue: the row's reason while it runs)."""
-        options: dict = {}
-        spec = self.project.specs[assignment.task_id]
-        models = [*(spec.model_chain if spec.kind == "agent" else []), *spec.verify]
-        secrets = {f"{model}:{name}": value for model in models
-                   for name, value in self.model_secrets.get(model, {}).items()}
-        if self.runtime.is_local(assignment.node):
-            secrets.update({f"mask:{number}": value for number, value in enumerate(self.mask_only)})
-        if secrets:
-            options["secrets"] = secrets
-        options["on_note"] = lambda note, t=assignment.task_id: self.events.put(("note", (t, note)))
-        if self.runtime.is_local(assignment.node):
-            if held is not None and held[0] == "machine":
-                options["slot_fd"] = held[1]
-        elif self.config.sync_mode == "scp":
-            options["sync_from"] = self.code_dir
-            options["sync_back"] = self.code_dir
-        return options
-
-    def _submit(self, assignment: Assignment, held: tuple[str, object] | None, chain: list[str]) -> None:
-        task_id = assignment.task_id
-        spec = self.project.specs[task_id]
-        deps = [self.futures[d] for d in spec.depends_on if d in self.futures]
-        self.inputs.set_options(task_id, assignment.attempt, self._options(assignment, held))
-        if held is not None:
-            self.held_slots[task_id] = held
-        # one task for every spec, named per run by its request: a `with_options` copy per spec costs
-        # 2-13 ms of this loop
-        task = self._run_spec_refresh if task_id in self.force else run_spec
-        future = task.submit(self._request(assignment, chain), wait_for=deps)
-        self.futures[task_id] = future
-        future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
-        row = self.state.specs[task_id]
-        if spec.kind == "agent" and chain:
-            self._running_models[task_id] = chain[0]
-        if row.state != "retrying":  # why it waited (budget, cool-down, locks) is over; a retry keeps why it failed
-            row.reason = ""
-        row.task_run_id = str(future.task_run_id)
-        row.state, row.node, row.attempts = "running", assignment.node, assignment.attempt
-        row.model = (chain[0] if chain else "") if spec.kind == "agent" else "shell"  # what it starts with
-        row.started_at = row.dispatched_at = time.time()
-        row.ready_at = self.scheduler.entries[task_id].ready_at
-        self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
-
-    def _usable_chain(self, task_id: str) -> tuple[list[str], float | None]:
-        spec = self.project.specs[task_id]
-        return self.cooldowns.usable(spec.model_chain) if spec.kind == "agent" else (spec.model_chain, None)
-
-    def _fail_blocked(self, assignment: Assignment) -> None:
-        """Fail a spec whose every model is blocked for billing, naming the command that clears each."""
-        reason = self.cooldowns.blocked_reason(self.project.specs[assignment.task_id].model_chain)
-        self.logger.error("%s: %s", assignment.task_id, reason)
-        skipped = self.scheduler.fail(assignment.task_id, reason, retryable=False)
-        row = self.state.specs[assignment.task_id]
-        row.state, row.reason = "failed", reason
-        self._emit("failed", assignment.task_id, reason=reason)
-        self._skip(skipped)
-
-    def _fail_unplaceable(self) -> None:
-        """Fail ready specs that no node can ever run (`node:`/`labels:` match none), so nothing hangs."""
-        for task_id in self.scheduler.unplaceable():
-            spec = self.project.specs[task_id]
-            known = ", ".join(sorted(self.nodes))
-            reason = (f"no node fits: node={spec.node!r}, labels={spec.labels} (nodes: {known}); "
-                      f"fix the spec's node/labels in {spec.path.name}")
-            skipped = self.scheduler.fail(task_id, reason, retryable=False)
-            row = self.state.specs[task_id]
-            row.state, row.reason = "failed", reason
-            self._emit("failed", task_id, reason=reason)
-            self._skip(skipped)
-
-    def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
-        """The assignments this run may start within its fair share of the slots; the rest wait a moment."""
-        running = len(self.scheduler.running)  # the new assignments included
-        held = running - len(assignments)
-        allowed = self.share.allowed(running + self.scheduler.due(), held, releasing=self.runtime.brokers.releasing())
-        room = max(allowed - held, 0)
-        for assignment in assignments[room:]:
-            self.scheduler.unpick(assignment, delay=_SHARE_RETRY)
-        return assignments[:room]
-
-    def _dispatch(self) -> None:
-        self._fail_unplaceable()
-        # A node another dispatcher filled is set aside for a moment and the specs refused there are picked
-        # again at once for the other nodes: each round that repeats sets aside one more node.
-        for _ in range(len(self.scheduler.nodes) + 1):
-            if not self._dispatch_round():
-                break
-
-    def _dispatch_round(self) -> bool:
-        """Start what the order picks now; whether a node was found full by its broker (pick again)."""
-        refused = False
-        for assignment in self._within_share(self.scheduler.pick()):
-            chain, free_at = self._usable_chain(assignment.task_id)
-            if not chain and free_at is None:
-                self._fail_blocked(assignment)
-                continue
-            if not chain:  # every model of the spec is out of quota: wait for the first reset
-                delay = min(max(1.0, free_at - time.time()), 300.0)
-                self.scheduler.unpick(assignment, delay=delay)
-                row = self.state.specs[assignment.task_id]
-                row.reason = f"every model is on cool-down until {time.strftime('%H:%M:%S', time.localtime(free_at))}"
-                continue
-            if self.budgets.enabled and self.project.specs[assignment.task_id].kind == "agent":
-                chain, why = self.budgets.check(chain, self.state.user, list(self._running_models.values()))
-                if why:
-                    self._wait_for_budget(assignment, why)
-                    continue
-            if self.scheduler.set_aside(assignment.node):
-                self.scheduler.unpick(assignment)  # placed before its node was found full in this round
-                refused = True
-                continue
-            held = self.runtime.brokers.try_acquire(assignment.node)
-            if held is None:  # another dispatcher holds this node's slots right now
-                self.scheduler.node_full(assignment.node, _BUSY_RETRY)
-                self.scheduler.unpick(assignment)
-                refused = True
-                continue
-            modifies = self.project.specs[assignment.task_id].modifies
-            if self.server_locks is not None and modifies:  # after the slot, asked off this loop (HTTP)
-                self._asking_locks[assignment.task_id] = (assignment, held, chain)
-                self._lock_requests.submit(self._ask_locks, assignment.task_id, modifies)
-                continue
-            self._submit(assignment, held, chain)
-        return refused
-
-    def _wait_for_budget(self, assignment: Assignment, why: str) -> None:
-        """Hold a spec back that would start past a daily budget: it looks again each minute (another
-        dispatcher's spend, the next UTC day); its row and the progress view say why."""
-        delay = min(60.0, max(1.0, next_utc_midnight(time.time()) - time.time()))
-        self.scheduler.unpick(assignment, delay=delay)
-        row = self.state.specs[assignment.task_id]
-        if row.reason != why:
-            row.reason = why
-            self.logger.warning("%s: %s", assignment.task_id, why)
-            self._write_state(force=True)
-            self._emit("waiting", assignment.task_id, reason=why)
+        if not force and now - self._last_write < _STATE_WRITE_INTERVAL:
+            return None
+        for name, node in self.scheduler.nodes.items():
+            self.view.header.nodes[name]["used"] = node.used
+        self.view.header.ssh_connections = self.runtime.connections_opened
+        save_state(self.settings.state_dir, state := self.view.snapshot())
+        self._last_write = now
+        return state
 
     def _record_usage(self, result: SpecResult) -> None:
-        """Add what the attempts of a fresh result reported using to its row and to the usage ledger."""
-        self.state.specs[result.task_id].add_usage(result.attempts)
-        records = ledger_records(result, user=self.state.user, run_id=self.run_id)
+        """Add what the attempts of a fresh result reported using to the usage ledger."""
+        records = ledger_records(result, user=self.view.header.user, run_id=self.run_id)
         try:
             append_ledger(self.settings.results_dir, records, self.settings.usage_ledger_bytes)
         except OSError as exc:  # the run goes on; only totals and budgets miss these attempts
             self.logger.warning("could not write the usage ledger: %s", exc)
         self.budgets.refresh()
 
-    def _ask_locks(self, task_id: str, modifies: list[str]) -> None:
-        """In a helper thread: ask the server's lock table; the dispatch loop gets the answer as an event
-        (always: a lost answer would leave the spec holding its slot for ever)."""
-        from dispatch.prefect.server_locks import Grant
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.events.put(("stop", None))
 
+    # -- dispatch ------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        for task_id in self.scheduler.unplaceable():  # no node can ever run it (`node:`/`labels:`): fail, no hang
+            spec = self.project.specs[task_id]
+            self._fail(task_id, f"no node fits: node={spec.node!r}, labels={spec.labels} (nodes: "
+                                f"{', '.join(sorted(self.nodes))}); fix the spec's node/labels in {spec.path.name}")
+        # A node another dispatcher filled is set aside for a moment and the specs refused there are picked
+        # again at once for the other nodes: each round that repeats sets aside one more node.
+        for _ in range(len(self.scheduler.nodes) + 1):
+            decisions, refused = self.admission.admit(self.scheduler.pick())
+            for decision in decisions:
+                self._apply(decision)
+            if not refused:
+                break
+
+    def _apply(self, decision: Decision) -> None:
+        """Carry out what admission decided of a pick."""
+        task_id = decision.assignment.task_id
+        if decision.kind == "start":
+            self._submit(decision.assignment, decision.chain)
+        elif decision.kind == "fail":  # every model blocked for billing: the reason names what clears each
+            self.logger.error("%s: %s", task_id, decision.reason)
+            self._fail(task_id, decision.reason)
+        elif decision.kind == "wait" and self.view.waiting(task_id, decision.reason) and decision.loud:
+            # a budget: said once (it looks again each minute: another dispatcher's spend, the next UTC day)
+            self.logger.warning("%s: %s", task_id, decision.reason)
+            self._write_state(force=True)
+            self._emit("waiting", task_id, reason=decision.reason)
+
+    def _fail(self, task_id: str, reason: str) -> None:
+        """Fail a spec that no attempt can help, and skip what depends on it."""
+        skipped = self.scheduler.fail(task_id, reason, retryable=False)
+        self._emit("failed", task_id, reason=reason)
+        self._skip(skipped)
+
+    def _submit(self, assignment: Assignment, chain: tuple[str, ...] | list[str]) -> None:
+        task_id = assignment.task_id
+        spec = self.project.specs[task_id]
+        deps = [self.futures[d] for d in spec.depends_on if d in self.futures]
+        note = lambda text, t=task_id: self.events.put(("note", (t, text)))  # noqa: E731
+        self.inputs.set_options(task_id, assignment.attempt,
+                                self.attempts.options(assignment, self.admission.slot(task_id), note))
+        # one task for every spec, named per run by its request: a `with_options` copy per spec costs
+        # 2-13 ms of this loop
+        task = self._run_spec_refresh if task_id in self.attempts.force else run_spec
+        request = self.attempts.request(assignment, chain, set(self.cooldowns.active()) if spec.verify else None)
+        future = task.submit(request, wait_for=deps)
+        self.futures[task_id] = future
+        future.add_done_callback(lambda f, t=task_id: self.events.put(("done", t)))
+        self.view.started(task_id, assignment.attempt, task_run_id=str(future.task_run_id), at=time.time(),
+                          model=(chain[0] if chain else "") if spec.kind == "agent" else "shell")
+        self._emit("started", task_id, node=assignment.node, attempt=assignment.attempt)
+
+    def _finish(self, task_id: str) -> None:
+        future = self.futures[task_id]
         try:
-            grant = self.server_locks.try_acquire(task_id, modifies)
-        except Exception as exc:  # try_acquire answers errors itself; anything else: the spec waits and retries
-            grant = Grant(None, error=f"{type(exc).__name__}: {exc}"[:300])
-        self.events.put(("locks", (task_id, grant)))
-
-    def _locks_answered(self, task_id: str, grant) -> None:
-        """Start the spec with its locks; refused: give its slot back, it waits (no hold-and-wait)."""
-        assignment, held, chain = self._asking_locks.pop(task_id)
-        row = self.state.specs[task_id]
-        if not grant or self.stop_reason:
-            if grant:
-                self.server_locks.release(grant.token)
-            self.runtime.brokers.release(held)
-            if self.stop_reason:
-                self.scheduler.cancel_running(task_id, self.stop_reason)
-                row.state, row.reason = "cancelled", self.stop_reason
-            else:  # another user's overlapping spec runs
-                self.scheduler.unpick(assignment, delay=grant.retry_after)
-                row.reason = grant.reason
+            result = future.result(raise_on_failure=False)
+        except Exception as exc:  # the task itself crashed
+            result = exc
+        node = self.scheduler.entries[task_id].node or ""
+        if not isinstance(result, SpecResult):
+            result = failure(self.project.name, task_id, f"the task crashed: {result!r}", status="lost", node=node)
+        attempt = self.scheduler.attempts(task_id)
+        self.inputs.drop_options(task_id, attempt)
+        if result.status == NODE_FULL and not self.stop_reason:  # nothing ran: not an attempt, not a fault
+            self.logger.info("%s %s: %s", node, task_id, result.reason)
+            self.admission.ended(task_id, requeue=Assignment(task_id, node, attempt), delay=_NODE_FULL_RETRY)
+            self.view.refused(task_id, result.reason)
             return
-        self.held_locks[task_id], row.reason = grant.token, ""
-        self._submit(assignment, held, chain)
+        self.admission.ended(task_id)
+        cached = result.run_id != self.run_id
+        self.cooldowns.record_attempts(result.attempts, task_id, self.who, self.logger)
+        if not cached:
+            self._record_usage(result)
+        if not cached and not self.stop_reason:
+            self._record_duration(result)
+        self.view.ended(task_id, result, cached=cached, at=time.time())
+        if result.fallback() and not cached:
+            self.logger.info("%s: models passed over: %s", task_id, result.fallback())
+        if self.stop_reason and not result.succeeded:
+            self.scheduler.cancel_running(task_id, self.stop_reason)
+            self._emit("cancelled", task_id, reason=self.stop_reason)
+            return
+        if result.succeeded:
+            self.scheduler.succeed(task_id)
+            self._emit("succeeded", task_id, result=result, cached=cached)
+            return
+        if result.status == "rejected" and result.verification is not None:
+            self.attempts.reviews[task_id] = result.verification.review
+        if result.node_fault and result.node in self.runtime.nodes and not self.runtime.is_local(result.node):
+            self._node_down(result.node, result.reason)
+        acceptance = result.status == "acceptance_failed"
+        skipped = self.scheduler.fail(task_id, result.reason or result.status, retryable=result.retryable,
+                                      node_fault=result.node_fault, max_attempts=2 if acceptance else None)
+        if self.view.state(task_id) == "retrying":
+            self._emit("retry", task_id, reason=self.view.reason(task_id), attempt=self.scheduler.attempts(task_id))
+            return
+        self._emit("failed", task_id, result=result)
+        self._skip(skipped)
+
+    def _node_down(self, node: str, reason: str) -> None:
+        """Take a failed node out of placement until a background probe reaches it again."""
+        slots = self.scheduler.nodes[node]
+        if slots.down:
+            return
+        slots.down = True
+        self.logger.warning("node %s is down (%s); its specs move to other nodes", node, reason)
+        self.runtime.probe_until_up(node, lambda name: self.events.put(("node_up", name)))
+
+    def _skip(self, task_ids: list[str]) -> None:
+        for child in task_ids:
+            reason = self.scheduler.reason(child)
+            if self.scheduler.state(child) == "not_run":
+                deps = [self.futures[d] for d in self.project.specs[child].depends_on if d in self.futures]
+                self.futures[child] = skip_spec.with_options(name=child, task_run_name=child).submit(
+                    child, reason, wait_for=deps)
+                self.view.skipped(child, str(self.futures[child].task_run_id))
+            else:
+                self.futures.pop(child, None)
+            self._emit(self.view.state(child), child, reason=reason)
 
     def _reattach(self) -> None:
         """Adopt what a killed dispatcher left on the nodes instead of running it twice: runners still
@@ -496,118 +436,31 @@ class ProjectRun:
                                  self.project.name)
             recovered: list[str] = []
             for task_id, key in [*live.items(), *finished.items()]:
-                if task_id not in self.selected or task_id in self.force or key != self.keys.get(task_id):
+                if (task_id not in self.selected or task_id in self.attempts.force
+                        or key != self.attempts.keys.get(task_id)):
                     continue  # an edited spec's stale runner is killed when the spec is dispatched again
                 if self.scheduler.state(task_id) not in ("waiting", "ready"):
                     continue
                 self.scheduler.adopt(task_id, node, 1)
+                chain = self.project.specs[task_id].model_chain
                 if task_id in finished:  # the transport hands its result back without running it
                     recovered.append(task_id)
+                    self.admission.adopt(task_id, chain, locks=False)
                 else:
                     self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
-                    modifies = self.project.specs[task_id].modifies
-                    if self.server_locks is not None and modifies:  # they died with the old dispatcher's lease
-                        grant = self.server_locks.try_acquire(task_id, modifies)
-                        if grant:
-                            self.held_locks[task_id] = grant.token
-                        else:
-                            self.logger.warning("%s: re-attached without its file locks (%s)", task_id,
-                                                grant.reason)
-                self._submit(Assignment(task_id, node, 1), None, self.project.specs[task_id].model_chain)
+                    if why := self.admission.adopt(task_id, chain):  # they died with the old dispatcher's lease
+                        self.logger.warning("%s: re-attached without its file locks (%s)", task_id, why)
+                self._submit(Assignment(task_id, node, 1), chain)
             if recovered:
                 names = ", ".join(recovered[:5]) + (", ..." if len(recovered) > 5 else "")
                 self.logger.info("node %s: %d unchanged spec(s) of %s already succeeded there (%s); their "
                                  "results are taken, not run again", node, len(recovered), self.project.name, names)
 
-    def _finish(self, task_id: str) -> None:
-        future = self.futures[task_id]
-        self._running_models.pop(task_id, None)
-        held = self.held_slots.pop(task_id, None)
-        if held is not None:
-            self.runtime.brokers.release(held)
-        if task_id in self.held_locks:
-            self.server_locks.release(self.held_locks.pop(task_id))
-        try:
-            result = future.result(raise_on_failure=False)
-        except Exception as exc:  # the task itself crashed
-            result = exc
-        row = self.state.specs[task_id]
-        if not isinstance(result, SpecResult):
-            result = failure(self.project.name, task_id, f"the task crashed: {result!r}", status="lost",
-                             node=row.node)
-        self.inputs.drop_options(task_id, self.scheduler.attempts(task_id))
-        if result.status == NODE_FULL and not self.stop_reason:  # nothing ran: not an attempt, not a fault
-            self.logger.info("%s %s: %s", row.node, task_id, result.reason)
-            self.scheduler.unpick(Assignment(task_id, row.node, self.scheduler.attempts(task_id)),
-                                  delay=_NODE_FULL_RETRY)
-            row.state, row.reason = self.scheduler.state(task_id), result.reason
-            return
-        cached = result.run_id != self.run_id
-        self.cooldowns.record_attempts(result.attempts, task_id, self.who, self.logger)
-        if not cached:
-            self._record_usage(result)
-        if not cached and not self.stop_reason:
-            self._record_duration(result)
-        row.model, row.exit_code, row.log_path = result.model, result.exit_code, result.log_path
-        row.fallback = result.fallback()
-        if row.fallback and not cached:
-            self.logger.info("%s: models passed over: %s", task_id, row.fallback)
-        row.duration, row.cached = result.duration, cached
-        if cached:
-            row.started_at, row.ended_at, row.node = result.started_at, result.ended_at, result.node
-        else:
-            row.ended_at = time.time()
-        if self.stop_reason and not result.succeeded:
-            self.scheduler.cancel_running(task_id, self.stop_reason)
-            row.state, row.reason = "cancelled", self.stop_reason
-            self._emit("cancelled", task_id, reason=self.stop_reason)
-            return
-        if result.succeeded:
-            self.scheduler.succeed(task_id)
-            row.state, row.reason = "succeeded", ""
-            self._emit("succeeded", task_id, result=result, cached=cached)
-            return
-        if result.status == "rejected" and result.verification is not None:
-            self.reviews[task_id] = result.verification.review
-        if result.node_fault and result.node in self.runtime.nodes and not self.runtime.is_local(result.node):
-            self._node_down(result.node, result.reason)
-        acceptance = result.status == "acceptance_failed"
-        skipped = self.scheduler.fail(task_id, result.reason or result.status, retryable=result.retryable,
-                                      node_fault=result.node_fault, max_attempts=2 if acceptance else None)
-        row.state, row.reason = self.scheduler.state(task_id), result.reason or result.status
-        if row.state == "ready":
-            row.state = "retrying"
-            self._emit("retry", task_id, reason=row.reason, attempt=self.scheduler.attempts(task_id))
-            return
-        self._emit("failed", task_id, result=result)
-        self._skip(skipped)
-
-    def _node_down(self, node: str, reason: str) -> None:
-        """Take a failed node out of placement until a background probe reaches it again."""
-        slots = self.scheduler.nodes[node]
-        if slots.down:
-            return
-        slots.down = True
-        self.logger.warning("node %s is down (%s); its specs move to other nodes", node, reason)
-        self.runtime.probe_until_up(node, lambda name: self.events.put(("node_up", name)))
-
-    def _skip(self, task_ids: list[str]) -> None:
-        for child in task_ids:
-            row = self.state.specs[child]
-            row.state, row.reason = self.scheduler.state(child), self.scheduler.reason(child)
-            deps = [self.futures[d] for d in self.project.specs[child].depends_on if d in self.futures]
-            self.futures[child] = skip_spec.with_options(name=child, task_run_name=child).submit(
-                child, row.reason, wait_for=deps) if row.state == "not_run" else None
-            if self.futures[child] is not None:
-                row.task_run_id = str(self.futures[child].task_run_id)
-            self._emit(row.state, child, reason=row.reason)
-        self.futures = {k: v for k, v in self.futures.items() if v is not None}
-
     def execute(self) -> State:
         """Run the project to the end (or until stopped) and return the flow's final state."""
         self._reattach()
         self._dispatch()
-        self.drain.note_waits(self.state.specs)
+        self.drain.note_waits(self.view.waits)
         self._write_state(force=True)
         while not self.scheduler.done:
             wakeup = self.scheduler.next_wakeup()
@@ -618,30 +471,28 @@ class ProjectRun:
                 kind, data = "tick", None
             if kind == "done":  # data: the task id
                 self._finish(data)
-            elif kind == "locks":  # data: (task id, grant)
-                self._locks_answered(*data)
+            elif kind == "locks":  # data: (task id, the lock table's answer)
+                self._apply(self.admission.locks_answered(*data, stop_reason=self.stop_reason))
             elif kind == "node_up":  # data: the node's name
                 self.scheduler.nodes[data].down = False
                 self.logger.info("node %s is back", data)
             elif kind == "drained":  # data: the drained nodes now
                 self.drain.changed(data)
-            elif kind == "note" and self.state.specs[data[0]].state == "running":  # data: (task id, note)
-                self.state.specs[data[0]].reason = data[1]  # e.g. "glm: 429, retrying 2/10", "" once it goes on
+            elif kind == "note":  # data: (task id, note), e.g. "glm: 429, retrying 2/10", "" once it goes on
+                self.view.note(*data)
             elif kind == "stop":
                 self._stop()
             if not self.stop_reason:
                 self._dispatch()
-                self.drain.note_waits(self.state.specs)
+                self.drain.note_waits(self.view.waits)
             self._write_state()
         return self._conclude()
 
     def close(self) -> None:
         """Wait for lock requests still out (their answers go unread), give back the server's file locks, then
         close the nodes' connections. Closes what a run refused part-way has opened, too."""
-        if (requests := getattr(self, "_lock_requests", None)) is not None:
-            requests.shutdown(wait=True)
         # explicitly: a collected lock table only stops renewing (server_locks.py)
-        for part in ("server_locks", "drain", "share", "runtime"):
+        for part in ("admission", "server_locks", "drain", "share", "runtime"):
             if (opened := getattr(self, part, None)) is not None:
                 opened.close()
         if getattr(self, "inputs", None) is not None:
@@ -649,41 +500,40 @@ class ProjectRun:
 
     def _stop(self) -> None:
         self.logger.warning("stopping %s: %s", self.project.name, self.stop_reason)
-        for task_id in self.scheduler.cancel_all(self.stop_reason):
-            self.state.specs[task_id].state, self.state.specs[task_id].reason = "cancelled", self.stop_reason
+        self.scheduler.cancel_all(self.stop_reason)
         for task_id in self.scheduler.running:
             transport = self.runtime.transports.get(self.scheduler.entries[task_id].node or "")
             if transport is not None:
                 transport.cancel(self.project.name, task_id)
 
     def _conclude(self) -> State:
-        counts = self.state.counts()
-        total = len(self.state.specs)
+        state = self.view.header
+        counts, total = self.view.counts(), len(self.scheduler.entries)
         failed = counts.get("failed", 0)
         summary = (f"{counts.get('succeeded', 0)}/{total} succeeded, {failed} failed, "
                    f"{counts.get('not_run', 0)} not run, {counts.get('cancelled', 0)} cancelled")
         if self.stop_reason:
-            self.state.state = "cancelled"
+            state.state = "cancelled"
         else:
-            self.state.state = "failed" if failed or counts.get("not_run") else "completed"
-        self.state.message, self.state.ended_at = summary, time.time()
-        self._write_state(force=True)
+            state.state = "failed" if failed or counts.get("not_run") else "completed"
+        state.message, state.ended_at = summary, time.time()
+        final = self._write_state(force=True)
         self._save_history()
         self.budgets.close()
         try:
             usage = run_usage(self.settings, self.run_id)
-            create_markdown_artifact(markdown=render_markdown(self.state, self.settings.runs_dir, ui_links=True,
+            create_markdown_artifact(markdown=render_markdown(final, self.settings.runs_dir, ui_links=True,
                                                               usage=usage),
                                      key=f"report-{_artifact_key(self.project.name)}",
                                      description=f"Oyster Dispatch report for {self.project.name}")
-            create_table_artifact(table=table_rows(self.state), key=f"specs-{_artifact_key(self.project.name)}",
+            create_table_artifact(table=table_rows(final), key=f"specs-{_artifact_key(self.project.name)}",
                                   description=f"Specs of {self.project.name}")
         except SERVER_ERRORS as exc:  # the run's results are on disk already; say so and carry on
             self.logger.warning("could not attach the report artifact: %s", exc)
         self.logger.info("%s: %s", self.project.name, summary)
         if self.stop_reason:
             return Cancelled(message=f"{summary}; {self.stop_reason}")
-        if self.state.state == "failed":
+        if state.state == "failed":
             return Failed(message=summary)
         return Completed(message=summary)
 
@@ -733,6 +583,8 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
             project's `projects.json` entry, code directory and file-lock scope.
         code_dir: the code directory the specs work in (default: `repo_local` of `projects.json`, else
             `DISPATCH_PROJECTS/<project>`).
+
+    Called inside `watching(Watch(...))`, the run reports its events and flow run to that `Watch`.
     """
     settings = get_settings()
     proj = load_specs(settings, project, generated)
@@ -747,7 +599,7 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
     try:
         run = ProjectRun(proj, settings, selected, force=forced, nodes=load_nodes(settings),
                          config=load_project_config(settings, project), started_by=started_by,
-                         code_dir=Path(code_dir) if code_dir else None, base=project)
+                         code_dir=Path(code_dir) if code_dir else None, base=project, watch=_WATCH.get())
         restore = _install_signal_handlers(run)
         try:
             return run.execute()

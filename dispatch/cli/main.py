@@ -192,7 +192,7 @@ def start(
             console.print(f"[dim]stopped {len(stopped)} temporary Prefect server(s) that killed dispatchers had "
                           f"left running (pids {', '.join(map(str, stopped))})[/]")
     from dispatch.prefect.team import whoami
-    from flows.dispatch_project import LISTENERS, ON_FLOW_RUN, dispatch_project
+    from flows.dispatch_project import Watch, dispatch_project, watching
 
     where = (settings.prefect_api_url if not settings.embedded else f"the local Prefect server ({ui})" if ui
              else "a temporary Prefect server (SQLite under DISPATCH_HOME)")
@@ -203,13 +203,11 @@ def start(
         if ui:
             progress.console.print(f"  flow run in the Prefect UI: {flow_run_url(ui, flow_run_id)}", soft_wrap=True)
 
-    LISTENERS.append(listener)
-    ON_FLOW_RUN.append(show_flow_run)
     started = time.monotonic()
     user, host = whoami()
     try:
         # the flow tags its own run with the user (a tags() context would tag every task run)
-        with progress, _engine_settings(settings):
+        with progress, _engine_settings(settings), watching(Watch(on_event=listener, on_flow_run=show_flow_run)):
             final = dispatch_project(project, only=only, start_from=start_from, force=force,
                                      started_by=f"{user}@{host}", return_state=True)
         # invalid input the flow found (a spec's env sets a configured model's variable): exit 2 as above
@@ -217,9 +215,6 @@ def start(
             raise found
     except DispatchError as exc:
         raise invalid(exc) from None
-    finally:
-        LISTENERS.remove(listener)
-        ON_FLOW_RUN.remove(show_flow_run)
     state = load_state(settings.state_dir, project)
     if state is None:
         err.print(f"[red]the run of {project} ended without writing its state[/]; see the Prefect logs")

@@ -338,7 +338,7 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     from dispatch.core.results import load_state
     from dispatch.core.settings import get_settings
     from dispatch.prefect.drained import drained_store
-    from flows.dispatch_project import LISTENERS
+    from flows.dispatch_project import Watch, watching
 
     monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")
     get_settings.cache_clear()
@@ -380,11 +380,10 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     thread.start()
     events: list[tuple[str, str]] = []  # what the progress view of `dispatch start` is told
     listener = lambda event, task_id, details: events.append((event, details.get("reason", "")))  # noqa: E731
-    LISTENERS.append(listener)
     try:
-        state, summary = run_project("draining")
+        with watching(Watch(on_event=listener)):
+            state, summary = run_project("draining")
     finally:
-        LISTENERS.remove(listener)
         thread.join(timeout=5)
         undrain(drained_store(settings), victim)
     assert state.is_completed(), state.message

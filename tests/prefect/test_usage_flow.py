@@ -44,7 +44,7 @@ def test_budget_reached_holds_the_second_spec_back_before_it_spends(run_project,
     from dispatch.core.results import load_state
     from dispatch.core.settings import get_settings
     from dispatch.core.usage import totals
-    from flows.dispatch_project import LISTENERS
+    from flows.dispatch_project import Watch, watching
 
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
     env = {"FAKE_AGENT_LOG": str(isolated_home / "agents.jsonl")}  # every agent run, logged by the fake agent
@@ -66,11 +66,8 @@ def test_budget_reached_holds_the_second_spec_back_before_it_spends(run_project,
         if callable(stop) and "_install_signal_handlers" in getattr(stop, "__qualname__", ""):
             stop(signal.SIGTERM, None)
 
-    LISTENERS.append(listener)
-    try:
+    with watching(Watch(on_event=listener)):
         state, summary = run_project("budget", slots=2)
-    finally:
-        LISTENERS.remove(listener)
     assert "state" in seen, f"S02 was never held back: {summary.specs if summary else None}"
     row = seen["state"].specs["S02-second"]
     assert row.reason.startswith("budget reached: claude $0.04 of $0.05 today (UTC)"), row.reason

@@ -1,0 +1,250 @@
+"""Admission: whether a spec the scheduler picked starts now, and what it holds while it runs.
+
+The scheduler (dispatch/core/scheduler.py) picks specs by its own count of slots and locks. Before a pick
+becomes a task run it passes, in this order: this run's fair share of the cluster's slots (shares.py), the
+models' cool-downs (cooldowns.py), the daily budgets (budgets.py), the node's slot in every dispatcher's count
+(brokers.py) and, in team mode, the server's file locks. The first check that refuses gives back what the
+earlier ones took, by one path (`_give_back`): the lock grant, then the slot, then the pick itself
+(`Scheduler.unpick`), so no spec holds a slot while it waits for anything (no hold-and-wait).
+
+Server locks are asked off the dispatch loop (an HTTP round trip each): `admit` hands the request to a small
+thread pool and the answer comes back through `post("locks", (task_id, grant))`, which the loop feeds to
+`locks_answered`. What a started spec holds (its slot, its lock grant, the model it started with for budget
+estimates) is kept here until `ended` gives it back.
+
+Prefect-free: the server lock table is anything with `try_acquire(task_id, patterns)` and `release(token)`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dispatch.core.scheduler import Assignment, Scheduler
+from dispatch.core.usage import next_utc_midnight
+
+if TYPE_CHECKING:
+    from dispatch.core.brokers import Brokers
+    from dispatch.core.budgets import Budgets
+    from dispatch.core.cooldowns import Cooldowns
+    from dispatch.core.shares import FairShare
+    from dispatch.core.specs import Spec
+
+BUSY_RETRY = 0.2  # seconds before asking again for a node whose slots another dispatcher holds
+SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
+_LOCK_RETRY = 0.2  # seconds before a spec whose lock request broke asks again (jittered up to twice that)
+_BUDGET_LOOK = 60.0  # a spec held back by a budget looks again this often (another dispatcher's spend, a new day)
+_COOLDOWN_LOOK = 300.0  # ... by cool-downs: at their first reset, at most this long
+
+
+class LockAnswer(Protocol):
+    """A server lock table's answer: true when granted (then `token` gives it back), else why not."""
+
+    token: str | None
+    retry_after: float
+
+    def __bool__(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class LockServer(Protocol):
+    """The server's file lock table shared with other users' runs (dispatch/prefect/server_locks.py)."""
+
+    def try_acquire(self, task_id: str, patterns: list[str]) -> LockAnswer: ...
+
+    def release(self, token: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Unanswered:
+    """A lock request that broke before the table answered: the spec waits and asks again."""
+
+    error: str
+    token: None = None
+    retry_after: float = 0.0
+
+    def __bool__(self) -> bool:
+        return False
+
+    @property
+    def reason(self) -> str:
+        return f"waiting for the server's lock table: {self.error}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What became of one pick: `start` it with `chain`, `fail` it (`reason`), it `wait`s (`reason`, said once
+    per new reason when `loud`), or it is `cancelled` (the run stops)."""
+
+    kind: str
+    assignment: Assignment
+    chain: tuple[str, ...] = ()
+    reason: str = ""
+    loud: bool = False
+
+
+class Admission:
+    """The checks between a pick and its start, and what started specs hold.
+
+    Args:
+        scheduler: the run's scheduler.
+        specs: the project's specs by id.
+        cooldowns: the models' cool-downs.
+        budgets: the daily budgets.
+        brokers: the nodes' slots across dispatchers.
+        share: this run's fair share of the slots.
+        locks: the server's lock table (team mode with `modifies`), else None.
+        user: who the run's specs spend for (budgets).
+        post: called with `("locks", (task_id, answer))` from a helper thread; the loop hands it to
+            `locks_answered`.
+        clock: wall-clock time (cool-down resets and budget days are wall-clock times).
+    """
+
+    def __init__(self, scheduler: Scheduler, specs: Mapping[str, Spec], *, cooldowns: Cooldowns, budgets: Budgets,
+                 brokers: Brokers, share: FairShare, locks: LockServer | None, user: str,
+                 post: Callable[[str, Any], None], clock: Callable[[], float] = time.time) -> None:
+        self.scheduler, self.specs = scheduler, specs
+        self.cooldowns, self.budgets, self.brokers, self.share, self.locks = cooldowns, budgets, brokers, share, locks
+        self.user, self._post, self._clock = user, post, clock
+        self._held: dict[str, tuple[Any, str | None]] = {}  # started: task id -> (slot, lock token)
+        self._asking: dict[str, tuple[Assignment, Any, tuple[str, ...]]] = {}  # waiting for its locks' answer
+        self._models: dict[str, str] = {}  # started agent specs: task id -> the model it started with
+        self._requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks") if locks else None
+
+    # -- one round ---------------------------------------------------------------------------------
+    def admit(self, assignments: list[Assignment]) -> tuple[list[Decision], bool]:
+        """Decide the scheduler's picks; whether a node was found full by its broker (pick again at once)."""
+        decisions: list[Decision] = []
+        refused = False
+        for assignment in self._within_share(assignments):
+            decision = self._admit(assignment)
+            if decision is None:
+                refused = True
+            elif decision.kind != "asking":
+                decisions.append(decision)
+        return decisions, refused
+
+    def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
+        """The picks this run may start within its fair share of the slots; the rest wait a moment."""
+        running = len(self.scheduler.running)  # the new picks included
+        held = running - len(assignments)
+        allowed = self.share.allowed(running + self.scheduler.due(), held, releasing=self.brokers.releasing())
+        room = max(allowed - held, 0)
+        for assignment in assignments[room:]:
+            self._give_back(assignment, delay=SHARE_RETRY)
+        return assignments[:room]
+
+    def _admit(self, assignment: Assignment) -> Decision | None:
+        """One pick through the checks; None when its node was found full (it goes back, pick again)."""
+        task_id = assignment.task_id
+        spec = self.specs[task_id]
+        chain, free_at = self.cooldowns.usable(spec.model_chain) if spec.kind == "agent" else (spec.model_chain,
+                                                                                                None)
+        if not chain and free_at is None:  # every model blocked for billing: waiting cannot help
+            return Decision("fail", assignment, reason=self.cooldowns.blocked_reason(spec.model_chain))
+        if not chain:  # every model is out of quota: wait for the first reset
+            self._give_back(assignment, delay=min(max(1.0, free_at - self._clock()), _COOLDOWN_LOOK))
+            until = time.strftime("%H:%M:%S", time.localtime(free_at))
+            return Decision("wait", assignment, reason=f"every model is on cool-down until {until}")
+        if self.budgets.enabled and spec.kind == "agent":
+            chain, why = self.budgets.check(chain, self.user, list(self._models.values()))
+            if why:
+                now = self._clock()
+                self._give_back(assignment, delay=min(_BUDGET_LOOK, max(1.0, next_utc_midnight(now) - now)))
+                return Decision("wait", assignment, reason=why, loud=True)
+        if self.scheduler.set_aside(assignment.node):  # placed before its node was found full in this round
+            self._give_back(assignment)
+            return None
+        slot = self.brokers.try_acquire(assignment.node)
+        if slot is None:  # another dispatcher holds this node's slots right now
+            self.scheduler.node_full(assignment.node, BUSY_RETRY)
+            self._give_back(assignment)
+            return None
+        if self._requests is not None and spec.modifies:  # after the slot, asked off the loop (HTTP)
+            self._asking[task_id] = (assignment, slot, tuple(chain))
+            self._requests.submit(self._ask_locks, task_id, list(spec.modifies))
+            return Decision("asking", assignment)
+        return self._start(assignment, slot, None, tuple(chain))
+
+    def _start(self, assignment: Assignment, slot: Any, token: str | None, chain: tuple[str, ...]) -> Decision:
+        self._hold(assignment.task_id, slot, token, chain)
+        return Decision("start", assignment, chain=chain)
+
+    def _hold(self, task_id: str, slot: Any, token: str | None, chain: tuple[str, ...]) -> None:
+        self._held[task_id] = (slot, token)
+        if self.specs[task_id].kind == "agent" and chain:
+            self._models[task_id] = chain[0]
+
+    # -- server locks ------------------------------------------------------------------------------
+    def _ask_locks(self, task_id: str, patterns: list[str]) -> None:
+        """In a helper thread: ask the lock table; the answer always comes back (a lost one would leave the
+        spec holding its slot for ever)."""
+        try:
+            answer: Any = self.locks.try_acquire(task_id, patterns)  # type: ignore[union-attr]
+        except Exception as exc:  # the table answers its errors itself; anything else: wait and ask again
+            answer = _Unanswered(f"{type(exc).__name__}: {exc}"[:300], retry_after=_LOCK_RETRY * (1 + random.random()))
+        self._post("locks", (task_id, answer))
+
+    def locks_answered(self, task_id: str, answer: LockAnswer, stop_reason: str = "") -> Decision:
+        """Start the spec with its locks; refused (or the run stops): everything it took goes back."""
+        assignment, slot, chain = self._asking.pop(task_id)
+        if stop_reason:
+            self._give_back(assignment, slot=slot, token=answer.token if answer else None, cancel=stop_reason)
+            return Decision("cancelled", assignment, reason=stop_reason)
+        if not answer:  # another user's overlapping spec runs
+            self._give_back(assignment, slot=slot, delay=answer.retry_after)
+            return Decision("wait", assignment, reason=answer.reason)
+        return self._start(assignment, slot, answer.token, chain)
+
+    def adopt(self, task_id: str, chain: list[str], *, locks: bool = True) -> str:
+        """Hold what a spec re-attached from an earlier dispatcher needs (`locks`: it still runs, and its file
+        locks died with that dispatcher's lease): '' when held, else why its locks could not be taken (it runs
+        on without them)."""
+        token, why = None, ""
+        patterns = list(self.specs[task_id].modifies)
+        if locks and self.locks is not None and patterns:
+            answer = self.locks.try_acquire(task_id, patterns)
+            token, why = (answer.token, "") if answer else (None, answer.reason)
+        self._hold(task_id, None, token, tuple(chain))
+        return why
+
+    # -- giving back -------------------------------------------------------------------------------
+    def ended(self, task_id: str, *, requeue: Assignment | None = None, delay: float = 0.0) -> None:
+        """A started spec's task run ended: give back its slot and locks; `requeue`: nothing ran (its node
+        refused it), so the pick itself goes back too and it is picked again after `delay`."""
+        self._models.pop(task_id, None)
+        slot, token = self._held.pop(task_id, (None, None))
+        self._release(slot, token)
+        if requeue is not None:
+            self._give_back(requeue, delay=delay)
+
+    def _give_back(self, assignment: Assignment, *, slot: Any = None, token: str | None = None, delay: float = 0.0,
+                   cancel: str = "") -> None:
+        """The one way back for a pick that does not start: its locks, its slot, then the pick (or, when the run
+        stops, the spec is cancelled)."""
+        self._release(slot, token)
+        if cancel:
+            self.scheduler.cancel_running(assignment.task_id, cancel)
+        else:
+            self.scheduler.unpick(assignment, delay=delay)
+
+    def _release(self, slot: Any, token: str | None) -> None:
+        if token is not None and self.locks is not None:
+            self.locks.release(token)
+        if slot is not None:
+            self.brokers.release(slot)
+
+    def slot(self, task_id: str) -> Any:
+        """The slot a started spec holds (None: none, e.g. re-attached)."""
+        return self._held.get(task_id, (None, None))[0]
+
+    def close(self) -> None:
+        """Wait for lock requests still out (their answers go unread)."""
+        if self._requests is not None:
+            self._requests.shutdown(wait=True)
