@@ -18,94 +18,45 @@ import os
 import queue
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
 from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dispatch.cluster.attempts import AttemptInputs
+from dispatch.cluster.attempts import AttemptInputs, cache_keys
 from dispatch.cluster.config import Node, ProjectConfig, load_nodes, load_project_config
 from dispatch.cluster.drain_watch import RunDrain
 from dispatch.cluster.runtime import ClusterRuntime
 from dispatch.cluster.transports import failure
 from dispatch.cluster.transports.agent import NODE_FULL
 from dispatch.core.admission import Admission, Decision
-from dispatch.core.agents import build_prompt
 from dispatch.core.dag import Project, select
-from dispatch.core.durations import DurationHistory, first_model
-from dispatch.core.errors import DispatchError, ProjectInvalid
+from dispatch.core.durations import DurationHistory
+from dispatch.core.errors import DispatchError
 from dispatch.core.locks import ProcessLock
-from dispatch.core.model_catalog import model_variables
-from dispatch.core.report import render_markdown, table_rows
+from dispatch.core.placement import NodeSlots
 from dispatch.core.results import ProjectState, SpecResult, save_state
-from dispatch.core.scheduler import Assignment, NodeSlots, Scheduler
+from dispatch.core.run_records import RunEstimates, RunRecords
+from dispatch.core.scheduler import Assignment, Scheduler
 from dispatch.core.settings import DispatchSettings, get_settings
-from dispatch.core.shares import FairShare, MachineShares
-from dispatch.core.specs import model_env_errors
 from dispatch.core.state_view import StateView
-from dispatch.core.usage import append_ledger, ledger_records, run_usage
+from dispatch.core.watch import Watch, current_watch
 from dispatch.pipeline.generated import load_specs, run_key
 from dispatch.prefect.cooldowns import server_cooldowns
-from dispatch.prefect.errors import SERVER_ERRORS
-from dispatch.prefect.shares import ServerShares
+from dispatch.prefect.run_setup import attach_report, fair_share, server_locks, tag_flow_run
 from dispatch.prefect.spend import budgets_for
 from tasks import run_inputs
 from tasks.run_spec import run_spec, skip_spec
 
 _STATE_WRITE_INTERVAL = 0.5  # a state write of 300 specs costs ~10 ms of the dispatch loop
 _NODE_FULL_RETRY = 1.0  # seconds before retrying a spec the node itself refused (its own slot count is full)
-_ESTIMATE_INTERVAL = 0.5  # seconds between two estimates of the time left (one is O(specs + dependencies))
-
-
-@dataclass(frozen=True)
-class Watch:
-    """Who follows a project run in this process (the CLI's progress view).
-
-    Args:
-        on_event: called with (event, task_id, details) on every spec event; details["progress"] holds the
-            counts and the estimated time left.
-        on_flow_run: called with the flow run's id once it exists (the CLI prints where to see it in the UI).
-    """
-
-    on_event: Callable[[str, str, dict], None] | None = None
-    on_flow_run: Callable[[str], None] | None = None
-
-
-# A flow's parameters are serialized (the UI shows them, the server stores them): a callable cannot be one, so the
-# caller hands its Watch over for the flow calls made inside `watching` (this context only, other threads and
-# runs unaffected), and the flow passes it to its ProjectRun.
-_WATCH: ContextVar[Watch | None] = ContextVar("dispatch_project_watch", default=None)
-
-
-@contextmanager
-def watching(watch: Watch) -> Iterator[Watch]:
-    """Project runs started by `dispatch_project` in this block report to `watch`."""
-    token = _WATCH.set(watch)
-    try:
-        yield watch
-    finally:
-        _WATCH.reset(token)
-
-
-def _git_revision(code_dir: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 class ProjectRun:
@@ -143,16 +94,12 @@ class ProjectRun:
         self.inputs = run_inputs.RunInputs(self.runtime.transports)
         run_inputs.register(self.run_id, self.inputs)
         # durations measured by earlier runs (and this one, as it goes): the order's and the progress view's
-        self.history = DurationHistory.load(settings.results_dir, project.name)
-        self._selected_specs = {t: project.specs[t] for t in project.order if t in selected}
-        estimates = self.history.estimates(self._selected_specs)
-        self.estimated = bool(estimates)  # False: nothing measured yet, ranks count specs
-        self._since_estimates = 0
-        self._remaining: tuple[float, float | None] = (0.0, None)  # (when computed, seconds left then)
+        selected_specs = {t: project.specs[t] for t in project.order if t in selected}
+        self.estimates = RunEstimates(DurationHistory.load(settings.results_dir, project.name), selected_specs)
         self.scheduler = Scheduler(
             project, selected,
             [NodeSlots(n.name, n.slots, n.labels, n.priority, n.models) for n in nodes],
-            retries=settings.retries, retry_delay=settings.retry_delay, estimates=estimates,
+            retries=settings.retries, retry_delay=settings.retry_delay, estimates=self.estimates.initial,
             order=self.config.order)
         self.cooldowns = server_cooldowns()
         self.budgets = budgets_for(settings)
@@ -164,137 +111,54 @@ class ProjectRun:
         user, host = user or getpass.getuser(), host or socket.gethostname()
         self.who = f"{user}@{host}"
         # Team mode: `modifies` locks also go through the server's table, shared with other users' runs.
-        self.server_locks = None
-        if settings.prefect_api_url and any(project.specs[t].modifies for t in selected):
-            from dispatch.prefect.server_locks import ServerLocks, lock_scope
-
-            self.server_locks = ServerLocks(lock_scope(base, self.config.repo_url), project=project.name,
-                                            run_id=self.run_id, holder=self.who)
+        self.server_locks = server_locks(settings, project, selected, base, self.config.repo_url, run_id=self.run_id,
+                                         holder=self.who)
         self._run_spec_refresh = run_spec.with_options(refresh_cache=True)
         flow_run = get_run_context().flow_run
         if flow_run is not None and self.watch.on_flow_run is not None:
             self.watch.on_flow_run(str(flow_run.id))
         if flow_run is not None and started_by:
-            self._tag_flow_run(flow_run, user, host)
+            tag_flow_run(flow_run, user, host, self.logger)
         self.view = StateView(self.scheduler, ProjectState(
             project=project.name, run_id=self.run_id, flow_run_id=str(flow_run.id) if flow_run else None,
             api_url=settings.prefect_api_url, pid=os.getpid(), user=user, host=host,
             nodes={n.name: {"slots": n.slots, "used": 0} for n in nodes}))
-        context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
-        prompts = {t: build_prompt(project.specs[t], context) for t in selected if project.specs[t].kind == "agent"}
-        models = sorted({m for t in prompts for m in project.specs[t].model_chain}
-                        | {m for t in selected for m in project.specs[t].verify})
-        catalog, model_secrets = models_and_keys(models, settings, self.logger)
-        if errors := model_env_errors(self._selected_specs.values(), model_variables(catalog)):
-            raise ProjectInvalid(project.name, errors)  # a spec's env: sets a configured model's variable
-        # values to mask that no step is given: this process's credentials (the local node's steps could read
-        # them from /proc; remote nodes never see them)
-        mask_only = settings.secret_values()
-        self.inputs.masker.add([*mask_only, *(v for keys in model_secrets.values() for v in keys.values())])
-        # The same spec against another code directory or revision is other work: its own cache key.
-        self.attempts = AttemptInputs(
-            project, settings, self.config, self.run_id, code_dir,
-            project.cache_keys(f"{code_dir}@{_git_revision(code_dir)}"), force, self.nodes, self.runtime.transports,
-            catalog, model_secrets, mask_only, self.runtime.is_local, context, prompts)
+        self.attempts = AttemptInputs.for_run(
+            project, selected, models_and_keys=lambda names: models_and_keys(names, settings, self.logger),
+            settings=settings, config=self.config, run_id=self.run_id, code_dir=code_dir,
+            keys=cache_keys(project, code_dir), force=force, nodes=self.nodes, transports=self.runtime.transports,
+            is_local=self.runtime.is_local)
+        self.inputs.masker.add(self.attempts.secrets())
         # drained nodes (dispatch/core/drain.py): read once now, then by a background thread
         self.drain = RunDrain(settings, self.scheduler, set(self.nodes), self.logger,
                               lambda drained: self.events.put(("drained", drained)), self._emit)
-        self.share = self._fair_share(nodes)  # nothing after it can fail and leave its entry behind
+        # nothing after it can fail and leave its entry behind
+        self.share = fair_share(settings, nodes, self.run_id, project=project.name, user=self.who,
+                                weight=self.config.weight)
+        self.records = RunRecords(self.estimates, settings, self.cooldowns, self.budgets, run_id=self.run_id,
+                                  user=user, who=self.who, log=self.logger)
         self.admission = Admission(self.scheduler, project.specs, cooldowns=self.cooldowns, budgets=self.budgets,
                                    brokers=self.runtime.brokers, share=self.share, locks=self.server_locks,
                                    user=user, post=lambda kind, data: self.events.put((kind, data)))
-
-    def _tag_flow_run(self, flow_run, user: str, host: str) -> None:
-        """Tag this flow run (only it: task runs stay untagged, so no tag-limit checks) with who started it."""
-        from prefect.client.orchestration import get_client
-
-        from dispatch.prefect.team import user_tags
-
-        wanted = set(user_tags(user, host))
-        if wanted <= set(flow_run.tags or []):
-            return
-        try:
-            with get_client(sync_client=True) as client:
-                client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags or []) | wanted))
-        except SERVER_ERRORS as exc:  # `dispatch status` then shows the started_by parameter instead
-            self.logger.warning("could not tag the flow run with its user: %s", exc)
-
-    def _fair_share(self, nodes: list[Node]) -> FairShare:
-        """This run's fair share of the cluster's slots against other runs (dispatch/core/shares.py): through the
-        server in team mode when nodes are shared with other machines, else through this machine's files."""
-        from dispatch.core.brokers import SHARED_TRANSPORTS
-
-        details = {"project": self.project.name, "user": self.who, "weight": self.config.weight}
-        if self.settings.prefect_api_url and any(n.transport in SHARED_TRANSPORTS for n in nodes):
-            board = ServerShares(self.run_id, **details)
-        else:
-            board = MachineShares(self.settings.locks_dir / "shares", self.run_id, **details)
-        return FairShare(board, self.run_id, sum(n.slots for n in nodes), self.config.weight)
 
     # -- events --------------------------------------------------------------------------------
     def _emit(self, event: str, task_id: str, **details) -> None:
         if self.watch.on_event is None:
             return
-        details["progress"] = self._progress()
+        details["progress"] = self.view.progress(self.estimates.seconds_left(self.scheduler))
         try:
             self.watch.on_event(event, task_id, details)
         except Exception:  # a broken progress display must not break the run
             pass
 
-    def _progress(self) -> dict:
-        """Counts for the progress view, and the estimated seconds left (None until something was measured):
-        the critical path of what is left through dependencies and locks, by the estimates."""
-        counts = self.view.counts()
-        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "not_run", "cancelled"))
-        now = time.monotonic()
-        at, left = self._remaining
-        if self.estimated and (left is None or now - at >= _ESTIMATE_INTERVAL):
-            self._remaining = at, left = now, self.scheduler.remaining()
-        return {"total": len(self.scheduler.entries), "done": done, "running": counts.get("running", 0),
-                "failed": counts.get("failed", 0) + counts.get("not_run", 0),
-                "remaining_s": max(left - (now - at), 0.0) if left is not None else None}
-
-    def _record_duration(self, result: SpecResult) -> None:
-        """Keep a run's measured duration for later estimates; refresh the estimates now and then (a spec's
-        first run is estimated by the project's median, which this run moves)."""
-        if result.duration is None or result.status == "lost":
-            return
-        spec = self.project.specs[result.task_id]
-        self.history.record(result.task_id, result.duration, succeeded=result.succeeded,
-                            model=result.model or first_model(spec))
-        self._since_estimates += 1
-        if self._since_estimates >= max(1, len(self._selected_specs) // 50):
-            self._since_estimates = 0
-            estimates = self.history.estimates(self._selected_specs)
-            self.estimated = self.estimated or bool(estimates)
-            self.scheduler.set_estimates(estimates)
-            self._save_history()
-
-    def _save_history(self) -> None:
-        try:
-            self.history.save()
-        except OSError as exc:  # only a hint for later runs' order
-            self.logger.warning("could not save the duration history %s: %s", self.history.path, exc)
-
     def _write_state(self, force: bool = False) -> ProjectState | None:
         now = time.monotonic()
         if not force and now - self._last_write < _STATE_WRITE_INTERVAL:
             return None
-        for name, node in self.scheduler.nodes.items():
-            self.view.header.nodes[name]["used"] = node.used
-        self.view.header.ssh_connections = self.runtime.connections_opened
-        save_state(self.settings.state_dir, state := self.view.snapshot())
+        state = self.view.snapshot(ssh_connections=self.runtime.connections_opened)
+        save_state(self.settings.state_dir, state)
         self._last_write = now
         return state
-
-    def _record_usage(self, result: SpecResult) -> None:
-        """Add what the attempts of a fresh result reported using to the usage ledger."""
-        records = ledger_records(result, user=self.view.header.user, run_id=self.run_id)
-        try:
-            append_ledger(self.settings.results_dir, records, self.settings.usage_ledger_bytes)
-        except OSError as exc:  # the run goes on; only totals and budgets miss these attempts
-            self.logger.warning("could not write the usage ledger: %s", exc)
-        self.budgets.refresh()
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -371,14 +235,8 @@ class ProjectRun:
             return
         self.admission.ended(task_id)
         cached = result.run_id != self.run_id
-        self.cooldowns.record_attempts(result.attempts, task_id, self.who, self.logger)
-        if not cached:
-            self._record_usage(result)
-        if not cached and not self.stop_reason:
-            self._record_duration(result)
+        self.records.record(result, self.scheduler, cached=cached, stopped=bool(self.stop_reason))
         self.view.ended(task_id, result, cached=cached, at=time.time())
-        if result.fallback() and not cached:
-            self.logger.info("%s: models passed over: %s", task_id, result.fallback())
         if self.stop_reason and not result.succeeded:
             self.scheduler.cancel_running(task_id, self.stop_reason)
             self._emit("cancelled", task_id, reason=self.stop_reason)
@@ -434,23 +292,15 @@ class ProjectRun:
             if live:
                 self.logger.info("node %s: %d live run(s) of %s from an earlier dispatcher", node, len(live),
                                  self.project.name)
-            recovered: list[str] = []
-            for task_id, key in [*live.items(), *finished.items()]:
-                if (task_id not in self.selected or task_id in self.attempts.force
-                        or key != self.attempts.keys.get(task_id)):
-                    continue  # an edited spec's stale runner is killed when the spec is dispatched again
-                if self.scheduler.state(task_id) not in ("waiting", "ready"):
-                    continue
-                self.scheduler.adopt(task_id, node, 1)
-                chain = self.project.specs[task_id].model_chain
-                if task_id in finished:  # the transport hands its result back without running it
-                    recovered.append(task_id)
-                    self.admission.adopt(task_id, chain, locks=False)
-                else:
+            adopted = self.admission.adopt_runs(node, live, finished, keys=self.attempts.keys,
+                                                fresh=self.attempts.force)
+            for task_id, done, why in adopted:
+                if not done:
                     self.logger.info("%s %s: still running from an earlier dispatcher; re-attaching", node, task_id)
-                    if why := self.admission.adopt(task_id, chain):  # they died with the old dispatcher's lease
-                        self.logger.warning("%s: re-attached without its file locks (%s)", task_id, why)
-                self._submit(Assignment(task_id, node, 1), chain)
+                if why:  # its locks died with the old dispatcher's lease, and another holds them now
+                    self.logger.warning("%s: re-attached without its file locks (%s)", task_id, why)
+                self._submit(Assignment(task_id, node, 1), self.project.specs[task_id].model_chain)
+            recovered = [task_id for task_id, done, _ in adopted if done]
             if recovered:
                 names = ", ".join(recovered[:5]) + (", ..." if len(recovered) > 5 else "")
                 self.logger.info("node %s: %d unchanged spec(s) of %s already succeeded there (%s); their "
@@ -507,39 +357,17 @@ class ProjectRun:
                 transport.cancel(self.project.name, task_id)
 
     def _conclude(self) -> State:
-        state = self.view.header
-        counts, total = self.view.counts(), len(self.scheduler.entries)
-        failed = counts.get("failed", 0)
-        summary = (f"{counts.get('succeeded', 0)}/{total} succeeded, {failed} failed, "
-                   f"{counts.get('not_run', 0)} not run, {counts.get('cancelled', 0)} cancelled")
-        if self.stop_reason:
-            state.state = "cancelled"
-        else:
-            state.state = "failed" if failed or counts.get("not_run") else "completed"
-        state.message, state.ended_at = summary, time.time()
+        summary = self.view.conclude(stopped=bool(self.stop_reason))
         final = self._write_state(force=True)
-        self._save_history()
+        self.estimates.save(self.logger)
         self.budgets.close()
-        try:
-            usage = run_usage(self.settings, self.run_id)
-            create_markdown_artifact(markdown=render_markdown(final, self.settings.runs_dir, ui_links=True,
-                                                              usage=usage),
-                                     key=f"report-{_artifact_key(self.project.name)}",
-                                     description=f"Oyster Dispatch report for {self.project.name}")
-            create_table_artifact(table=table_rows(final), key=f"specs-{_artifact_key(self.project.name)}",
-                                  description=f"Specs of {self.project.name}")
-        except SERVER_ERRORS as exc:  # the run's results are on disk already; say so and carry on
-            self.logger.warning("could not attach the report artifact: %s", exc)
+        attach_report(final, self.settings, self.run_id, self.logger)
         self.logger.info("%s: %s", self.project.name, summary)
         if self.stop_reason:
             return Cancelled(message=f"{summary}; {self.stop_reason}")
-        if state.state == "failed":
+        if self.view.header.state == "failed":
             return Failed(message=summary)
         return Completed(message=summary)
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 def _install_signal_handlers(run: ProjectRun) -> Callable[[], None]:
@@ -584,7 +412,8 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
         code_dir: the code directory the specs work in (default: `repo_local` of `projects.json`, else
             `DISPATCH_PROJECTS/<project>`).
 
-    Called inside `watching(Watch(...))`, the run reports its events and flow run to that `Watch`.
+    Called inside `watching(Watch(...))` (dispatch/core/watch.py), the run reports its events and flow run
+    to that `Watch`.
     """
     settings = get_settings()
     proj = load_specs(settings, project, generated)
@@ -599,7 +428,7 @@ def dispatch_project(project: str, only: list[str] | None = None, start_from: li
     try:
         run = ProjectRun(proj, settings, selected, force=forced, nodes=load_nodes(settings),
                          config=load_project_config(settings, project), started_by=started_by,
-                         code_dir=Path(code_dir) if code_dir else None, base=project, watch=_WATCH.get())
+                         code_dir=Path(code_dir) if code_dir else None, base=project, watch=current_watch())
         restore = _install_signal_handlers(run)
         try:
             return run.execute()

@@ -191,8 +191,9 @@ def start(
         if stopped := reap_orphaned_servers(os.environ["PREFECT_HOME"]):
             console.print(f"[dim]stopped {len(stopped)} temporary Prefect server(s) that killed dispatchers had "
                           f"left running (pids {', '.join(map(str, stopped))})[/]")
+    from dispatch.core.watch import Watch, watching
     from dispatch.prefect.team import whoami
-    from flows.dispatch_project import Watch, dispatch_project, watching
+    from flows.dispatch_project import dispatch_project
 
     where = (settings.prefect_api_url if not settings.embedded else f"the local Prefect server ({ui})" if ui
              else "a temporary Prefect server (SQLite under DISPATCH_HOME)")

@@ -7,6 +7,7 @@ directory and sync mode, the verifier reviews of rejected attempts (a retry's pr
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,22 @@ from dispatch.cluster.gitsync import worktree_path
 from dispatch.cluster.transports import RunRequest, Transport
 from dispatch.core.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.core.dag import Project
+from dispatch.core.errors import ProjectInvalid
+from dispatch.core.model_catalog import model_variables
 from dispatch.core.scheduler import Assignment
 from dispatch.core.settings import DispatchSettings
+from dispatch.core.specs import model_env_errors
+
+
+def cache_keys(project: Project, code_dir: Path) -> dict[str, str]:
+    """Each spec's cache key: the same spec against another code directory or revision is other work."""
+    try:
+        out = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        revision = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        revision = ""
+    return project.cache_keys(f"{code_dir}@{revision}")
 
 
 @dataclass
@@ -57,6 +72,34 @@ class AttemptInputs:
     context: list[tuple[str, str]] = field(default_factory=list)
     prompts: dict[str, str] = field(default_factory=dict)
     reviews: dict[str, str] = field(default_factory=dict)  # task id -> the review that rejected its last attempt
+
+    @classmethod
+    def for_run(cls, project: Project, selected: set[str], *,
+                models_and_keys: Callable[[list[str]], tuple[dict, dict[str, dict[str, str]]]],
+                **fields: Any) -> AttemptInputs:
+        """The inputs of a run of `selected`: prompts with the project's context files, the models the specs
+        name with their keys (`models_and_keys`), and this process's credentials to mask.
+
+        Raises:
+            ProjectInvalid: a spec's `env:` sets a configured model's variable.
+        """
+        context = [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in project.context]
+        prompts = {t: build_prompt(project.specs[t], context) for t in selected if project.specs[t].kind == "agent"}
+        models = sorted({m for t in prompts for m in project.specs[t].model_chain}
+                        | {m for t in selected for m in project.specs[t].verify})
+        catalog, model_secrets = models_and_keys(models)
+        specs = [project.specs[t] for t in project.order if t in selected]
+        if errors := model_env_errors(specs, model_variables(catalog)):
+            raise ProjectInvalid(project.name, errors)
+        # values to mask that no step is given: this process's credentials (the local node's steps could read
+        # them from /proc; remote nodes never see them)
+        mask_only = fields["settings"].secret_values()
+        return cls(project=project, catalog=catalog, model_secrets=model_secrets, mask_only=mask_only,
+                   context=context, prompts=prompts, **fields)
+
+    def secrets(self) -> list[str]:
+        """Every secret value the run's attempts may print: to mask."""
+        return [*self.mask_only, *(v for keys in self.model_secrets.values() for v in keys.values())]
 
     def request(self, assignment: Assignment, chain: list[str] | tuple[str, ...],
                 cooled: set[str] | None) -> RunRequest:

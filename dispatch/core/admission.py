@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dispatch.core.scheduler import Assignment, Scheduler
+from dispatch.core.spec_state import READY, WAITING
 from dispatch.core.usage import next_utc_midnight
 
 if TYPE_CHECKING:
@@ -201,6 +202,23 @@ class Admission:
             self._give_back(assignment, slot=slot, delay=answer.retry_after)
             return Decision("wait", assignment, reason=answer.reason)
         return self._start(assignment, slot, answer.token, chain)
+
+    def adopt_runs(self, node: str, live: Mapping[str, str], finished: Mapping[str, str], *,
+                   keys: Mapping[str, str], fresh: set[str]) -> list[tuple[str, bool, str]]:
+        """Adopt what an earlier dispatcher left on `node` instead of running it twice: its runs still `live` and
+        those `finished` (succeeded while no dispatcher watched), task id -> cache key, of specs unchanged
+        (`keys`), not forced (`fresh`) and not started here yet. Returns (task id, finished, why its file locks
+        could not be taken or '') for each; an edited spec's stale runner is killed when it is dispatched again."""
+        adopted = []
+        for task_id, key in [*live.items(), *finished.items()]:
+            if task_id not in self.scheduler.entries or task_id in fresh or key != keys.get(task_id):
+                continue
+            if self.scheduler.state(task_id) not in (WAITING, READY):
+                continue
+            self.scheduler.adopt(task_id, node, 1)
+            done = task_id in finished  # the transport hands its result back without running it
+            adopted.append((task_id, done, self.adopt(task_id, self.specs[task_id].model_chain, locks=not done)))
+        return adopted
 
     def adopt(self, task_id: str, chain: list[str], *, locks: bool = True) -> str:
         """Hold what a spec re-attached from an earlier dispatcher needs (`locks`: it still runs, and its file

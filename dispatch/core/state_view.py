@@ -13,11 +13,13 @@ attempt's task run is submitted, `retrying` after a failed attempt, `ready` afte
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from dispatch.core.results import ProjectState, SpecResult, SpecRow
-from dispatch.core.scheduler import FINAL, RUNNING, Scheduler
+from dispatch.core.scheduler import Scheduler
+from dispatch.core.spec_state import FINAL, RUNNING
 
 
 @dataclass
@@ -25,6 +27,7 @@ class _Facts:
     """What the dispatcher knows of one spec beyond its scheduler entry."""
 
     submitted: int = 0  # the attempt whose task run was submitted last (0: none yet)
+    live: bool = False  # that task run has not ended yet
     note: str | None = None  # the latest word on it while it waits or runs; None: say the scheduler's reason
     refused: bool = False  # its node refused the last attempt (nothing ran)
     task_run_id: str | None = None
@@ -67,21 +70,21 @@ class StateView:
             facts.note = ""
         else:
             facts.note = None
-        facts.submitted, facts.refused, facts.task_run_id = attempt, False, task_run_id
+        facts.submitted, facts.live, facts.refused, facts.task_run_id = attempt, True, False, task_run_id
         facts.dispatched_at, facts.model = at, model
 
     def ended(self, task_id: str, result: SpecResult, *, cached: bool, at: float) -> None:
         """Its attempt ran and gave `result` (`cached`: a result of an earlier run, taken from the cache)."""
         facts = self._facts[task_id]
-        facts.note, facts.result, facts.cached, facts.fallback = None, result, cached, result.fallback()
-        facts.ended_at, facts.model = at, result.model
+        facts.live, facts.note, facts.result, facts.cached = False, None, result, cached
+        facts.fallback, facts.ended_at, facts.model = result.fallback(), at, result.model
         if not cached:
             facts.spent.add_usage(result.attempts)
 
     def refused(self, task_id: str, reason: str) -> None:
         """Its node refused the attempt before anything ran (its own slots were full)."""
         facts = self._facts[task_id]
-        facts.note, facts.refused = reason, True
+        facts.live, facts.note, facts.refused = False, reason, True
 
     def waiting(self, task_id: str, reason: str) -> bool:
         """It waits for `reason`; whether that is news (its row said something else)."""
@@ -104,7 +107,7 @@ class StateView:
         if entry.state in FINAL:
             return entry.state
         facts = self._facts[task_id]
-        if entry.state == RUNNING and facts.submitted == entry.attempts:
+        if entry.state == RUNNING and facts.live:
             return "running"
         if facts.refused:
             return "ready"
@@ -149,6 +152,26 @@ class StateView:
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.state(task_id) for task_id in self._facts))
 
-    def snapshot(self) -> ProjectState:
-        """The state file now: the header with every row derived."""
-        return self.header.model_copy(update={"specs": self.rows()})
+    def progress(self, seconds_left: float | None) -> dict:
+        """Counts for the progress view, with the estimated seconds left (None until something was measured)."""
+        counts = self.counts()
+        return {"total": len(self._facts), "done": sum(counts.get(s, 0) for s in FINAL),
+                "running": counts.get("running", 0), "failed": counts.get("failed", 0) + counts.get("not_run", 0),
+                "remaining_s": seconds_left}
+
+    def conclude(self, *, stopped: bool) -> str:
+        """Set the run's end in the header (cancelled when `stopped`, failed when a spec failed or was not run,
+        else completed) and return its summary."""
+        counts, total = self.counts(), len(self._facts)
+        failed = counts.get("failed", 0)
+        summary = (f"{counts.get('succeeded', 0)}/{total} succeeded, {failed} failed, "
+                   f"{counts.get('not_run', 0)} not run, {counts.get('cancelled', 0)} cancelled")
+        state = "cancelled" if stopped else "failed" if failed or counts.get("not_run") else "completed"
+        self.header.state, self.header.message, self.header.ended_at = state, summary, time.time()
+        return summary
+
+    def snapshot(self, **header: object) -> ProjectState:
+        """The state file now: the header (updated by `header`) with the nodes' used slots and every row derived."""
+        nodes = {name: {**self.header.nodes.get(name, {}), "used": node.used}
+                 for name, node in self.scheduler.nodes.items()}
+        return self.header.model_copy(update={**header, "nodes": nodes, "specs": self.rows()})

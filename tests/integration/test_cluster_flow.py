@@ -337,8 +337,8 @@ def test_a_drained_node_gets_no_new_spec_its_running_ones_finish_and_undrain_bri
     from dispatch.core.drain import drain, undrain
     from dispatch.core.results import load_state
     from dispatch.core.settings import get_settings
+    from dispatch.core.watch import Watch, watching
     from dispatch.prefect.drained import drained_store
-    from flows.dispatch_project import Watch, watching
 
     monkeypatch.setenv("DISPATCH_DRAIN_REFRESH", "0.2")
     get_settings.cache_clear()

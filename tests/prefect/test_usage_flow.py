@@ -44,7 +44,7 @@ def test_budget_reached_holds_the_second_spec_back_before_it_spends(run_project,
     from dispatch.core.results import load_state
     from dispatch.core.settings import get_settings
     from dispatch.core.usage import totals
-    from flows.dispatch_project import Watch, watching
+    from dispatch.core.watch import Watch, watching
 
     monkeypatch.setenv("DISPATCH_BUDGET_MODEL", '{"claude": 0.05}')
     env = {"FAKE_AGENT_LOG": str(isolated_home / "agents.jsonl")}  # every agent run, logged by the fake agent
