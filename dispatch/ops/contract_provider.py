@@ -14,10 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from dispatch.core.errors import DispatchError
+from dispatch.core.polling import attempts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,14 +66,14 @@ class ContractProvider:
         """The model API requests that carried `key` (the provider keeps a short hash of each key), waiting up to
         `wait` seconds for `at_least` of them (the provider prints its records a moment after it answers)."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        deadline = time.monotonic() + wait
-        while True:
+        found: list[dict] = []
+        for _ in attempts(wait, 0.1):
             with self._lock:
                 found = [r for r in self.records if r.get("key") == digest
                          and str(r.get("path", "")).endswith(("/messages", "/responses"))]
-            if len(found) >= at_least or time.monotonic() >= deadline:
-                return found
-            time.sleep(0.1)
+            if len(found) >= at_least:
+                break
+        return found
 
     def stop(self) -> None:
         if self._process.poll() is None:
