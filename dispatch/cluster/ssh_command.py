@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import paramiko
 
 from dispatch.core.errors import RemoteCommandFailed
+from dispatch.core.polling import attempts
 
 _TAIL_LINES = 20
 _PID_MARKER = b"__dispatch_pgid__="
@@ -152,10 +153,9 @@ def pump_output(channel: paramiko.Channel, out: LineStream, err: LineStream, dea
 
 def connection_dropped(transport: paramiko.Transport) -> bool:
     """Whether the connection is gone (the transport marks itself inactive just after closing channels)."""
-    for _ in range(25):
+    for _ in attempts(0.25, 0.01):
         if not transport.is_active():
             return True
-        time.sleep(0.01)
     return False
 
 

@@ -195,7 +195,7 @@ def running_here(settings: DispatchSettings) -> list[str]:
         for status in sorted(settings.runs_dir.glob("*/tasks/*/status.json")):
             if not status.is_symlink() and live_runner(status.parent):
                 busy.append(f"runner of {status.parent.parent.parent.name}/{status.parent.name}")
-    if settings.embedded and Path("/proc/self").exists():
+    if settings.embedded:
         from dispatch.prefect.embedded import orphaned_servers
 
         prefect_home = str(settings.prefect_home or settings.home / "prefect")

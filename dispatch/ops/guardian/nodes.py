@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import subprocess
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from dispatch.core.agent_versions import PACKAGES, AcceptedVersions, parse_versi
 from dispatch.core.errors import DispatchError, NodeError, UnsafePath
 from dispatch.core.model_catalog import BUILTIN_MODELS
 from dispatch.core.paths import check_name, remote_arg
+from dispatch.core.polling import attempts
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.guardian.probe import parse_probe, probe_command
 from dispatch.ops.health import Check
@@ -253,9 +253,7 @@ def _worker_check(node: Node, ctx: NodeContext, shell: _Shell | None, systemd: b
         check.repaired = False
         check.repair += f": failed (exit {code}) {err.strip()[-200:]}"
         return check
-    deadline = time.monotonic() + ctx.limits.worker_wait
-    while time.monotonic() < deadline:
-        time.sleep(5)
+    for _ in attempts(ctx.limits.worker_wait, 5.0):
         alive, detail = _worker_alive(node)
         if alive:
             break
