@@ -34,9 +34,7 @@ import argparse
 import os
 import sys
 
-from .commands import cmd_follow, cmd_kill, cmd_live, cmd_run, cmd_status, cmd_tail, print_json
-from .serve import cmd_serve
-from .supervise import load_classifier
+from .commands import cmd_follow, cmd_kill, cmd_live, cmd_status, cmd_tail, print_json
 from .zipapp import runner_version
 
 
@@ -67,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    # each command imports what it runs: `status`, `kill`, `tail`, `follow` start without compiling the run
     if args.command == "version":
+        from .supervise import load_classifier
+
         print_json(
             {
                 "runner_version": runner_version(),
@@ -79,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.slots < 1:
             parser.error("serve: --slots must be at least 1")
+        from .serve import cmd_serve
+
         return cmd_serve(args.root, args.slots)
     run_dir = os.path.abspath(os.path.expanduser(args.run_dir))
     if args.command == "run":
+        from .start import cmd_run
+
         return cmd_run(run_dir, detach=args.detach, secrets_stdin=args.secrets_stdin)
     if args.command == "status":
         return cmd_status(run_dir)

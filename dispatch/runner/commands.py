@@ -1,4 +1,5 @@
-"""The runner's commands on one run directory: run, status, kill, tail, follow, live.
+"""The runner's commands on a run directory it does not run: status, kill, tail, follow, live (`run` is in
+`start.py`, `serve` in `serve.py`).
 
 Standard library only, Python 3.8+ (shipped to nodes in the runner's zipapp).
 """
@@ -14,47 +15,13 @@ from typing import Any
 
 from . import protocol
 from .procs import KILL_GRACE, POLL, orphan_step, pid_alive, terminate_group
-from .run import Runner
 from .rundir import CHUNK, read_json, write_json
-from .start import claim, fail_before_start, record_lock_holder, spawn_detached
-from .task import TaskError, load_task, read_secrets
 from .zipapp import runner_version
 
 
 def print_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
     sys.stdout.flush()
-
-
-def cmd_run(run_dir: str, *, detach: bool, secrets_stdin: bool) -> int:
-    if not os.path.isdir(run_dir):
-        print(
-            f"runner: run dir {run_dir} does not exist: the dispatcher creates it with task.json", file=sys.stderr
-        )
-        return 2
-    lock_fd, refused = claim(run_dir)
-    if lock_fd is None:
-        message = refused.pop("message")
-        print_json(refused)
-        print(f"runner: {message}", file=sys.stderr)
-        return 3
-    try:
-        task = load_task(run_dir)
-        secrets = read_secrets(sys.stdin.read()) if secrets_stdin else {}
-    except TaskError as exc:
-        os.close(lock_fd)
-        return fail_before_start(run_dir, str(exc))
-    if detach:
-        pid = spawn_detached(run_dir, lock_fd, task, secrets)
-        if pid is None:
-            print(f"runner: the detached runner did not start; see {run_dir}/runner.err", file=sys.stderr)
-            return 1
-        print_json({"pid": pid, "run_dir": run_dir})
-        return 0
-    record_lock_holder(lock_fd)
-    runner = Runner(run_dir, task, secrets, echo=True)
-    runner.start()
-    return runner.run()
 
 
 def cmd_status(run_dir: str) -> int:

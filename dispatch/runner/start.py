@@ -17,10 +17,11 @@ import traceback
 from typing import NoReturn
 
 from . import protocol
+from .commands import print_json
 from .procs import RUNNER_PROCESS_NAME, close_inherited, orphan_step, set_process_name
 from .run import Runner
 from .rundir import register_live, rotate_previous, write_json
-from .task import Task
+from .task import Task, TaskError, load_task, read_secrets
 from .zipapp import runner_version
 
 
@@ -91,6 +92,37 @@ def claim(run_dir: str) -> tuple[int | None, dict | None]:
         }
     register_live(run_dir)
     return lock_fd, None
+
+
+def cmd_run(run_dir: str, *, detach: bool, secrets_stdin: bool) -> int:
+    if not os.path.isdir(run_dir):
+        print(
+            f"runner: run dir {run_dir} does not exist: the dispatcher creates it with task.json", file=sys.stderr
+        )
+        return 2
+    lock_fd, refused = claim(run_dir)
+    if lock_fd is None:
+        message = refused.pop("message")
+        print_json(refused)
+        print(f"runner: {message}", file=sys.stderr)
+        return 3
+    try:
+        task = load_task(run_dir)
+        secrets = read_secrets(sys.stdin.read()) if secrets_stdin else {}
+    except TaskError as exc:
+        os.close(lock_fd)
+        return fail_before_start(run_dir, str(exc))
+    if detach:
+        pid = spawn_detached(run_dir, lock_fd, task, secrets)
+        if pid is None:
+            print(f"runner: the detached runner did not start; see {run_dir}/runner.err", file=sys.stderr)
+            return 1
+        print_json({"pid": pid, "run_dir": run_dir})
+        return 0
+    record_lock_holder(lock_fd)
+    runner = Runner(run_dir, task, secrets, echo=True)
+    runner.start()
+    return runner.run()
 
 
 def record_lock_holder(lock_fd: int) -> None:

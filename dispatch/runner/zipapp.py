@@ -13,9 +13,7 @@ it was imported from.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
 from dataclasses import dataclass
 
 from . import protocol
@@ -64,6 +62,9 @@ def build() -> Zipapp:
     names = sources()
     key = tuple((name, *_stamp(os.path.join(_HERE, name))) for name in names)
     if key not in _BUILT:
+        import io  # here, not at the top: a runner on a node never builds, and zipfile takes ~20 ms to import
+        import zipfile
+
         entries = [("__main__.py", _MAIN)]
         for name in names:
             with open(os.path.join(_HERE, name), "rb") as handle:
