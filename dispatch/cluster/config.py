@@ -19,91 +19,81 @@ the node, e.g. a `PATH` that holds the agent CLIs: SSH commands get no login she
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from dispatch.core.errors import ConfigError, cut
+from dispatch.core.nodes import NODE_NAME, TRANSPORTS, Node, node_name_problem
 from dispatch.core.order import ORDERS
 from dispatch.core.safeload import load_json
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.shares import MAX_WEIGHT, MIN_WEIGHT
+from dispatch.core.validation import invalid, problems
+
+__all__ = [  # the node model lives in dispatch/core/nodes.py; these names stay importable from here
+    "MAX_WEIGHT", "MIN_WEIGHT", "NODE_NAME", "TRANSPORTS", "Node", "ProjectConfig", "load_nodes",
+    "load_project_config", "local_node", "node_name_problem", "parse_node",
+]
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("local", "ssh", "worker")
-_NODE_FIELDS = {
-    "name", "ssh_host", "slots", "api_mode", "executor", "priority", "transport", "host", "port", "user",
-    "key_path", "known_hosts", "trust_on_first_use", "ssh_config", "remote_root", "labels", "models", "python",
-    "env",
-}
-_PROJECT_FIELDS = {"sync_mode", "repo_url", "repo_local", "specs_dir", "main_branch", "order", "weight"}
-NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-"""A node name (a full match): it becomes a work pool, a systemd instance and a path component on the node."""
-_TEXT_FIELDS = ("ssh_host", "host", "user", "key_path", "known_hosts", "ssh_config")
-_MAX_FIELD = 4096  # characters of one string field
-_MAX_SLOTS = 1024
+_OPTION_FIELDS = ("api_mode", "executor")  # the old system's node fields: kept in `options`
+_NODE_FIELDS = set(Node.model_fields) - {"options"}
 _MAX_FILE_BYTES = 4 << 20  # nodes.json, projects.json
 _MAX_DEPTH = 16  # {"nodes": [{"env": {...}}]} nests 3
 
 
-@dataclass
-class Node:
-    """A machine that runs specs.
+class ProjectConfig(BaseModel):
+    """How a project's code reaches the nodes, and how it is scheduled (a `projects.json` entry)."""
 
-    Attributes:
-        name: unique node name; its work pool is `node-<name>`.
-        slots: how many specs it runs at once.
-        transport: `local` (this machine), `ssh` (pushed over paramiko) or `worker` (a Prefect worker).
-        labels: placement labels a spec can ask for.
-        priority: tie-break between nodes with as many free slots (lower first).
-        models: models whose CLI the node has; None when not said (any).
-        ssh_host: the old field: a host name or a `Host` alias of the ssh config.
-        host, port, user, key_path, known_hosts, trust_on_first_use, ssh_config: SSH details (explicit wins).
-        remote_root: the node's run root; relative paths are under the login's home.
-        python: the node's Python 3 for the node runner.
-        env: environment for every spec on the node (not secrets: those belong in blocks).
-        options: fields we do not know, kept as they were.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    name: str
-    slots: int
-    transport: str = "ssh"
-    labels: frozenset[str] = frozenset()
-    priority: int = 0
-    models: frozenset[str] | None = None
-    ssh_host: str | None = None
-    host: str | None = None
-    port: int | None = None
-    user: str | None = None
-    key_path: str | None = None
-    known_hosts: str | None = None
-    trust_on_first_use: bool = False
-    ssh_config: str | None = None
-    remote_root: str = "dispatch"
-    python: str = "python3"
-    env: dict[str, str] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    sync_mode: str = Field(default="scp", description="`git` (nodes clone repo_url) or `scp` (pushed).")
+    repo_url: str | None = Field(default=None, description="The repository the nodes clone in git mode.")
+    repo_local: str | None = Field(default=None, description="The project's checkout on this machine.")
+    specs_dir: str | None = Field(default=None, description="The project's spec directory.")
+    main_branch: str = Field(default="main", description="The branch specs start from.")
+    order: str = Field(default="path", description="`path` or `priority`: how ready specs are ordered.")
+    weight: float = Field(default=1.0, description="The project's share of contended slots against others' 1.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Other fields, kept as they were.")
 
-    @property
-    def pool(self) -> str:
-        """The node's Prefect work pool (and global concurrency limit) name."""
-        return f"node-{self.name}"
+    @field_validator("sync_mode", mode="before")
+    @classmethod
+    def _sync_mode(cls, value: Any) -> str:
+        if value not in ("git", "scp"):
+            raise invalid(f"must be git or scp, got {value!r}")
+        return value
 
+    @field_validator("repo_url", "repo_local", "specs_dir", "main_branch", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise invalid(f"must be a string, got {value!r}")
+        return value
 
-@dataclass
-class ProjectConfig:
-    """How a project's code reaches the nodes (`projects.json`)."""
+    @field_validator("order", mode="before")
+    @classmethod
+    def _order(cls, value: Any) -> str:
+        if value not in ORDERS:
+            raise invalid("must be path (by how much the project waits on a spec) or priority (strictly by "
+                          f"priority first), got {value!r}")
+        return value
 
-    sync_mode: str = "scp"
-    repo_url: str | None = None
-    repo_local: str | None = None
-    specs_dir: str | None = None
-    main_branch: str = "main"
-    order: str = "path"
-    weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight(cls, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not MIN_WEIGHT <= value <= MAX_WEIGHT:
+            raise invalid("must be a number from 0.01 to 100 (the project's share of contended slots against "
+                          f"others' 1), got {value!r}")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _cloneable(self) -> ProjectConfig:
+        if self.sync_mode == "git" and not self.repo_url:
+            raise invalid("git mode needs the repository URL the nodes clone", "repo_url")
+        return self
 
 
 def local_node(settings: DispatchSettings) -> Node:
@@ -115,92 +105,48 @@ def _read(path: Path) -> Any:
     return load_json(path, max_bytes=_MAX_FILE_BYTES, max_depth=_MAX_DEPTH)
 
 
-def node_name_problem(name: object) -> str | None:
-    """Why `name` is no node name (`NODE_NAME`), or None when it is one."""
-    if isinstance(name, str) and NODE_NAME.fullmatch(name):
-        return None
-    return ("must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit (it names the "
-            "node's work pool, its worker unit and paths on the node)")
-
-
-def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(f"{path}: {where}: must be {what}, got {cut(value)}")
+def _expect(path: Path, where: str, value: Any, kind: type, what: str) -> Any:
     if not isinstance(value, kind):
         raise ConfigError(f"{path}: {where}: must be {what}, got {cut(value)}")
     return value
 
 
-def _text(path: Path, where: str, raw: dict, key: str, default: str | None = None) -> str | None:
-    """An optional one-line string field (None or `default` when absent)."""
-    value = raw.get(key, default)
-    if value is None:
-        return None
-    _expect(path, f"{where}.{key}", value, str, "a string")
-    if not value or len(value) > _MAX_FIELD or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ConfigError(f"{path}: {where}.{key}: must be a non-empty line of at most {_MAX_FIELD} characters "
-                          f"without control characters, got {cut(value)}")
-    return value
+def _validated(model: type[BaseModel], data: dict, path: Path, where: Any) -> Any:
+    """`model` validated from `data`; its first problem as a ConfigError "<file>: <where>.<field>: <message>".
 
-
-def _strings(path: Path, where: str, value: Any, what: str) -> list[str]:
-    _expect(path, where, value, list, what)
-    for item in value:
-        _expect(path, where, item, str, what)
-    return value
+    Args:
+        where: the entry's place, or a function of the field that names it.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        field, message = problems(exc)[0]
+        raise ConfigError(f"{path}: {where(field) if callable(where) else where}.{field}: {message}") from None
 
 
 def parse_node(path: Path, index: int, raw: Any, settings: DispatchSettings) -> Node:
     """One `nodes.json` entry as a `Node`.
+
+    A node named `local` is a `local` one unless it says otherwise; a `local` node without `slots` has as
+    many as the embedded local node (`DISPATCH_LOCAL_SLOTS`, else the CPU count). Unknown fields are kept in
+    `options`, with a warning.
 
     Raises:
         ConfigError: naming the file, the entry and the field.
     """
     where = f"nodes[{index}]"
     _expect(path, where, raw, dict, "an object with name, ssh_host and slots")
-    name = _expect(path, f"{where}.name", raw.get("name"), str, "the node's name")
-    if problem := node_name_problem(name):
-        raise ConfigError(f"{path}: {where}.name: {cut(name)} {problem}")
-    where = f"nodes[{index}] ({name})"
-    transport = raw.get("transport", "local" if name == "local" else "ssh")
-    if transport not in TRANSPORTS:
-        raise ConfigError(f"{path}: {where}.transport: must be one of {', '.join(TRANSPORTS)}, got {cut(transport)}")
-    if transport == "local" and "slots" not in raw:
-        slots = settings.local_slots  # as the embedded local node: DISPATCH_LOCAL_SLOTS, else the CPU count
-    else:
-        slots = _expect(path, f"{where}.slots", raw.get("slots"), int, "a whole number of slots >= 1")
-    if not 1 <= slots <= _MAX_SLOTS:
-        raise ConfigError(f"{path}: {where}.slots: must be from 1 to {_MAX_SLOTS}, got {slots}")
-    text = {key: _text(path, where, raw, key) for key in _TEXT_FIELDS}
-    if transport == "ssh" and not (text["ssh_host"] or text["host"]):
-        raise ConfigError(f"{path}: {where}.ssh_host: an ssh node needs ssh_host (a host or ~/.ssh/config alias)")
-    labels = _strings(path, f"{where}.labels", raw.get("labels", []), "a list of strings")
-    models = raw.get("models")
-    if models is not None:
-        _strings(path, f"{where}.models", models, "a list of model names")
-    priority = _expect(path, f"{where}.priority", raw.get("priority", 0), int, "a whole number")
-    env = raw.get("env", {})
-    _expect(path, f"{where}.env", env, dict, "an object of environment variables")
-    if bad := [k for k, v in env.items() if not isinstance(v, str | int | float) or isinstance(v, bool)]:
-        raise ConfigError(f"{path}: {where}.env.{cut(bad[0])}: must be a string, got {cut(env[bad[0]])}")
-    port = raw.get("port")
-    if port is not None and not 1 <= _expect(path, f"{where}.port", port, int, "a TCP port number") <= 65535:
-        raise ConfigError(f"{path}: {where}.port: must be a TCP port from 1 to 65535, got {port}")
-    trust = _expect(path, f"{where}.trust_on_first_use", raw.get("trust_on_first_use", False), bool,
-                    "true or false (JSON booleans, not strings)")
-    unknown = {k: v for k, v in raw.items() if k not in _NODE_FIELDS}
+    data = {key: value for key, value in raw.items() if key in _NODE_FIELDS}
+    data.setdefault("name", None)
+    data.setdefault("transport", "local" if data["name"] == "local" else "ssh")
+    data.setdefault("slots", settings.local_slots if data["transport"] == "local" else None)
+    unknown = {key: value for key, value in raw.items() if key not in _NODE_FIELDS and key not in _OPTION_FIELDS}
+    data["options"] = {key: raw[key] for key in _OPTION_FIELDS if key in raw} | unknown
+    node = _validated(Node, data, path, lambda field: where if field == "name" else f"{where} ({data['name']})")
     if unknown:
-        logger.warning("%s: %s: unknown fields kept as options: %s", path, where, ", ".join(sorted(map(cut, unknown))))
-    options = {k: raw[k] for k in ("api_mode", "executor") if k in raw} | unknown
-    return Node(
-        name=name, slots=slots, transport=transport, labels=frozenset(labels), priority=priority,
-        models=frozenset(models) if models is not None else None, ssh_host=text["ssh_host"], host=text["host"],
-        port=port, user=text["user"], key_path=text["key_path"], known_hosts=text["known_hosts"],
-        trust_on_first_use=trust, ssh_config=text["ssh_config"],
-        remote_root=_text(path, where, raw, "remote_root", "dispatch") or "dispatch",
-        python=_text(path, where, raw, "python", "python3") or "python3",
-        env={str(k): str(v) for k, v in env.items()}, options=options,
-    )
+        logger.warning("%s: %s (%s): unknown fields kept as options: %s", path, where, node.name,
+                       ", ".join(sorted(map(cut, unknown))))
+    return node
 
 
 def load_nodes(settings: DispatchSettings) -> list[Node]:
@@ -241,23 +187,6 @@ def load_project_config(settings: DispatchSettings, project: str) -> ProjectConf
     if raw is None:
         return ProjectConfig()
     _expect(path, project, raw, dict, "an object with sync_mode, repo_url, ...")
-    mode = raw.get("sync_mode", "scp")
-    if mode not in ("git", "scp"):
-        raise ConfigError(f"{path}: {project}.sync_mode: must be git or scp, got {mode!r}")
-    if mode == "git" and not raw.get("repo_url"):
-        raise ConfigError(f"{path}: {project}.repo_url: git mode needs the repository URL the nodes clone")
-    for name in ("repo_url", "repo_local", "specs_dir", "main_branch"):
-        if name in raw and not isinstance(raw[name], str):
-            raise ConfigError(f"{path}: {project}.{name}: must be a string, got {raw[name]!r}")
-    order = raw.get("order", "path")
-    if order not in ORDERS:
-        raise ConfigError(f"{path}: {project}.order: must be path (by how much the project waits on a spec) or "
-                          f"priority (strictly by priority first), got {order!r}")
-    weight = raw.get("weight", 1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
-        raise ConfigError(f"{path}: {project}.weight: must be a number from 0.01 to 100 (the project's share of "
-                          f"contended slots against others' 1), got {weight!r}")
-    return ProjectConfig(sync_mode=mode, repo_url=raw.get("repo_url"), repo_local=raw.get("repo_local"),
-                         specs_dir=raw.get("specs_dir"), main_branch=raw.get("main_branch", "main"),
-                         order=order, weight=float(weight),
-                         options={k: v for k, v in raw.items() if k not in _PROJECT_FIELDS})
+    data = {key: value for key, value in raw.items() if key in ProjectConfig.model_fields and key != "options"}
+    data["options"] = {k: v for k, v in raw.items() if k not in data}
+    return _validated(ProjectConfig, data, path, project)

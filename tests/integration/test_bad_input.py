@@ -394,8 +394,6 @@ def test_cleanup_all_removes_only_the_cached_results_of_its_own_project(tree: Pa
 def loop1(loopback_cluster, ssh_pool):
     """An `SSHTransport` to the loopback node loop1 whose run root is `<root>/sandbox-<id>/a/b/root`: a
     regression that lets `..` through removes at most the sandbox, never the node's home."""
-    import dataclasses
-
     from dispatch.cluster.config import parse_node
     from dispatch.cluster.transports.ssh import SSHTransport
     from dispatch.core.paths import remote_arg
@@ -403,7 +401,7 @@ def loop1(loopback_cluster, ssh_pool):
 
     node = parse_node(loopback_cluster.nodes_json, 0, loopback_cluster.node("loop1"), get_settings())
     sandbox = f"{node.remote_root.rstrip('/')}/sandbox-{uuid.uuid4().hex[:8]}"
-    transport = SSHTransport(dataclasses.replace(node, remote_root=f"{sandbox}/a/b/root"), ssh_pool)
+    transport = SSHTransport(node.model_copy(update={"remote_root": f"{sandbox}/a/b/root"}), ssh_pool)
     quoted = remote_arg(sandbox.removeprefix("~/"))
     _on_node(transport, f"mkdir -p {quoted}/a/b/root && touch {quoted}/canary {quoted}/a/canary {quoted}/a/b/canary")
     yield transport

@@ -155,7 +155,7 @@ def test_sync_matches_pools_and_limits_to_slots_without_resetting_held_slots(pre
 
     names = [unique("sync-a"), unique("sync-b")]
     prefect_objects += names
-    nodes = [Node(names[0], 2), Node(names[1], 3, transport="local")]
+    nodes = [Node(name=names[0], slots=2, host="127.0.0.1"), Node(name=names[1], slots=3, transport="local")]
 
     def limits() -> dict[str, tuple[int | None, str, int, int]]:
         with get_client(sync_client=True) as client:
