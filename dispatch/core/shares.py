@@ -12,7 +12,7 @@ Where the demands meet:
   holds `flock`ed while it lives (the embedded default: every dispatcher of this machine, like the slot
   files; a dead run's share is gone with its lock).
 - team mode (other users on other machines): the Prefect server's `dispatch.prefect.shares.ServerShares`,
-  chosen where the run is composed (flows/dispatch_project.py).
+  chosen where the run is composed (dispatch/prefect/run_setup.py).
 
 A project's `weight` in projects.json (default 1) scales its share.
 """
