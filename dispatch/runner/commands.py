@@ -48,6 +48,13 @@ def cmd_status(run_dir: str) -> int:
 
 
 def cmd_kill(run_dir: str) -> int:
+    print_json(kill_run(run_dir))
+    return 0
+
+
+def kill_run(run_dir: str) -> dict[str, Any]:
+    """Stop the run in `run_dir` and wait until it has gone (SIGTERM, a grace, SIGKILL; then an orphaned step's
+    process group); a runner that died without finishing gets a `killed` result. Returns what was done."""
     status_path = os.path.join(run_dir, protocol.STATUS_FILE)
     status = read_json(status_path) or {}
     pid = protocol.lock_holder(run_dir) or status.get("runner_pid")
@@ -87,8 +94,7 @@ def cmd_kill(run_dir: str) -> int:
                 sync=True,
             )
     report["state"] = status.get("state", "absent")
-    print_json(report)
-    return 0
+    return report
 
 
 def cmd_tail(run_dir: str, from_byte: int) -> int:
@@ -111,9 +117,15 @@ def cmd_tail(run_dir: str, from_byte: int) -> int:
 
 
 def cmd_live(tasks_dir: str, finished: bool = False) -> int:
-    """Print [[task_id, cache_key, "running"], ...] for the run directories under `tasks_dir` whose runner is
-    alive; with `finished`, also [task_id, cache_key, "succeeded"] for those whose runner ended in success."""
-    found = []
+    """Print `live_runs(tasks_dir, finished)` as one JSON line."""
+    print(json.dumps(live_runs(tasks_dir, finished)))
+    return 0
+
+
+def live_runs(tasks_dir: str, finished: bool = False) -> list[list[Any]]:
+    """[[task_id, cache_key, "running"], ...] for the run directories under `tasks_dir` whose runner is alive;
+    with `finished`, also [task_id, cache_key, "succeeded"] for those whose runner ended in success."""
+    found: list[list[Any]] = []
     names = sorted(os.listdir(tasks_dir)) if os.path.isdir(tasks_dir) else []
     for name in names:
         run_dir = os.path.join(tasks_dir, name)
@@ -126,8 +138,7 @@ def cmd_live(tasks_dir: str, finished: bool = False) -> int:
         else:
             continue
         found.append([name, (read_json(os.path.join(run_dir, protocol.TASK_FILE)) or {}).get("cache_key"), state])
-    print(json.dumps(found))
-    return 0
+    return found
 
 
 def cmd_follow(run_dir: str, from_byte: int) -> int:

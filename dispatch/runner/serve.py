@@ -5,15 +5,19 @@ Standard library only, Python 3.8+ (shipped to nodes in the runner's zipapp).
 
 from __future__ import annotations
 
+import array
 import fcntl
 import json
 import os
+import socket
+import stat
 import sys
 import time
+from collections import deque
 from typing import Any
 
 from . import protocol
-from .procs import load_libc, reap_children
+from .procs import close_inherited, load_libc, reap_children
 from .rundir import CHUNK, LIVE_DIR, live_entry, read_json, register_live, write_json
 from .start import claim, fail_before_start, fork_runner
 from .supervise import load_classifier
@@ -59,17 +63,31 @@ class _Watched:
         return [line.decode("utf-8", "replace") for line in lines], more
 
 
+class _Killing:
+    """A `kill` request `serve` carries out in a forked child (it waits up to the kill's grace): its report pipe."""
+
+    def __init__(self, rid: Any, run_dir: str, fd: int) -> None:
+        self.rid, self.run_dir, self.fd = rid, run_dir, fd
+        self.data = b""
+
+
 class _Agent:
     """`serve`: start and watch runs asked for as JSON lines on stdin; report them as JSON lines on stdout.
 
-    Requests: {"op": "run", "id": ..., "run_dir": ..., "task": {task.json}, "secrets": {...}}. Events, each
-    with the request's id: "started" (pid), "attached" (pid: the same attempt was already running), "log"
-    (lines), "result" (result.json once the runner has ended), "recovered" (result: the same attempt had
-    succeeded while nobody watched), "earlier" (another runner or its orphan holds the run directory: the
-    dispatcher takes the long way), "full" (running, slots, message: the node already runs `slots` runners,
-    counted on the node whoever started them; the dispatcher requeues the spec briefly), "error" (message,
-    e.g. a run_dir outside the run root).
+    Requests: {"op": "run", "id": ..., "run_dir": ..., "task": {task.json}, "secrets": {...}, "start": true,
+    "fd": false} and {"op": "kill", "id": ..., "run_dir": ...}. Events of a run, each with the request's id:
+    "started" (pid), "attached" (pid: the same attempt was already running), "log" (lines), "result"
+    (result.json once the runner has ended), "recovered" (result: the same attempt had succeeded while nobody
+    watched), "absent" (`start` false and nothing to attach to or recover: nothing started), "earlier"
+    (another attempt's runner or its orphan holds the run directory: the dispatcher kills it, then asks
+    again), "full" (running, slots, message: the node already runs `slots` runners, counted on the node
+    whoever started them; the dispatcher requeues the spec briefly), "error" (message, e.g. a run_dir outside
+    the run root). A kill answers "killed" (report: `kill`'s) once the run has gone.
     Runners are detached: they outlive the agent, whose end (stdin closed) stops nothing but the watching.
+
+    On a local node stdin is a Unix socket, and a run request with "fd": true comes with one descriptor
+    (SCM_RIGHTS: the machine slot's lock) that its runner holds for its whole life, as a runner the
+    dispatcher started itself did.
 
     Args:
         root: the node's run root; every run_dir must resolve to a directory inside it.
@@ -84,6 +102,9 @@ class _Agent:
         self.selector = selectors.DefaultSelector()
         self.watched: dict[Any, _Watched] = {}
         self.stdin = sys.stdin.fileno()
+        # a local node's socket may carry descriptors (SCM_RIGHTS) with its requests; an SSH channel is a pipe
+        self.sock = socket.socket(fileno=self.stdin) if stat.S_ISSOCK(os.fstat(self.stdin).st_mode) else None
+        self.fds: deque[int] = deque()  # received, not yet taken by their request (in order)
         self.buffer = b""
         self.scanned = False  # whether `live_runners` has scanned the whole root once
 
@@ -154,10 +175,13 @@ class _Agent:
             if self.watched:
                 timeout = max(0.0, min(w.next_read for w in self.watched.values()) - now)
             for key, _ in self.selector.select(timeout):
+                if isinstance(key.data, _Killing):
+                    self.killing(key.data)
+                    continue
                 if key.data is not None:
                     self.finish(key.data)
                     continue
-                data = os.read(self.stdin, CHUNK)
+                data = self.receive()
                 if not data:
                     return 0  # the dispatcher is gone; the runners go on, and a new agent finds them
                 *requests, self.buffer = (self.buffer + data).split(b"\n")
@@ -170,6 +194,16 @@ class _Agent:
                     self.poll(watched, now)
             reap_children()
 
+    def receive(self) -> bytes:
+        """The next bytes of stdin; descriptors that come with them are queued for their requests."""
+        if self.sock is None:
+            return os.read(self.stdin, CHUNK)
+        data, ancillary, _, _ = self.sock.recvmsg(CHUNK, socket.CMSG_SPACE(64 * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self.fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+        return data
+
     def handle(self, raw: bytes) -> None:
         try:
             request = json.loads(raw)
@@ -177,22 +211,69 @@ class _Agent:
         except (ValueError, AttributeError) as exc:
             self.emit(None, "error", message=f"not a JSON request: {exc}")
             return
-        if op != "run":
-            self.emit(rid, "error", message=f"unknown op {op!r}")
-            return
+        passed = [self.fds.popleft()] if isinstance(request, dict) and request.get("fd") and self.fds else []
         try:
-            self.run(rid, request)
+            if op == "run":
+                self.run(rid, request, passed)
+            elif op == "kill":
+                self.kill(rid, self._inside_root(on_node(request["run_dir"])))
+            else:
+                self.emit(rid, "error", message=f"unknown op {op!r}")
         except (OSError, TaskError, KeyError, TypeError, ValueError) as exc:
             self.emit(rid, "error", message=f"{type(exc).__name__}: {exc}")
+        finally:
+            for fd in passed:  # a started runner took its copy: ours goes in every case
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
-    def run(self, rid: Any, request: dict) -> None:
+    def kill(self, rid: Any, run_dir: str) -> None:
+        """Stop the run in `run_dir` in a forked child (`kill` waits for the runner's end); "killed" follows."""
+        import selectors
+
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()
+        if os.fork() == 0:
+            code = 1
+            try:
+                close_inherited((write_end,))
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1):
+                    os.dup2(null, fd)
+                from .commands import kill_run
+
+                report = kill_run(run_dir)
+                os.write(write_end, json.dumps(report).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        killing = _Killing(rid, run_dir, read_end)
+        self.selector.register(read_end, selectors.EVENT_READ, killing)
+
+    def killing(self, killing: _Killing) -> None:
+        data = os.read(killing.fd, CHUNK)
+        if data:
+            killing.data += data
+            return
+        self.selector.unregister(killing.fd)
+        os.close(killing.fd)
+        try:
+            report = json.loads(killing.data)
+        except ValueError:
+            self.emit(killing.rid, "error", message=f"could not stop the run in {killing.run_dir}")
+            return
+        self.emit(killing.rid, "killed", report=report)
+
+    def run(self, rid: Any, request: dict, passed: list[int]) -> None:
         run_dir = self._inside_root(on_node(request["run_dir"]))
         task = request["task"]
         if os.path.exists(os.path.join(run_dir, protocol.STATUS_FILE)):  # a run was here: this attempt's, or older
             previous = read_json(os.path.join(run_dir, protocol.TASK_FILE)) or {}
             same = previous.get("cache_key") == task.get("cache_key")
             if protocol.runner_alive(run_dir):
-                if not same:  # an edited spec's runner: the dispatcher's long way kills it first
+                if not same:  # an edited spec's runner: the dispatcher kills it first, then asks again
                     self.emit(rid, "earlier")
                     return
                 pid = protocol.lock_holder(run_dir)
@@ -203,6 +284,9 @@ class _Agent:
             if same and not task.get("fresh") and result is not None and result.get("status") == "succeeded":
                 self.emit(rid, "recovered", result=result)
                 return
+        if request.get("start") is False:
+            self.emit(rid, "absent")
+            return
         # count and claim under one lock: two agents (two dispatchers) never both take the last slot
         mutex = os.open(os.path.join(self.root, ".slots.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -232,7 +316,8 @@ class _Agent:
             fail_before_start(run_dir, str(exc))
             self.emit(rid, "result", result=read_json(os.path.join(run_dir, protocol.RESULT_FILE)))
             return
-        pid = fork_runner(run_dir, lock_fd, loaded, secrets)
+        pid = fork_runner(run_dir, lock_fd, loaded, secrets, keep=tuple(passed))
+        passed.clear()  # closed by fork_runner
         self.emit(rid, "started", pid=pid)
         self.watch(rid, run_dir, pid)
 

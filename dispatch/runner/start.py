@@ -163,8 +163,10 @@ def spawn_detached(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, st
     return None  # not reached
 
 
-def fork_runner(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> int:
+def fork_runner(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str], keep: tuple[int, ...] = ()) -> int:
     """`serve`: fork a runner into its own session and return its pid at once; the agent reaps it at its end.
+
+    `keep`: descriptors the runner holds for its whole life (the local node's machine slot), closed here.
 
     The agent does not wait for the runner to set itself up (~15 ms, longer on a busy node): in a burst of 40
     starts that wait, taken one after another, was what the last start waited for. The previous attempt's log
@@ -175,19 +177,21 @@ def fork_runner(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str])
     sys.stderr.flush()
     child = os.fork()
     if child > 0:
-        os.close(lock_fd)  # the runner holds its own copy of the lock
+        for fd in (lock_fd, *keep):  # the runner holds its own copies
+            os.close(fd)
         return child
     os.setsid()
-    become_runner(run_dir, lock_fd, task, secrets, started_pipe=None)
+    become_runner(run_dir, lock_fd, task, secrets, started_pipe=None, keep=keep)
     return 0  # not reached
 
 
 def become_runner(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str], *,
-                   started_pipe: int | None) -> NoReturn:
+                   started_pipe: int | None, keep: tuple[int, ...] = ()) -> NoReturn:
     """In a forked child: detach from the caller's descriptors and run the attempt; never returns.
 
     Args:
         started_pipe: where to write {"pid": ...} once the runner has started (then closed), if anywhere.
+        keep: other descriptors the runner keeps open (inherited by nothing it starts).
     """
     code = 1
     try:
@@ -196,7 +200,7 @@ def become_runner(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.dup2(err, 2)
-        close_inherited((lock_fd,) if started_pipe is None else (lock_fd, started_pipe))
+        close_inherited((lock_fd, *keep) if started_pipe is None else (lock_fd, started_pipe, *keep))
         set_process_name(RUNNER_PROCESS_NAME)
         os.chdir("/")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):

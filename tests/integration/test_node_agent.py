@@ -307,8 +307,9 @@ def test_an_attempt_is_recovered_only_by_its_own_cache_key_not_one_that_contains
     assert done.status == "succeeded"
     run_dir = transport.run_dir("agent", "KEYS")
 
-    found = transport._attach(transport.runner(), run_dir, _request(transport, "KEYS", "true", key="k1"))
+    def asked(key: str) -> dict | None:  # what the agent finds there for this attempt, starting nothing
+        return transport.agent.run(run_dir, _request(transport, "KEYS", "true", key=key).task_json(), None,
+                                   lambda line: None, timeout=30, start=False)
 
-    assert found is None, "k1 is another attempt than k1-edited: its result must not be taken for k1's"
-    assert isinstance(transport._attach(transport.runner(), run_dir,
-                                        _request(transport, "KEYS", "true", key="k1-edited")), dict)
+    assert asked("k1") is None, "k1 is another attempt than k1-edited: its result must not be taken for k1's"
+    assert isinstance(asked("k1-edited"), dict)

@@ -42,19 +42,21 @@ class NodeTransports:
         self.key_secrets = key_secrets or {}
         self.pool: SSHPool | None = None
         self.watcher: FlowRunWatcher | None = None
-        self._ssh: list[SSHTransport] = []
+        self._opened: list[LocalTransport | SSHTransport] = []  # each has a node agent to end
 
     def for_node(self, node: Node) -> NodeTransport:
         """The transport of `node`, by its `transport` (local, ssh, worker)."""
         if node.transport == "local":
-            return local_transport(self.runs_dir, node.name)
+            local = local_transport(self.runs_dir, node.name)
+            self._opened.append(local)
+            return local
         if node.transport == "ssh":
             from dispatch.cluster.ssh import SSHPool
             from dispatch.cluster.transports.ssh import SSHTransport
 
             self.pool = self.pool or SSHPool()
             transport = SSHTransport(node, self.pool, self.key_secrets.get(node.name))
-            self._ssh.append(transport)
+            self._opened.append(transport)
             return transport
         if not self.team_mode:
             raise ConfigError(f"node {node.name}: transport 'worker' needs team mode (PREFECT_API_URL set to "
@@ -72,8 +74,8 @@ class NodeTransports:
         return self.pool.connections_opened if self.pool is not None else 0
 
     def close(self) -> None:
-        """Close the ssh transports, then the pool and the watcher they share."""
-        for transport in self._ssh:
+        """Close the local and ssh transports (their node agents), then the pool and the watcher they share."""
+        for transport in self._opened:
             transport.close()
         if self.pool is not None:
             self.pool.close()

@@ -1,64 +1,41 @@
-"""The `local` transport: the node runner as a subprocess of this machine (the embedded default node).
+"""The `local` transport: the node runner on this machine (the embedded default node), through the node agent.
 
-The runner starts in its own session with the slot's lock descriptor inherited, so it keeps its
-machine slot while it lives even if the dispatcher is killed; a restarted dispatcher re-attaches to
-it (same cache key) instead of starting the spec twice.
+A local attempt goes the way of an SSH node's (dispatch/cluster/transports/agent.py): one `runner.pyz serve`
+per transport, here a subprocess of the dispatcher, starts, re-attaches to, recovers, follows and kills the runs,
+and answers with their `result.json`. What is local is the stream only (`LocalStream`): the agent's stdin is a
+Unix socket, so that an attempt's request carries the machine slot's lock descriptor (SCM_RIGHTS) to its runner,
+which holds it while it lives; it keeps its machine slot even if the dispatcher is killed, and a restarted
+dispatcher re-attaches to it (same cache key) instead of starting the spec twice.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import select
-import signal
+import socket
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dispatch.cluster.transports import LineSink, RunRequest, explained, failure
+from dispatch.cluster.transports import LineSink, RunRequest, explained
+from dispatch.cluster.transports.agent import KILL_WAIT, NodeAgent
+from dispatch.core.errors import NodeError
 from dispatch.core.paths import check_name, local_path, run_dir_parts
-from dispatch.core.results import SpecResult, pid_alive, read_json, write_json
+from dispatch.core.results import SpecResult, read_json
 from dispatch.runner import protocol
+from dispatch.runner.commands import kill_run, live_runs
 from dispatch.runner.shipping import local_runner
 from dispatch.runner.task import base_environment
 
 logger = logging.getLogger(__name__)
-_POLL = 0.25  # seconds between two reads of a running spec's log (its end is noticed at once)
-
-
-class _ExitWaiter:
-    """Wait for a process to exit without polling: a pidfd (Linux 5.3+), else short sleeps.
-
-    Calling it with a timeout returns True once the process has exited (a child is reaped too).
-    """
-
-    def __init__(self, pid: int, proc: subprocess.Popen | None) -> None:
-        self.pid, self.proc = pid, proc
-        try:
-            self.fd: int | None = os.pidfd_open(pid)
-        except (AttributeError, OSError):  # no pidfd here, or the process is gone already
-            self.fd = None
-
-    def _gone(self) -> bool:
-        return self.proc.poll() is not None if self.proc is not None else not pid_alive(self.pid)
-
-    def __call__(self, timeout: float) -> bool:
-        if self.fd is not None:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            return bool(ready) and (self.proc is None or self.proc.wait() is not None)
-        if self._gone():
-            return True
-        if timeout:
-            time.sleep(min(timeout, 0.05))
-        return self._gone()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+_GRACE = 300.0  # seconds past the attempt's longest run before its wait for a result gives up
+_CLOSE_WAIT = 5.0  # seconds the agent has to exit once its stdin is closed, then again after SIGKILL
+_SLOTS = 1 << 20  # the agent's own slot count: the machine's slots are counted by the dispatcher's slot files
+SERVE_ERR = ".serve.err"
+"""The local agents' stderr, in the run root."""
 
 
 def run_dir_for(root: Path, project: str, task_id: str) -> Path:
@@ -78,6 +55,8 @@ def live_runner(run_dir: Path, stale_after: float = 30.0) -> dict | None:
     """The runner's status when a runner holds this directory's lock (`protocol.runner_alive`), has started (its
     status.json says running) and beat its heart within `stale_after` seconds, else None. Its `runner_pid` is
     the lock's holder."""
+    import time
+
     status = read_json(run_dir / protocol.STATUS_FILE)
     if not status or status.get("state") != "running" or not protocol.runner_alive(str(run_dir)):
         return None
@@ -86,8 +65,69 @@ def live_runner(run_dir: Path, stale_after: float = 30.0) -> dict | None:
     return {**status, "runner_pid": protocol.lock_holder(str(run_dir)) or status.get("runner_pid")}
 
 
+class LocalStream:
+    """`runner.pyz serve` as a subprocess of this machine: requests on a Unix socket (with descriptors), events
+    on a pipe. `close` closes the socket (the agent ends; its runners go on) and waits for the agent's exit.
+
+    Raises:
+        NodeError: the agent could not be started.
+    """
+
+    def __init__(self, node: str, root: Path) -> None:
+        self.node = node
+        argv = [sys.executable, str(local_runner(root)), "serve", "--root", str(root), "--slots", str(_SLOTS)]
+        ours, theirs = socket.socketpair()
+        try:
+            with open(root / SERVE_ERR, "ab") as err:  # the agent's runners get the allow-list, as their steps do:
+                self.proc = subprocess.Popen(  # keys of ours in an environ would be readable in /proc by a step
+                    argv, stdin=theirs, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+                    env=base_environment(dict(os.environ)))
+        except OSError as exc:
+            ours.close()
+            raise NodeError(node, f"cannot start the local node agent ({argv[1]}): {exc}") from exc
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._send_lock = threading.Lock()
+        self._closed = False
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Write one request; `fds` go with its first byte. Raises NodeError when the agent is gone."""
+        try:
+            with self._send_lock:
+                sent = socket.send_fds(self._sock, [data], list(fds)) if fds else 0
+                self._sock.sendall(data[sent:])
+        except OSError as exc:
+            raise NodeError(self.node, f"the local node agent is gone: {exc}") from exc
+
+    def lines(self) -> Iterator[bytes]:
+        """The agent's events, line by line, to its end (read by the agent client's one reader thread)."""
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                yield line.rstrip(b"\n")
+        finally:
+            self.proc.stdout.close()
+
+    def close(self) -> None:
+        with self._send_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._sock.close()  # the agent reads the end of its stdin and exits
+        try:
+            self.proc.wait(timeout=_CLOSE_WAIT)
+        except subprocess.TimeoutExpired:
+            logger.warning("node %s: the local agent (pid %s) did not exit; killing it", self.node, self.proc.pid)
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=_CLOSE_WAIT)
+            except subprocess.TimeoutExpired:
+                logger.warning("node %s: the local agent (pid %s) outlived SIGKILL", self.node, self.proc.pid)
+
+
 class LocalTransport:
-    """Run spec attempts on this machine.
+    """Run spec attempts on this machine; `close` ends its agent (the runners go on).
 
     Args:
         root: where run directories live (`<DISPATCH_HOME>/runs`).
@@ -95,11 +135,13 @@ class LocalTransport:
     """
 
     def __init__(self, root: Path, node: str = "local") -> None:
-        self.root = root
+        self.root = Path(os.path.abspath(root))
         self.node = node
-        self._procs: dict[tuple[str, str], subprocess.Popen] = {}
-        self._cancelled: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
+        self.agent = NodeAgent(node, self._stream)
+
+    def _stream(self) -> LocalStream:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return LocalStream(self.node, self.root)
 
     @property
     def root_path(self) -> str:
@@ -120,160 +162,64 @@ class LocalTransport:
 
     def run(self, request: RunRequest, on_line: LineSink, slot_fd: int | None = None,
             secrets: dict[str, str] | None = None, **_: object) -> SpecResult:
-        """Run one attempt (or follow the live runner of the same attempt) until it ends.
+        """Run one attempt (or re-attach to the live runner of the same attempt) until it ends.
 
         Args:
             request: the attempt.
             on_line: receives each line of the spec's log.
             slot_fd: the machine-slot lock, inherited by the runner so it keeps the slot while it lives.
-            secrets: environment for the agent (API keys), given to the runner on its stdin only.
+            secrets: environment for the agent (API keys), given to the runner in its request only.
         """
         run_dir = run_dir_for(self.root, request.project, request.task_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        key = (request.project, request.task_id)
-        status = live_runner(run_dir)
-        previous = read_json(run_dir / protocol.TASK_FILE) or {}
-        proc: subprocess.Popen | None = None
-        finished = read_json(run_dir / protocol.RESULT_FILE) if not status else None
-        if status and previous.get("cache_key") == request.cache_key:
-            on_line(f"re-attached to the running attempt (runner pid {status.get('runner_pid')})")
-            pid = int(status["runner_pid"])
-        elif (finished and finished.get("status") == "succeeded" and previous.get("cache_key") == request.cache_key
-              and not request.fresh):
-            on_line("recovered the result of this attempt, which finished while no dispatcher watched")
-            return self._result(run_dir, request, None)
-        else:
-            if status:  # a runner of an edited spec: it must not keep editing files, and it must be gone (with
-                self._kill_runner(run_dir)  # its lock) before its files are rotated and a new runner starts
-            self._rotate(run_dir)
-            write_json(run_dir / protocol.TASK_FILE, request.task_json())
-            argv = [sys.executable, str(local_runner(self.root)), "run", str(run_dir)]
-            argv += ["--secrets-stdin"] if secrets else []
-            with open(run_dir / "runner.err", "wb") as err:  # the runner gets the allow-list, as its steps do:
-                proc = subprocess.Popen(  # keys of ours in its environ would be readable in /proc by a step
-                    argv, stdin=subprocess.PIPE if secrets else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=err, start_new_session=True, pass_fds=(slot_fd,) if slot_fd is not None else (),
-                    env=base_environment(dict(os.environ)),
-                )
-            if secrets:
-                proc.stdin.write(json.dumps(secrets).encode())
-                proc.stdin.close()
-            pid = proc.pid
-        with self._lock:
-            if proc is not None:
-                self._procs[key] = proc
-            if key in self._cancelled:
-                self._kill_pid(pid)
-        try:
-            self._follow(run_dir, pid, proc, on_line)
-        finally:
-            with self._lock:
-                self._procs.pop(key, None)
-        return self._result(run_dir, request, proc)
-
-    def _follow(self, run_dir: Path, pid: int, proc: subprocess.Popen | None, on_line: LineSink) -> None:
-        log = run_dir / protocol.LOG_FILE
-        offset, pending = 0, b""
-        exited = _ExitWaiter(pid, proc)
-        try:
-            while True:
-                running = not exited(0)
-                if log.exists():
-                    with open(log, "rb") as handle:
-                        handle.seek(offset)
-                        chunk = handle.read()
-                    offset += len(chunk)
-                    lines = (pending + chunk).split(b"\n")
-                    pending = lines.pop()
-                    for line in lines:
-                        on_line(line.decode("utf-8", "replace"))
-                if not running:
-                    break
-                exited(_POLL)  # returns at once when the runner exits, else after one log poll
-        finally:
-            exited.close()
-        if pending:
-            on_line(pending.decode("utf-8", "replace"))
-
-    def _result(self, run_dir: Path, request: RunRequest, proc: subprocess.Popen | None) -> SpecResult:
-        data = read_json(run_dir / protocol.RESULT_FILE)
         extra = {"node": self.node, "run_dir": str(run_dir), "log_path": str(run_dir / protocol.LOG_FILE),
                  "cache_key": request.cache_key, "run_id": request.run_id, "attempt": request.attempt}
-        if not data:
-            err_file = run_dir / "runner.err"
-            err = err_file.read_text(errors="replace")[-2000:] if err_file.exists() else ""
-            code = proc.returncode if proc is not None else None
-            return failure(request.project, request.task_id,
-                           f"the node runner exited ({code}) without a result.json: {err.strip()}", status="lost",
-                           exit_code=code, **extra)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            data = self.agent.run(str(run_dir), request.task_json(), secrets, on_line,
+                                  timeout=request.longest(_GRACE), fd=slot_fd)
+        except (NodeError, OSError, ValueError) as exc:
+            err = run_dir / "runner.err"
+            tail = err.read_text(errors="replace")[-2000:].strip() if err.is_file() else ""
+            reason = f"the local node runner gave no result: {exc}" + (f"; runner.err: {tail}" if tail else "")
+            logger.warning("%s %s: %s", self.node, request.task_id, reason)
+            return request.failure(reason, status="lost", run_dir=extra["run_dir"], log_path=extra["log_path"])
+        assert data is not None  # `start` is true: the agent starts what it cannot attach to or recover
         return explained(SpecResult.from_runner(data, project=request.project, task_id=request.task_id, **extra))
 
-    @staticmethod
-    def _rotate(run_dir: Path) -> None:
-        """Keep an earlier attempt's log as `task.log.<n>`; drop its status and result."""
-        log = run_dir / protocol.LOG_FILE
-        if log.exists():
-            n = 1
-            while (run_dir / f"task.log.{n}").exists():
-                n += 1
-            log.rename(run_dir / f"task.log.{n}")
-        for name in (protocol.STATUS_FILE, protocol.RESULT_FILE):
-            (run_dir / name).unlink(missing_ok=True)
-
-    @staticmethod
-    def _kill_runner(run_dir: Path) -> None:
-        """Stop the runner of `run_dir` and wait until it has gone (the runner's `kill`: SIGTERM, its grace, then
-        SIGKILL, and its step's process group), as an SSH node does."""
-        try:
-            runner = local_runner(run_dir.parents[2])  # <root>/<project>/tasks/<task_id>
-            done = subprocess.run([sys.executable, str(runner), "kill", str(run_dir)], capture_output=True,
-                                  text=True, timeout=60, stdin=subprocess.DEVNULL,
-                                  env=base_environment(dict(os.environ)))
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"the runner of {run_dir} did not stop within 60 s") from exc
-        if done.returncode != 0:
-            raise RuntimeError(f"could not stop the runner of {run_dir}: {done.stderr.strip()[-500:]}")
-
-    @staticmethod
-    def _kill_pid(pid: int) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
     def cancel(self, project: str, task_id: str) -> None:
-        key = (project, task_id)
-        with self._lock:
-            self._cancelled.add(key)
-            proc = self._procs.get(key)
-        if proc is not None:
-            self._kill_pid(proc.pid)
-        else:
-            status = live_runner(run_dir_for(self.root, project, task_id))
-            if status:
-                self._kill_pid(int(status["runner_pid"]))
+        """Kill the attempt's runner and wait until it has gone (its `run` then returns `killed`)."""
+        try:
+            self.agent.kill(str(run_dir_for(self.root, project, task_id)))
+        except NodeError as exc:
+            logger.warning("node %s: could not kill %s: %s", self.node, task_id, exc)
 
     def adoptable_runs(self, project: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
         """Runs of `project` here a restarted dispatcher can adopt, as task id -> cache key: those whose
-        runner is still alive, and those that ended in success while no dispatcher watched."""
-        live: dict[str, str | None] = {}
-        finished: dict[str, str | None] = {}
-        for run_dir in sorted(_tasks_dir(self.root, project).glob("*")):
-            key = (read_json(run_dir / protocol.TASK_FILE) or {}).get("cache_key")
-            if live_runner(run_dir, stale_after=float("inf")):
-                live[run_dir.name] = key
-            elif (read_json(run_dir / protocol.RESULT_FILE) or {}).get("status") == "succeeded":
-                finished[run_dir.name] = key
-        return live, finished
+        runner is still alive, and those that ended in success while no dispatcher watched (`runner live`)."""
+        found = live_runs(str(_tasks_dir(self.root, project)), finished=True)
+        return ({task_id: key for task_id, key, state in found if state == "running"},
+                {task_id: key for task_id, key, state in found if state == "succeeded"})
 
     def kill_project(self, project: str) -> int:
-        """Kill every live runner of `project` on this machine (also orphans of a dead dispatcher)."""
-        killed = 0
-        for run_dir in sorted(_tasks_dir(self.root, project).glob("*")):
-            status = live_runner(run_dir, stale_after=float("inf"))
-            if status:
-                self._kill_pid(int(status["runner_pid"]))
-                killed += 1
-        return killed
+        """Kill every live runner of `project` on this machine (also orphans of a dead dispatcher), waiting for
+        each to go (`runner kill`, all at once); returns how many were running."""
+        live, _ = self.adoptable_runs(project)
+        if not live:
+            return 0
+        tasks = _tasks_dir(self.root, project)
+        pool = ThreadPoolExecutor(max_workers=min(16, len(live)), thread_name_prefix="kill")
+        futures = [pool.submit(kill_run, str(tasks / task_id)) for task_id in live]
+        pool.shutdown(wait=False)
+        for future in futures:
+            future.result(timeout=KILL_WAIT)
+        return len(live)
 
+    def close(self) -> None:
+        """End this transport's agent (its runners go on) and wait for it."""
+        self.agent.close()
 
+    def __enter__(self) -> LocalTransport:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

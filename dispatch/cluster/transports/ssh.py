@@ -1,19 +1,17 @@
 """The `ssh` transport: run a spec on a remote node over one reused paramiko connection.
 
 The node runner is shipped once per version (`runner.pyz`, its sha256 in its path). Each attempt is then one JSON line
-to the node's agent (`runner.pyz serve`, one per node on one channel, dispatch/cluster/transports/agent.py),
-which writes `task.json`, forks the runner detached (secrets in the request only, never on disk),
-streams `task.log` back and answers with `result.json` when the runner exits. The long way, one
-command per step, remains for what the agent leaves to it: scp mode (copy the project into the run
-directory first), an earlier runner holding the directory, and a lost agent (re-attach and follow).
-The run survives a dropped connection; a restarted dispatcher re-attaches to a runner still going
-with the same cache key instead of starting the spec twice. A node that cannot be reached gives a
-`lost` result marked `node_fault`, so the spec retries on another node.
+to the node's agent (`runner.pyz serve`, one per node on one channel, dispatch/cluster/transports/agent.py, as
+on the local node), which writes `task.json`, forks the runner detached (secrets in the request only, never on
+disk), streams `task.log` back and answers with `result.json` when the runner exits. In scp mode the agent is
+first asked for the attempt without starting it, and the project is copied into the run directory only when
+nothing is there to re-attach to. The run survives a dropped connection; the next agent, or a restarted
+dispatcher's, re-attaches to a runner still going with the same cache key instead of starting the spec twice.
+A node that cannot be reached gives a `lost` result marked `node_fault`, so the spec retries on another node.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -25,7 +23,7 @@ from dispatch.cluster.config import Node
 from dispatch.cluster.ssh import SSHPool
 from dispatch.cluster.ssh_target import node_target
 from dispatch.cluster.transports import LineSink, RunRequest, explained
-from dispatch.cluster.transports.agent import AgentLost, NodeAgent
+from dispatch.cluster.transports.agent import NodeAgent
 from dispatch.core.errors import DispatchError, NodeError, UnsafePath
 from dispatch.core.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.core.results import SpecResult
@@ -35,7 +33,6 @@ from dispatch.runner.shipping import node_runner, ship
 logger = logging.getLogger(__name__)
 _COMMAND_TIMEOUT = 60.0
 _FOLLOW_GRACE = 300.0
-_INLINE_TASK_BYTES = 64 * 1024  # a larger task.json (long prompts) goes over SFTP instead of the command line
 
 
 class SSHTransport:
@@ -110,68 +107,24 @@ class SSHTransport:
             sync_back: scp mode: copy the files the spec changed back into this local directory.
         """
         run_dir = self.run_dir(request.project, request.task_id)
-        quoted = shlex.quote(run_dir)
-        marker = f"@@dispatch-result-{request.run_id}@@"
+        timeout = request.longest(_FOLLOW_GRACE)
         try:
-            runner = self.runner()
-            needs_sync = sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir())
-            if not needs_sync:  # the usual case: one line to the node's agent, which starts and watches it
-                try:
-                    data = self.agent.run(run_dir, request.task_json(), secrets, on_line,
-                                          timeout=request.longest(_FOLLOW_GRACE))
-                except AgentLost as exc:  # the runner carries on without the agent: re-attach the long way
-                    logger.info("%s %s: %s; re-attaching", self.node.name, request.task_id, exc)
-                    data = None
-                if data is not None:
-                    return self._result(data, request, run_dir, sync_back)
-            # The long way: an earlier runner holds the directory, scp mode must copy the project first
-            # (only when starting), or the agent was lost while the attempt ran.
-            found = self._attach(runner, run_dir, request)
-            if isinstance(found, dict):
-                on_line("recovered the result of this attempt, which finished while no dispatcher watched")
-                return self._result(found, request, run_dir, sync_back)
-            pid = found
-            if pid is None:
-                if needs_sync:
+            self.runner()
+            data = None
+            if sync_from is not None and sync_from.is_dir() and any(sync_from.iterdir()):
+                # scp mode: the project is copied in only when there is nothing to re-attach to or recover
+                data = self.agent.run(run_dir, request.task_json(), secrets, on_line, timeout=timeout, start=False)
+                if data is None:
                     self.pool.put_dir(self.target, sync_from, request.workdir)
-                task = json.dumps(request.task_json()).encode()
-                start = f"{runner} run {quoted} --detach --secrets-stdin"
-                if len(task) <= _INLINE_TASK_BYTES:  # one round trip: write task.json and start the runner
-                    start = f"{_write_task(quoted, task)} && {start}"
-                else:
-                    self.pool.put_file(self.target, task, f"{run_dir}/{protocol.TASK_FILE}", mode=0o600)
-                out = self._command(start, stdin_data=json.dumps(secrets or {}))
-                pid = int(json.loads(out.strip().splitlines()[-1])["pid"])
-            else:
-                on_line(f"re-attached to the running attempt (runner pid {pid})")
-            # Follow the log until the runner exits, then print result.json after a marker line, so one
-            # command streams the whole attempt and brings its result.
-            data = self._follow(f"{runner} follow {quoted}", run_dir, request, marker, on_line)
+            if data is None:
+                data = self.agent.run(run_dir, request.task_json(), secrets, on_line, timeout=timeout)
         except NodeError as exc:
             return self._lost(request, run_dir, f"node {self.node.name} failed: {exc}", node_fault=True)
         except (DispatchError, OSError, ValueError, KeyError) as exc:
             return self._lost(request, run_dir, f"on node {self.node.name}: {type(exc).__name__}: {exc}",
                               node_fault=True)
+        assert data is not None
         return self._result(data, request, run_dir, sync_back)
-
-    def _follow(self, command: str, run_dir: str, request: RunRequest, marker: str, on_line: LineSink) -> dict:
-        """Run `command` (it streams the spec's log), then print result.json after `marker`; return that JSON."""
-        result_lines: list[str] = []
-
-        def route(stream: str, line: str) -> None:
-            if stream != "stdout":
-                return
-            if result_lines or line == marker:
-                result_lines.append(line)
-            else:
-                on_line(line)
-
-        self.pool.run(self.target, f"{command}; echo; echo {marker}; cat {shlex.quote(run_dir)}/{protocol.RESULT_FILE}",
-                      timeout=request.longest(_FOLLOW_GRACE), check=False, on_line=route)
-        data = json.loads("\n".join(result_lines[1:]) or "null")
-        if not isinstance(data, dict):
-            raise ValueError(f"no result.json in {run_dir} after the runner ended")
-        return data
 
     def _result(self, data: dict, request: RunRequest, run_dir: str, sync_back: Path | None) -> SpecResult:
         result = SpecResult.from_runner(
@@ -184,35 +137,6 @@ class SSHTransport:
             except (NodeError, OSError) as exc:
                 return self._lost(request, run_dir, f"could not copy the results back: {exc}", node_fault=True)
         return explained(result)
-
-    def _attach(self, runner: str, run_dir: str, request: RunRequest) -> int | dict | None:
-        """What is on the node already for this very attempt (same cache key):
-
-        the pid of its live runner (re-attach), its result when it finished while no dispatcher watched
-        (recover it, do not run it again), or None (start it). A stale runner of an edited spec is killed.
-        """
-        quoted = shlex.quote(run_dir)
-        status = json.loads(self._command(f"[ -e {quoted}/{protocol.STATUS_FILE} ] && {runner} status {quoted} || "
-                                          "echo '{}'")
-                            or "{}")
-        if not status:
-            return None
-        previous = self.pool.run(self.target, f"cat {quoted}/{protocol.TASK_FILE}", timeout=_COMMAND_TIMEOUT,
-                                 check=False).stdout
-        try:  # the same attempt only when its task.json names exactly this cache key (not one containing it)
-            task = json.loads(previous or "{}")
-        except ValueError:
-            task = {}
-        same = isinstance(task, dict) and task.get("cache_key") == request.cache_key
-        if status.get("alive") or status.get("pid_alive"):  # a late heartbeat under load is still alive
-            if same:
-                return int(status["runner_pid"])
-            self._command(f"{runner} kill {quoted}")  # an edited spec's runner must stop
-            return None
-        result = status.get("result")
-        if same and not request.fresh and isinstance(result, dict) and result.get("status") == "succeeded":
-            return result
-        return None
 
     def adoptable_runs(self, project: str) -> tuple[dict[str, str | None], dict[str, str | None]]:
         """Runs of `project` on this node a restarted dispatcher can adopt, as task id -> cache key: those
@@ -251,8 +175,9 @@ class SSHTransport:
 
     # -- control -------------------------------------------------------------------------------
     def cancel(self, project: str, task_id: str) -> None:
+        """Kill the attempt's runner through the node's agent and wait until it has gone."""
         try:
-            self._command(f"{self.runner()} kill {shlex.quote(self.run_dir(project, task_id))}")
+            self.agent.kill(self.run_dir(project, task_id))
         except DispatchError as exc:
             logger.warning("node %s: could not kill %s: %s", self.node.name, task_id, exc)
 
@@ -283,8 +208,3 @@ class SSHTransport:
                                 f" stop them with `dispatch stop {project}`")
         self._command(f"rm -rf {directory}", timeout=300)
 
-
-def _write_task(quoted_run_dir: str, task: bytes) -> str:
-    """A shell command writing `task` as the run directory's task.json (0600), inline in the command line."""
-    return (f"mkdir -p {quoted_run_dir} && (umask 077; printf %s {base64.b64encode(task).decode()} | "
-            f"base64 -d > {quoted_run_dir}/{protocol.TASK_FILE})")
