@@ -106,6 +106,7 @@ def spec_run(request: RunRequest) -> State:
     try:
         result = _attempt(request, transport, logger, prefix)
     finally:
+        transport.close()  # its node agent (the runner has ended, or goes on alone)
         stop.set()
         beat.join(timeout=5)
     create_table_artifact(table=[result.model_dump(mode="json")], description=RESULT_ARTIFACT_DESCRIPTION)

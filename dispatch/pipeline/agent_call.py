@@ -116,7 +116,8 @@ def ask(models: list[str], prompt: str, *, name: str, workdir: Path, evidence_di
                          run_id=uuid.uuid4().hex, workdir=str(workdir), steps=steps, timeout=timeout,
                          stall_timeout=min(timeout, settings.stall_timeout), heartbeat=settings.heartbeat)
     keys = {f"{model}:{env}": value for model in usable for env, value in secrets.get(model, {}).items()}
-    result = local_transport(evidence_dir).run(request, on_line, secrets=keys or None)
+    with local_transport(evidence_dir) as transport:  # its node agent ends with the call
+        result = transport.run(request, on_line, secrets=keys or None)
     data = read_json(Path(result.run_dir) / "result.json") or {}
     attempts = [a for a in data.get("attempts", []) if isinstance(a, dict)]
     _record_limits(attempts)
