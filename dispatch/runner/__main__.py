@@ -34,7 +34,7 @@ import argparse
 import os
 import sys
 
-from .commands import cmd_follow, cmd_kill, cmd_live, cmd_status, cmd_tail, print_json
+from .commands import cmd_kill, cmd_live, cmd_status, cmd_tail, print_json
 from .zipapp import runner_version
 
 
@@ -53,9 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     live = commands.add_parser("live", help="list the live runs under a <project>/tasks directory")
     live.add_argument("run_dir")
     live.add_argument("--finished", action="store_true", help="also the runs that ended in success")
-    follow = commands.add_parser("follow", help="stream task.log until the runner exits")
-    follow.add_argument("run_dir")
-    follow.add_argument("--from-byte", type=int, default=0)
     commands.add_parser("version", help="print the runner's checksum")
     serve = commands.add_parser("serve", help="start and watch runs asked for as JSON lines on stdin (one agent "
                                 "per node)")
@@ -65,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    # each command imports what it runs: `status`, `kill`, `tail`, `follow` start without compiling the run
+    # each command imports what it runs: `status`, `kill`, `tail` start without compiling the run
     if args.command == "version":
         from .supervise import load_classifier
 
@@ -92,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(run_dir)
     if args.command == "kill":
         return cmd_kill(run_dir)
-    if args.command == "follow":
-        return cmd_follow(run_dir, args.from_byte)
     if args.command == "live":
         return cmd_live(run_dir, args.finished)
     return cmd_tail(run_dir, args.from_byte)

@@ -1,4 +1,4 @@
-"""The runner's commands on a run directory it does not run: status, kill, tail, follow, live (`run` is in
+"""The runner's commands on a run directory it does not run: status, kill, tail, live (`run` is in
 `start.py`, `serve` in `serve.py`).
 
 Standard library only, Python 3.8+ (shipped to nodes in the runner's zipapp).
@@ -139,46 +139,3 @@ def live_runs(tasks_dir: str, finished: bool = False) -> list[list[Any]]:
             continue
         found.append([name, (read_json(os.path.join(run_dir, protocol.TASK_FILE)) or {}).get("cache_key"), state])
     return found
-
-
-def cmd_follow(run_dir: str, from_byte: int) -> int:
-    """Stream task.log from `from_byte` as it grows, until the runner has exited; then print the rest.
-
-    The dispatcher follows a detached run with this. The runner's end is its lock being released (a
-    blocking flock in a thread: no polling, and no waiting for anyone to reap the runner, which a
-    container's PID 1 may leave a zombie for a while). The log is read every 0.05 s while it grows,
-    backing off to 1 s while it is quiet, so a long silent agent costs next to no CPU.
-    """
-    import threading
-
-    gone = threading.Event()
-
-    def wait_for_exit() -> None:
-        try:
-            protocol.wait_runner_gone(run_dir)
-        finally:
-            gone.set()
-
-    threading.Thread(target=wait_for_exit, daemon=True).start()
-    path = os.path.join(run_dir, "task.log")
-    offset, delay = max(0, from_byte), 0.05
-    while True:
-        ended = gone.is_set()
-        grew = False
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                while True:
-                    data = handle.read(CHUNK)
-                    if not data:
-                        break
-                    offset += len(data)
-                    grew = True
-                    sys.stdout.buffer.write(data)
-            sys.stdout.flush()
-        except OSError:
-            pass
-        if ended:
-            return 0
-        delay = 0.05 if grew else min(1.0, delay * 2)
-        gone.wait(delay)

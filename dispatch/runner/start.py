@@ -133,7 +133,7 @@ def record_lock_holder(lock_fd: int) -> None:
 def spawn_detached(run_dir: str, lock_fd: int, task: Task, secrets: dict[str, str]) -> int | None:
     """Double-fork a runner into its own session; its pid once it has started, None if it did not start.
 
-    `run --detach` promises the command that follows it (`follow`) a started runner: status.json and task.log
+    `run --detach` promises its caller a started runner (one to `status`, `tail` or `kill`): status.json and task.log
     exist. The caller's copy of the lock descriptor is closed: the runner holds its own.
     """
     sys.stdout.flush()
