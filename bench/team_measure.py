@@ -109,13 +109,14 @@ def user_result(user: dict, slots: dict[str, int], users: int) -> dict:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 when it is gone or unreadable)."""
+def _process_cpu(pid: int, waited: bool = False) -> float:
+    """User + system CPU seconds of a live process (0 when it is gone or unreadable), with `waited` also its
+    children that ended (PostgreSQL's backends of closed connections)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return sum(int(v) for v in fields[11:15 if waited else 13]) / _TICK
 
 
 def _children(pid: int) -> list[int]:
@@ -131,12 +132,12 @@ def _children(pid: int) -> list[int]:
 
 
 def cpu_snapshot(server_pid: int, postgres_pid: int | None) -> dict:
-    """Cumulative CPU seconds of the server, of PostgreSQL (postmaster and its live backends), of this
+    """Cumulative CPU seconds of the server, of PostgreSQL (postmaster and every backend), of this
     process's waited-for children (the dispatchers), and the machine's busy and total jiffies."""
     postgres = [postgres_pid, *_children(postgres_pid)] if postgres_pid else []
     stat = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"server": _process_cpu(server_pid), "postgres": sum(_process_cpu(p) for p in postgres),
+    return {"server": _process_cpu(server_pid), "postgres": sum(_process_cpu(p, p == postgres_pid) for p in postgres),
             "dispatchers": children.ru_utime + children.ru_stime,
             "machine_busy": (sum(stat) - stat[3] - stat[4]) / _TICK, "machine_total": sum(stat) / _TICK}
 
