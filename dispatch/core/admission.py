@@ -5,7 +5,9 @@ becomes a task run it passes, in this order: this run's fair share of the cluste
 models' cool-downs (cooldowns.py), the daily budgets (budgets.py), the node's slot in every dispatcher's count
 (brokers.py) and, in team mode, the server's file locks. The first check that refuses gives back what the
 earlier ones took, by one path (`_give_back`): the lock grant, then the slot, then the pick itself
-(`Scheduler.unpick`), so no spec holds a slot while it waits for anything (no hold-and-wait).
+(`Scheduler.unpick`), so no spec holds a slot while it waits for anything (no hold-and-wait). A server slot
+given back is parked a moment for this run's next spec on its node (a handoff without a server call), and
+counted against the share until it is taken or released (`_within_share`).
 
 Server locks are asked off the dispatch loop (an HTTP round trip each): `admit` hands the request to a small
 thread pool and the answer comes back through `post("locks", (task_id, grant))`, which the loop feeds to
@@ -132,14 +134,32 @@ class Admission:
         return decisions, refused
 
     def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
-        """The picks this run may start within its fair share of the slots; the rest wait a moment."""
+        """The picks this run may start within its fair share of the slots; the rest wait a moment.
+
+        A pick on a node where this run has a parked slot (an ended spec's, kept for the next: brokers.py) takes
+        that slot: it holds no more than before, so it passes. The parked slots no pick takes count against the
+        share like releases; when the other picks find no room they are given back at once (`trim`)."""
         running = len(self.scheduler.running)  # the new picks included
         held = running - len(assignments)
-        allowed = self.share.allowed(running + self.scheduler.due(), held, releasing=self.brokers.releasing())
-        room = max(allowed - held, 0)
-        for assignment in assignments[room:]:
+        parked = self.brokers.parked()
+        handed: dict[str, int] = {}
+        fresh: list[Assignment] = []
+        for assignment in assignments:
+            if parked.get(assignment.node, 0) > 0:
+                parked[assignment.node] -= 1
+                handed[assignment.node] = handed.get(assignment.node, 0) + 1
+            else:
+                fresh.append(assignment)
+        spare = sum(parked.values())
+        allowed = self.share.allowed(running + self.scheduler.due(), held,
+                                     releasing=self.brokers.releasing() + spare)
+        room = allowed - held - sum(handed.values())
+        if len(fresh) > room and spare:  # the share needs the parked slots: give them back now
+            self.brokers.trim(min(spare, len(fresh) - room), keep=handed)
+        waiting = {id(assignment) for assignment in fresh[max(room, 0):]}
+        for assignment in fresh[max(room, 0):]:
             self._give_back(assignment, delay=SHARE_RETRY)
-        return assignments[:room]
+        return [assignment for assignment in assignments if id(assignment) not in waiting]
 
     def _admit(self, assignment: Assignment) -> Decision | None:
         """One pick through the checks; None when its node was found full (it goes back, pick again)."""

@@ -2,7 +2,9 @@
 
 The project flow counts its own slots in the scheduler; a broker makes that count hold across every
 dispatcher at once. It is asked, without blocking, just before a spec is dispatched; a refusal means
-another dispatcher holds the slot, and the spec waits (or goes to another node).
+another dispatcher holds the slot, and the spec waits (or goes to another node). A shared broker keeps an
+ended spec's slot a moment for this dispatcher's next spec on that node (`park`), so that one pays no round
+trip to the server for it.
 
 - `MachineSlots`: `flock`ed slot files under `DISPATCH_HOME/locks/node-<name>/`: every dispatcher of
   this machine (the embedded default). The kernel frees a dead holder's slots.
@@ -35,6 +37,16 @@ class SharedSlots(SlotBroker, Protocol):
 
     def releasing(self) -> int:
         """Slots given back that the others still count as held."""
+
+    def park(self, token: object) -> None:
+        """Keep an ended spec's slot a moment for this dispatcher's next spec on its node (a handoff: no call
+        to the server), then give it back."""
+
+    def parked(self) -> dict[str, int]:
+        """Parked slots by node: held, and counted as held, until a spec takes them or they are given back."""
+
+    def trim(self, count: int, keep: dict[str, int] | None = None) -> int:
+        """Give back up to `count` parked slots now, keeping `keep[node]` on each node; how many went."""
 
     def close(self) -> None:
         """Give every held slot back and stop."""
@@ -69,8 +81,20 @@ class Brokers:
         return ("machine", token) if token is not None else None
 
     def release(self, held: tuple[str, object]) -> None:
+        """Give a slot back: a server slot is parked for the next spec on its node (`SharedSlots.park`)."""
         kind, token = held
-        (self.server if kind == "server" else self.machine).release(token)  # type: ignore[union-attr]
+        if kind == "server":
+            self.server.park(token)  # type: ignore[union-attr]
+        else:
+            self.machine.release(token)
+
+    def parked(self) -> dict[str, int]:
+        """Server slots parked for the next spec, by node (a machine slot is given back at once)."""
+        return self.server.parked() if self.server is not None else {}
+
+    def trim(self, count: int, keep: dict[str, int] | None = None) -> int:
+        """Give back up to `count` parked slots now (keeping `keep[node]` on each node); how many went."""
+        return self.server.trim(count, keep) if self.server is not None and count > 0 else 0
 
     def releasing(self) -> int:
         """Slots given back that another dispatcher cannot take yet (a machine slot is free at once)."""

@@ -6,6 +6,13 @@ missing); a background thread renews the leases, and a crashed holder's slots co
 expires. Each lease is also recorded as a Prefect Variable `dispatch_lease_<id>` (limit, host, pid, flow run)
 while it is held, because Prefect's API cannot list a limit's leases: the guardian releases the lease of a
 holder that died. It is the `SharedSlots` broker of `dispatch.core.brokers` in team mode.
+
+Handoff: a spec that ends `park`s its slot instead of releasing it; the next spec this dispatcher starts on
+the same node takes the parked lease (`try_acquire`) with no call to the server, so a run that keeps a node
+busy pays for its slot once, not per spec (a take, a release, a record written and deleted: four calls). A
+parked lease no spec took within `grace` seconds is released by the renewer thread, and the admission step
+releases parked leases at once (`trim`) when its fair share needs the room (dispatch/core/admission.py): a
+parked lease is held, and counted as held, exactly as a running spec's.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _RELEASERS = 4  # threads that record and release leases: releases must not queue behind each other
+GRACE = 0.5  # seconds a parked slot waits for this dispatcher's next spec on its node before it is released
 
 
 class ServerSlots:
@@ -38,16 +46,23 @@ class ServerSlots:
     Args:
         limits: node name -> limit name, for nodes whose limit exists on the server.
         lease_seconds: how long a lease lives without renewal (a dead dispatcher's slots return after it).
+        grace: seconds a parked slot is kept for the next spec on its node before it is released.
+        client: a Prefect sync client (default: a new one, closed by `close`).
     """
 
-    def __init__(self, limits: dict[str, str], lease_seconds: float = 60.0) -> None:
+    def __init__(self, limits: dict[str, str], lease_seconds: float = 60.0, *, grace: float = GRACE,
+                 client: object = None) -> None:
         from prefect.client.orchestration import get_client
 
-        self._client = get_client(sync_client=True)
-        self._client.__enter__()
+        self._own_client = client is None
+        self._client: Any = get_client(sync_client=True) if client is None else client
+        if self._own_client:
+            self._client.__enter__()
         self._limits = limits
-        self._lease_seconds = lease_seconds
-        self._leases: set = set()
+        self._lease_seconds, self._grace = lease_seconds, grace
+        self._leases: dict[object, str] = {}  # held lease -> its node (parked ones included)
+        self._parked: dict[str, list[tuple[object, float]]] = {}  # node -> (lease, parked at), oldest first
+        self.handoffs = 0  # slots handed from an ended spec to the next without the server
         self._records: dict[object, Future] = {}  # lease -> the creation of its record, until released
         self._releasing = 0  # releases asked for that the server has not answered yet
         self._lock = threading.Lock()
@@ -63,6 +78,13 @@ class ServerSlots:
                         "flow_run_id": str(context.flow_run.id) if context and context.flow_run else None}
 
     def try_acquire(self, node: str) -> object | None:
+        """A slot of `node`: a parked one of this dispatcher's if there is one (no server call), else a new
+        lease from the server; None when the node is full or the server cannot be reached."""
+        with self._lock:
+            parked = self._parked.get(node)
+            if parked:
+                self.handoffs += 1
+                return parked.pop()[0]  # the newest: the oldest go back first
         try:
             response = self._client.increment_concurrency_slots_with_lease(
                 names=[self._limits[node]], slots=1, mode="concurrency", lease_duration=self._lease_seconds)
@@ -76,7 +98,7 @@ class ServerSlots:
             return None
         lease_id = response.json()["lease_id"]
         with self._lock:
-            self._leases.add(lease_id)
+            self._leases[lease_id] = node
             self._records[lease_id] = self._releaser.submit(self._record, lease_id, node)
         return lease_id
 
@@ -103,13 +125,55 @@ class ServerSlots:
         with self._lock:
             return self._releasing
 
+    def park(self, token: object) -> None:
+        """Keep an ended spec's slot for this dispatcher's next spec on its node, for `grace` seconds."""
+        with self._lock:
+            node = self._leases.get(token)
+            if node is not None:
+                self._parked.setdefault(node, []).append((token, time.monotonic()))
+                return
+        self.release(token)  # not held (any more): nothing to keep
+
+    def parked(self) -> dict[str, int]:
+        """Parked slots by node (held on the server, waiting for a spec)."""
+        with self._lock:
+            return {node: len(leases) for node, leases in self._parked.items() if leases}
+
+    def trim(self, count: int, keep: dict[str, int] | None = None) -> int:
+        """Release up to `count` parked slots now, the oldest first, keeping `keep[node]` parked on each node
+        (slots a pick of this round is about to take); returns how many were released."""
+        keep = keep or {}
+        with self._lock:
+            spare = [(at, node) for node, leases in self._parked.items()
+                     for _, at in leases[:max(len(leases) - keep.get(node, 0), 0)]]
+        released = 0
+        for _, node in sorted(spare)[:max(count, 0)]:
+            with self._lock:
+                leases = self._parked.get(node)
+                if not leases or len(leases) <= keep.get(node, 0):
+                    continue
+                token = leases.pop(0)[0]
+            self.release(token)
+            released += 1
+        return released
+
+    def _release_stale(self) -> None:
+        """Release the parked slots no spec took within the grace."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [lease for leases in self._parked.values() for lease, at in leases if now - at >= self._grace]
+            for node, leases in self._parked.items():
+                self._parked[node] = [(lease, at) for lease, at in leases if now - at < self._grace]
+        for lease in stale:
+            self.release(lease)
+
     def release(self, token: object) -> None:
         """Give the slot back in the background: the dispatch loop must not wait on the server.
 
         The lease goes first and its record after: a release never waits behind records of other leases
         (several threads), and a lease released before its record was written gets none."""
         with self._lock:
-            self._leases.discard(token)
+            self._leases.pop(token, None)
             record = self._records.pop(token, None)
             self._releasing += 1
         if record is not None and record.cancel():
@@ -136,7 +200,14 @@ class ServerSlots:
             logger.debug("could not remove the record of slot lease %s: %s", token, exc)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self._lease_seconds / 3):
+        """Release parked slots past their grace, and renew every held lease each third of its life."""
+        tick = max(min(self._grace / 2, self._lease_seconds / 3), 0.05)
+        renewed_at = time.monotonic()
+        while not self._stop.wait(tick):
+            self._release_stale()
+            if time.monotonic() - renewed_at < self._lease_seconds / 3:
+                continue
+            renewed_at = time.monotonic()
             with self._lock:
                 leases = list(self._leases)
             for lease_id in leases:
@@ -149,10 +220,12 @@ class ServerSlots:
         self._stop.set()
         with self._lock:
             leases = list(self._leases)
+            self._parked.clear()
         for lease_id in leases:
             self.release(lease_id)
         self._releaser.shutdown(wait=True)
-        self._client.__exit__(None, None, None)
+        if self._own_client:
+            self._client.__exit__(None, None, None)
 
 
 def lease_record(lease_id: object) -> str:

@@ -71,6 +71,12 @@ class Brokers:
     def releasing(self) -> int:
         return 0
 
+    def parked(self) -> dict[str, int]:
+        return {}
+
+    def trim(self, count: int, keep: dict[str, int] | None = None) -> int:
+        return 0
+
 
 class Share:
     def __init__(self, room: int = 100) -> None:

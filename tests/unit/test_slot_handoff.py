@@ -1,0 +1,143 @@
+"""Server slots handed from an ended spec to the next without a call to the server (issue 22), with a client
+that counts the calls: the handoff, the grace after which a parked slot goes back, and the fair share (a parked
+slot counts as held; it goes back at once when the share needs the room)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+
+from dispatch.core.admission import Admission
+from dispatch.core.brokers import Brokers, MachineSlots
+from dispatch.core.placement import NodeSlots
+from dispatch.core.scheduler import Scheduler
+from dispatch.prefect.slots import ServerSlots
+from tests.unit.test_admission import Budgets, Cooldowns, FakeClock, _project, _spec
+
+
+class _Response:
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+
+    def json(self) -> dict[str, str]:
+        return {"lease_id": self.lease_id}
+
+
+class CountingClient:
+    """The few calls `ServerSlots` makes, counted by name."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def _note(self, name: str, what: object) -> None:
+        with self._lock:
+            self.calls.append((name, what))
+
+    def count(self, name: str) -> int:
+        with self._lock:
+            return sum(1 for called, _ in self.calls if called == name)
+
+    def increment_concurrency_slots_with_lease(self, **kwargs: object) -> _Response:
+        lease = f"lease-{next(self._ids)}"
+        self._note("take", lease)
+        return _Response(lease)
+
+    def release_concurrency_slots_with_lease(self, lease_id: object) -> None:
+        self._note("release", lease_id)
+
+    def renew_concurrency_lease(self, lease_id: object, lease_duration: float) -> None:
+        self._note("renew", lease_id)
+
+    def create_variable(self, variable: object) -> None:
+        self._note("record", getattr(variable, "name", ""))
+
+    def delete_variable_by_name(self, name: str) -> None:
+        self._note("unrecord", name)
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+class ContestedShare:
+    """Another run wants slots: this one may hold `fair`, less what it is giving back."""
+
+    def __init__(self, fair: int) -> None:
+        self.fair = fair
+
+    def allowed(self, demand: int, held: int, releasing: int = 0) -> int:
+        return max(self.fair - releasing, 0)
+
+
+def _admission(tmp_path: Path, project, nodes: list[NodeSlots], fair: int, *, grace: float = 60.0):
+    client = CountingClient()
+    slots = ServerSlots({n.name: f"node-{n.name}" for n in nodes}, grace=grace, client=client)
+    brokers = Brokers(MachineSlots(tmp_path / "locks", {}), slots, {n.name for n in nodes})
+    scheduler = Scheduler(project, set(project.specs), nodes, clock=FakeClock())
+    admission = Admission(scheduler, project.specs, cooldowns=Cooldowns(), budgets=Budgets(), brokers=brokers,
+                          share=ContestedShare(fair), locks=None, user="alice", post=lambda *_: None,
+                          clock=FakeClock())
+    admission.budgets.enabled = False
+    return admission, scheduler, slots, client
+
+
+def _started(admission: Admission, scheduler: Scheduler) -> list[str]:
+    decisions, _ = admission.admit(scheduler.pick())
+    return [d.assignment.task_id for d in decisions if d.kind == "start"]
+
+
+def test_an_ended_spec_hands_its_slot_to_the_next_on_its_node_without_a_server_call(tmp_path: Path) -> None:
+    project = _project(_spec("S01"), _spec("S02"), _spec("S03"))
+    admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 2)], fair=2)
+    try:
+        assert sorted(_started(admission, scheduler)) == ["S01", "S02"]
+        assert client.count("take") == 2
+        admission.ended("S01")
+        scheduler.succeed("S01")
+        assert _started(admission, scheduler) == ["S03"]  # at its full share: the parked slot is its own
+        time.sleep(0.1)  # anything sent to the server in the background would be counted by now
+        assert (client.count("take"), client.count("release"), client.count("unrecord")) == (2, 0, 0)
+        assert slots.handoffs == 1 and admission.slot("S03")[1] in {lease for name, lease in client.calls
+                                                                  if name == "take"}
+    finally:
+        slots.close()
+
+
+def test_a_parked_slot_no_spec_takes_is_released_after_its_grace(tmp_path: Path) -> None:
+    client = CountingClient()
+    slots = ServerSlots({"n1": "node-n1"}, grace=0.1, client=client)
+    try:
+        lease = slots.try_acquire("n1")
+        slots.park(lease)
+        assert slots.parked() == {"n1": 1} and client.count("release") == 0
+        assert _wait_for(lambda: client.count("release") == 1), client.calls
+        assert slots.parked() == {} and slots.try_acquire("n1") != lease  # a new lease: the old one went back
+        assert _wait_for(lambda: client.count("unrecord") == 1)
+    finally:
+        slots.close()
+
+
+def test_a_parked_slot_goes_back_at_once_when_the_share_needs_its_room(tmp_path: Path) -> None:
+    project = _project(_spec("S01", node="n1"), _spec("S02", node="n2", depends_on=["S01"]))
+    admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 1), NodeSlots("n2", 1)],
+                                                     fair=1)
+    try:
+        assert _started(admission, scheduler) == ["S01"]
+        admission.ended("S01")
+        scheduler.succeed("S01")
+        assert slots.parked() == {"n1": 1}
+        assert _started(admission, scheduler) == []  # n2 needs a new slot: the share has no room while n1's...
+        assert _wait_for(lambda: client.count("release") == 1)  # ...so it went back now, not after 60 s
+        assert slots.parked() == {}
+        assert _wait_for(lambda: slots.releasing() == 0)
+        scheduler.clock.now += 1.0  # type: ignore[attr-defined]  # past the share's retry
+        assert _started(admission, scheduler) == ["S02"]
+    finally:
+        slots.close()
