@@ -3,6 +3,13 @@
 Renewed every few seconds and read by every dispatcher of the team (team mode: other users on other machines);
 a variable not renewed for `_SERVER_STALE` seconds by the server's clock counts no more, and is deleted by
 whoever sees it. It is the `ShareBoard` of `dispatch.core.shares` in team mode (`MachineShares` on one machine).
+
+Staleness (issue 22: every call costs the server ~15 ms of CPU): the board is read every `_SERVER_INTERVAL`
+(2 s); this run's entry is rewritten on that tick when its demand or holding changed, else renewed every
+`_SERVER_STALE / 3` (5 s); a run that starts wanting slots or stops wanting any is written at once. So another
+run sees a change at most ~4 s late (its read plus ours). The share only divides slots; it never guards a node
+or a file: the server's concurrency limits keep nodes from overfilling and the lock table keeps files apart
+whatever the board says, so a stale board can delay a fair split by those seconds but break no guarantee.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dispatch.prefect.errors import SERVER_ERRORS
 
 logger = logging.getLogger(__name__)
 
-_SERVER_INTERVAL = 1.0  # seconds between two reads of the server's share variables (in the background)
+_SERVER_INTERVAL = 2.0  # seconds between two reads of the server's share variables (in the background)
 _SERVER_STALE = 15.0  # a share variable not renewed for this long belongs to a dead dispatcher
 _PREFIX = "dispatch_share_"
 
@@ -61,8 +68,9 @@ class ServerShares:
     def publish(self, demand: int, held: int) -> None:
         with self._lock:
             if (demand, held) != self._state:
+                if (demand > 0) != (self._state[0] > 0):  # starts or stops wanting slots: say so now
+                    self._changed.set()
                 self._state = (demand, held)
-                self._changed.set()
 
     def others(self) -> dict[str, tuple[int, float]]:
         with self._lock:
