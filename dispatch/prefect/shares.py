@@ -78,12 +78,12 @@ class ServerShares:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._changed.clear()  # before the sync: a change published during it wakes the next wait
             try:
                 self._sync()
             except SERVER_ERRORS as exc:  # the last answer stands; say so at debug level (it retries)
                 logger.debug("share board: %s", exc)
             self._changed.wait(self.interval)
-            self._changed.clear()
 
     def _sync(self) -> None:
         from prefect.client.schemas.actions import VariableCreate, VariableUpdate
