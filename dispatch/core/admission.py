@@ -9,10 +9,11 @@ earlier ones took, by one path (`_give_back`): the lock grant, then the slot, th
 given back is parked a moment for this run's next spec on its node (a handoff without a server call), and
 counted against the share until it is taken or released (`_within_share`).
 
-Server locks are asked off the dispatch loop (an HTTP round trip each): `admit` hands the request to a small
-thread pool and the answer comes back through `post("locks", (task_id, grant))`, which the loop feeds to
-`locks_answered`. What a started spec holds (its slot, its lock grant, the model it started with for budget
-estimates) is kept here until `ended` gives it back.
+A new server slot and the server locks are asked off the dispatch loop (an HTTP round trip each): `admit`
+hands the request to a small thread pool and the answer comes back through `post("locks", (task_id,
+answer))`, which the loop feeds to `locks_answered`; the loop never waits on the server. What a started
+spec holds (its slot, its lock grant, the model it started with for budget estimates) is kept here until
+`ended` gives it back.
 
 Prefect-free: the server lock table is anything with `try_acquire(task_id, patterns)` and `release(token)`.
 """
@@ -41,6 +42,7 @@ BUSY_RETRY = 0.2  # seconds before asking again for a node whose slots another d
 SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
 _LOCK_RETRY = 0.2  # seconds before a spec whose lock request broke asks again (jittered up to twice that)
 _BUDGET_LOOK = 60.0  # a spec held back by a budget looks again this often (another dispatcher's spend, a new day)
+_ASKERS = 6  # helper threads asking the server for slots and locks (round trips in flight at once)
 _COOLDOWN_LOOK = 300.0  # ... by cool-downs: at their first reset, at most this long
 
 
@@ -81,9 +83,19 @@ class _Unanswered:
 
 
 @dataclass(frozen=True)
+class _Asked:
+    """What a helper thread got for a spec: its slot (None: the node is full) and the lock table's answer
+    (None: no locks asked)."""
+
+    slot: Any
+    locks: Any
+
+
+@dataclass(frozen=True)
 class Decision:
     """What became of one pick: `start` it with `chain`, `fail` it (`reason`), it `wait`s (`reason`, said once
-    per new reason when `loud`), or it is `cancelled` (the run stops)."""
+    per new reason when `loud`), it is `refused` (its node was full: picked again), or it is `cancelled` (the
+    run stops)."""
 
     kind: str
     assignment: Assignment
@@ -118,7 +130,8 @@ class Admission:
         self._held: dict[str, tuple[Any, str | None]] = {}  # started: task id -> (slot, lock token)
         self._asking: dict[str, tuple[Assignment, Any, tuple[str, ...]]] = {}  # waiting for its locks' answer
         self._models: dict[str, str] = {}  # started agent specs: task id -> the model it started with
-        self._requests = ThreadPoolExecutor(max_workers=4, thread_name_prefix="server-locks") if locks else None
+        self._requests = (ThreadPoolExecutor(max_workers=_ASKERS, thread_name_prefix="server-locks")
+                          if locks is not None or brokers.remote_any() else None)
 
     # -- one round ---------------------------------------------------------------------------------
     def admit(self, assignments: list[Assignment]) -> tuple[list[Decision], bool]:
@@ -182,14 +195,19 @@ class Admission:
         if self.scheduler.set_aside(assignment.node):  # placed before its node was found full in this round
             self._give_back(assignment)
             return None
-        slot = self.brokers.try_acquire(assignment.node)
+        patterns = list(spec.modifies) if self.locks is not None else []
+        slot = self.brokers.take_parked(assignment.node)  # an ended spec's slot on this node: no server call
+        if slot is None and self.brokers.remote(assignment.node):  # a new one from the server, off the loop
+            self._ask(assignment, None, tuple(chain), patterns)
+            return Decision("asking", assignment)
+        if slot is None:
+            slot = self.brokers.try_acquire(assignment.node)
         if slot is None:  # another dispatcher holds this node's slots right now
             self.scheduler.node_full(assignment.node, BUSY_RETRY)
             self._give_back(assignment)
             return None
-        if self._requests is not None and spec.modifies:  # after the slot, asked off the loop (HTTP)
-            self._asking[task_id] = (assignment, slot, tuple(chain))
-            self._requests.submit(self._ask_locks, task_id, list(spec.modifies))
+        if patterns:  # after the slot, asked off the loop (HTTP)
+            self._ask(assignment, slot, tuple(chain), patterns)
             return Decision("asking", assignment)
         return self._start(assignment, slot, None, tuple(chain))
 
@@ -202,26 +220,41 @@ class Admission:
         if self.specs[task_id].kind == "agent" and chain:
             self._models[task_id] = chain[0]
 
-    # -- server locks ------------------------------------------------------------------------------
-    def _ask_locks(self, task_id: str, patterns: list[str]) -> None:
-        """In a helper thread: ask the lock table; the answer always comes back (a lost one would leave the
-        spec holding its slot for ever)."""
+    # -- asked off the loop: a server slot, the server's locks -------------------------------------
+    def _ask(self, assignment: Assignment, slot: Any, chain: tuple[str, ...], patterns: list[str]) -> None:
+        self._asking[assignment.task_id] = (assignment, slot, chain)
+        self._requests.submit(self._asked, assignment.task_id, assignment.node,  # type: ignore[union-attr]
+                              slot, patterns)
+
+    def _asked(self, task_id: str, node: str, slot: Any, patterns: list[str]) -> None:
+        """In a helper thread: take the node's slot from the server (unless held), then ask the lock table;
+        the answer always comes back (a lost one would leave the spec holding its slot for ever)."""
+        answer: Any = None
         try:
-            answer: Any = self.locks.try_acquire(task_id, patterns)  # type: ignore[union-attr]
+            if slot is None:
+                slot = self.brokers.try_acquire(node)
+            if slot is not None and patterns:
+                answer = self.locks.try_acquire(task_id, patterns)  # type: ignore[union-attr]
         except Exception as exc:  # the table answers its errors itself; anything else: wait and ask again
             answer = _Unanswered(f"{type(exc).__name__}: {exc}"[:300], retry_after=_LOCK_RETRY * (1 + random.random()))
-        self._post("locks", (task_id, answer))
+        self._post("locks", (task_id, _Asked(slot, answer)))
 
-    def locks_answered(self, task_id: str, answer: LockAnswer, stop_reason: str = "") -> Decision:
-        """Start the spec with its locks; refused (or the run stops): everything it took goes back."""
+    def locks_answered(self, task_id: str, answer: Any, stop_reason: str = "") -> Decision:
+        """Start the spec with its slot and locks; refused (or the run stops): everything it took goes back."""
         assignment, slot, chain = self._asking.pop(task_id)
+        if isinstance(answer, _Asked):
+            slot, answer = answer.slot, answer.locks
         if stop_reason:
             self._give_back(assignment, slot=slot, token=answer.token if answer else None, cancel=stop_reason)
             return Decision("cancelled", assignment, reason=stop_reason)
-        if not answer:  # another user's overlapping spec runs
+        if slot is None:  # another dispatcher holds this node's slots right now: pick again (other nodes)
+            self.scheduler.node_full(assignment.node, BUSY_RETRY)
+            self._give_back(assignment)
+            return Decision("refused", assignment)
+        if answer is not None and not answer:  # another user's overlapping spec runs
             self._give_back(assignment, slot=slot, delay=answer.retry_after)
             return Decision("wait", assignment, reason=answer.reason)
-        return self._start(assignment, slot, answer.token, chain)
+        return self._start(assignment, slot, answer.token if answer is not None else None, chain)
 
     def adopt_runs(self, node: str, live: Mapping[str, str], finished: Mapping[str, str], *,
                    keys: Mapping[str, str], fresh: set[str]) -> list[tuple[str, bool, str]]:

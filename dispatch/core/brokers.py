@@ -42,6 +42,9 @@ class SharedSlots(SlotBroker, Protocol):
         """Keep an ended spec's slot a moment for this dispatcher's next spec on its node (a handoff: no call
         to the server), then give it back."""
 
+    def take_parked(self, node: str) -> object | None:
+        """A slot of `node` this dispatcher parked, or None (never asks the server)."""
+
     def parked(self) -> dict[str, int]:
         """Parked slots by node: held, and counted as held, until a spec takes them or they are given back."""
 
@@ -72,6 +75,20 @@ class Brokers:
         self.machine = machine
         self.server = server
         self.server_nodes = server_nodes
+
+    def remote(self, node: str) -> bool:
+        """Whether `node`'s slots are taken from the server (a round trip: asked off the dispatch loop)."""
+        return self.server is not None and node in self.server_nodes
+
+    def remote_any(self) -> bool:
+        return self.server is not None and bool(self.server_nodes)
+
+    def take_parked(self, node: str) -> tuple[str, object] | None:
+        """A slot of `node` this dispatcher parked (no server call), or None."""
+        if not self.remote(node):
+            return None
+        token = self.server.take_parked(node)  # type: ignore[union-attr]
+        return ("server", token) if token is not None else None
 
     def try_acquire(self, node: str) -> tuple[str, object] | None:
         if self.server is not None and node in self.server_nodes:

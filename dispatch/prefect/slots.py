@@ -80,11 +80,9 @@ class ServerSlots:
     def try_acquire(self, node: str) -> object | None:
         """A slot of `node`: a parked one of this dispatcher's if there is one (no server call), else a new
         lease from the server; None when the node is full or the server cannot be reached."""
-        with self._lock:
-            parked = self._parked.get(node)
-            if parked:
-                self.handoffs += 1
-                return parked.pop()[0]  # the newest: the oldest go back first
+        parked = self.take_parked(node)
+        if parked is not None:
+            return parked
         try:
             response = self._client.increment_concurrency_slots_with_lease(
                 names=[self._limits[node]], slots=1, mode="concurrency", lease_duration=self._lease_seconds)
@@ -124,6 +122,15 @@ class ServerSlots:
         """Slots given back that the server still counts as held (their release not answered yet)."""
         with self._lock:
             return self._releasing
+
+    def take_parked(self, node: str) -> object | None:
+        """A slot of `node` parked by an ended spec (a handoff: no server call), or None."""
+        with self._lock:
+            parked = self._parked.get(node)
+            if not parked:
+                return None
+            self.handoffs += 1
+            return parked.pop()[0]  # the newest: the oldest go back first
 
     def park(self, token: object) -> None:
         """Keep an ended spec's slot for this dispatcher's next spec on its node, for `grace` seconds."""

@@ -74,6 +74,15 @@ class Brokers:
     def parked(self) -> dict[str, int]:
         return {}
 
+    def remote(self, node: str) -> bool:
+        return False
+
+    def remote_any(self) -> bool:
+        return False
+
+    def take_parked(self, node: str) -> None:
+        return None
+
     def trim(self, count: int, keep: dict[str, int] | None = None) -> int:
         return 0
 

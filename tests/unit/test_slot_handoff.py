@@ -5,6 +5,7 @@ slot counts as held; it goes back at once when the share needs the room)."""
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from pathlib import Path
@@ -81,16 +82,21 @@ def _admission(tmp_path: Path, project, nodes: list[NodeSlots], fair: int, *, gr
     slots = ServerSlots({n.name: f"node-{n.name}" for n in nodes}, grace=grace, client=client)
     brokers = Brokers(MachineSlots(tmp_path / "locks", {}), slots, {n.name for n in nodes})
     scheduler = Scheduler(project, set(project.specs), nodes, clock=FakeClock())
+    answers: queue.Queue = queue.Queue()
     admission = Admission(scheduler, project.specs, cooldowns=Cooldowns(), budgets=Budgets(), brokers=brokers,
-                          share=ContestedShare(fair), locks=None, user="alice", post=lambda *_: None,
-                          clock=FakeClock())
+                          share=ContestedShare(fair), locks=None, user="alice",
+                          post=lambda kind, data: answers.put(data), clock=FakeClock())
     admission.budgets.enabled = False
+    admission.answers = answers  # type: ignore[attr-defined]
     return admission, scheduler, slots, client
 
 
 def _started(admission: Admission, scheduler: Scheduler) -> list[str]:
+    """One round of the dispatch loop: the picks admitted, the slots asked of the server answered."""
     decisions, _ = admission.admit(scheduler.pick())
-    return [d.assignment.task_id for d in decisions if d.kind == "start"]
+    for _ in range(len(admission._asking)):
+        decisions.append(admission.locks_answered(*admission.answers.get(timeout=10)))  # type: ignore[attr-defined]
+    return sorted(d.assignment.task_id for d in decisions if d.kind == "start")
 
 
 def test_an_ended_spec_hands_its_slot_to_the_next_on_its_node_without_a_server_call(tmp_path: Path) -> None:
@@ -140,4 +146,34 @@ def test_a_parked_slot_goes_back_at_once_when_the_share_needs_its_room(tmp_path:
         scheduler.clock.now += 1.0  # type: ignore[attr-defined]  # past the share's retry
         assert _started(admission, scheduler) == ["S02"]
     finally:
+        slots.close()
+
+
+class SlowClient(CountingClient):
+    """A server that answers a slot request only when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = threading.Event()
+
+    def increment_concurrency_slots_with_lease(self, **kwargs: object) -> _Response:
+        assert self.answer.wait(10), "never told to answer"
+        return super().increment_concurrency_slots_with_lease(**kwargs)
+
+
+def test_the_dispatch_loop_never_waits_for_the_server_to_grant_a_new_slot(tmp_path: Path) -> None:
+    project = _project(_spec("S01"))
+    admission, scheduler, slots, _ = _admission(tmp_path, project, [NodeSlots("n1", 1)], fair=1)
+    client = SlowClient()
+    slots._client = client  # the same broker, its server slow to answer
+    try:
+        began = time.monotonic()
+        decisions, refused = admission.admit(scheduler.pick())
+        assert (decisions, refused) == ([], False) and time.monotonic() - began < 2.0  # asked, not waited for
+        client.answer.set()
+        decision = admission.locks_answered(*admission.answers.get(timeout=10))  # type: ignore[attr-defined]
+        assert decision.kind == "start" and client.count("take") == 1
+        assert admission.slot("S01")[1] == "lease-1"
+    finally:
+        client.answer.set()
         slots.close()
