@@ -18,7 +18,8 @@ window by phase (slot lease, lease records, fair-share board, server locks, ...,
 events: count, calls per spec started, total ms, p50/p95 ms inside the server), and the same calls as the
 dispatchers saw them, per thread (bench/team_hook/: the dispatch loop's calls are on its critical path, the
 background threads' are not). The server and cluster stay up across rounds (later rounds meet a fuller
-database). Writes `--out` (JSON) and prints markdown tables.
+database). Writes `--out` (JSON) and prints markdown tables; `bench/team_report.py --summary <json>` prints the
+per-phase table of docs/performance.md (issue 22) with a column per round.
 
 Exits 1 when a round breaks a guarantee (a node running more specs of all users at once than its slots, or
 two specs sharing a `modifies` file overlapping in time), or a dispatcher fails or times out.
