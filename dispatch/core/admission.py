@@ -149,30 +149,35 @@ class Admission:
     def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
         """The picks this run may start within its fair share of the slots; the rest wait a moment.
 
-        A pick on a node where this run has a parked slot (an ended spec's, kept for the next: brokers.py) takes
-        that slot: it holds no more than before, so it passes. The parked slots no pick takes count against the
-        share like releases; when the other picks find no room they are given back at once (`trim`)."""
+        A parked slot (an ended spec's, kept for the next on its node: brokers.py) counts as held: a pick that
+        takes one passes first, within the share like any other; the parked slots no pick takes count against
+        the share like releases. When the share refuses a pick, the parked slots no admitted pick takes are
+        given back at once (`trim`), not after their grace: another run is owed them."""
         running = len(self.scheduler.running)  # the new picks included
         held = running - len(assignments)
         parked = self.brokers.parked()
-        handed: dict[str, int] = {}
-        fresh: list[Assignment] = []
+        matched = dict(parked)
+        first, fresh = [], []  # picks on a node with a parked slot go first: they cost no server call
         for assignment in assignments:
-            if parked.get(assignment.node, 0) > 0:
-                parked[assignment.node] -= 1
-                handed[assignment.node] = handed.get(assignment.node, 0) + 1
+            if matched.get(assignment.node, 0) > 0:
+                matched[assignment.node] -= 1
+                first.append(assignment)
             else:
                 fresh.append(assignment)
-        spare = sum(parked.values())
         allowed = self.share.allowed(running + self.scheduler.due(), held,
-                                     releasing=self.brokers.releasing() + spare)
-        room = allowed - held - sum(handed.values())
-        if len(fresh) > room and spare:  # the share needs the parked slots: give them back now
-            self.brokers.trim(min(spare, len(fresh) - room), keep=handed)
-        waiting = {id(assignment) for assignment in fresh[max(room, 0):]}
-        for assignment in fresh[max(room, 0):]:
+                                     releasing=self.brokers.releasing() + sum(matched.values()))
+        room = max(allowed - held, 0)
+        admitted, waiting = (first + fresh)[:room], (first + fresh)[room:]
+        if waiting and parked:
+            keep: dict[str, int] = {}
+            for assignment in admitted:
+                if assignment.node in parked:
+                    keep[assignment.node] = min(keep.get(assignment.node, 0) + 1, parked[assignment.node])
+            self.brokers.trim(sum(parked.values()), keep=keep)
+        for assignment in waiting:
             self._give_back(assignment, delay=SHARE_RETRY)
-        return [assignment for assignment in assignments if id(assignment) not in waiting]
+        chosen = {id(assignment) for assignment in admitted}
+        return [assignment for assignment in assignments if id(assignment) in chosen]
 
     def _admit(self, assignment: Assignment) -> Decision | None:
         """One pick through the checks; None when its node was found full (it goes back, pick again)."""

@@ -177,3 +177,18 @@ def test_the_dispatch_loop_never_waits_for_the_server_to_grant_a_new_slot(tmp_pa
     finally:
         client.answer.set()
         slots.close()
+
+
+def test_a_run_over_its_share_hands_off_nothing_and_gives_the_parked_slot_back_at_once(tmp_path: Path) -> None:
+    project = _project(_spec("S01"), _spec("S02"), _spec("S03"))
+    admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 2)], fair=2)
+    try:
+        assert _started(admission, scheduler) == ["S01", "S02"]
+        admission.share.fair = 1  # type: ignore[attr-defined]  # another user's run arrives: this one owes a slot
+        admission.ended("S01")
+        scheduler.succeed("S01")
+        assert _started(admission, scheduler) == []  # S02 holds its whole share: S03 may not take S01's slot
+        assert _wait_for(lambda: client.count("release") == 1) and slots.parked() == {}  # the other run's now
+        assert slots.handoffs == 0
+    finally:
+        slots.close()
