@@ -46,13 +46,30 @@ def test_an_edited_spec_waits_for_the_old_runner_to_stop_before_its_own_starts(t
         first.start()
         _wait_live(run_dir_for(root, "shop", "S01"))
 
-        lines: list[str] = []
-        result = transport.run(_request(root, "after-edit", ["sh", "-c", "echo edited"]), lines.append)
+        lines: list[str] = []  # its new runner takes a while: a kill meant for the old one must not reach it
+        result = transport.run(_request(root, "after-edit", ["sh", "-c", "sleep 2; echo edited"]), lines.append)
 
         first.join(timeout=60)
     assert result.status == "succeeded", (result.status, result.reason, lines)
     assert "edited" in "\n".join(lines)
     assert old["result"].status != "succeeded", "the edited spec's old runner must not finish its work"
+
+
+def test_a_cancelled_attempt_is_killed_through_the_agent_and_waited_for(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    with LocalTransport(root) as transport:
+        done: dict = {}
+        attempt = threading.Thread(target=lambda: done.update(result=transport.run(
+            _request(root, "k", ["sh", "-c", "trap '' TERM; sleep 60"]), lambda line: None)))
+        attempt.start()
+        run_dir = run_dir_for(root, "shop", "S01")
+        _wait_live(run_dir)
+
+        transport.cancel("shop", "S01")
+
+        assert live_runner(run_dir, stale_after=float("inf")) is None, "cancel returned before the runner was gone"
+        attempt.join(timeout=30)
+    assert done["result"].status == "killed", (done["result"].status, done["result"].reason)
 
 
 def test_the_result_keeps_what_the_runner_reports(tmp_path: Path) -> None:

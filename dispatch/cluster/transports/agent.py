@@ -147,7 +147,7 @@ class NodeAgent:
                         raise NodeError(self.node, f"another runner still holds {run_dir} after it was killed")
                     killed += 1
                     on_line("stopping the runner of an earlier version of this spec")
-                    self.kill(run_dir)
+                    self._ask({"op": "kill", "run_dir": run_dir}, time.monotonic() + KILL_WAIT, lambda _: None)
                     continue
                 if kind == "absent":
                     return None
