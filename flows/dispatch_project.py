@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Completed, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dispatch.cluster.attempts import AttemptInputs, cache_keys
-from dispatch.cluster.config import Node, ProjectConfig, load_nodes, load_project_config
+from dispatch.cluster.config import ProjectConfig, load_nodes, load_project_config
 from dispatch.cluster.drain_watch import RunDrain
 from dispatch.cluster.runtime import ClusterRuntime
 from dispatch.cluster.transports import failure
@@ -41,6 +41,7 @@ from dispatch.core.dag import Project, select
 from dispatch.core.durations import DurationHistory
 from dispatch.core.errors import DispatchError
 from dispatch.core.locks import ProcessLock
+from dispatch.core.nodes import Node
 from dispatch.core.placement import NodeSlots
 from dispatch.core.results import ProjectState, SpecResult, save_state
 from dispatch.core.run_records import RunEstimates, RunRecords

@@ -25,11 +25,11 @@ from prefect.context import get_run_context
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Completed, Failed, State
 
-from dispatch.cluster.config import Node
 from dispatch.cluster.transports import RunRequest
 from dispatch.cluster.transports.build import local_transport
 from dispatch.cluster.transports.local import LocalTransport
 from dispatch.core.errors import ConfigError, UnsafePath
+from dispatch.core.nodes import Node
 from dispatch.core.paths import contained, local_path, run_dir_parts
 from dispatch.core.results import SpecResult
 from dispatch.core.secrets import Masker

@@ -28,10 +28,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dispatch.cluster.config import Node, load_nodes
+from dispatch.cluster.config import load_nodes
 from dispatch.core.agent_versions import AcceptedVersions, parse_version
 from dispatch.core.errors import ConfigError, DispatchError
 from dispatch.core.model_catalog import BUILTIN_MODELS
+from dispatch.core.nodes import Node
 from dispatch.core.settings import DispatchSettings, get_settings
 from dispatch.ops.monitor import local_slot_use
 from dispatch.prefect.versions import passed_store

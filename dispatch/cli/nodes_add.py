@@ -29,8 +29,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from dispatch.cluster.config import Node, load_nodes, node_name_problem, parse_node
+from dispatch.cluster.config import load_nodes, parse_node
 from dispatch.core.errors import ConfigError, DispatchError, NodeError, cut
+from dispatch.core.nodes import Node, node_name_problem
 from dispatch.core.safeload import load_json, loads_json
 from dispatch.core.settings import DispatchSettings, get_settings
 from dispatch.runner import protocol, zipapp

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dispatch.cluster.config import Node, ProjectConfig
+from dispatch.cluster.config import ProjectConfig
 from dispatch.cluster.gitsync import worktree_path
 from dispatch.cluster.transports import RunRequest, Transport
 from dispatch.core.agents import build_prompt, build_steps, build_verify_steps
 from dispatch.core.dag import Project
 from dispatch.core.errors import ProjectInvalid
 from dispatch.core.model_catalog import model_variables
+from dispatch.core.nodes import Node
 from dispatch.core.scheduler import Assignment
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.specs import model_env_errors

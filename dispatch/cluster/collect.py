@@ -19,10 +19,11 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
-from dispatch.cluster.config import Node, ProjectConfig, load_nodes
+from dispatch.cluster.config import ProjectConfig, load_nodes
 from dispatch.cluster.gitcollect import CollectReport, collect_branches
 from dispatch.cluster.transports.build import NodeTransports, local_transport
 from dispatch.core.errors import DispatchError, UnsafePath
+from dispatch.core.nodes import Node
 from dispatch.core.paths import check_name, local_path
 from dispatch.core.results import ProjectState, cached_results, read_json, state_path
 from dispatch.core.settings import DispatchSettings

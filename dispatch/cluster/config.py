@@ -25,17 +25,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dispatch.core.errors import ConfigError, cut
-from dispatch.core.nodes import NODE_NAME, TRANSPORTS, Node, node_name_problem
+from dispatch.core.nodes import Node
 from dispatch.core.order import ORDERS
 from dispatch.core.safeload import load_json
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.shares import MAX_WEIGHT, MIN_WEIGHT
 from dispatch.core.validation import invalid, problems
 
-__all__ = [  # the node model lives in dispatch/core/nodes.py; these names stay importable from here
-    "MAX_WEIGHT", "MIN_WEIGHT", "NODE_NAME", "TRANSPORTS", "Node", "ProjectConfig", "load_nodes",
-    "load_project_config", "local_node", "node_name_problem", "parse_node",
-]
+__all__ = ["ProjectConfig", "load_nodes", "load_project_config", "local_node", "parse_node"]
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dispatch.cluster.config import Node
 from dispatch.cluster.transports.build import NodeTransports
 from dispatch.cluster.transports.local import LocalTransport
 from dispatch.core.brokers import Brokers, MachineSlots
 from dispatch.core.errors import ConfigError, DispatchError
+from dispatch.core.nodes import Node
 from dispatch.core.settings import DispatchSettings
 from dispatch.prefect.errors import SERVER_ERRORS
 from dispatch.prefect.slots import ServerSlots, server_limits

@@ -25,7 +25,7 @@ from dispatch.core.errors import ConfigError, NodeError
 from dispatch.core.safeload import read_bounded_bytes
 
 if TYPE_CHECKING:
-    from dispatch.cluster.config import Node
+    from dispatch.core.nodes import Node
 
 logger = logging.getLogger(__name__)
 

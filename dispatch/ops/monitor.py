@@ -45,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dispatch.cluster.config import Node, load_nodes
+from dispatch.cluster.config import load_nodes
+from dispatch.core.nodes import Node
 from dispatch.core.results import ProjectState, load_all_states, pid_alive
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.usage import total_figure

@@ -8,9 +8,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dispatch.cluster.config import Node
 from dispatch.core.dag import Project
 from dispatch.core.model_catalog import BUILTIN_MODELS, ModelSpec
+from dispatch.core.nodes import Node
 from dispatch.core.results import ProjectState
 from dispatch.pipeline.results import Check, LayerResult, Status
 

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import SecretStr
 
-from dispatch.cluster.config import Node, load_nodes
+from dispatch.cluster.config import load_nodes
 from dispatch.core.errors import ConfigError
+from dispatch.core.nodes import Node
 from dispatch.core.settings import DispatchSettings
 from dispatch.prefect.errors import SERVER_ERRORS
 

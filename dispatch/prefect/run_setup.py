@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dispatch.cluster.config import Node
 from dispatch.core.brokers import SHARED_TRANSPORTS
 from dispatch.core.dag import Project
+from dispatch.core.nodes import Node
 from dispatch.core.report import render_markdown, table_rows
 from dispatch.core.results import ProjectState
 from dispatch.core.settings import DispatchSettings

@@ -32,7 +32,7 @@ from dispatch.core.errors import ConfigError
 from dispatch.prefect.errors import SERVER_ERRORS
 
 if TYPE_CHECKING:
-    from dispatch.cluster.config import Node
+    from dispatch.core.nodes import Node
 
 logger = logging.getLogger(__name__)
 

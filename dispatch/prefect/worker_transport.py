@@ -25,9 +25,9 @@ from uuid import UUID
 
 import httpx
 
-from dispatch.cluster.config import Node
 from dispatch.cluster.transports import LineSink, RunRequest
 from dispatch.core.errors import NodeError
+from dispatch.core.nodes import Node
 from dispatch.core.polling import retry
 from dispatch.core.results import SpecResult
 from dispatch.prefect.errors import SERVER_ERRORS

@@ -217,7 +217,7 @@ _REPO_URLS = {"api-alice": "ssh://git@127.0.0.1/team/api.git", "api-bob": "git@1
 
 
 def test_two_users_never_run_overlapping_specs_of_one_repository_at_once(team_api, tmp_path: Path) -> None:
-    from dispatch.cluster.config import Node
+    from dispatch.core.nodes import Node
     from dispatch.prefect.nodes_admin import sync_pools
 
     assert lock_scope("api-alice", _REPO_URLS["api-alice"]) == lock_scope("api-bob", _REPO_URLS["api-bob"])

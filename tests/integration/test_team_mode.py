@@ -287,9 +287,9 @@ def test_an_inactive_node_limit_is_refused_with_the_command_to_enable_it(prefect
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from dispatch.cluster.config import Node
     from dispatch.cluster.runtime import ClusterRuntime
     from dispatch.core.errors import ConfigError
+    from dispatch.core.nodes import Node
     from dispatch.core.settings import get_settings
 
     with get_client(sync_client=True) as client:

@@ -226,8 +226,8 @@ def _node_processes(home: Path, root: Path, project: str | None = None) -> list[
 
 def test_a_worker_node_without_worker_or_deployment_raises_node_errors(prefect_api: str) -> None:
     """The failures a worker node reports are `NodeError`s naming the node and the fix (a TypeError before)."""
-    from dispatch.cluster.config import Node
     from dispatch.core.errors import NodeError
+    from dispatch.core.nodes import Node
     from dispatch.prefect.worker_transport import FlowRunWatcher, WorkerTransport
 
     watcher = FlowRunWatcher()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatch.cluster.config import Node, load_nodes
+from dispatch.cluster.config import load_nodes
+from dispatch.core.nodes import Node
 from dispatch.core.results import ProjectState, save_state
 from dispatch.core.settings import get_settings
 from tests.fixtures.prefect_free import run_without_prefect

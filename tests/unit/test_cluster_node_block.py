@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatch.cluster.config import Node
+from dispatch.core.nodes import Node
 
 
 def test_a_node_saved_as_a_block_and_read_back_keeps_its_env_and_fields() -> None:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from dispatch.cluster.config import Node
 from dispatch.core.errors import NodeError
+from dispatch.core.nodes import Node
 from dispatch.core.settings import get_settings
 from dispatch.ops.guardian.nodes import Limits, NodeContext, check_node
 from dispatch.ops.guardian.probe import MAX_OUTPUT, parse_probe

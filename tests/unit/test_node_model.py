@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dispatch.cluster.config import Node, load_nodes
+from dispatch.cluster.config import load_nodes
 from dispatch.core.errors import ConfigError
+from dispatch.core.nodes import Node
 from dispatch.core.settings import DispatchSettings
 
 # every field away from its default, as a nodes.json user writes it (env values may be numbers)

@@ -280,9 +280,9 @@ def test_local_run_directories_refuse_names_that_are_no_names(tmp_path: Path, pr
 
 
 def test_remote_run_directories_are_checked_before_any_command(tmp_path: Path) -> None:
-    from dispatch.cluster.config import Node
     from dispatch.cluster.ssh import SSHPool
     from dispatch.cluster.transports.ssh import SSHTransport
+    from dispatch.core.nodes import Node
 
     # nothing listens on this address: any command would fail with NodeError, not UnsafePath
     node = Node(name="n1", slots=1, host="127.0.0.77", port=9, known_hosts=str(tmp_path / "known_hosts"))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dispatch.cluster.config import Node
 from dispatch.cluster.ssh_target import node_target, resolve_target
 from dispatch.core import safeload
 from dispatch.core.errors import ConfigError
+from dispatch.core.nodes import Node
 from dispatch.core.safeload import AliasFound, json_depth, load_json, load_yaml, loads_json, loads_yaml
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dispatch.cluster.config import Node
 from dispatch.cluster.transports.local import LocalTransport
 from dispatch.core.errors import ConfigError
+from dispatch.core.nodes import Node
 
 if TYPE_CHECKING:
     from dispatch.cluster.ssh import SSHPool

@@ -19,12 +19,12 @@ import shlex
 import threading
 from pathlib import Path, PurePosixPath
 
-from dispatch.cluster.config import Node
 from dispatch.cluster.ssh import SSHPool
 from dispatch.cluster.ssh_target import node_target
 from dispatch.cluster.transports import LineSink, RunRequest, explained
 from dispatch.cluster.transports.agent import NodeAgent
 from dispatch.core.errors import DispatchError, NodeError, UnsafePath
+from dispatch.core.nodes import Node
 from dispatch.core.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.core.results import SpecResult
 from dispatch.runner import protocol

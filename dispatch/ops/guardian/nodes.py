@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dispatch.cluster.config import Node
 from dispatch.core.agent_versions import PACKAGES, AcceptedVersions, parse_version
 from dispatch.core.errors import DispatchError, NodeError, UnsafePath
 from dispatch.core.model_catalog import BUILTIN_MODELS
+from dispatch.core.nodes import Node
 from dispatch.core.paths import check_name, remote_arg
 from dispatch.core.polling import attempts
 from dispatch.core.settings import DispatchSettings
