@@ -10,6 +10,7 @@ wrong type, empty body, a context file linked out of the directory). An invalid 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,25 +77,11 @@ class Project:
     def descendants(self, roots: set[str]) -> set[str]:
         """`roots` and everything that depends on them, transitively."""
         dependents = self.dependents()
-        seen: set[str] = set()
-        stack = list(roots)
-        while stack:
-            task_id = stack.pop()
-            if task_id not in seen:
-                seen.add(task_id)
-                stack.extend(dependents[task_id])
-        return seen
+        return _closure(roots, lambda task_id: dependents[task_id])
 
     def ancestors(self, roots: set[str]) -> set[str]:
         """`roots` and everything they depend on, transitively."""
-        seen: set[str] = set()
-        stack = list(roots)
-        while stack:
-            task_id = stack.pop()
-            if task_id not in seen:
-                seen.add(task_id)
-                stack.extend(self.specs[task_id].depends_on)
-        return seen
+        return _closure(roots, lambda task_id: self.specs[task_id].depends_on)
 
 
 def _resolve_dependency(entry: str, ids: list[str]) -> tuple[str | None, str]:
@@ -258,3 +245,15 @@ def select(project: Project, only: list[str] | None = None, start_from: list[str
     if start_from:
         chosen &= project.descendants(resolve(start_from, "--from"))
     return chosen
+
+
+def _closure(roots: set[str], step: Callable[[str], Iterable[str]]) -> set[str]:
+    """`roots` and every id reached from them by `step`, transitively."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        task_id = stack.pop()
+        if task_id not in seen:
+            seen.add(task_id)
+            stack.extend(step(task_id))
+    return seen
