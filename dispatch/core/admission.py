@@ -144,7 +144,17 @@ class Admission:
                 refused = True
             elif decision.kind != "asking":
                 decisions.append(decision)
+        self._prefer_parked()
         return decisions, refused
+
+    def _prefer_parked(self) -> None:
+        """Point the scheduler's next picks at the nodes where this run has parked slots (a start there costs
+        no server call); such a node is not full for this run, whatever a refused take said a moment ago."""
+        parked = {node: count for node, count in self.brokers.parked().items() if node in self.scheduler.nodes}
+        self.scheduler.prefer = parked
+        for node in parked:
+            if self.scheduler.set_aside(node):
+                self.scheduler.node_full(node, 0.0)
 
     def _within_share(self, assignments: list[Assignment]) -> list[Assignment]:
         """The picks this run may start within its fair share of the slots; the rest wait a moment.
@@ -297,6 +307,7 @@ class Admission:
         self._models.pop(task_id, None)
         slot, token = self._held.pop(task_id, (None, None))
         self._release(slot, token)
+        self._prefer_parked()
         if requeue is not None:
             self._give_back(requeue, delay=delay)
 

@@ -8,7 +8,7 @@ rather than go back to the faulty one, unless no other node fits at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from dispatch.core.specs import Spec
@@ -44,7 +44,8 @@ def fits(spec: Spec, node: NodeSlots) -> bool:
     return True
 
 
-def choose_node(spec: Spec, nodes: Iterable[NodeSlots], avoid: set[str], now: float) -> NodeSlots | None:
+def choose_node(spec: Spec, nodes: Iterable[NodeSlots], avoid: set[str], now: float,
+                prefer: Mapping[str, int] | None = None) -> NodeSlots | None:
     """The node to start `spec` on now, or None when no fitting node has a free slot.
 
     Args:
@@ -52,6 +53,8 @@ def choose_node(spec: Spec, nodes: Iterable[NodeSlots], avoid: set[str], now: fl
         nodes: every node of the run.
         avoid: nodes an earlier attempt of the spec failed on through the node's fault.
         now: the scheduler's clock (a node another dispatcher filled is skipped until its `full_until`).
+        prefer: nodes where this run holds a slot already (a parked server slot: dispatch/core/brokers.py),
+            chosen first: starting there costs no call to the server.
     """
     fitting = [n for n in nodes if fits(spec, n)]
     # A retry after a node fault waits for a healthy node rather than go back to the faulty one,
@@ -60,4 +63,5 @@ def choose_node(spec: Spec, nodes: Iterable[NodeSlots], avoid: set[str], now: fl
     free = [n for n in healthy if n.free > 0 and n.full_until <= now]
     if not free:
         return None
-    return max(free, key=lambda n: (n.free, -n.priority, n.name))
+    prefer = prefer or {}
+    return max(free, key=lambda n: (prefer.get(n.name, 0) > 0, n.free, -n.priority, n.name))

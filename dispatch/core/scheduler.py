@@ -68,6 +68,7 @@ class Scheduler(RankedQueue):
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.project = project
         self.nodes = {node.name: node for node in nodes}
+        self.prefer: dict[str, int] = {}  # node -> slots this run holds there already (set by admission)
         self.locks = LockTable()
         self.retries = retries
         self.retry_delay = retry_delay
@@ -146,7 +147,8 @@ class Scheduler(RankedQueue):
         return fits(self.project.specs[task_id], node)
 
     def _place(self, task_id: str) -> NodeSlots | None:
-        return choose_node(self.project.specs[task_id], self.nodes.values(), self.entries[task_id].avoid, self.clock())
+        return choose_node(self.project.specs[task_id], self.nodes.values(), self.entries[task_id].avoid, self.clock(),
+                           self.prefer)
 
     def set_drained(self, names: set[str]) -> bool:
         """Mark exactly `names` drained (unknown names are ignored); returns whether anything changed."""
@@ -203,6 +205,8 @@ class Scheduler(RankedQueue):
                 continue
             self.locks.try_acquire(task_id, spec.modifies)
             node.used += 1
+            if self.prefer.get(node.name):
+                self.prefer[node.name] -= 1
             del self._ready[task_id]
             entry.state, entry.node, entry.started = RUNNING, node.name, now
             self._running[task_id] = None

@@ -192,3 +192,18 @@ def test_a_run_over_its_share_hands_off_nothing_and_gives_the_parked_slot_back_a
         assert slots.handoffs == 0
     finally:
         slots.close()
+
+
+def test_the_next_spec_goes_to_the_node_where_a_slot_is_parked_rather_than_the_emptiest(tmp_path: Path) -> None:
+    project = _project(_spec("S01", node="n1"), _spec("S02", depends_on=["S01"]))
+    admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 2), NodeSlots("n2", 4)],
+                                                     fair=6)
+    try:
+        assert _started(admission, scheduler) == ["S01"]
+        admission.ended("S01")
+        scheduler.succeed("S01")
+        assert _started(admission, scheduler) == ["S02"]
+        assert scheduler.entries["S02"].node == "n1"  # n2 has more free slots, but n1 has S01's, held already
+        assert client.count("take") == 1 and slots.handoffs == 1
+    finally:
+        slots.close()
