@@ -161,8 +161,9 @@ class Admission:
 
         A parked slot (an ended spec's, kept for the next on its node: brokers.py) counts as held: a pick that
         takes one passes first, within the share like any other; the parked slots no pick takes count against
-        the share like releases. When the share refuses a pick, the parked slots no admitted pick takes are
-        given back at once (`trim`), not after their grace: another run is owed them."""
+        the share like releases, and go back after their grace. When the share refuses even a pick that would
+        take a parked slot, the run holds more than its share: its parked slots no admitted pick takes go back
+        at once (`trim`), not after their grace: another run is owed them."""
         running = len(self.scheduler.running)  # the new picks included
         held = running - len(assignments)
         parked = self.brokers.parked()
@@ -178,7 +179,7 @@ class Admission:
                                      releasing=self.brokers.releasing() + sum(matched.values()))
         room = max(allowed - held, 0)
         admitted, waiting = (first + fresh)[:room], (first + fresh)[room:]
-        if waiting and parked:
+        if len(first) > room:  # over its share: the parked slots go back now (the others wait for their grace)
             keep: dict[str, int] = {}
             for assignment in admitted:
                 if assignment.node in parked:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _RELEASERS = 4  # threads that record and release leases: releases must not queue behind each other
-GRACE = 0.5  # seconds a parked slot waits for this dispatcher's next spec on its node before it is released
+GRACE = 1.0  # seconds a parked slot waits for this dispatcher's next spec on its node before it is released
 
 
 class ServerSlots:

@@ -130,18 +130,18 @@ def test_a_parked_slot_no_spec_takes_is_released_after_its_grace(tmp_path: Path)
         slots.close()
 
 
-def test_a_parked_slot_goes_back_at_once_when_the_share_needs_its_room(tmp_path: Path) -> None:
+def test_a_parked_slot_no_pick_takes_counts_against_the_share_until_its_grace_ends(tmp_path: Path) -> None:
     project = _project(_spec("S01", node="n1"), _spec("S02", node="n2", depends_on=["S01"]))
     admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 1), NodeSlots("n2", 1)],
-                                                     fair=1)
+                                                     fair=1, grace=0.5)
     try:
         assert _started(admission, scheduler) == ["S01"]
         admission.ended("S01")
         scheduler.succeed("S01")
         assert slots.parked() == {"n1": 1}
-        assert _started(admission, scheduler) == []  # n2 needs a new slot: the share has no room while n1's...
-        assert _wait_for(lambda: client.count("release") == 1)  # ...so it went back now, not after 60 s
-        assert slots.parked() == {}
+        assert _started(admission, scheduler) == []  # n2 needs a new slot: n1's parked one fills the share
+        assert client.count("release") == 0
+        assert _wait_for(lambda: client.count("release") == 1) and slots.parked() == {}  # after its grace
         assert _wait_for(lambda: slots.releasing() == 0)
         scheduler.clock.now += 1.0  # type: ignore[attr-defined]  # past the share's retry
         assert _started(admission, scheduler) == ["S02"]
