@@ -108,14 +108,18 @@ class FairShare:
         """How many slots this run may hold now (its demand when no one else wants any).
 
         `releasing`: slots this run gave back that are not free yet for the others (a release still on its
-        way to the server). While others want slots they count against this run's share: else it would
-        take slots beyond its share while the run entitled to them finds the nodes full."""
+        way to the server, or a slot parked for this run's next spec). While others want slots they count
+        against this run's share, as far as the slots no run wants cannot hold them: else it would take slots
+        beyond its share while the run entitled to them finds the nodes full. (So every run holds at most
+        its share plus some of the slack: the sum stays within the slots.)"""
         self.board.publish(demand, held)
         wants = self.board.others()
         if not wants:
             return min(demand, self.slots)
         wants[self.run_id] = (demand, self.weight)
-        return max(fair_shares(wants, self.slots)[self.run_id] - releasing, 0)
+        shares = fair_shares(wants, self.slots)
+        slack = self.slots - sum(shares.values())  # slots no run wants now
+        return max(shares[self.run_id] - max(releasing - slack, 0), 0)
 
     def close(self) -> None:
         self.board.close()

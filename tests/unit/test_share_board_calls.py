@@ -67,3 +67,16 @@ def _wait_for(condition, seconds: float = 30.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.005)
     return condition()
+
+
+def test_slots_being_given_back_cost_a_run_nothing_while_the_slots_no_run_wants_can_hold_them(tmp_path) -> None:
+    from dispatch.core.shares import FairShare, MachineShares
+
+    big = MachineShares(tmp_path, "big", project="big", user="alice")
+    big_share = FairShare(big, "big", 20)
+    FairShare(MachineShares(tmp_path, "small", project="small", user="bob"), "small", 20).allowed(demand=5, held=0)
+    big._read_at = 0.0
+    # both want 5 + 10 of 20 slots: 5 are free for anyone, so 3 parked or on their way back take nobody's share
+    assert big_share.allowed(demand=10, held=7, releasing=3) == 10
+    big._read_at = 0.0
+    assert big_share.allowed(demand=10, held=7, releasing=8) == 7  # only what the 5 free slots cannot hold
