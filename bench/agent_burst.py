@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--runner", type=Path, default=None)
     args = parser.parse_args()
     if args.runner is None:
-        from dispatch.runner.shipping import local_runner
+        from dispatch.cluster.shipping import local_runner
 
         args.runner = local_runner(Path(tempfile.mkdtemp(prefix="agent-burst-runner-")))
     for _ in range(args.rounds):

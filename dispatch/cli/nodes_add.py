@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from dispatch.cluster.config import load_nodes, parse_node
+from dispatch.cluster.shipping import node_runner
 from dispatch.core.errors import ConfigError, DispatchError, NodeError, cut
 from dispatch.core.nodes import Node, node_name_problem
 from dispatch.core.safeload import load_json, loads_json
 from dispatch.core.settings import DispatchSettings, get_settings
 from dispatch.runner import protocol, zipapp
-from dispatch.runner.shipping import node_runner
 
 if TYPE_CHECKING:
     from dispatch.cluster.ssh import SSHPool, SSHTarget

@@ -4,7 +4,7 @@ Modules, from the bottom up: `protocol` (the files of a run directory and their 
 layout), `rundir`, `task`, `procs`, `log`, `events`, `supervise` (one step's process), `checks` (acceptance,
 verifier, changed files), `run` (one run: `Runner`), `start`, `commands`, `serve` (the node agent), `__main__`
 (the command line), `ratelimits` (the output classifier), `zipapp` (the archive and its version).
-`shipping` is the dispatcher's side: where a node keeps the zipapp and how it gets there.
+The dispatcher's side, where a node keeps the zipapp and how it gets there, is dispatch/cluster/shipping.py.
 
 Nothing is imported here: on a node this package runs from the zipapp as `dispatch_runner`.
 """

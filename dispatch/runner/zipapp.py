@@ -1,6 +1,6 @@
 """The runner as one reproducible zipapp: the bytes shipped to a node, and the runner's version (their sha256).
 
-`build()` packs this package's node-side modules (every ``*.py`` here but ``shipping.py``, the dispatcher's)
+`build()` packs this package's node-side modules (every ``*.py`` here)
 into one zip: the package as ``dispatch_runner/`` (its relative imports work as they do in the repo) and a
 top-level ``__main__.py`` that runs ``dispatch_runner.__main__``. The archive is the same bytes wherever it is
 built: entries sorted, stored uncompressed (no zlib version in the bytes), dated 1980-01-01, mode 0644, no
@@ -22,7 +22,6 @@ PACKAGE = "dispatch_runner"
 """The package's name inside the archive."""
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_DISPATCHER_ONLY = ("shipping.py",)  # needs the dispatcher's packages: never run on a node
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 _MODE = 0o100644  # a regular file, rw-r--r--
 _MAIN = (
@@ -45,7 +44,7 @@ _BUILT: dict[tuple, Zipapp] = {}  # one build per state of the sources (name, mt
 def sources() -> list[str]:
     """The file names of the package's node-side modules, sorted."""
     return sorted(name for name in os.listdir(_HERE)
-                  if name.endswith(".py") and name not in _DISPATCHER_ONLY)
+                  if name.endswith(".py"))
 
 
 def _stamp(path: str) -> tuple[int, int]:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from dispatch.cluster.shipping import node_runner
 from dispatch.cluster.transports import RunRequest
 from dispatch.cluster.transports.local import LocalTransport, live_runner, run_dir_for
 from dispatch.runner import protocol, zipapp
-from dispatch.runner.shipping import node_runner
 from dispatch.runner.task import load_task
 from tests.fixtures.runner import RUNNER_PATH, RUNNER_VERSION
 

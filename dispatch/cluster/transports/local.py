@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dispatch.cluster.shipping import local_runner
 from dispatch.cluster.transports import LineSink, RunRequest, explained
 from dispatch.cluster.transports.agent import KILL_WAIT, NodeAgent
 from dispatch.core.errors import NodeError
@@ -27,7 +28,6 @@ from dispatch.core.paths import check_name, local_path, run_dir_parts
 from dispatch.core.results import SpecResult, read_json
 from dispatch.runner import protocol
 from dispatch.runner.commands import kill_run, live_runs
-from dispatch.runner.shipping import local_runner
 from dispatch.runner.task import base_environment
 
 logger = logging.getLogger(__name__)

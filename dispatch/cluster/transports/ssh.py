@@ -19,6 +19,7 @@ import shlex
 import threading
 from pathlib import Path, PurePosixPath
 
+from dispatch.cluster.shipping import node_runner, ship
 from dispatch.cluster.ssh import SSHPool
 from dispatch.cluster.ssh_target import node_target
 from dispatch.cluster.transports import LineSink, RunRequest, explained
@@ -28,7 +29,6 @@ from dispatch.core.nodes import Node
 from dispatch.core.paths import check_name, local_path, remote_arg, remote_path, run_dir_parts
 from dispatch.core.results import SpecResult
 from dispatch.runner import protocol
-from dispatch.runner.shipping import node_runner, ship
 
 logger = logging.getLogger(__name__)
 _COMMAND_TIMEOUT = 60.0

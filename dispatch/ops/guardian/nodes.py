@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dispatch.cluster.shipping import local_runner, node_runner, ship
 from dispatch.core.agent_versions import PACKAGES, AcceptedVersions, parse_version
 from dispatch.core.errors import DispatchError, NodeError, UnsafePath
 from dispatch.core.model_catalog import BUILTIN_MODELS
@@ -28,7 +29,6 @@ from dispatch.core.polling import attempts
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.guardian.probe import parse_probe, probe_command
 from dispatch.ops.health import Check
-from dispatch.runner.shipping import local_runner, node_runner, ship
 
 logger = logging.getLogger(__name__)
 
