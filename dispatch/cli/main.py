@@ -39,8 +39,9 @@ from dispatch.core.dag import load_project, select
 from dispatch.core.errors import DispatchError, ProjectInvalid, cut
 from dispatch.core.paths import local_path
 from dispatch.core.polling import WaitTimeout, wait_until
+from dispatch.core.processes import pid_alive
 from dispatch.core.report import render_markdown
-from dispatch.core.results import load_state, pid_alive
+from dispatch.core.results import load_state
 from dispatch.core.settings import get_settings
 
 app = typer.Typer(help="Run AI coding-agent specs across a cluster, on Prefect.", no_args_is_help=True,

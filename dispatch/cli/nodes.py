@@ -35,7 +35,6 @@ from dispatch.core.model_catalog import BUILTIN_MODELS
 from dispatch.core.nodes import Node
 from dispatch.core.settings import DispatchSettings, get_settings
 from dispatch.ops.monitor import local_slot_use
-from dispatch.prefect.versions import passed_store
 
 nodes_app = typer.Typer(help="List the cluster's nodes (no subcommand), or import them into Prefect, sync their "
                               "work pools and concurrency limits, and check them.")
@@ -292,6 +291,8 @@ def check(
             err.print(f"[red]error:[/] no node {escape(name)!r} in {settings.home / 'nodes.json'} (known: "
                       f"{escape(known)})", soft_wrap=True)
             raise typer.Exit(EXIT_INVALID)
+    from dispatch.prefect.versions import passed_store  # here, not at import: it brings httpx into every CLI start
+
     accepted = AcceptedVersions.load(passed_store(settings))  # pinned + the drift check's (team mode: the server's)
     with SSHPool() as pool, ThreadPoolExecutor(max_workers=min(16, len(nodes))) as executor:
         results = list(executor.map(lambda node: _probe(pool, node, timeout, accepted), nodes))

@@ -24,7 +24,7 @@ from rich.table import Table
 from dispatch.cli.common import flow_run_url
 from dispatch.cli.server import connect_prefect
 from dispatch.core.errors import ConfigError
-from dispatch.core.results import pid_alive
+from dispatch.core.processes import pid_alive
 from dispatch.core.settings import get_settings
 from dispatch.pipeline.config import CONFIG_NAME, load_pipeline_config
 from dispatch.pipeline.results import LAYER_NAMES

@@ -14,8 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from dispatch.cli.common import EXIT_INVALID, MARK, checked, console, err
+from dispatch.core.processes import pid_alive
 from dispatch.core.report import model_text, money, render_markdown, table_rows, usage_line
-from dispatch.core.results import load_all_states, load_state, pid_alive
+from dispatch.core.results import load_all_states, load_state
 from dispatch.core.settings import get_settings
 from dispatch.core.usage import run_usage
 from dispatch.ops.monitor import local_slot_use

@@ -5,7 +5,7 @@ environment variable (`DISPATCH_LOCAL_SERVER=<home>`, `DISPATCH_PIPELINE_APP=<ru
 process found later is recognised as ours even when its pid was recycled. A process that is gone, a zombie,
 or another user's that cannot be read has no environment here, so it is never taken for ours.
 
-`pid_alive` lives in `dispatch.core.results` (with the run state that records pids). The node runner
+The node runner
 (`dispatch/runner/`) is standard-library code shipped to nodes and reads `/proc` itself.
 """
 
@@ -54,3 +54,15 @@ def carrying(name: str, value: str, *, cmdline_has: str | None = None) -> list[i
         if carries(process.pid, name, value):
             found.append(process.pid)
     return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie awaiting its parent counts as exited)."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone (a ZombieProcess error is one too)
+        return False
+    except psutil.AccessDenied:  # another user's: it exists
+        return True

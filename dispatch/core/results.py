@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from dispatch.core.errors import ConfigError
@@ -260,18 +259,6 @@ def load_all_states(state_dir: Path) -> list[ProjectState]:
         return []
     states = [load_state(state_dir, p.stem) for p in sorted(state_dir.glob("*.json")) if not name_problem(p.stem)]
     return [s for s in states if s is not None]
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists and has not exited (a zombie awaiting its parent counts as exited)."""
-    if pid <= 0:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:  # gone (a ZombieProcess error is one too)
-        return False
-    except psutil.AccessDenied:  # another user's: it exists
-        return True
 
 
 def cached_results(cache_dir: Path, project: str) -> list[Path]:

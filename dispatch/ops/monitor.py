@@ -47,7 +47,8 @@ from typing import Any
 
 from dispatch.cluster.config import load_nodes
 from dispatch.core.nodes import Node
-from dispatch.core.results import ProjectState, load_all_states, pid_alive
+from dispatch.core.processes import pid_alive
+from dispatch.core.results import ProjectState, load_all_states
 from dispatch.core.settings import DispatchSettings
 from dispatch.core.usage import total_figure
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from dispatch.core.errors import ConfigError, DispatchError
-from dispatch.core.results import load_all_states, pid_alive
+from dispatch.core.processes import pid_alive
+from dispatch.core.results import load_all_states
 from dispatch.core.safeload import loads_json
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.restore_trust import command_settings

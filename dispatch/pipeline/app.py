@@ -23,8 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dispatch.core.errors import ConfigError
-from dispatch.core.processes import carries
-from dispatch.core.results import pid_alive
+from dispatch.core.processes import carries, pid_alive
 from dispatch.pipeline.deploy import wait_healthy
 from dispatch.pipeline.masking import pipeline_masker
 from dispatch.pipeline.shell import masked_lines, signal_group, stop_group

@@ -38,8 +38,7 @@ from pathlib import Path
 from dispatch.core.errors import DispatchError
 from dispatch.core.net import free_port, healthy, port_free, wait_healthy
 from dispatch.core.polling import attempts
-from dispatch.core.processes import carries, carrying, parent_of
-from dispatch.core.results import pid_alive
+from dispatch.core.processes import carries, carrying, parent_of, pid_alive
 from dispatch.core.settings import DispatchSettings
 
 logger = logging.getLogger(__name__)

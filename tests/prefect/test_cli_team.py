@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dispatch.core.net import free_port
-from dispatch.core.results import load_state, pid_alive
+from dispatch.core.processes import pid_alive
+from dispatch.core.results import load_state
 from tests.fixtures.projects import DISPATCH, read_timeline, shell_spec
 
 pytestmark = pytest.mark.prefect

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.core.net import free_port
-from dispatch.core.results import pid_alive
+from dispatch.core.processes import pid_alive
 from tests.fixtures.local_server import LocalHome, headless_page, marked_servers
 from tests.fixtures.projects import DISPATCH, shell_spec
 

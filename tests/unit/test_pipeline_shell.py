@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dispatch.core.results import pid_alive
+from dispatch.core.processes import pid_alive
 from dispatch.pipeline.shell import run_step
 
 ENV = {"PATH": "/usr/bin:/bin"}

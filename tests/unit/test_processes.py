@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from dispatch.core.polling import wait_until
-from dispatch.core.processes import carries, carrying, environ_of, parent_of
-from dispatch.core.results import pid_alive
+from dispatch.core.processes import carries, carrying, environ_of, parent_of, pid_alive
 from dispatch.core.settings import DispatchSettings
 from dispatch.pipeline.app import MARKER, reap_orphans
 from dispatch.prefect.embedded import stop_strays

@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 
-from dispatch.core.results import load_all_states, pid_alive
+from dispatch.core.processes import pid_alive
+from dispatch.core.results import load_all_states
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.health import SERVER, Check
 from dispatch.prefect.errors import SERVER_ERRORS
