@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 
 from dispatch.core.settings import get_settings
+from dispatch.core.watch import Watch, current_watch
 from dispatch.pipeline import app as apps
 from dispatch.pipeline.browser_qa import screenshots_markdown
 from dispatch.pipeline.config import CONFIG_NAME, PipelineConfig, load_pipeline_config
@@ -50,9 +50,6 @@ from flows.layers.deploy import deploy
 from flows.layers.test import run_tests
 from flows.layers.verdict import judged, result_of
 
-# Progress listeners of the CLI in this process: called with ("flow_run", {"id"}) once the run has begun, then
-# ("start", {"layer", "cycle"}) and ("end", row) per layer.
-LISTENERS: list[Callable[[str, dict], None]] = []
 _SLICES = {"L1": ("models", "thresholds", "api", "pages"), "L2": ("models",), "L3": ("backend", "frontend"),
            "L4": ("backend", "frontend", "pages", "api", "browser_flows", "regression", "thresholds", "models"),
            "L6": ("deploy",)}
@@ -66,9 +63,12 @@ class PipelineRun:
     """One run of the pipeline over one project (the flow's state; see the module docstring)."""
 
     def __init__(self, project: str, config: PipelineConfig, code_dir: Path, run_dir: Path, layers: list[str],
-                 sub: list[str] | None, force: bool) -> None:
+                 sub: list[str] | None, force: bool, watch: Watch | None = None) -> None:
         self.project, self.config, self.code_dir, self.run_dir = project, config, code_dir, run_dir
         self.layers, self.sub, self.force = layers, sub, force
+        # who follows the run in this process (the CLI): ("start", layer, {"layer", "cycle"}) and ("end", layer,
+        # row) per layer, and the flow run's id once the run has begun
+        self.watch = watch or Watch()
         # the one Masker of every pipeline sink (dispatch/pipeline/masking.py), told the keys of its models too
         self.masker = pipeline_masker(m for chain in config.models.model_dump().values() for m in chain)
         self.cache = LayerCache(run_dir.parent)
@@ -110,8 +110,8 @@ class PipelineRun:
         self.logger.info("%s %s%s: %s%s: %s", self.project, result.layer,
                          f" (cycle {result.cycle})" if result.cycle else "", result.status.value,
                          " (cached)" if result.cached else "", result.reason)
-        for listener in LISTENERS:
-            listener("end", self.masker.mask_data(row.model_dump()))
+        if self.watch.on_event:
+            self.watch.on_event("end", row.layer, self.masker.mask_data(row.model_dump()))
         return result
 
     def _artifacts(self, result: LayerResult) -> None:
@@ -140,8 +140,8 @@ class PipelineRun:
     def attempts(self, layer: str, subflow, arguments: dict, cycle: int = 0) -> LayerResult:
         """Run `subflow` up to the layer's attempts (a FAIL or a crash is tried again; NOT RUN is not)."""
         settings = self.config.layer(layer)
-        for listener in LISTENERS:
-            listener("start", {"layer": layer, "cycle": cycle})
+        if self.watch.on_event:
+            self.watch.on_event("start", layer, {"layer": layer, "cycle": cycle})
         result = None
         for attempt in range(1, (settings.attempts or 1) + 1):
             started = time.time()
@@ -311,10 +311,10 @@ def pipeline(project: str, from_layer: str | None = None, to_layer: str | None =
         get_run_logger().warning("stopped app process group(s) %s left by killed pipeline runs", stopped)
     run_dir = home / new_run_id()
     run_dir.mkdir(parents=True)
-    run = PipelineRun(project, config, code_dir, run_dir, layers, sub, force)
+    run = PipelineRun(project, config, code_dir, run_dir, layers, sub, force, current_watch())
     save_run(run_dir, run.record, run.masker.mask_data)
-    for listener in LISTENERS:
-        listener("flow_run", {"id": run.record.flow_run_id})
+    if run.watch.on_flow_run and run.record.flow_run_id:
+        run.watch.on_flow_run(run.record.flow_run_id)
     try:
         run.execute()
     except BaseException as exc:

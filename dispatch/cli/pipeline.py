@@ -26,6 +26,7 @@ from dispatch.cli.server import connect_prefect
 from dispatch.core.errors import ConfigError
 from dispatch.core.processes import pid_alive
 from dispatch.core.settings import get_settings
+from dispatch.core.watch import Watch, watching
 from dispatch.pipeline.config import CONFIG_NAME, load_pipeline_config
 from dispatch.pipeline.results import LAYER_NAMES
 from dispatch.pipeline.runs import RunRecord, final_rows, latest_run, project_dir, selection
@@ -58,18 +59,20 @@ def _flow_run_page(ui: str | None, flow_run_id: str | None) -> str | None:
     return flow_run_url(ui, flow_run_id) if ui and flow_run_id else None
 
 
-def _listener(stream: Console, ui: str | None):
-    def listen(event: str, data: dict) -> None:
-        if event == "flow_run":
-            if page := _flow_run_page(ui, data["id"]):
-                stream.print(f"  flow run in the Prefect UI: {page}", soft_wrap=True)
-        elif event == "start":
+def _watch(stream: Console, ui: str | None) -> Watch:
+    """The run's progress on `stream`: where to see it in the UI, then a line as each layer starts and ends."""
+    def flow_run(flow_run_id: str) -> None:
+        if page := _flow_run_page(ui, flow_run_id):
+            stream.print(f"  flow run in the Prefect UI: {page}", soft_wrap=True)
+
+    def event(kind: str, layer: str, data: dict) -> None:
+        if kind == "start":
             cycle = f" (cycle {data['cycle']})" if data["cycle"] else ""
-            stream.print(f"[cyan]    ...[/] {data['layer']} {LAYER_NAMES.get(data['layer'], '')}{cycle}")
+            stream.print(f"[cyan]    ...[/] {layer} {LAYER_NAMES.get(layer, '')}{cycle}")
         else:
             stream.print(_row_line(data), soft_wrap=True)
 
-    return listen
+    return Watch(on_event=event, on_flow_run=flow_run)
 
 
 def _summary(record: RunRecord, ui: str | None) -> None:
@@ -112,20 +115,17 @@ def run(
         from dispatch.prefect.embedded import reap_orphaned_servers
 
         reap_orphaned_servers(os.environ["PREFECT_HOME"])
-    from flows.pipeline import LISTENERS, pipeline
+    from flows.pipeline import pipeline
 
     stream = err if as_json else console
     stream.print(f"pipeline [bold]{escape(project)}[/] on "
                  + (settings.prefect_api_url if not settings.embedded else f"the local Prefect server ({ui})" if ui
                     else "a temporary Prefect server (SQLite under DISPATCH_HOME)"), soft_wrap=True)
-    listener = _listener(stream, ui)
-    LISTENERS.append(listener)
     try:
-        pipeline(project, from_layer=from_layer, to_layer=to_layer, only=only, force=force, return_state=True)
+        with watching(_watch(stream, ui)):
+            pipeline(project, from_layer=from_layer, to_layer=to_layer, only=only, force=force, return_state=True)
     except ConfigError as exc:
         raise _invalid(str(exc)) from None
-    finally:
-        LISTENERS.remove(listener)
     record = latest_run(project_dir(settings.home, project))
     if record is None:
         err.print(f"[red]the pipeline of {escape(project)} ended without writing its summary[/]; see Prefect's logs")

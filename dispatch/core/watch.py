@@ -1,8 +1,10 @@
-"""Who follows a project run in this process: the CLI's progress view and its link to the flow run in the UI.
+"""Who follows a project or pipeline run in this process: the CLI's progress view and its link to the flow run
+in the UI.
 
 A flow's parameters are serialized (the UI shows them, the server stores them), so a callable cannot be one. The
 caller hands its `Watch` over for the runs it starts inside `watching(...)` (this context only: other threads'
-and other callers' runs are unaffected), and the project flow passes `current_watch()` to its run explicitly.
+and other callers' runs are unaffected), and the project and pipeline flows pass `current_watch()` to their
+run explicitly.
 
 Examples:
     >>> seen = []

@@ -46,6 +46,7 @@ def test_run_then_status_on_the_example(shop, prefect_api):
     assert [(r["layer"], r["status"]) for r in record["layers"]] == [
         ("L3", "PASS"), ("L4", "FAIL"), ("L4a", "FAIL"), ("L4b", "FAIL"), ("L4c", "NOT RUN"), ("L4d", "PASS")]
     assert "FAIL L4 test" in done.stderr  # live progress, on stderr with --json
+    assert "... L3 build" in done.stderr and "... L4 test" in done.stderr  # each layer as it starts
 
     status = _dispatch("pipeline", "status", "shop", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["run_id"] == record["run_id"]
