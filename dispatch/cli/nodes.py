@@ -98,13 +98,12 @@ def _server_load(settings: DispatchSettings, nodes: list[Node]) -> dict[str, dic
     if settings.embedded:
         return None
     _use_prefect(settings)
-    import httpx
-
+    from dispatch.prefect.errors import SERVER_ERRORS
     from dispatch.prefect.nodes_admin import node_load
 
     try:
         return node_load(nodes)
-    except (httpx.HTTPError, OSError) as exc:  # a read-only listing still answers from the local state
+    except SERVER_ERRORS as exc:  # a read-only listing still answers from the local state
         err.print(f"[yellow]warning:[/] cannot read slot usage from {escape(_where(settings))}: "
                   f"{escape(str(exc))}; showing this machine's runs only", soft_wrap=True)
         return None
@@ -328,17 +327,16 @@ def _when(moment: float) -> str:
 
 def _drained(settings: DispatchSettings) -> dict[str, dict]:
     """The drained nodes (dispatch/core/drain.py); team mode asks the server (a warning and none when it cannot)."""
-    import httpx
-
     from dispatch.core.drain import drained_nodes
     from dispatch.prefect.drained import drained_store
+    from dispatch.prefect.errors import SERVER_ERRORS
 
     if settings.embedded:
         return drained_nodes(drained_store(settings))
     _use_prefect(settings)
     try:
         return drained_nodes(drained_store(settings))
-    except (httpx.HTTPError, OSError) as exc:
+    except SERVER_ERRORS as exc:
         err.print(f"[yellow]warning:[/] cannot read the drained nodes from {escape(_where(settings))}: "
                   f"{escape(str(exc))}", soft_wrap=True)
         return {}
@@ -355,13 +353,13 @@ def _known_node(settings: DispatchSettings, name: str) -> None:
 
 def _change_drain(settings: DispatchSettings, change: Callable[[], bool]) -> bool:
     """Run a drain or undrain (team mode: on the server); a failing server exits 1."""
-    import httpx
+    from dispatch.prefect.errors import SERVER_ERRORS
 
     if not settings.embedded:
         _use_prefect(settings)
     try:
         return change()
-    except (httpx.HTTPError, OSError) as exc:
+    except SERVER_ERRORS as exc:
         raise _prefect_failed(settings, exc) from None
 
 

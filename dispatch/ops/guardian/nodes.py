@@ -29,6 +29,7 @@ from dispatch.core.polling import attempts
 from dispatch.core.settings import DispatchSettings
 from dispatch.ops.guardian.probe import parse_probe, probe_command
 from dispatch.ops.health import Check
+from dispatch.prefect.errors import SERVER_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def _worker_alive(node: Node) -> tuple[bool | None, str]:
         if exc.response.status_code == 404:
             return False, f"no work pool {node.pool} on the server: run `dispatch nodes sync`, then start the worker"
         return None, f"not checked: the Prefect server failed ({exc})"
-    except (httpx.HTTPError, OSError) as exc:
+    except SERVER_ERRORS as exc:
         return None, f"not checked: the Prefect server cannot be reached ({exc})"
     now = datetime.now(UTC)
     ages = [(now - w.last_heartbeat_time).total_seconds() for w in workers if w.last_heartbeat_time is not None]
