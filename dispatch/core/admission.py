@@ -10,7 +10,8 @@ given back is parked a moment for this run's next spec on its node (a handoff wi
 counted against the share until it is taken or released (`_within_share`).
 
 A new server slot and the server locks are asked off the dispatch loop (an HTTP round trip each): `admit`
-hands the request to a small thread pool and the answer comes back through `post("locks", (task_id,
+hands the request to a small thread pool (the new slots a round wants of one node in one request: one lease
+for a burst of starts) and the answer comes back through `post("locks", (task_id,
 answer))`, which the loop feeds to `locks_answered`; the loop never waits on the server. What a started
 spec holds (its slot, its lock grant, the model it started with for budget estimates) is kept here until
 `ended` gives it back.
@@ -20,6 +21,7 @@ Prefect-free: the server lock table is anything with `try_acquire(task_id, patte
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from dispatch.core.cooldowns import Cooldowns
     from dispatch.core.shares import FairShare
     from dispatch.core.specs import Spec
+
+logger = logging.getLogger(__name__)
 
 BUSY_RETRY = 0.2  # seconds before asking again for a node whose slots another dispatcher holds
 SHARE_RETRY = 0.2  # seconds before a run over its fair share of the slots looks again
@@ -130,6 +134,7 @@ class Admission:
         self._held: dict[str, tuple[Any, str | None]] = {}  # started: task id -> (slot, lock token)
         self._asking: dict[str, tuple[Assignment, Any, tuple[str, ...]]] = {}  # waiting for its locks' answer
         self._models: dict[str, str] = {}  # started agent specs: task id -> the model it started with
+        self._burst: dict[str, list[tuple[str, list[str]]]] = {}  # this round's new server slots: node -> picks
         self._requests = (ThreadPoolExecutor(max_workers=_ASKERS, thread_name_prefix="server-locks")
                           if locks is not None or brokers.remote_any() else None)
 
@@ -144,6 +149,9 @@ class Admission:
                 refused = True
             elif decision.kind != "asking":
                 decisions.append(decision)
+        for node, picks in self._burst.items():
+            self._requests.submit(self._asked_burst, node, picks)  # type: ignore[union-attr]
+        self._burst = {}
         self._prefer_parked()
         return decisions, refused
 
@@ -214,7 +222,8 @@ class Admission:
         patterns = list(spec.modifies) if self.locks is not None else []
         slot = self.brokers.take_parked(assignment.node)  # an ended spec's slot on this node: no server call
         if slot is None and self.brokers.remote(assignment.node):  # a new one from the server, off the loop
-            self._ask(assignment, None, tuple(chain), patterns)
+            self._asking[task_id] = (assignment, None, tuple(chain))
+            self._burst.setdefault(assignment.node, []).append((task_id, patterns))
             return Decision("asking", assignment)
         if slot is None:
             slot = self.brokers.try_acquire(assignment.node)
@@ -241,6 +250,24 @@ class Admission:
         self._asking[assignment.task_id] = (assignment, slot, chain)
         self._requests.submit(self._asked, assignment.task_id, assignment.node,  # type: ignore[union-attr]
                               slot, patterns)
+
+    def _asked_burst(self, node: str, picks: list[tuple[str, list[str]]]) -> None:
+        """In a helper thread: this round's new slots of `node` in one request, then each pick's locks; the
+        picks it got no slot for come back refused (their node is full for now)."""
+        try:
+            slots = self.brokers.try_acquire_many(node, len(picks))
+        except Exception:  # the broker answers the server's errors itself: this is a bug, said with its stack
+            logger.exception("taking %d slot(s) of %s failed; the picks wait and are picked again", len(picks), node)
+            slots = []
+        for index, (task_id, patterns) in enumerate(picks):
+            slot = slots[index] if index < len(slots) else None
+            if slot is None or not patterns:
+                self._post("locks", (task_id, _Asked(slot, None)))
+                continue
+            try:
+                self._requests.submit(self._asked, task_id, node, slot, patterns)  # type: ignore[union-attr]
+            except RuntimeError:  # the run is closing: ask here, so that the answer still comes back
+                self._asked(task_id, node, slot, patterns)
 
     def _asked(self, task_id: str, node: str, slot: Any, patterns: list[str]) -> None:
         """In a helper thread: take the node's slot from the server (unless held), then ask the lock table;

@@ -35,6 +35,9 @@ class SlotBroker(Protocol):
 class SharedSlots(SlotBroker, Protocol):
     """A broker whose count other dispatchers share, and whose releases take a moment to be seen."""
 
+    def try_acquire_many(self, node: str, count: int) -> list[object]:
+        """Up to `count` new slots of `node` for a burst of starts, in as few round trips as it can."""
+
     def releasing(self) -> int:
         """Slots given back that the others still count as held."""
 
@@ -96,6 +99,15 @@ class Brokers:
             return ("server", token) if token is not None else None
         token = self.machine.try_acquire(node)
         return ("machine", token) if token is not None else None
+
+    def try_acquire_many(self, node: str, count: int) -> list[tuple[str, object]]:
+        """Up to `count` slots of `node` at once (a server's in one round trip), fewer when it has not that many."""
+        if self.server is not None and node in self.server_nodes:
+            return [("server", token) for token in self.server.try_acquire_many(node, count)]
+        taken = []
+        while len(taken) < count and (held := self.try_acquire(node)) is not None:
+            taken.append(held)
+        return taken
 
     def release(self, held: tuple[str, object]) -> None:
         """Give a slot back: a server slot is parked for the next spec on its node (`SharedSlots.park`)."""

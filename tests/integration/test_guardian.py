@@ -274,7 +274,7 @@ LEASE_HOLDER = """
 import sys, time
 from dispatch.prefect.slots import ServerSlots
 slots = ServerSlots({"leak": sys.argv[1]}, lease_seconds=3600)
-lease = slots.try_acquire("leak")
+lease = slots.try_acquire("leak").lease_id
 from prefect.variables import Variable
 from dispatch.prefect.slots import lease_record
 deadline = time.monotonic() + 60
@@ -323,7 +323,8 @@ def test_a_live_holders_lease_is_recorded_left_alone_and_its_record_removed_with
     run_cycle(get_settings())  # leases other tests' dispatchers left on the session server: released now
     slots = ServerSlots({"live": limit}, lease_seconds=600)
     try:
-        lease = slots.try_acquire("live")
+        slot = slots.try_acquire("live")
+        lease = slot.lease_id
         deadline = time.monotonic() + 30
         while Variable.get(lease_record(lease)) is None and time.monotonic() < deadline:  # written off the loop
             time.sleep(0.05)
@@ -333,7 +334,7 @@ def test_a_live_holders_lease_is_recorded_left_alone_and_its_record_removed_with
         assert leases.status == "ok", leases.to_json()
         with get_client(sync_client=True) as client:
             assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
-        slots.release(lease)
+        slots.release(slot)
     finally:
         slots.close()
     assert Variable.get(lease_record(lease)) is None
@@ -353,10 +354,11 @@ def test_released_slots_are_counted_as_releasing_until_the_server_has_them_and_l
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=3))
     slots = ServerSlots({"n": limit}, lease_seconds=600)
     try:
-        leases = [slots.try_acquire("n") for _ in range(3)]
-        assert None not in leases and slots.try_acquire("n") is None  # the limit is full
-        for lease in leases:  # at once: some records may not even be written yet
-            slots.release(lease)
+        taken = [slots.try_acquire("n") for _ in range(3)]
+        assert None not in taken and slots.try_acquire("n") is None  # the limit is full
+        leases = [slot.lease_id for slot in taken]
+        for slot in taken:  # at once: some records may not even be written yet
+            slots.release(slot)
         with get_client(sync_client=True) as client:
             pending = slots.releasing()  # first: a release that lands meanwhile only lowers what is read next
             active = client.read_global_concurrency_limit_by_name(limit).active_slots
@@ -372,6 +374,45 @@ def test_released_slots_are_counted_as_releasing_until_the_server_has_them_and_l
         assert [Variable.get(lease_record(lease)) for lease in leases] == [None, None, None]
     finally:
         slots.close()
+
+
+def test_a_burst_takes_one_lease_of_its_slots_on_the_server_and_gives_its_idle_part_back_only_when_covered(guarded):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from dispatch.prefect.slots import ServerSlots
+
+    limit = f"node-burst{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=4))
+
+        def active() -> int:
+            return client.read_global_concurrency_limit_by_name(limit).active_slots
+
+        def settles(value: int) -> bool:
+            deadline = time.monotonic() + 30
+            while active() != value and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return active() == value
+
+        slots = ServerSlots({"n": limit}, lease_seconds=600, grace=0.2)
+        try:
+            running, *idle = slots.try_acquire_many("n", 3)
+            first = running.lease_id
+            assert {slot.lease_id for slot in idle} == {first} and active() == 3  # one lease, three slots
+            extra = slots.try_acquire_many("n", 2)  # one slot left: 2 refused (423), then 1
+            assert len(extra) == 1 and extra[0].lease_id != first and active() == 4
+            for slot in idle:
+                slots.park(slot)
+            time.sleep(1.0)  # past the grace: the node is full, so the running slot has no smaller lease to go to
+            assert running.lease_id == first and active() == 4
+            slots.release(extra[0])  # room for it now: it moves, then the three-slot lease goes back
+            assert settles(1), active()
+            assert running.lease_id not in (None, first) and slots.parked() == {}
+            slots.release(running)
+            assert settles(0), active()
+        finally:
+            slots.close()
 
 
 def _with_a_dead_node(cluster, home: Path) -> None:

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 from dispatch.core.admission import Admission
 from dispatch.core.brokers import Brokers, MachineSlots
 from dispatch.core.placement import NodeSlots
@@ -29,10 +31,13 @@ class _Response:
 class CountingClient:
     """The few calls `ServerSlots` makes, counted by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, free: int | None = None) -> None:
         self.calls: list[tuple[str, object]] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.free = free  # the limit's free slots (None: never full)
+        self.sizes: list[object] = []  # slots of each lease taken
+        self.held: dict[str, int] = {}  # lease -> slots, until released
 
     def _note(self, name: str, what: object) -> None:
         with self._lock:
@@ -43,11 +48,24 @@ class CountingClient:
             return sum(1 for called, _ in self.calls if called == name)
 
     def increment_concurrency_slots_with_lease(self, **kwargs: object) -> _Response:
-        lease = f"lease-{next(self._ids)}"
+        with self._lock:
+            if self.free is not None:
+                if self.free < kwargs["slots"]:  # type: ignore[operator]
+                    self.calls.append(("refused", kwargs["slots"]))
+                    raise httpx.HTTPStatusError("locked", request=httpx.Request("POST", "http://127.0.0.1/"),
+                                                response=httpx.Response(423))
+                self.free -= kwargs["slots"]  # type: ignore[operator]
+            lease = f"lease-{next(self._ids)}"
+            self.sizes.append(kwargs["slots"])
+            self.held[lease] = kwargs["slots"]  # type: ignore[assignment]
         self._note("take", lease)
         return _Response(lease)
 
     def release_concurrency_slots_with_lease(self, lease_id: object) -> None:
+        with self._lock:
+            size = self.held.pop(str(lease_id))
+            if self.free is not None:
+                self.free += size
         self._note("release", lease_id)
 
     def renew_concurrency_lease(self, lease_id: object, lease_duration: float) -> None:
@@ -104,14 +122,13 @@ def test_an_ended_spec_hands_its_slot_to_the_next_on_its_node_without_a_server_c
     admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 2)], fair=2)
     try:
         assert sorted(_started(admission, scheduler)) == ["S01", "S02"]
-        assert client.count("take") == 2
+        assert client.count("take") == 1 and client.sizes == [2]  # one lease for the burst
         admission.ended("S01")
         scheduler.succeed("S01")
         assert _started(admission, scheduler) == ["S03"]  # at its full share: the parked slot is its own
         time.sleep(0.1)  # anything sent to the server in the background would be counted by now
-        assert (client.count("take"), client.count("release"), client.count("unrecord")) == (2, 0, 0)
-        assert slots.handoffs == 1 and admission.slot("S03")[1] in {lease for name, lease in client.calls
-                                                                  if name == "take"}
+        assert (client.count("take"), client.count("release"), client.count("unrecord")) == (1, 0, 0)
+        assert slots.handoffs == 1 and admission.slot("S03")[1].lease_id == "lease-1"
     finally:
         slots.close()
 
@@ -173,7 +190,7 @@ def test_the_dispatch_loop_never_waits_for_the_server_to_grant_a_new_slot(tmp_pa
         client.answer.set()
         decision = admission.locks_answered(*admission.answers.get(timeout=10))  # type: ignore[attr-defined]
         assert decision.kind == "start" and client.count("take") == 1
-        assert admission.slot("S01")[1] == "lease-1"
+        assert admission.slot("S01")[1].lease_id == "lease-1"
     finally:
         client.answer.set()
         slots.close()
@@ -205,5 +222,74 @@ def test_the_next_spec_goes_to_the_node_where_a_slot_is_parked_rather_than_the_e
         assert _started(admission, scheduler) == ["S02"]
         assert scheduler.entries["S02"].node == "n1"  # n2 has more free slots, but n1 has S01's, held already
         assert client.count("take") == 1 and slots.handoffs == 1
+    finally:
+        slots.close()
+
+
+def test_a_burst_of_starts_on_a_node_takes_its_slots_in_one_lease_and_fewer_when_the_node_has_not_that_many(
+        tmp_path: Path) -> None:
+    project = _project(*[_spec(f"S{i:02}") for i in range(1, 8)])
+    admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 8)], fair=8)
+    client.free = 5  # another dispatcher holds 3 of the node's 8 slots
+    try:
+        first = _started(admission, scheduler)
+        assert len(first) == 3 and client.sizes == [3]  # 7 asked of 5 free: refused, then 3 (halving)
+        assert [called for called, _ in client.calls if called in ("take", "refused")] == ["refused", "take"]
+        scheduler.clock.now += 1.0  # type: ignore[attr-defined]  # past the full node's retry
+        second = _started(admission, scheduler)
+        assert len(second) == 2 and client.sizes == [3, 2] and client.free == 0  # never more than the limit
+        assert len({admission.slot(task_id)[1].lease_id for task_id in first}) == 1
+    finally:
+        slots.close()
+    assert client.held == {}  # closing gave every lease back
+
+
+def test_the_idle_part_of_a_lease_goes_back_after_the_grace_while_its_running_slot_moves_to_a_smaller_lease() -> None:
+    client = CountingClient(free=4)
+    slots = ServerSlots({"n1": "node-n1"}, grace=0.2, client=client)
+    try:
+        running, *ended = slots.try_acquire_many("n1", 3)
+        assert client.held == {"lease-1": 3}
+        for slot in ended:
+            slots.park(slot)
+        assert slots.parked() == {"n1": 2}
+        assert _wait_for(lambda: client.held == {"lease-2": 1}), client.calls  # the new lease first, then the old
+        assert running.lease_id == "lease-2" and slots.parked() == {}
+        assert [called for called, _ in client.calls if called in ("take", "release")] == ["take", "take", "release"]
+        slots.park(running)
+        assert _wait_for(lambda: client.held == {}) and _wait_for(lambda: slots.releasing() == 0)
+    finally:
+        slots.close()
+
+
+def test_a_lease_whose_node_is_full_keeps_counting_every_slot_until_its_running_one_ends() -> None:
+    client = CountingClient(free=3)
+    slots = ServerSlots({"n1": "node-n1"}, grace=0.1, client=client)
+    try:
+        running, *ended = slots.try_acquire_many("n1", 3)
+        for slot in ended:
+            slots.park(slot)
+        assert _wait_for(lambda: client.count("refused") >= 2)  # no room for the smaller lease: tried again
+        assert client.held == {"lease-1": 3} and running.lease_id == "lease-1"  # the running spec stays counted
+        slots.park(running)
+        assert _wait_for(lambda: client.held == {}), client.calls  # every slot idle: the lease goes back whole
+    finally:
+        slots.close()
+
+
+def test_a_run_over_its_share_gives_back_the_idle_part_of_a_lease_at_once_not_after_the_grace(tmp_path: Path) -> None:
+    project = _project(_spec("S01"), _spec("S02"), _spec("S03"), _spec("S04"))
+    admission, scheduler, slots, client = _admission(tmp_path, project, [NodeSlots("n1", 4)], fair=3)
+    try:
+        assert len(_started(admission, scheduler)) == 3 and client.sizes == [3]
+        admission.share.fair = 1  # type: ignore[attr-defined]  # another user's run arrives
+        done = sorted(admission._held)[:2]
+        for task_id in done:
+            admission.ended(task_id)
+            scheduler.succeed(task_id)
+        scheduler.clock.now += 1.0  # type: ignore[attr-defined]  # past S04's wait for the share
+        assert _started(admission, scheduler) == []  # over its share: S04 may not take a parked slot
+        assert _wait_for(lambda: list(client.held.values()) == [1], seconds=2.0), client.calls  # grace is 60 s
+        assert slots.parked() == {} and admission.slot(sorted(admission._held)[0])[1].lease_id in client.held
     finally:
         slots.close()
