@@ -64,7 +64,7 @@ def print_round(result: dict, out=None) -> None:
     print(format_table(result["client_by_thread"], starts), file=out, flush=True)
 
 
-_PATH_ROWS = [("slot lease: take", "dispatch loop (MainThread), every spec"),
+_PATH_ROWS = [("slot lease: take", "`server-locks` threads, a burst of starts (the dispatch loop before dcc2db6)"),
               ("server locks: write", "lock thread, specs with `modifies`"),
               ("server locks: read", "lock thread, specs with `modifies`")]
 _BACKGROUND_ROWS = ["slot lease: release", "lease records: record", "lease records: release", "server locks: release",

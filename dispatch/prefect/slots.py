@@ -13,6 +13,10 @@ busy pays for its slot once, not per spec (a take, a release, a record written a
 parked lease no spec took within `grace` seconds is released by the renewer thread, and the admission step
 releases parked leases at once (`trim`) when its fair share needs the room (dispatch/core/admission.py): a
 parked lease is held, and counted as held, exactly as a running spec's.
+
+Bursts: the new slots one round of the dispatch loop wants of a node are one lease of k slots
+(`try_acquire_many`), so a run's first wave costs a round trip per node, not per spec. A spec's slot is then
+a `Slot` of a `_Lease`; see `ServerSlots` for how the idle part of a lease goes back.
 """
 
 from __future__ import annotations
