@@ -18,7 +18,8 @@ from dispatch.core.errors import ConfigError, DispatchError
 from dispatch.core.nodes import Node
 from dispatch.core.settings import DispatchSettings
 from dispatch.prefect.errors import SERVER_ERRORS
-from dispatch.prefect.slots import ServerSlots, server_limits
+from dispatch.prefect.limits import server_limits
+from dispatch.prefect.slots import ServerSlots
 
 if TYPE_CHECKING:
     from dispatch.cluster.transports.build import NodeTransport

@@ -1,11 +1,12 @@
 """Node slots as leases on the Prefect server: the count two users on two machines share.
 
 `ServerSlots` takes a slot of node `<name>` as a lease on the server's global concurrency limit `node-<name>`
-(limit = slots, made by `dispatch nodes sync`, or by `server_limits` when a team-mode dispatcher finds it
-missing); a background thread renews the leases, and a crashed holder's slots come back when its lease
-expires. Each lease is also recorded as a Prefect Variable `dispatch_lease_<id>` (limit, host, pid, flow run)
-while it is held, because Prefect's API cannot list a limit's leases: the guardian releases the lease of a
-holder that died. It is the `SharedSlots` broker of `dispatch.core.brokers` in team mode.
+(limit = slots, made by `dispatch nodes sync`, or by `server_limits` of dispatch/prefect/limits.py when a
+team-mode dispatcher finds it missing); a background thread renews the leases, and a crashed holder's slots
+come back when its lease expires. Each lease is also recorded as a Prefect Variable `dispatch_lease_<id>`
+(limit, host, pid, flow run) while it is held, because Prefect's API cannot list a limit's leases: the
+guardian releases the lease of a holder that died. It is the `SharedSlots` broker of `dispatch.core.brokers`
+in team mode.
 
 Handoff: a spec that ends `park`s its slot instead of releasing it; the next spec this dispatcher starts on
 the same node takes the parked lease (`try_acquire`) with no call to the server, so a run that keeps a node
@@ -27,16 +28,11 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
-from dispatch.core.brokers import SHARED_TRANSPORTS
-from dispatch.core.errors import ConfigError
 from dispatch.prefect.errors import SERVER_ERRORS
-
-if TYPE_CHECKING:
-    from dispatch.core.nodes import Node
 
 logger = logging.getLogger(__name__)
 
@@ -377,51 +373,3 @@ class ServerSlots:
 def lease_record(lease_id: object) -> str:
     """The name of the Prefect Variable that records a held slot lease (`dispatch_lease_<uuid hex>`)."""
     return "dispatch_lease_" + str(lease_id).replace("-", "")
-
-
-def server_limits(nodes: list[Node], log: logging.Logger | logging.LoggerAdapter = logger) -> dict[str, str]:
-    """Node name -> limit name `node-<name>` on the Prefect server, for every node other dispatchers share
-    (ssh, worker): a missing limit is created from the node's slots (and `log` says so), because a node
-    placed on without it would be counted by this dispatcher alone.
-
-    Args:
-        nodes: the cluster's nodes.
-        log: where to say which limits were created (the flow passes its run logger).
-
-    Raises:
-        ConfigError: a node's limit exists but is inactive (not enforced); the message says how to enable it.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    found: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        for node in nodes:
-            if node.transport not in SHARED_TRANSPORTS:
-                continue
-            try:
-                limit = client.read_global_concurrency_limit_by_name(node.pool)
-            except ObjectNotFound:
-                try:
-                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=node.pool,
-                                                                                        limit=node.slots))
-                except ObjectAlreadyExists:  # another dispatcher made it a moment ago
-                    limit = client.read_global_concurrency_limit_by_name(node.pool)
-                else:
-                    log.warning("node %s had no concurrency limit %s on the Prefect server, so other dispatchers "
-                                "would not share its slot count: created it with limit %d (its slots); "
-                                "`dispatch nodes sync` keeps pools and limits in step with nodes.json",
-                                node.name, node.pool, node.slots)
-                    found[node.name] = node.pool
-                    continue
-            if not limit.active:
-                raise ConfigError(f"node {node.name}: its concurrency limit {node.pool} on the Prefect server is "
-                                  f"inactive, so slots would not be shared; enable it with `prefect "
-                                  f"global-concurrency-limit enable {node.pool}`")
-            if limit.limit != node.slots:
-                log.warning("node %s: concurrency limit %s allows %d at once but nodes.json says %d slots; "
-                            "`dispatch nodes sync` sets it to the slots", node.name, node.pool, limit.limit,
-                            node.slots)
-            found[node.name] = limit.name
-    return found
