@@ -199,8 +199,7 @@ def test_acquire_and_release_latency(team_api) -> None:
         median = statistics.median(times)
         print(f"\n[server-locks] acquire + release on PostgreSQL: median {median * 1000:.1f} ms, "
               f"p90 {sorted(times)[44] * 1000:.1f} ms over 50 (3 API calls); acquire alone: median "
-              f"{statistics.median(acquires) * 1000:.1f} ms (2 calls)")
-        assert median < 0.5
+              f"{statistics.median(acquires) * 1000:.1f} ms (2 calls)")  # a figure, not a verdict: bench/
     finally:
         other.close()
         locks.close()
