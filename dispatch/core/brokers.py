@@ -101,13 +101,9 @@ class Brokers:
         return ("machine", token) if token is not None else None
 
     def try_acquire_many(self, node: str, count: int) -> list[tuple[str, object]]:
-        """Up to `count` slots of `node` at once (a server's in one round trip), fewer when it has not that many."""
-        if self.server is not None and node in self.server_nodes:
-            return [("server", token) for token in self.server.try_acquire_many(node, count)]
-        taken = []
-        while len(taken) < count and (held := self.try_acquire(node)) is not None:
-            taken.append(held)
-        return taken
+        """Up to `count` new server slots of a `remote` node in one round trip, fewer when it has not that many
+        (a machine slot costs no round trip: it is taken one at a time with `try_acquire`)."""
+        return [("server", token) for token in self.server.try_acquire_many(node, count)]  # type: ignore[union-attr]
 
     def release(self, held: tuple[str, object]) -> None:
         """Give a slot back: a server slot is parked for the next spec on its node (`SharedSlots.park`)."""
