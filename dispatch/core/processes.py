@@ -5,7 +5,7 @@ environment variable (`DISPATCH_LOCAL_SERVER=<home>`, `DISPATCH_PIPELINE_APP=<ru
 process found later is recognised as ours even when its pid was recycled. A process that is gone, a zombie,
 or another user's that cannot be read has no environment here, so it is never taken for ours.
 
-The node runner
+`pid_alive` answers whether a recorded pid (a run's state, a server's) still lives. The node runner
 (`dispatch/runner/`) is standard-library code shipped to nodes and reads `/proc` itself.
 """
 
