@@ -128,8 +128,66 @@ def _replay(messages: list[dict], receive):
     return replayed
 
 
+class StackSampler:
+    """Where the server's threads spend their CPU: every `interval` s, each busy thread's stack is counted.
+
+    A thread whose innermost frame waits (`select`, `epoll`, a lock, a queue) counts as idle. Written as
+    JSON (`top`: self samples by function, `cumulative`: samples with the function anywhere on the stack)
+    every few seconds and at the end. Turned on by `BENCH_SERVER_PROFILE=<file>` (bench only).
+    """
+
+    _IDLE = {"select", "poll", "epoll", "wait", "_wait_for_tstate_lock", "get", "sleep", "accept", "recv",
+             "_worker", "run_forever", "readline", "read"}
+
+    def __init__(self, path: Path, interval: float = 0.005) -> None:
+        self.path, self.interval = path, interval
+        self.top: dict[str, int] = {}
+        self.cumulative: dict[str, int] = {}
+        self.samples = self.busy = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="stack-sampler", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _key(frame) -> str:
+        code = frame.f_code
+        return f"{code.co_filename.split('site-packages/')[-1]}:{code.co_name}"
+
+    def _loop(self) -> None:
+        me, written = threading.get_ident(), time.monotonic()
+        while not self.stop.wait(self.interval):
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                self.samples += 1
+                if frame.f_code.co_name in self._IDLE:
+                    continue
+                self.busy += 1
+                key = self._key(frame)
+                self.top[key] = self.top.get(key, 0) + 1
+                seen = set()
+                while frame is not None:
+                    key = self._key(frame)
+                    if key not in seen:
+                        seen.add(key)
+                        self.cumulative[key] = self.cumulative.get(key, 0) + 1
+                    frame = frame.f_back
+            if time.monotonic() - written > 5:
+                self.write()
+                written = time.monotonic()
+
+    def write(self) -> None:
+        def best(counts: dict[str, int]) -> list:
+            return sorted(counts.items(), key=lambda item: -item[1])[:150]
+
+        self.path.write_text(json.dumps({"samples": self.samples, "busy": self.busy, "top": best(self.top),
+                                         "cumulative": best(self.cumulative)}, indent=0))
+
+
 def serve(host: str, port: int, trace: Path) -> None:
     """Prefect's foreground server (`prefect server start`, one worker), wrapped in `Trace`."""
+    import os
+
     import prefect
     import prefect.settings
     import uvicorn
@@ -141,6 +199,7 @@ def serve(host: str, port: int, trace: Path) -> None:
     )
 
     sink = TraceSink(trace)
+    sampler = StackSampler(Path(os.environ["BENCH_SERVER_PROFILE"])) if os.environ.get("BENCH_SERVER_PROFILE") else None
     try:
         uvicorn.run(app=Trace(create_app(final=True, webserver_only=False), sink),
                     app_dir=str(prefect.__module_path__.parent), host=host, port=port,
@@ -150,6 +209,9 @@ def serve(host: str, port: int, trace: Path) -> None:
     finally:
         sink.stop.set()
         sink.flush()
+        if sampler is not None:
+            sampler.stop.set()
+            sampler.write()
 
 
 @dataclass

@@ -64,3 +64,14 @@ if os.environ.get("BENCH_TEAM_CLIENT_TRACE"):
     httpx.Client.send, httpx.AsyncClient.send = _send, _asend
     threading.Thread(target=_writer, name="bench-trace-writer", daemon=True).start()
     atexit.register(_flush)
+
+if os.environ.get("BENCH_DISPATCH_PROFILE"):  # where the dispatcher's threads spend their CPU (bench only)
+    import atexit
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+    from team_server import StackSampler
+
+    _sampler = StackSampler(Path(os.environ["BENCH_DISPATCH_PROFILE"]) / f"dispatch-{os.getpid()}.json")
+    atexit.register(_sampler.write)
