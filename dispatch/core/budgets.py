@@ -84,6 +84,7 @@ class Budgets:
         self._published_at = float("-inf")
         self._pruned = False
         self._unpublished = False
+        self._published: dict[tuple[str, str, str], float] | None = None  # the figures last sent (None: none yet)
         self._path = ledger_path(settings.results_dir)
         self._clock = clock
         self._read_at = float("-inf")
@@ -130,13 +131,16 @@ class Budgets:
 
     def refresh(self) -> None:
         """Count what was appended to the ledger since the last read (this dispatcher's lines, and others'),
-        and in team mode publish this machine's spend today for the other machines' budgets (in a background
-        thread: the dispatch loop never waits on the server for it). Nothing to do without budgets or a team."""
+        and in team mode publish this machine's spend today for the other machines' budgets when it changed since
+        the last publication (in a background thread: the dispatch loop never waits on the server for it; a run
+        that spends nothing publishes once). Nothing to do without budgets or a team."""
         if not (self.enabled or self._board is not None):
             return
         self._refresh(force=True)
+        if self._board is None or self._spent == self._published:  # the others know these figures already
+            return
         self._unpublished = True
-        if self._board is None or time.monotonic() - self._published_at < _TEAM_PUBLISH:
+        if time.monotonic() - self._published_at < _TEAM_PUBLISH:
             return
         if self._publishing is not None and not self._publishing.done():
             return  # the last publication is still out; the next refresh sends the newer figures
@@ -150,13 +154,15 @@ class Budgets:
         board = self._board
         if board is None or not self._unpublished:
             return
-        self._published_at, self._unpublished = time.monotonic(), False
+        figures = dict(self._spent if spent is None else spent)
+        self._published_at, self._unpublished, self._published = time.monotonic(), False, figures
         try:
-            board.publish(utc_day(self._clock()), self._spent if spent is None else spent)
+            board.publish(utc_day(self._clock()), figures)
             if not self._pruned:
                 self._pruned = True
                 board.prune(utc_day(self._clock()))
         except board.errors as exc:  # the others count it late; this machine's budgets still hold
+            self._published = None  # not sent: the next refresh tries again
             logger.warning("could not publish this machine's usage to the server: %s", exc)
 
     def close(self) -> None:
@@ -164,6 +170,8 @@ class Budgets:
         if self._publisher is not None:
             self._publisher.shutdown(wait=True)
             self._publisher = None
+        if self._board is not None and self._published is not None and self._spent != self._published:
+            self._unpublished = True  # counted after the last publication went out
         self.flush()
 
     def _other_machines(self, day: str) -> dict[tuple[str, str, str], float]:

@@ -219,6 +219,48 @@ def test_budgets_read_only_new_ledger_lines_and_follow_a_rotation(isolated_home:
     assert settings.results_dir.joinpath("usage.jsonl.1").exists()
 
 
+class _CountingBoard:
+    """A team spend board that keeps what was published."""
+
+    errors = (OSError,)
+
+    def __init__(self) -> None:
+        self.published: list[dict] = []
+
+    def publish(self, day: str, spent: dict) -> None:
+        self.published.append(dict(spent))
+
+    def prune(self, today: str) -> list[str]:
+        return []
+
+    def read(self, day: str) -> dict:
+        return {}
+
+
+def test_team_spend_is_published_when_it_changed_not_after_every_result(isolated_home: Path, monkeypatch) -> None:
+    from dispatch.core import budgets as budgets_module
+    from dispatch.core.budgets import Budgets
+    from dispatch.core.settings import get_settings
+    from dispatch.core.usage import append_ledger, ledger_records
+
+    monkeypatch.setattr(budgets_module, "_TEAM_PUBLISH", 0.0)
+    get_settings.cache_clear()
+    settings = get_settings()
+    board = _CountingBoard()
+    budgets = Budgets(settings, clock=lambda: 1_767_225_600.0 + 60, team=board)
+    for _ in range(3):  # results with nothing spent (shell specs): the first publication only
+        budgets.refresh()
+        budgets.close()
+    assert board.published == [{}]
+    append_ledger(settings.results_dir, ledger_records(_result("S01", ("claude", 0.01)), user="alice", run_id="r1"),
+                  settings.usage_ledger_bytes)
+    budgets.refresh()
+    budgets.refresh()
+    budgets.close()
+    assert len(board.published) == 2 and board.published[-1][("model", "claude", "2026-01-01")] == \
+        pytest.approx(0.01)
+
+
 def test_usage_is_read_by_the_runner_under_the_oldest_python_a_node_may_have(tmp_path: Path) -> None:
     from tests.unit.test_node_runner import _oldest_python
 
