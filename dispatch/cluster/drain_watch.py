@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from dispatch.core.drain import drained_nodes
 from dispatch.core.settings import DispatchSettings
+from dispatch.prefect.client import kept_client
 from dispatch.prefect.drained import drained_store
 from dispatch.prefect.errors import API_ERRORS
 
@@ -48,6 +49,7 @@ class DrainWatch:
     def __init__(self, settings: DispatchSettings, known: dict[str, dict], on_change: Callable[[dict[str, dict]], None],
                  interval: float) -> None:
         self._store = drained_store(settings)
+        self._team = not settings.embedded  # the set is the server's: one client for every read
         self._names = set(known)
         self._on_change = on_change
         self._interval = interval
@@ -57,6 +59,10 @@ class DrainWatch:
         self._thread.start()
 
     def _run(self) -> None:
+        with kept_client(self._team):
+            self._watch()
+
+    def _watch(self) -> None:
         while not self._stopped.wait(self._interval):
             try:
                 drained = drained_nodes(self._store)
