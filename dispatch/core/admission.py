@@ -12,9 +12,7 @@ counted against the share until it is taken or released (`_within_share`).
 A new server slot and the server locks are asked off the dispatch loop (an HTTP round trip each): `admit`
 hands the request to a small thread pool (the new slots a round wants of one node in one request: one lease
 for a burst of starts) and the answer comes back through `post("locks", (task_id,
-answer))`, which the loop feeds to `locks_answered`; the loop never waits on the server. While the run is
-alone in its lock table, the locks of the specs next in line are asked as the specs they wait on start
-(locks_ahead.py): picked, such a spec starts without the lock table's round trips. What a started
+answer))`, which the loop feeds to `locks_answered`; the loop never waits on the server. What a started
 spec holds (its slot, its lock grant, the model it started with for budget estimates) is kept here until
 `ended` gives it back.
 
@@ -31,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dispatch.core.locks_ahead import LocksAhead
 from dispatch.core.scheduler import Assignment, Scheduler
 from dispatch.core.spec_state import READY, WAITING
 from dispatch.core.usage import next_utc_midnight
@@ -71,9 +68,6 @@ class LockServer(Protocol):
     def try_acquire(self, task_id: str, patterns: list[str]) -> LockAnswer: ...
 
     def release(self, token: str) -> None: ...
-
-    def alone(self) -> bool:
-        """Whether no other run has been seen in the table lately (then asking ahead keeps nobody waiting)."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +135,6 @@ class Admission:
         self._asking: dict[str, tuple[Assignment, Any, tuple[str, ...]]] = {}  # waiting for its locks' answer
         self._models: dict[str, str] = {}  # started agent specs: task id -> the model it started with
         self._burst: dict[str, list[tuple[str, list[str]]]] = {}  # this round's new server slots: node -> picks
-        self._ahead = LocksAhead(locks, scheduler, specs) if locks is not None else None  # the next specs' locks
-        self._ahead_used: dict[str, str] = {}  # picked with a lock set asked ahead, waiting for its new slot
         self._requests = (ThreadPoolExecutor(max_workers=_ASKERS, thread_name_prefix="server-locks")
                           if locks is not None or brokers.remote_any() else None)
 
@@ -161,8 +153,6 @@ class Admission:
             self._requests.submit(self._asked_burst, node, picks)  # type: ignore[union-attr]
         self._burst = {}
         self._prefer_parked()
-        if self._ahead is not None:
-            self._ahead.sweep()
         return decisions, refused
 
     def _prefer_parked(self) -> None:
@@ -229,30 +219,25 @@ class Admission:
         if self.scheduler.set_aside(assignment.node):  # placed before its node was found full in this round
             self._give_back(assignment)
             return None
-        ahead = self._ahead.take(task_id) if self._ahead is not None else None  # its server locks, asked ahead
-        patterns = list(spec.modifies) if self.locks is not None and ahead is None else []
+        patterns = list(spec.modifies) if self.locks is not None else []
         slot = self.brokers.take_parked(assignment.node)  # an ended spec's slot on this node: no server call
         if slot is None and self.brokers.remote(assignment.node):  # a new one from the server, off the loop
             self._asking[task_id] = (assignment, None, tuple(chain))
             self._burst.setdefault(assignment.node, []).append((task_id, patterns))
-            if ahead is not None:
-                self._ahead_used[task_id] = ahead
             return Decision("asking", assignment)
         if slot is None:
             slot = self.brokers.try_acquire(assignment.node)
         if slot is None:  # another dispatcher holds this node's slots right now
             self.scheduler.node_full(assignment.node, BUSY_RETRY)
-            self._give_back(assignment, token=ahead)
+            self._give_back(assignment)
             return None
         if patterns:  # after the slot, asked off the loop (HTTP)
             self._ask(assignment, slot, tuple(chain), patterns)
             return Decision("asking", assignment)
-        return self._start(assignment, slot, ahead, tuple(chain))
+        return self._start(assignment, slot, None, tuple(chain))
 
     def _start(self, assignment: Assignment, slot: Any, token: str | None, chain: tuple[str, ...]) -> Decision:
         self._hold(assignment.task_id, slot, token, chain)
-        if self._ahead is not None:
-            self._ahead.started(assignment.task_id)
         return Decision("start", assignment, chain=chain)
 
     def _hold(self, task_id: str, slot: Any, token: str | None, chain: tuple[str, ...]) -> None:
@@ -300,21 +285,19 @@ class Admission:
     def locks_answered(self, task_id: str, answer: Any, stop_reason: str = "") -> Decision:
         """Start the spec with its slot and locks; refused (or the run stops): everything it took goes back."""
         assignment, slot, chain = self._asking.pop(task_id)
-        ahead = self._ahead_used.pop(task_id, None)  # its locks, asked ahead (then none were asked now)
         if isinstance(answer, _Asked):
             slot, answer = answer.slot, answer.locks
-        token = answer.token if answer else ahead
         if stop_reason:
-            self._give_back(assignment, slot=slot, token=token, cancel=stop_reason)
+            self._give_back(assignment, slot=slot, token=answer.token if answer else None, cancel=stop_reason)
             return Decision("cancelled", assignment, reason=stop_reason)
         if slot is None:  # another dispatcher holds this node's slots right now: pick again (other nodes)
             self.scheduler.node_full(assignment.node, BUSY_RETRY)
-            self._give_back(assignment, token=token)
+            self._give_back(assignment)
             return Decision("refused", assignment)
         if answer is not None and not answer:  # another user's overlapping spec runs
             self._give_back(assignment, slot=slot, delay=answer.retry_after)
             return Decision("wait", assignment, reason=answer.reason)
-        return self._start(assignment, slot, token, chain)
+        return self._start(assignment, slot, answer.token if answer is not None else None, chain)
 
     def adopt_runs(self, node: str, live: Mapping[str, str], finished: Mapping[str, str], *,
                    keys: Mapping[str, str], fresh: set[str]) -> list[tuple[str, bool, str]]:
@@ -377,8 +360,6 @@ class Admission:
         return self._held.get(task_id, (None, None))[0]
 
     def close(self) -> None:
-        """Wait for lock requests still out (their answers go unread), then give back the locks asked ahead."""
+        """Wait for lock requests still out (their answers go unread)."""
         if self._requests is not None:
             self._requests.shutdown(wait=True)
-        if self._ahead is not None:
-            self._ahead.close()

@@ -119,15 +119,6 @@ class Scheduler(RankedQueue):
     def reason(self, task_id: str) -> str:
         return self.entries[task_id].reason
 
-    def next_up(self, task_id: str) -> list[str]:
-        """The waiting specs that depend on `task_id` and on nothing but succeeded or running specs: they become
-        ready as the running ones end (admission asks their server locks ahead, while those run)."""
-        def settled(dep: str) -> bool:
-            return dep not in self.entries or self.entries[dep].state in (SUCCEEDED, RUNNING)
-
-        return [child for child in self._children(task_id) if self.entries[child].state == WAITING
-                and all(settled(dep) for dep in self.project.specs[child].depends_on)]
-
     def attempts(self, task_id: str) -> int:
         return self.entries[task_id].attempts
 

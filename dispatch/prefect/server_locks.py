@@ -9,8 +9,7 @@ What is stored: one Prefect Variable per held lock set, `dispatch_lock_<scope>__
 `{"scope", "patterns", "holder": "user@host", "project", "task_id", "run_id", "lease", "expires"}`.
 
 Acquire (non-blocking, two API calls): create our variable, then read every variable of the scope in
-one filtered call. We hold the locks if no live variable of another run in the scope overlaps ours (inside
-one run, the run's own lock table keeps its specs apart); otherwise we
+one filtered call. We hold the locks if no other live variable of the scope overlaps ours; otherwise we
 delete ours (in the background) and the spec is requeued. This write-then-read order is what makes two
 racing dispatchers safe without a mutex: of two overlapping candidates, the one that reads second sees
 the other's committed variable, so at most one of them proceeds (both may back off: then the first by
@@ -58,7 +57,6 @@ _WHOLE_SCOPE = ""  # the pattern that covers every path (too many patterns to st
 _RETRY = 0.2  # seconds before a refused spec is tried again (jittered up to twice that)
 _RACE_RETRY = 0.05  # ... when it lost a race to a candidate just as new: the first by name goes again soon
 _RACE_WINDOW = 1.0  # seconds between two candidates' variables that make it a race
-_ALONE_AFTER = 30.0  # seconds without seeing another run's lock before a run counts as alone in its scope
 
 
 def lock_scope(project: str, repo_url: str | None = None) -> str:
@@ -250,8 +248,6 @@ class ServerLocks:
         self.api_calls = 0  # Prefect API calls made by try_acquire (for the figures in docs/team-mode.md)
         self._table = _Table(client, lease_seconds)
         self._contended: dict[str, str] = {}  # spec refused last time -> its candidate: the next try reads first
-        self._reads = 0
-        self._others_at = float("-inf")  # monotonic time a read last showed another run's lock in the scope
         self._closed = False
         weakref.finalize(self, _Table.abandon, self._table)  # assigns a flag only: see `_Table.abandon`
 
@@ -262,11 +258,7 @@ class ServerLocks:
         self.close()
 
     def try_acquire(self, task_id: str, patterns: Iterable[str]) -> Grant:
-        """Take every lock of `patterns` for `task_id`, or none; never waits for a holder to finish.
-
-        Only other runs' locks can refuse it: inside one run, the run's own lock table (dispatch/core/locks.py)
-        keeps overlapping specs apart, and a set asked ahead for a spec not yet ready (dispatch/core/admission.py)
-        must not hold back a spec of the same run that may start now."""
+        """Take every lock of `patterns` for `task_id`, or none; never waits for a holder to finish."""
         patterns = list(patterns)
         if not patterns:
             return Grant(token="")
@@ -293,11 +285,6 @@ class ServerLocks:
         self._contended.pop(task_id, None)
         self._table.hold(name, value)
         return Grant(name)
-
-    def alone(self) -> bool:
-        """Whether this run has the scope to itself: it has read the table, and no read in the last
-        `_ALONE_AFTER` seconds showed another run's lock (live or expired) in it."""
-        return self._reads > 0 and time.monotonic() - self._others_at >= _ALONE_AFTER
 
     @staticmethod
     def _refusal(name: str, now: float, blocker: Blocker, other: Any) -> Grant:
@@ -345,9 +332,6 @@ class ServerLocks:
         """Every variable of this scope (one call unless over a page), and the server's time of the read."""
         self.api_calls += 1
         variables, response = _read_variables(self._table.client, f"{_PREFIX}{self.scope}{_SEPARATOR}")
-        self._reads += 1
-        if any(not isinstance(v.value, dict) or v.value.get("run_id") != self.run_id for v in variables):
-            self._others_at = time.monotonic()
         try:
             now = parsedate_to_datetime(response.headers["date"]).timestamp()
         except (KeyError, TypeError, ValueError):
@@ -364,7 +348,7 @@ class ServerLocks:
             value = variable.value
             if variable.name == own or variable.name in ours or not isinstance(value, dict):
                 continue
-            if value.get("scope") != self.scope or value.get("run_id") == self.run_id:
+            if value.get("scope") != self.scope:
                 continue
             renewed = (variable.updated or variable.created).timestamp()
             if renewed + float(value.get("lease", 60.0)) < now:  # its holder stopped renewing: gone

@@ -86,24 +86,6 @@ def test_overlapping_locks_are_refused_while_held_and_granted_after_release(team
         bob.close()
 
 
-def test_a_runs_locks_keep_other_runs_out_but_not_its_own_specs(team_api) -> None:
-    scope = _scope()
-    alice, bob = _locks(scope, "alice@laptop"), _locks(scope, "bob@desk")
-    try:
-        assert not alice.alone(), "alone only once a read said so"
-        assert alice.try_acquire("S01", ["src/a.py"]) and alice.alone()
-        assert alice.try_acquire("S02", ["src/b.py"])  # e.g. asked ahead while S01, which it waits on, runs
-        assert alice.try_acquire("S03", ["src/b.py"]), "its own run's lock table keeps S02 and S03 apart"
-        refused = bob.try_acquire("S09", ["src/b.py"])
-        assert not refused and "src/b.py held by alice@laptop" in refused.reason
-        assert not bob.alone()
-        assert bob.try_acquire("S10", ["docs/x.md"])
-        assert alice.try_acquire("S04", ["src/c.py"]) and not alice.alone(), "alice has seen bob's lock"
-    finally:
-        alice.close()
-        bob.close()
-
-
 def test_disjoint_locks_and_other_repositories_are_granted_together(team_api) -> None:
     scope = _scope()
     alice, bob = _locks(scope, "alice@laptop"), _locks(scope, "bob@desk")

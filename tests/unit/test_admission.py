@@ -4,7 +4,6 @@ what a refusal gives back, once, and what it never takes."""
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,26 +106,14 @@ class Answer:
 
 
 class Locks:
-    def __init__(self, *answers: Answer, alone: bool = False) -> None:
+    def __init__(self, *answers: Answer) -> None:
         self.answers, self.released = list(answers), []
-        self.asked: list[tuple[str, bool]] = []  # (task id, asked ahead)
-        self.is_alone = alone
-        self.gate = threading.Event()  # asking ahead waits for it (set: it does not wait)
-        self.gate.set()
 
     def try_acquire(self, task_id: str, patterns: list[str]) -> Answer:
-        ahead = threading.current_thread().name.startswith("server-locks-ahead")
-        self.asked.append((task_id, ahead))
-        answer = self.answers.pop(0)
-        if ahead:
-            assert self.gate.wait(10), "the test never opened the gate"
-        return answer
+        return self.answers.pop(0)
 
     def release(self, token: str) -> None:
         self.released.append(token)
-
-    def alone(self) -> bool:
-        return self.is_alone
 
 
 def _admission(project: Project, *, slots: int = 2, cooldowns: Cooldowns | None = None,
@@ -277,98 +264,4 @@ def test_adopting_an_earlier_dispatchers_runs_takes_unchanged_specs_only_and_loc
     assert locks.answers == []  # asked once: for the live S01, not for the finished S02
     admission.ended("S01")
     assert locks.released == []  # nothing was granted, nothing goes back
-    admission.close()
-
-
-def _wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
-def _started_with_locks(admission, scheduler, posted, done, task_id: str):
-    admission.admit(scheduler.pick())
-    assert done.wait(5), "the lock table's answer never came back"
-    decision = admission.locks_answered(*posted[-1][1])
-    assert (decision.kind, decision.assignment.task_id) == ("start", task_id)
-    return decision
-
-
-def _chain_project() -> Project:
-    return _project(_spec("S01", modifies=["src/a.py"]), _spec("S02", depends_on=["S01"], modifies=["src/b.py"]))
-
-
-def test_alone_in_the_table_the_next_specs_locks_are_asked_while_its_dependency_runs() -> None:
-    locks = Locks(Answer("lock-1"), Answer("lock-2"), alone=True)
-    admission, scheduler, posted, done = _admission(_chain_project(), locks=locks)
-    _started_with_locks(admission, scheduler, posted, done, "S01")
-    _wait_for(lambda: admission._ahead.pending().get("S02") == "lock-2", "S02's locks were not asked ahead")
-    assert locks.asked == [("S01", False), ("S02", True)]
-    admission.ended("S01")
-    scheduler.succeed("S01")
-    decisions, _ = admission.admit(scheduler.pick())
-    assert [(d.kind, d.assignment.task_id) for d in decisions] == [("start", "S02")]  # no round trip left
-    assert locks.asked == [("S01", False), ("S02", True)]
-    admission.ended("S02")
-    assert locks.released == ["lock-1", "lock-2"]
-    admission.close()
-
-
-def test_with_another_run_in_the_table_nothing_is_asked_ahead() -> None:
-    locks = Locks(Answer("lock-1"), alone=False)
-    admission, scheduler, posted, done = _admission(_chain_project(), locks=locks)
-    _started_with_locks(admission, scheduler, posted, done, "S01")
-    admission.close()
-    assert locks.asked == [("S01", False)]
-
-
-def test_locks_asked_ahead_go_back_unused_after_their_hold(monkeypatch) -> None:
-    from dispatch.core import locks_ahead
-
-    project = _project(_spec("S01", modifies=["src/a.py"]), _spec("S02", depends_on=["S01"], modifies=["b"]),
-                       _spec("S03", depends_on=["S01"], modifies=["c"]))
-    locks = Locks(Answer("lock-1"), Answer("lock-2"), Answer("lock-3"), alone=True)
-    admission, scheduler, posted, done = _admission(project, locks=locks, slots=1)
-    _started_with_locks(admission, scheduler, posted, done, "S01")
-    _wait_for(lambda: all(admission._ahead.pending().get(t) for t in ("S02", "S03")), "not asked ahead")
-    monkeypatch.setattr(locks_ahead, "HOLD", -1.0)
-    admission.admit([])
-    assert sorted(locks.released) == ["lock-2", "lock-3"] and admission._ahead.pending() == {}
-    admission.ended("S01")
-    scheduler.succeed("S01")
-    admission.close()
-
-
-def test_a_spec_picked_while_its_locks_are_asked_ahead_asks_again_and_the_late_grant_goes_back() -> None:
-    locks = Locks(Answer("lock-1"), Answer("lock-ahead"), Answer("lock-2"), alone=True)
-    locks.gate.clear()
-    admission, scheduler, posted, done = _admission(_chain_project(), locks=locks)
-    _started_with_locks(admission, scheduler, posted, done, "S01")
-    _wait_for(lambda: ("S02", True) in locks.asked, "S02's locks were not asked ahead")
-    admission.ended("S01")
-    scheduler.succeed("S01")
-    done.clear()
-    decisions, _ = admission.admit(scheduler.pick())
-    assert decisions == []  # asking the usual way: the early request has not answered
-    locks.gate.set()
-    _wait_for(lambda: len(posted) == 2, "S02's own request never answered")
-    _wait_for(lambda: "lock-ahead" in locks.released, "the late grant asked ahead was not given back")
-    decision = admission.locks_answered(*posted[-1][1])
-    assert decision.kind == "start" and locks.asked[-1] == ("S02", False)
-    admission.ended("S02")
-    assert sorted(locks.released) == ["lock-1", "lock-2", "lock-ahead"]
-    admission.close()
-
-
-def test_locks_asked_ahead_go_back_once_another_run_shows_up_in_the_table() -> None:
-    locks = Locks(Answer("lock-1"), Answer("lock-2"), alone=True)
-    admission, scheduler, posted, done = _admission(_chain_project(), locks=locks)
-    _started_with_locks(admission, scheduler, posted, done, "S01")
-    _wait_for(lambda: admission._ahead.pending().get("S02") == "lock-2", "S02's locks were not asked ahead")
-    admission.admit([])
-    assert locks.released == []  # still alone, within the hold: kept
-    locks.is_alone = False
-    admission.admit([])
-    assert locks.released == ["lock-2"] and admission._ahead.pending() == {}
     admission.close()
