@@ -134,6 +134,11 @@ class StackSampler:
     A thread whose innermost frame waits (`select`, `epoll`, a lock, a queue) counts as idle. Written as
     JSON (`top`: self samples by function, `cumulative`: samples with the function anywhere on the stack)
     every few seconds and at the end. Turned on by `BENCH_SERVER_PROFILE=<file>` (bench only).
+
+    It sees the other threads only when it holds the GIL, so a thread inside a system call (a socket write,
+    an `lstat`) is counted more often than its CPU time says: good for finding what runs at all (it found a
+    new client per background read), not for CPU shares. For those, an outside sampler (py-spy, not a
+    dependency of ours: `py-spy record --pid <pid> --format raw`) was used in docs/performance.md.
     """
 
     _IDLE = {"select", "poll", "epoll", "wait", "_wait_for_tstate_lock", "get", "sleep", "accept", "recv",
