@@ -83,8 +83,8 @@ class Budgets:
         self._others_at = float("-inf")
         self._published_at = float("-inf")
         self._pruned = False
-        self._unpublished = False
-        self._published: dict[tuple[str, str, str], float] | None = None  # the figures last sent (None: none yet)
+        # the figures the other machines have (None: unknown, a publication failed); nothing spent needs no word
+        self._published: dict[tuple[str, str, str], float] | None = {}
         self._path = ledger_path(settings.results_dir)
         self._clock = clock
         self._read_at = float("-inf")
@@ -133,13 +133,12 @@ class Budgets:
         """Count what was appended to the ledger since the last read (this dispatcher's lines, and others'),
         and in team mode publish this machine's spend today for the other machines' budgets when it changed since
         the last publication (in a background thread: the dispatch loop never waits on the server for it; a run
-        that spends nothing publishes once). Nothing to do without budgets or a team."""
+        that spends nothing publishes nothing). Nothing to do without budgets or a team."""
         if not (self.enabled or self._board is not None):
             return
         self._refresh(force=True)
         if self._board is None or self._spent == self._published:  # the others know these figures already
             return
-        self._unpublished = True
         if time.monotonic() - self._published_at < _TEAM_PUBLISH:
             return
         if self._publishing is not None and not self._publishing.done():
@@ -152,10 +151,10 @@ class Budgets:
         """Team mode: publish this machine's spend today (`spent`, default the current figures) now, if it
         changed since the last publication."""
         board = self._board
-        if board is None or not self._unpublished:
-            return
         figures = dict(self._spent if spent is None else spent)
-        self._published_at, self._unpublished, self._published = time.monotonic(), False, figures
+        if board is None or figures == self._published:
+            return
+        self._published_at, self._published = time.monotonic(), figures
         try:
             board.publish(utc_day(self._clock()), figures)
             if not self._pruned:
@@ -170,9 +169,7 @@ class Budgets:
         if self._publisher is not None:
             self._publisher.shutdown(wait=True)
             self._publisher = None
-        if self._board is not None and self._published is not None and self._spent != self._published:
-            self._unpublished = True  # counted after the last publication went out
-        self.flush()
+        self.flush()  # what was counted after the last publication went out
 
     def _other_machines(self, day: str) -> dict[tuple[str, str, str], float]:
         board = self._board
